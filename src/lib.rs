@@ -1,0 +1,33 @@
+//! deftfs: mount what a partner shares like a local drive, and keep folders
+//! in sync peer to peer.
+//!
+//! Map of the library, from the bottom up (dependencies point downward):
+//!
+//! - core, plain Rust (no socket, no clock, no file):
+//!   [`hash`], [`proto`] (the DEFT/1 grammar), [`glob`],
+//!   [`transfer::window`] (the sliding-window state machine);
+//! - files and keys: [`chunk`] (FastCDC + BLAKE3 manifests), [`time`],
+//!   [`identity`] (Ed25519 keys, certificates), [`receipt`], [`config`],
+//!   [`db`] (SQLite), [`index`] (cached manifests), [`share`] (mapping
+//!   share paths to real files, access);
+//! - network engine, async: [`transport`] (QUIC, mutual TLS, partner
+//!   authentication), [`transfer`] (push and pull with resume and delta),
+//!   [`node`] (the daemon's serving loop);
+//! - [`cli`]: the `deftfs` command line.
+
+pub mod chunk;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod fault;
+pub mod glob;
+pub mod hash;
+pub mod identity;
+pub mod index;
+pub mod node;
+pub mod proto;
+pub mod receipt;
+pub mod share;
+pub mod time;
+pub mod transfer;
+pub mod transport;

@@ -1,0 +1,232 @@
+//! DEFT/1 grammar, sans-IO: the messages of docs/PROTOCOL.md as Rust enums,
+//! with parse and serialize that round-trip. No sockets, no clock, no files:
+//! the transport feeds lines in and writes the lines this module produces.
+//!
+//! Invariants:
+//! - every message is one head line `DEFT <VERB> ...\r\n`, possibly followed
+//!   by a fixed number of body lines announced by the head (CHUNK lines of a
+//!   manifest, FILES / ENTRIES rows); a line never exceeds [`MAX_LINE`] bytes
+//!   including its CRLF;
+//! - share names, partner ids and transfer ids are validated tokens
+//!   ([`name`]); in-share paths are validated relative paths ([`path`]),
+//!   percent-encoded on the wire so spaces survive;
+//! - any input, however hostile, yields `Ok` or a [`ProtoError`] that maps to
+//!   a `DEFT ERROR` code: never a panic.
+
+pub mod decode;
+pub mod encode;
+pub mod name;
+pub mod path;
+pub mod range;
+
+pub use decode::{Decoder, ProtoError};
+pub use name::{Name, NameError};
+pub use path::{SharePath, PathError};
+pub use range::RangeSet;
+
+use crate::hash::Hash;
+
+/// The longest line, CRLF included, that either side accepts.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Protocol version sent in HELLO / WELCOME.
+pub const VERSION: &str = "1.0";
+/// ALPN identifier of DEFT/1 over QUIC.
+pub const ALPN: &[u8] = b"deft/1";
+/// Most body lines one message may announce (a 256 GiB file at 64 KiB chunks).
+pub const MAX_BODY_LINES: u64 = 4 * 1024 * 1024;
+
+/// A capability named in HELLO / WELCOME.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Capability {
+    Chunked,
+    Parallel,
+    Resume,
+    Compress,
+    Lock,
+    Sync,
+}
+
+/// One manifest line: `CHUNK <index> <offset> <size> <hash>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkLine {
+    pub index: u32,
+    pub offset: u64,
+    pub size: u32,
+    pub hash: Hash,
+}
+
+/// What a share or an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Dir,
+}
+
+/// The access a partner has to a share. `Read` is the DEFT seed's "send"
+/// (the partner may pull), `Write` its "receive" (the partner may push).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+impl Access {
+    pub fn can_read(self) -> bool {
+        matches!(self, Access::Read | Access::ReadWrite)
+    }
+    pub fn can_write(self) -> bool {
+        matches!(self, Access::Write | Access::ReadWrite)
+    }
+}
+
+/// One row of FILES (answer to DISCOVER): a share the partner is granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareRow {
+    pub name: Name,
+    pub kind: EntryKind,
+    /// Bytes: the file's size, or the sum of the files of a directory share.
+    pub size: u64,
+    pub access: Access,
+    /// Last modification, unix nanoseconds.
+    pub mtime_ns: i64,
+}
+
+/// One row of ENTRIES (answer to LIST), or the body of STAT_OK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: EntryKind,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// Unix permission bits (0o7777 at most).
+    pub mode: u32,
+    /// Path relative to the share root; empty for the share root itself.
+    pub path: SharePath,
+}
+
+/// Per-chunk acknowledgement status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AckStatus {
+    Ok,
+    /// `ERROR <reason>`: the reason is one token, e.g. HASH_MISMATCH.
+    Error(String),
+}
+
+/// `DEFT ERROR <CODE> <message>` codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    BadName,
+    BadPath,
+    TooLarge,
+    UnsupportedVersion,
+    AuthRequired,
+    AuthFailed,
+    UnknownShare,
+    NotFound,
+    AccessDenied,
+    Stale,
+    HashMismatch,
+    UnknownTransfer,
+    Busy,
+    Internal,
+}
+
+/// The signature carried by TRANSFER_COMPLETE: `sig:ed25519:<base64>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Signature(pub [u8; 64]);
+
+/// TRANSFER_COMPLETE's fields: what the data's receiver signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub transfer_id: Name,
+    pub file_hash: Hash,
+    pub size: u64,
+    pub chunks: u32,
+    /// RFC 3339 UTC time of completion, as signed (kept verbatim).
+    pub time: String,
+    pub signature: Signature,
+}
+
+/// Messages a client sends on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `DEFT HELLO <version> <caps,...> WINDOW_SIZE:<n>`
+    Hello { version: String, caps: Vec<Capability>, window: u32 },
+    /// `DEFT AUTH <partner_id>`
+    Auth { partner: Name },
+    /// `DEFT DISCOVER`
+    Discover,
+    /// `DEFT DESCRIBE <share> [<path>]`
+    Describe { share: Name, path: SharePath },
+    /// `DEFT LIST <share> [<path>]`
+    List { share: Name, path: SharePath },
+    /// `DEFT STAT <share> [<path>]`
+    Stat { share: Name, path: SharePath },
+    /// `DEFT BEGIN_TRANSFER <transfer_id> <share> <path> SIZE:<n> CHUNKS:<n> HASH:<h>`
+    /// followed by CHUNKS `CHUNK` lines: the manifest of the file to push.
+    BeginTransfer {
+        transfer_id: Name,
+        share: Name,
+        path: SharePath,
+        size: u64,
+        file_hash: Hash,
+        chunks: Vec<ChunkLine>,
+    },
+    /// `DEFT GET <transfer_id> <share> <path> <file_hash> CHUNKS <ranges>`
+    Get { transfer_id: Name, share: Name, path: SharePath, file_hash: Hash, chunks: RangeSet },
+    /// Pull receipt: the client received the file and signs for it.
+    TransferComplete(Completion),
+    /// `DEFT BYE`
+    Bye,
+}
+
+/// Messages a server sends on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// `DEFT WELCOME <version> <caps,...> WINDOW_SIZE:<n> <session_id>`
+    Welcome { version: String, caps: Vec<Capability>, window: u32, session: Name },
+    /// `DEFT AUTH_OK <partner_id> VF:<share,share,...>` (VF:- when none)
+    AuthOk { partner: Name, shares: Vec<Name> },
+    /// `DEFT FILES <count>` then count rows `<name> <kind> <size> <access> <mtime_ns>`
+    Files(Vec<ShareRow>),
+    /// `DEFT FILE_INFO <share> <path> SIZE:<n> CHUNKS:<n> HASH:<h> MTIME:<ns> MODE:<octal>`
+    /// then CHUNKS `CHUNK` lines.
+    FileInfo {
+        share: Name,
+        path: SharePath,
+        size: u64,
+        file_hash: Hash,
+        mtime_ns: i64,
+        mode: u32,
+        chunks: Vec<ChunkLine>,
+    },
+    /// `DEFT ENTRIES <count>` then count rows `<kind> <size> <mtime_ns> <mode> <path>`
+    Entries(Vec<Entry>),
+    /// `DEFT STAT_OK <kind> <size> <mtime_ns> <mode> <path>`
+    StatOk(Entry),
+    /// `DEFT TRANSFER_ACCEPTED <transfer_id> WINDOW_SIZE:<n> NEED:<ranges>`
+    TransferAccepted { transfer_id: Name, window: u32, need: RangeSet },
+    /// `DEFT CHUNK_ACK <transfer_id> <index> OK|ERROR <reason>`
+    ChunkAck { transfer_id: Name, index: u32, status: AckStatus },
+    /// `DEFT CHUNK_ACK_BATCH <transfer_id> <ranges>`: all OK.
+    ChunkAckBatch { transfer_id: Name, chunks: RangeSet },
+    /// Push receipt: the server stored the file and signs for it.
+    TransferComplete(Completion),
+    /// `DEFT RECEIPT_OK <transfer_id>`: the server stored the client's pull receipt.
+    ReceiptOk { transfer_id: Name },
+    /// `DEFT BYE`
+    Bye,
+    /// `DEFT ERROR <CODE> <message>`
+    Error { code: ErrorCode, message: String },
+}
+
+/// Header line of a chunk payload stream (one QUIC uni stream per chunk).
+/// Push: `DEFT PUT <transfer_id> <index> SIZE:<n> HASH:<h>`;
+/// pull: `DEFT CHUNK_DATA <transfer_id> <index> SIZE:<n> HASH:<h>`.
+/// Exactly SIZE bytes follow the CRLF, then the stream ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataHeader {
+    Put { transfer_id: Name, index: u32, size: u32, hash: Hash },
+    ChunkData { transfer_id: Name, index: u32, size: u32, hash: Hash },
+}

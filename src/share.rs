@@ -1,0 +1,1 @@
+//! share: in progress.

@@ -1,0 +1,2 @@
+//! transfer: in progress.
+pub mod window;
