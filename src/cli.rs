@@ -1,1 +1,492 @@
-//! cli: in progress.
+//! The `deftfs` command line: argument definitions and one function per
+//! command. `main.rs` only parses and calls [`run`].
+
+use crate::config::{self, Config, ConfigEditor, PartnerConfig, ShareConfig};
+use crate::identity::{self, Fingerprint, Identity};
+use crate::node::Node;
+use crate::proto::{Access, Name, SharePath};
+use crate::receipt::Receipt;
+use crate::transfer::client::Session;
+use crate::transfer::{Progress, Report};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Parser)]
+#[command(name = "deftfs", version, about = "Mount what a partner shares like a local drive; move files with proof.")]
+pub struct Cli {
+    /// Node home directory (default: $XDG_DATA_HOME/deftfs or ~/.local/share/deftfs).
+    #[arg(long, global = true, env = "DEFTFS_HOME")]
+    pub home: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new node: key pair, certificate, config.toml.
+    Init {
+        #[arg(long)]
+        name: String,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7741")]
+        listen: SocketAddr,
+    },
+    /// Print this node's name, certificate fingerprint, certificate path and listen address.
+    Id,
+    /// Manage partners (other nodes this node trusts).
+    #[command(subcommand)]
+    Partner(PartnerCmd),
+    /// Manage shares (what this node offers to partners).
+    #[command(subcommand)]
+    Share(ShareCmd),
+    /// Run the node in the foreground (same as deftfs-mountd).
+    Daemon,
+    /// List the shares a partner grants us, or the entries of one of them (SHARE or SHARE/PATH).
+    Ls { partner: String, share: Option<String> },
+    /// Push a local file into a partner's share.
+    Send {
+        partner: String,
+        share: String,
+        file: PathBuf,
+        /// Path inside the share (default: the file's name).
+        #[arg(long = "as")]
+        as_path: Option<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Pull a file from a partner's share.
+    Receive {
+        partner: String,
+        share: String,
+        /// PATH inside the share, then OUT; or only OUT for a single-file share.
+        #[arg(num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        #[command(flatten)]
+        out: OutputArgs,
+    },
+    /// Past transfers, both directions, most recent first.
+    History {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with signed receipts.
+    #[command(subcommand)]
+    Receipt(ReceiptCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Print one JSON object describing the transfer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PartnerCmd {
+    /// Trust a partner, pinned by certificate fingerprint or file.
+    Add {
+        name: String,
+        #[arg(long, required_unless_present = "cert", conflicts_with = "cert")]
+        fingerprint: Option<String>,
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        /// HOST:PORT where the partner listens (repeatable).
+        #[arg(long = "endpoint")]
+        endpoints: Vec<String>,
+    },
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShareCmd {
+    /// Offer PATH (a file, a directory or a glob) as NAME; pair each --partner with an --access.
+    Add {
+        name: String,
+        path: PathBuf,
+        #[arg(long = "partner", required = true)]
+        partners: Vec<String>,
+        /// read (the partner may pull), write (may push) or read-write.
+        #[arg(long = "access", required = true)]
+        access: Vec<String>,
+    },
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReceiptCmd {
+    /// Check a receipt's signature and print what it proves.
+    Verify {
+        file: PathBuf,
+        /// The signer's certificate, to check the receipt was signed by it.
+        #[arg(long)]
+        cert: Option<PathBuf>,
+    },
+}
+
+/// Run a parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    let home = cli.home.clone().unwrap_or_else(config::default_home);
+    match cli.command {
+        Command::Init { name, listen } => init(&home, &name, listen),
+        Command::Id => id(&home),
+        Command::Partner(PartnerCmd::Add { name, fingerprint, cert, endpoints }) => partner_add(&home, &name, fingerprint, cert, endpoints),
+        Command::Partner(PartnerCmd::List) => partner_list(&home),
+        Command::Share(ShareCmd::Add { name, path, partners, access }) => share_add(&home, &name, &path, &partners, &access),
+        Command::Share(ShareCmd::List) => share_list(&home),
+        Command::Daemon => daemon(&home),
+        Command::Ls { partner, share } => runtime()?.block_on(ls(&home, &partner, share.as_deref())),
+        Command::Send { partner, share, file, as_path, out } => runtime()?.block_on(send(&home, &partner, &share, &file, as_path.as_deref(), out.json)),
+        Command::Receive { partner, share, args, out } => {
+            let (path, dest) = match args.as_slice() {
+                [dest] => (None, dest),
+                [path, dest] => (Some(path.as_str()), dest),
+                _ => bail!("usage: deftfs receive PARTNER SHARE [PATH-IN-SHARE] OUT"),
+            };
+            runtime()?.block_on(receive(&home, &partner, &share, path, Path::new(dest), out.json))
+        }
+        Command::History { limit, json } => history(&home, limit, json),
+        Command::Receipt(ReceiptCmd::Verify { file, cert }) => receipt_verify(&file, cert.as_deref()),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// Logs to stderr; `DEFTFS_LOG` filters (default `info` for the daemon,
+/// `warn` for commands).
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DEFTFS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn init(home: &Path, name: &str, listen: SocketAddr) -> Result<()> {
+    let name = Name::new(name).map_err(|e| anyhow!("--name: {e}"))?;
+    let config_path = config::config_path(home);
+    if config_path.exists() || Identity::cert_path(home).exists() {
+        bail!("a deftfs node already exists in {}: refusing to overwrite it (use another --home)", home.display());
+    }
+    std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
+    let identity = Identity::generate(name.as_str())?;
+    let location = identity.save(home)?;
+    let text = Config::initial_text(&name, listen);
+    Config::parse(&text, &config_path).context("the generated config does not parse (a bug)")?;
+    write_new(&config_path, &text)?;
+    println!("created node {name} in {}", home.display());
+    println!("fingerprint  {}", identity.fingerprint());
+    println!("certificate  {}", Identity::cert_path(home).display());
+    match location {
+        identity::KeyLocation::File(p) => println!("private key  {} (file, mode 0600; no OS keyring is used)", p.display()),
+    }
+    println!("listen       {listen}");
+    println!("next: give your fingerprint to a partner, then `deftfs partner add` theirs");
+    Ok(())
+}
+
+fn write_new(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn load(home: &Path) -> Result<(Config, Identity)> {
+    let path = config::config_path(home);
+    if !path.exists() {
+        bail!("no deftfs node in {}: create one with `deftfs init --name NAME` (or pass --home)", home.display());
+    }
+    Ok((Config::load(&path)?, Identity::load(home)?))
+}
+
+fn id(home: &Path) -> Result<()> {
+    let (config, identity) = load(home)?;
+    println!("name         {}", config.node.name);
+    println!("fingerprint  {}", identity.fingerprint());
+    println!("certificate  {}", Identity::cert_path(home).display());
+    println!("listen       {}", config.node.listen);
+    Ok(())
+}
+
+fn partner_add(home: &Path, name: &str, fingerprint: Option<String>, cert: Option<PathBuf>, endpoints: Vec<String>) -> Result<()> {
+    let id = Name::new(name).map_err(|e| anyhow!("partner name: {e}"))?;
+    let mut fingerprints = Vec::new();
+    let mut allowed_certs = Vec::new();
+    if let Some(fp) = fingerprint {
+        fingerprints.push(fp.parse::<Fingerprint>()?);
+    }
+    if let Some(cert) = cert {
+        let der = identity::load_cert_file(&cert)?;
+        let abs = std::fs::canonicalize(&cert).with_context(|| format!("resolving {}", cert.display()))?;
+        println!("pinned {} from {}", Fingerprint::of_cert(&der), abs.display());
+        allowed_certs.push(abs);
+    }
+    for e in &endpoints {
+        if !e.contains(':') {
+            bail!("--endpoint {e:?}: expected HOST:PORT, e.g. 192.0.2.7:{}", config::DEFAULT_PORT);
+        }
+    }
+    let mut editor = ConfigEditor::open(&config::config_path(home))?;
+    editor.add_partner(&PartnerConfig { id: id.clone(), fingerprints, allowed_certs, ca: None, endpoints })?;
+    editor.save()?;
+    println!("added partner {id}");
+    Ok(())
+}
+
+fn partner_list(home: &Path) -> Result<()> {
+    let (config, _) = load(home)?;
+    if config.partners.is_empty() {
+        println!("no partners yet: add one with `deftfs partner add NAME --fingerprint sha256:... --endpoint HOST:PORT`");
+    }
+    for p in &config.partners {
+        let mut trust: Vec<String> = p.fingerprints.iter().map(|f| f.to_string()).collect();
+        trust.extend(p.allowed_certs.iter().map(|c| format!("cert {}", c.display())));
+        if let Some(ca) = &p.ca {
+            trust.push(format!("ca {}", ca.display()));
+        }
+        println!("{}\t{}\t{}", p.id, if p.endpoints.is_empty() { "-".to_string() } else { p.endpoints.join(",") }, trust.join(" "));
+    }
+    Ok(())
+}
+
+fn share_add(home: &Path, name: &str, path: &Path, partners: &[String], access: &[String]) -> Result<()> {
+    let name = Name::new(name).map_err(|e| anyhow!("share name: {e}"))?;
+    if partners.len() != access.len() {
+        bail!("give one --access for each --partner (got {} partners, {} access values)", partners.len(), access.len());
+    }
+    let mut grants = BTreeMap::new();
+    for (p, a) in partners.iter().zip(access) {
+        let p = Name::new(p.as_str()).map_err(|e| anyhow!("--partner: {e}"))?;
+        let a: Access = a.parse().map_err(|e: String| anyhow!("--access: {e}"))?;
+        grants.insert(p, a);
+    }
+    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
+    let last = abs.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !crate::glob::Glob::is_pattern(last) && !abs.exists() {
+        bail!("{}: no such file or directory (a share is a file, a directory or a glob)", abs.display());
+    }
+    let mut editor = ConfigEditor::open(&config::config_path(home))?;
+    editor.add_share(&ShareConfig { name: name.clone(), path: abs.clone(), access: grants })?;
+    editor.save()?;
+    println!("added share {name} -> {}", abs.display());
+    Ok(())
+}
+
+fn share_list(home: &Path) -> Result<()> {
+    let (config, _) = load(home)?;
+    for s in &config.shares {
+        let grants: Vec<String> = s.access.iter().map(|(p, a)| format!("{p}:{}", a.as_str())).collect();
+        println!("{}\t{}\t{}", s.name, s.path.display(), grants.join(","));
+    }
+    Ok(())
+}
+
+fn daemon(home: &Path) -> Result<()> {
+    init_logging("info");
+    let node = Node::open(home)?;
+    runtime()?.block_on(async move { crate::node::run(node, shutdown_signal(), None).await })?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn ls(home: &Path, partner: &str, what: Option<&str>) -> Result<()> {
+    init_logging("warn");
+    let node = Node::open(home)?;
+    let mut session = Session::open(node, partner).await?;
+    match what {
+        None => {
+            let rows = session.discover().await?;
+            if rows.is_empty() {
+                println!("{partner} grants you no shares");
+            }
+            for r in rows {
+                let kind = if r.kind == crate::proto::EntryKind::Dir { "dir " } else { "file" };
+                println!("{:<24} {kind} {:>14} {:<10} {}", r.name, human(r.size), r.access.as_str(), crate::time::Timestamp(r.mtime_ns).rfc3339());
+            }
+        }
+        Some(spec) => {
+            let (share, path) = split_share(spec)?;
+            for e in session.list(&share, &path).await? {
+                let kind = if e.kind == crate::proto::EntryKind::Dir { "d" } else { "-" };
+                println!("{kind} {:>14} {} {}", human(e.size), crate::time::Timestamp(e.mtime_ns).rfc3339(), e.path);
+            }
+        }
+    }
+    session.close().await;
+    Ok(())
+}
+
+fn split_share(spec: &str) -> Result<(Name, SharePath)> {
+    let (share, path) = spec.split_once('/').unwrap_or((spec, ""));
+    Ok((Name::new(share).map_err(|e| anyhow!("share: {e}"))?, SharePath::parse(path).map_err(|e| anyhow!("path: {e}"))?))
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn progress_bar(json: bool) -> Option<(indicatif::ProgressBar, Progress)> {
+    if json || !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40.cyan/blue} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let b = bar.clone();
+    let cb: Progress = Arc::new(move |done, total| {
+        b.set_length(total);
+        b.set_position(done);
+    });
+    Some((bar, cb))
+}
+
+fn print_report(report: &Report, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        let verb = if report.direction == "push" { "sent" } else { "received" };
+        println!(
+            "{verb} {} ({}, {} of {} chunks over the network, {}) in {:.2} s",
+            report.path,
+            human(report.bytes_total),
+            report.chunks_sent,
+            report.chunks_total,
+            human(report.bytes_sent),
+            report.duration_s
+        );
+        println!("hash     {}", report.file_hash);
+        println!("receipt  {}", report.receipt.display());
+    }
+    Ok(())
+}
+
+async fn send(home: &Path, partner: &str, share: &str, file: &Path, as_path: Option<&str>, json: bool) -> Result<()> {
+    init_logging("warn");
+    let meta = std::fs::metadata(file).with_context(|| format!("{}", file.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", file.display());
+    }
+    let share = Name::new(share).map_err(|e| anyhow!("share: {e}"))?;
+    let name = match as_path {
+        Some(p) => p.to_string(),
+        None => file.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("{}: file name is not UTF-8", file.display()))?.to_string(),
+    };
+    let node = Node::open(home)?;
+    let mut session = Session::open(node, partner).await?;
+    // A single-file share is addressed by its root path.
+    let path = if session.discover().await?.iter().any(|r| r.name == share && r.kind == crate::proto::EntryKind::File) {
+        SharePath::root()
+    } else {
+        SharePath::parse(&name).map_err(|e| anyhow!("path in share: {e}"))?
+    };
+    let bar = progress_bar(json);
+    let report = session.push(&share, &path, file, bar.as_ref().map(|b| b.1.clone())).await;
+    if let Some((b, _)) = bar {
+        b.finish_and_clear();
+    }
+    let report = report.with_context(|| format!("sending {} to {partner}", file.display()))?;
+    session.close().await;
+    print_report(&report, json)
+}
+
+async fn receive(home: &Path, partner: &str, share: &str, path: Option<&str>, out: &Path, json: bool) -> Result<()> {
+    init_logging("warn");
+    let share = Name::new(share).map_err(|e| anyhow!("share: {e}"))?;
+    let path = SharePath::parse(path.unwrap_or("")).map_err(|e| anyhow!("path in share: {e}"))?;
+    let node = Node::open(home)?;
+    let mut session = Session::open(node, partner).await?;
+    let bar = progress_bar(json);
+    let report = session.pull(&share, &path, out, bar.as_ref().map(|b| b.1.clone())).await;
+    if let Some((b, _)) = bar {
+        b.finish_and_clear();
+    }
+    let report = report.with_context(|| format!("receiving {share}/{path} from {partner}"))?;
+    session.close().await;
+    print_report(&report, json)
+}
+
+fn history(home: &Path, limit: u32, json: bool) -> Result<()> {
+    let db = crate::db::open(home)?;
+    let conn = db.lock().map_err(|_| anyhow!("database lock poisoned"))?;
+    let rows = crate::db::history(&conn, limit)?;
+    if json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no transfers yet");
+    }
+    for r in rows {
+        let arrow = match (r.direction.as_str(), r.role.as_str()) {
+            ("push", "client") | ("pull", "server") => "->",
+            _ => "<-",
+        };
+        println!(
+            "{} {} {arrow} {:<12} {}/{} {} ({} on the wire) {}",
+            crate::time::Timestamp(r.finished_ns).rfc3339(),
+            r.status,
+            r.partner,
+            r.share,
+            r.path,
+            human(r.bytes_total),
+            human(r.bytes_sent),
+            r.id
+        );
+    }
+    Ok(())
+}
+
+fn receipt_verify(file: &Path, cert: Option<&Path>) -> Result<()> {
+    let receipt = Receipt::load(file)?;
+    let der = cert.map(identity::load_cert_file).transpose()?;
+    receipt.verify(der.as_deref()).with_context(|| format!("{}: INVALID", file.display()))?;
+    let t = &receipt.transfer;
+    println!("{}: valid signature", file.display());
+    println!(
+        "{} received {} ({} bytes, {}) from {} ({}) in transfer {} at {}",
+        receipt.receiver.node,
+        if receipt.path.is_empty() { receipt.share.clone() } else { format!("{}/{}", receipt.share, receipt.path) },
+        t.total_bytes,
+        t.file_hash,
+        receipt.sender.node,
+        receipt.sender.cert_fingerprint,
+        receipt.transfer_id,
+        t.complete_time
+    );
+    println!("signed by {} ({})", receipt.receiver.node, receipt.signature.signer_cert);
+    if cert.is_none() {
+        println!("note: pass --cert with the signer's certificate to check who holds the key");
+    }
+    Ok(())
+}

@@ -1,1 +1,25 @@
-//! fault: in progress.
+//! Fault injection for end-to-end tests, driven by environment variables.
+//! Each hook only makes this node misbehave as a broken peer or network
+//! would; the protocol's checks must catch every one of them.
+//!
+//! - `DEFTFS_FAULT_CORRUPT_CHUNK=<index>`: a sender flips one byte of the
+//!   first transmission of that chunk (the receiver must NACK it);
+//! - `DEFTFS_FAULT_STALL_AFTER_CHUNKS=<n>`: a sender stops sending new
+//!   chunks once n chunks are acknowledged, prints `stalled` on stderr, and
+//!   waits (a test then kills it to interrupt the transfer).
+
+use std::sync::OnceLock;
+
+fn env_u32(name: &str) -> Option<u32> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
+
+pub fn corrupt_chunk() -> Option<u32> {
+    static V: OnceLock<Option<u32>> = OnceLock::new();
+    *V.get_or_init(|| env_u32("DEFTFS_FAULT_CORRUPT_CHUNK"))
+}
+
+pub fn stall_after_chunks() -> Option<u32> {
+    static V: OnceLock<Option<u32>> = OnceLock::new();
+    *V.get_or_init(|| env_u32("DEFTFS_FAULT_STALL_AFTER_CHUNKS"))
+}

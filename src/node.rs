@@ -1,1 +1,87 @@
-//! node: in progress.
+//! A node: its home, configuration, identity, partners and database, opened
+//! once and shared by the daemon's tasks and the CLI's commands; and the
+//! daemon's serving loop, [`run`], which stops when `shutdown` resolves.
+
+use crate::config::{self, Config, ConfigError};
+use crate::db::{self, DbError};
+use crate::identity::{Identity, IdentityError};
+use crate::transport::{DirectoryError, Endpoint, PartnerDirectory, TransportError};
+use rusqlite::Connection;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("no deftfs node in {0}: create one with `deftfs init --name NAME` (or pass --home)")]
+    NotInitialized(PathBuf),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+pub struct Node {
+    pub home: PathBuf,
+    pub config: Config,
+    pub identity: Arc<Identity>,
+    pub directory: Arc<PartnerDirectory>,
+    pub db: Mutex<Connection>,
+    /// Targets being assembled right now, so two pushes never share a temp file.
+    pub(crate) busy_targets: Mutex<std::collections::HashSet<PathBuf>>,
+}
+
+impl Node {
+    pub fn open(home: &Path) -> Result<Arc<Node>, NodeError> {
+        let config_path = config::config_path(home);
+        if !config_path.exists() {
+            return Err(NodeError::NotInitialized(home.to_path_buf()));
+        }
+        let config = Config::load(&config_path)?;
+        let identity = Arc::new(Identity::load(home)?);
+        let directory = Arc::new(PartnerDirectory::new(&config, home)?);
+        let db = db::open(home)?;
+        Ok(Arc::new(Node { home: home.to_path_buf(), config, identity, directory, db, busy_targets: Default::default() }))
+    }
+
+    /// The database, even if a panicking thread poisoned its lock.
+    pub fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Serve partners until `shutdown` resolves. Returns the bound address
+/// through `ready` as soon as the endpoint listens.
+pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>, ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>) -> Result<(), NodeError> {
+    let endpoint = Endpoint::server(node.config.node.listen, node.identity.clone(), node.directory.clone())?;
+    let addr = endpoint.local_addr().map_err(|source| TransportError::Socket { addr: node.config.node.listen, source })?;
+    tracing::info!(node = %node.config.node.name, %addr, fingerprint = %node.identity.fingerprint(), "listening");
+    if let Some(tx) = ready {
+        let _ = tx.send(addr);
+    }
+    let mut connections = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = endpoint.accept() => {
+                let Some((conn, partner, cert)) = accepted else { break };
+                let node = node.clone();
+                connections.spawn(crate::transfer::serve::serve(node, conn, partner, cert));
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    tracing::info!("shutting down");
+    endpoint.quinn.close(0u32.into(), b"shutdown");
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
+    endpoint.quinn.wait_idle().await;
+    Ok(())
+}

@@ -1,1 +1,326 @@
-//! share: in progress.
+//! Shares on disk: mapping a share name and an in-share path to a real file,
+//! listing, and the access each partner has.
+//!
+//! A share's path is a file, a directory, or a glob whose wildcards are in
+//! the last component (`/data/orders/*.xml`). Guarantees:
+//! - an in-share path is a validated [`SharePath`] (no `..`, no absolute
+//!   path), and the real path it resolves to, symlinks followed, stays
+//!   inside the share's root: anything else is refused as outside the share;
+//! - in a glob share only names matching the pattern exist;
+//! - the temp files of transfers in progress are never listed or served.
+
+use crate::config::ShareConfig;
+use crate::glob::Glob;
+use crate::proto::{Access, Entry, EntryKind, Name, SharePath};
+use crate::time::Timestamp;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Suffix of transfer temp files (`.NAME.deftpart-<hash>`), never exposed.
+pub const TEMP_MARKER: &str = ".deftpart-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("no share named {0} is granted to you")]
+    Unknown(String),
+    #[error("{0} is not granted {1} access to share {2}")]
+    Denied(String, &'static str, String),
+    #[error("{0}: no such file or directory in the share")]
+    NotFound(String),
+    #[error("{0}: resolves outside the share")]
+    Outside(String),
+    #[error("{0}: not a regular file")]
+    NotAFile(String),
+    #[error("{0}: not a directory")]
+    NotADir(String),
+    #[error("{0}: does not match the share's pattern {1}")]
+    NoMatch(String, String),
+    #[error("share {0} is a single file: give no path inside it")]
+    FileShare(String),
+    #[error("share {share}: {path}: {source}")]
+    Io { share: String, path: String, source: std::io::Error },
+}
+
+/// What a share's path names.
+#[derive(Debug, Clone)]
+pub enum ShareKind {
+    File(PathBuf),
+    Dir(PathBuf),
+    Glob { dir: PathBuf, pattern: Glob },
+}
+
+/// A share as this node serves it.
+#[derive(Debug, Clone)]
+pub struct Share {
+    pub name: Name,
+    pub kind: ShareKind,
+}
+
+impl Share {
+    pub fn new(config: &ShareConfig) -> Share {
+        let path = &config.path;
+        let last = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let kind = if Glob::is_pattern(last) {
+            match (path.parent(), Glob::new(last)) {
+                (Some(dir), Ok(pattern)) => ShareKind::Glob { dir: dir.to_path_buf(), pattern },
+                _ => ShareKind::File(path.clone()),
+            }
+        } else if path.is_dir() {
+            ShareKind::Dir(path.clone())
+        } else {
+            ShareKind::File(path.clone())
+        };
+        Share { name: config.name.clone(), kind }
+    }
+
+    fn io(&self, path: &SharePath, source: std::io::Error) -> ShareError {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            ShareError::NotFound(path.to_string())
+        } else {
+            ShareError::Io { share: self.name.to_string(), path: path.to_string(), source }
+        }
+    }
+
+    /// The directory that contains everything of the share.
+    fn root(&self) -> &Path {
+        match &self.kind {
+            ShareKind::File(f) => f.parent().unwrap_or(Path::new("/")),
+            ShareKind::Dir(d) => d,
+            ShareKind::Glob { dir, .. } => dir,
+        }
+    }
+
+    /// The real path of an in-share path, without requiring it to exist.
+    fn physical(&self, path: &SharePath) -> Result<PathBuf, ShareError> {
+        if path.components().any(|c| c.contains(TEMP_MARKER)) {
+            return Err(ShareError::NotFound(path.to_string()));
+        }
+        match &self.kind {
+            ShareKind::File(f) if path.is_root() => Ok(f.clone()),
+            ShareKind::File(_) => Err(ShareError::FileShare(self.name.to_string())),
+            ShareKind::Dir(d) => Ok(path.components().fold(d.clone(), |p, c| p.join(c))),
+            ShareKind::Glob { dir, .. } if path.is_root() => Ok(dir.clone()),
+            ShareKind::Glob { dir, pattern } => {
+                let mut parts = path.components();
+                let (Some(name), None) = (parts.next(), parts.next()) else {
+                    return Err(ShareError::NoMatch(path.to_string(), pattern.as_str().to_string()));
+                };
+                if !pattern.matches(name) {
+                    return Err(ShareError::NoMatch(path.to_string(), pattern.as_str().to_string()));
+                }
+                Ok(dir.join(name))
+            }
+        }
+    }
+
+    /// Refuse a real path that symlinks lead outside the share's root.
+    fn contain(&self, path: &SharePath, real: &Path) -> Result<PathBuf, ShareError> {
+        let root = self.root().canonicalize().map_err(|e| self.io(&SharePath::root(), e))?;
+        let canon = real.canonicalize().map_err(|e| self.io(path, e))?;
+        if canon.starts_with(&root) {
+            Ok(canon)
+        } else {
+            Err(ShareError::Outside(path.to_string()))
+        }
+    }
+
+    /// An existing regular file to read.
+    pub fn resolve_file(&self, path: &SharePath) -> Result<PathBuf, ShareError> {
+        let real = self.contain(path, &self.physical(path)?)?;
+        let meta = std::fs::metadata(&real).map_err(|e| self.io(path, e))?;
+        if !meta.is_file() {
+            return Err(ShareError::NotAFile(path.to_string()));
+        }
+        Ok(real)
+    }
+
+    /// Where a pushed file lands: its parent directories are created inside
+    /// the share (each checked to stay inside); the file itself may be
+    /// missing, and must be a regular file if present.
+    pub fn resolve_target(&self, path: &SharePath) -> Result<PathBuf, ShareError> {
+        let target = self.physical(path)?;
+        if let ShareKind::Dir(_) = self.kind {
+            if path.is_root() {
+                return Err(ShareError::NotAFile(path.to_string()));
+            }
+            let mut dir = self.root().to_path_buf();
+            let mut so_far = SharePath::root();
+            let parent_components: Vec<&str> = path.components().collect();
+            for c in &parent_components[..parent_components.len().saturating_sub(1)] {
+                dir.push(c);
+                so_far = so_far.join(c).map_err(|_| ShareError::NotFound(path.to_string()))?;
+                match std::fs::symlink_metadata(&dir) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(m) if m.file_type().is_symlink() => {
+                        self.contain(&so_far, &dir)?;
+                    }
+                    Ok(_) => return Err(ShareError::NotADir(so_far.to_string())),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        std::fs::create_dir(&dir).map_err(|e| self.io(&so_far, e))?;
+                    }
+                    Err(e) => return Err(self.io(&so_far, e)),
+                }
+            }
+        }
+        match std::fs::symlink_metadata(&target) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let real = self.contain(path, &target)?;
+                if !real.is_file() {
+                    return Err(ShareError::NotAFile(path.to_string()));
+                }
+                Ok(real)
+            }
+            Ok(m) if !m.is_file() => Err(ShareError::NotAFile(path.to_string())),
+            Ok(_) => Ok(target),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let parent = target.parent().ok_or_else(|| ShareError::Outside(path.to_string()))?;
+                self.contain(path, parent)?;
+                Ok(target)
+            }
+            Err(e) => Err(self.io(path, e)),
+        }
+    }
+
+    /// Metadata of one entry.
+    pub fn stat(&self, path: &SharePath) -> Result<Entry, ShareError> {
+        let real = self.contain(path, &self.physical(path)?)?;
+        let meta = std::fs::metadata(&real).map_err(|e| self.io(path, e))?;
+        Ok(entry(path.clone(), &meta))
+    }
+
+    /// The entries of a directory of the share, sorted by name.
+    pub fn list(&self, path: &SharePath) -> Result<Vec<Entry>, ShareError> {
+        if let ShareKind::File(f) = &self.kind {
+            if !path.is_root() {
+                return Err(ShareError::FileShare(self.name.to_string()));
+            }
+            let meta = std::fs::metadata(f).map_err(|e| self.io(path, e))?;
+            let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+            let p = SharePath::parse(name).map_err(|_| ShareError::NotFound(name.to_string()))?;
+            return Ok(vec![entry(p, &meta)]);
+        }
+        let real = self.contain(path, &self.physical(path)?)?;
+        let read = std::fs::read_dir(&real).map_err(|e| self.io(path, e))?;
+        let mut out = Vec::new();
+        for item in read {
+            let item = item.map_err(|e| self.io(path, e))?;
+            let Some(name) = item.file_name().to_str().map(str::to_string) else { continue };
+            if name.contains(TEMP_MARKER) {
+                continue;
+            }
+            if let ShareKind::Glob { pattern, .. } = &self.kind {
+                if !pattern.matches(&name) {
+                    continue;
+                }
+            }
+            let Ok(child) = path.join(&name) else { continue };
+            // Follow symlinks; skip entries that dangle or leave the share.
+            let Ok(canon) = self.contain(&child, &item.path()) else { continue };
+            let Ok(meta) = std::fs::metadata(&canon) else { continue };
+            if meta.is_file() || meta.is_dir() {
+                out.push(entry(child, &meta));
+            }
+        }
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    /// One DISCOVER row: kind, size (a directory's direct files summed) and
+    /// latest mtime.
+    pub fn summary(&self) -> Result<(EntryKind, u64, i64), ShareError> {
+        match &self.kind {
+            ShareKind::File(_) => {
+                let e = self.stat(&SharePath::root())?;
+                Ok((EntryKind::File, e.size, e.mtime_ns))
+            }
+            _ => {
+                let entries = self.list(&SharePath::root())?;
+                let size = entries.iter().filter(|e| e.kind == EntryKind::File).map(|e| e.size).sum();
+                let mtime = entries.iter().map(|e| e.mtime_ns).max().unwrap_or(0);
+                Ok((EntryKind::Dir, size, mtime))
+            }
+        }
+    }
+}
+
+fn entry(path: SharePath, meta: &std::fs::Metadata) -> Entry {
+    let mtime = meta.modified().map(Timestamp::from_system).map(|t| t.0).unwrap_or(0);
+    Entry {
+        kind: if meta.is_dir() { EntryKind::Dir } else { EntryKind::File },
+        size: if meta.is_dir() { 0 } else { meta.len() },
+        mtime_ns: mtime,
+        mode: meta.mode() & 0o7777,
+        path,
+    }
+}
+
+/// The access `partner` has to `share`, if any.
+pub fn access(share: &ShareConfig, partner: &Name) -> Option<Access> {
+    share.access.get(partner).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("deftfs-share-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn share(path: PathBuf) -> Share {
+        Share::new(&ShareConfig { name: Name::new("s").unwrap(), path, access: BTreeMap::new() })
+    }
+
+    #[test]
+    fn symlink_out_of_the_share_is_refused() {
+        let d = tmp("symlink");
+        let root = d.join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(d.join("secret"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.join("secret"), root.join("link")).unwrap();
+        std::os::unix::fs::symlink(&d, root.join("up")).unwrap();
+        let s = share(root);
+        let p = SharePath::parse("link").unwrap();
+        assert!(matches!(s.resolve_file(&p), Err(ShareError::Outside(_))));
+        assert!(matches!(s.resolve_target(&SharePath::parse("up/new").unwrap()), Err(ShareError::Outside(_))));
+        assert!(s.list(&SharePath::root()).unwrap().is_empty(), "escaping links are not listed");
+    }
+
+    #[test]
+    fn glob_share_only_exposes_matching_names() {
+        let d = tmp("glob");
+        std::fs::write(d.join("a.xml"), b"1").unwrap();
+        std::fs::write(d.join("b.txt"), b"2").unwrap();
+        let s = share(d.join("*.xml"));
+        let names: Vec<String> = s.list(&SharePath::root()).unwrap().into_iter().map(|e| e.path.to_string()).collect();
+        assert_eq!(names, vec!["a.xml"]);
+        assert!(matches!(s.resolve_file(&SharePath::parse("b.txt").unwrap()), Err(ShareError::NoMatch(..))));
+        assert!(s.resolve_target(&SharePath::parse("c.xml").unwrap()).is_ok());
+    }
+
+    #[test]
+    fn target_creates_parents_inside_and_hides_temp_files() {
+        let d = tmp("target");
+        let s = share(d.clone());
+        let t = s.resolve_target(&SharePath::parse("x/y/z.bin").unwrap()).unwrap();
+        assert_eq!(t, d.join("x/y/z.bin"));
+        assert!(d.join("x/y").is_dir());
+        std::fs::write(d.join(format!(".f{TEMP_MARKER}00")), b"").unwrap();
+        let names: Vec<String> = s.list(&SharePath::root()).unwrap().into_iter().map(|e| e.path.to_string()).collect();
+        assert_eq!(names, vec!["x"]);
+    }
+
+    #[test]
+    fn file_share_has_no_inner_paths() {
+        let d = tmp("file");
+        std::fs::write(d.join("f"), b"abc").unwrap();
+        let s = share(d.join("f"));
+        assert_eq!(s.resolve_file(&SharePath::root()).unwrap(), d.join("f"));
+        assert!(matches!(s.resolve_file(&SharePath::parse("g").unwrap()), Err(ShareError::FileShare(_))));
+        assert_eq!(s.summary().unwrap().1, 3);
+    }
+}

@@ -1,0 +1,236 @@
+//! Assembling a file version from chunks into a temp file beside its target,
+//! then moving it into place. Blocking: run on a blocking pool.
+//!
+//! The temp file is `.NAME.deftpart-<file hash prefix>` in the target's
+//! directory, so an interrupted transfer of the same content finds it
+//! again (resume), and so the final rename stays on one filesystem.
+//!
+//! Guarantees:
+//! - a chunk is written only after its BLAKE3 matches the manifest;
+//! - chunks are reused, verified, from a partial temp file (resume) and from
+//!   the current version of the target (delta), so only the rest is needed;
+//! - `finish` fsyncs the temp file, checks the whole-file hash, renames it
+//!   over the target and fsyncs the directory: a reader sees the old file
+//!   or the new one, never a mix, and a crash never leaves a partial file
+//!   under the final name.
+
+use crate::chunk::Manifest;
+use crate::hash::Hash;
+use crate::share::TEMP_MARKER;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("chunk {index} does not match its hash")]
+    HashMismatch { index: u32 },
+    #[error("chunk {index} is not part of this file (it has {count} chunks)")]
+    NoSuchChunk { index: u32, count: usize },
+    #[error("chunk {index} has {got} bytes, the manifest says {expected}")]
+    WrongSize { index: u32, got: usize, expected: u32 },
+    #[error("{path}: assembled file hash {got} differs from the announced {expected}; nothing was replaced")]
+    FileHashMismatch { path: PathBuf, got: Hash, expected: Hash },
+    #[error("{0}: target has no file name")]
+    NoFileName(PathBuf),
+}
+
+/// What writing a chunk achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Stored; more chunks are missing.
+    Stored,
+    /// Already present (a duplicate or a retransmission).
+    Duplicate,
+    /// Stored, and every chunk is now present.
+    Complete,
+}
+
+pub struct Assembly {
+    target: PathBuf,
+    temp: PathBuf,
+    file: File,
+    manifest: Manifest,
+    have: Mutex<Vec<bool>>,
+    missing: AtomicUsize,
+    /// Indices of chunks sharing a hash: one arrival fills them all.
+    same: HashMap<Hash, Vec<u32>>,
+    /// Bytes reused from the temp file and the old version.
+    pub reused_bytes: u64,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AssembleError + '_ {
+    move |source| AssembleError::Io { path: path.to_path_buf(), source }
+}
+
+/// The temp file of a transfer of `file_hash` to `target`.
+pub fn temp_path(target: &Path, file_hash: &Hash) -> Result<PathBuf, AssembleError> {
+    let name = target.file_name().and_then(|n| n.to_str()).ok_or_else(|| AssembleError::NoFileName(target.to_path_buf()))?;
+    Ok(target.with_file_name(format!(".{name}{TEMP_MARKER}{}", file_hash.short())))
+}
+
+fn read_at(file: &File, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+impl Assembly {
+    /// Open (or resume) the temp file for `manifest` and reuse what is
+    /// already local: valid chunks of the temp file, then chunks of `base`
+    /// (the manifest of the target's current content) copied from the target.
+    pub fn prepare(target: &Path, manifest: Manifest, base: Option<&Manifest>) -> Result<Assembly, AssembleError> {
+        let temp = temp_path(target, &manifest.file_hash)?;
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&temp).map_err(io(&temp))?;
+        let existing = file.metadata().map_err(io(&temp))?.len();
+        let mut have = vec![false; manifest.chunks.len()];
+        let mut reused = 0u64;
+        let mut same: HashMap<Hash, Vec<u32>> = HashMap::new();
+        for (i, c) in manifest.chunks.iter().enumerate() {
+            same.entry(c.hash).or_default().push(i as u32);
+        }
+        // Resume: keep the chunks an earlier attempt already wrote.
+        if existing == manifest.size && existing > 0 {
+            for (i, c) in manifest.chunks.iter().enumerate() {
+                if let Ok(data) = read_at(&file, c.offset, c.len) {
+                    if Hash::of(&data) == c.hash {
+                        have[i] = true;
+                        reused += c.len as u64;
+                    }
+                }
+            }
+        } else {
+            file.set_len(manifest.size).map_err(io(&temp))?;
+        }
+        // Delta: copy chunks the current version already has.
+        if let (Some(base), Ok(old)) = (base, File::open(target)) {
+            let by_hash: HashMap<Hash, (u64, u32)> = base.chunks.iter().map(|c| (c.hash, (c.offset, c.len))).collect();
+            for (i, c) in manifest.chunks.iter().enumerate() {
+                if have[i] {
+                    continue;
+                }
+                let Some(&(offset, len)) = by_hash.get(&c.hash) else { continue };
+                if len != c.len {
+                    continue;
+                }
+                // The target may have changed since it was indexed: verify.
+                let Ok(data) = read_at(&old, offset, len) else { continue };
+                if Hash::of(&data) != c.hash {
+                    continue;
+                }
+                file.write_all_at(&data, c.offset).map_err(io(&temp))?;
+                have[i] = true;
+                reused += c.len as u64;
+            }
+        }
+        let missing = have.iter().filter(|h| !**h).count();
+        Ok(Assembly {
+            target: target.to_path_buf(),
+            temp,
+            file,
+            manifest,
+            have: Mutex::new(have),
+            missing: AtomicUsize::new(missing),
+            same,
+            reused_bytes: reused,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Indices still missing, ascending. A chunk whose hash repeats is
+    /// listed once (the first index): its twins are filled on arrival.
+    pub fn needed(&self) -> Vec<u32> {
+        let have = self.have.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = std::collections::HashSet::new();
+        self.manifest
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| !have[*i] && seen.insert(c.hash))
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.missing.load(Ordering::SeqCst) == 0
+    }
+
+    /// Verify and store one chunk (and its twins).
+    pub fn write_chunk(&self, index: u32, data: &[u8]) -> Result<Written, AssembleError> {
+        let count = self.manifest.chunks.len();
+        let chunk = self.manifest.chunks.get(index as usize).ok_or(AssembleError::NoSuchChunk { index, count })?;
+        if data.len() != chunk.len as usize {
+            return Err(AssembleError::WrongSize { index, got: data.len(), expected: chunk.len });
+        }
+        if Hash::of(data) != chunk.hash {
+            return Err(AssembleError::HashMismatch { index });
+        }
+        let twins = self.same.get(&chunk.hash).map(Vec::as_slice).unwrap_or(&[]);
+        let todo: Vec<u32> = {
+            let have = self.have.lock().unwrap_or_else(|p| p.into_inner());
+            twins.iter().copied().filter(|&i| !have[i as usize]).collect()
+        };
+        if todo.is_empty() {
+            return Ok(Written::Duplicate);
+        }
+        for &i in &todo {
+            let offset = self.manifest.chunks[i as usize].offset;
+            self.file.write_all_at(data, offset).map_err(io(&self.temp))?;
+        }
+        let mut have = self.have.lock().unwrap_or_else(|p| p.into_inner());
+        let mut newly = 0;
+        for &i in &todo {
+            if !have[i as usize] {
+                have[i as usize] = true;
+                newly += 1;
+            }
+        }
+        let before = self.missing.fetch_sub(newly, Ordering::SeqCst);
+        Ok(if before == newly && newly > 0 { Written::Complete } else { Written::Stored })
+    }
+
+    /// Make the new version durable and visible. `mode` sets permissions
+    /// (default: keep the old file's, else 0644).
+    pub fn finish(self, mode: Option<u32>) -> Result<PathBuf, AssembleError> {
+        self.file.sync_all().map_err(io(&self.temp))?;
+        let got = hash_file(&self.file, &self.temp)?;
+        if got != self.manifest.file_hash {
+            let _ = std::fs::remove_file(&self.temp);
+            return Err(AssembleError::FileHashMismatch { path: self.target.clone(), got, expected: self.manifest.file_hash });
+        }
+        let mode = mode.or_else(|| std::fs::metadata(&self.target).ok().map(|m| m.permissions().mode() & 0o7777)).unwrap_or(0o644);
+        self.file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io(&self.temp))?;
+        std::fs::rename(&self.temp, &self.target).map_err(io(&self.target))?;
+        let dir = self.target.parent().unwrap_or(Path::new("."));
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        Ok(self.target)
+    }
+}
+
+/// BLAKE3 of a whole file, streamed.
+fn hash_file(file: &File, path: &Path) -> Result<Hash, AssembleError> {
+    let mut hasher = blake3::Hasher::new();
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).map_err(io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().into())
+}

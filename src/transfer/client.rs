@@ -1,0 +1,455 @@
+//! The client side of a DEFT/1 session: connect to a partner, handshake,
+//! then push or pull files with the sliding window, resume and delta.
+
+use super::assemble::{AssembleError, Assembly, Written};
+use super::window::Window;
+use super::{manifest_from_lines, manifest_to_lines, new_transfer_id, party, Facts, Progress, Report, TransferError};
+use crate::config::PartnerConfig;
+use crate::db::TransferRecord;
+use crate::fault;
+use crate::hash::Hash;
+use crate::node::Node;
+use crate::proto::{self, AckStatus, Capability, DataHeader, Entry, Name, RangeSet, Request, Response, ShareRow, SharePath};
+use crate::time::Timestamp;
+use crate::transport::{read_line, Control, Endpoint, TransportError};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// An authenticated session with one partner.
+pub struct Session {
+    node: Arc<Node>,
+    partner: PartnerConfig,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    responses: mpsc::Receiver<Result<Response, TransportError>>,
+    peer_cert: Vec<u8>,
+    window: u32,
+    /// Shares the partner grants us, from AUTH_OK.
+    pub shares: Vec<Name>,
+    _endpoint: Endpoint,
+}
+
+const OUR_CAPS: [Capability; 3] = [Capability::Chunked, Capability::Parallel, Capability::Resume];
+
+impl Session {
+    pub async fn open(node: Arc<Node>, partner_id: &str) -> Result<Session, TransferError> {
+        let partner = node.config.partner(partner_id).cloned().ok_or_else(|| TransferError::UnknownPartner(partner_id.to_string()))?;
+        let endpoint = Endpoint::client(node.identity.clone(), node.directory.clone())?;
+        let (conn, peer_cert) = endpoint.connect(&partner).await?;
+        let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
+        let (send, mut reader) = Control::<Response>::new(send, recv).split();
+        let (tx, responses) = mpsc::channel(4096);
+        tokio::spawn(async move {
+            loop {
+                let msg = reader.recv().await;
+                let stop = matches!(msg, Err(TransportError::Closed) | Err(TransportError::Connection(_)) | Err(TransportError::Read(_)));
+                if tx.send(msg).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        let mut session = Session { node, partner, conn, send, responses, peer_cert, window: 1, shares: Vec::new(), _endpoint: endpoint };
+        let hello = Request::Hello { version: proto::VERSION.to_string(), caps: OUR_CAPS.to_vec(), window: session.node.config.storage.window };
+        match session.request(&hello).await? {
+            Response::Welcome { window, .. } => session.window = window.clamp(1, session.node.config.storage.window.max(1)),
+            other => return Err(session.unexpected(&other)),
+        }
+        let auth = Request::Auth { partner: session.node.config.node.name.clone() };
+        match session.request(&auth).await? {
+            Response::AuthOk { shares, .. } => session.shares = shares,
+            other => return Err(session.unexpected(&other)),
+        }
+        Ok(session)
+    }
+
+    pub fn partner_id(&self) -> &str {
+        self.partner.id.as_str()
+    }
+
+    fn unexpected(&self, got: &Response) -> TransferError {
+        match got {
+            Response::Error { code, message } => TransferError::Remote { partner: self.partner_id().to_string(), code: code.as_str(), message: message.clone() },
+            other => TransferError::Unexpected { partner: self.partner_id().to_string(), got: format!("{other:?}").chars().take(200).collect() },
+        }
+    }
+
+    /// Send raw text on the control stream (tests use it to play a hostile client).
+    pub async fn send_raw(&mut self, text: &str) -> Result<(), TransferError> {
+        self.send.write_all(text.as_bytes()).await.map_err(TransportError::from)?;
+        Ok(())
+    }
+
+    pub async fn send(&mut self, req: &Request) -> Result<(), TransferError> {
+        self.send_raw(&req.encode()).await
+    }
+
+    /// Next message from the partner.
+    pub async fn next(&mut self) -> Result<Response, TransferError> {
+        match self.responses.recv().await {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(TransportError::Closed.into()),
+        }
+    }
+
+    /// Send a request and wait for its answer.
+    pub async fn request(&mut self, req: &Request) -> Result<Response, TransferError> {
+        self.send(req).await?;
+        tokio::time::timeout(Duration::from_secs(60), self.next()).await.map_err(|_| TransferError::from(TransportError::Timeout))?
+    }
+
+    pub async fn discover(&mut self) -> Result<Vec<ShareRow>, TransferError> {
+        match self.request(&Request::Discover).await? {
+            Response::Files(rows) => Ok(rows),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    pub async fn list(&mut self, share: &Name, path: &SharePath) -> Result<Vec<Entry>, TransferError> {
+        match self.request(&Request::List { share: share.clone(), path: path.clone() }).await? {
+            Response::Entries(e) => Ok(e),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.send(&Request::Bye).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.next()).await;
+        let _ = self.send.finish();
+        self.conn.close(0u32.into(), b"bye");
+        self._endpoint.quinn.wait_idle().await;
+    }
+
+    fn record(&self, report: &Report, started: Timestamp, status: &str, error: Option<String>) {
+        let rec = TransferRecord {
+            id: report.transfer_id.clone(),
+            direction: report.direction.clone(),
+            role: "client".into(),
+            partner: self.partner_id().to_string(),
+            share: report.share.clone(),
+            path: report.path.clone(),
+            file_hash: report.file_hash.clone(),
+            bytes_total: report.bytes_total,
+            bytes_sent: report.bytes_sent,
+            chunks_total: report.chunks_total,
+            chunks_sent: report.chunks_sent,
+            retransmissions: report.retransmissions,
+            started_ns: started.0,
+            finished_ns: Timestamp::now().0,
+            status: status.into(),
+            error,
+            receipt: Some(report.receipt.display().to_string()).filter(|s| !s.is_empty()),
+        };
+        if let Err(e) = crate::db::record_transfer(&self.node.db(), &rec) {
+            tracing::warn!("could not record transfer {} in history: {e}", rec.id);
+        }
+    }
+
+    /// Push `file` to `share`/`path` on the partner.
+    pub async fn push(&mut self, share: &Name, path: &SharePath, file: &Path, progress: Option<Progress>) -> Result<Report, TransferError> {
+        let started = Timestamp::now();
+        let clock = Instant::now();
+        let node = self.node.clone();
+        let params = node.config.storage.chunk;
+        let file_path = file.to_path_buf();
+        let manifest = tokio::task::spawn_blocking(move || crate::index::manifest_for(&node.db, &file_path, &params))
+            .await
+            .map_err(|e| TransferError::Other(format!("indexing task failed: {e}")))??;
+        let transfer_id = new_transfer_id();
+        let begin = Request::BeginTransfer {
+            transfer_id: transfer_id.clone(),
+            share: share.clone(),
+            path: path.clone(),
+            size: manifest.size,
+            file_hash: manifest.file_hash,
+            chunks: manifest_to_lines(&manifest),
+        };
+        let (window_size, need) = match self.request(&begin).await? {
+            Response::TransferAccepted { window, need, .. } => (window, need),
+            other => return Err(self.unexpected(&other)),
+        };
+        let storage = &self.node.config.storage;
+        let mut window = Window::new(need.iter(), window_size.clamp(1, self.window), Duration::from_secs(storage.chunk_timeout_secs), storage.max_retries);
+        let source = Arc::new(std::fs::File::open(file).map_err(|source| TransferError::Io { path: file.to_path_buf(), source })?);
+        let mut senders = tokio::task::JoinSet::new();
+        let mut bytes_sent = 0u64;
+        let mut chunks_sent = 0u32;
+        let mut corrupted_once = false;
+        let mut stalled = false;
+        let need_bytes: u64 = need.iter().filter_map(|i| manifest.chunks.get(i as usize)).map(|c| c.len as u64).sum();
+        let already = manifest.size.saturating_sub(need_bytes);
+        let mut acked_bytes = 0u64;
+        let completion = loop {
+            // Fill the window.
+            let stall = fault::stall_after_chunks().is_some_and(|n| window.done() >= n as usize);
+            if stall && !stalled && window.in_flight() == 0 {
+                stalled = true;
+                eprintln!("stalled");
+            }
+            while !stall {
+                let Some(index) = window.next_to_send(Instant::now()) else { break };
+                let Some(chunk) = manifest.chunks.get(index as usize).copied() else { break };
+                let corrupt = fault::corrupt_chunk() == Some(index) && !corrupted_once;
+                corrupted_once |= corrupt;
+                bytes_sent += chunk.len as u64;
+                chunks_sent += 1;
+                let conn = self.conn.clone();
+                let source = source.clone();
+                let header = DataHeader::Put { transfer_id: transfer_id.clone(), index, size: chunk.len, hash: chunk.hash };
+                senders.spawn(async move {
+                    let mut data = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; chunk.len as usize];
+                        source.read_exact_at(&mut buf, chunk.offset).map(|_| buf)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("reading chunk {index}: {e}"))?;
+                    if corrupt {
+                        if let Some(b) = data.first_mut() {
+                            *b ^= 0xff;
+                        }
+                    }
+                    let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+                    stream.write_all(header.encode().as_bytes()).await.map_err(|e| e.to_string())?;
+                    stream.write_all(&data).await.map_err(|e| e.to_string())?;
+                    stream.finish().map_err(|e| e.to_string())?;
+                    Ok::<(), String>(())
+                });
+            }
+            let deadline = window.next_deadline().map(tokio::time::Instant::from_std).unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                msg = self.next() => match msg? {
+                    Response::ChunkAck { index, status: AckStatus::Ok, .. } => {
+                        if window.on_ack(index) {
+                            acked_bytes += manifest.chunks.get(index as usize).map_or(0, |c| c.len as u64);
+                        }
+                    }
+                    Response::ChunkAck { index, status: AckStatus::Error(reason), .. } => {
+                        tracing::warn!(partner = %self.partner.id, index, %reason, "chunk refused, sending it again");
+                        window.on_nack(index, &reason)?;
+                    }
+                    Response::ChunkAckBatch { chunks, .. } => {
+                        for index in chunks.iter() {
+                            if window.on_ack(index) {
+                                acked_bytes += manifest.chunks.get(index as usize).map_or(0, |c| c.len as u64);
+                            }
+                        }
+                    }
+                    Response::TransferComplete(c) => break c,
+                    other => return Err(self.unexpected(&other)),
+                },
+                Some(done) = senders.join_next(), if !senders.is_empty() => {
+                    if let Ok(Err(e)) = done {
+                        return Err(TransferError::Other(format!("sending to {}: {e}", self.partner.id)));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => window.check_timeouts(Instant::now())?,
+            }
+            if let Some(p) = &progress {
+                p(already + acked_bytes, manifest.size);
+            }
+        };
+        let facts = Facts {
+            transfer_id: &transfer_id,
+            direction: "push",
+            share: share.as_str(),
+            path: path.as_str(),
+            manifest: &manifest,
+            sender: party(self.node.config.node.name.as_str(), self.node.identity.cert_der()),
+            receiver: party(self.partner_id(), &self.peer_cert),
+            started,
+            bytes_sent,
+            chunks_sent,
+            retransmissions: window.retransmissions,
+        };
+        let receipt = facts.check(&completion, &self.peer_cert).ok_or_else(|| TransferError::BadReceipt { partner: self.partner_id().to_string() })?;
+        let receipt_path = receipt.store(&self.node.home)?;
+        let report = Report {
+            transfer_id: transfer_id.to_string(),
+            direction: "push".into(),
+            partner: self.partner_id().to_string(),
+            share: share.to_string(),
+            path: path.to_string(),
+            local_path: file.to_path_buf(),
+            file_hash: manifest.file_hash.to_string(),
+            bytes_total: manifest.size,
+            bytes_sent,
+            chunks_total: manifest.chunks.len() as u32,
+            chunks_sent,
+            retransmissions: window.retransmissions,
+            duration_s: clock.elapsed().as_secs_f64(),
+            receipt: receipt_path,
+        };
+        self.record(&report, started, "ok", None);
+        Ok(report)
+    }
+
+    /// Pull `share`/`path` from the partner into `out` (a file path, or an
+    /// existing directory to put it in).
+    pub async fn pull(&mut self, share: &Name, path: &SharePath, out: &Path, progress: Option<Progress>) -> Result<Report, TransferError> {
+        let started = Timestamp::now();
+        let clock = Instant::now();
+        let (size, file_hash, lines) = match self.request(&Request::Describe { share: share.clone(), path: path.clone() }).await? {
+            Response::FileInfo { size, file_hash, chunks, .. } => (size, file_hash, chunks),
+            other => return Err(self.unexpected(&other)),
+        };
+        let manifest = manifest_from_lines(size, file_hash, &lines, self.partner_id())?;
+        let target = if out.is_dir() {
+            let name = path.file_name().or_else(|| Some(share.as_str())).unwrap_or("file");
+            out.join(name)
+        } else {
+            out.to_path_buf()
+        };
+        let node = self.node.clone();
+        let (target2, manifest2) = (target.clone(), manifest.clone());
+        let assembly = tokio::task::spawn_blocking(move || {
+            let base = if target2.is_file() { crate::index::manifest_for(&node.db, &target2, &node.config.storage.chunk).ok() } else { None };
+            Assembly::prepare(&target2, manifest2, base.as_ref())
+        })
+        .await
+        .map_err(|e| TransferError::Other(format!("preparing {}: {e}", target.display())))??;
+        let assembly = Arc::new(assembly);
+        let need = assembly.needed();
+        let transfer_id = new_transfer_id();
+        let storage = &self.node.config.storage;
+        let mut window = Window::new(need.iter().copied(), self.window, Duration::from_secs(storage.chunk_timeout_secs), storage.max_retries);
+        let (arrivals_tx, mut arrivals) = mpsc::channel::<(u32, Result<Written, String>, u64)>(1024);
+        let receiver = tokio::spawn(receive_chunks(self.conn.clone(), assembly.clone(), transfer_id.clone(), arrivals_tx));
+        let need_bytes: u64 = need.iter().filter_map(|&i| manifest.chunks.get(i as usize)).map(|c| c.len as u64).sum();
+        let already = manifest.size.saturating_sub(need_bytes);
+        let (mut bytes_sent, mut chunks_sent, mut got_bytes) = (0u64, 0u32, 0u64);
+        let result: Result<(), TransferError> = async {
+            while !window.is_done() && !assembly.is_complete() {
+                let batch: RangeSet = std::iter::from_fn(|| window.next_to_send(Instant::now())).collect();
+                if !batch.is_empty() {
+                    self.send(&Request::Get { transfer_id: transfer_id.clone(), share: share.clone(), path: path.clone(), file_hash, chunks: batch }).await?;
+                }
+                let deadline = window.next_deadline().map(tokio::time::Instant::from_std).unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+                tokio::select! {
+                    Some((index, outcome, n)) = arrivals.recv() => {
+                        bytes_sent += n;
+                        chunks_sent += 1;
+                        match outcome {
+                            Ok(_) => {
+                                if window.on_ack(index) {
+                                    got_bytes += manifest.chunks.get(index as usize).map_or(0, |c| c.len as u64);
+                                }
+                            }
+                            Err(reason) => {
+                                tracing::warn!(partner = %self.partner.id, index, %reason, "chunk refused, asking again");
+                                window.on_nack(index, &reason)?;
+                            }
+                        }
+                    }
+                    msg = self.next() => return Err(self.unexpected(&msg?)),
+                    _ = tokio::time::sleep_until(deadline) => window.check_timeouts(Instant::now())?,
+                }
+                if let Some(p) = &progress {
+                    p(already + got_bytes, manifest.size);
+                }
+            }
+            Ok(())
+        }
+        .await;
+        receiver.abort();
+        result?;
+        let assembly = Arc::try_unwrap(assembly).map_err(|_| TransferError::Other("assembly still in use".into()))?;
+        let final_path = tokio::task::spawn_blocking(move || assembly.finish(None)).await.map_err(|e| TransferError::Other(e.to_string()))??;
+        let facts = Facts {
+            transfer_id: &transfer_id,
+            direction: "pull",
+            share: share.as_str(),
+            path: path.as_str(),
+            manifest: &manifest,
+            sender: party(self.partner_id(), &self.peer_cert),
+            receiver: party(self.node.config.node.name.as_str(), self.node.identity.cert_der()),
+            started,
+            bytes_sent,
+            chunks_sent,
+            retransmissions: window.retransmissions,
+        };
+        let (receipt, completion) = facts.sign(&self.node.identity);
+        let receipt_path = receipt.store(&self.node.home)?;
+        match self.request(&Request::TransferComplete(completion)).await? {
+            Response::ReceiptOk { .. } => {}
+            other => tracing::warn!(partner = %self.partner.id, "partner did not store our receipt: {:?}", other),
+        }
+        let report = Report {
+            transfer_id: transfer_id.to_string(),
+            direction: "pull".into(),
+            partner: self.partner_id().to_string(),
+            share: share.to_string(),
+            path: path.to_string(),
+            local_path: final_path,
+            file_hash: manifest.file_hash.to_string(),
+            bytes_total: manifest.size,
+            bytes_sent,
+            chunks_total: manifest.chunks.len() as u32,
+            chunks_sent,
+            retransmissions: window.retransmissions,
+            duration_s: clock.elapsed().as_secs_f64(),
+            receipt: receipt_path,
+        };
+        self.record(&report, started, "ok", None);
+        Ok(report)
+    }
+}
+
+/// Accept CHUNK_DATA streams, verify and store each chunk, report arrivals.
+async fn receive_chunks(conn: quinn::Connection, assembly: Arc<Assembly>, transfer_id: Name, tx: mpsc::Sender<(u32, Result<Written, String>, u64)>) {
+    while let Ok(stream) = conn.accept_uni().await {
+        let (assembly, tx, transfer_id) = (assembly.clone(), tx.clone(), transfer_id.clone());
+        tokio::spawn(async move {
+            match read_chunk_stream(stream, &assembly, &transfer_id).await {
+                Ok((index, n, data)) => {
+                    let outcome = tokio::task::spawn_blocking(move || assembly.write_chunk(index, &data)).await;
+                    let outcome = match outcome {
+                        Ok(Ok(w)) => Ok(w),
+                        Ok(Err(AssembleError::HashMismatch { .. })) => Err("HASH_MISMATCH".to_string()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let _ = tx.send((index, outcome, n)).await;
+                }
+                Err(e) => tracing::warn!("bad chunk stream: {e}"),
+            }
+        });
+    }
+}
+
+/// Read one chunk stream: header, then exactly SIZE bytes (bounded by the
+/// manifest, never by the peer's word alone).
+pub(crate) async fn read_chunk_stream(stream: quinn::RecvStream, assembly: &Assembly, transfer_id: &Name) -> Result<(u32, u64, Vec<u8>), String> {
+    let mut reader = tokio::io::BufReader::with_capacity(4096, stream);
+    let mut line = Vec::new();
+    let header = match read_line(&mut reader, &mut line).await {
+        Ok(Some(Ok(text))) => DataHeader::parse(&text).map_err(|e| e.to_string())?,
+        Ok(Some(Err(e))) => return Err(e.to_string()),
+        Ok(None) => return Err("empty chunk stream".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let (id, index, size) = match header {
+        DataHeader::Put { transfer_id, index, size, .. } | DataHeader::ChunkData { transfer_id, index, size, .. } => (transfer_id, index, size),
+    };
+    if &id != transfer_id {
+        return Err(format!("chunk for unknown transfer {id}"));
+    }
+    let expected = assembly.manifest().chunks.get(index as usize).map(|c| c.len).ok_or_else(|| format!("chunk {index} is not part of the file"))?;
+    if size != expected {
+        return Err(format!("chunk {index} announced {size} bytes, the manifest says {expected}"));
+    }
+    let mut data = vec![0u8; size as usize];
+    tokio::io::AsyncReadExt::read_exact(&mut reader, &mut data).await.map_err(|e| format!("chunk {index}: {e}"))?;
+    Ok((index, size as u64, data))
+}
+
+/// Hash helper used by tests to compare files.
+pub fn hash_path(path: &Path) -> std::io::Result<Hash> {
+    let mut hasher = blake3::Hasher::new();
+    let mut f = std::fs::File::open(path)?;
+    std::io::copy(&mut f, &mut hasher)?;
+    Ok(hasher.finalize().into())
+}

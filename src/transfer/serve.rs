@@ -1,0 +1,581 @@
+//! The serving side of a DEFT/1 session: one task per connection reads the
+//! control stream and answers; pushed chunks arrive on their own streams and
+//! are verified and stored concurrently; pulled chunks leave on their own
+//! streams, at most a window's worth at a time.
+//!
+//! Policy decided here, for every request: the partner must have said AUTH
+//! with the identity its certificate proved; a share it is not granted does
+//! not exist for it; pulls need `read`, pushes need `write`; paths are
+//! resolved by [`crate::share`] and never leave the share.
+
+use super::assemble::{AssembleError, Assembly, Written};
+use super::{manifest_from_lines, manifest_to_lines, party, Facts};
+use crate::chunk::Manifest;
+use crate::db::TransferRecord;
+use crate::fault;
+use crate::node::Node;
+use crate::proto::{
+    self, AckStatus, Capability, Completion, DataHeader, ErrorCode, Name, RangeSet, Request, Response, ShareRow, SharePath,
+};
+use crate::share::{Share, ShareError};
+use crate::time::Timestamp;
+use crate::transport::{Control, TransportError};
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+
+const SERVER_CAPS: [Capability; 3] = [Capability::Chunked, Capability::Parallel, Capability::Resume];
+
+/// A push being received.
+struct Incoming {
+    share: Name,
+    path: SharePath,
+    assembly: Mutex<Option<Arc<Assembly>>>,
+    manifest: Manifest,
+    started: Timestamp,
+    bytes: AtomicU64,
+    chunks: AtomicU32,
+    nacks: AtomicU32,
+    _busy: BusyGuard,
+}
+
+/// A pull being served: what the receipt will be about.
+struct Outgoing {
+    share: Name,
+    path: SharePath,
+    manifest: Manifest,
+    started: Timestamp,
+    bytes: AtomicU64,
+    chunks: AtomicU32,
+}
+
+/// Marks a target as being assembled; released on drop.
+struct BusyGuard {
+    node: Arc<Node>,
+    target: PathBuf,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.node.busy_targets.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.target);
+    }
+}
+
+struct Session {
+    node: Arc<Node>,
+    partner: Name,
+    peer_cert: Vec<u8>,
+    conn: quinn::Connection,
+    tx: mpsc::Sender<Response>,
+    window: u32,
+    incoming: Mutex<HashMap<Name, Arc<Incoming>>>,
+    outgoing: Mutex<HashMap<Name, Arc<Outgoing>>>,
+    send_permits: Arc<Semaphore>,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::error(code, message)
+}
+
+fn share_err(e: ShareError) -> Response {
+    let code = match &e {
+        ShareError::Unknown(_) => ErrorCode::UnknownShare,
+        ShareError::Denied(..) => ErrorCode::AccessDenied,
+        ShareError::NotFound(_) | ShareError::NoMatch(..) => ErrorCode::NotFound,
+        ShareError::Outside(_) | ShareError::FileShare(_) | ShareError::NotAFile(_) | ShareError::NotADir(_) => ErrorCode::BadPath,
+        ShareError::Io { .. } => ErrorCode::Internal,
+    };
+    err(code, e.to_string())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Serve one authenticated connection until it closes.
+pub async fn serve(node: Arc<Node>, conn: quinn::Connection, partner: Name, peer_cert: Vec<u8>) {
+    let remote = conn.remote_address();
+    let (send, recv) = match tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            conn.close(2u32.into(), b"no control stream");
+            return;
+        }
+    };
+    let (send, mut reader) = Control::<Request>::new(send, recv).split();
+    let (tx, rx) = mpsc::channel(4096);
+    let writer = tokio::spawn(write_responses(send, rx));
+    let window = node.config.storage.window.max(1);
+    let session = Arc::new(Session {
+        node,
+        partner,
+        peer_cert,
+        conn: conn.clone(),
+        tx,
+        window,
+        incoming: Mutex::new(HashMap::new()),
+        outgoing: Mutex::new(HashMap::new()),
+        send_permits: Arc::new(Semaphore::new(window as usize)),
+    });
+    let puts = tokio::spawn(accept_puts(session.clone()));
+    let mut authed = false;
+    loop {
+        let req = match reader.recv().await {
+            Ok(r) => r,
+            Err(TransportError::Protocol(e)) => {
+                tracing::warn!(partner = %session.partner, %remote, "bad request: {e}");
+                let _ = session.tx.send(err(e.code(), e.to_string())).await;
+                continue;
+            }
+            Err(_) => break,
+        };
+        let bye = matches!(req, Request::Bye);
+        let answer = session.clone().handle(req, &mut authed).await;
+        if let Some(answer) = answer {
+            if session.tx.send(answer).await.is_err() {
+                break;
+            }
+        }
+        if bye {
+            break;
+        }
+    }
+    puts.abort();
+    drop(session);
+    let _ = writer.await;
+    tracing::info!(target: "audit", %remote, "session closed");
+}
+
+/// Own the control stream's sending half; coalesce consecutive chunk
+/// acknowledgements into CHUNK_ACK_BATCH.
+async fn write_responses(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Response>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+            if batch.len() >= 512 {
+                break;
+            }
+        }
+        let mut text = String::new();
+        let mut acks: Option<(Name, RangeSet)> = None;
+        let flush = |acks: &mut Option<(Name, RangeSet)>, text: &mut String| {
+            if let Some((transfer_id, chunks)) = acks.take() {
+                let msg = if chunks.len() == 1 {
+                    let index = chunks.iter().next().unwrap_or(0);
+                    Response::ChunkAck { transfer_id, index, status: AckStatus::Ok }
+                } else {
+                    Response::ChunkAckBatch { transfer_id, chunks }
+                };
+                text.push_str(&msg.encode());
+            }
+        };
+        for msg in batch {
+            match msg {
+                Response::ChunkAck { transfer_id, index, status: AckStatus::Ok } => match &mut acks {
+                    Some((id, set)) if *id == transfer_id => set.insert(index),
+                    _ => {
+                        flush(&mut acks, &mut text);
+                        acks = Some((transfer_id, std::iter::once(index).collect()));
+                    }
+                },
+                other => {
+                    flush(&mut acks, &mut text);
+                    text.push_str(&other.encode());
+                }
+            }
+        }
+        flush(&mut acks, &mut text);
+        if send.write_all(text.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = send.finish();
+}
+
+impl Session {
+    fn share(&self, name: &Name) -> Result<(Share, proto::Access), Response> {
+        let config = self.node.config.share(name.as_str());
+        match config.and_then(|c| crate::share::access(c, &self.partner).map(|a| (c, a))) {
+            Some((c, a)) => Ok((Share::new(c), a)),
+            None => Err(share_err(ShareError::Unknown(name.to_string()))),
+        }
+    }
+
+    fn readable(&self, name: &Name) -> Result<Share, Response> {
+        let (share, access) = self.share(name)?;
+        if !access.can_read() {
+            tracing::warn!(target: "audit", partner = %self.partner, share = %name, "refused pull: no read access");
+            return Err(share_err(ShareError::Denied(self.partner.to_string(), "read", name.to_string())));
+        }
+        Ok(share)
+    }
+
+    fn writable(&self, name: &Name) -> Result<Share, Response> {
+        let (share, access) = self.share(name)?;
+        if !access.can_write() {
+            tracing::warn!(target: "audit", partner = %self.partner, share = %name, "refused push: no write access");
+            return Err(share_err(ShareError::Denied(self.partner.to_string(), "write", name.to_string())));
+        }
+        Ok(share)
+    }
+
+    async fn manifest_of(&self, path: PathBuf) -> Result<Manifest, Response> {
+        let node = self.node.clone();
+        tokio::task::spawn_blocking(move || crate::index::manifest_for(&node.db, &path, &node.config.storage.chunk))
+            .await
+            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| err(ErrorCode::Internal, e.to_string()))
+    }
+
+    async fn handle(self: Arc<Self>, req: Request, authed: &mut bool) -> Option<Response> {
+        match req {
+            Request::Hello { version, caps, window } => {
+                if version.split('.').next() != proto::VERSION.split('.').next() {
+                    return Some(err(ErrorCode::UnsupportedVersion, format!("this node speaks DEFT {}", proto::VERSION)));
+                }
+                let caps = SERVER_CAPS.iter().copied().filter(|c| caps.contains(c)).collect();
+                let session = super::new_transfer_id();
+                Some(Response::Welcome { version: proto::VERSION.into(), caps, window: window.clamp(1, self.window), session })
+            }
+            Request::Auth { partner } => {
+                if partner != self.partner {
+                    tracing::warn!(target: "audit", claimed = %partner, proven = %self.partner, "refused AUTH: name does not match the certificate");
+                    return Some(err(ErrorCode::AuthFailed, format!("your certificate is partner {}'s, not {partner}'s", self.partner)));
+                }
+                *authed = true;
+                tracing::info!(target: "audit", partner = %self.partner, "authenticated");
+                let shares = self.node.config.shares.iter().filter(|s| s.access.contains_key(&self.partner)).map(|s| s.name.clone()).collect();
+                Some(Response::AuthOk { partner, shares })
+            }
+            Request::Bye => Some(Response::Bye),
+            _ if !*authed => Some(err(ErrorCode::AuthRequired, "send AUTH first")),
+            Request::Discover => Some(self.discover()),
+            Request::Describe { share, path } => Some(self.describe(&share, &path).await.unwrap_or_else(|e| e)),
+            Request::List { share, path } => Some(
+                self.share(&share)
+                    .and_then(|(s, _)| s.list(&path).map_err(share_err))
+                    .map(Response::Entries)
+                    .unwrap_or_else(|e| e),
+            ),
+            Request::Stat { share, path } => {
+                Some(self.share(&share).and_then(|(s, _)| s.stat(&path).map_err(share_err)).map(Response::StatOk).unwrap_or_else(|e| e))
+            }
+            Request::BeginTransfer { transfer_id, share, path, size, file_hash, chunks } => {
+                match self.clone().begin(transfer_id, share, path, size, file_hash, chunks).await {
+                    Ok(r) | Err(r) => Some(r),
+                }
+            }
+            Request::Get { transfer_id, share, path, file_hash, chunks } => self.get(transfer_id, share, path, file_hash, chunks).await.err(),
+            Request::TransferComplete(c) => Some(self.pull_receipt(c)),
+        }
+    }
+
+    fn discover(&self) -> Response {
+        let mut rows = Vec::new();
+        for config in &self.node.config.shares {
+            let Some(access) = crate::share::access(config, &self.partner) else { continue };
+            match Share::new(config).summary() {
+                Ok((kind, size, mtime_ns)) => rows.push(ShareRow { name: config.name.clone(), kind, size, access, mtime_ns }),
+                Err(e) => tracing::warn!(share = %config.name, "share unavailable: {e}"),
+            }
+        }
+        Response::Files(rows)
+    }
+
+    async fn describe(&self, share: &Name, path: &SharePath) -> Result<Response, Response> {
+        let s = self.readable(share)?;
+        let real = s.resolve_file(path).map_err(share_err)?;
+        let manifest = self.manifest_of(real).await?;
+        let entry = s.stat(path).map_err(share_err)?;
+        Ok(Response::FileInfo {
+            share: share.clone(),
+            path: path.clone(),
+            size: manifest.size,
+            file_hash: manifest.file_hash,
+            mtime_ns: entry.mtime_ns,
+            mode: entry.mode,
+            chunks: manifest_to_lines(&manifest),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn begin(
+        self: Arc<Self>,
+        transfer_id: Name,
+        share: Name,
+        path: SharePath,
+        size: u64,
+        file_hash: crate::hash::Hash,
+        chunks: Vec<proto::ChunkLine>,
+    ) -> Result<Response, Response> {
+        let s = self.writable(&share)?;
+        let manifest = manifest_from_lines(size, file_hash, &chunks, self.partner.as_str()).map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?;
+        if lock(&self.incoming).contains_key(&transfer_id) {
+            return Err(err(ErrorCode::BadRequest, format!("transfer {transfer_id} already started")));
+        }
+        let target = s.resolve_target(&path).map_err(share_err)?;
+        if !lock(&self.node.busy_targets).insert(target.clone()) {
+            return Err(err(ErrorCode::Busy, format!("{path}: another transfer is writing this file; try again when it ends")));
+        }
+        let busy = BusyGuard { node: self.node.clone(), target: target.clone() };
+        let node = self.node.clone();
+        let m = manifest.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            let base = if target.is_file() { crate::index::manifest_for(&node.db, &target, &node.config.storage.chunk).ok() } else { None };
+            Assembly::prepare(&target, m, base.as_ref())
+        })
+        .await
+        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        let need: RangeSet = prepared.needed().into_iter().collect();
+        tracing::info!(partner = %self.partner, %share, %path, %transfer_id, chunks = manifest.chunks.len(), need = need.len(), reused = prepared.reused_bytes, "push accepted");
+        let incoming = Arc::new(Incoming {
+            share,
+            path,
+            assembly: Mutex::new(Some(Arc::new(prepared))),
+            manifest,
+            started: Timestamp::now(),
+            bytes: AtomicU64::new(0),
+            chunks: AtomicU32::new(0),
+            nacks: AtomicU32::new(0),
+            _busy: busy,
+        });
+        lock(&self.incoming).insert(transfer_id.clone(), incoming.clone());
+        let accepted = Response::TransferAccepted { transfer_id: transfer_id.clone(), window: self.window, need: need.clone() };
+        if need.is_empty() {
+            // Everything is already here: answer, then complete at once.
+            let _ = self.tx.send(accepted).await;
+            return Ok(self.complete_push(&transfer_id, &incoming).await);
+        }
+        Ok(accepted)
+    }
+
+    /// All chunks of a push are in: make the file durable, sign, record.
+    async fn complete_push(&self, transfer_id: &Name, incoming: &Incoming) -> Response {
+        let assembly = lock(&incoming.assembly).take();
+        lock(&self.incoming).remove(transfer_id);
+        let Some(assembly) = assembly else { return err(ErrorCode::Internal, "transfer already completed") };
+        let Ok(assembly) = Arc::try_unwrap(assembly) else { return err(ErrorCode::Internal, "transfer still writing") };
+        let finished = tokio::task::spawn_blocking(move || assembly.finish(None)).await;
+        let path = match finished {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return err(ErrorCode::HashMismatch, e.to_string()),
+            Err(e) => return err(ErrorCode::Internal, e.to_string()),
+        };
+        let facts = Facts {
+            transfer_id,
+            direction: "push",
+            share: incoming.share.as_str(),
+            path: incoming.path.as_str(),
+            manifest: &incoming.manifest,
+            sender: party(self.partner.as_str(), &self.peer_cert),
+            receiver: party(self.node.config.node.name.as_str(), self.node.identity.cert_der()),
+            started: incoming.started,
+            bytes_sent: incoming.bytes.load(Ordering::SeqCst),
+            chunks_sent: incoming.chunks.load(Ordering::SeqCst),
+            retransmissions: incoming.nacks.load(Ordering::SeqCst),
+        };
+        let (receipt, completion) = facts.sign(&self.node.identity);
+        let stored = receipt.store(&self.node.home);
+        if let Err(e) = &stored {
+            tracing::error!("storing receipt of {transfer_id}: {e}");
+        }
+        tracing::info!(target: "audit", partner = %self.partner, share = %incoming.share, path = %incoming.path, %transfer_id, file = %path.display(), "push complete");
+        self.record(&facts, "push", stored.ok());
+        Response::TransferComplete(completion)
+    }
+
+    fn record(&self, facts: &Facts<'_>, direction: &str, receipt: Option<PathBuf>) {
+        let rec = TransferRecord {
+            id: facts.transfer_id.to_string(),
+            direction: direction.into(),
+            role: "server".into(),
+            partner: self.partner.to_string(),
+            share: facts.share.to_string(),
+            path: facts.path.to_string(),
+            file_hash: facts.manifest.file_hash.to_string(),
+            bytes_total: facts.manifest.size,
+            bytes_sent: facts.bytes_sent,
+            chunks_total: facts.manifest.chunks.len() as u32,
+            chunks_sent: facts.chunks_sent,
+            retransmissions: facts.retransmissions,
+            started_ns: facts.started.0,
+            finished_ns: Timestamp::now().0,
+            status: "ok".into(),
+            error: None,
+            receipt: receipt.map(|p| p.display().to_string()),
+        };
+        if let Err(e) = crate::db::record_transfer(&self.node.db(), &rec) {
+            tracing::warn!("recording transfer {}: {e}", rec.id);
+        }
+    }
+
+    /// Serve chunks of a file: each on its own stream, a window at a time.
+    async fn get(self: Arc<Self>, transfer_id: Name, share: Name, path: SharePath, file_hash: crate::hash::Hash, chunks: RangeSet) -> Result<(), Response> {
+        let s = self.readable(&share)?;
+        let real = s.resolve_file(&path).map_err(share_err)?;
+        let existing = lock(&self.outgoing).get(&transfer_id).cloned();
+        let outgoing = match existing {
+            Some(o) if o.share == share && o.path == path && o.manifest.file_hash == file_hash => o,
+            Some(_) => return Err(err(ErrorCode::BadRequest, format!("transfer {transfer_id} was about another file"))),
+            None => {
+                let manifest = self.manifest_of(real.clone()).await?;
+                if manifest.file_hash != file_hash {
+                    return Err(err(ErrorCode::Stale, format!("{path} changed: it is now {}; describe it again", manifest.file_hash)));
+                }
+                let o = Arc::new(Outgoing { share, path, manifest, started: Timestamp::now(), bytes: AtomicU64::new(0), chunks: AtomicU32::new(0) });
+                lock(&self.outgoing).insert(transfer_id.clone(), o.clone());
+                o
+            }
+        };
+        let count = outgoing.manifest.chunks.len();
+        if chunks.iter().any(|i| i as usize >= count) {
+            return Err(err(ErrorCode::BadRequest, format!("the file has {count} chunks")));
+        }
+        let file = Arc::new(std::fs::File::open(&real).map_err(|e| err(ErrorCode::Internal, e.to_string()))?);
+        let session = self.clone();
+        tokio::spawn(async move {
+            for index in chunks.iter() {
+                let Ok(permit) = session.send_permits.clone().acquire_owned().await else { return };
+                let (session, file, outgoing, transfer_id) = (session.clone(), file.clone(), outgoing.clone(), transfer_id.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    if let Err(e) = session.send_chunk(&file, &outgoing, &transfer_id, index).await {
+                        let _ = session.tx.send(e).await;
+                    }
+                });
+            }
+        });
+        Ok(())
+    }
+
+    async fn send_chunk(&self, file: &Arc<std::fs::File>, outgoing: &Outgoing, transfer_id: &Name, index: u32) -> Result<(), Response> {
+        let Some(chunk) = outgoing.manifest.chunks.get(index as usize).copied() else { return Ok(()) };
+        let f = file.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; chunk.len as usize];
+            f.read_exact_at(&mut buf, chunk.offset).map(|_| buf)
+        })
+        .await
+        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        let mut data = data;
+        if crate::hash::Hash::of(&data) != chunk.hash {
+            return Err(err(ErrorCode::Stale, format!("{} changed during the transfer (chunk {index}); run it again", outgoing.path)));
+        }
+        if fault::corrupt_chunk() == Some(index) && outgoing.chunks.load(Ordering::SeqCst) <= index {
+            if let Some(b) = data.first_mut() {
+                *b ^= 0xff;
+            }
+        }
+        let header = DataHeader::ChunkData { transfer_id: transfer_id.clone(), index, size: chunk.len, hash: chunk.hash };
+        let mut stream = self.conn.open_uni().await.map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        stream.write_all(header.encode().as_bytes()).await.map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        stream.write_all(&data).await.map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        let _ = stream.finish();
+        outgoing.bytes.fetch_add(chunk.len as u64, Ordering::SeqCst);
+        outgoing.chunks.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The client received a pulled file and signs for it.
+    fn pull_receipt(&self, c: Completion) -> Response {
+        let Some(outgoing) = lock(&self.outgoing).remove(&c.transfer_id) else {
+            return err(ErrorCode::UnknownTransfer, format!("no pull {} in this session", c.transfer_id));
+        };
+        let facts = Facts {
+            transfer_id: &c.transfer_id,
+            direction: "pull",
+            share: outgoing.share.as_str(),
+            path: outgoing.path.as_str(),
+            manifest: &outgoing.manifest,
+            sender: party(self.node.config.node.name.as_str(), self.node.identity.cert_der()),
+            receiver: party(self.partner.as_str(), &self.peer_cert),
+            started: outgoing.started,
+            bytes_sent: outgoing.bytes.load(Ordering::SeqCst),
+            chunks_sent: outgoing.chunks.load(Ordering::SeqCst),
+            retransmissions: 0,
+        };
+        let Some(receipt) = facts.check(&c, &self.peer_cert) else {
+            tracing::warn!(target: "audit", partner = %self.partner, transfer_id = %c.transfer_id, "pull receipt signature does not verify");
+            return err(ErrorCode::AuthFailed, "receipt signature does not verify with your certificate");
+        };
+        let stored = receipt.store(&self.node.home);
+        if let Err(e) = &stored {
+            tracing::error!("storing receipt of {}: {e}", c.transfer_id);
+        }
+        tracing::info!(target: "audit", partner = %self.partner, share = %outgoing.share, path = %outgoing.path, transfer_id = %c.transfer_id, "pull complete");
+        self.record(&facts, "pull", stored.ok());
+        Response::ReceiptOk { transfer_id: c.transfer_id }
+    }
+}
+
+/// Accept PUT streams for this session's pushes.
+async fn accept_puts(session: Arc<Session>) {
+    while let Ok(stream) = session.conn.accept_uni().await {
+        let session = session.clone();
+        tokio::spawn(async move { session.receive_put(stream).await });
+    }
+}
+
+impl Session {
+    async fn receive_put(self: Arc<Self>, stream: quinn::RecvStream) {
+        let mut reader = tokio::io::BufReader::with_capacity(4096, stream);
+        let mut line = Vec::new();
+        let header = match crate::transport::read_line(&mut reader, &mut line).await {
+            Ok(Some(Ok(text))) => DataHeader::parse(&text),
+            _ => return,
+        };
+        let Ok(DataHeader::Put { transfer_id, index, size, .. }) = header else {
+            let _ = self.tx.send(err(ErrorCode::BadRequest, "expected a PUT chunk stream")).await;
+            return;
+        };
+        let Some(incoming) = lock(&self.incoming).get(&transfer_id).cloned() else {
+            let _ = self.tx.send(err(ErrorCode::UnknownTransfer, format!("no push {transfer_id} in this session"))).await;
+            return;
+        };
+        let Some(assembly) = lock(&incoming.assembly).clone() else { return };
+        let Some(expected) = assembly.manifest().chunks.get(index as usize).map(|c| c.len) else {
+            let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("NO_SUCH_CHUNK".into()) }).await;
+            return;
+        };
+        if size != expected {
+            let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_SIZE".into()) }).await;
+            return;
+        }
+        let mut data = vec![0u8; size as usize];
+        if tokio::io::AsyncReadExt::read_exact(&mut reader, &mut data).await.is_err() {
+            return;
+        }
+        incoming.bytes.fetch_add(size as u64, Ordering::SeqCst);
+        incoming.chunks.fetch_add(1, Ordering::SeqCst);
+        let a = assembly.clone();
+        let written = tokio::task::spawn_blocking(move || a.write_chunk(index, &data)).await;
+        drop(assembly);
+        let status = match written {
+            Ok(Ok(Written::Complete)) => {
+                let _ = self.tx.send(Response::ChunkAck { transfer_id: transfer_id.clone(), index, status: AckStatus::Ok }).await;
+                let done = self.complete_push(&transfer_id, &incoming).await;
+                let _ = self.tx.send(done).await;
+                return;
+            }
+            Ok(Ok(_)) => AckStatus::Ok,
+            Ok(Err(AssembleError::HashMismatch { .. })) => {
+                incoming.nacks.fetch_add(1, Ordering::SeqCst);
+                tracing::warn!(partner = %self.partner, %transfer_id, index, "chunk hash mismatch");
+                AckStatus::Error("HASH_MISMATCH".into())
+            }
+            Ok(Err(e)) => {
+                tracing::error!(%transfer_id, index, "storing chunk: {e}");
+                AckStatus::Error("IO_ERROR".into())
+            }
+            Err(_) => AckStatus::Error("INTERNAL".into()),
+        };
+        let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status }).await;
+    }
+}
