@@ -142,7 +142,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Share(ShareCmd::List) => share_list(&home),
         Command::Daemon => daemon(&home),
         Command::Ls { partner, share } => runtime()?.block_on(ls(&home, &partner, share.as_deref())),
-        Command::Send { partner, share, file, as_path, out } => runtime()?.block_on(send(&home, &partner, &share, &file, as_path.as_deref(), out.json)),
+        Command::Send { partner, share, file, as_path, out } => {
+            runtime()?.block_on(send(&home, &partner, &share, &file, as_path.as_deref(), out.json))
+        }
         Command::Receive { partner, share, args, out } => {
             let (path, dest) = match args.as_slice() {
                 [dest] => (None, dest),
@@ -192,7 +194,8 @@ fn init(home: &Path, name: &str, listen: SocketAddr) -> Result<()> {
 
 fn write_new(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).open(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     Ok(())
@@ -319,7 +322,13 @@ async fn ls(home: &Path, partner: &str, what: Option<&str>) -> Result<()> {
             }
             for r in rows {
                 let kind = if r.kind == crate::proto::EntryKind::Dir { "dir " } else { "file" };
-                println!("{:<24} {kind} {:>14} {:<10} {}", r.name, human(r.size), r.access.as_str(), crate::time::Timestamp(r.mtime_ns).rfc3339());
+                println!(
+                    "{:<24} {kind} {:>14} {:<10} {}",
+                    r.name,
+                    human(r.size),
+                    r.access.as_str(),
+                    crate::time::Timestamp(r.mtime_ns).rfc3339()
+                );
             }
         }
         Some(spec) => {

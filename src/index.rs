@@ -25,11 +25,7 @@ pub enum IndexError {
 /// when size, mtime, inode and params are unchanged, else computed and
 /// stored. Blocking. The lock is held only for the lookup and the store,
 /// never while hashing.
-pub fn manifest_for(
-    db: &std::sync::Mutex<Connection>,
-    path: &Path,
-    params: &ChunkParams,
-) -> Result<Manifest, IndexError> {
+pub fn manifest_for(db: &std::sync::Mutex<Connection>, path: &Path, params: &ChunkParams) -> Result<Manifest, IndexError> {
     let _ = (db, path, params);
     todo!()
 }

@@ -58,7 +58,11 @@ impl Node {
 
 /// Serve partners until `shutdown` resolves. Returns the bound address
 /// through `ready` as soon as the endpoint listens.
-pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>, ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>) -> Result<(), NodeError> {
+pub async fn run(
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()>,
+    ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<(), NodeError> {
     let endpoint = Endpoint::server(node.config.node.listen, node.identity.clone(), node.directory.clone())?;
     let addr = endpoint.local_addr().map_err(|source| TransportError::Socket { addr: node.config.node.listen, source })?;
     tracing::info!(node = %node.config.node.name, %addr, fingerprint = %node.identity.fingerprint(), "listening");

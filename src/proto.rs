@@ -21,7 +21,7 @@ pub mod range;
 
 pub use decode::{Decoder, ProtoError};
 pub use name::{Name, NameError};
-pub use path::{SharePath, PathError};
+pub use path::{PathError, SharePath};
 pub use range::RangeSet;
 
 use crate::hash::Hash;
@@ -165,14 +165,7 @@ pub enum Request {
     Stat { share: Name, path: SharePath },
     /// `DEFT BEGIN_TRANSFER <transfer_id> <share> <path> SIZE:<n> CHUNKS:<n> HASH:<h>`
     /// followed by CHUNKS `CHUNK` lines: the manifest of the file to push.
-    BeginTransfer {
-        transfer_id: Name,
-        share: Name,
-        path: SharePath,
-        size: u64,
-        file_hash: Hash,
-        chunks: Vec<ChunkLine>,
-    },
+    BeginTransfer { transfer_id: Name, share: Name, path: SharePath, size: u64, file_hash: Hash, chunks: Vec<ChunkLine> },
     /// `DEFT GET <transfer_id> <share> <path> <file_hash> CHUNKS <ranges>`
     Get { transfer_id: Name, share: Name, path: SharePath, file_hash: Hash, chunks: RangeSet },
     /// Pull receipt: the client received the file and signs for it.
@@ -192,15 +185,7 @@ pub enum Response {
     Files(Vec<ShareRow>),
     /// `DEFT FILE_INFO <share> <path> SIZE:<n> CHUNKS:<n> HASH:<h> MTIME:<ns> MODE:<octal>`
     /// then CHUNKS `CHUNK` lines.
-    FileInfo {
-        share: Name,
-        path: SharePath,
-        size: u64,
-        file_hash: Hash,
-        mtime_ns: i64,
-        mode: u32,
-        chunks: Vec<ChunkLine>,
-    },
+    FileInfo { share: Name, path: SharePath, size: u64, file_hash: Hash, mtime_ns: i64, mode: u32, chunks: Vec<ChunkLine> },
     /// `DEFT ENTRIES <count>` then count rows `<kind> <size> <mtime_ns> <mode> <path>`
     Entries(Vec<Entry>),
     /// `DEFT STAT_OK <kind> <size> <mtime_ns> <mode> <path>`

@@ -154,7 +154,10 @@ impl Facts<'_> {
     /// its certificate.
     pub fn check(&self, completion: &Completion, receiver_cert: &[u8]) -> Option<Receipt> {
         let key = crate::identity::ed25519_public_key(receiver_cert)?;
-        if completion.file_hash != self.manifest.file_hash || completion.size != self.manifest.size || completion.transfer_id != *self.transfer_id {
+        if completion.file_hash != self.manifest.file_hash
+            || completion.size != self.manifest.size
+            || completion.transfer_id != *self.transfer_id
+        {
             return None;
         }
         if !crate::identity::verify(&key, &self.statement(&completion.time), &completion.signature.0) {

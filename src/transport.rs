@@ -119,7 +119,12 @@ impl PartnerDirectory {
         None
     }
 
-    fn verify_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
@@ -136,7 +141,11 @@ pub enum DirectoryError {
     Ca { partner: String, path: String, detail: String },
 }
 
-fn ca_verifier(path: &std::path::Path, partner: &PartnerConfig, provider: &Arc<CryptoProvider>) -> Result<Arc<dyn ServerCertVerifier>, DirectoryError> {
+fn ca_verifier(
+    path: &std::path::Path,
+    partner: &PartnerConfig,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>, DirectoryError> {
     let err = |detail: String| DirectoryError::Ca { partner: partner.id.to_string(), path: path.display().to_string(), detail };
     let der = identity::load_cert_file(path).map_err(|e| err(e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
@@ -156,7 +165,12 @@ impl ClientCertVerifier for AnyPartner {
         &[]
     }
 
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         match self.0.identify(end_entity, intermediates, now) {
             Some(_) => Ok(ClientCertVerified::assertion()),
             None => {
@@ -166,11 +180,21 @@ impl ClientCertVerifier for AnyPartner {
         }
     }
 
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0.verify_signature(message, cert, dss)
     }
 
@@ -191,7 +215,14 @@ struct ThisPartner {
 }
 
 impl ServerCertVerifier for ThisPartner {
-    fn verify_server_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], now: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         match self.directory.identify(end_entity, intermediates, now) {
             Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
             other => {
@@ -201,11 +232,21 @@ impl ServerCertVerifier for ThisPartner {
         }
     }
 
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.directory.verify_signature(message, cert, dss)
     }
 
@@ -278,7 +319,8 @@ impl Endpoint {
         tls.alpn_protocols = vec![proto::ALPN.to_vec()];
         let tls = Arc::new(tls);
         let make = |loopback: bool| -> Result<Arc<quinn::ServerConfig>, TransportError> {
-            let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls.clone()).map_err(|e| TransportError::Setup(e.to_string()))?;
+            let crypto =
+                quinn::crypto::rustls::QuicServerConfig::try_from(tls.clone()).map_err(|e| TransportError::Setup(e.to_string()))?;
             let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
             cfg.transport_config(Arc::new(transport_config(loopback)));
             Ok(Arc::new(cfg))
@@ -358,7 +400,8 @@ impl Endpoint {
             .with_custom_certificate_verifier(Arc::new(ThisPartner { directory: self.directory.clone(), expected: partner.id.clone() }))
             .with_client_auth_cert(vec![CertificateDer::from(self.identity.cert_der().to_vec())], key_of(&self.identity))?;
         tls.alpn_protocols = vec![proto::ALPN.to_vec()];
-        let crypto = Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| TransportError::Setup(e.to_string()))?);
+        let crypto =
+            Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).map_err(|e| TransportError::Setup(e.to_string()))?);
         let mut failures = Vec::new();
         for endpoint in &partner.endpoints {
             let addrs = match tokio::net::lookup_host(endpoint.as_str()).await {
@@ -372,7 +415,8 @@ impl Endpoint {
                 let mut cfg = quinn::ClientConfig::new(crypto.clone());
                 cfg.transport_config(Arc::new(transport_config(addr.ip().is_loopback())));
                 let attempt = async {
-                    let conn = self.quinn.connect_with(cfg, addr, SNI).map_err(|e| e.to_string())?.await.map_err(|e| explain_connect_error(&e))?;
+                    let conn =
+                        self.quinn.connect_with(cfg, addr, SNI).map_err(|e| e.to_string())?.await.map_err(|e| explain_connect_error(&e))?;
                     Ok::<_, String>(conn)
                 };
                 match tokio::time::timeout(Duration::from_secs(10), attempt).await {
@@ -392,7 +436,13 @@ impl Endpoint {
 /// Turn a handshake failure into something a user can act on.
 fn explain_connect_error(e: &quinn::ConnectionError) -> String {
     let text = e.to_string();
-    if text.contains("certificate") || text.contains("UnknownIssuer") || text.contains("0x12a") || text.contains("0x130") || text.contains("bad certificate") || text.contains("unknown ca") {
+    if text.contains("certificate")
+        || text.contains("UnknownIssuer")
+        || text.contains("0x12a")
+        || text.contains("0x130")
+        || text.contains("bad certificate")
+        || text.contains("unknown ca")
+    {
         format!("{text}: the partner does not know our certificate, or its certificate is not the one pinned for it; compare fingerprints with `deftfs id` on both nodes")
     } else {
         text
@@ -494,7 +544,10 @@ impl PushLine<Response> for Decoder<Response> {
 /// Read one CRLF- (or LF-) terminated line, at most MAX_LINE bytes.
 /// `Ok(None)`: clean end of stream. `Ok(Some(Err))`: the line was too long
 /// (it is skipped up to its end) or not UTF-8.
-pub async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>) -> Result<Option<Result<String, proto::ProtoError>>, TransportError> {
+pub async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Result<String, proto::ProtoError>>, TransportError> {
     buf.clear();
     let mut too_long = false;
     loop {

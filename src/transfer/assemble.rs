@@ -155,13 +155,7 @@ impl Assembly {
     pub fn needed(&self) -> Vec<u32> {
         let have = self.have.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen = std::collections::HashSet::new();
-        self.manifest
-            .chunks
-            .iter()
-            .enumerate()
-            .filter(|(i, c)| !have[*i] && seen.insert(c.hash))
-            .map(|(i, _)| i as u32)
-            .collect()
+        self.manifest.chunks.iter().enumerate().filter(|(i, c)| !have[*i] && seen.insert(c.hash)).map(|(i, _)| i as u32).collect()
     }
 
     pub fn is_complete(&self) -> bool {

@@ -9,7 +9,7 @@ use crate::db::TransferRecord;
 use crate::fault;
 use crate::hash::Hash;
 use crate::node::Node;
-use crate::proto::{self, AckStatus, Capability, DataHeader, Entry, Name, RangeSet, Request, Response, ShareRow, SharePath};
+use crate::proto::{self, AckStatus, Capability, DataHeader, Entry, Name, RangeSet, Request, Response, SharePath, ShareRow};
 use crate::time::Timestamp;
 use crate::transport::{read_line, Control, Endpoint, TransportError};
 use std::os::unix::fs::FileExt;
@@ -52,7 +52,8 @@ impl Session {
             }
         });
         let mut session = Session { node, partner, conn, send, responses, peer_cert, window: 1, shares: Vec::new(), _endpoint: endpoint };
-        let hello = Request::Hello { version: proto::VERSION.to_string(), caps: OUR_CAPS.to_vec(), window: session.node.config.storage.window };
+        let hello =
+            Request::Hello { version: proto::VERSION.to_string(), caps: OUR_CAPS.to_vec(), window: session.node.config.storage.window };
         match session.request(&hello).await? {
             Response::Welcome { window, .. } => session.window = window.clamp(1, session.node.config.storage.window.max(1)),
             other => return Err(session.unexpected(&other)),
@@ -71,8 +72,12 @@ impl Session {
 
     fn unexpected(&self, got: &Response) -> TransferError {
         match got {
-            Response::Error { code, message } => TransferError::Remote { partner: self.partner_id().to_string(), code: code.as_str(), message: message.clone() },
-            other => TransferError::Unexpected { partner: self.partner_id().to_string(), got: format!("{other:?}").chars().take(200).collect() },
+            Response::Error { code, message } => {
+                TransferError::Remote { partner: self.partner_id().to_string(), code: code.as_str(), message: message.clone() }
+            }
+            other => {
+                TransferError::Unexpected { partner: self.partner_id().to_string(), got: format!("{other:?}").chars().take(200).collect() }
+            }
         }
     }
 
@@ -172,7 +177,12 @@ impl Session {
             other => return Err(self.unexpected(&other)),
         };
         let storage = &self.node.config.storage;
-        let mut window = Window::new(need.iter(), window_size.clamp(1, self.window), Duration::from_secs(storage.chunk_timeout_secs), storage.max_retries);
+        let mut window = Window::new(
+            need.iter(),
+            window_size.clamp(1, self.window),
+            Duration::from_secs(storage.chunk_timeout_secs),
+            storage.max_retries,
+        );
         let source = Arc::new(std::fs::File::open(file).map_err(|source| TransferError::Io { path: file.to_path_buf(), source })?);
         let mut senders = tokio::task::JoinSet::new();
         let mut bytes_sent = 0u64;
@@ -219,7 +229,10 @@ impl Session {
                     Ok::<(), String>(())
                 });
             }
-            let deadline = window.next_deadline().map(tokio::time::Instant::from_std).unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let deadline = window
+                .next_deadline()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 msg = self.next() => match msg? {
                     Response::ChunkAck { index, status: AckStatus::Ok, .. } => {
@@ -265,7 +278,9 @@ impl Session {
             chunks_sent,
             retransmissions: window.retransmissions,
         };
-        let receipt = facts.check(&completion, &self.peer_cert).ok_or_else(|| TransferError::BadReceipt { partner: self.partner_id().to_string() })?;
+        let receipt = facts
+            .check(&completion, &self.peer_cert)
+            .ok_or_else(|| TransferError::BadReceipt { partner: self.partner_id().to_string() })?;
         let receipt_path = receipt.store(&self.node.home)?;
         let report = Report {
             transfer_id: transfer_id.to_string(),
@@ -306,7 +321,8 @@ impl Session {
         let node = self.node.clone();
         let (target2, manifest2) = (target.clone(), manifest.clone());
         let assembly = tokio::task::spawn_blocking(move || {
-            let base = if target2.is_file() { crate::index::manifest_for(&node.db, &target2, &node.config.storage.chunk).ok() } else { None };
+            let base =
+                if target2.is_file() { crate::index::manifest_for(&node.db, &target2, &node.config.storage.chunk).ok() } else { None };
             Assembly::prepare(&target2, manifest2, base.as_ref())
         })
         .await
@@ -315,7 +331,8 @@ impl Session {
         let need = assembly.needed();
         let transfer_id = new_transfer_id();
         let storage = &self.node.config.storage;
-        let mut window = Window::new(need.iter().copied(), self.window, Duration::from_secs(storage.chunk_timeout_secs), storage.max_retries);
+        let mut window =
+            Window::new(need.iter().copied(), self.window, Duration::from_secs(storage.chunk_timeout_secs), storage.max_retries);
         let (arrivals_tx, mut arrivals) = mpsc::channel::<(u32, Result<Written, String>, u64)>(1024);
         let receiver = tokio::spawn(receive_chunks(self.conn.clone(), assembly.clone(), transfer_id.clone(), arrivals_tx));
         let need_bytes: u64 = need.iter().filter_map(|&i| manifest.chunks.get(i as usize)).map(|c| c.len as u64).sum();
@@ -325,9 +342,19 @@ impl Session {
             while !window.is_done() && !assembly.is_complete() {
                 let batch: RangeSet = std::iter::from_fn(|| window.next_to_send(Instant::now())).collect();
                 if !batch.is_empty() {
-                    self.send(&Request::Get { transfer_id: transfer_id.clone(), share: share.clone(), path: path.clone(), file_hash, chunks: batch }).await?;
+                    self.send(&Request::Get {
+                        transfer_id: transfer_id.clone(),
+                        share: share.clone(),
+                        path: path.clone(),
+                        file_hash,
+                        chunks: batch,
+                    })
+                    .await?;
                 }
-                let deadline = window.next_deadline().map(tokio::time::Instant::from_std).unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+                let deadline = window
+                    .next_deadline()
+                    .map(tokio::time::Instant::from_std)
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
                 tokio::select! {
                     Some((index, outcome, n)) = arrivals.recv() => {
                         bytes_sent += n;
@@ -357,7 +384,8 @@ impl Session {
         receiver.abort();
         result?;
         let assembly = Arc::try_unwrap(assembly).map_err(|_| TransferError::Other("assembly still in use".into()))?;
-        let final_path = tokio::task::spawn_blocking(move || assembly.finish(None)).await.map_err(|e| TransferError::Other(e.to_string()))??;
+        let final_path =
+            tokio::task::spawn_blocking(move || assembly.finish(None)).await.map_err(|e| TransferError::Other(e.to_string()))??;
         let facts = Facts {
             transfer_id: &transfer_id,
             direction: "pull",
@@ -399,7 +427,12 @@ impl Session {
 }
 
 /// Accept CHUNK_DATA streams, verify and store each chunk, report arrivals.
-async fn receive_chunks(conn: quinn::Connection, assembly: Arc<Assembly>, transfer_id: Name, tx: mpsc::Sender<(u32, Result<Written, String>, u64)>) {
+async fn receive_chunks(
+    conn: quinn::Connection,
+    assembly: Arc<Assembly>,
+    transfer_id: Name,
+    tx: mpsc::Sender<(u32, Result<Written, String>, u64)>,
+) {
     while let Ok(stream) = conn.accept_uni().await {
         let (assembly, tx, transfer_id) = (assembly.clone(), tx.clone(), transfer_id.clone());
         tokio::spawn(async move {
@@ -422,7 +455,11 @@ async fn receive_chunks(conn: quinn::Connection, assembly: Arc<Assembly>, transf
 
 /// Read one chunk stream: header, then exactly SIZE bytes (bounded by the
 /// manifest, never by the peer's word alone).
-pub(crate) async fn read_chunk_stream(stream: quinn::RecvStream, assembly: &Assembly, transfer_id: &Name) -> Result<(u32, u64, Vec<u8>), String> {
+pub(crate) async fn read_chunk_stream(
+    stream: quinn::RecvStream,
+    assembly: &Assembly,
+    transfer_id: &Name,
+) -> Result<(u32, u64, Vec<u8>), String> {
     let mut reader = tokio::io::BufReader::with_capacity(4096, stream);
     let mut line = Vec::new();
     let header = match read_line(&mut reader, &mut line).await {
@@ -432,12 +469,15 @@ pub(crate) async fn read_chunk_stream(stream: quinn::RecvStream, assembly: &Asse
         Err(e) => return Err(e.to_string()),
     };
     let (id, index, size) = match header {
-        DataHeader::Put { transfer_id, index, size, .. } | DataHeader::ChunkData { transfer_id, index, size, .. } => (transfer_id, index, size),
+        DataHeader::Put { transfer_id, index, size, .. } | DataHeader::ChunkData { transfer_id, index, size, .. } => {
+            (transfer_id, index, size)
+        }
     };
     if &id != transfer_id {
         return Err(format!("chunk for unknown transfer {id}"));
     }
-    let expected = assembly.manifest().chunks.get(index as usize).map(|c| c.len).ok_or_else(|| format!("chunk {index} is not part of the file"))?;
+    let expected =
+        assembly.manifest().chunks.get(index as usize).map(|c| c.len).ok_or_else(|| format!("chunk {index} is not part of the file"))?;
     if size != expected {
         return Err(format!("chunk {index} announced {size} bytes, the manifest says {expected}"));
     }

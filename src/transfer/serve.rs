@@ -15,7 +15,7 @@ use crate::db::TransferRecord;
 use crate::fault;
 use crate::node::Node;
 use crate::proto::{
-    self, AckStatus, Capability, Completion, DataHeader, ErrorCode, Name, RangeSet, Request, Response, ShareRow, SharePath,
+    self, AckStatus, Capability, Completion, DataHeader, ErrorCode, Name, RangeSet, Request, Response, SharePath, ShareRow,
 };
 use crate::share::{Share, ShareError};
 use crate::time::Timestamp;
@@ -249,19 +249,17 @@ impl Session {
                 }
                 *authed = true;
                 tracing::info!(target: "audit", partner = %self.partner, "authenticated");
-                let shares = self.node.config.shares.iter().filter(|s| s.access.contains_key(&self.partner)).map(|s| s.name.clone()).collect();
+                let shares =
+                    self.node.config.shares.iter().filter(|s| s.access.contains_key(&self.partner)).map(|s| s.name.clone()).collect();
                 Some(Response::AuthOk { partner, shares })
             }
             Request::Bye => Some(Response::Bye),
             _ if !*authed => Some(err(ErrorCode::AuthRequired, "send AUTH first")),
             Request::Discover => Some(self.discover()),
             Request::Describe { share, path } => Some(self.describe(&share, &path).await.unwrap_or_else(|e| e)),
-            Request::List { share, path } => Some(
-                self.share(&share)
-                    .and_then(|(s, _)| s.list(&path).map_err(share_err))
-                    .map(Response::Entries)
-                    .unwrap_or_else(|e| e),
-            ),
+            Request::List { share, path } => {
+                Some(self.share(&share).and_then(|(s, _)| s.list(&path).map_err(share_err)).map(Response::Entries).unwrap_or_else(|e| e))
+            }
             Request::Stat { share, path } => {
                 Some(self.share(&share).and_then(|(s, _)| s.stat(&path).map_err(share_err)).map(Response::StatOk).unwrap_or_else(|e| e))
             }
@@ -270,7 +268,9 @@ impl Session {
                     Ok(r) | Err(r) => Some(r),
                 }
             }
-            Request::Get { transfer_id, share, path, file_hash, chunks } => self.get(transfer_id, share, path, file_hash, chunks).await.err(),
+            Request::Get { transfer_id, share, path, file_hash, chunks } => {
+                self.get(transfer_id, share, path, file_hash, chunks).await.err()
+            }
             Request::TransferComplete(c) => Some(self.pull_receipt(c)),
         }
     }
@@ -314,7 +314,8 @@ impl Session {
         chunks: Vec<proto::ChunkLine>,
     ) -> Result<Response, Response> {
         let s = self.writable(&share)?;
-        let manifest = manifest_from_lines(size, file_hash, &chunks, self.partner.as_str()).map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?;
+        let manifest =
+            manifest_from_lines(size, file_hash, &chunks, self.partner.as_str()).map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?;
         if lock(&self.incoming).contains_key(&transfer_id) {
             return Err(err(ErrorCode::BadRequest, format!("transfer {transfer_id} already started")));
         }
@@ -416,7 +417,14 @@ impl Session {
     }
 
     /// Serve chunks of a file: each on its own stream, a window at a time.
-    async fn get(self: Arc<Self>, transfer_id: Name, share: Name, path: SharePath, file_hash: crate::hash::Hash, chunks: RangeSet) -> Result<(), Response> {
+    async fn get(
+        self: Arc<Self>,
+        transfer_id: Name,
+        share: Name,
+        path: SharePath,
+        file_hash: crate::hash::Hash,
+        chunks: RangeSet,
+    ) -> Result<(), Response> {
         let s = self.readable(&share)?;
         let real = s.resolve_file(&path).map_err(share_err)?;
         let existing = lock(&self.outgoing).get(&transfer_id).cloned();
@@ -428,7 +436,14 @@ impl Session {
                 if manifest.file_hash != file_hash {
                     return Err(err(ErrorCode::Stale, format!("{path} changed: it is now {}; describe it again", manifest.file_hash)));
                 }
-                let o = Arc::new(Outgoing { share, path, manifest, started: Timestamp::now(), bytes: AtomicU64::new(0), chunks: AtomicU32::new(0) });
+                let o = Arc::new(Outgoing {
+                    share,
+                    path,
+                    manifest,
+                    started: Timestamp::now(),
+                    bytes: AtomicU64::new(0),
+                    chunks: AtomicU32::new(0),
+                });
                 lock(&self.outgoing).insert(transfer_id.clone(), o.clone());
                 o
             }

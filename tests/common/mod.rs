@@ -1,0 +1,242 @@
+//! Helpers for end-to-end tests: temp node homes, the real `deftfs` binary,
+//! daemons as child processes on loopback that are killed on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_deftfs"))
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!("deftfs-e2e-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A free UDP port on loopback (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A node home on this machine.
+pub struct TestNode {
+    pub name: String,
+    pub home: PathBuf,
+    pub port: u16,
+    pub fingerprint: String,
+}
+
+impl TestNode {
+    pub fn init(root: &Path, name: &str) -> TestNode {
+        let home = root.join(name);
+        let port = free_port();
+        let out = run(&home, &["init", "--name", name, "--listen", &format!("127.0.0.1:{port}")]);
+        assert!(out.status.success(), "init {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let id = run_ok(&home, &["id"]);
+        let fingerprint = id.lines().find_map(|l| l.strip_prefix("fingerprint")).unwrap().trim().to_string();
+        TestNode { name: name.to_string(), home, port, fingerprint }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Trust `other` (pinned fingerprint) and know where to reach it.
+    pub fn trust(&self, other: &TestNode) {
+        run_ok(&self.home, &["partner", "add", &other.name, "--fingerprint", &other.fingerprint, "--endpoint", &other.endpoint()]);
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        run(&self.home, args)
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        run_ok(&self.home, args)
+    }
+
+    /// Run a command with `--json` and parse its output.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ok(&a);
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+
+    pub fn start(&self) -> Daemon {
+        Daemon::start(&self.home)
+    }
+}
+
+pub fn run(home: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("DEFTFS_FAULT_CORRUPT_CHUNK")
+        .env_remove("DEFTFS_FAULT_STALL_AFTER_CHUNKS")
+        .output()
+        .unwrap()
+}
+
+pub fn run_ok(home: &Path, args: &[&str]) -> String {
+    let out = run(home, args);
+    assert!(
+        out.status.success(),
+        "deftfs {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A running daemon (`deftfs daemon`), killed and reaped on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(home: &Path) -> Daemon {
+        let log = home.join("daemon.log");
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(bin())
+            .arg("--home")
+            .arg(home)
+            .arg("daemon")
+            .env("DEFTFS_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, log };
+        d.wait_for_log("listening", Duration::from_secs(20));
+        d
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains(needle) {
+                return;
+            }
+            assert!(start.elapsed() < timeout, "daemon log never said {needle:?}:\n{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast and incompressible.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn write_random(path: &Path, len: usize, seed: u64) -> Vec<u8> {
+    let data = random_bytes(len, seed);
+    std::fs::File::create(path).unwrap().write_all(&data).unwrap();
+    data
+}
+
+pub fn hash_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    format!("blake3:{}", h.finalize().to_hex())
+}
+
+/// Two nodes that trust each other, `b` serving `inbox` (a may push) and
+/// `outbox` (a may pull), both daemons started.
+pub struct Pair {
+    pub root: TempDir,
+    pub a: TestNode,
+    pub b: TestNode,
+    pub inbox: PathBuf,
+    pub outbox: PathBuf,
+    pub b_daemon: Daemon,
+}
+
+impl Pair {
+    pub fn new(tag: &str) -> Pair {
+        let root = TempDir::new(tag);
+        let a = TestNode::init(root.path(), "alice");
+        let b = TestNode::init(root.path(), "bob");
+        a.trust(&b);
+        b.trust(&a);
+        let inbox = root.path().join("bob-inbox");
+        let outbox = root.path().join("bob-outbox");
+        std::fs::create_dir_all(&inbox).unwrap();
+        std::fs::create_dir_all(&outbox).unwrap();
+        b.ok(&["share", "add", "inbox", inbox.to_str().unwrap(), "--partner", "alice", "--access", "write"]);
+        b.ok(&["share", "add", "outbox", outbox.to_str().unwrap(), "--partner", "alice", "--access", "read"]);
+        let b_daemon = b.start();
+        Pair { root, a, b, inbox, outbox, b_daemon }
+    }
+}
+
+/// Read a child's stderr lines until one contains `needle`.
+pub fn wait_stderr_line(child: &mut Child, needle: &str, timeout: Duration) -> bool {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let needle = needle.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(&needle) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(timeout).is_ok()
+}
