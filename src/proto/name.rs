@@ -26,7 +26,22 @@ impl Name {
 
     pub fn new(s: impl Into<String>) -> Result<Name, NameError> {
         let s = s.into();
-        todo!("validate {s}")
+        if s.is_empty() {
+            return Err(NameError::Empty);
+        }
+        if s.chars().count() > Name::MAX_LEN {
+            return Err(NameError::TooLong(s));
+        }
+        if !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(NameError::BadChar(s));
+        }
+        if s == "." || s == ".." {
+            return Err(NameError::Reserved(s));
+        }
+        Ok(Name(s))
     }
 
     pub fn as_str(&self) -> &str {
