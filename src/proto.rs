@@ -48,6 +48,14 @@ fn excerpt(s: &str, max: usize) -> String {
     format!("{}...", &s[..end])
 }
 
+/// `s` with every control character (CR and LF included) replaced by a
+/// space: free text (an ERROR message) that stays on its line.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 /// A capability named in HELLO / WELCOME.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Capability {

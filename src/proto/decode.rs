@@ -12,7 +12,10 @@
 //! head line.
 //!
 //! Tokens are separated by exactly one space. Unknown capabilities in
-//! HELLO / WELCOME are skipped, so that a newer peer can offer more.
+//! HELLO / WELCOME are skipped, so that a newer peer can offer more. An
+//! ERROR message comes out with control characters replaced by spaces, as
+//! the encoder writes it: re-encoding a decoded message gives lines that
+//! decode to the same message.
 
 use super::{
     AckStatus, Capability, ChunkLine, Completion, DataHeader, Entry, ErrorCode, Name, NameError,
@@ -296,7 +299,7 @@ impl sealed::Grammar for Response {
             "BYE" => Response::Bye,
             "ERROR" => Response::Error {
                 code: args.parsed(Bare("code"))?,
-                message: args.rest().to_string(),
+                message: super::one_line(args.rest()),
             },
             verb => return Err(unknown_verb(verb)),
         };
@@ -1224,6 +1227,10 @@ mod tests {
             resp(&["DEFT ERROR STALE"]).unwrap(),
             Response::error(ErrorCode::Stale, "")
         );
+        assert_eq!(
+            resp(&["DEFT ERROR BUSY a\tb\x7f"]).unwrap(),
+            Response::error(ErrorCode::Busy, "a b ")
+        );
         assert!(is_bad_args(resp(&["DEFT ERROR NOPE message"])));
         assert!(is_bad_args(resp(&["DEFT ERROR"])));
         assert!(is_bad_args(req(&["DEFT BYE now"])));
@@ -1400,6 +1407,53 @@ mod tests {
             Err(ProtoError::LineTooLong)
         );
         assert_eq!(d.push_line("DEFT DISCOVER"), Ok(Some(Request::Discover)));
+    }
+
+    #[test]
+    fn non_canonical_input_re_encodes_to_the_same_message() {
+        let upper = H1.to_uppercase().replace("BLAKE3", "blake3");
+        let sig = sig();
+        let requests: &[&[&str]] = &[
+            &["DEFT HELLO 1.0 CHUNKED,FOO,RESUME WINDOW_SIZE:0010"],
+            &["DEFT LIST docs a%41/%20b"],
+            &["DEFT GET t s f%2fg %H CHUNKS 9,1-3,2"],
+            &[
+                "DEFT BEGIN_TRANSFER t s f SIZE:05 CHUNKS:2 HASH:%H",
+                "CHUNK 0 0 2 %H",
+                "CHUNK 01 2 3 %H",
+            ],
+            &["DEFT TRANSFER_COMPLETE t HASH:%H SIZE:1 CHUNKS:1 TIME:x %S"],
+        ];
+        let responses: &[&[&str]] = &[
+            &["DEFT ERROR BUSY a\tb"],
+            &["DEFT FILES 1", "x file 01 read -0"],
+            &[
+                "DEFT FILE_INFO s . SIZE:2 CHUNKS:1 HASH:%H MTIME:-3 MODE:0644",
+                "CHUNK 0 0 2 %H",
+            ],
+            &["DEFT TRANSFER_ACCEPTED t WINDOW_SIZE:3 NEED:4,3,1-2"],
+            &["DEFT STAT_OK dir 0 0 0000 ."],
+        ];
+        let fill = |lines: &[&str]| -> Vec<String> {
+            lines
+                .iter()
+                .map(|l| l.replace("%H", &upper).replace("%S", &sig))
+                .collect()
+        };
+        fn again<M: Message + std::fmt::Debug + PartialEq>(text: &str) -> M {
+            let lines: Vec<&str> = text.split_terminator("\r\n").collect();
+            feed(&lines).unwrap()
+        }
+        for lines in requests {
+            let lines = fill(lines);
+            let first = req(&lines.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+            assert_eq!(again::<Request>(&first.encode()), first);
+        }
+        for lines in responses {
+            let lines = fill(lines);
+            let first = resp(&lines.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+            assert_eq!(again::<Response>(&first.encode()), first);
+        }
     }
 
     #[test]

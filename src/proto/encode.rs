@@ -261,10 +261,7 @@ fn completion_line(out: &mut String, c: &Completion) {
 /// `DEFT ERROR <CODE> <message>`, the message on one line and cut to fit.
 fn error_line(out: &mut String, code: ErrorCode, message: &str) {
     let head = format!("DEFT ERROR {}", code.as_str());
-    let clean: String = message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let clean = super::one_line(message);
     // Room left once the head, the separating space and the CRLF are in.
     let room = MAX_LINE - head.len() - 3;
     let clean = if clean.len() > room {
