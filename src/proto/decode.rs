@@ -21,6 +21,7 @@ use super::{
     AckStatus, Capability, ChunkLine, Completion, DataHeader, Entry, ErrorCode, Name, NameError,
     PathError, Request, Response, SharePath, ShareRow, MAX_BODY_LINES, MAX_LINE,
 };
+use Field::{Bare, Tagged};
 
 /// Why a line or message was refused. Every variant maps to a `DEFT ERROR`
 /// code through [`ProtoError::code`].
@@ -216,7 +217,7 @@ impl sealed::Grammar for Request {
         match self {
             Request::BeginTransfer { size, chunks, .. } => push_chunk(chunks, *size, line),
             // Only BEGIN_TRANSFER announces body lines.
-            _ => Err(ProtoError::BadBodyLine(super::excerpt(line, QUOTE))),
+            _ => Err(ProtoError::BadBodyLine(excerpt(line))),
         }
     }
 
@@ -331,7 +332,7 @@ impl sealed::Grammar for Response {
                 Ok(())
             }
             // Only FILES, FILE_INFO and ENTRIES announce body lines.
-            _ => Err(ProtoError::BadBodyLine(super::excerpt(line, QUOTE))),
+            _ => Err(ProtoError::BadBodyLine(excerpt(line))),
         }
     }
 
@@ -385,7 +386,7 @@ fn check_len(len: usize) -> Result<(), ProtoError> {
 }
 
 fn unknown_verb(verb: &str) -> ProtoError {
-    ProtoError::UnknownVerb(super::excerpt(verb, QUOTE))
+    ProtoError::UnknownVerb(excerpt(verb))
 }
 
 fn with_capacity_for<T>(count: u64) -> Vec<T> {
@@ -398,7 +399,7 @@ fn with_capacity_for<T>(count: u64) -> Vec<T> {
 fn push_chunk(chunks: &mut Vec<ChunkLine>, file_size: u64, line: &str) -> Result<(), ProtoError> {
     let rest = line
         .strip_prefix("CHUNK ")
-        .ok_or_else(|| ProtoError::BadBodyLine(super::excerpt(line, QUOTE)))?;
+        .ok_or_else(|| ProtoError::BadBodyLine(excerpt(line)))?;
     let mut args = Args::body("CHUNK", rest);
     let chunk = ChunkLine {
         index: args.unsigned(Bare("index"))?,
@@ -451,14 +452,10 @@ enum Field<'t> {
     Tagged(&'t str),
 }
 
-use Field::{Bare, Tagged};
-
 impl std::fmt::Display for Field<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Bare(what) => f.write_str(what),
-            Tagged(tag) => f.write_str(tag),
-        }
+        let (Bare(text) | Tagged(text)) = self;
+        f.write_str(text)
     }
 }
 

@@ -1,11 +1,15 @@
 //! Serializing messages to lines: the inverse of [`super::decode`].
 //!
-//! Guarantee: for every message whose fields hold valid values (tokens
-//! where the grammar wants tokens, see each type), `encode` produces lines
-//! that the matching [`super::Decoder`] turns back into an equal message.
-//! Each line ends in CRLF. Only `DEFT ERROR` carries free text, and its
-//! message is sanitized and truncated here so that the line always fits
-//! [`MAX_LINE`].
+//! Guarantee: for every message whose fields hold values the grammar
+//! allows, `encode` produces lines that the matching [`super::Decoder`]
+//! turns back into an equal message. Names, paths and hashes are valid by
+//! construction; the caller keeps the rest in bounds: versions, TIME and
+//! ack reasons are 1 to 64 printable ASCII characters, windows at least 1,
+//! manifests contiguous and covering SIZE, ranges within
+//! [`super::RangeSet::MAX_WIRE_LEN`]. MODE is masked to its permission
+//! bits. Each line ends in CRLF. Only `DEFT ERROR` carries free text, and
+//! its message is sanitized and truncated here so that the line always
+//! fits [`MAX_LINE`].
 
 use super::{
     Access, AckStatus, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode,
