@@ -19,10 +19,10 @@ pub mod name;
 pub mod path;
 pub mod range;
 
-pub use decode::{Decoder, ProtoError};
+pub use decode::{Decoder, Message, ProtoError};
 pub use name::{Name, NameError};
 pub use path::{PathError, SharePath};
-pub use range::RangeSet;
+pub use range::{RangeParseError, RangeSet};
 
 use crate::hash::Hash;
 
@@ -34,6 +34,27 @@ pub const VERSION: &str = "1.0";
 pub const ALPN: &[u8] = b"deft/1";
 /// Most body lines one message may announce (a 256 GiB file at 64 KiB chunks).
 pub const MAX_BODY_LINES: u64 = 4 * 1024 * 1024;
+
+/// At most `max` bytes of `s`, cut on a character boundary, with `...` when
+/// cut: error values quote what a peer sent, and a quote must stay short.
+fn excerpt(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// `s` with every control character (CR and LF included) replaced by a
+/// space: free text (an ERROR message) that stays on its line.
+fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
 
 /// A capability named in HELLO / WELCOME.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -152,7 +173,11 @@ pub struct Completion {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// `DEFT HELLO <version> <caps,...> WINDOW_SIZE:<n>`
-    Hello { version: String, caps: Vec<Capability>, window: u32 },
+    Hello {
+        version: String,
+        caps: Vec<Capability>,
+        window: u32,
+    },
     /// `DEFT AUTH <partner_id>`
     Auth { partner: Name },
     /// `DEFT DISCOVER`
@@ -167,7 +192,13 @@ pub enum Request {
     /// followed by CHUNKS `CHUNK` lines: the manifest of the file to push.
     BeginTransfer { transfer_id: Name, share: Name, path: SharePath, size: u64, file_hash: Hash, chunks: Vec<ChunkLine> },
     /// `DEFT GET <transfer_id> <share> <path> <file_hash> CHUNKS <ranges>`
-    Get { transfer_id: Name, share: Name, path: SharePath, file_hash: Hash, chunks: RangeSet },
+    Get {
+        transfer_id: Name,
+        share: Name,
+        path: SharePath,
+        file_hash: Hash,
+        chunks: RangeSet,
+    },
     /// Pull receipt: the client received the file and signs for it.
     TransferComplete(Completion),
     /// `DEFT BYE`
@@ -178,7 +209,12 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
     /// `DEFT WELCOME <version> <caps,...> WINDOW_SIZE:<n> <session_id>`
-    Welcome { version: String, caps: Vec<Capability>, window: u32, session: Name },
+    Welcome {
+        version: String,
+        caps: Vec<Capability>,
+        window: u32,
+        session: Name,
+    },
     /// `DEFT AUTH_OK <partner_id> VF:<share,share,...>` (VF:- when none)
     AuthOk { partner: Name, shares: Vec<Name> },
     /// `DEFT FILES <count>` then count rows `<name> <kind> <size> <access> <mtime_ns>`
@@ -191,9 +227,17 @@ pub enum Response {
     /// `DEFT STAT_OK <kind> <size> <mtime_ns> <mode> <path>`
     StatOk(Entry),
     /// `DEFT TRANSFER_ACCEPTED <transfer_id> WINDOW_SIZE:<n> NEED:<ranges>`
-    TransferAccepted { transfer_id: Name, window: u32, need: RangeSet },
+    TransferAccepted {
+        transfer_id: Name,
+        window: u32,
+        need: RangeSet,
+    },
     /// `DEFT CHUNK_ACK <transfer_id> <index> OK|ERROR <reason>`
-    ChunkAck { transfer_id: Name, index: u32, status: AckStatus },
+    ChunkAck {
+        transfer_id: Name,
+        index: u32,
+        status: AckStatus,
+    },
     /// `DEFT CHUNK_ACK_BATCH <transfer_id> <ranges>`: all OK.
     ChunkAckBatch { transfer_id: Name, chunks: RangeSet },
     /// Push receipt: the server stored the file and signs for it.
@@ -212,6 +256,16 @@ pub enum Response {
 /// Exactly SIZE bytes follow the CRLF, then the stream ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataHeader {
-    Put { transfer_id: Name, index: u32, size: u32, hash: Hash },
-    ChunkData { transfer_id: Name, index: u32, size: u32, hash: Hash },
+    Put {
+        transfer_id: Name,
+        index: u32,
+        size: u32,
+        hash: Hash,
+    },
+    ChunkData {
+        transfer_id: Name,
+        index: u32,
+        size: u32,
+        hash: Hash,
+    },
 }

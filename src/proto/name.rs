@@ -1,10 +1,16 @@
 //! Validated tokens: share names, partner ids, node names, transfer and
-//! session ids. STUB: contract only, the proto helper implements it.
+//! session ids.
+//!
+//! A [`Name`] can only be built through [`Name::new`], so holding one
+//! guarantees it is 1 to 128 bytes of `[A-Za-z0-9._-]` and none of the
+//! reserved words: it is safe as one space-separated token on the wire, as a
+//! file or directory name, and in a comma-separated list.
 
 use std::fmt;
 use std::str::FromStr;
 
-/// A token of 1 to 128 characters from `[A-Za-z0-9._-]`, not `.` or `..`.
+/// A token of 1 to 128 characters from `[A-Za-z0-9._-]`, not `.` or `..`
+/// (path components) nor `-` (the wire's "empty list", as in `VF:-`).
 /// Never contains `/`, spaces, NUL or control characters.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Name(String);
@@ -23,22 +29,25 @@ pub enum NameError {
 
 impl Name {
     pub const MAX_LEN: usize = 128;
+    /// Names that would read as something else: `.` and `..` in paths, `-`
+    /// as an empty list on the wire.
+    pub const RESERVED: [&'static str; 3] = [".", "..", "-"];
 
     pub fn new(s: impl Into<String>) -> Result<Name, NameError> {
         let s = s.into();
         if s.is_empty() {
             return Err(NameError::Empty);
         }
-        if s.chars().count() > Name::MAX_LEN {
-            return Err(NameError::TooLong(s));
+        if s.len() > Self::MAX_LEN {
+            return Err(NameError::TooLong(super::excerpt(&s, Self::MAX_LEN)));
         }
         if !s
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
         {
             return Err(NameError::BadChar(s));
         }
-        if s == "." || s == ".." {
+        if Self::RESERVED.contains(&s.as_str()) {
             return Err(NameError::Reserved(s));
         }
         Ok(Name(s))
@@ -71,5 +80,67 @@ impl fmt::Debug for Name {
 impl AsRef<str> for Name {
     fn as_ref(&self) -> &str {
         &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_tokens() {
+        for ok in [
+            "a",
+            "acme-corp",
+            "invoices_2026.01",
+            "A.b-C_9",
+            "..a",
+            "-x",
+            &"n".repeat(128),
+        ] {
+            assert_eq!(Name::new(ok).unwrap().as_str(), ok);
+        }
+    }
+
+    #[test]
+    fn refuses_empty() {
+        assert_eq!(Name::new(""), Err(NameError::Empty));
+    }
+
+    #[test]
+    fn refuses_too_long() {
+        assert!(matches!(
+            Name::new("n".repeat(129)),
+            Err(NameError::TooLong(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_bad_chars() {
+        for bad in [
+            "a/b", "/", "a b", "a\0b", "a\nb", "a\tb", "a\x7fb", "a\\b", "é", "a:b", "a,b", "a%b",
+        ] {
+            assert!(
+                matches!(Name::new(bad), Err(NameError::BadChar(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_reserved() {
+        for bad in [".", "..", "-"] {
+            assert!(
+                matches!(Name::new(bad), Err(NameError::Reserved(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn parses_and_displays() {
+        let n: Name = "acme".parse().unwrap();
+        assert_eq!(n.to_string(), "acme");
+        assert_eq!(format!("{n:?}"), "\"acme\"");
     }
 }
