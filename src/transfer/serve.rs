@@ -556,11 +556,11 @@ impl Session {
         };
         let Some(assembly) = lock(&incoming.assembly).clone() else { return };
         let Some(expected) = assembly.manifest().chunks.get(index as usize).map(|c| c.len) else {
-            let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("NO_SUCH_CHUNK".into()) }).await;
+            let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_REQUEST".into()) }).await;
             return;
         };
         if size != expected {
-            let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_SIZE".into()) }).await;
+            let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_LENGTH".into()) }).await;
             return;
         }
         let mut data = vec![0u8; size as usize];
@@ -587,7 +587,7 @@ impl Session {
             }
             Ok(Err(e)) => {
                 tracing::error!(%transfer_id, index, "storing chunk: {e}");
-                AckStatus::Error("IO_ERROR".into())
+                AckStatus::Error("INTERNAL".into())
             }
             Err(_) => AckStatus::Error("INTERNAL".into()),
         };
