@@ -1,10 +1,35 @@
 //! Content-defined chunking (FastCDC v2020) and BLAKE3 hashing of files into
-//! [`Manifest`]s. STUB: contract only, the chunk helper implements it.
+//! [`Manifest`]s.
 //!
-//! Invariants: memory never grows with file size (a bounded read buffer);
-//! the same bytes and params always give the same chunks.
+//! Design: one pass over the bytes. A reader fills a fixed buffer of
+//! [`ChunkParams::buffer_len`] bytes (4 MiB by default, never less than two
+//! maximum chunks); the [`Cutter`] finds the next cut point, the chunk is
+//! hashed with BLAKE3 and fed to the whole-file hasher while it is still in
+//! cache, and the unconsumed tail is moved to the front before the next
+//! refill. No allocation per chunk, no copy but the tail.
+//!
+//! The cut points are those of `fastcdc::v2020::cut` (normalization level 1,
+//! the crate's GEAR table, no seed), computed on four interleaved hash chains
+//! instead of one; the tests hold the two to the same answers. The
+//! whole-file hash is a second BLAKE3 over the same bytes: a chunk starts
+//! anywhere, so the two hash trees share no 1 KiB leaf and neither can be
+//! derived from the other. On one core the cost splits roughly evenly
+//! between cutting and each of the two hashes (see benches/chunk.rs).
+//!
+//! Invariants:
+//! - memory never grows with file size: the buffer is bounded by the params;
+//! - a cut is only taken when at least `max` bytes are buffered or the input
+//!   has ended, so the cut points are exactly those of FastCDC over the whole
+//!   content in one slice, whatever the reader's short reads: the same bytes
+//!   and params always give the same chunks;
+//! - every chunk is in `1..=max` bytes, only the last may be below `min`
+//!   (for an odd `min`, `min - 1`: fastcdc steps two bytes at a time), and
+//!   the chunks cover `[0, size)` contiguously;
+//! - [`Manifest::decode`] never panics and returns only manifests whose
+//!   chunks are non-empty, contiguous and cover `size`.
 
 use crate::hash::Hash;
+use fastcdc::v2020;
 use std::io::{self, Read};
 use std::path::Path;
 
@@ -18,21 +43,57 @@ pub struct ChunkParams {
 
 impl Default for ChunkParams {
     fn default() -> Self {
-        ChunkParams { min: 64 * 1024, avg: 256 * 1024, max: 1024 * 1024 }
+        ChunkParams {
+            min: 64 * 1024,
+            avg: 256 * 1024,
+            max: 1024 * 1024,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
-    #[error("invalid chunk sizes min={min} avg={avg} max={max}: need 64 <= min <= avg <= max <= 16 MiB")]
+    #[error(
+        "invalid chunk sizes min={min} avg={avg} max={max}: need min <= avg <= max, \
+         min in 64..=1 MiB, avg in 256..=4 MiB, max in 1 KiB..=16 MiB"
+    )]
     BadParams { min: u32, avg: u32, max: u32 },
     #[error("reading {path}: {source}")]
     Io { path: String, source: io::Error },
 }
 
+/// Read buffer floor: large enough that the tail copied before each refill
+/// (under one maximum chunk) is a small share of the bytes processed, small
+/// enough to stay in the last-level cache.
+const MIN_BUFFER: usize = 4 * 1024 * 1024;
+
 impl ChunkParams {
+    /// The bounds are fastcdc's own (it asserts them), plus the ordering.
     pub fn validate(&self) -> Result<(), ChunkError> {
-        todo!()
+        let ChunkParams { min, avg, max } = *self;
+        let ok = (v2020::MINIMUM_MIN..=v2020::MINIMUM_MAX).contains(&min)
+            && (v2020::AVERAGE_MIN..=v2020::AVERAGE_MAX).contains(&avg)
+            && (v2020::MAXIMUM_MIN..=v2020::MAXIMUM_MAX).contains(&max)
+            && min <= avg
+            && avg <= max;
+        if ok {
+            Ok(())
+        } else {
+            Err(ChunkError::BadParams { min, avg, max })
+        }
+    }
+
+    /// A stable text form naming the algorithm and the sizes, e.g.
+    /// `fastcdc2020-l1:65536/262144/1048576`: two params strings are equal
+    /// exactly when they cut the same bytes the same way (the index keys
+    /// cached manifests on it).
+    pub fn key(&self) -> String {
+        format!("fastcdc2020-l1:{}/{}/{}", self.min, self.avg, self.max)
+    }
+
+    /// Bytes of read buffer used by [`chunk_reader`] with these params.
+    pub fn buffer_len(&self) -> usize {
+        MIN_BUFFER.max(2 * self.max as usize)
     }
 }
 
@@ -42,6 +103,13 @@ pub struct ChunkRef {
     pub offset: u64,
     pub len: u32,
     pub hash: Hash,
+}
+
+impl ChunkRef {
+    /// One past the last byte of the chunk.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(u64::from(self.len))
+    }
 }
 
 /// A file version: ordered chunks covering [0, size) exactly, and the
@@ -56,7 +124,11 @@ pub struct Manifest {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {
     #[error("manifest chunk {index} starts at {offset}, expected {expected}")]
-    Gap { index: usize, offset: u64, expected: u64 },
+    Gap {
+        index: usize,
+        offset: u64,
+        expected: u64,
+    },
     #[error("manifest chunk {index} is empty or longer than {max} bytes")]
     BadLen { index: usize, max: u32 },
     #[error("manifest chunks cover {covered} bytes but the file has {size}")]
@@ -65,32 +137,999 @@ pub enum ManifestError {
     Corrupt,
 }
 
+/// Encoded sizes: header (size u64 LE + file hash), then one record per chunk.
+const HEADER_LEN: usize = 8 + 32;
+const RECORD_LEN: usize = 4 + 32;
+
 impl Manifest {
     /// Check the chunks are contiguous from 0, non-empty, each at most
     /// `max_chunk` bytes, and cover exactly `size`.
     pub fn validate(&self, max_chunk: u32) -> Result<(), ManifestError> {
-        todo!("{max_chunk}")
+        let mut expected = 0u64;
+        for (index, c) in self.chunks.iter().enumerate() {
+            if c.offset != expected {
+                return Err(ManifestError::Gap {
+                    index,
+                    offset: c.offset,
+                    expected,
+                });
+            }
+            if c.len == 0 || c.len > max_chunk {
+                return Err(ManifestError::BadLen {
+                    index,
+                    max: max_chunk,
+                });
+            }
+            // Only a hand-made manifest can overflow; it covers "too much".
+            expected =
+                expected
+                    .checked_add(u64::from(c.len))
+                    .ok_or(ManifestError::SizeMismatch {
+                        covered: u64::MAX,
+                        size: self.size,
+                    })?;
+        }
+        if expected != self.size {
+            return Err(ManifestError::SizeMismatch {
+                covered: expected,
+                size: self.size,
+            });
+        }
+        Ok(())
     }
 
     /// Compact binary form for SQLite: size, file hash, then per chunk
     /// (len u32 LE, hash 32 bytes); offsets are implied.
     pub fn encode(&self) -> Vec<u8> {
-        todo!()
+        let mut out = Vec::with_capacity(HEADER_LEN + RECORD_LEN * self.chunks.len());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(self.file_hash.as_bytes());
+        for c in &self.chunks {
+            out.extend_from_slice(&c.len.to_le_bytes());
+            out.extend_from_slice(c.hash.as_bytes());
+        }
+        out
     }
 
+    /// The inverse of [`encode`](Self::encode). Any input that is not the
+    /// encoding of a manifest passing `validate(u32::MAX)` is
+    /// [`ManifestError::Corrupt`]; callers check their own maximum chunk size.
     pub fn decode(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        todo!("{}", bytes.len())
+        if bytes.len() < HEADER_LEN || (bytes.len() - HEADER_LEN) % RECORD_LEN != 0 {
+            return Err(ManifestError::Corrupt);
+        }
+        let (header, records) = bytes.split_at(HEADER_LEN);
+        let (size, file_hash) = header.split_at(8);
+        let size = u64::from_le_bytes(size.try_into().map_err(|_| ManifestError::Corrupt)?);
+        let file_hash = Hash(file_hash.try_into().map_err(|_| ManifestError::Corrupt)?);
+        let mut chunks = Vec::with_capacity(records.len() / RECORD_LEN);
+        let mut offset = 0u64;
+        for record in records.chunks_exact(RECORD_LEN) {
+            let (len, hash) = record.split_at(4);
+            let len = u32::from_le_bytes(len.try_into().map_err(|_| ManifestError::Corrupt)?);
+            let hash = Hash(hash.try_into().map_err(|_| ManifestError::Corrupt)?);
+            chunks.push(ChunkRef { offset, len, hash });
+            offset = offset
+                .checked_add(u64::from(len))
+                .ok_or(ManifestError::Corrupt)?;
+        }
+        let manifest = Manifest {
+            size,
+            file_hash,
+            chunks,
+        };
+        manifest
+            .validate(u32::MAX)
+            .map_err(|_| ManifestError::Corrupt)?;
+        Ok(manifest)
     }
 }
 
-/// Chunk and hash a stream.
+/// FastCDC v2020 cut-point search for one [`ChunkParams`]: the cut points
+/// of `fastcdc::v2020::cut` (normalization level 1, seed 0), found faster.
+///
+/// Why not call `v2020::cut`: its gear hash is one serial chain
+/// (`h = (h << 1) + GEAR[byte]`, about 1.5 cycles a byte), the slowest step
+/// of indexing. But `h` at a position depends only on the 64 bytes before it
+/// (older terms are shifted out of the u64), so `LANES` stretches of the
+/// search range can be hashed independently, each starting 64 bytes early,
+/// and interleaved so the CPU runs the chains in parallel. The first hit in
+/// the earliest stretch is fastcdc's cut; tests check the two agree.
+#[derive(Debug, Clone)]
+pub struct Cutter {
+    min: usize,
+    avg: usize,
+    max: usize,
+    mask_s: u64,
+    mask_l: u64,
+    /// fastcdc's `GEAR_LS` (`GEAR` shifted left by one, for the first byte
+    /// of a two-byte step) then `GEAR`: one table, so that the hot loop
+    /// needs one base register.
+    gear: Box<[u64; 512]>,
+}
+
+/// Independent hash chains run side by side (`round` spells out four):
+/// enough to hide the chain's latency, few enough to stay in registers.
+const LANES: usize = 4;
+/// Bytes per lane and round. When a lane hits, the lanes before it are
+/// finished on one chain (up to `LANES - 1` times `LANE_LEN` bytes at the
+/// slow speed, once a chunk), and each round spends `WINDOW` bytes a lane on
+/// warm-up: 4 KiB balances the two.
+const LANE_LEN: usize = 4096;
+/// Rounds for the tail of a search range shorter than a long round.
+const SHORT_LANE_LEN: usize = 512;
+/// Bytes of history that determine the gear hash: each byte shifts the
+/// previous ones one bit left in a u64.
+const WINDOW: usize = 64;
+
+impl Cutter {
+    /// A cutter for valid `params`, else [`ChunkError::BadParams`].
+    pub fn new(params: &ChunkParams) -> Result<Cutter, ChunkError> {
+        params.validate()?;
+        // As `v2020::FastCDC::new` derives them.
+        const NORMALIZATION: u32 = 1;
+        let bits = v2020::logarithm2(params.avg);
+        let (gear, gear_ls) = v2020::get_gear_with_seed(0);
+        let mut tables = Box::new([0u64; 512]);
+        tables[..256].copy_from_slice(&*gear_ls);
+        tables[256..].copy_from_slice(&*gear);
+        Ok(Cutter {
+            min: params.min as usize,
+            avg: params.avg as usize,
+            max: params.max as usize,
+            mask_s: v2020::MASKS[(bits + NORMALIZATION) as usize],
+            mask_l: v2020::MASKS[(bits - NORMALIZATION) as usize],
+            gear: tables,
+        })
+    }
+
+    /// One step of the gear hash: `h` after byte `b`.
+    #[inline(always)]
+    fn roll(&self, h: u64, b: u8) -> u64 {
+        (h << 1).wrapping_add(self.gear[256 + usize::from(b)])
+    }
+
+    /// The longest chunk this cutter returns: a cut is final only when at
+    /// least this many bytes were offered, or the input ended.
+    pub fn max_len(&self) -> usize {
+        self.max
+    }
+
+    /// Length of the chunk starting at `data[0]`, in `1..=max` for non-empty
+    /// data (0 for empty). Final only if `data` holds at least `max` bytes or
+    /// ends the input: a shorter `data` is cut as if it were the end.
+    pub fn next_len(&self, data: &[u8]) -> usize {
+        // The structure of `v2020::cut_gear`: no cut before `min` (rounded
+        // down to even: fastcdc steps two bytes at a time), the stricter mask
+        // before `avg`, the looser one after, `max` if nothing matched.
+        let len = data.len();
+        if len <= self.min {
+            return len;
+        }
+        let (end, center) = if len > self.max {
+            (self.max, self.avg)
+        } else {
+            (len, self.avg.min(len))
+        };
+        let origin = self.min / 2 * 2;
+        let center = center / 2 * 2;
+        let last = end / 2 * 2;
+        if origin < center {
+            if let Some(at) = self.first_hit(data, origin, origin, center, self.mask_s) {
+                return at;
+            }
+        }
+        let from = origin.max(center);
+        if from < last {
+            if let Some(at) = self.first_hit(data, origin, from, last, self.mask_l) {
+                return at;
+            }
+        }
+        end
+    }
+
+    /// The first position `i` in `from..to` where the gear hash of
+    /// `data[origin..=i]` has no bit of `mask` set. `origin`, `from` and `to`
+    /// are even.
+    fn first_hit(
+        &self,
+        data: &[u8],
+        origin: usize,
+        from: usize,
+        to: usize,
+        mask: u64,
+    ) -> Option<usize> {
+        let mut pos = from;
+        // Long rounds while the range allows, shorter ones for its tail.
+        while to - pos >= LANES * LANE_LEN {
+            if let Some(at) = self.round::<LANE_LEN>(data, origin, pos, mask) {
+                return Some(at);
+            }
+            pos += LANES * LANE_LEN;
+        }
+        while to - pos >= LANES * SHORT_LANE_LEN {
+            if let Some(at) = self.round::<SHORT_LANE_LEN>(data, origin, pos, mask) {
+                return Some(at);
+            }
+            pos += LANES * SHORT_LANE_LEN;
+        }
+        self.scan(data, pos, to, self.warm(data, origin, pos), mask)
+    }
+
+    /// The gear hash just before `at`, from at most `WINDOW` bytes back
+    /// (never before `origin`, where fastcdc starts hashing from 0).
+    fn warm(&self, data: &[u8], origin: usize, at: usize) -> u64 {
+        let start = origin.max(at.saturating_sub(WINDOW));
+        data[start..at].iter().fold(0, |h, &b| self.roll(h, b))
+    }
+
+    /// One chain: the first hit in `from..to`, given `h`, the hash just
+    /// before `from`.
+    fn scan(&self, data: &[u8], from: usize, to: usize, mut h: u64, mask: u64) -> Option<usize> {
+        for (i, &b) in data[from..to].iter().enumerate() {
+            h = self.roll(h, b);
+            if h & mask == 0 {
+                return Some(from + i);
+            }
+        }
+        None
+    }
+
+    /// One round: `LANES` consecutive stretches of `L` bytes from `pos`,
+    /// hashed in lockstep two bytes a step, as fastcdc does (the first byte
+    /// of a pair is tested as `2h` against `mask << 1`). Returns the first
+    /// hit of the earliest stretch that has one.
+    #[inline(always)]
+    fn round<const L: usize>(
+        &self,
+        data: &[u8],
+        origin: usize,
+        pos: usize,
+        mask: u64,
+    ) -> Option<usize> {
+        let t = &*self.gear;
+        let gl = |b: u8| t[usize::from(b)];
+        let g = |b: u8| t[256 + usize::from(b)];
+        let mask_ls = mask << 1;
+        let block = &data[pos..pos + LANES * L];
+        let (s0, rest) = block.split_at(L);
+        let (s1, rest) = rest.split_at(L);
+        let (s2, s3) = rest.split_at(L);
+        let [mut h0, mut h1, mut h2, mut h3] =
+            std::array::from_fn(|k| self.warm(data, origin, pos + k * L));
+        for (j, (((p0, p1), p2), p3)) in s0
+            .chunks_exact(2)
+            .zip(s1.chunks_exact(2))
+            .zip(s2.chunks_exact(2))
+            .zip(s3.chunks_exact(2))
+            .enumerate()
+        {
+            // A test that hits leaves the loop at once (rare: about once a
+            // chunk); `resolve` then finds which stretch and where.
+            macro_rules! step {
+                ($h:ident, $p:ident) => {
+                    let x = ($h << 2).wrapping_add(gl($p[0]));
+                    if x & mask_ls == 0 {
+                        return self.resolve::<L>(data, origin, pos, 2 * j, mask);
+                    }
+                    $h = x.wrapping_add(g($p[1]));
+                    if $h & mask == 0 {
+                        return self.resolve::<L>(data, origin, pos, 2 * j, mask);
+                    }
+                };
+            }
+            step!(h0, p0);
+            step!(h1, p1);
+            step!(h2, p2);
+            step!(h3, p3);
+        }
+        None
+    }
+
+    /// After a round saw its first hit at byte `i` of some stretch (so no
+    /// stretch hits before its byte `i`): in stretch order, the first hit at
+    /// or after byte `i`.
+    #[cold]
+    fn resolve<const L: usize>(
+        &self,
+        data: &[u8],
+        origin: usize,
+        pos: usize,
+        i: usize,
+        mask: u64,
+    ) -> Option<usize> {
+        (0..LANES).find_map(|k| {
+            let from = pos + k * L + i;
+            self.scan(
+                data,
+                from,
+                pos + (k + 1) * L,
+                self.warm(data, origin, from),
+                mask,
+            )
+        })
+    }
+}
+
+/// Accumulates chunks and the whole-file hash as bytes are consumed.
+struct Builder {
+    cutter: Cutter,
+    file: blake3::Hasher,
+    size: u64,
+    chunks: Vec<ChunkRef>,
+}
+
+impl Builder {
+    fn new(cutter: Cutter) -> Builder {
+        Builder {
+            cutter,
+            file: blake3::Hasher::new(),
+            size: 0,
+            chunks: Vec::new(),
+        }
+    }
+
+    /// Cut and hash every chunk of `data` that is final: all of it when
+    /// `at_end`, else as long as a full `max` bytes remain. Returns the
+    /// number of bytes consumed; the rest must be offered again, followed by
+    /// more input.
+    fn consume(&mut self, data: &[u8], at_end: bool) -> usize {
+        let mut pos = 0;
+        while pos < data.len() && (at_end || data.len() - pos >= self.cutter.max_len()) {
+            let rest = &data[pos..];
+            let len = self.cutter.next_len(rest).clamp(1, rest.len());
+            let chunk = &rest[..len];
+            // Both hashes while the chunk is hot in cache (it fits in L2).
+            let hash = Hash::of(chunk);
+            self.file.update(chunk);
+            // `len <= max <= 16 MiB` (validated params), so it fits a u32.
+            self.chunks.push(ChunkRef {
+                offset: self.size,
+                len: len as u32,
+                hash,
+            });
+            self.size += len as u64;
+            pos += len;
+        }
+        pos
+    }
+
+    fn finish(self) -> Manifest {
+        Manifest {
+            size: self.size,
+            file_hash: self.file.finalize().into(),
+            chunks: self.chunks,
+        }
+    }
+}
+
+/// Chunk and hash bytes already in memory.
+pub fn chunk_slice(data: &[u8], params: &ChunkParams) -> Result<Manifest, ChunkError> {
+    let mut builder = Builder::new(Cutter::new(params)?);
+    builder.consume(data, true);
+    Ok(builder.finish())
+}
+
+/// Chunk and hash a stream. Invalid params are an `InvalidInput` error
+/// wrapping [`ChunkError::BadParams`].
 pub fn chunk_reader<R: Read>(reader: R, params: &ChunkParams) -> io::Result<Manifest> {
-    let _ = (reader, params);
-    todo!()
+    chunk_reader_buffered(reader, params, params.buffer_len())
+}
+
+/// [`chunk_reader`] with a chosen buffer length (at least `2 * max`), so
+/// tests can force many refills on small inputs.
+fn chunk_reader_buffered<R: Read>(
+    mut reader: R,
+    params: &ChunkParams,
+    buf_len: usize,
+) -> io::Result<Manifest> {
+    let cutter = Cutter::new(params).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut builder = Builder::new(cutter);
+    let mut buf = vec![0u8; buf_len.max(2 * params.max as usize)];
+    let mut filled = 0;
+    loop {
+        let at_end = fill(&mut reader, &mut buf, &mut filled)?;
+        let consumed = builder.consume(&buf[..filled], at_end);
+        if at_end {
+            return Ok(builder.finish());
+        }
+        buf.copy_within(consumed..filled, 0);
+        filled -= consumed;
+    }
+}
+
+/// Read into `buf[*filled..]` until it is full or the reader is exhausted;
+/// returns whether the reader is exhausted.
+fn fill<R: Read>(reader: &mut R, buf: &mut [u8], filled: &mut usize) -> io::Result<bool> {
+    while *filled < buf.len() {
+        match reader.read(&mut buf[*filled..]) {
+            Ok(0) => return Ok(true),
+            Ok(n) => *filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
 }
 
 /// Chunk and hash a file (blocking: call from a blocking pool).
 pub fn chunk_file(path: &Path, params: &ChunkParams) -> Result<Manifest, ChunkError> {
-    let _ = (path, params);
-    todo!()
+    params.validate()?;
+    let io_err = |source| ChunkError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    chunk_reader(file, params).map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    /// Small sizes so unit tests see many chunks in little data.
+    const SMALL: ChunkParams = ChunkParams {
+        min: 1024,
+        avg: 4096,
+        max: 16 * 1024,
+    };
+
+    /// Deterministic pseudo-random bytes (xorshift64*).
+    fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// A reader that returns at most the next of `sizes` bytes per call
+    /// (cycling), and sometimes `Interrupted`.
+    struct ShortReads<'a> {
+        data: &'a [u8],
+        sizes: Vec<usize>,
+        call: usize,
+    }
+
+    impl Read for ShortReads<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.call += 1;
+            if self.call % 7 == 0 {
+                return Err(io::Error::from(io::ErrorKind::Interrupted));
+            }
+            let want = self.sizes[self.call % self.sizes.len()].max(1);
+            let n = want.min(buf.len()).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    fn short_reads(data: &[u8], sizes: Vec<usize>) -> ShortReads<'_> {
+        ShortReads {
+            data,
+            sizes,
+            call: 0,
+        }
+    }
+
+    /// Every property a manifest of `data` must have.
+    fn check_manifest(m: &Manifest, data: &[u8], params: &ChunkParams) {
+        m.validate(params.max).unwrap();
+        assert_eq!(m.size, data.len() as u64);
+        assert_eq!(m.file_hash, Hash::of(data));
+        let last = m.chunks.len().saturating_sub(1);
+        for (i, c) in m.chunks.iter().enumerate() {
+            assert!(c.len <= params.max, "chunk {i} is {} bytes", c.len);
+            if i != last {
+                // fastcdc steps two bytes at a time from `min` rounded down.
+                assert!(c.len >= params.min & !1, "chunk {i} is {} bytes", c.len);
+            }
+            let bytes = &data[c.offset as usize..c.end() as usize];
+            assert_eq!(c.hash, Hash::of(bytes), "chunk {i}");
+        }
+    }
+
+    /// Bytes of `new`'s chunks whose hash `old` lacks: what a delta sends.
+    fn changed_bytes(old: &Manifest, new: &Manifest) -> u64 {
+        let have: HashSet<Hash> = old.chunks.iter().map(|c| c.hash).collect();
+        new.chunks
+            .iter()
+            .filter(|c| !have.contains(&c.hash))
+            .map(|c| u64::from(c.len))
+            .sum()
+    }
+
+    #[test]
+    fn params_bounds_are_fastcdcs() {
+        ChunkParams::default().validate().unwrap();
+        SMALL.validate().unwrap();
+        ChunkParams {
+            min: 64,
+            avg: 256,
+            max: 1024,
+        }
+        .validate()
+        .unwrap();
+        ChunkParams {
+            min: 1 << 20,
+            avg: 4 << 20,
+            max: 16 << 20,
+        }
+        .validate()
+        .unwrap();
+        for (min, avg, max) in [
+            (63, 256, 1024),
+            (64, 255, 1024),
+            (64, 256, 1023),
+            (2048, 1024, 4096),
+            (1024, 8192, 4096),
+            ((1 << 20) + 1, 2 << 20, 4 << 20),
+            (1024, (4 << 20) + 1, 8 << 20),
+            (1024, 4096, (16 << 20) + 1),
+            (0, 0, 0),
+        ] {
+            let p = ChunkParams { min, avg, max };
+            assert!(
+                matches!(p.validate(), Err(ChunkError::BadParams { .. })),
+                "{p:?}"
+            );
+            // Never a panic from fastcdc's asserts.
+            let err = chunk_reader(&b"abc"[..], &p).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+            assert!(chunk_slice(b"abc", &p).is_err());
+        }
+    }
+
+    #[test]
+    fn params_key_names_algorithm_and_sizes() {
+        assert_eq!(
+            ChunkParams::default().key(),
+            "fastcdc2020-l1:65536/262144/1048576"
+        );
+    }
+
+    #[test]
+    fn empty_input_has_no_chunks() {
+        let m = chunk_reader(io::empty(), &SMALL).unwrap();
+        assert_eq!(
+            m,
+            Manifest {
+                size: 0,
+                file_hash: Hash::of(b""),
+                chunks: vec![]
+            }
+        );
+        assert_eq!(chunk_slice(b"", &SMALL).unwrap(), m);
+    }
+
+    #[test]
+    fn input_below_min_is_one_chunk() {
+        let data = random_bytes(100, 1);
+        let m = chunk_slice(&data, &SMALL).unwrap();
+        assert_eq!(m.chunks.len(), 1);
+        check_manifest(&m, &data, &SMALL);
+    }
+
+    #[test]
+    fn chunks_are_deterministic_bounded_and_cover_the_input() {
+        let data = random_bytes(3 << 20, 2);
+        let a = chunk_slice(&data, &SMALL).unwrap();
+        let b = chunk_reader(&data[..], &SMALL).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a, chunk_slice(&data, &SMALL).unwrap());
+        check_manifest(&a, &data, &SMALL);
+        // Random data: cuts are content-defined, near the average.
+        let avg = data.len() / a.chunks.len();
+        assert!(
+            (SMALL.avg as usize..2 * SMALL.avg as usize).contains(&avg),
+            "average {avg}"
+        );
+    }
+
+    #[test]
+    fn cuts_match_fastcdc_over_the_whole_slice() {
+        let data = random_bytes(2 << 20, 3);
+        let ours: Vec<(u64, u32)> = chunk_reader_buffered(&data[..], &SMALL, 0)
+            .unwrap()
+            .chunks
+            .iter()
+            .map(|c| (c.offset, c.len))
+            .collect();
+        let theirs: Vec<(u64, u32)> = v2020::FastCDC::new(&data, SMALL.min, SMALL.avg, SMALL.max)
+            .map(|c| (c.offset as u64, c.length as u32))
+            .collect();
+        assert_eq!(ours, theirs);
+    }
+
+    /// fastcdc's own cut, the reference for [`Cutter::next_len`].
+    fn reference_cut(data: &[u8], p: &ChunkParams) -> usize {
+        let c = Cutter::new(p).unwrap();
+        v2020::cut(
+            data,
+            c.min,
+            c.avg,
+            c.max,
+            c.mask_s,
+            c.mask_l,
+            c.mask_s << 1,
+            c.mask_l << 1,
+        )
+        .1
+    }
+
+    /// Random bytes with runs of zeros, which have no cut points: hits then
+    /// land in any lane, at any distance from a round's start.
+    fn patchy_bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut data = random_bytes(len, seed);
+        let lens = random_bytes(len / 1000 + 1, seed ^ 0xff);
+        let mut at = 0;
+        for &l in &lens {
+            let run = usize::from(l) * 37;
+            if at + run < len {
+                data[at..at + run].fill(0);
+            }
+            at += run * 2 + 500;
+        }
+        data
+    }
+
+    #[test]
+    fn cutter_agrees_with_fastcdc_at_every_offset() {
+        for (p, seed) in [
+            (SMALL, 12),
+            (
+                ChunkParams {
+                    min: 65,
+                    avg: 256,
+                    max: 1024,
+                },
+                13,
+            ),
+            (
+                ChunkParams {
+                    min: 777,
+                    avg: 1000,
+                    max: 70_000,
+                },
+                14,
+            ),
+            (
+                ChunkParams {
+                    min: 64,
+                    avg: 16_384,
+                    max: 16_384,
+                },
+                15,
+            ),
+            (
+                ChunkParams {
+                    min: 1024,
+                    avg: 1024,
+                    max: 1024,
+                },
+                16,
+            ),
+            (ChunkParams::default(), 17),
+        ] {
+            let data = patchy_bytes(3 * p.max as usize + 5000, seed);
+            let cutter = Cutter::new(&p).unwrap();
+            // Every start offset of a short stretch, and every end near the
+            // size limits, with the whole-data cuts in between.
+            let mut starts: Vec<usize> = (0..300).collect();
+            let mut at = 0;
+            while at < data.len() {
+                starts.push(at);
+                at += reference_cut(&data[at..], &p).max(1);
+            }
+            for start in starts {
+                let rest = &data[start..];
+                assert_eq!(
+                    cutter.next_len(rest),
+                    reference_cut(rest, &p),
+                    "{p:?} at {start}"
+                );
+                for end in [p.min, p.avg, p.max].map(|x| x as usize) {
+                    for len in end.saturating_sub(3)..end + 3 {
+                        let d = &rest[..len.min(rest.len())];
+                        assert_eq!(
+                            cutter.next_len(d),
+                            reference_cut(d, &p),
+                            "{p:?} at {start}+{len}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lanes_find_the_first_hit_of_one_chain() {
+        let cutter = Cutter::new(&ChunkParams::default()).unwrap();
+        let (gear, gear_ls) = v2020::get_gear_with_seed(0);
+        assert!(gear
+            .iter()
+            .zip(gear_ls.iter())
+            .all(|(&g, &gl)| gl == g << 1));
+        let data = patchy_bytes(120_000, 21);
+        // One chain from `origin`, tested from `from`: the definition.
+        let reference = |origin: usize, from: usize, to: usize, mask: u64| {
+            let mut h = 0u64;
+            (origin..to).find(|&i| {
+                h = (h << 1).wrapping_add(gear[usize::from(data[i])]);
+                i >= from && h & mask == 0
+            })
+        };
+        // From rare hits to one every ~128 bytes, so that zero runs leave
+        // early stretches without hits while later ones have some.
+        for bits in [18, 14, 10, 6] {
+            let mask = v2020::MASKS[bits];
+            for origin in [0, 2, 4000] {
+                for from in (origin..origin + 40_000).step_by(2 * 1999) {
+                    for to in [from, from + 2, from + 4 * 512 + 6, from + 4 * 4096, 120_000] {
+                        assert_eq!(
+                            cutter.first_hit(&data, origin, from, to, mask),
+                            reference(origin, from, to, mask),
+                            "mask bits {bits}, origin {origin}, {from}..{to}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_reads_and_small_buffers_give_the_same_manifest() {
+        let data = random_bytes(1 << 20, 4);
+        let whole = chunk_slice(&data, &SMALL).unwrap();
+        for sizes in [
+            vec![1, 2, 3, 4093],
+            vec![17],
+            vec![65536, 1],
+            vec![usize::MAX],
+        ] {
+            for buf_len in [0, 40_000, 100_000, 4 << 20] {
+                let m = chunk_reader_buffered(short_reads(&data, sizes.clone()), &SMALL, buf_len)
+                    .unwrap();
+                assert_eq!(m, whole, "reads {sizes:?}, buffer {buf_len}");
+            }
+        }
+    }
+
+    #[test]
+    fn uniform_data_is_cut_at_max() {
+        let data = vec![0u8; 5 * SMALL.max as usize + 10];
+        let m = chunk_reader_buffered(&data[..], &SMALL, 0).unwrap();
+        check_manifest(&m, &data, &SMALL);
+        let lens: Vec<u32> = m.chunks.iter().map(|c| c.len).collect();
+        assert_eq!(
+            lens,
+            [SMALL.max, SMALL.max, SMALL.max, SMALL.max, SMALL.max, 10]
+        );
+    }
+
+    #[test]
+    fn read_errors_are_returned() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other("disk on fire"))
+            }
+        }
+        assert_eq!(
+            chunk_reader(Failing, &SMALL).unwrap_err().to_string(),
+            "disk on fire"
+        );
+        let missing = Path::new("/nonexistent/deftfs/chunk-test");
+        let err = chunk_file(missing, &SMALL).unwrap_err();
+        assert!(matches!(err, ChunkError::Io { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("reading /nonexistent/deftfs/chunk-test: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn chunk_file_matches_chunk_slice() {
+        let data = random_bytes(600_000, 5);
+        let path = std::env::temp_dir().join(format!("deftfs-chunk-test-{}", std::process::id()));
+        std::fs::write(&path, &data).unwrap();
+        let m = chunk_file(&path, &SMALL);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(m.unwrap(), chunk_slice(&data, &SMALL).unwrap());
+    }
+
+    #[test]
+    fn an_edit_in_the_middle_changes_few_chunks() {
+        let params = ChunkParams::default();
+        let data = random_bytes(64 << 20, 6);
+        let old = chunk_slice(&data, &params).unwrap();
+
+        let mut edited = data.clone();
+        let mid = edited.len() / 2;
+        edited[mid..mid + (1 << 20)].copy_from_slice(&random_bytes(1 << 20, 7));
+        let new = chunk_slice(&edited, &params).unwrap();
+        check_manifest(&new, &edited, &params);
+        let changed = changed_bytes(&old, &new);
+        assert!(changed >= 1 << 20, "{changed}");
+        assert!(
+            changed <= 4 << 20,
+            "an edit of 1 MiB changed {changed} bytes of chunks"
+        );
+
+        let mut inserted = random_bytes(100, 8);
+        inserted.extend_from_slice(&data);
+        let new = chunk_slice(&inserted, &params).unwrap();
+        let changed = changed_bytes(&old, &new);
+        assert!(
+            changed <= 4 << 20,
+            "inserting 100 bytes changed {changed} bytes of chunks"
+        );
+    }
+
+    #[test]
+    fn encode_decode_round_trip() {
+        let data = random_bytes(200_000, 9);
+        let m = chunk_slice(&data, &SMALL).unwrap();
+        let bytes = m.encode();
+        assert_eq!(bytes.len(), HEADER_LEN + RECORD_LEN * m.chunks.len());
+        assert_eq!(Manifest::decode(&bytes).unwrap(), m);
+        let empty = chunk_slice(b"", &SMALL).unwrap();
+        assert_eq!(Manifest::decode(&empty.encode()).unwrap(), empty);
+    }
+
+    #[test]
+    fn decode_refuses_truncated_and_garbage() {
+        let data = random_bytes(100_000, 10);
+        let bytes = chunk_slice(&data, &SMALL).unwrap().encode();
+        // Every proper prefix fails, including whole-record ones: their
+        // chunks no longer cover the size.
+        for len in 0..bytes.len() {
+            assert_eq!(
+                Manifest::decode(&bytes[..len]),
+                Err(ManifestError::Corrupt),
+                "prefix {len}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(Manifest::decode(&longer), Err(ManifestError::Corrupt));
+        // A zero-length chunk record.
+        let mut zero = bytes.clone();
+        zero[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(Manifest::decode(&zero), Err(ManifestError::Corrupt));
+        // Lengths summing past u64::MAX.
+        let mut huge = u64::MAX.to_le_bytes().to_vec();
+        huge.extend_from_slice(&[0; 32]);
+        for _ in 0..(1 << 10) {
+            huge.extend_from_slice(&u32::MAX.to_le_bytes());
+            huge.extend_from_slice(&[0; 32]);
+        }
+        assert_eq!(Manifest::decode(&huge), Err(ManifestError::Corrupt));
+        for len in [0, 1, 39, 40, 41, 76, 1000] {
+            let _ = Manifest::decode(&random_bytes(len, len as u64));
+        }
+    }
+
+    #[test]
+    fn validate_names_the_fault() {
+        let m = chunk_slice(&random_bytes(100_000, 11), &SMALL).unwrap();
+        assert!(m.chunks.len() > 3);
+        assert_eq!(m.validate(SMALL.max), Ok(()));
+
+        let mut gap = m.clone();
+        gap.chunks[2].offset += 1;
+        assert_eq!(
+            gap.validate(SMALL.max),
+            Err(ManifestError::Gap {
+                index: 2,
+                offset: m.chunks[2].offset + 1,
+                expected: m.chunks[2].offset
+            })
+        );
+        let mut long = m.clone();
+        long.chunks[1].len = SMALL.max + 1;
+        assert_eq!(
+            long.validate(SMALL.max),
+            Err(ManifestError::BadLen {
+                index: 1,
+                max: SMALL.max
+            })
+        );
+        let mut empty = m.clone();
+        empty.chunks.last_mut().unwrap().len = 0;
+        let last = empty.chunks.len() - 1;
+        assert_eq!(
+            empty.validate(SMALL.max),
+            Err(ManifestError::BadLen {
+                index: last,
+                max: SMALL.max
+            })
+        );
+        let mut short = m.clone();
+        short.size += 1;
+        assert_eq!(
+            short.validate(SMALL.max),
+            Err(ManifestError::SizeMismatch {
+                covered: m.size,
+                size: m.size + 1
+            })
+        );
+        assert!(m.validate(SMALL.min - 1).is_err());
+    }
+
+    fn small_params() -> impl Strategy<Value = ChunkParams> {
+        (64u32..=2048, 0u32..=3, 0u32..=3).prop_map(|(min, avg_shift, max_shift)| {
+            let avg = min.next_power_of_two().max(256) << avg_shift;
+            let max = (avg << max_shift).max(1024);
+            ChunkParams { min, avg, max }
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn prop_streaming_equals_slice_and_round_trips(
+            data in proptest::collection::vec(any::<u8>(), 0..40_000),
+            params in small_params(),
+            sizes in proptest::collection::vec(1usize..5000, 1..5),
+        ) {
+            params.validate().unwrap();
+            let whole = chunk_slice(&data, &params).unwrap();
+            check_manifest(&whole, &data, &params);
+            let streamed = chunk_reader_buffered(short_reads(&data, sizes), &params, 0).unwrap();
+            prop_assert_eq!(&streamed, &whole);
+            prop_assert_eq!(Manifest::decode(&whole.encode()).unwrap(), whole);
+        }
+
+        #[test]
+        fn prop_cutter_equals_fastcdc(
+            seed in any::<u64>(),
+            len in 0usize..200_000,
+            zeros in 0usize..100_000,
+            params in small_params(),
+        ) {
+            let mut data = patchy_bytes(len, seed);
+            let z = zeros.min(len);
+            data[len - z..].fill(0);
+            let cutter = Cutter::new(&params).unwrap();
+            let mut at = 0;
+            while at < data.len() {
+                let n = cutter.next_len(&data[at..]);
+                prop_assert_eq!(n, reference_cut(&data[at..], &params), "at {}", at);
+                at += n;
+            }
+        }
+
+        #[test]
+        fn prop_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(m) = Manifest::decode(&bytes) {
+                prop_assert_eq!(m.encode(), bytes);
+            }
+        }
+
+        #[test]
+        fn prop_decode_of_mutated_encoding_never_panics(
+            data in proptest::collection::vec(any::<u8>(), 0..20_000),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+        ) {
+            let mut bytes = chunk_slice(&data, &SMALL).unwrap().encode();
+            for (at, x) in flips {
+                let at = at % bytes.len();
+                bytes[at] ^= x;
+            }
+            if let Ok(m) = Manifest::decode(&bytes) {
+                prop_assert_eq!(m.encode(), bytes);
+            }
+        }
+    }
 }
