@@ -31,20 +31,16 @@ impl Drop for TempFile {
 
 fn main() -> io::Result<()> {
     let size_mib: u64 = match std::env::var("DEFTFS_BENCH_SIZE_MIB") {
-        Ok(v) => v.trim().parse().map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("DEFTFS_BENCH_SIZE_MIB={v:?} is not a number"),
-            )
-        })?,
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("DEFTFS_BENCH_SIZE_MIB={v:?} is not a number")))?,
         Err(_) => 1024,
     };
     let size = size_mib * MIB;
     let params = ChunkParams::default();
     let buf_len = params.buffer_len();
-    let file = TempFile(
-        std::env::temp_dir().join(format!("deftfs-bench-chunk-{}.bin", std::process::id())),
-    );
+    let file = TempFile(std::env::temp_dir().join(format!("deftfs-bench-chunk-{}.bin", std::process::id())));
 
     write_random(&file.0, size)?;
     // Warm the page cache: every measured run then reads from memory.
@@ -70,9 +66,7 @@ fn main() -> io::Result<()> {
     let mut lane_chunks = 0;
     let mut manifest = None;
     let mut steps: Vec<Step> = vec![
-        Step::new("read only (page cache -> buffer)", || {
-            stream(&file.0, buf_len, |data, _| black_box(data).len())
-        }),
+        Step::new("read only (page cache -> buffer)", || stream(&file.0, buf_len, |data, _| black_box(data).len())),
         Step::new("blake3 one pass (read + hash)", || {
             let mut hasher = blake3::Hasher::new();
             stream(&file.0, buf_len, |data, _| {
@@ -135,11 +129,7 @@ fn main() -> io::Result<()> {
 
     let manifest = manifest.ok_or_else(|| io::Error::other("no run"))?;
     let n = manifest.chunks.len().max(1) as f64;
-    let below_max = manifest
-        .chunks
-        .iter()
-        .filter(|c| c.len < params.max)
-        .count();
+    let below_max = manifest.chunks.iter().filter(|c| c.len < params.max).count();
     let ms_per_gib = |secs: f64| secs * 1000.0 * (1u64 << 30) as f64 / size as f64;
     println!();
     println!(
@@ -169,11 +159,7 @@ struct Step<'a> {
 
 impl<'a> Step<'a> {
     fn new(label: &'static str, run: impl FnMut() -> io::Result<()> + 'a) -> Step<'a> {
-        Step {
-            label,
-            run: Box::new(run),
-            best: Duration::MAX,
-        }
+        Step { label, run: Box::new(run), best: Duration::MAX }
     }
 
     fn run(&mut self) -> io::Result<()> {
@@ -226,12 +212,7 @@ fn stream(path: &Path, buf_len: usize, mut f: impl FnMut(&[u8], bool) -> usize) 
 /// Cut `data` with fastcdc's own iterator, passing each final chunk to
 /// `on_chunk`; a chunk is final when `max` bytes were visible to the cutter
 /// or the input ended. Returns the bytes consumed.
-fn fastcdc_cut(
-    data: &[u8],
-    at_end: bool,
-    params: &ChunkParams,
-    mut on_chunk: impl FnMut(&[u8]),
-) -> usize {
+fn fastcdc_cut(data: &[u8], at_end: bool, params: &ChunkParams, mut on_chunk: impl FnMut(&[u8])) -> usize {
     let max = params.max as usize;
     for c in v2020::FastCDC::new(data, params.min, params.avg, params.max) {
         if !at_end && data.len() - c.offset < max {
@@ -278,15 +259,9 @@ fn write_random(path: &Path, size: u64) -> io::Result<()> {
 fn cpu_model() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
         .unwrap_or_else(|| "unknown".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load.split_whitespace().next().unwrap_or("?").to_string();
     format!("{model}, {cores} cores, load average {load} at start")

@@ -43,11 +43,7 @@ pub struct ChunkParams {
 
 impl Default for ChunkParams {
     fn default() -> Self {
-        ChunkParams {
-            min: 64 * 1024,
-            avg: 256 * 1024,
-            max: 1024 * 1024,
-        }
+        ChunkParams { min: 64 * 1024, avg: 256 * 1024, max: 1024 * 1024 }
     }
 }
 
@@ -124,11 +120,7 @@ pub struct Manifest {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {
     #[error("manifest chunk {index} starts at {offset}, expected {expected}")]
-    Gap {
-        index: usize,
-        offset: u64,
-        expected: u64,
-    },
+    Gap { index: usize, offset: u64, expected: u64 },
     #[error("manifest chunk {index} is empty or longer than {max} bytes")]
     BadLen { index: usize, max: u32 },
     #[error("manifest chunks cover {covered} bytes but the file has {size}")]
@@ -148,32 +140,16 @@ impl Manifest {
         let mut expected = 0u64;
         for (index, c) in self.chunks.iter().enumerate() {
             if c.offset != expected {
-                return Err(ManifestError::Gap {
-                    index,
-                    offset: c.offset,
-                    expected,
-                });
+                return Err(ManifestError::Gap { index, offset: c.offset, expected });
             }
             if c.len == 0 || c.len > max_chunk {
-                return Err(ManifestError::BadLen {
-                    index,
-                    max: max_chunk,
-                });
+                return Err(ManifestError::BadLen { index, max: max_chunk });
             }
             // Only a hand-made manifest can overflow; it covers "too much".
-            expected =
-                expected
-                    .checked_add(u64::from(c.len))
-                    .ok_or(ManifestError::SizeMismatch {
-                        covered: u64::MAX,
-                        size: self.size,
-                    })?;
+            expected = expected.checked_add(u64::from(c.len)).ok_or(ManifestError::SizeMismatch { covered: u64::MAX, size: self.size })?;
         }
         if expected != self.size {
-            return Err(ManifestError::SizeMismatch {
-                covered: expected,
-                size: self.size,
-            });
+            return Err(ManifestError::SizeMismatch { covered: expected, size: self.size });
         }
         Ok(())
     }
@@ -209,18 +185,10 @@ impl Manifest {
             let len = u32::from_le_bytes(len.try_into().map_err(|_| ManifestError::Corrupt)?);
             let hash = Hash(hash.try_into().map_err(|_| ManifestError::Corrupt)?);
             chunks.push(ChunkRef { offset, len, hash });
-            offset = offset
-                .checked_add(u64::from(len))
-                .ok_or(ManifestError::Corrupt)?;
+            offset = offset.checked_add(u64::from(len)).ok_or(ManifestError::Corrupt)?;
         }
-        let manifest = Manifest {
-            size,
-            file_hash,
-            chunks,
-        };
-        manifest
-            .validate(u32::MAX)
-            .map_err(|_| ManifestError::Corrupt)?;
+        let manifest = Manifest { size, file_hash, chunks };
+        manifest.validate(u32::MAX).map_err(|_| ManifestError::Corrupt)?;
         Ok(manifest)
     }
 }
@@ -306,11 +274,7 @@ impl Cutter {
         if len <= self.min {
             return len;
         }
-        let (end, center) = if len > self.max {
-            (self.max, self.avg)
-        } else {
-            (len, self.avg.min(len))
-        };
+        let (end, center) = if len > self.max { (self.max, self.avg) } else { (len, self.avg.min(len)) };
         let origin = self.min / 2 * 2;
         let center = center / 2 * 2;
         let last = end / 2 * 2;
@@ -331,14 +295,7 @@ impl Cutter {
     /// The first position `i` in `from..to` where the gear hash of
     /// `data[origin..=i]` has no bit of `mask` set. `origin`, `from` and `to`
     /// are even.
-    fn first_hit(
-        &self,
-        data: &[u8],
-        origin: usize,
-        from: usize,
-        to: usize,
-        mask: u64,
-    ) -> Option<usize> {
+    fn first_hit(&self, data: &[u8], origin: usize, from: usize, to: usize, mask: u64) -> Option<usize> {
         let mut pos = from;
         // Long rounds while the range allows, shorter ones for its tail.
         while to - pos >= LANES * LANE_LEN {
@@ -380,13 +337,7 @@ impl Cutter {
     /// of a pair is tested as `2h` against `mask << 1`). Returns the first
     /// hit of the earliest stretch that has one.
     #[inline(always)]
-    fn round<const L: usize>(
-        &self,
-        data: &[u8],
-        origin: usize,
-        pos: usize,
-        mask: u64,
-    ) -> Option<usize> {
+    fn round<const L: usize>(&self, data: &[u8], origin: usize, pos: usize, mask: u64) -> Option<usize> {
         let t = &*self.gear;
         let gl = |b: u8| t[usize::from(b)];
         let g = |b: u8| t[256 + usize::from(b)];
@@ -395,14 +346,9 @@ impl Cutter {
         let (s0, rest) = block.split_at(L);
         let (s1, rest) = rest.split_at(L);
         let (s2, s3) = rest.split_at(L);
-        let [mut h0, mut h1, mut h2, mut h3] =
-            std::array::from_fn(|k| self.warm(data, origin, pos + k * L));
-        for (j, (((p0, p1), p2), p3)) in s0
-            .chunks_exact(2)
-            .zip(s1.chunks_exact(2))
-            .zip(s2.chunks_exact(2))
-            .zip(s3.chunks_exact(2))
-            .enumerate()
+        let [mut h0, mut h1, mut h2, mut h3] = std::array::from_fn(|k| self.warm(data, origin, pos + k * L));
+        for (j, (((p0, p1), p2), p3)) in
+            s0.chunks_exact(2).zip(s1.chunks_exact(2)).zip(s2.chunks_exact(2)).zip(s3.chunks_exact(2)).enumerate()
         {
             // A test that hits leaves the loop at once (rare: about once a
             // chunk); `resolve` then finds which stretch and where.
@@ -430,23 +376,10 @@ impl Cutter {
     /// stretch hits before its byte `i`): in stretch order, the first hit at
     /// or after byte `i`.
     #[cold]
-    fn resolve<const L: usize>(
-        &self,
-        data: &[u8],
-        origin: usize,
-        pos: usize,
-        i: usize,
-        mask: u64,
-    ) -> Option<usize> {
+    fn resolve<const L: usize>(&self, data: &[u8], origin: usize, pos: usize, i: usize, mask: u64) -> Option<usize> {
         (0..LANES).find_map(|k| {
             let from = pos + k * L + i;
-            self.scan(
-                data,
-                from,
-                pos + (k + 1) * L,
-                self.warm(data, origin, from),
-                mask,
-            )
+            self.scan(data, from, pos + (k + 1) * L, self.warm(data, origin, from), mask)
         })
     }
 }
@@ -461,12 +394,7 @@ struct Builder {
 
 impl Builder {
     fn new(cutter: Cutter) -> Builder {
-        Builder {
-            cutter,
-            file: blake3::Hasher::new(),
-            size: 0,
-            chunks: Vec::new(),
-        }
+        Builder { cutter, file: blake3::Hasher::new(), size: 0, chunks: Vec::new() }
     }
 
     /// Cut and hash every chunk of `data` that is final: all of it when
@@ -483,11 +411,7 @@ impl Builder {
             let hash = Hash::of(chunk);
             self.file.update(chunk);
             // `len <= max <= 16 MiB` (validated params), so it fits a u32.
-            self.chunks.push(ChunkRef {
-                offset: self.size,
-                len: len as u32,
-                hash,
-            });
+            self.chunks.push(ChunkRef { offset: self.size, len: len as u32, hash });
             self.size += len as u64;
             pos += len;
         }
@@ -495,11 +419,7 @@ impl Builder {
     }
 
     fn finish(self) -> Manifest {
-        Manifest {
-            size: self.size,
-            file_hash: self.file.finalize().into(),
-            chunks: self.chunks,
-        }
+        Manifest { size: self.size, file_hash: self.file.finalize().into(), chunks: self.chunks }
     }
 }
 
@@ -518,11 +438,7 @@ pub fn chunk_reader<R: Read>(reader: R, params: &ChunkParams) -> io::Result<Mani
 
 /// [`chunk_reader`] with a chosen buffer length (at least `2 * max`), so
 /// tests can force many refills on small inputs.
-fn chunk_reader_buffered<R: Read>(
-    mut reader: R,
-    params: &ChunkParams,
-    buf_len: usize,
-) -> io::Result<Manifest> {
+fn chunk_reader_buffered<R: Read>(mut reader: R, params: &ChunkParams, buf_len: usize) -> io::Result<Manifest> {
     let cutter = Cutter::new(params).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let mut builder = Builder::new(cutter);
     let mut buf = vec![0u8; buf_len.max(2 * params.max as usize)];
@@ -555,10 +471,7 @@ fn fill<R: Read>(reader: &mut R, buf: &mut [u8], filled: &mut usize) -> io::Resu
 /// Chunk and hash a file (blocking: call from a blocking pool).
 pub fn chunk_file(path: &Path, params: &ChunkParams) -> Result<Manifest, ChunkError> {
     params.validate()?;
-    let io_err = |source| ChunkError::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io_err = |source| ChunkError::Io { path: path.display().to_string(), source };
     let file = std::fs::File::open(path).map_err(io_err)?;
     chunk_reader(file, params).map_err(io_err)
 }
@@ -570,11 +483,7 @@ mod tests {
     use std::collections::HashSet;
 
     /// Small sizes so unit tests see many chunks in little data.
-    const SMALL: ChunkParams = ChunkParams {
-        min: 1024,
-        avg: 4096,
-        max: 16 * 1024,
-    };
+    const SMALL: ChunkParams = ChunkParams { min: 1024, avg: 4096, max: 16 * 1024 };
 
     /// Deterministic pseudo-random bytes (xorshift64*).
     fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
@@ -613,11 +522,7 @@ mod tests {
     }
 
     fn short_reads(data: &[u8], sizes: Vec<usize>) -> ShortReads<'_> {
-        ShortReads {
-            data,
-            sizes,
-            call: 0,
-        }
+        ShortReads { data, sizes, call: 0 }
     }
 
     /// Every property a manifest of `data` must have.
@@ -640,31 +545,15 @@ mod tests {
     /// Bytes of `new`'s chunks whose hash `old` lacks: what a delta sends.
     fn changed_bytes(old: &Manifest, new: &Manifest) -> u64 {
         let have: HashSet<Hash> = old.chunks.iter().map(|c| c.hash).collect();
-        new.chunks
-            .iter()
-            .filter(|c| !have.contains(&c.hash))
-            .map(|c| u64::from(c.len))
-            .sum()
+        new.chunks.iter().filter(|c| !have.contains(&c.hash)).map(|c| u64::from(c.len)).sum()
     }
 
     #[test]
     fn params_bounds_are_fastcdcs() {
         ChunkParams::default().validate().unwrap();
         SMALL.validate().unwrap();
-        ChunkParams {
-            min: 64,
-            avg: 256,
-            max: 1024,
-        }
-        .validate()
-        .unwrap();
-        ChunkParams {
-            min: 1 << 20,
-            avg: 4 << 20,
-            max: 16 << 20,
-        }
-        .validate()
-        .unwrap();
+        ChunkParams { min: 64, avg: 256, max: 1024 }.validate().unwrap();
+        ChunkParams { min: 1 << 20, avg: 4 << 20, max: 16 << 20 }.validate().unwrap();
         for (min, avg, max) in [
             (63, 256, 1024),
             (64, 255, 1024),
@@ -677,10 +566,7 @@ mod tests {
             (0, 0, 0),
         ] {
             let p = ChunkParams { min, avg, max };
-            assert!(
-                matches!(p.validate(), Err(ChunkError::BadParams { .. })),
-                "{p:?}"
-            );
+            assert!(matches!(p.validate(), Err(ChunkError::BadParams { .. })), "{p:?}");
             // Never a panic from fastcdc's asserts.
             let err = chunk_reader(&b"abc"[..], &p).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
@@ -690,23 +576,13 @@ mod tests {
 
     #[test]
     fn params_key_names_algorithm_and_sizes() {
-        assert_eq!(
-            ChunkParams::default().key(),
-            "fastcdc2020-l1:65536/262144/1048576"
-        );
+        assert_eq!(ChunkParams::default().key(), "fastcdc2020-l1:65536/262144/1048576");
     }
 
     #[test]
     fn empty_input_has_no_chunks() {
         let m = chunk_reader(io::empty(), &SMALL).unwrap();
-        assert_eq!(
-            m,
-            Manifest {
-                size: 0,
-                file_hash: Hash::of(b""),
-                chunks: vec![]
-            }
-        );
+        assert_eq!(m, Manifest { size: 0, file_hash: Hash::of(b""), chunks: vec![] });
         assert_eq!(chunk_slice(b"", &SMALL).unwrap(), m);
     }
 
@@ -728,41 +604,22 @@ mod tests {
         check_manifest(&a, &data, &SMALL);
         // Random data: cuts are content-defined, near the average.
         let avg = data.len() / a.chunks.len();
-        assert!(
-            (SMALL.avg as usize..2 * SMALL.avg as usize).contains(&avg),
-            "average {avg}"
-        );
+        assert!((SMALL.avg as usize..2 * SMALL.avg as usize).contains(&avg), "average {avg}");
     }
 
     #[test]
     fn cuts_match_fastcdc_over_the_whole_slice() {
         let data = random_bytes(2 << 20, 3);
-        let ours: Vec<(u64, u32)> = chunk_reader_buffered(&data[..], &SMALL, 0)
-            .unwrap()
-            .chunks
-            .iter()
-            .map(|c| (c.offset, c.len))
-            .collect();
-        let theirs: Vec<(u64, u32)> = v2020::FastCDC::new(&data, SMALL.min, SMALL.avg, SMALL.max)
-            .map(|c| (c.offset as u64, c.length as u32))
-            .collect();
+        let ours: Vec<(u64, u32)> = chunk_reader_buffered(&data[..], &SMALL, 0).unwrap().chunks.iter().map(|c| (c.offset, c.len)).collect();
+        let theirs: Vec<(u64, u32)> =
+            v2020::FastCDC::new(&data, SMALL.min, SMALL.avg, SMALL.max).map(|c| (c.offset as u64, c.length as u32)).collect();
         assert_eq!(ours, theirs);
     }
 
     /// fastcdc's own cut, the reference for [`Cutter::next_len`].
     fn reference_cut(data: &[u8], p: &ChunkParams) -> usize {
         let c = Cutter::new(p).unwrap();
-        v2020::cut(
-            data,
-            c.min,
-            c.avg,
-            c.max,
-            c.mask_s,
-            c.mask_l,
-            c.mask_s << 1,
-            c.mask_l << 1,
-        )
-        .1
+        v2020::cut(data, c.min, c.avg, c.max, c.mask_s, c.mask_l, c.mask_s << 1, c.mask_l << 1).1
     }
 
     /// Random bytes with runs of zeros, which have no cut points: hits then
@@ -785,38 +642,10 @@ mod tests {
     fn cutter_agrees_with_fastcdc_at_every_offset() {
         for (p, seed) in [
             (SMALL, 12),
-            (
-                ChunkParams {
-                    min: 65,
-                    avg: 256,
-                    max: 1024,
-                },
-                13,
-            ),
-            (
-                ChunkParams {
-                    min: 777,
-                    avg: 1000,
-                    max: 70_000,
-                },
-                14,
-            ),
-            (
-                ChunkParams {
-                    min: 64,
-                    avg: 16_384,
-                    max: 16_384,
-                },
-                15,
-            ),
-            (
-                ChunkParams {
-                    min: 1024,
-                    avg: 1024,
-                    max: 1024,
-                },
-                16,
-            ),
+            (ChunkParams { min: 65, avg: 256, max: 1024 }, 13),
+            (ChunkParams { min: 777, avg: 1000, max: 70_000 }, 14),
+            (ChunkParams { min: 64, avg: 16_384, max: 16_384 }, 15),
+            (ChunkParams { min: 1024, avg: 1024, max: 1024 }, 16),
             (ChunkParams::default(), 17),
         ] {
             let data = patchy_bytes(3 * p.max as usize + 5000, seed);
@@ -831,19 +660,11 @@ mod tests {
             }
             for start in starts {
                 let rest = &data[start..];
-                assert_eq!(
-                    cutter.next_len(rest),
-                    reference_cut(rest, &p),
-                    "{p:?} at {start}"
-                );
+                assert_eq!(cutter.next_len(rest), reference_cut(rest, &p), "{p:?} at {start}");
                 for end in [p.min, p.avg, p.max].map(|x| x as usize) {
                     for len in end.saturating_sub(3)..end + 3 {
                         let d = &rest[..len.min(rest.len())];
-                        assert_eq!(
-                            cutter.next_len(d),
-                            reference_cut(d, &p),
-                            "{p:?} at {start}+{len}"
-                        );
+                        assert_eq!(cutter.next_len(d), reference_cut(d, &p), "{p:?} at {start}+{len}");
                     }
                 }
             }
@@ -854,10 +675,7 @@ mod tests {
     fn lanes_find_the_first_hit_of_one_chain() {
         let cutter = Cutter::new(&ChunkParams::default()).unwrap();
         let (gear, gear_ls) = v2020::get_gear_with_seed(0);
-        assert!(gear
-            .iter()
-            .zip(gear_ls.iter())
-            .all(|(&g, &gl)| gl == g << 1));
+        assert!(gear.iter().zip(gear_ls.iter()).all(|(&g, &gl)| gl == g << 1));
         let data = patchy_bytes(120_000, 21);
         // One chain from `origin`, tested from `from`: the definition.
         let reference = |origin: usize, from: usize, to: usize, mask: u64| {
@@ -889,15 +707,9 @@ mod tests {
     fn short_reads_and_small_buffers_give_the_same_manifest() {
         let data = random_bytes(1 << 20, 4);
         let whole = chunk_slice(&data, &SMALL).unwrap();
-        for sizes in [
-            vec![1, 2, 3, 4093],
-            vec![17],
-            vec![65536, 1],
-            vec![usize::MAX],
-        ] {
+        for sizes in [vec![1, 2, 3, 4093], vec![17], vec![65536, 1], vec![usize::MAX]] {
             for buf_len in [0, 40_000, 100_000, 4 << 20] {
-                let m = chunk_reader_buffered(short_reads(&data, sizes.clone()), &SMALL, buf_len)
-                    .unwrap();
+                let m = chunk_reader_buffered(short_reads(&data, sizes.clone()), &SMALL, buf_len).unwrap();
                 assert_eq!(m, whole, "reads {sizes:?}, buffer {buf_len}");
             }
         }
@@ -909,10 +721,7 @@ mod tests {
         let m = chunk_reader_buffered(&data[..], &SMALL, 0).unwrap();
         check_manifest(&m, &data, &SMALL);
         let lens: Vec<u32> = m.chunks.iter().map(|c| c.len).collect();
-        assert_eq!(
-            lens,
-            [SMALL.max, SMALL.max, SMALL.max, SMALL.max, SMALL.max, 10]
-        );
+        assert_eq!(lens, [SMALL.max, SMALL.max, SMALL.max, SMALL.max, SMALL.max, 10]);
     }
 
     #[test]
@@ -923,18 +732,11 @@ mod tests {
                 Err(io::Error::other("disk on fire"))
             }
         }
-        assert_eq!(
-            chunk_reader(Failing, &SMALL).unwrap_err().to_string(),
-            "disk on fire"
-        );
+        assert_eq!(chunk_reader(Failing, &SMALL).unwrap_err().to_string(), "disk on fire");
         let missing = Path::new("/nonexistent/deftfs/chunk-test");
         let err = chunk_file(missing, &SMALL).unwrap_err();
         assert!(matches!(err, ChunkError::Io { .. }), "{err}");
-        assert!(
-            err.to_string()
-                .starts_with("reading /nonexistent/deftfs/chunk-test: "),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("reading /nonexistent/deftfs/chunk-test: "), "{err}");
     }
 
     #[test]
@@ -960,19 +762,13 @@ mod tests {
         check_manifest(&new, &edited, &params);
         let changed = changed_bytes(&old, &new);
         assert!(changed >= 1 << 20, "{changed}");
-        assert!(
-            changed <= 4 << 20,
-            "an edit of 1 MiB changed {changed} bytes of chunks"
-        );
+        assert!(changed <= 4 << 20, "an edit of 1 MiB changed {changed} bytes of chunks");
 
         let mut inserted = random_bytes(100, 8);
         inserted.extend_from_slice(&data);
         let new = chunk_slice(&inserted, &params).unwrap();
         let changed = changed_bytes(&old, &new);
-        assert!(
-            changed <= 4 << 20,
-            "inserting 100 bytes changed {changed} bytes of chunks"
-        );
+        assert!(changed <= 4 << 20, "inserting 100 bytes changed {changed} bytes of chunks");
     }
 
     #[test]
@@ -993,11 +789,7 @@ mod tests {
         // Every proper prefix fails, including whole-record ones: their
         // chunks no longer cover the size.
         for len in 0..bytes.len() {
-            assert_eq!(
-                Manifest::decode(&bytes[..len]),
-                Err(ManifestError::Corrupt),
-                "prefix {len}"
-            );
+            assert_eq!(Manifest::decode(&bytes[..len]), Err(ManifestError::Corrupt), "prefix {len}");
         }
         let mut longer = bytes.clone();
         longer.push(0);
@@ -1029,40 +821,18 @@ mod tests {
         gap.chunks[2].offset += 1;
         assert_eq!(
             gap.validate(SMALL.max),
-            Err(ManifestError::Gap {
-                index: 2,
-                offset: m.chunks[2].offset + 1,
-                expected: m.chunks[2].offset
-            })
+            Err(ManifestError::Gap { index: 2, offset: m.chunks[2].offset + 1, expected: m.chunks[2].offset })
         );
         let mut long = m.clone();
         long.chunks[1].len = SMALL.max + 1;
-        assert_eq!(
-            long.validate(SMALL.max),
-            Err(ManifestError::BadLen {
-                index: 1,
-                max: SMALL.max
-            })
-        );
+        assert_eq!(long.validate(SMALL.max), Err(ManifestError::BadLen { index: 1, max: SMALL.max }));
         let mut empty = m.clone();
         empty.chunks.last_mut().unwrap().len = 0;
         let last = empty.chunks.len() - 1;
-        assert_eq!(
-            empty.validate(SMALL.max),
-            Err(ManifestError::BadLen {
-                index: last,
-                max: SMALL.max
-            })
-        );
+        assert_eq!(empty.validate(SMALL.max), Err(ManifestError::BadLen { index: last, max: SMALL.max }));
         let mut short = m.clone();
         short.size += 1;
-        assert_eq!(
-            short.validate(SMALL.max),
-            Err(ManifestError::SizeMismatch {
-                covered: m.size,
-                size: m.size + 1
-            })
-        );
+        assert_eq!(short.validate(SMALL.max), Err(ManifestError::SizeMismatch { covered: m.size, size: m.size + 1 }));
         assert!(m.validate(SMALL.min - 1).is_err());
     }
 

@@ -109,28 +109,16 @@ pub struct ShareConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// Syntax or type error: names the line (1-based) and key when known.
     #[error("{path}:{line}: {key}: {message}")]
-    Invalid {
-        path: PathBuf,
-        line: usize,
-        key: String,
-        message: String,
-    },
+    Invalid { path: PathBuf, line: usize, key: String, message: String },
     #[error("{path}: partner {0} already exists", .id)]
     DuplicatePartner { path: PathBuf, id: String },
     #[error("{path}: share {0} already exists", .name)]
     DuplicateShare { path: PathBuf, name: String },
     #[error("{path}: share {share} grants access to {partner}, who is not a partner: add it with `deftfs partner add`")]
-    UnknownPartner {
-        path: PathBuf,
-        share: String,
-        partner: String,
-    },
+    UnknownPartner { path: PathBuf, share: String, partner: String },
 }
 
 // The file as written, before validation. Spans locate values for errors.
@@ -194,12 +182,7 @@ struct Source<'a> {
 }
 
 impl Source<'_> {
-    fn invalid(
-        &self,
-        span: Range<usize>,
-        key: impl Into<String>,
-        message: impl Into<String>,
-    ) -> ConfigError {
+    fn invalid(&self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.origin.to_path_buf(),
             line: line_of(self.text, span.start),
@@ -215,9 +198,7 @@ impl Source<'_> {
         ConfigError::Invalid {
             path: self.origin.to_path_buf(),
             line: offset.map_or(1, |o| line_of(self.text, o)),
-            key: offset
-                .and_then(|o| key_path_at(self.text, o))
-                .unwrap_or_else(|| "(document)".to_string()),
+            key: offset.and_then(|o| key_path_at(self.text, o)).unwrap_or_else(|| "(document)".to_string()),
             message: e.message().trim().to_string(),
         }
     }
@@ -234,19 +215,12 @@ impl Source<'_> {
 /// 1-based line of a byte offset.
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
         Config::parse(&text, path)
     }
 
@@ -256,18 +230,14 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
 
         let node = NodeConfig {
-            name: Name::new(raw.node.name.get_ref().as_str())
-                .map_err(|e| src.invalid(raw.node.name.span(), "node.name", e.to_string()))?,
+            name: Name::new(raw.node.name.get_ref().as_str()).map_err(|e| src.invalid(raw.node.name.span(), "node.name", e.to_string()))?,
             listen: match &raw.node.listen {
                 None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
                 Some(listen) => listen.get_ref().parse().map_err(|_| {
                     src.invalid(
                         listen.span(),
                         "node.listen",
-                        format!(
-                            "{:?} is not an ip:port address, like \"0.0.0.0:7741\"",
-                            listen.get_ref()
-                        ),
+                        format!("{:?} is not an ip:port address, like \"0.0.0.0:7741\"", listen.get_ref()),
                     )
                 })?,
             },
@@ -275,12 +245,7 @@ impl Config {
         let storage = storage(&src, raw.storage.unwrap_or_default())?;
         let partners = partners(&src, &raw.partners)?;
         let shares = shares(&src, &raw.shares, &partners)?;
-        Ok(Config {
-            node,
-            storage,
-            partners,
-            shares,
-        })
+        Ok(Config { node, storage, partners, shares })
     }
 
     /// The text of a new node's config.toml, with comments explaining
@@ -357,72 +322,40 @@ fn storage(src: &Source, raw: RawStorage) -> Result<StorageConfig, ConfigError> 
     // A rule between two sizes blames the first of its keys written in the
     // file (the other may be a default).
     let blame = |keys: &[(&str, Option<Range<usize>>)], message: String| {
-        let (key, at) = keys
-            .iter()
-            .find_map(|(key, at)| at.clone().map(|at| (*key, at)))
-            .unwrap_or((keys.first().map_or("", |k| k.0), 0..0));
+        let (key, at) =
+            keys.iter().find_map(|(key, at)| at.clone().map(|at| (*key, at))).unwrap_or((keys.first().map_or("", |k| k.0), 0..0));
         src.invalid(at, format!("storage.{key}"), message)
     };
-    let (min, avg, max) = (
-        span(&raw.chunk_min),
-        span(&raw.chunk_avg),
-        span(&raw.chunk_max),
-    );
+    let (min, avg, max) = (span(&raw.chunk_min), span(&raw.chunk_avg), span(&raw.chunk_max));
     if chunk.min < MIN_CHUNK {
-        return Err(blame(
-            &[("chunk_min", min)],
-            format!("{} is below the minimum of {MIN_CHUNK} bytes", chunk.min),
-        ));
+        return Err(blame(&[("chunk_min", min)], format!("{} is below the minimum of {MIN_CHUNK} bytes", chunk.min)));
     }
     if chunk.avg < chunk.min {
         return Err(blame(
             &[("chunk_avg", avg), ("chunk_min", min)],
-            format!(
-                "chunk_avg ({}) must be at least chunk_min ({})",
-                chunk.avg, chunk.min
-            ),
+            format!("chunk_avg ({}) must be at least chunk_min ({})", chunk.avg, chunk.min),
         ));
     }
     if chunk.max < chunk.avg {
         return Err(blame(
             &[("chunk_max", max), ("chunk_avg", avg)],
-            format!(
-                "chunk_max ({}) must be at least chunk_avg ({})",
-                chunk.max, chunk.avg
-            ),
+            format!("chunk_max ({}) must be at least chunk_avg ({})", chunk.max, chunk.avg),
         ));
     }
     if chunk.max > MAX_CHUNK {
-        return Err(blame(
-            &[("chunk_max", max)],
-            format!("{} is above the maximum of 16 MiB ({MAX_CHUNK})", chunk.max),
-        ));
+        return Err(blame(&[("chunk_max", max)], format!("{} is above the maximum of 16 MiB ({MAX_CHUNK})", chunk.max)));
     }
 
     let window = get(&raw.window, defaults.window);
     if !(1..=MAX_WINDOW).contains(&window) {
-        return Err(blame(
-            &[("window", span(&raw.window))],
-            format!("{window} is not between 1 and {MAX_WINDOW}"),
-        ));
+        return Err(blame(&[("window", span(&raw.window))], format!("{window} is not between 1 and {MAX_WINDOW}")));
     }
     let chunk_timeout_secs = match &raw.chunk_timeout_secs {
         None => defaults.chunk_timeout_secs,
-        Some(t) if *t.get_ref() == 0 => {
-            return Err(src.invalid(
-                t.span(),
-                "storage.chunk_timeout_secs",
-                "must be at least 1 second",
-            ))
-        }
+        Some(t) if *t.get_ref() == 0 => return Err(src.invalid(t.span(), "storage.chunk_timeout_secs", "must be at least 1 second")),
         Some(t) => *t.get_ref(),
     };
-    Ok(StorageConfig {
-        chunk,
-        window,
-        chunk_timeout_secs,
-        max_retries: get(&raw.max_retries, defaults.max_retries),
-    })
+    Ok(StorageConfig { chunk, window, chunk_timeout_secs, max_retries: get(&raw.max_retries, defaults.max_retries) })
 }
 
 fn partners(src: &Source, raw: &[RawPartner]) -> Result<Vec<PartnerConfig>, ConfigError> {
@@ -430,19 +363,12 @@ fn partners(src: &Source, raw: &[RawPartner]) -> Result<Vec<PartnerConfig>, Conf
     let mut out = Vec::with_capacity(raw.len());
     for (i, p) in raw.iter().enumerate() {
         let at = format!("partners[{i}]");
-        let id = Name::new(p.id.get_ref().as_str())
-            .map_err(|e| src.invalid(p.id.span(), format!("{at}.id"), e.to_string()))?;
+        let id = Name::new(p.id.get_ref().as_str()).map_err(|e| src.invalid(p.id.span(), format!("{at}.id"), e.to_string()))?;
         if !seen.insert(id.clone()) {
-            return Err(ConfigError::DuplicatePartner {
-                path: src.origin.to_path_buf(),
-                id: id.to_string(),
-            });
+            return Err(ConfigError::DuplicatePartner { path: src.origin.to_path_buf(), id: id.to_string() });
         }
-        let fingerprint = |v: &Spanned<String>, key: String| {
-            v.get_ref()
-                .parse::<Fingerprint>()
-                .map_err(|e| src.invalid(v.span(), key, e.to_string()))
-        };
+        let fingerprint =
+            |v: &Spanned<String>, key: String| v.get_ref().parse::<Fingerprint>().map_err(|e| src.invalid(v.span(), key, e.to_string()));
         let mut fingerprints = Vec::new();
         if let Some(f) = &p.fingerprint {
             fingerprints.push(fingerprint(f, format!("{at}.fingerprint"))?);
@@ -456,19 +382,12 @@ fn partners(src: &Source, raw: &[RawPartner]) -> Result<Vec<PartnerConfig>, Conf
             .enumerate()
             .map(|(j, c)| src.path(c, &format!("{at}.allowed_certs[{j}]")))
             .collect::<Result<Vec<_>, _>>()?;
-        let ca =
-            p.ca.as_ref()
-                .map(|c| src.path(c, &format!("{at}.ca")))
-                .transpose()?;
+        let ca = p.ca.as_ref().map(|c| src.path(c, &format!("{at}.ca"))).transpose()?;
         let endpoints = p
             .endpoints
             .iter()
             .enumerate()
-            .map(|(j, e)| {
-                normalize_endpoint(e.get_ref()).map_err(|message| {
-                    src.invalid(e.span(), format!("{at}.endpoints[{j}]"), message)
-                })
-            })
+            .map(|(j, e)| normalize_endpoint(e.get_ref()).map_err(|message| src.invalid(e.span(), format!("{at}.endpoints[{j}]"), message)))
             .collect::<Result<Vec<_>, _>>()?;
         if fingerprints.is_empty() && allowed_certs.is_empty() && ca.is_none() {
             return Err(src.invalid(
@@ -477,51 +396,32 @@ fn partners(src: &Source, raw: &[RawPartner]) -> Result<Vec<PartnerConfig>, Conf
                 format!("partner {id} has no certificate to check: set fingerprint, fingerprints, allowed_certs or ca"),
             ));
         }
-        out.push(PartnerConfig {
-            id,
-            fingerprints,
-            allowed_certs,
-            ca,
-            endpoints,
-        });
+        out.push(PartnerConfig { id, fingerprints, allowed_certs, ca, endpoints });
     }
     Ok(out)
 }
 
-fn shares(
-    src: &Source,
-    raw: &[RawShare],
-    partners: &[PartnerConfig],
-) -> Result<Vec<ShareConfig>, ConfigError> {
+fn shares(src: &Source, raw: &[RawShare], partners: &[PartnerConfig]) -> Result<Vec<ShareConfig>, ConfigError> {
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(raw.len());
     for (i, s) in raw.iter().enumerate() {
-        let name = Name::new(s.name.get_ref().as_str())
-            .map_err(|e| src.invalid(s.name.span(), format!("shares[{i}].name"), e.to_string()))?;
+        let name =
+            Name::new(s.name.get_ref().as_str()).map_err(|e| src.invalid(s.name.span(), format!("shares[{i}].name"), e.to_string()))?;
         if !seen.insert(name.clone()) {
-            return Err(ConfigError::DuplicateShare {
-                path: src.origin.to_path_buf(),
-                name: name.to_string(),
-            });
+            return Err(ConfigError::DuplicateShare { path: src.origin.to_path_buf(), name: name.to_string() });
         }
         let at = format!("shares.{}", key_text(name.as_str()));
         let text = s.path.get_ref();
         if !Path::new(text).is_absolute() {
-            return Err(src.invalid(
-                s.path.span(),
-                format!("{at}.path"),
-                format!("{text:?} is not an absolute path"),
-            ));
+            return Err(src.invalid(s.path.span(), format!("{at}.path"), format!("{text:?} is not an absolute path")));
         }
         if Glob::is_pattern(text) {
-            Glob::new(text)
-                .map_err(|e| src.invalid(s.path.span(), format!("{at}.path"), e.to_string()))?;
+            Glob::new(text).map_err(|e| src.invalid(s.path.span(), format!("{at}.path"), e.to_string()))?;
         }
         let mut access = BTreeMap::new();
         for (partner, grant) in &s.access {
             let key = format!("{at}.access.{}", key_text(partner));
-            let partner = Name::new(partner.as_str())
-                .map_err(|e| src.invalid(grant.span(), &key, e.to_string()))?;
+            let partner = Name::new(partner.as_str()).map_err(|e| src.invalid(grant.span(), &key, e.to_string()))?;
             if !partners.iter().any(|p| p.id == partner) {
                 return Err(ConfigError::UnknownPartner {
                     path: src.origin.to_path_buf(),
@@ -529,17 +429,10 @@ fn shares(
                     partner: partner.to_string(),
                 });
             }
-            let grant = grant
-                .get_ref()
-                .parse::<Access>()
-                .map_err(|message| src.invalid(grant.span(), key, message))?;
+            let grant = grant.get_ref().parse::<Access>().map_err(|message| src.invalid(grant.span(), key, message))?;
             access.insert(partner, grant);
         }
-        out.push(ShareConfig {
-            name,
-            path: PathBuf::from(text),
-            access,
-        });
+        out.push(ShareConfig { name, path: PathBuf::from(text), access });
     }
     Ok(out)
 }
@@ -549,10 +442,7 @@ fn shares(
 fn normalize_endpoint(s: &str) -> Result<String, String> {
     let bad = || format!("{s:?} is not host:port");
     let port_ok = |p: &str| p.parse::<u16>().is_ok_and(|p| p != 0);
-    if s.is_empty()
-        || s.chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == '/')
-    {
+    if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '/') {
         return Err(bad());
     }
     if let Some(rest) = s.strip_prefix('[') {
@@ -569,20 +459,14 @@ fn normalize_endpoint(s: &str) -> Result<String, String> {
     }
     match s.rsplit_once(':') {
         None => Ok(format!("{s}:{DEFAULT_PORT}")),
-        Some((host, port)) if !host.is_empty() && !host.contains(':') && port_ok(port) => {
-            Ok(s.to_string())
-        }
+        Some((host, port)) if !host.is_empty() && !host.contains(':') && port_ok(port) => Ok(s.to_string()),
         Some(_) => Err(bad()),
     }
 }
 
 /// A key as written in a dotted path: bare when TOML allows it, else quoted.
 fn key_text(key: &str) -> String {
-    if !key.is_empty()
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
+    if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
         key.to_string()
     } else {
         format!("{key:?}")
@@ -604,13 +488,8 @@ fn contains(span: Option<Range<usize>>, offset: usize) -> bool {
 
 fn visit_table(table: &toml_edit::Table, prefix: &str, offset: usize, found: &mut Option<String>) {
     for (key, item) in table.iter() {
-        let path = if prefix.is_empty() {
-            key_text(key)
-        } else {
-            format!("{prefix}.{}", key_text(key))
-        };
-        if contains(table.key(key).and_then(|k| k.span()), offset) || contains(item.span(), offset)
-        {
+        let path = if prefix.is_empty() { key_text(key) } else { format!("{prefix}.{}", key_text(key)) };
+        if contains(table.key(key).and_then(|k| k.span()), offset) || contains(item.span(), offset) {
             *found = Some(path.clone());
         }
         visit_item(item, &path, offset, found);
@@ -623,10 +502,8 @@ fn visit_item(item: &toml_edit::Item, path: &str, offset: usize, found: &mut Opt
         toml_edit::Item::ArrayOfTables(array) => {
             for (i, table) in array.iter().enumerate() {
                 // Shares are named by their name, as in validation errors.
-                let share = (path == "shares")
-                    .then(|| table.get("name").and_then(|n| n.as_str()))
-                    .flatten()
-                    .filter(|n| Name::new(*n).is_ok());
+                let share =
+                    (path == "shares").then(|| table.get("name").and_then(|n| n.as_str())).flatten().filter(|n| Name::new(*n).is_ok());
                 let path = match share {
                     Some(name) => format!("{path}.{}", key_text(name)),
                     None => format!("{path}[{i}]"),
@@ -647,9 +524,7 @@ fn visit_value(value: &toml_edit::Value, path: &str, offset: usize, found: &mut 
         toml_edit::Value::InlineTable(table) => {
             for (key, value) in table.iter() {
                 let path = format!("{path}.{}", key_text(key));
-                if contains(table.key(key).and_then(|k| k.span()), offset)
-                    || contains(value.span(), offset)
-                {
+                if contains(table.key(key).and_then(|k| k.span()), offset) || contains(value.span(), offset) {
                     *found = Some(path.clone());
                 }
                 visit_value(value, &path, offset, found);
@@ -678,11 +553,7 @@ pub fn config_path(home: &Path) -> PathBuf {
 /// HOME, as for some system services) `/var/lib/deftfs`. Relative values
 /// of the variables are ignored, as the XDG specification says.
 pub fn default_home() -> PathBuf {
-    let absolute = |var: &str| {
-        std::env::var_os(var)
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-    };
+    let absolute = |var: &str| std::env::var_os(var).map(PathBuf::from).filter(|p| p.is_absolute());
     if let Some(data) = absolute("XDG_DATA_HOME") {
         data.join("deftfs")
     } else if let Some(home) = absolute("HOME") {
@@ -705,33 +576,21 @@ pub struct ConfigEditor {
 impl ConfigEditor {
     /// Refuses a file that does not load: fix it by hand first.
     pub fn open(path: &Path) -> Result<ConfigEditor, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_path_buf(), source })?;
         let config = Config::parse(&text, path)?;
-        let doc = text
-            .parse::<toml_edit::DocumentMut>()
-            .map_err(|e| ConfigError::Invalid {
-                path: path.to_path_buf(),
-                line: e.span().map_or(1, |s| line_of(&text, s.start)),
-                key: "(document)".into(),
-                message: e.message().trim().to_string(),
-            })?;
-        Ok(ConfigEditor {
+        let doc = text.parse::<toml_edit::DocumentMut>().map_err(|e| ConfigError::Invalid {
             path: path.to_path_buf(),
-            doc,
-            config,
-        })
+            line: e.span().map_or(1, |s| line_of(&text, s.start)),
+            key: "(document)".into(),
+            message: e.message().trim().to_string(),
+        })?;
+        Ok(ConfigEditor { path: path.to_path_buf(), doc, config })
     }
 
     /// Append a `[[partners]]` entry; refuses a duplicate id.
     pub fn add_partner(&mut self, partner: &PartnerConfig) -> Result<(), ConfigError> {
         if self.config.partner(partner.id.as_str()).is_some() {
-            return Err(ConfigError::DuplicatePartner {
-                path: self.path.clone(),
-                id: partner.id.to_string(),
-            });
+            return Err(ConfigError::DuplicatePartner { path: self.path.clone(), id: partner.id.to_string() });
         }
         let key = format!("partners[{}]", self.config.partners.len());
         let mut table = toml_edit::Table::new();
@@ -756,10 +615,7 @@ impl ConfigEditor {
             table.insert("allowed_certs", toml_edit::value(list));
         }
         if let Some(ca) = &partner.ca {
-            table.insert(
-                "ca",
-                toml_edit::value(self.path_text(ca, &format!("{key}.ca"))?),
-            );
+            table.insert("ca", toml_edit::value(self.path_text(ca, &format!("{key}.ca"))?));
         }
         if !partner.endpoints.is_empty() {
             let list: toml_edit::Array = partner.endpoints.iter().map(String::as_str).collect();
@@ -774,16 +630,9 @@ impl ConfigEditor {
     /// an unknown partner.
     pub fn add_share(&mut self, share: &ShareConfig) -> Result<(), ConfigError> {
         if self.config.share(share.name.as_str()).is_some() {
-            return Err(ConfigError::DuplicateShare {
-                path: self.path.clone(),
-                name: share.name.to_string(),
-            });
+            return Err(ConfigError::DuplicateShare { path: self.path.clone(), name: share.name.to_string() });
         }
-        if let Some(unknown) = share
-            .access
-            .keys()
-            .find(|p| self.config.partner(p.as_str()).is_none())
-        {
+        if let Some(unknown) = share.access.keys().find(|p| self.config.partner(p.as_str()).is_none()) {
             return Err(ConfigError::UnknownPartner {
                 path: self.path.clone(),
                 share: share.name.to_string(),
@@ -793,10 +642,7 @@ impl ConfigEditor {
         let mut table = toml_edit::Table::new();
         table.decor_mut().set_prefix("\n");
         table.insert("name", toml_edit::value(share.name.as_str()));
-        let path = self.path_text(
-            &share.path,
-            &format!("shares.{}.path", key_text(share.name.as_str())),
-        )?;
+        let path = self.path_text(&share.path, &format!("shares.{}.path", key_text(share.name.as_str())))?;
         table.insert("path", toml_edit::value(path));
         // A real `[shares.access]` sub-table, written even when empty so
         // that the place to grant access is visible.
@@ -822,35 +668,26 @@ impl ConfigEditor {
     }
 
     /// The `[[name]]` array of tables, created at the end if absent.
-    fn array_of_tables(
-        &mut self,
-        name: &str,
-    ) -> Result<&mut toml_edit::ArrayOfTables, ConfigError> {
+    fn array_of_tables(&mut self, name: &str) -> Result<&mut toml_edit::ArrayOfTables, ConfigError> {
         let path = self.path.clone();
-        self.doc
-            .entry(name)
-            .or_insert(toml_edit::Item::ArrayOfTables(
-                toml_edit::ArrayOfTables::new(),
-            ))
-            .as_array_of_tables_mut()
-            .ok_or(ConfigError::Invalid {
+        self.doc.entry(name).or_insert(toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new())).as_array_of_tables_mut().ok_or(
+            ConfigError::Invalid {
                 path,
                 line: 1,
                 key: name.to_string(),
                 message: format!("is not written as [[{name}]] tables: add the entry by hand"),
-            })
+            },
+        )
     }
 
     /// TOML strings are UTF-8; a path that is not cannot be written.
     fn path_text(&self, path: &Path, key: &str) -> Result<String, ConfigError> {
-        path.to_str()
-            .map(str::to_string)
-            .ok_or_else(|| ConfigError::Invalid {
-                path: self.path.clone(),
-                line: self.doc.to_string().lines().count() + 1,
-                key: key.to_string(),
-                message: format!("{} is not valid UTF-8", path.display()),
-            })
+        path.to_str().map(str::to_string).ok_or_else(|| ConfigError::Invalid {
+            path: self.path.clone(),
+            line: self.doc.to_string().lines().count() + 1,
+            key: key.to_string(),
+            message: format!("{} is not valid UTF-8", path.display()),
+        })
     }
 }
 
@@ -873,18 +710,12 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ConfigError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0o644,
         Err(e) => return Err(io(path)(e)),
     };
-    let file_name = path
-        .file_name()
-        .map_or_else(|| "config.toml".into(), |n| n.to_string_lossy());
+    let file_name = path.file_name().map_or_else(|| "config.toml".into(), |n| n.to_string_lossy());
     let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
     // A temp file left by a crash of this same pid is stale.
     let _ = fs::remove_file(&tmp);
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         // The umask may have removed bits from the mode: set it exactly.
         file.set_permissions(fs::Permissions::from_mode(mode))?;
         file.write_all(data)?;
@@ -895,9 +726,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ConfigError> {
         let _ = fs::remove_file(&tmp);
         return Err(io(path)(e));
     }
-    File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(&dir))
+    File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))
 }
 
 #[cfg(test)]
@@ -911,10 +740,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!(
             "deftfs-config-{tag}-{}-{}",
             std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
@@ -980,34 +806,12 @@ bob = "write"
         let c = parse(&full_example()).unwrap();
         assert_eq!(c.node.name, name("alice"));
         assert_eq!(c.node.listen, "0.0.0.0:7741".parse().unwrap());
-        assert_eq!(
-            c.storage.chunk,
-            ChunkParams {
-                min: 4096,
-                avg: 16384,
-                max: 65536
-            }
-        );
-        assert_eq!(
-            (
-                c.storage.window,
-                c.storage.chunk_timeout_secs,
-                c.storage.max_retries
-            ),
-            (16, 5, 7)
-        );
+        assert_eq!(c.storage.chunk, ChunkParams { min: 4096, avg: 16384, max: 65536 });
+        assert_eq!((c.storage.window, c.storage.chunk_timeout_secs, c.storage.max_retries), (16, 5, 7));
 
         let bob = c.partner("bob").unwrap();
         assert_eq!(bob.fingerprints, vec![FP_A.parse().unwrap()]);
-        assert_eq!(
-            bob.endpoints,
-            vec![
-                "127.0.0.1:7741",
-                "bob.example.com:7741",
-                "[::1]:7000",
-                "[::1]:7741"
-            ]
-        );
+        assert_eq!(bob.endpoints, vec!["127.0.0.1:7741", "bob.example.com:7741", "[::1]:7000", "[::1]:7741"]);
         assert!(bob.allowed_certs.is_empty() && bob.ca.is_none());
         let carol = c.partner("carol").unwrap();
         assert_eq!(carol.fingerprints.len(), 2);
@@ -1018,10 +822,7 @@ bob = "write"
         let invoices = c.share("invoices").unwrap();
         assert_eq!(invoices.path, PathBuf::from("/data/invoices"));
         assert_eq!(invoices.access.get(&name("bob")), Some(&Access::Read));
-        assert_eq!(
-            invoices.access.get(&name("carol")),
-            Some(&Access::ReadWrite)
-        );
+        assert_eq!(invoices.access.get(&name("carol")), Some(&Access::ReadWrite));
         let orders = c.share("orders").unwrap();
         assert_eq!(orders.access.len(), 1);
         assert_eq!(orders.access.get(&name("bob")), Some(&Access::Write));
@@ -1031,51 +832,25 @@ bob = "write"
     #[test]
     fn defaults() {
         let c = parse("[node]\nname = \"alice\"\n").unwrap();
-        assert_eq!(
-            c.node.listen,
-            SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))
-        );
+        assert_eq!(c.node.listen, SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)));
         assert_eq!(c.storage, StorageConfig::default());
         assert_eq!(c.storage.chunk, ChunkParams::default());
-        assert_eq!(
-            (
-                c.storage.window,
-                c.storage.chunk_timeout_secs,
-                c.storage.max_retries
-            ),
-            (64, 30, 3)
-        );
+        assert_eq!((c.storage.window, c.storage.chunk_timeout_secs, c.storage.max_retries), (64, 30, 3));
         assert!(c.partners.is_empty() && c.shares.is_empty());
     }
 
     #[test]
     fn bad_fingerprint_names_its_line_and_key() {
-        let text = full_example().replace(
-            &format!("fingerprint = \"{FP_A}\""),
-            "fingerprint = \"sha256:abc\"",
-        );
+        let text = full_example().replace(&format!("fingerprint = \"{FP_A}\""), "fingerprint = \"sha256:abc\"");
         let e = error(&text);
-        assert!(
-            e.starts_with("config.toml:15: partners[0].fingerprint: invalid fingerprint"),
-            "{e}"
-        );
+        assert!(e.starts_with("config.toml:15: partners[0].fingerprint: invalid fingerprint"), "{e}");
 
         let text = "[node]\nname = \"a\"\n\n[[partners]]\nid = \"b\"\nendpoints = []\n\n\nfingerprint = \"md5:x\"\n";
         let e = error(text);
-        assert!(
-            e.starts_with("config.toml:9: partners[0].fingerprint: "),
-            "{e}"
-        );
+        assert!(e.starts_with("config.toml:9: partners[0].fingerprint: "), "{e}");
 
-        let text = full_example().replace(
-            &format!("[\"{FP_A}\", \"{FP_B}\"]"),
-            &format!("[\"{FP_A}\", \"x\"]"),
-        );
-        assert!(
-            error(&text).starts_with("config.toml:20: partners[1].fingerprints[1]: "),
-            "{}",
-            error(&text)
-        );
+        let text = full_example().replace(&format!("[\"{FP_A}\", \"{FP_B}\"]"), &format!("[\"{FP_A}\", \"x\"]"));
+        assert!(error(&text).starts_with("config.toml:20: partners[1].fingerprints[1]: "), "{}", error(&text));
     }
 
     #[test]
@@ -1086,109 +861,40 @@ bob = "write"
         let check = |from: &str, to: &str, expected: &str| {
             assert!(text.contains(from), "{from}");
             let e = error(&text.replacen(from, to, 1));
-            assert!(
-                e.starts_with(&format!("config.toml{expected}")),
-                "{to}: {e}"
-            );
+            assert!(e.starts_with(&format!("config.toml{expected}")), "{to}: {e}");
         };
         check("\"alice\"", "\"al ice\"", ":2: node.name: ");
         check("\"0.0.0.0:7741\"", "\"localhost\"", ":3: node.listen: ");
-        check(
-            "chunk_min = 4096",
-            "chunk_min = 32",
-            ":6: storage.chunk_min: ",
-        );
-        check(
-            "chunk_avg = 16384",
-            "chunk_avg = 1024",
-            ":7: storage.chunk_avg: ",
-        );
-        check(
-            "chunk_max = 65536",
-            "chunk_max = 8192",
-            ":8: storage.chunk_max: ",
-        );
-        check(
-            "chunk_max = 65536",
-            "chunk_max = 33554432",
-            ":8: storage.chunk_max: ",
-        );
+        check("chunk_min = 4096", "chunk_min = 32", ":6: storage.chunk_min: ");
+        check("chunk_avg = 16384", "chunk_avg = 1024", ":7: storage.chunk_avg: ");
+        check("chunk_max = 65536", "chunk_max = 8192", ":8: storage.chunk_max: ");
+        check("chunk_max = 65536", "chunk_max = 33554432", ":8: storage.chunk_max: ");
         check("window = 16", "window = 0", ":9: storage.window: ");
         check("window = 16", "window = 5000", ":9: storage.window: ");
-        check(
-            "window = 16",
-            "window = \"many\"",
-            ":9: storage.window: invalid type",
-        );
+        check("window = 16", "window = \"many\"", ":9: storage.window: invalid type");
         check("window = 16", "window = -1", ":9: storage.window: ");
-        check(
-            "_secs = 5",
-            "_secs = 0",
-            ":10: storage.chunk_timeout_secs: ",
-        );
+        check("_secs = 5", "_secs = 0", ":10: storage.chunk_timeout_secs: ");
         check("\"bob\"", "\"b/ob\"", ":14: partners[0].id: ");
-        check(
-            "\"127.0.0.1:7741\"",
-            "\"127.0.0.1:0\"",
-            ":16: partners[0].endpoints[0]: ",
-        );
-        check(
-            "\"bob.example.com\"",
-            "\"b b\"",
-            ":16: partners[0].endpoints[1]: ",
-        );
-        check(
-            "\"/etc/deftfs/ca.pem\"",
-            "\"\"",
-            ":22: partners[1].ca: path is empty",
-        );
+        check("\"127.0.0.1:7741\"", "\"127.0.0.1:0\"", ":16: partners[0].endpoints[0]: ");
+        check("\"bob.example.com\"", "\"b b\"", ":16: partners[0].endpoints[1]: ");
+        check("\"/etc/deftfs/ca.pem\"", "\"\"", ":22: partners[1].ca: path is empty");
         check("\"invoices\"", "\"..\"", ":25: shares[0].name: ");
-        check(
-            "\"/data/invoices\"",
-            "\"data\"",
-            ":26: shares.invoices.path: ",
-        );
-        check(
-            "\"/data/orders/*.xml\"",
-            "\"/data/[o\"",
-            ":33: shares.orders.path: ",
-        );
-        check(
-            "\"read-write\"",
-            "\"rw\"",
-            ":29: shares.invoices.access.carol: unknown access",
-        );
-        check(
-            "bob = \"write\"",
-            "bob = 1",
-            ":35: shares.orders.access.bob: invalid type",
-        );
-        check(
-            "max_retries = 7",
-            "max_retries = 7\nretries = 3",
-            ":12: storage.retries: ",
-        );
-        check(
-            "\"bob\"",
-            "\"bob\"\nfingerprnt = 1",
-            ":15: partners[0].fingerprnt: unknown field",
-        );
+        check("\"/data/invoices\"", "\"data\"", ":26: shares.invoices.path: ");
+        check("\"/data/orders/*.xml\"", "\"/data/[o\"", ":33: shares.orders.path: ");
+        check("\"read-write\"", "\"rw\"", ":29: shares.invoices.access.carol: unknown access");
+        check("bob = \"write\"", "bob = 1", ":35: shares.orders.access.bob: invalid type");
+        check("max_retries = 7", "max_retries = 7\nretries = 3", ":12: storage.retries: ");
+        check("\"bob\"", "\"bob\"\nfingerprnt = 1", ":15: partners[0].fingerprnt: unknown field");
         check("\"0.0.0.0:7741\"", "\"0.0.0.0:7741\nx", ":3: (document): ");
         // Unknown keys are named in the message too.
         let e = error(&text.replacen("window = 16", "windw = 16", 1));
-        assert!(
-            e.contains(":9: storage.windw: unknown field `windw`, expected one of"),
-            "{e}"
-        );
+        assert!(e.contains(":9: storage.windw: unknown field `windw`, expected one of"), "{e}");
     }
 
     #[test]
     fn unknown_sections_and_missing_keys() {
         let e = error("[node]\nname = \"a\"\n\n[server]\nenabled = true\n");
-        assert!(
-            e.contains(":4:") && e.contains("unknown field `server`"),
-            "{e}"
-        );
+        assert!(e.contains(":4:") && e.contains("unknown field `server`"), "{e}");
         let e = error("[node]\nlisten = \"0.0.0.0:1\"\n");
         assert!(e.contains("missing field `name`"), "{e}");
         let e = error("");
@@ -1199,24 +905,16 @@ bob = "write"
 
     #[test]
     fn partner_needs_a_certificate() {
-        let e =
-            error("[node]\nname = \"a\"\n\n[[partners]]\nid = \"bob\"\nendpoints = [\"h:1\"]\n");
-        assert!(
-            e.starts_with("config.toml:5: partners[0]: partner bob has no certificate"),
-            "{e}"
-        );
+        let e = error("[node]\nname = \"a\"\n\n[[partners]]\nid = \"bob\"\nendpoints = [\"h:1\"]\n");
+        assert!(e.starts_with("config.toml:5: partners[0]: partner bob has no certificate"), "{e}");
     }
 
     #[test]
     fn duplicates_and_unknown_partners() {
         let text = full_example().replace("id = \"carol\"", "id = \"bob\"");
-        assert!(
-            matches!(parse(&text), Err(ConfigError::DuplicatePartner { id, .. }) if id == "bob")
-        );
+        assert!(matches!(parse(&text), Err(ConfigError::DuplicatePartner { id, .. }) if id == "bob"));
         let text = full_example().replace("name = \"orders\"", "name = \"invoices\"");
-        assert!(
-            matches!(parse(&text), Err(ConfigError::DuplicateShare { name, .. }) if name == "invoices")
-        );
+        assert!(matches!(parse(&text), Err(ConfigError::DuplicateShare { name, .. }) if name == "invoices"));
         let text = full_example().replace("carol = \"read-write\"", "dave = \"read\"");
         match parse(&text) {
             Err(ConfigError::UnknownPartner { share, partner, .. }) => {
@@ -1233,10 +931,7 @@ bob = "write"
         assert_eq!(normalize_endpoint("10.0.0.1").unwrap(), "10.0.0.1:7741");
         assert_eq!(normalize_endpoint("[fe80::1]").unwrap(), "[fe80::1]:7741");
         assert_eq!(normalize_endpoint("fe80::1").unwrap(), "[fe80::1]:7741");
-        for bad in [
-            "", ":1", "h:", "h:x", "h:70000", "h:0", "[fe80::1", "[nope]:1", "[::1]1", "a:b:c",
-            "h/x:1",
-        ] {
+        for bad in ["", ":1", "h:", "h:x", "h:70000", "h:0", "[fe80::1", "[nope]:1", "[::1]1", "a:b:c", "h/x:1"] {
             assert!(normalize_endpoint(bad).is_err(), "{bad}");
         }
     }
@@ -1250,11 +945,8 @@ bob = "write"
         assert_eq!(c.node.listen, listen);
         assert!(c.partners.is_empty() && c.shares.is_empty());
         // Its commented examples are valid once uncommented.
-        let example: String = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("#   "))
-            .map(|l| l.replace("<64 hex digits>", &FP_A[7..]) + "\n")
-            .collect();
+        let example: String =
+            text.lines().filter_map(|l| l.strip_prefix("#   ")).map(|l| l.replace("<64 hex digits>", &FP_A[7..]) + "\n").collect();
         let c = parse(&format!("[node]\nname = \"alice\"\n{example}")).unwrap();
         assert_eq!(c.storage, StorageConfig::default());
         assert_eq!(c.partners.len(), 1);
@@ -1289,19 +981,17 @@ bob = "write"
         let saved = editor.save().unwrap();
 
         let text = fs::read_to_string(&path).unwrap();
-        for kept in [
-            "# my own notes: do not lose me",
-            "# inline note",
-            "# trailing note",
-        ] {
+        for kept in ["# my own notes: do not lose me", "# inline note", "# trailing note"] {
             assert!(text.contains(kept), "{kept} lost:\n{text}");
         }
-        assert!(text.contains("\n[[shares]]\nname = \"invoices\"\npath = \"/data/invoices\"\n[shares.access]\nbob = \"read\"\ncarol = \"write\"\n"), "{text}");
-        assert!(text.find("id = \"carol\"").unwrap() > text.find("id = \"bob\"").unwrap());
-        assert_eq!(
-            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o640
+        assert!(
+            text.contains(
+                "\n[[shares]]\nname = \"invoices\"\npath = \"/data/invoices\"\n[shares.access]\nbob = \"read\"\ncarol = \"write\"\n"
+            ),
+            "{text}"
         );
+        assert!(text.find("id = \"carol\"").unwrap() > text.find("id = \"bob\"").unwrap());
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
 
         let loaded = Config::load(&path).unwrap();
         assert_eq!(loaded, saved);
@@ -1312,18 +1002,9 @@ bob = "write"
 
         // A second edit appends after the first.
         let mut editor = ConfigEditor::open(&path).unwrap();
-        let dave = PartnerConfig {
-            id: name("dave"),
-            ..carol.clone()
-        };
+        let dave = PartnerConfig { id: name("dave"), ..carol.clone() };
         editor.add_partner(&dave).unwrap();
-        editor
-            .add_share(&ShareConfig {
-                name: name("empty"),
-                access: BTreeMap::new(),
-                ..share.clone()
-            })
-            .unwrap();
+        editor.add_share(&ShareConfig { name: name("empty"), access: BTreeMap::new(), ..share.clone() }).unwrap();
         let c = editor.save().unwrap();
         let ids: Vec<&str> = c.partners.iter().map(|p| p.id.as_str()).collect();
         assert_eq!(ids, ["bob", "carol", "dave"]);
@@ -1349,10 +1030,7 @@ bob = "write"
         };
         editor.add_partner(&bob).unwrap();
         editor.save().unwrap();
-        assert!(fs::symlink_metadata(&link)
-            .unwrap()
-            .file_type()
-            .is_symlink());
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
         assert!(fs::read_to_string(&real).unwrap().contains("id = \"bob\""));
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -1370,35 +1048,17 @@ bob = "write"
             ca: None,
             endpoints: vec![],
         };
-        assert!(matches!(
-            editor.add_partner(&bob),
-            Err(ConfigError::DuplicatePartner { .. })
-        ));
-        let share = ShareConfig {
-            name: name("orders"),
-            path: PathBuf::from("/x"),
-            access: BTreeMap::new(),
-        };
-        assert!(matches!(
-            editor.add_share(&share),
-            Err(ConfigError::DuplicateShare { .. })
-        ));
-        let share = ShareConfig {
-            name: name("new"),
-            path: PathBuf::from("/x"),
-            access: [(name("zed"), Access::Read)].into(),
-        };
+        assert!(matches!(editor.add_partner(&bob), Err(ConfigError::DuplicatePartner { .. })));
+        let share = ShareConfig { name: name("orders"), path: PathBuf::from("/x"), access: BTreeMap::new() };
+        assert!(matches!(editor.add_share(&share), Err(ConfigError::DuplicateShare { .. })));
+        let share = ShareConfig { name: name("new"), path: PathBuf::from("/x"), access: [(name("zed"), Access::Read)].into() };
         let e = editor.add_share(&share).unwrap_err();
         assert!(matches!(e, ConfigError::UnknownPartner { .. }));
         assert!(e.to_string().contains("deftfs partner add"), "{e}");
 
         // A partner without any certificate is refused when saving, and
         // the file is left as it was.
-        let lonely = PartnerConfig {
-            id: name("lonely"),
-            fingerprints: vec![],
-            ..bob
-        };
+        let lonely = PartnerConfig { id: name("lonely"), fingerprints: vec![], ..bob };
         editor.add_partner(&lonely).unwrap();
         assert!(matches!(editor.save(), Err(ConfigError::Invalid { .. })));
         assert_eq!(fs::read_to_string(&path).unwrap(), full_example());
@@ -1409,11 +1069,7 @@ bob = "write"
     fn editor_on_initial_text() {
         let dir = temp_dir("initial");
         let path = config_path(&dir);
-        fs::write(
-            &path,
-            Config::initial_text(&name("alice"), "0.0.0.0:7741".parse().unwrap()),
-        )
-        .unwrap();
+        fs::write(&path, Config::initial_text(&name("alice"), "0.0.0.0:7741".parse().unwrap())).unwrap();
         let mut editor = ConfigEditor::open(&path).unwrap();
         editor
             .add_partner(&PartnerConfig {
@@ -1444,17 +1100,11 @@ bob = "write"
     #[test]
     fn load_errors() {
         let dir = temp_dir("load");
-        assert!(matches!(
-            Config::load(&dir.join("missing.toml")),
-            Err(ConfigError::Io { .. })
-        ));
+        assert!(matches!(Config::load(&dir.join("missing.toml")), Err(ConfigError::Io { .. })));
         let path = dir.join("config.toml");
         fs::write(&path, "[node]\nname = 3\n").unwrap();
         let e = Config::load(&path).unwrap_err().to_string();
-        assert!(
-            e.starts_with(&format!("{}:2: node.name: ", path.display())),
-            "{e}"
-        );
+        assert!(e.starts_with(&format!("{}:2: node.name: ", path.display())), "{e}");
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1468,10 +1118,7 @@ bob = "write"
         assert_eq!(c.partners.len(), 2);
         assert_eq!(c.partner("bob").unwrap().endpoints[1], "192.0.2.10:7741");
         let orders = c.share("orders-outbound").unwrap();
-        assert_eq!(
-            orders.access.get(&name("supplier-inc")),
-            Some(&Access::ReadWrite)
-        );
+        assert_eq!(orders.access.get(&name("supplier-inc")), Some(&Access::ReadWrite));
     }
 
     #[test]

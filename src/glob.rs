@@ -38,9 +38,7 @@ impl Token {
             Token::Literal(l) => *l == c,
             Token::AnyOne => true,
             Token::AnyRun => false,
-            Token::Class { negated, ranges } => {
-                ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated
-            }
+            Token::Class { negated, ranges } => ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated,
         }
     }
 }
@@ -64,8 +62,7 @@ impl Glob {
                 '*' => Token::AnyRun,
                 '?' => Token::AnyOne,
                 '[' => {
-                    let (token, end) =
-                        parse_class(&chars, i + 1).ok_or_else(|| GlobError(pattern.to_string()))?;
+                    let (token, end) = parse_class(&chars, i + 1).ok_or_else(|| GlobError(pattern.to_string()))?;
                     i = end;
                     token
                 }
@@ -76,10 +73,7 @@ impl Glob {
             }
             i += 1;
         }
-        Ok(Glob {
-            pattern: pattern.to_string(),
-            components,
-        })
+        Ok(Glob { pattern: pattern.to_string(), components })
     }
 
     pub fn as_str(&self) -> &str {
@@ -91,9 +85,7 @@ impl Glob {
         if name.split('/').count() != self.components.len() {
             return false;
         }
-        name.split('/')
-            .zip(&self.components)
-            .all(|(text, tokens)| match_component(tokens, &text.chars().collect::<Vec<_>>()))
+        name.split('/').zip(&self.components).all(|(text, tokens)| match_component(tokens, &text.chars().collect::<Vec<_>>()))
     }
 
     /// True when the text has a wildcard character.
@@ -235,10 +227,7 @@ mod tests {
         for bad in ["[", "a[bc", "[!", "[]", "[!]", "x/[a-"] {
             assert_eq!(Glob::new(bad), Err(GlobError(bad.to_string())), "{bad}");
         }
-        assert_eq!(
-            Glob::new("a[").unwrap_err().to_string(),
-            "invalid pattern \"a[\": unclosed '['"
-        );
+        assert_eq!(Glob::new("a[").unwrap_err().to_string(), "invalid pattern \"a[\": unclosed '['");
     }
 
     #[test]

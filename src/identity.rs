@@ -31,9 +31,7 @@ use std::time::{Duration, SystemTime};
 /// { SEQUENCE { OID 1.3.101.112 }, BIT STRING (33 bytes, 0 unused bits) },
 /// followed by the 32 key bytes. Its length is fixed, so a byte search
 /// finds it without a full X.509 parser.
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
+const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
 
 /// Ten years of 365.25 days.
 const VALIDITY: Duration = Duration::from_secs(3_652 * 86_400 + 43_200);
@@ -43,12 +41,8 @@ const BACKDATE: Duration = Duration::from_secs(3600);
 /// PKCS#8 of an Ed25519 key up to its 32-byte seed: v2 as ring writes it
 /// (version 1, followed after the seed by the public key), and v1 (RFC
 /// 8410, version 0, seed only).
-const PKCS8_V2_PREFIX: [u8; 16] = [
-    0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-];
-const PKCS8_V1_PREFIX: [u8; 16] = [
-    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-];
+const PKCS8_V2_PREFIX: [u8; 16] = [0x30, 0x51, 0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+const PKCS8_V1_PREFIX: [u8; 16] = [0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
 
 const CERT_LABEL: &str = "CERTIFICATE";
 const KEY_LABEL: &str = "PRIVATE KEY";
@@ -85,11 +79,7 @@ impl FromStr for Fingerprint {
     /// required (any case).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || IdentityError::BadFingerprint(s.to_string());
-        let hex_part = s
-            .get(..7)
-            .filter(|prefix| prefix.eq_ignore_ascii_case("sha256:"))
-            .and_then(|_| s.get(7..))
-            .ok_or_else(bad)?;
+        let hex_part = s.get(..7).filter(|prefix| prefix.eq_ignore_ascii_case("sha256:")).and_then(|_| s.get(7..)).ok_or_else(bad)?;
         let digits: String = if hex_part.contains(':') {
             // Colons only between pairs: every piece is exactly two digits.
             let pieces: Vec<&str> = hex_part.split(':').collect();
@@ -111,10 +101,7 @@ pub enum IdentityError {
     #[error("invalid fingerprint {0:?}: expected sha256:<64 hex digits>")]
     BadFingerprint(String),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a PEM or DER certificate")]
     BadCert { path: PathBuf },
     #[error("{path}: not an Ed25519 PKCS#8 private key")]
@@ -128,10 +115,7 @@ pub enum IdentityError {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
-    move |source| IdentityError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| IdentityError::Io { path: path.to_path_buf(), source }
 }
 
 /// Where the private key was stored.
@@ -153,9 +137,7 @@ pub struct Identity {
 impl fmt::Debug for Identity {
     /// Never prints key material.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity")
-            .field("fingerprint", &self.fingerprint)
-            .finish_non_exhaustive()
+        f.debug_struct("Identity").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
     }
 }
 
@@ -181,10 +163,8 @@ impl Identity {
         params.subject_alt_names = vec![rcgen::SanType::DnsName(dns)];
         let now = SystemTime::now();
         params.not_before = now.checked_sub(BACKDATE).unwrap_or(now).into();
-        params.not_after = now
-            .checked_add(VALIDITY)
-            .ok_or_else(|| IdentityError::Generate("the clock is too far in the future".into()))?
-            .into();
+        params.not_after =
+            now.checked_add(VALIDITY).ok_or_else(|| IdentityError::Generate("the clock is too far in the future".into()))?.into();
         let cert = params.self_signed(&key).map_err(gen_err)?;
         let key_der = pkcs8_v1(&key.serialize_der());
         Identity::from_der(cert.der().to_vec(), key_der).map_err(|e| match e {
@@ -206,22 +186,13 @@ impl Identity {
             return Err(PairError::Mismatch);
         }
         let fingerprint = Fingerprint::of_cert(&cert_der);
-        Ok(Identity {
-            cert_der,
-            key_der,
-            key_pair,
-            fingerprint,
-        })
+        Ok(Identity { cert_der, key_der, key_pair, fingerprint })
     }
 
     /// Write `cert.pem` and `key.pem` (0600, created exclusively) into
     /// `home`, creating `home` (0700) if needed. Refuses if either exists.
     pub fn save(&self, home: &Path) -> Result<KeyLocation, IdentityError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(home)
-            .map_err(io_error(home))?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(home).map_err(io_error(home))?;
         let cert_path = Identity::cert_path(home);
         let key_path = Identity::key_path(home);
         if cert_path.symlink_metadata().is_ok() || key_path.symlink_metadata().is_ok() {
@@ -230,10 +201,7 @@ impl Identity {
         let key_pem = pem_encode(KEY_LABEL, &self.key_der);
         write_new(&key_path, key_pem.as_bytes(), 0o600).map_err(|e| match e.kind() {
             std::io::ErrorKind::AlreadyExists => IdentityError::Exists(home.to_path_buf()),
-            _ => IdentityError::Io {
-                path: key_path.clone(),
-                source: e,
-            },
+            _ => IdentityError::Io { path: key_path.clone(), source: e },
         })?;
         if let Err(e) = write_new(&cert_path, cert_pem(&self.cert_der).as_bytes(), 0o644) {
             // Leave no key without its certificate: the next attempt
@@ -241,15 +209,10 @@ impl Identity {
             let _ = fs::remove_file(&key_path);
             return Err(match e.kind() {
                 std::io::ErrorKind::AlreadyExists => IdentityError::Exists(home.to_path_buf()),
-                _ => IdentityError::Io {
-                    path: cert_path,
-                    source: e,
-                },
+                _ => IdentityError::Io { path: cert_path, source: e },
             });
         }
-        File::open(home)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(home))?;
+        File::open(home).and_then(|d| d.sync_all()).map_err(io_error(home))?;
         Ok(KeyLocation::File(key_path))
     }
 
@@ -262,9 +225,7 @@ impl Identity {
         let key_der = std::str::from_utf8(&key_text)
             .ok()
             .and_then(|text| pem_decode(text, KEY_LABEL))
-            .ok_or_else(|| IdentityError::BadKey {
-                path: key_path.clone(),
-            })?;
+            .ok_or_else(|| IdentityError::BadKey { path: key_path.clone() })?;
         Identity::from_der(cert_der, key_der).map_err(|e| match e {
             PairError::BadKey => IdentityError::BadKey { path: key_path },
             PairError::Mismatch => IdentityError::KeyMismatch,
@@ -311,10 +272,7 @@ impl Identity {
 /// tools; the public key is derived again from the seed on load. Anything
 /// else is kept as it is.
 fn pkcs8_v1(der: &[u8]) -> Vec<u8> {
-    match (
-        der.get(..PKCS8_V2_PREFIX.len()),
-        der.get(PKCS8_V2_PREFIX.len()..PKCS8_V2_PREFIX.len() + 32),
-    ) {
+    match (der.get(..PKCS8_V2_PREFIX.len()), der.get(PKCS8_V2_PREFIX.len()..PKCS8_V2_PREFIX.len() + 32)) {
         (Some(prefix), Some(seed)) if prefix == PKCS8_V2_PREFIX => {
             let mut v1 = PKCS8_V1_PREFIX.to_vec();
             v1.extend_from_slice(seed);
@@ -326,11 +284,7 @@ fn pkcs8_v1(der: &[u8]) -> Vec<u8> {
 
 /// Create `path` exclusively with `mode`, write `data`, fsync.
 fn write_new(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)?;
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(path)?;
     file.write_all(data)?;
     file.sync_all()
 }
@@ -354,9 +308,7 @@ pub fn ed25519_public_key(cert_der: &[u8]) -> Option<[u8; 32]> {
 
 /// Check an Ed25519 signature.
 pub fn verify(public_key: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> bool {
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
-        .verify(msg, sig)
-        .is_ok()
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key).verify(msg, sig).is_ok()
 }
 
 /// Read a certificate file, PEM or DER, returning the DER of the first
@@ -370,9 +322,7 @@ pub fn load_cert_file(path: &Path) -> Result<Vec<u8>, IdentityError> {
         .ok()
         .and_then(|text| pem_decode(text, CERT_LABEL))
         .filter(|der| is_der_sequence(der))
-        .ok_or_else(|| IdentityError::BadCert {
-            path: path.to_path_buf(),
-        })
+        .ok_or_else(|| IdentityError::BadCert { path: path.to_path_buf() })
 }
 
 /// PEM text of a DER certificate.
@@ -397,12 +347,7 @@ fn is_der_sequence(bytes: &[u8]) -> bool {
         let Some(len_bytes) = bytes.get(2..2 + n) else {
             return false;
         };
-        (
-            len_bytes
-                .iter()
-                .fold(0usize, |acc, b| acc << 8 | *b as usize),
-            2 + n,
-        )
+        (len_bytes.iter().fold(0usize, |acc, b| acc << 8 | *b as usize), 2 + n)
     };
     header + len == bytes.len()
 }
@@ -452,10 +397,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!(
             "deftfs-identity-{tag}-{}-{}",
             std::process::id(),
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos()
         ));
         let _ = fs::remove_dir_all(&dir);
         dir
@@ -469,17 +411,8 @@ mod tests {
         assert_eq!(fp.to_string(), format!("sha256:{hex}"));
         assert_eq!(format!("{fp:?}"), format!("sha256:{hex}"));
         assert_eq!(fp.to_string().parse::<Fingerprint>().unwrap(), fp);
-        assert_eq!(
-            format!("SHA256:{}", hex.to_uppercase())
-                .parse::<Fingerprint>()
-                .unwrap(),
-            fp
-        );
-        let colons: Vec<String> = hex
-            .as_bytes()
-            .chunks(2)
-            .map(|c| c.escape_ascii().to_string())
-            .collect();
+        assert_eq!(format!("SHA256:{}", hex.to_uppercase()).parse::<Fingerprint>().unwrap(), fp);
+        let colons: Vec<String> = hex.as_bytes().chunks(2).map(|c| c.escape_ascii().to_string()).collect();
         let openssl = format!("sha256:{}", colons.join(":").to_uppercase());
         assert_eq!(openssl.parse::<Fingerprint>().unwrap(), fp);
         for bad in [
@@ -496,10 +429,7 @@ mod tests {
             &format!("sha256:{}é", &hex[2..]),
         ] {
             let err = bad.parse::<Fingerprint>().unwrap_err();
-            assert!(
-                matches!(err, IdentityError::BadFingerprint(ref s) if s == bad),
-                "{bad}"
-            );
+            assert!(matches!(err, IdentityError::BadFingerprint(ref s) if s == bad), "{bad}");
         }
     }
 
@@ -539,10 +469,7 @@ mod tests {
         // Never overwritten.
         let again = Identity::generate("bob").unwrap();
         assert!(matches!(again.save(&home), Err(IdentityError::Exists(_))));
-        assert_eq!(
-            Identity::load(&home).unwrap().fingerprint(),
-            id.fingerprint()
-        );
+        assert_eq!(Identity::load(&home).unwrap().fingerprint(), id.fingerprint());
         fs::remove_dir_all(&home).unwrap();
     }
 
@@ -551,40 +478,18 @@ mod tests {
         let home = temp_home("mismatch");
         Identity::generate("carol").unwrap().save(&home).unwrap();
         let other_home = temp_home("mismatch-other");
-        Identity::generate("carol")
-            .unwrap()
-            .save(&other_home)
-            .unwrap();
+        Identity::generate("carol").unwrap().save(&other_home).unwrap();
         fs::copy(other_home.join("key.pem"), home.join("key.pem")).unwrap();
-        assert!(matches!(
-            Identity::load(&home),
-            Err(IdentityError::KeyMismatch)
-        ));
+        assert!(matches!(Identity::load(&home), Err(IdentityError::KeyMismatch)));
 
-        fs::write(
-            home.join("key.pem"),
-            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
-        )
-        .unwrap();
-        assert!(matches!(
-            Identity::load(&home),
-            Err(IdentityError::BadKey { .. })
-        ));
+        fs::write(home.join("key.pem"), "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        assert!(matches!(Identity::load(&home), Err(IdentityError::BadKey { .. })));
         fs::write(home.join("key.pem"), "no pem here").unwrap();
-        assert!(matches!(
-            Identity::load(&home),
-            Err(IdentityError::BadKey { .. })
-        ));
+        assert!(matches!(Identity::load(&home), Err(IdentityError::BadKey { .. })));
         fs::write(home.join("cert.pem"), "garbage").unwrap();
-        assert!(matches!(
-            Identity::load(&home),
-            Err(IdentityError::BadCert { .. })
-        ));
+        assert!(matches!(Identity::load(&home), Err(IdentityError::BadCert { .. })));
         fs::remove_file(home.join("cert.pem")).unwrap();
-        assert!(matches!(
-            Identity::load(&home),
-            Err(IdentityError::Io { .. })
-        ));
+        assert!(matches!(Identity::load(&home), Err(IdentityError::Io { .. })));
         fs::remove_dir_all(&home).unwrap();
         fs::remove_dir_all(&other_home).unwrap();
     }
@@ -595,10 +500,7 @@ mod tests {
         // takes and OpenSSL refuses; v1 (what openssl genpkey writes, and
         // what `generate` stores) needs the unchecked parser.
         let rng = ring::rand::SystemRandom::new();
-        let v2 = Ed25519KeyPair::generate_pkcs8(&rng)
-            .unwrap()
-            .as_ref()
-            .to_vec();
+        let v2 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap().as_ref().to_vec();
         assert_eq!(v2[..16], PKCS8_V2_PREFIX);
         let v1 = pkcs8_v1(&v2);
         assert_eq!(v1.len(), 48);
@@ -615,10 +517,7 @@ mod tests {
         // A v2 key of the same certificate loads too.
         let pair = Ed25519KeyPair::from_pkcs8(&v2).unwrap();
         let mut cert_for_v2 = id.cert_der().to_vec();
-        let at = cert_for_v2
-            .windows(32)
-            .position(|w| w == id.public_key())
-            .unwrap();
+        let at = cert_for_v2.windows(32).position(|w| w == id.public_key()).unwrap();
         cert_for_v2[at..at + 32].copy_from_slice(pair.public_key().as_ref());
         fs::write(home.join("cert.pem"), cert_pem(&cert_for_v2)).unwrap();
         fs::write(home.join("key.pem"), pem_encode(KEY_LABEL, &v2)).unwrap();
@@ -635,24 +534,14 @@ mod tests {
         let pem_path = home.join("erin.pem");
         let der_path = home.join("erin.der");
         // Text around the block, as openssl leaves it, is ignored.
-        fs::write(
-            &pem_path,
-            format!("Bag Attributes\n{}", cert_pem(id.cert_der())),
-        )
-        .unwrap();
+        fs::write(&pem_path, format!("Bag Attributes\n{}", cert_pem(id.cert_der()))).unwrap();
         fs::write(&der_path, id.cert_der()).unwrap();
         assert_eq!(load_cert_file(&pem_path).unwrap(), id.cert_der());
         assert_eq!(load_cert_file(&der_path).unwrap(), id.cert_der());
         let truncated = home.join("short.der");
         fs::write(&truncated, &id.cert_der()[..100]).unwrap();
-        assert!(matches!(
-            load_cert_file(&truncated),
-            Err(IdentityError::BadCert { .. })
-        ));
-        assert!(matches!(
-            load_cert_file(&home.join("missing.pem")),
-            Err(IdentityError::Io { .. })
-        ));
+        assert!(matches!(load_cert_file(&truncated), Err(IdentityError::BadCert { .. })));
+        assert!(matches!(load_cert_file(&home.join("missing.pem")), Err(IdentityError::Io { .. })));
         fs::remove_dir_all(&home).unwrap();
     }
 
@@ -675,9 +564,6 @@ mod tests {
         assert!(pem.lines().all(|l| l.len() <= 64));
         assert_eq!(pem_decode(&pem, CERT_LABEL), Some(der));
         assert_eq!(pem_decode(&pem, KEY_LABEL), None);
-        assert_eq!(
-            pem_decode("-----BEGIN CERTIFICATE-----\nAAAA\n", CERT_LABEL),
-            None
-        );
+        assert_eq!(pem_decode("-----BEGIN CERTIFICATE-----\nAAAA\n", CERT_LABEL), None);
     }
 }

@@ -53,10 +53,7 @@ pub enum IndexError {
     #[error("index database: {0}")]
     Db(#[from] rusqlite::Error),
     #[error("stat {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{path} kept changing while it was hashed ({tries} tries)")]
     KeepsChanging { path: String, tries: u32 },
 }
@@ -65,16 +62,9 @@ pub enum IndexError {
 /// when size, mtime, inode and params are unchanged, else computed and
 /// stored. Blocking. The lock is held only for the lookup and the store,
 /// never while hashing.
-pub fn manifest_for(
-    db: &Mutex<Connection>,
-    path: &Path,
-    params: &ChunkParams,
-) -> Result<Manifest, IndexError> {
+pub fn manifest_for(db: &Mutex<Connection>, path: &Path, params: &ChunkParams) -> Result<Manifest, IndexError> {
     manifest_with(db, path, params, |file| {
-        chunk::chunk_reader(file, params).map_err(|source| ChunkError::Io {
-            path: path.display().to_string(),
-            source,
-        })
+        chunk::chunk_reader(file, params).map_err(|source| ChunkError::Io { path: path.display().to_string(), source })
     })
 }
 
@@ -87,10 +77,7 @@ fn manifest_with(
     mut chunk: impl FnMut(&File) -> Result<Manifest, ChunkError>,
 ) -> Result<Manifest, IndexError> {
     params.validate()?;
-    let io_err = |source| IndexError::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io_err = |source| IndexError::Io { path: path.display().to_string(), source };
     let key = params.key();
     for _ in 0..MAX_TRIES {
         let file = File::open(path).map_err(io_err)?;
@@ -105,10 +92,7 @@ fn manifest_with(
             return Ok(manifest);
         }
     }
-    Err(IndexError::KeepsChanging {
-        path: path.display().to_string(),
-        tries: MAX_TRIES,
-    })
+    Err(IndexError::KeepsChanging { path: path.display().to_string(), tries: MAX_TRIES })
 }
 
 /// What identifies a file version without reading it.
@@ -122,15 +106,8 @@ struct Stamp {
 impl Stamp {
     fn of(meta: &Metadata) -> Stamp {
         // i64 nanoseconds reach year 2262; saturate beyond rather than wrap.
-        let mtime_ns = meta
-            .mtime()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(meta.mtime_nsec());
-        Stamp {
-            size: meta.size(),
-            mtime_ns,
-            inode: meta.ino(),
-        }
+        let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
+        Stamp { size: meta.size(), mtime_ns, inode: meta.ino() }
     }
 }
 
@@ -160,27 +137,17 @@ fn int(v: u64) -> i64 {
     i64::from_ne_bytes(v.to_ne_bytes())
 }
 
-fn lookup(
-    conn: &Connection,
-    path: &Path,
-    stamp: &Stamp,
-    key: &str,
-    params: &ChunkParams,
-) -> Result<Option<Manifest>, IndexError> {
+fn lookup(conn: &Connection, path: &Path, stamp: &Stamp, key: &str, params: &ChunkParams) -> Result<Option<Manifest>, IndexError> {
     let row = conn
-        .query_row(
-            "SELECT size, mtime_ns, inode, params, manifest FROM file_index WHERE path = ?1",
-            [PathKey(path)],
-            |row| {
-                Ok((
-                    row.get::<_, Value>(0)?,
-                    row.get::<_, Value>(1)?,
-                    row.get::<_, Value>(2)?,
-                    row.get::<_, Value>(3)?,
-                    row.get::<_, Value>(4)?,
-                ))
-            },
-        )
+        .query_row("SELECT size, mtime_ns, inode, params, manifest FROM file_index WHERE path = ?1", [PathKey(path)], |row| {
+            Ok((
+                row.get::<_, Value>(0)?,
+                row.get::<_, Value>(1)?,
+                row.get::<_, Value>(2)?,
+                row.get::<_, Value>(3)?,
+                row.get::<_, Value>(4)?,
+            ))
+        })
         .optional()?;
     // Values are compared as stored, whatever their type: a row of another
     // shape simply misses, and is overwritten.
@@ -194,32 +161,17 @@ fn lookup(
     if !fresh {
         return Ok(None);
     }
-    Ok(Manifest::decode(&bytes)
-        .ok()
-        .filter(|m| m.size == stamp.size && m.validate(params.max).is_ok()))
+    Ok(Manifest::decode(&bytes).ok().filter(|m| m.size == stamp.size && m.validate(params.max).is_ok()))
 }
 
-fn store(
-    conn: &Connection,
-    path: &Path,
-    stamp: &Stamp,
-    key: &str,
-    manifest: &Manifest,
-) -> Result<(), IndexError> {
+fn store(conn: &Connection, path: &Path, stamp: &Stamp, key: &str, manifest: &Manifest) -> Result<(), IndexError> {
     conn.execute(
         "INSERT INTO file_index (path, size, mtime_ns, inode, params, manifest)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (path) DO UPDATE SET
             size = excluded.size, mtime_ns = excluded.mtime_ns, inode = excluded.inode,
             params = excluded.params, manifest = excluded.manifest",
-        rusqlite::params![
-            PathKey(path),
-            int(stamp.size),
-            stamp.mtime_ns,
-            int(stamp.inode),
-            key,
-            manifest.encode(),
-        ],
+        rusqlite::params![PathKey(path), int(stamp.size), stamp.mtime_ns, int(stamp.inode), key, manifest.encode(),],
     )?;
     Ok(())
 }
@@ -235,11 +187,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, SystemTime};
 
-    const SMALL: ChunkParams = ChunkParams {
-        min: 1024,
-        avg: 4096,
-        max: 16 * 1024,
-    };
+    const SMALL: ChunkParams = ChunkParams { min: 1024, avg: 4096, max: 16 * 1024 };
 
     /// A directory under the system temp dir, removed when dropped.
     struct TestDir(PathBuf);
@@ -248,8 +196,7 @@ mod tests {
         fn new(name: &str) -> TestDir {
             static NEXT: AtomicU32 = AtomicU32::new(0);
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir()
-                .join(format!("deftfs-index-{}-{n}-{name}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("deftfs-index-{}-{n}-{name}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             TestDir(dir)
         }
@@ -291,28 +238,16 @@ mod tests {
 
     /// Rewrite the file in place (same inode), then set its mtime.
     fn rewrite(path: &Path, data: &[u8], mtime: SystemTime) {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(path)
-            .unwrap();
+        let mut f = OpenOptions::new().write(true).truncate(true).open(path).unwrap();
         f.write_all(data).unwrap();
         f.set_times(FileTimes::new().set_modified(mtime)).unwrap();
     }
 
     /// `manifest_with` that counts real chunking.
-    fn counted(
-        db: &Mutex<Connection>,
-        path: &Path,
-        params: &ChunkParams,
-        calls: &Cell<u32>,
-    ) -> Result<Manifest, IndexError> {
+    fn counted(db: &Mutex<Connection>, path: &Path, params: &ChunkParams, calls: &Cell<u32>) -> Result<Manifest, IndexError> {
         manifest_with(db, path, params, |file| {
             calls.set(calls.get() + 1);
-            chunk::chunk_reader(file, params).map_err(|source| ChunkError::Io {
-                path: path.display().to_string(),
-                source,
-            })
+            chunk::chunk_reader(file, params).map_err(|source| ChunkError::Io { path: path.display().to_string(), source })
         })
     }
 
@@ -383,15 +318,9 @@ mod tests {
         // Replace by rename: same size and mtime, another inode.
         let other = content(50_000, 7);
         let tmp = dir.file("a.bin.tmp", &other);
-        File::open(&tmp)
-            .unwrap()
-            .set_times(FileTimes::new().set_modified(when))
-            .unwrap();
+        File::open(&tmp).unwrap().set_times(FileTimes::new().set_modified(when)).unwrap();
         std::fs::rename(&tmp, &path).unwrap();
-        assert_eq!(
-            manifest_for(&db, &path, &SMALL).unwrap().file_hash,
-            Hash::of(&other)
-        );
+        assert_eq!(manifest_for(&db, &path, &SMALL).unwrap().file_hash, Hash::of(&other));
     }
 
     #[test]
@@ -431,14 +360,8 @@ mod tests {
         // A manifest valid in itself but for other content is refused too:
         // chunks longer than the params allow.
         let mut long = good.clone();
-        long.chunks = vec![chunk::ChunkRef {
-            offset: 0,
-            len: data.len() as u32,
-            hash: good.file_hash,
-        }];
-        lock(&db)
-            .execute("UPDATE file_index SET manifest = ?1", [long.encode()])
-            .unwrap();
+        long.chunks = vec![chunk::ChunkRef { offset: 0, len: data.len() as u32, hash: good.file_hash }];
+        lock(&db).execute("UPDATE file_index SET manifest = ?1", [long.encode()]).unwrap();
         assert_eq!(counted(&db, &path, &SMALL, &calls).unwrap(), good);
         assert_eq!(calls.get(), 6);
     }
@@ -465,12 +388,7 @@ mod tests {
             calls.set(calls.get() + 1);
             let m = chunk::chunk_reader(file, &SMALL).unwrap();
             if calls.get() == 1 {
-                OpenOptions::new()
-                    .append(true)
-                    .open(&path)
-                    .unwrap()
-                    .write_all(b"late")
-                    .unwrap();
+                OpenOptions::new().append(true).open(&path).unwrap().write_all(b"late").unwrap();
             }
             Ok(m)
         })
@@ -491,35 +409,15 @@ mod tests {
         let err = manifest_with(&db, &path, &SMALL, |file| {
             calls.set(calls.get() + 1);
             let m = chunk::chunk_reader(file, &SMALL).unwrap();
-            OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .unwrap()
-                .write_all(b"x")
-                .unwrap();
+            OpenOptions::new().append(true).open(&path).unwrap().write_all(b"x").unwrap();
             Ok(m)
         })
         .unwrap_err();
         assert_eq!(calls.get(), MAX_TRIES);
-        assert!(
-            matches!(
-                err,
-                IndexError::KeepsChanging {
-                    tries: MAX_TRIES,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(
-            err.to_string()
-                .ends_with("a.bin kept changing while it was hashed (3 tries)"),
-            "{err}"
-        );
+        assert!(matches!(err, IndexError::KeepsChanging { tries: MAX_TRIES, .. }), "{err}");
+        assert!(err.to_string().ends_with("a.bin kept changing while it was hashed (3 tries)"), "{err}");
         // Nothing was cached.
-        let rows: i64 = lock(&db)
-            .query_row("SELECT count(*) FROM file_index", [], |r| r.get(0))
-            .unwrap();
+        let rows: i64 = lock(&db).query_row("SELECT count(*) FROM file_index", [], |r| r.get(0)).unwrap();
         assert_eq!(rows, 0);
     }
 
@@ -531,16 +429,9 @@ mod tests {
         assert!(matches!(err, IndexError::Io { .. }), "{err}");
         assert!(err.to_string().starts_with("stat "), "{err}");
         let path = dir.file("a.bin", b"abc");
-        let bad = ChunkParams {
-            min: 10,
-            avg: 20,
-            max: 30,
-        };
+        let bad = ChunkParams { min: 10, avg: 20, max: 30 };
         let err = manifest_for(&db, &path, &bad).unwrap_err();
-        assert!(
-            matches!(err, IndexError::Chunk(ChunkError::BadParams { .. })),
-            "{err}"
-        );
+        assert!(matches!(err, IndexError::Chunk(ChunkError::BadParams { .. })), "{err}");
     }
 
     #[test]
@@ -549,10 +440,7 @@ mod tests {
         let dir = TestDir::new("bytes");
         let raw = dir.0.join(OsStr::from_bytes(b"caf\xe9"));
         std::fs::write(&raw, content(5000, 13)).unwrap();
-        let lossy = dir.file(
-            &raw.file_name().unwrap().to_string_lossy(),
-            &content(5000, 14),
-        );
+        let lossy = dir.file(&raw.file_name().unwrap().to_string_lossy(), &content(5000, 14));
         assert_ne!(raw, lossy);
         let db = db();
         let calls = Cell::new(0);

@@ -51,9 +51,7 @@ fn excerpt(s: &str, max: usize) -> String {
 /// `s` with every control character (CR and LF included) replaced by a
 /// space: free text (an ERROR message) that stays on its line.
 fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 /// A capability named in HELLO / WELCOME.
@@ -173,11 +171,7 @@ pub struct Completion {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// `DEFT HELLO <version> <caps,...> WINDOW_SIZE:<n>`
-    Hello {
-        version: String,
-        caps: Vec<Capability>,
-        window: u32,
-    },
+    Hello { version: String, caps: Vec<Capability>, window: u32 },
     /// `DEFT AUTH <partner_id>`
     Auth { partner: Name },
     /// `DEFT DISCOVER`
@@ -192,13 +186,7 @@ pub enum Request {
     /// followed by CHUNKS `CHUNK` lines: the manifest of the file to push.
     BeginTransfer { transfer_id: Name, share: Name, path: SharePath, size: u64, file_hash: Hash, chunks: Vec<ChunkLine> },
     /// `DEFT GET <transfer_id> <share> <path> <file_hash> CHUNKS <ranges>`
-    Get {
-        transfer_id: Name,
-        share: Name,
-        path: SharePath,
-        file_hash: Hash,
-        chunks: RangeSet,
-    },
+    Get { transfer_id: Name, share: Name, path: SharePath, file_hash: Hash, chunks: RangeSet },
     /// Pull receipt: the client received the file and signs for it.
     TransferComplete(Completion),
     /// `DEFT BYE`
@@ -209,12 +197,7 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
     /// `DEFT WELCOME <version> <caps,...> WINDOW_SIZE:<n> <session_id>`
-    Welcome {
-        version: String,
-        caps: Vec<Capability>,
-        window: u32,
-        session: Name,
-    },
+    Welcome { version: String, caps: Vec<Capability>, window: u32, session: Name },
     /// `DEFT AUTH_OK <partner_id> VF:<share,share,...>` (VF:- when none)
     AuthOk { partner: Name, shares: Vec<Name> },
     /// `DEFT FILES <count>` then count rows `<name> <kind> <size> <access> <mtime_ns>`
@@ -227,17 +210,9 @@ pub enum Response {
     /// `DEFT STAT_OK <kind> <size> <mtime_ns> <mode> <path>`
     StatOk(Entry),
     /// `DEFT TRANSFER_ACCEPTED <transfer_id> WINDOW_SIZE:<n> NEED:<ranges>`
-    TransferAccepted {
-        transfer_id: Name,
-        window: u32,
-        need: RangeSet,
-    },
+    TransferAccepted { transfer_id: Name, window: u32, need: RangeSet },
     /// `DEFT CHUNK_ACK <transfer_id> <index> OK|ERROR <reason>`
-    ChunkAck {
-        transfer_id: Name,
-        index: u32,
-        status: AckStatus,
-    },
+    ChunkAck { transfer_id: Name, index: u32, status: AckStatus },
     /// `DEFT CHUNK_ACK_BATCH <transfer_id> <ranges>`: all OK.
     ChunkAckBatch { transfer_id: Name, chunks: RangeSet },
     /// Push receipt: the server stored the file and signs for it.
@@ -256,16 +231,6 @@ pub enum Response {
 /// Exactly SIZE bytes follow the CRLF, then the stream ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataHeader {
-    Put {
-        transfer_id: Name,
-        index: u32,
-        size: u32,
-        hash: Hash,
-    },
-    ChunkData {
-        transfer_id: Name,
-        index: u32,
-        size: u32,
-        hash: Hash,
-    },
+    Put { transfer_id: Name, index: u32, size: u32, hash: Hash },
+    ChunkData { transfer_id: Name, index: u32, size: u32, hash: Hash },
 }

@@ -80,15 +80,10 @@ pub struct Receipt {
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiptError {
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a deftfs receipt: {detail}")]
     Malformed { path: PathBuf, detail: String },
-    #[error(
-        "signature does not match the receipt's content: it was altered or signed by another key"
-    )]
+    #[error("signature does not match the receipt's content: it was altered or signed by another key")]
     BadSignature,
     #[error("the receipt was signed by {signer}, but the certificate given is {given}")]
     WrongSigner { signer: String, given: String },
@@ -170,33 +165,26 @@ impl Receipt {
         if signed_text.iter().any(|field| field.contains('\n')) {
             return Err(self.malformed("a signed field contains a newline".into()));
         }
-        let public_key: [u8; 32] = decode_fixed(&sig.signer_public_key)
-            .ok_or_else(|| self.malformed("signer_public_key is not 32 bytes of base64".into()))?;
-        let value: [u8; 64] = decode_fixed(&sig.value)
-            .ok_or_else(|| self.malformed("signature value is not 64 bytes of base64".into()))?;
+        let public_key: [u8; 32] =
+            decode_fixed(&sig.signer_public_key).ok_or_else(|| self.malformed("signer_public_key is not 32 bytes of base64".into()))?;
+        let value: [u8; 64] = decode_fixed(&sig.value).ok_or_else(|| self.malformed("signature value is not 64 bytes of base64".into()))?;
         if !identity::verify(&public_key, &self.statement(), &value) {
             return Err(ReceiptError::BadSignature);
         }
 
         let signer = self.signer_fingerprint()?;
-        let receiver: Fingerprint = self.receiver.cert_fingerprint.parse().map_err(|_| {
-            self.malformed(format!(
-                "receiver fingerprint {:?} is not sha256:<hex>",
-                self.receiver.cert_fingerprint
-            ))
-        })?;
+        let receiver: Fingerprint = self
+            .receiver
+            .cert_fingerprint
+            .parse()
+            .map_err(|_| self.malformed(format!("receiver fingerprint {:?} is not sha256:<hex>", self.receiver.cert_fingerprint)))?;
         if signer != receiver {
-            return Err(self.malformed(format!(
-                "signed by {signer}, not by the receiver of the data {receiver}"
-            )));
+            return Err(self.malformed(format!("signed by {signer}, not by the receiver of the data {receiver}")));
         }
 
         if let Some(der) = cert_der {
             let given = Fingerprint::of_cert(der);
-            let wrong = || ReceiptError::WrongSigner {
-                signer: signer.to_string(),
-                given: given.to_string(),
-            };
+            let wrong = || ReceiptError::WrongSigner { signer: signer.to_string(), given: given.to_string() };
             if given != signer {
                 return Err(wrong());
             }
@@ -210,15 +198,10 @@ impl Receipt {
     /// Write to `<home>/receipts/YYYY/MM/DD/<transfer_id>.json` (date of
     /// complete_time), created exclusively and fsynced. Returns the path.
     pub fn store(&self, home: &Path) -> Result<PathBuf, ReceiptError> {
-        let time = Timestamp::parse_rfc3339(&self.transfer.complete_time).ok_or_else(|| {
-            self.malformed(format!(
-                "complete_time {:?} is not an RFC 3339 time",
-                self.transfer.complete_time
-            ))
-        })?;
+        let time = Timestamp::parse_rfc3339(&self.transfer.complete_time)
+            .ok_or_else(|| self.malformed(format!("complete_time {:?} is not an RFC 3339 time", self.transfer.complete_time)))?;
         // The id becomes a file name: it must not climb out of the folder.
-        let id = Name::new(self.transfer_id.as_str())
-            .map_err(|e| self.malformed(format!("transfer_id: {e}")))?;
+        let id = Name::new(self.transfer_id.as_str()).map_err(|e| self.malformed(format!("transfer_id: {e}")))?;
         let (y, m, d) = time.ymd();
         let receipts = home.join("receipts");
         let year = receipts.join(format!("{y:04}"));
@@ -227,65 +210,41 @@ impl Receipt {
         fs::create_dir_all(&day).map_err(io_error(&day))?;
         let path = day.join(format!("{id}.json"));
 
-        let mut json = serde_json::to_vec_pretty(self)
-            .map_err(|e| self.malformed(format!("cannot serialize: {e}")))?;
+        let mut json = serde_json::to_vec_pretty(self).map_err(|e| self.malformed(format!("cannot serialize: {e}")))?;
         json.push(b'\n');
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => ReceiptError::Exists(path.clone()),
-                _ => ReceiptError::Io {
-                    path: path.clone(),
-                    source: e,
-                },
-            })?;
-        file.write_all(&json)
-            .and_then(|()| file.sync_all())
-            .map_err(io_error(&path))?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => ReceiptError::Exists(path.clone()),
+            _ => ReceiptError::Io { path: path.clone(), source: e },
+        })?;
+        file.write_all(&json).and_then(|()| file.sync_all()).map_err(io_error(&path))?;
         // The new entry, and any directory made for it, must survive a
         // crash: sync each directory up to receipts/.
         for dir in [&day, &month, &year, &receipts] {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_error(dir))?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))?;
         }
         Ok(path)
     }
 
     pub fn load(path: &Path) -> Result<Receipt, ReceiptError> {
         let bytes = fs::read(path).map_err(io_error(path))?;
-        serde_json::from_slice(&bytes).map_err(|e| ReceiptError::Malformed {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        })
+        serde_json::from_slice(&bytes).map_err(|e| ReceiptError::Malformed { path: path.to_path_buf(), detail: e.to_string() })
     }
 
     pub fn signer_fingerprint(&self) -> Result<Fingerprint, ReceiptError> {
-        self.signature.signer_cert.parse().map_err(|_| {
-            self.malformed(format!(
-                "signer_cert {:?} is not sha256:<hex>",
-                self.signature.signer_cert
-            ))
-        })
+        self.signature
+            .signer_cert
+            .parse()
+            .map_err(|_| self.malformed(format!("signer_cert {:?} is not sha256:<hex>", self.signature.signer_cert)))
     }
 
     /// A Malformed error for a receipt not (yet) tied to a file.
     fn malformed(&self, detail: String) -> ReceiptError {
-        ReceiptError::Malformed {
-            path: PathBuf::from(format!("receipt {}", self.transfer_id)),
-            detail,
-        }
+        ReceiptError::Malformed { path: PathBuf::from(format!("receipt {}", self.transfer_id)), detail }
     }
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ReceiptError + '_ {
-    move |source| ReceiptError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ReceiptError::Io { path: path.to_path_buf(), source }
 }
 
 /// Base64 (standard, padded) of exactly N bytes.
@@ -301,10 +260,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!(
             "deftfs-receipt-{tag}-{}-{}",
             std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
         let _ = fs::remove_dir_all(&dir);
         dir
@@ -317,14 +273,8 @@ mod tests {
             direction: "push".into(),
             share: "invoices".into(),
             path: "2026/january.pdf".into(),
-            sender: Party {
-                node: "acme".into(),
-                cert_fingerprint: sender.fingerprint().to_string(),
-            },
-            receiver: Party {
-                node: "supplier".into(),
-                cert_fingerprint: receiver.fingerprint().to_string(),
-            },
+            sender: Party { node: "acme".into(), cert_fingerprint: sender.fingerprint().to_string() },
+            receiver: Party { node: "supplier".into(), cert_fingerprint: receiver.fingerprint().to_string() },
             transfer: TransferFacts {
                 start_time: "2026-01-19T14:30:00.000Z".into(),
                 complete_time: "2026-01-19T14:35:23.456Z".into(),
@@ -355,21 +305,8 @@ mod tests {
 
     #[test]
     fn statement_format() {
-        let s = statement(
-            "t1",
-            "inv",
-            "a/b.pdf",
-            "blake3:00",
-            10,
-            2,
-            "sha256:aa",
-            "sha256:bb",
-            "T",
-        );
-        assert_eq!(
-            String::from_utf8(s).unwrap(),
-            "DEFT-RECEIPT/1\nt1\ninv\na/b.pdf\nblake3:00\n10\n2\nsha256:aa\nsha256:bb\nT\n"
-        );
+        let s = statement("t1", "inv", "a/b.pdf", "blake3:00", 10, 2, "sha256:aa", "sha256:bb", "T");
+        assert_eq!(String::from_utf8(s).unwrap(), "DEFT-RECEIPT/1\nt1\ninv\na/b.pdf\nblake3:00\n10\n2\nsha256:aa\nsha256:bb\nT\n");
     }
 
     #[test]
@@ -413,10 +350,7 @@ mod tests {
         for (i, edit) in edits.into_iter().enumerate() {
             let mut bad = r.clone();
             edit(&mut bad);
-            assert!(
-                matches!(bad.verify(None), Err(ReceiptError::BadSignature)),
-                "edit {i}"
-            );
+            assert!(matches!(bad.verify(None), Err(ReceiptError::BadSignature)), "edit {i}");
             assert!(bad.verify(Some(receiver.cert_der())).is_err(), "edit {i}");
         }
     }
@@ -427,23 +361,14 @@ mod tests {
         // Signed by the sender, claiming to be the receiver's signature.
         let mut forged = unsigned(&sender, &receiver);
         forged.sign(&sender);
-        assert!(matches!(
-            forged.verify(None),
-            Err(ReceiptError::Malformed { .. })
-        ));
+        assert!(matches!(forged.verify(None), Err(ReceiptError::Malformed { .. })));
         forged.signature.signer_cert = receiver.fingerprint().to_string();
         forged.verify(None).unwrap(); // consistent with the embedded key...
-        assert!(matches!(
-            forged.verify(Some(receiver.cert_der())),
-            Err(ReceiptError::WrongSigner { .. })
-        )); // ...but not with the receiver's certificate.
-            // The right signature with another public key.
+        assert!(matches!(forged.verify(Some(receiver.cert_der())), Err(ReceiptError::WrongSigner { .. }))); // ...but not with the receiver's certificate.
+                                                                                                            // The right signature with another public key.
         let mut swapped = r.clone();
         swapped.signature.signer_public_key = BASE64.encode(sender.public_key());
-        assert!(matches!(
-            swapped.verify(None),
-            Err(ReceiptError::BadSignature)
-        ));
+        assert!(matches!(swapped.verify(None), Err(ReceiptError::BadSignature)));
         // Signature bytes altered.
         let mut bits = r.clone();
         let mut sig = BASE64.decode(&bits.signature.value).unwrap();
@@ -466,10 +391,7 @@ mod tests {
         for (i, case) in cases.into_iter().enumerate() {
             let mut bad = r.clone();
             case(&mut bad);
-            assert!(
-                matches!(bad.verify(None), Err(ReceiptError::Malformed { .. })),
-                "case {i}"
-            );
+            assert!(matches!(bad.verify(None), Err(ReceiptError::Malformed { .. })), "case {i}");
         }
     }
 
@@ -478,10 +400,7 @@ mod tests {
         let home = temp_home("store");
         let (r, _, receiver) = signed();
         let path = r.store(&home).unwrap();
-        assert_eq!(
-            path,
-            home.join("receipts/2026/01/19/550e8400-e29b-41d4-a716-446655440000.json")
-        );
+        assert_eq!(path, home.join("receipts/2026/01/19/550e8400-e29b-41d4-a716-446655440000.json"));
         let loaded = Receipt::load(&path).unwrap();
         assert_eq!(loaded, r);
         loaded.verify(Some(receiver.cert_der())).unwrap();
@@ -489,26 +408,17 @@ mod tests {
 
         let mut bad = r.clone();
         bad.transfer_id = "../../escape".into();
-        assert!(matches!(
-            bad.store(&home),
-            Err(ReceiptError::Malformed { .. })
-        ));
+        assert!(matches!(bad.store(&home), Err(ReceiptError::Malformed { .. })));
         let mut bad = r.clone();
         bad.transfer.complete_time = "yesterday".into();
-        assert!(matches!(
-            bad.store(&home),
-            Err(ReceiptError::Malformed { .. })
-        ));
+        assert!(matches!(bad.store(&home), Err(ReceiptError::Malformed { .. })));
 
         fs::write(home.join("junk.json"), "{\"transfer_id\": 1}").unwrap();
         match Receipt::load(&home.join("junk.json")) {
             Err(ReceiptError::Malformed { detail, .. }) => assert!(detail.contains("invalid type")),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            Receipt::load(&home.join("none.json")),
-            Err(ReceiptError::Io { .. })
-        ));
+        assert!(matches!(Receipt::load(&home.join("none.json")), Err(ReceiptError::Io { .. })));
         fs::remove_dir_all(&home).unwrap();
     }
 
@@ -554,12 +464,8 @@ mod tests {
                         _ => b'x',
                     };
                     fs::write(&path, &bytes).unwrap();
-                    let result =
-                        Receipt::load(&path).and_then(|r| r.verify(Some(receiver.cert_der())));
-                    assert!(
-                        result.is_err(),
-                        "byte {at} of {key} changed, still verifies"
-                    );
+                    let result = Receipt::load(&path).and_then(|r| r.verify(Some(receiver.cert_der())));
+                    assert!(result.is_err(), "byte {at} of {key} changed, still verifies");
                     tried += 1;
                 }
             }
@@ -567,10 +473,7 @@ mod tests {
         }
         assert!(tried > 400, "{tried}");
         fs::write(&path, &original).unwrap();
-        Receipt::load(&path)
-            .unwrap()
-            .verify(Some(receiver.cert_der()))
-            .unwrap();
+        Receipt::load(&path).unwrap().verify(Some(receiver.cert_der())).unwrap();
         fs::remove_dir_all(&home).unwrap();
     }
 }

@@ -27,9 +27,7 @@ impl Timestamp {
     pub fn from_system(t: SystemTime) -> Timestamp {
         match t.duration_since(UNIX_EPOCH) {
             Ok(after) => Timestamp(i64::try_from(after.as_nanos()).unwrap_or(i64::MAX)),
-            Err(before) => {
-                Timestamp(i64::try_from(before.duration().as_nanos()).map_or(i64::MIN, |n| -n))
-            }
+            Err(before) => Timestamp(i64::try_from(before.duration().as_nanos()).map_or(i64::MIN, |n| -n)),
         }
     }
 
@@ -41,12 +39,7 @@ impl Timestamp {
         let millis = self.0.rem_euclid(NANOS_PER_SEC) / 1_000_000;
         let (y, m, d) = civil_from_days(secs.div_euclid(SECS_PER_DAY));
         let sod = secs.rem_euclid(SECS_PER_DAY);
-        format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-            sod / 3600,
-            sod % 3600 / 60,
-            sod % 60
-        )
+        format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", sod / 3600, sod % 3600 / 60, sod % 60)
     }
 
     /// Parse what `rfc3339` writes (and offsets like `+02:00`, any number
@@ -116,20 +109,12 @@ impl Timestamp {
             return None;
         }
 
-        if !(1..=12).contains(&month)
-            || day < 1
-            || day > days_in_month(year, month)
-            || hour > 23
-            || minute > 59
-            || second > 59
-        {
+        if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) || hour > 23 || minute > 59 || second > 59 {
             return None;
         }
         let days = days_from_civil(year, month, day);
         let secs = days * SECS_PER_DAY + hour * 3600 + minute * 60 + second - offset_secs;
-        secs.checked_mul(NANOS_PER_SEC)?
-            .checked_add(nanos)
-            .map(Timestamp)
+        secs.checked_mul(NANOS_PER_SEC)?.checked_add(nanos).map(Timestamp)
     }
 
     /// (year, month 1-12, day 1-31), UTC.
@@ -147,9 +132,7 @@ impl Timestamp {
 /// `n` ASCII digits at `at`, as a number.
 fn digits(b: &[u8], at: usize, n: usize) -> Option<i64> {
     let field = b.get(at..at + n)?;
-    field.iter().try_fold(0i64, |acc, c| {
-        c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
-    })
+    field.iter().try_fold(0i64, |acc, c| c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0')))
 }
 
 fn byte_is(b: &[u8], at: usize, c: u8) -> Option<()> {
@@ -206,10 +189,7 @@ mod tests {
     fn epoch() {
         assert_eq!(Timestamp(0).rfc3339(), "1970-01-01T00:00:00.000Z");
         assert_eq!(Timestamp(0).ymd(), (1970, 1, 1));
-        assert_eq!(
-            Timestamp::parse_rfc3339("1970-01-01T00:00:00Z"),
-            Some(Timestamp(0))
-        );
+        assert_eq!(Timestamp::parse_rfc3339("1970-01-01T00:00:00Z"), Some(Timestamp(0)));
     }
 
     #[test]
@@ -221,51 +201,30 @@ mod tests {
         // date -u -d 2026-01-19T14:30:00Z +%s
         let t = Timestamp(1_768_833_000 * NANOS_PER_SEC + 123 * MS);
         assert_eq!(t.rfc3339(), "2026-01-19T14:30:00.123Z");
-        assert_eq!(
-            Timestamp::parse_rfc3339("2026-01-19T14:30:00.123Z"),
-            Some(t)
-        );
+        assert_eq!(Timestamp::parse_rfc3339("2026-01-19T14:30:00.123Z"), Some(t));
         assert_eq!(t.ymd(), (2026, 1, 19));
         // Last day of a non-leap century year and first of the next.
         let t = Timestamp::parse_rfc3339("2100-02-28T23:59:59Z").unwrap();
-        assert_eq!(
-            Timestamp(t.0 + NANOS_PER_SEC).rfc3339(),
-            "2100-03-01T00:00:00.000Z"
-        );
+        assert_eq!(Timestamp(t.0 + NANOS_PER_SEC).rfc3339(), "2100-03-01T00:00:00.000Z");
     }
 
     #[test]
     fn negative_times() {
         assert_eq!(Timestamp(-1).rfc3339(), "1969-12-31T23:59:59.999Z");
         assert_eq!(Timestamp(-1).ymd(), (1969, 12, 31));
-        assert_eq!(
-            Timestamp(-NANOS_PER_DAY).rfc3339(),
-            "1969-12-31T00:00:00.000Z"
-        );
+        assert_eq!(Timestamp(-NANOS_PER_DAY).rfc3339(), "1969-12-31T00:00:00.000Z");
         // date -u -d 1900-01-01 +%s
         let t = Timestamp(-2_208_988_800 * NANOS_PER_SEC);
         assert_eq!(t.rfc3339(), "1900-01-01T00:00:00.000Z");
-        assert_eq!(
-            Timestamp::parse_rfc3339("1900-01-01T00:00:00.000Z"),
-            Some(t)
-        );
-        assert_eq!(
-            Timestamp::parse_rfc3339("1969-12-31T23:59:59.999999999Z"),
-            Some(Timestamp(-1))
-        );
+        assert_eq!(Timestamp::parse_rfc3339("1900-01-01T00:00:00.000Z"), Some(t));
+        assert_eq!(Timestamp::parse_rfc3339("1969-12-31T23:59:59.999999999Z"), Some(Timestamp(-1)));
     }
 
     #[test]
     fn offsets_and_fractions() {
         let z = Timestamp::parse_rfc3339("2026-01-19T12:30:00Z").unwrap();
-        assert_eq!(
-            Timestamp::parse_rfc3339("2026-01-19T14:30:00+02:00"),
-            Some(z)
-        );
-        assert_eq!(
-            Timestamp::parse_rfc3339("2026-01-19T07:00:00-05:30"),
-            Some(z)
-        );
+        assert_eq!(Timestamp::parse_rfc3339("2026-01-19T14:30:00+02:00"), Some(z));
+        assert_eq!(Timestamp::parse_rfc3339("2026-01-19T07:00:00-05:30"), Some(z));
         assert_eq!(Timestamp::parse_rfc3339("2026-01-19t12:30:00z"), Some(z));
         assert_eq!(Timestamp::parse_rfc3339("2026-01-19 12:30:00Z"), Some(z));
         let f = |s| Timestamp::parse_rfc3339(s).map(|t| t.0 - z.0);

@@ -18,8 +18,8 @@
 //! decode to the same message.
 
 use super::{
-    AckStatus, Capability, ChunkLine, Completion, DataHeader, Entry, ErrorCode, Name, NameError,
-    PathError, Request, Response, SharePath, ShareRow, MAX_BODY_LINES, MAX_LINE,
+    AckStatus, Capability, ChunkLine, Completion, DataHeader, Entry, ErrorCode, Name, NameError, PathError, Request, Response, SharePath,
+    ShareRow, MAX_BODY_LINES, MAX_LINE,
 };
 use Field::{Bare, Tagged};
 
@@ -130,8 +130,7 @@ impl<M: Message> Decoder<M> {
     /// Feed one line as raw bytes, as read from the stream: refused as
     /// [`ProtoError::LineTooLong`] or [`ProtoError::NotUtf8`] before parsing.
     pub fn push_bytes(&mut self, line: &[u8]) -> Result<Option<M>, ProtoError> {
-        let checked = check_len(line.len())
-            .and_then(|()| std::str::from_utf8(line).map_err(|_| ProtoError::NotUtf8));
+        let checked = check_len(line.len()).and_then(|()| std::str::from_utf8(line).map_err(|_| ProtoError::NotUtf8));
         match checked {
             Ok(line) => self.push_line(line),
             Err(e) => {
@@ -153,27 +152,12 @@ impl sealed::Grammar for Request {
         // Struct literals evaluate their fields in the order written, which
         // is the order of the tokens.
         let msg = match args.verb {
-            "HELLO" => Request::Hello {
-                version: args.word(Bare("version"))?,
-                caps: args.caps()?,
-                window: args.window()?,
-            },
-            "AUTH" => Request::Auth {
-                partner: args.name("partner id")?,
-            },
+            "HELLO" => Request::Hello { version: args.word(Bare("version"))?, caps: args.caps()?, window: args.window()? },
+            "AUTH" => Request::Auth { partner: args.name("partner id")? },
             "DISCOVER" => Request::Discover,
-            "DESCRIBE" => Request::Describe {
-                share: args.name("share")?,
-                path: args.optional_path()?,
-            },
-            "LIST" => Request::List {
-                share: args.name("share")?,
-                path: args.optional_path()?,
-            },
-            "STAT" => Request::Stat {
-                share: args.name("share")?,
-                path: args.optional_path()?,
-            },
+            "DESCRIBE" => Request::Describe { share: args.name("share")?, path: args.optional_path()? },
+            "LIST" => Request::List { share: args.name("share")?, path: args.optional_path()? },
+            "STAT" => Request::Stat { share: args.name("share")?, path: args.optional_path()? },
             "BEGIN_TRANSFER" => {
                 let transfer_id = args.name("transfer id")?;
                 let share = args.name("share")?;
@@ -183,17 +167,7 @@ impl sealed::Grammar for Request {
                 let file_hash = args.parsed(Tagged("HASH"))?;
                 args.end()?;
                 let chunks = with_capacity_for(count);
-                return Ok((
-                    Request::BeginTransfer {
-                        transfer_id,
-                        share,
-                        path,
-                        size,
-                        file_hash,
-                        chunks,
-                    },
-                    count,
-                ));
+                return Ok((Request::BeginTransfer { transfer_id, share, path, size, file_hash, chunks }, count));
             }
             "GET" => Request::Get {
                 transfer_id: args.name("transfer id")?,
@@ -223,9 +197,7 @@ impl sealed::Grammar for Request {
 
     fn finish(&self) -> Result<(), ProtoError> {
         match self {
-            Request::BeginTransfer { size, chunks, .. } => {
-                check_coverage("BEGIN_TRANSFER", chunks, *size)
-            }
+            Request::BeginTransfer { size, chunks, .. } => check_coverage("BEGIN_TRANSFER", chunks, *size),
             _ => Ok(()),
         }
     }
@@ -241,10 +213,7 @@ impl sealed::Grammar for Response {
                 window: args.window()?,
                 session: args.name("session id")?,
             },
-            "AUTH_OK" => Response::AuthOk {
-                partner: args.name("partner id")?,
-                shares: args.share_list()?,
-            },
+            "AUTH_OK" => Response::AuthOk { partner: args.name("partner id")?, shares: args.share_list()? },
             "FILES" => {
                 let count = args.line_count(Bare("count"))?;
                 args.end()?;
@@ -260,18 +229,7 @@ impl sealed::Grammar for Response {
                 let mode = args.mode(Tagged("MODE"))?;
                 args.end()?;
                 let chunks = with_capacity_for(count);
-                return Ok((
-                    Response::FileInfo {
-                        share,
-                        path,
-                        size,
-                        file_hash,
-                        mtime_ns,
-                        mode,
-                        chunks,
-                    },
-                    count,
-                ));
+                return Ok((Response::FileInfo { share, path, size, file_hash, mtime_ns, mode, chunks }, count));
             }
             "ENTRIES" => {
                 let count = args.line_count(Bare("count"))?;
@@ -289,19 +247,11 @@ impl sealed::Grammar for Response {
                 index: args.unsigned(Bare("chunk index"))?,
                 status: args.ack_status()?,
             },
-            "CHUNK_ACK_BATCH" => Response::ChunkAckBatch {
-                transfer_id: args.name("transfer id")?,
-                chunks: args.parsed(Bare("chunks"))?,
-            },
+            "CHUNK_ACK_BATCH" => Response::ChunkAckBatch { transfer_id: args.name("transfer id")?, chunks: args.parsed(Bare("chunks"))? },
             "TRANSFER_COMPLETE" => Response::TransferComplete(args.completion()?),
-            "RECEIPT_OK" => Response::ReceiptOk {
-                transfer_id: args.name("transfer id")?,
-            },
+            "RECEIPT_OK" => Response::ReceiptOk { transfer_id: args.name("transfer id")? },
             "BYE" => Response::Bye,
-            "ERROR" => Response::Error {
-                code: args.parsed(Bare("code"))?,
-                message: super::one_line(args.rest()),
-            },
+            "ERROR" => Response::Error { code: args.parsed(Bare("code"))?, message: super::one_line(args.rest()) },
             verb => return Err(unknown_verb(verb)),
         };
         args.end()?;
@@ -397,9 +347,7 @@ fn with_capacity_for<T>(count: u64) -> Vec<T> {
 /// bytes file: the next index, at the offset where the previous chunk
 /// ended, non-empty, within the file.
 fn push_chunk(chunks: &mut Vec<ChunkLine>, file_size: u64, line: &str) -> Result<(), ProtoError> {
-    let rest = line
-        .strip_prefix("CHUNK ")
-        .ok_or_else(|| ProtoError::BadBodyLine(excerpt(line)))?;
+    let rest = line.strip_prefix("CHUNK ").ok_or_else(|| ProtoError::BadBodyLine(excerpt(line)))?;
     let mut args = Args::body("CHUNK", rest);
     let chunk = ChunkLine {
         index: args.unsigned(Bare("index"))?,
@@ -413,19 +361,12 @@ fn push_chunk(chunks: &mut Vec<ChunkLine>, file_size: u64, line: &str) -> Result
         return Err(args.bad(format!("index {}, expected {}", chunk.index, chunks.len())));
     }
     if chunk.offset != expected_offset {
-        return Err(args.bad(format!(
-            "offset {}, expected {expected_offset}",
-            chunk.offset
-        )));
+        return Err(args.bad(format!("offset {}, expected {expected_offset}", chunk.offset)));
     }
     if chunk.size == 0 {
         return Err(args.bad("chunk of 0 bytes"));
     }
-    if chunk
-        .offset
-        .checked_add(u64::from(chunk.size))
-        .map_or(true, |end| end > file_size)
-    {
+    if chunk.offset.checked_add(u64::from(chunk.size)).map_or(true, |end| end > file_size) {
         return Err(args.bad(format!("chunk {} ends past SIZE {file_size}", chunk.index)));
     }
     chunks.push(chunk);
@@ -436,10 +377,7 @@ fn push_chunk(chunks: &mut Vec<ChunkLine>, file_size: u64, line: &str) -> Result
 fn check_coverage(verb: &str, chunks: &[ChunkLine], size: u64) -> Result<(), ProtoError> {
     let covered = chunks.last().map_or(0, |c| c.offset + u64::from(c.size));
     if covered != size {
-        return Err(ProtoError::BadArgs {
-            verb: verb.to_string(),
-            detail: format!("chunks cover {covered} bytes but SIZE is {size}"),
-        });
+        return Err(ProtoError::BadArgs { verb: verb.to_string(), detail: format!("chunks cover {covered} bytes but SIZE is {size}") });
     }
     Ok(())
 }
@@ -480,33 +418,23 @@ impl<'a> Args<'a> {
 
     /// A body line: all arguments, no verb.
     fn body(what: &'a str, line: &'a str) -> Args<'a> {
-        Args {
-            verb: what,
-            rest: Some(line),
-        }
+        Args { verb: what, rest: Some(line) }
     }
 
     fn bad(&self, detail: impl Into<String>) -> ProtoError {
-        ProtoError::BadArgs {
-            verb: self.verb.to_string(),
-            detail: detail.into(),
-        }
+        ProtoError::BadArgs { verb: self.verb.to_string(), detail: detail.into() }
     }
 
     /// The next token, never empty.
     fn token(&mut self, what: &str) -> Result<&'a str, ProtoError> {
-        let rest = self
-            .rest
-            .ok_or_else(|| self.bad(format!("missing {what}")))?;
+        let rest = self.rest.ok_or_else(|| self.bad(format!("missing {what}")))?;
         let (token, more) = match rest.split_once(' ') {
             Some((token, more)) => (token, Some(more)),
             None => (rest, None),
         };
         self.rest = more;
         if token.is_empty() {
-            return Err(self.bad(format!(
-                "empty {what}: tokens are separated by exactly one space"
-            )));
+            return Err(self.bad(format!("empty {what}: tokens are separated by exactly one space")));
         }
         Ok(token)
     }
@@ -543,10 +471,7 @@ impl<'a> Args<'a> {
     fn end(&self) -> Result<(), ProtoError> {
         match self.rest {
             None => Ok(()),
-            Some(rest) => Err(self.bad(format!(
-                "unexpected {:?} after the last argument",
-                excerpt(rest)
-            ))),
+            Some(rest) => Err(self.bad(format!("unexpected {:?} after the last argument", excerpt(rest)))),
         }
     }
 
@@ -557,9 +482,7 @@ impl<'a> Args<'a> {
         T::Err: std::fmt::Display,
     {
         let value = self.value(field)?;
-        value
-            .parse()
-            .map_err(|e: T::Err| self.bad(format!("{field}: {e}")))
+        value.parse().map_err(|e: T::Err| self.bad(format!("{field}: {e}")))
     }
 
     fn name(&mut self, what: &str) -> Result<Name, ProtoError> {
@@ -581,13 +504,8 @@ impl<'a> Args<'a> {
     /// 1 to 64 printable ASCII characters: version, TIME, ack reason.
     fn word(&mut self, field: Field<'_>) -> Result<String, ProtoError> {
         let value = self.value(field)?;
-        if value.is_empty()
-            || value.len() > MAX_WORD
-            || !value.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return Err(self.bad(format!(
-                "{field} must be 1 to {MAX_WORD} printable ASCII characters"
-            )));
+        if value.is_empty() || value.len() > MAX_WORD || !value.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(self.bad(format!("{field} must be 1 to {MAX_WORD} printable ASCII characters")));
         }
         Ok(value.to_string())
     }
@@ -598,10 +516,7 @@ impl<'a> Args<'a> {
         let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
         match value.parse() {
             Ok(n) if digits => Ok(n),
-            _ => Err(self.bad(format!(
-                "{field}: expected an unsigned decimal number, got {:?}",
-                excerpt(value)
-            ))),
+            _ => Err(self.bad(format!("{field}: expected an unsigned decimal number, got {:?}", excerpt(value)))),
         }
     }
 
@@ -612,10 +527,7 @@ impl<'a> Args<'a> {
         let digits = !magnitude.is_empty() && magnitude.bytes().all(|b| b.is_ascii_digit());
         match value.parse() {
             Ok(n) if digits => Ok(n),
-            _ => Err(self.bad(format!(
-                "{field}: expected a decimal number, got {:?}",
-                excerpt(value)
-            ))),
+            _ => Err(self.bad(format!("{field}: expected a decimal number, got {:?}", excerpt(value)))),
         }
     }
 
@@ -625,10 +537,7 @@ impl<'a> Args<'a> {
         let octal = !value.is_empty() && value.bytes().all(|b| matches!(b, b'0'..=b'7'));
         match u32::from_str_radix(value, 8) {
             Ok(mode) if octal && mode <= 0o7777 => Ok(mode),
-            _ => Err(self.bad(format!(
-                "{field}: expected octal digits up to 7777, got {:?}",
-                excerpt(value)
-            ))),
+            _ => Err(self.bad(format!("{field}: expected octal digits up to 7777, got {:?}", excerpt(value)))),
         }
     }
 
@@ -654,20 +563,14 @@ impl<'a> Args<'a> {
     fn caps(&mut self) -> Result<Vec<Capability>, ProtoError> {
         let token = self.token("capabilities")?;
         let items = self.list("capabilities", token)?;
-        Ok(items
-            .into_iter()
-            .filter_map(|item| item.parse().ok())
-            .collect())
+        Ok(items.into_iter().filter_map(|item| item.parse().ok()).collect())
     }
 
     /// `VF:<name,name,...>` or `VF:-`.
     fn share_list(&mut self) -> Result<Vec<Name>, ProtoError> {
         let value = self.value(Tagged("VF"))?;
         let items = self.list("VF", value)?;
-        items
-            .into_iter()
-            .map(|item| Name::new(item).map_err(ProtoError::from))
-            .collect()
+        items.into_iter().map(|item| Name::new(item).map_err(ProtoError::from)).collect()
     }
 
     /// A comma-separated list, `-` for an empty one; no empty item.
@@ -698,10 +601,7 @@ impl<'a> Args<'a> {
         match self.token("status")? {
             "OK" => Ok(AckStatus::Ok),
             "ERROR" => Ok(AckStatus::Error(self.word(Bare("reason"))?)),
-            other => Err(self.bad(format!(
-                "status: expected OK or ERROR, got {:?}",
-                excerpt(other)
-            ))),
+            other => Err(self.bad(format!("status: expected OK or ERROR, got {:?}", excerpt(other)))),
         }
     }
 
@@ -741,11 +641,7 @@ mod tests {
         let mut decoder = Decoder::<M>::default();
         let (last, body) = lines.split_last().unwrap();
         for line in body {
-            assert_eq!(
-                decoder.push_line(line)?,
-                None,
-                "{line:?} finished the message early"
-            );
+            assert_eq!(decoder.push_line(line)?, None, "{line:?} finished the message early");
         }
         Ok(decoder.push_line(last)?.expect("message incomplete"))
     }
@@ -778,23 +674,10 @@ mod tests {
     fn hello_ignores_unknown_capabilities() {
         assert_eq!(
             req(&["DEFT HELLO 1.0 CHUNKED,TELEPORT,RESUME WINDOW_SIZE:128"]).unwrap(),
-            Request::Hello {
-                version: "1.0".into(),
-                caps: vec![Capability::Chunked, Capability::Resume],
-                window: 128
-            }
+            Request::Hello { version: "1.0".into(), caps: vec![Capability::Chunked, Capability::Resume], window: 128 }
         );
-        assert_eq!(
-            req(&["DEFT HELLO 2.7 - WINDOW_SIZE:1"]).unwrap(),
-            Request::Hello {
-                version: "2.7".into(),
-                caps: vec![],
-                window: 1
-            }
-        );
-        assert!(is_bad_args(req(&[
-            "DEFT HELLO 1.0 CHUNKED,,SYNC WINDOW_SIZE:4"
-        ])));
+        assert_eq!(req(&["DEFT HELLO 2.7 - WINDOW_SIZE:1"]).unwrap(), Request::Hello { version: "2.7".into(), caps: vec![], window: 1 });
+        assert!(is_bad_args(req(&["DEFT HELLO 1.0 CHUNKED,,SYNC WINDOW_SIZE:4"])));
         assert!(is_bad_args(req(&["DEFT HELLO 1.0 CHUNKED WINDOW_SIZE:0"])));
         assert!(is_bad_args(req(&["DEFT HELLO 1.0 CHUNKED"])));
         assert!(is_bad_args(req(&["DEFT HELLO 1.0 CHUNKED WINDOW:4"])));
@@ -815,34 +698,14 @@ mod tests {
 
     #[test]
     fn auth_and_auth_ok() {
-        assert_eq!(
-            req(&["DEFT AUTH acme-corp"]).unwrap(),
-            Request::Auth {
-                partner: name("acme-corp")
-            }
-        );
+        assert_eq!(req(&["DEFT AUTH acme-corp"]).unwrap(), Request::Auth { partner: name("acme-corp") });
         assert_eq!(
             resp(&["DEFT AUTH_OK acme-corp VF:orders,invoices"]).unwrap(),
-            Response::AuthOk {
-                partner: name("acme-corp"),
-                shares: vec![name("orders"), name("invoices")]
-            }
+            Response::AuthOk { partner: name("acme-corp"), shares: vec![name("orders"), name("invoices")] }
         );
-        assert_eq!(
-            resp(&["DEFT AUTH_OK acme-corp VF:-"]).unwrap(),
-            Response::AuthOk {
-                partner: name("acme-corp"),
-                shares: vec![]
-            }
-        );
-        assert!(matches!(
-            req(&["DEFT AUTH a/b"]),
-            Err(ProtoError::BadName(_))
-        ));
-        assert!(matches!(
-            resp(&["DEFT AUTH_OK a VF:x,.."]),
-            Err(ProtoError::BadName(_))
-        ));
+        assert_eq!(resp(&["DEFT AUTH_OK acme-corp VF:-"]).unwrap(), Response::AuthOk { partner: name("acme-corp"), shares: vec![] });
+        assert!(matches!(req(&["DEFT AUTH a/b"]), Err(ProtoError::BadName(_))));
+        assert!(matches!(resp(&["DEFT AUTH_OK a VF:x,.."]), Err(ProtoError::BadName(_))));
         assert!(is_bad_args(req(&["DEFT AUTH"])));
     }
 
@@ -850,20 +713,9 @@ mod tests {
     fn discover_and_files() {
         assert_eq!(req(&["DEFT DISCOVER"]).unwrap(), Request::Discover);
         assert_eq!(
-            resp(&[
-                "DEFT FILES 2",
-                "orders dir 1024 read-write -5",
-                "price.csv file 0 read 1700000000000000000"
-            ])
-            .unwrap(),
+            resp(&["DEFT FILES 2", "orders dir 1024 read-write -5", "price.csv file 0 read 1700000000000000000"]).unwrap(),
             Response::Files(vec![
-                ShareRow {
-                    name: name("orders"),
-                    kind: EntryKind::Dir,
-                    size: 1024,
-                    access: Access::ReadWrite,
-                    mtime_ns: -5
-                },
+                ShareRow { name: name("orders"), kind: EntryKind::Dir, size: 1024, access: Access::ReadWrite, mtime_ns: -5 },
                 ShareRow {
                     name: name("price.csv"),
                     kind: EntryKind::File,
@@ -874,44 +726,23 @@ mod tests {
             ])
         );
         assert_eq!(resp(&["DEFT FILES 0"]).unwrap(), Response::Files(vec![]));
-        assert!(is_bad_args(resp(&[
-            "DEFT FILES 1",
-            "orders folder 1 read 0"
-        ])));
+        assert!(is_bad_args(resp(&["DEFT FILES 1", "orders folder 1 read 0"])));
         assert!(is_bad_args(resp(&["DEFT FILES 1", "orders dir 1 admin 0"])));
         assert!(is_bad_args(resp(&["DEFT FILES 1", "orders dir 1 read"])));
-        assert!(matches!(
-            resp(&["DEFT FILES 1", "../x dir 1 read 0"]),
-            Err(ProtoError::BadName(_))
-        ));
+        assert!(matches!(resp(&["DEFT FILES 1", "../x dir 1 read 0"]), Err(ProtoError::BadName(_))));
     }
 
     #[test]
     fn describe_list_stat_default_to_the_root() {
         for (verb, make) in [
-            (
-                "DESCRIBE",
-                (|share, path| Request::Describe { share, path }) as fn(Name, SharePath) -> Request,
-            ),
+            ("DESCRIBE", (|share, path| Request::Describe { share, path }) as fn(Name, SharePath) -> Request),
             ("LIST", |share, path| Request::List { share, path }),
             ("STAT", |share, path| Request::Stat { share, path }),
         ] {
-            assert_eq!(
-                req(&[&format!("DEFT {verb} docs")]).unwrap(),
-                make(name("docs"), SharePath::root())
-            );
-            assert_eq!(
-                req(&[&format!("DEFT {verb} docs .")]).unwrap(),
-                make(name("docs"), SharePath::root())
-            );
-            assert_eq!(
-                req(&[&format!("DEFT {verb} docs a/my%20file.txt")]).unwrap(),
-                make(name("docs"), path("a/my file.txt"))
-            );
-            assert!(matches!(
-                req(&[&format!("DEFT {verb} docs ../etc")]),
-                Err(ProtoError::BadPath(_))
-            ));
+            assert_eq!(req(&[&format!("DEFT {verb} docs")]).unwrap(), make(name("docs"), SharePath::root()));
+            assert_eq!(req(&[&format!("DEFT {verb} docs .")]).unwrap(), make(name("docs"), SharePath::root()));
+            assert_eq!(req(&[&format!("DEFT {verb} docs a/my%20file.txt")]).unwrap(), make(name("docs"), path("a/my file.txt")));
+            assert!(matches!(req(&[&format!("DEFT {verb} docs ../etc")]), Err(ProtoError::BadPath(_))));
             assert!(is_bad_args(req(&[&format!("DEFT {verb} docs a b")])));
             assert!(is_bad_args(req(&[&format!("DEFT {verb}")])));
         }
@@ -919,8 +750,7 @@ mod tests {
 
     #[test]
     fn file_info_with_manifest() {
-        let head =
-            format!("DEFT FILE_INFO docs a.bin SIZE:300 CHUNKS:2 HASH:{H} MTIME:-1 MODE:644");
+        let head = format!("DEFT FILE_INFO docs a.bin SIZE:300 CHUNKS:2 HASH:{H} MTIME:-1 MODE:644");
         let c0 = format!("CHUNK 0 0 100 {H1}");
         let c1 = format!("CHUNK 1 100 200 {H}");
         assert_eq!(
@@ -933,26 +763,13 @@ mod tests {
                 mtime_ns: -1,
                 mode: 0o644,
                 chunks: vec![
-                    ChunkLine {
-                        index: 0,
-                        offset: 0,
-                        size: 100,
-                        hash: hash(H1)
-                    },
-                    ChunkLine {
-                        index: 1,
-                        offset: 100,
-                        size: 200,
-                        hash: hash(H)
-                    },
+                    ChunkLine { index: 0, offset: 0, size: 100, hash: hash(H1) },
+                    ChunkLine { index: 1, offset: 100, size: 200, hash: hash(H) },
                 ],
             }
         );
         let empty = format!("DEFT FILE_INFO docs e SIZE:0 CHUNKS:0 HASH:{H} MTIME:0 MODE:0");
-        assert!(matches!(
-            resp(&[&empty]).unwrap(),
-            Response::FileInfo { size: 0, .. }
-        ));
+        assert!(matches!(resp(&[&empty]).unwrap(), Response::FileInfo { size: 0, .. }));
         for mode in ["MODE:8", "MODE:10000", "MODE:0o644", "MODE:", "MODE:-1"] {
             let line = format!("DEFT FILE_INFO docs e SIZE:0 CHUNKS:0 HASH:{H} MTIME:0 {mode}");
             assert!(is_bad_args(resp(&[&line])), "{mode}");
@@ -961,57 +778,27 @@ mod tests {
 
     #[test]
     fn entries_and_stat_ok() {
-        let entries = resp(&[
-            "DEFT ENTRIES 2",
-            "dir 0 10 755 sub",
-            "file 5 -10 600 sub/n%C3%A9%20e",
-        ])
-        .unwrap();
+        let entries = resp(&["DEFT ENTRIES 2", "dir 0 10 755 sub", "file 5 -10 600 sub/n%C3%A9%20e"]).unwrap();
         assert_eq!(
             entries,
             Response::Entries(vec![
-                Entry {
-                    kind: EntryKind::Dir,
-                    size: 0,
-                    mtime_ns: 10,
-                    mode: 0o755,
-                    path: path("sub")
-                },
-                Entry {
-                    kind: EntryKind::File,
-                    size: 5,
-                    mtime_ns: -10,
-                    mode: 0o600,
-                    path: path("sub/né e")
-                },
+                Entry { kind: EntryKind::Dir, size: 0, mtime_ns: 10, mode: 0o755, path: path("sub") },
+                Entry { kind: EntryKind::File, size: 5, mtime_ns: -10, mode: 0o600, path: path("sub/né e") },
             ])
         );
         assert_eq!(
             resp(&["DEFT STAT_OK dir 0 1 7777 ."]).unwrap(),
-            Response::StatOk(Entry {
-                kind: EntryKind::Dir,
-                size: 0,
-                mtime_ns: 1,
-                mode: 0o7777,
-                path: SharePath::root()
-            })
+            Response::StatOk(Entry { kind: EntryKind::Dir, size: 0, mtime_ns: 1, mode: 0o7777, path: SharePath::root() })
         );
-        assert!(matches!(
-            resp(&["DEFT ENTRIES 1", "file 1 1 644 a//b"]),
-            Err(ProtoError::BadPath(_))
-        ));
-        assert!(matches!(
-            resp(&["DEFT STAT_OK file 1 1 644 /abs"]),
-            Err(ProtoError::BadPath(_))
-        ));
+        assert!(matches!(resp(&["DEFT ENTRIES 1", "file 1 1 644 a//b"]), Err(ProtoError::BadPath(_))));
+        assert!(matches!(resp(&["DEFT STAT_OK file 1 1 644 /abs"]), Err(ProtoError::BadPath(_))));
         assert!(is_bad_args(resp(&["DEFT STAT_OK file 1 1 644"])));
         assert!(is_bad_args(resp(&["DEFT STAT_OK file +1 1 644 a"])));
     }
 
     #[test]
     fn begin_transfer_with_manifest() {
-        let head =
-            format!("DEFT BEGIN_TRANSFER t-1 inbox orders/o%201.csv SIZE:10 CHUNKS:2 HASH:{H}");
+        let head = format!("DEFT BEGIN_TRANSFER t-1 inbox orders/o%201.csv SIZE:10 CHUNKS:2 HASH:{H}");
         let c0 = format!("CHUNK 0 0 4 {H}");
         let c1 = format!("CHUNK 1 4 6 {H1}");
         assert_eq!(
@@ -1023,18 +810,8 @@ mod tests {
                 size: 10,
                 file_hash: hash(H),
                 chunks: vec![
-                    ChunkLine {
-                        index: 0,
-                        offset: 0,
-                        size: 4,
-                        hash: hash(H)
-                    },
-                    ChunkLine {
-                        index: 1,
-                        offset: 4,
-                        size: 6,
-                        hash: hash(H1)
-                    },
+                    ChunkLine { index: 0, offset: 0, size: 4, hash: hash(H) },
+                    ChunkLine { index: 1, offset: 4, size: 6, hash: hash(H1) },
                 ],
             }
         );
@@ -1044,57 +821,37 @@ mod tests {
     fn manifest_refusals() {
         let head = format!("DEFT BEGIN_TRANSFER t inbox f SIZE:10 CHUNKS:2 HASH:{H}");
         let cases = [
-            (format!("CHUNK 1 0 4 {H}"), format!("CHUNK 0 4 6 {H}")), // out of order
-            (format!("CHUNK 0 0 4 {H}"), format!("CHUNK 1 5 5 {H}")), // gap
-            (format!("CHUNK 0 0 4 {H}"), format!("CHUNK 1 3 7 {H}")), // overlap
-            (format!("CHUNK 0 0 4 {H}"), format!("CHUNK 1 4 5 {H}")), // short of SIZE
-            (format!("CHUNK 0 0 4 {H}"), format!("CHUNK 1 4 7 {H}")), // past SIZE
-            (format!("CHUNK 0 0 0 {H}"), format!("CHUNK 1 0 10 {H}")), // empty chunk
-            (
-                format!("CHUNK 0 0 4 {H}"),
-                "CHUNK 1 4 6 blake3:00".to_string(),
-            ), // bad hash
+            (format!("CHUNK 1 0 4 {H}"), format!("CHUNK 0 4 6 {H}")),          // out of order
+            (format!("CHUNK 0 0 4 {H}"), format!("CHUNK 1 5 5 {H}")),          // gap
+            (format!("CHUNK 0 0 4 {H}"), format!("CHUNK 1 3 7 {H}")),          // overlap
+            (format!("CHUNK 0 0 4 {H}"), format!("CHUNK 1 4 5 {H}")),          // short of SIZE
+            (format!("CHUNK 0 0 4 {H}"), format!("CHUNK 1 4 7 {H}")),          // past SIZE
+            (format!("CHUNK 0 0 0 {H}"), format!("CHUNK 1 0 10 {H}")),         // empty chunk
+            (format!("CHUNK 0 0 4 {H}"), "CHUNK 1 4 6 blake3:00".to_string()), // bad hash
             (format!("CHUNK 0 0 4 {H}"), format!("CHUNK 1 4 6 {H} extra")),
         ];
         for (a, b) in &cases {
             assert!(is_bad_args(req(&[&head, a, b])), "{a} / {b}");
         }
         let not_chunk = req(&[&head, "DEFT BYE"]);
-        assert!(
-            matches!(not_chunk, Err(ProtoError::BadBodyLine(_))),
-            "{not_chunk:?}"
-        );
+        assert!(matches!(not_chunk, Err(ProtoError::BadBodyLine(_))), "{not_chunk:?}");
         let size_mismatch = format!("DEFT BEGIN_TRANSFER t inbox f SIZE:10 CHUNKS:0 HASH:{H}");
         assert!(is_bad_args(req(&[&size_mismatch])));
-        let huge = format!(
-            "DEFT FILE_INFO s f SIZE:18446744073709551615 CHUNKS:1 HASH:{H} MTIME:0 MODE:0"
-        );
-        assert!(is_bad_args(resp(&[
-            &huge,
-            &format!("CHUNK 0 0 4294967295 {H}")
-        ])));
+        let huge = format!("DEFT FILE_INFO s f SIZE:18446744073709551615 CHUNKS:1 HASH:{H} MTIME:0 MODE:0");
+        assert!(is_bad_args(resp(&[&huge, &format!("CHUNK 0 0 4294967295 {H}")])));
     }
 
     #[test]
     fn too_many_body_lines() {
         let over = MAX_BODY_LINES + 1;
-        assert_eq!(
-            resp(&[&format!("DEFT FILES {over}")]),
-            Err(ProtoError::TooManyLines)
-        );
-        assert_eq!(
-            resp(&[&format!("DEFT ENTRIES {over}")]),
-            Err(ProtoError::TooManyLines)
-        );
+        assert_eq!(resp(&[&format!("DEFT FILES {over}")]), Err(ProtoError::TooManyLines));
+        assert_eq!(resp(&[&format!("DEFT ENTRIES {over}")]), Err(ProtoError::TooManyLines));
         let begin = format!("DEFT BEGIN_TRANSFER t s p SIZE:1 CHUNKS:{over} HASH:{H}");
         assert_eq!(req(&[&begin]), Err(ProtoError::TooManyLines));
         assert_eq!(ProtoError::TooManyLines.code(), ErrorCode::TooLarge);
         // At the limit the head is accepted and waits for its lines.
         let mut d = Decoder::<Response>::default();
-        assert_eq!(
-            d.push_line(&format!("DEFT FILES {MAX_BODY_LINES}")),
-            Ok(None)
-        );
+        assert_eq!(d.push_line(&format!("DEFT FILES {MAX_BODY_LINES}")), Ok(None));
         assert!(d.is_mid_message());
     }
 
@@ -1110,53 +867,29 @@ mod tests {
                 chunks: "0-5,7,9".parse().unwrap(),
             }
         );
-        assert!(is_bad_args(req(&[&format!(
-            "DEFT GET t7 docs big.iso {H} RANGES 0-5"
-        )])));
-        assert!(is_bad_args(req(&[&format!(
-            "DEFT GET t7 docs big.iso {H} CHUNKS 5-3"
-        )])));
-        assert!(is_bad_args(req(&[&format!(
-            "DEFT GET t7 docs big.iso {H} CHUNKS"
-        )])));
+        assert!(is_bad_args(req(&[&format!("DEFT GET t7 docs big.iso {H} RANGES 0-5")])));
+        assert!(is_bad_args(req(&[&format!("DEFT GET t7 docs big.iso {H} CHUNKS 5-3")])));
+        assert!(is_bad_args(req(&[&format!("DEFT GET t7 docs big.iso {H} CHUNKS")])));
         assert_eq!(
             resp(&["DEFT TRANSFER_ACCEPTED t7 WINDOW_SIZE:32 NEED:-"]).unwrap(),
-            Response::TransferAccepted {
-                transfer_id: name("t7"),
-                window: 32,
-                need: RangeSet::new()
-            }
+            Response::TransferAccepted { transfer_id: name("t7"), window: 32, need: RangeSet::new() }
         );
         assert_eq!(
             resp(&["DEFT TRANSFER_ACCEPTED t7 WINDOW_SIZE:32 NEED:1-3"]).unwrap(),
-            Response::TransferAccepted {
-                transfer_id: name("t7"),
-                window: 32,
-                need: RangeSet::span(1, 3)
-            }
+            Response::TransferAccepted { transfer_id: name("t7"), window: 32, need: RangeSet::span(1, 3) }
         );
-        assert!(is_bad_args(resp(&[
-            "DEFT TRANSFER_ACCEPTED t7 WINDOW_SIZE:32 NEED:"
-        ])));
+        assert!(is_bad_args(resp(&["DEFT TRANSFER_ACCEPTED t7 WINDOW_SIZE:32 NEED:"])));
     }
 
     #[test]
     fn chunk_acks() {
         assert_eq!(
             resp(&["DEFT CHUNK_ACK t 42 OK"]).unwrap(),
-            Response::ChunkAck {
-                transfer_id: name("t"),
-                index: 42,
-                status: AckStatus::Ok
-            }
+            Response::ChunkAck { transfer_id: name("t"), index: 42, status: AckStatus::Ok }
         );
         assert_eq!(
             resp(&["DEFT CHUNK_ACK t 43 ERROR HASH_MISMATCH"]).unwrap(),
-            Response::ChunkAck {
-                transfer_id: name("t"),
-                index: 43,
-                status: AckStatus::Error("HASH_MISMATCH".into())
-            }
+            Response::ChunkAck { transfer_id: name("t"), index: 43, status: AckStatus::Error("HASH_MISMATCH".into()) }
         );
         assert!(is_bad_args(resp(&["DEFT CHUNK_ACK t 43 ERROR"])));
         assert!(is_bad_args(resp(&["DEFT CHUNK_ACK t 43 ERROR TWO WORDS"])));
@@ -1165,10 +898,7 @@ mod tests {
         assert!(is_bad_args(resp(&["DEFT CHUNK_ACK t 4294967296 OK"])));
         assert_eq!(
             resp(&["DEFT CHUNK_ACK_BATCH t 1-50,52-100"]).unwrap(),
-            Response::ChunkAckBatch {
-                transfer_id: name("t"),
-                chunks: "1-50,52-100".parse().unwrap()
-            }
+            Response::ChunkAckBatch { transfer_id: name("t"), chunks: "1-50,52-100".parse().unwrap() }
         );
     }
 
@@ -1183,30 +913,15 @@ mod tests {
             time: "2026-01-19T14:35:23Z".into(),
             signature: Signature([7; 64]),
         };
-        assert_eq!(
-            req(&[&line]).unwrap(),
-            Request::TransferComplete(completion.clone())
-        );
-        assert_eq!(
-            resp(&[&line]).unwrap(),
-            Response::TransferComplete(completion)
-        );
-        let no_time = format!(
-            "DEFT TRANSFER_COMPLETE t9 HASH:{H} SIZE:1 CHUNKS:1 TIME: {}",
-            sig()
-        );
+        assert_eq!(req(&[&line]).unwrap(), Request::TransferComplete(completion.clone()));
+        assert_eq!(resp(&[&line]).unwrap(), Response::TransferComplete(completion));
+        let no_time = format!("DEFT TRANSFER_COMPLETE t9 HASH:{H} SIZE:1 CHUNKS:1 TIME: {}", sig());
         assert!(is_bad_args(req(&[&no_time])));
-        let bad_sig =
-            format!("DEFT TRANSFER_COMPLETE t9 HASH:{H} SIZE:1 CHUNKS:1 TIME:x sig:ed25519:AAAA");
+        let bad_sig = format!("DEFT TRANSFER_COMPLETE t9 HASH:{H} SIZE:1 CHUNKS:1 TIME:x sig:ed25519:AAAA");
         assert!(is_bad_args(req(&[&bad_sig])));
         let rsa = format!("DEFT TRANSFER_COMPLETE t9 HASH:{H} SIZE:1 CHUNKS:1 TIME:x sig:rsa:AAAA");
         assert!(is_bad_args(req(&[&rsa])));
-        assert_eq!(
-            resp(&["DEFT RECEIPT_OK t9"]).unwrap(),
-            Response::ReceiptOk {
-                transfer_id: name("t9")
-            }
-        );
+        assert_eq!(resp(&["DEFT RECEIPT_OK t9"]).unwrap(), Response::ReceiptOk { transfer_id: name("t9") });
     }
 
     #[test]
@@ -1215,19 +930,10 @@ mod tests {
         assert_eq!(resp(&["DEFT BYE"]).unwrap(), Response::Bye);
         assert_eq!(
             resp(&["DEFT ERROR ACCESS_DENIED partner acme may not write  to inbox "]).unwrap(),
-            Response::error(
-                ErrorCode::AccessDenied,
-                "partner acme may not write  to inbox "
-            )
+            Response::error(ErrorCode::AccessDenied, "partner acme may not write  to inbox ")
         );
-        assert_eq!(
-            resp(&["DEFT ERROR STALE"]).unwrap(),
-            Response::error(ErrorCode::Stale, "")
-        );
-        assert_eq!(
-            resp(&["DEFT ERROR BUSY a\tb\x7f"]).unwrap(),
-            Response::error(ErrorCode::Busy, "a b ")
-        );
+        assert_eq!(resp(&["DEFT ERROR STALE"]).unwrap(), Response::error(ErrorCode::Stale, ""));
+        assert_eq!(resp(&["DEFT ERROR BUSY a\tb\x7f"]).unwrap(), Response::error(ErrorCode::Busy, "a b "));
         assert!(is_bad_args(resp(&["DEFT ERROR NOPE message"])));
         assert!(is_bad_args(resp(&["DEFT ERROR"])));
         assert!(is_bad_args(req(&["DEFT BYE now"])));
@@ -1238,75 +944,30 @@ mod tests {
     fn data_headers() {
         assert_eq!(
             DataHeader::parse(&format!("DEFT PUT t 3 SIZE:65536 HASH:{H}")).unwrap(),
-            DataHeader::Put {
-                transfer_id: name("t"),
-                index: 3,
-                size: 65536,
-                hash: hash(H)
-            }
+            DataHeader::Put { transfer_id: name("t"), index: 3, size: 65536, hash: hash(H) }
         );
         assert_eq!(
             DataHeader::parse(&format!("DEFT CHUNK_DATA t 0 SIZE:1 HASH:{H}")).unwrap(),
-            DataHeader::ChunkData {
-                transfer_id: name("t"),
-                index: 0,
-                size: 1,
-                hash: hash(H)
-            }
+            DataHeader::ChunkData { transfer_id: name("t"), index: 0, size: 1, hash: hash(H) }
         );
-        assert!(matches!(
-            DataHeader::parse("DEFT GET t"),
-            Err(ProtoError::UnknownVerb(_))
-        ));
-        assert!(is_bad_args(DataHeader::parse(&format!(
-            "DEFT PUT t 3 SIZE:4294967296 HASH:{H}"
-        ))));
-        assert!(is_bad_args(DataHeader::parse(&format!(
-            "DEFT PUT t 3 HASH:{H} SIZE:1"
-        ))));
-        assert!(matches!(
-            DataHeader::parse(&format!("DEFT PUT .. 3 SIZE:1 HASH:{H}")),
-            Err(ProtoError::BadName(_))
-        ));
+        assert!(matches!(DataHeader::parse("DEFT GET t"), Err(ProtoError::UnknownVerb(_))));
+        assert!(is_bad_args(DataHeader::parse(&format!("DEFT PUT t 3 SIZE:4294967296 HASH:{H}"))));
+        assert!(is_bad_args(DataHeader::parse(&format!("DEFT PUT t 3 HASH:{H} SIZE:1"))));
+        assert!(matches!(DataHeader::parse(&format!("DEFT PUT .. 3 SIZE:1 HASH:{H}")), Err(ProtoError::BadName(_))));
         assert_eq!(DataHeader::parse("PUT t"), Err(ProtoError::BadPrefix));
-        assert_eq!(
-            DataHeader::parse(&"x".repeat(MAX_LINE)),
-            Err(ProtoError::LineTooLong)
-        );
+        assert_eq!(DataHeader::parse(&"x".repeat(MAX_LINE)), Err(ProtoError::LineTooLong));
     }
 
     #[test]
     fn refuses_bad_prefix_and_unknown_verbs() {
-        for bad in [
-            "",
-            "DEFT",
-            "deft HELLO 1.0 - WINDOW_SIZE:1",
-            "HELLO 1.0",
-            " DEFT BYE",
-            "DEFT\tBYE",
-        ] {
+        for bad in ["", "DEFT", "deft HELLO 1.0 - WINDOW_SIZE:1", "HELLO 1.0", " DEFT BYE", "DEFT\tBYE"] {
             assert_eq!(req(&[bad]), Err(ProtoError::BadPrefix), "{bad:?}");
         }
-        assert_eq!(
-            req(&["DEFT WELCOME 1.0 - WINDOW_SIZE:1 s"]),
-            Err(ProtoError::UnknownVerb("WELCOME".into()))
-        );
-        assert_eq!(
-            resp(&["DEFT HELLO 1.0 - WINDOW_SIZE:1"]),
-            Err(ProtoError::UnknownVerb("HELLO".into()))
-        );
-        assert_eq!(
-            req(&["DEFT CHUNK_READY x 1 1"]),
-            Err(ProtoError::UnknownVerb("CHUNK_READY".into()))
-        );
-        assert_eq!(
-            req(&["DEFT  BYE"]),
-            Err(ProtoError::UnknownVerb(String::new()))
-        );
-        assert_eq!(
-            req(&["DEFT bye"]),
-            Err(ProtoError::UnknownVerb("bye".into()))
-        );
+        assert_eq!(req(&["DEFT WELCOME 1.0 - WINDOW_SIZE:1 s"]), Err(ProtoError::UnknownVerb("WELCOME".into())));
+        assert_eq!(resp(&["DEFT HELLO 1.0 - WINDOW_SIZE:1"]), Err(ProtoError::UnknownVerb("HELLO".into())));
+        assert_eq!(req(&["DEFT CHUNK_READY x 1 1"]), Err(ProtoError::UnknownVerb("CHUNK_READY".into())));
+        assert_eq!(req(&["DEFT  BYE"]), Err(ProtoError::UnknownVerb(String::new())));
+        assert_eq!(req(&["DEFT bye"]), Err(ProtoError::UnknownVerb("bye".into())));
     }
 
     #[test]
@@ -1315,34 +976,16 @@ mod tests {
         assert!(is_bad_args(req(&["DEFT AUTH acme "])));
         assert!(is_bad_args(req(&["DEFT HELLO 1.0 - WINDOW_SIZE:+4"])));
         assert!(is_bad_args(req(&["DEFT HELLO 1.0 - WINDOW_SIZE: 4"])));
-        assert!(is_bad_args(req(&[
-            "DEFT HELLO 1.0 - WINDOW_SIZE:4294967296"
-        ])));
+        assert!(is_bad_args(req(&["DEFT HELLO 1.0 - WINDOW_SIZE:4294967296"])));
         assert!(is_bad_args(req(&["DEFT HELLO 1.0\u{1} - WINDOW_SIZE:4"])));
-        assert!(is_bad_args(req(&[&format!(
-            "DEFT HELLO {} - WINDOW_SIZE:4",
-            "9".repeat(65)
-        )])));
+        assert!(is_bad_args(req(&[&format!("DEFT HELLO {} - WINDOW_SIZE:4", "9".repeat(65))])));
     }
 
     #[test]
     fn refuses_dangerous_paths_and_names() {
-        for p in [
-            "..",
-            "../x",
-            "a/../../b",
-            "%2E%2E",
-            "/etc/passwd",
-            "%2Fetc",
-            "a%00b",
-            "a%0Ab",
-            "a%0D",
-            "a%1B",
-            "a%7F",
-            "a%5Cb",
-            "a//b",
-            "a/",
-        ] {
+        for p in
+            ["..", "../x", "a/../../b", "%2E%2E", "/etc/passwd", "%2Fetc", "a%00b", "a%0Ab", "a%0D", "a%1B", "a%7F", "a%5Cb", "a//b", "a/"]
+        {
             let r = req(&[&format!("DEFT LIST docs {p}")]);
             assert!(matches!(r, Err(ProtoError::BadPath(_))), "{p}: {r:?}");
             assert_eq!(r.unwrap_err().code(), ErrorCode::BadPath);
@@ -1363,22 +1006,14 @@ mod tests {
         assert_eq!(resp(&[&too_long]), Err(ProtoError::LineTooLong));
         assert_eq!(ProtoError::LineTooLong.code(), ErrorCode::TooLarge);
         let mut d = Decoder::<Response>::default();
-        assert_eq!(
-            d.push_bytes(too_long.as_bytes()),
-            Err(ProtoError::LineTooLong)
-        );
+        assert_eq!(d.push_bytes(too_long.as_bytes()), Err(ProtoError::LineTooLong));
     }
 
     #[test]
     fn refuses_invalid_utf8_bytes() {
         let mut d = Decoder::<Request>::default();
         assert_eq!(d.push_bytes(b"DEFT AUTH \xff"), Err(ProtoError::NotUtf8));
-        assert_eq!(
-            d.push_bytes(b"DEFT AUTH acme"),
-            Ok(Some(Request::Auth {
-                partner: name("acme")
-            }))
-        );
+        assert_eq!(d.push_bytes(b"DEFT AUTH acme"), Ok(Some(Request::Auth { partner: name("acme") })));
     }
 
     #[test]
@@ -1393,16 +1028,8 @@ mod tests {
         assert_eq!(d.push_line("DEFT BYE"), Ok(Some(Response::Bye)));
 
         let mut d = Decoder::<Request>::default();
-        assert_eq!(
-            d.push_line(&format!(
-                "DEFT BEGIN_TRANSFER t s f SIZE:5 CHUNKS:1 HASH:{H}"
-            )),
-            Ok(None)
-        );
-        assert_eq!(
-            d.push_line(&"y".repeat(MAX_LINE)),
-            Err(ProtoError::LineTooLong)
-        );
+        assert_eq!(d.push_line(&format!("DEFT BEGIN_TRANSFER t s f SIZE:5 CHUNKS:1 HASH:{H}")), Ok(None));
+        assert_eq!(d.push_line(&"y".repeat(MAX_LINE)), Err(ProtoError::LineTooLong));
         assert_eq!(d.push_line("DEFT DISCOVER"), Ok(Some(Request::Discover)));
     }
 
@@ -1414,29 +1041,17 @@ mod tests {
             &["DEFT HELLO 1.0 CHUNKED,FOO,RESUME WINDOW_SIZE:0010"],
             &["DEFT LIST docs a%41/%20b"],
             &["DEFT GET t s f%2fg %H CHUNKS 9,1-3,2"],
-            &[
-                "DEFT BEGIN_TRANSFER t s f SIZE:05 CHUNKS:2 HASH:%H",
-                "CHUNK 0 0 2 %H",
-                "CHUNK 01 2 3 %H",
-            ],
+            &["DEFT BEGIN_TRANSFER t s f SIZE:05 CHUNKS:2 HASH:%H", "CHUNK 0 0 2 %H", "CHUNK 01 2 3 %H"],
             &["DEFT TRANSFER_COMPLETE t HASH:%H SIZE:1 CHUNKS:1 TIME:x %S"],
         ];
         let responses: &[&[&str]] = &[
             &["DEFT ERROR BUSY a\tb"],
             &["DEFT FILES 1", "x file 01 read -0"],
-            &[
-                "DEFT FILE_INFO s . SIZE:2 CHUNKS:1 HASH:%H MTIME:-3 MODE:0644",
-                "CHUNK 0 0 2 %H",
-            ],
+            &["DEFT FILE_INFO s . SIZE:2 CHUNKS:1 HASH:%H MTIME:-3 MODE:0644", "CHUNK 0 0 2 %H"],
             &["DEFT TRANSFER_ACCEPTED t WINDOW_SIZE:3 NEED:4,3,1-2"],
             &["DEFT STAT_OK dir 0 0 0000 ."],
         ];
-        let fill = |lines: &[&str]| -> Vec<String> {
-            lines
-                .iter()
-                .map(|l| l.replace("%H", &upper).replace("%S", &sig))
-                .collect()
-        };
+        let fill = |lines: &[&str]| -> Vec<String> { lines.iter().map(|l| l.replace("%H", &upper).replace("%S", &sig)).collect() };
         fn again<M: Message + std::fmt::Debug + PartialEq>(text: &str) -> M {
             let lines: Vec<&str> = text.split_terminator("\r\n").collect();
             feed(&lines).unwrap()
@@ -1457,30 +1072,11 @@ mod tests {
     fn error_codes() {
         assert_eq!(ProtoError::BadPrefix.code(), ErrorCode::BadRequest);
         assert_eq!(ProtoError::NotUtf8.code(), ErrorCode::BadRequest);
-        assert_eq!(
-            ProtoError::UnknownVerb("X".into()).code(),
-            ErrorCode::BadRequest
-        );
-        assert_eq!(
-            ProtoError::BadBodyLine("X".into()).code(),
-            ErrorCode::BadRequest
-        );
-        assert_eq!(
-            ProtoError::BadArgs {
-                verb: "X".into(),
-                detail: "y".into()
-            }
-            .code(),
-            ErrorCode::BadRequest
-        );
-        assert_eq!(
-            ProtoError::BadName(NameError::Empty).code(),
-            ErrorCode::BadName
-        );
-        assert_eq!(
-            ProtoError::BadPath(PathError::TooLong).code(),
-            ErrorCode::BadPath
-        );
+        assert_eq!(ProtoError::UnknownVerb("X".into()).code(), ErrorCode::BadRequest);
+        assert_eq!(ProtoError::BadBodyLine("X".into()).code(), ErrorCode::BadRequest);
+        assert_eq!(ProtoError::BadArgs { verb: "X".into(), detail: "y".into() }.code(), ErrorCode::BadRequest);
+        assert_eq!(ProtoError::BadName(NameError::Empty).code(), ErrorCode::BadName);
+        assert_eq!(ProtoError::BadPath(PathError::TooLong).code(), ErrorCode::BadPath);
     }
 
     /// Lines shaped like the grammar, to reach past the verb.
@@ -1523,15 +1119,9 @@ mod tests {
             Just(sig()),
             "\\PC{0,4}",
         ];
-        let head = (verb, prop::collection::vec(token.clone(), 0..9))
-            .prop_map(|(verb, args)| format!("DEFT {verb} {}", args.join(" ")));
-        let body =
-            prop::collection::vec(token, 0..7).prop_map(|args| format!("CHUNK {}", args.join(" ")));
-        prop_oneof![
-            head,
-            body,
-            "dir [0-9]{1,3} [0-9]{1,3} [0-7]{3} [a-z.%]{1,5}"
-        ]
+        let head = (verb, prop::collection::vec(token.clone(), 0..9)).prop_map(|(verb, args)| format!("DEFT {verb} {}", args.join(" ")));
+        let body = prop::collection::vec(token, 0..7).prop_map(|args| format!("CHUNK {}", args.join(" ")));
+        prop_oneof![head, body, "dir [0-9]{1,3} [0-9]{1,3} [0-7]{3} [a-z.%]{1,5}"]
     }
 
     proptest! {

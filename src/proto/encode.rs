@@ -12,8 +12,8 @@
 //! fits [`MAX_LINE`].
 
 use super::{
-    Access, AckStatus, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode,
-    Name, Request, Response, SharePath, Signature, MAX_LINE,
+    Access, AckStatus, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode, Name, Request, Response, SharePath,
+    Signature, MAX_LINE,
 };
 use base64::Engine as _;
 use std::fmt::{self, Write as _};
@@ -23,39 +23,15 @@ impl Request {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         match self {
-            Request::Hello {
-                version,
-                caps,
-                window,
-            } => line(
-                &mut out,
-                format_args!(
-                    "DEFT HELLO {version} {} WINDOW_SIZE:{window}",
-                    CapList(caps)
-                ),
-            ),
+            Request::Hello { version, caps, window } => {
+                line(&mut out, format_args!("DEFT HELLO {version} {} WINDOW_SIZE:{window}", CapList(caps)))
+            }
             Request::Auth { partner } => line(&mut out, format_args!("DEFT AUTH {partner}")),
             Request::Discover => line(&mut out, format_args!("DEFT DISCOVER")),
-            Request::Describe { share, path } => line(
-                &mut out,
-                format_args!("DEFT DESCRIBE {share}{}", OptionalPath(path)),
-            ),
-            Request::List { share, path } => line(
-                &mut out,
-                format_args!("DEFT LIST {share}{}", OptionalPath(path)),
-            ),
-            Request::Stat { share, path } => line(
-                &mut out,
-                format_args!("DEFT STAT {share}{}", OptionalPath(path)),
-            ),
-            Request::BeginTransfer {
-                transfer_id,
-                share,
-                path,
-                size,
-                file_hash,
-                chunks,
-            } => {
+            Request::Describe { share, path } => line(&mut out, format_args!("DEFT DESCRIBE {share}{}", OptionalPath(path))),
+            Request::List { share, path } => line(&mut out, format_args!("DEFT LIST {share}{}", OptionalPath(path))),
+            Request::Stat { share, path } => line(&mut out, format_args!("DEFT STAT {share}{}", OptionalPath(path))),
+            Request::BeginTransfer { transfer_id, share, path, size, file_hash, chunks } => {
                 line(
                     &mut out,
                     format_args!(
@@ -66,19 +42,9 @@ impl Request {
                 );
                 chunk_lines(&mut out, chunks);
             }
-            Request::Get {
-                transfer_id,
-                share,
-                path,
-                file_hash,
-                chunks,
-            } => line(
-                &mut out,
-                format_args!(
-                    "DEFT GET {transfer_id} {share} {} {file_hash} CHUNKS {chunks}",
-                    path.to_wire()
-                ),
-            ),
+            Request::Get { transfer_id, share, path, file_hash, chunks } => {
+                line(&mut out, format_args!("DEFT GET {transfer_id} {share} {} {file_hash} CHUNKS {chunks}", path.to_wire()))
+            }
             Request::TransferComplete(completion) => completion_line(&mut out, completion),
             Request::Bye => line(&mut out, format_args!("DEFT BYE")),
         }
@@ -93,47 +59,20 @@ impl Response {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         match self {
-            Response::Welcome {
-                version,
-                caps,
-                window,
-                session,
-            } => line(
-                &mut out,
-                format_args!(
-                    "DEFT WELCOME {version} {} WINDOW_SIZE:{window} {session}",
-                    CapList(caps)
-                ),
-            ),
-            Response::AuthOk { partner, shares } => line(
-                &mut out,
-                format_args!("DEFT AUTH_OK {partner} VF:{}", NameList(shares)),
-            ),
+            Response::Welcome { version, caps, window, session } => {
+                line(&mut out, format_args!("DEFT WELCOME {version} {} WINDOW_SIZE:{window} {session}", CapList(caps)))
+            }
+            Response::AuthOk { partner, shares } => line(&mut out, format_args!("DEFT AUTH_OK {partner} VF:{}", NameList(shares))),
             Response::Files(rows) => {
                 line(&mut out, format_args!("DEFT FILES {}", rows.len()));
                 for row in rows {
                     line(
                         &mut out,
-                        format_args!(
-                            "{} {} {} {} {}",
-                            row.name,
-                            row.kind.as_str(),
-                            row.size,
-                            row.access.as_str(),
-                            row.mtime_ns
-                        ),
+                        format_args!("{} {} {} {} {}", row.name, row.kind.as_str(), row.size, row.access.as_str(), row.mtime_ns),
                     );
                 }
             }
-            Response::FileInfo {
-                share,
-                path,
-                size,
-                file_hash,
-                mtime_ns,
-                mode,
-                chunks,
-            } => {
+            Response::FileInfo { share, path, size, file_hash, mtime_ns, mode, chunks } => {
                 line(
                     &mut out,
                     format_args!(
@@ -151,44 +90,17 @@ impl Response {
                     line(&mut out, format_args!("{}", EntryRow(entry)));
                 }
             }
-            Response::StatOk(entry) => {
-                line(&mut out, format_args!("DEFT STAT_OK {}", EntryRow(entry)))
+            Response::StatOk(entry) => line(&mut out, format_args!("DEFT STAT_OK {}", EntryRow(entry))),
+            Response::TransferAccepted { transfer_id, window, need } => {
+                line(&mut out, format_args!("DEFT TRANSFER_ACCEPTED {transfer_id} WINDOW_SIZE:{window} NEED:{need}"))
             }
-            Response::TransferAccepted {
-                transfer_id,
-                window,
-                need,
-            } => line(
-                &mut out,
-                format_args!(
-                    "DEFT TRANSFER_ACCEPTED {transfer_id} WINDOW_SIZE:{window} NEED:{need}"
-                ),
-            ),
-            Response::ChunkAck {
-                transfer_id,
-                index,
-                status,
-            } => match status {
-                AckStatus::Ok => line(
-                    &mut out,
-                    format_args!("DEFT CHUNK_ACK {transfer_id} {index} OK"),
-                ),
-                AckStatus::Error(reason) => line(
-                    &mut out,
-                    format_args!("DEFT CHUNK_ACK {transfer_id} {index} ERROR {reason}"),
-                ),
+            Response::ChunkAck { transfer_id, index, status } => match status {
+                AckStatus::Ok => line(&mut out, format_args!("DEFT CHUNK_ACK {transfer_id} {index} OK")),
+                AckStatus::Error(reason) => line(&mut out, format_args!("DEFT CHUNK_ACK {transfer_id} {index} ERROR {reason}")),
             },
-            Response::ChunkAckBatch {
-                transfer_id,
-                chunks,
-            } => line(
-                &mut out,
-                format_args!("DEFT CHUNK_ACK_BATCH {transfer_id} {chunks}"),
-            ),
+            Response::ChunkAckBatch { transfer_id, chunks } => line(&mut out, format_args!("DEFT CHUNK_ACK_BATCH {transfer_id} {chunks}")),
             Response::TransferComplete(completion) => completion_line(&mut out, completion),
-            Response::ReceiptOk { transfer_id } => {
-                line(&mut out, format_args!("DEFT RECEIPT_OK {transfer_id}"))
-            }
+            Response::ReceiptOk { transfer_id } => line(&mut out, format_args!("DEFT RECEIPT_OK {transfer_id}")),
             Response::Bye => line(&mut out, format_args!("DEFT BYE")),
             Response::Error { code, message } => error_line(&mut out, *code, message),
         }
@@ -197,10 +109,7 @@ impl Response {
 
     /// Convenience: `Response::Error` with a message.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-        Response::Error {
-            code,
-            message: message.into(),
-        }
+        Response::Error { code, message: message.into() }
     }
 }
 
@@ -209,24 +118,12 @@ impl DataHeader {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         match self {
-            DataHeader::Put {
-                transfer_id,
-                index,
-                size,
-                hash,
-            } => line(
-                &mut out,
-                format_args!("DEFT PUT {transfer_id} {index} SIZE:{size} HASH:{hash}"),
-            ),
-            DataHeader::ChunkData {
-                transfer_id,
-                index,
-                size,
-                hash,
-            } => line(
-                &mut out,
-                format_args!("DEFT CHUNK_DATA {transfer_id} {index} SIZE:{size} HASH:{hash}"),
-            ),
+            DataHeader::Put { transfer_id, index, size, hash } => {
+                line(&mut out, format_args!("DEFT PUT {transfer_id} {index} SIZE:{size} HASH:{hash}"))
+            }
+            DataHeader::ChunkData { transfer_id, index, size, hash } => {
+                line(&mut out, format_args!("DEFT CHUNK_DATA {transfer_id} {index} SIZE:{size} HASH:{hash}"))
+            }
         }
         out
     }
@@ -245,10 +142,7 @@ fn line(out: &mut String, args: fmt::Arguments<'_>) {
 
 fn chunk_lines(out: &mut String, chunks: &[ChunkLine]) {
     for c in chunks {
-        line(
-            out,
-            format_args!("CHUNK {} {} {} {}", c.index, c.offset, c.size, c.hash),
-        );
+        line(out, format_args!("CHUNK {} {} {} {}", c.index, c.offset, c.size, c.hash));
     }
 }
 
@@ -268,11 +162,7 @@ fn error_line(out: &mut String, code: ErrorCode, message: &str) {
     let clean = super::one_line(message);
     // Room left once the head, the separating space and the CRLF are in.
     let room = MAX_LINE - head.len() - 3;
-    let clean = if clean.len() > room {
-        super::excerpt(&clean, room - 3)
-    } else {
-        clean
-    };
+    let clean = if clean.len() > room { super::excerpt(&clean, room - 3) } else { clean };
     if clean.is_empty() {
         line(out, format_args!("{head}"));
     } else {
@@ -298,10 +188,7 @@ impl fmt::Display for NameList<'_> {
     }
 }
 
-fn comma_list<'a>(
-    f: &mut fmt::Formatter<'_>,
-    mut items: impl Iterator<Item = &'a str>,
-) -> fmt::Result {
+fn comma_list<'a>(f: &mut fmt::Formatter<'_>, mut items: impl Iterator<Item = &'a str>) -> fmt::Result {
     let Some(first) = items.next() else {
         return f.write_str("-");
     };
@@ -331,15 +218,7 @@ struct EntryRow<'a>(&'a Entry);
 impl fmt::Display for EntryRow<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let e = self.0;
-        write!(
-            f,
-            "{} {} {} {:o} {}",
-            e.kind.as_str(),
-            e.size,
-            e.mtime_ns,
-            e.mode & MODE_BITS,
-            e.path.to_wire()
-        )
+        write!(f, "{} {} {} {:o} {}", e.kind.as_str(), e.size, e.mtime_ns, e.mode & MODE_BITS, e.path.to_wire())
     }
 }
 
@@ -359,10 +238,7 @@ impl std::str::FromStr for EntryKind {
         match s {
             "file" => Ok(EntryKind::File),
             "dir" => Ok(EntryKind::Dir),
-            other => Err(format!(
-                "unknown kind {:?}: expected file or dir",
-                super::excerpt(other, 32)
-            )),
+            other => Err(format!("unknown kind {:?}: expected file or dir", super::excerpt(other, 32))),
         }
     }
 }
@@ -417,22 +293,13 @@ impl fmt::Display for ErrorCode {
 impl std::str::FromStr for ErrorCode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ErrorCode::ALL
-            .into_iter()
-            .find(|code| code.as_str() == s)
-            .ok_or_else(|| format!("unknown error code {:?}", super::excerpt(s, 32)))
+        ErrorCode::ALL.into_iter().find(|code| code.as_str() == s).ok_or_else(|| format!("unknown error code {:?}", super::excerpt(s, 32)))
     }
 }
 
 impl Capability {
-    pub const ALL: [Capability; 6] = [
-        Capability::Chunked,
-        Capability::Parallel,
-        Capability::Resume,
-        Capability::Compress,
-        Capability::Lock,
-        Capability::Sync,
-    ];
+    pub const ALL: [Capability; 6] =
+        [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Compress, Capability::Lock, Capability::Sync];
 
     /// Upper-case wire form, e.g. `CHUNKED`.
     pub fn as_str(&self) -> &'static str {
@@ -458,10 +325,7 @@ impl std::str::FromStr for Capability {
     /// Known names only; a peer's unknown capability is for the decoder to
     /// skip, not an error of the message.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Capability::ALL
-            .into_iter()
-            .find(|cap| cap.as_str() == s)
-            .ok_or_else(|| format!("unknown capability {:?}", super::excerpt(s, 32)))
+        Capability::ALL.into_iter().find(|cap| cap.as_str() == s).ok_or_else(|| format!("unknown capability {:?}", super::excerpt(s, 32)))
     }
 }
 
@@ -483,9 +347,7 @@ impl std::str::FromStr for Access {
             "read" => Ok(Access::Read),
             "write" => Ok(Access::Write),
             "read-write" => Ok(Access::ReadWrite),
-            other => Err(format!(
-                "unknown access {other:?}: expected read, write or read-write"
-            )),
+            other => Err(format!("unknown access {other:?}: expected read, write or read-write")),
         }
     }
 }
@@ -497,12 +359,7 @@ impl Signature {
 impl fmt::Display for Signature {
     /// `sig:ed25519:<base64 standard, padded>`
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}{}",
-            Self::PREFIX,
-            base64::engine::general_purpose::STANDARD.encode(self.0)
-        )
+        write!(f, "{}{}", Self::PREFIX, base64::engine::general_purpose::STANDARD.encode(self.0))
     }
 }
 
@@ -516,19 +373,12 @@ impl std::str::FromStr for Signature {
     type Err = String;
     /// Exactly 64 bytes in canonical padded base64 (88 characters).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || {
-            format!(
-                "invalid signature {:?}: expected sig:ed25519:<base64 of 64 bytes>",
-                super::excerpt(s, 100)
-            )
-        };
+        let err = || format!("invalid signature {:?}: expected sig:ed25519:<base64 of 64 bytes>", super::excerpt(s, 100));
         let b64 = s.strip_prefix(Self::PREFIX).ok_or_else(err)?;
         if b64.len() != 88 {
             return Err(err());
         }
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|_| err())?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| err())?;
         let bytes: [u8; 64] = bytes.try_into().map_err(|_| err())?;
         Ok(Signature(bytes))
     }
@@ -553,19 +403,9 @@ mod tests {
         let mut out = None;
         for (i, line) in lines.iter().enumerate() {
             assert!(line.len() + 2 <= MAX_LINE, "line {i} too long");
-            assert!(
-                !line.contains(['\r', '\n']),
-                "line {i} holds a bare CR or LF: {line:?}"
-            );
-            let msg = decoder
-                .push_line(line)
-                .unwrap_or_else(|e| panic!("line {i} {line:?}: {e}"));
-            assert_eq!(
-                msg.is_some(),
-                i + 1 == lines.len(),
-                "message ended at line {i} of {}",
-                lines.len()
-            );
+            assert!(!line.contains(['\r', '\n']), "line {i} holds a bare CR or LF: {line:?}");
+            let msg = decoder.push_line(line).unwrap_or_else(|e| panic!("line {i} {line:?}: {e}"));
+            assert_eq!(msg.is_some(), i + 1 == lines.len(), "message ended at line {i} of {}", lines.len());
             out = msg;
         }
         out.unwrap()
@@ -573,35 +413,15 @@ mod tests {
 
     #[test]
     fn writes_the_documented_lines() {
-        let hello = Request::Hello {
-            version: "1.0".into(),
-            caps: vec![Capability::Chunked, Capability::Resume],
-            window: 8,
-        };
-        assert_eq!(
-            hello.encode(),
-            "DEFT HELLO 1.0 CHUNKED,RESUME WINDOW_SIZE:8\r\n"
-        );
-        let bare = Request::Hello {
-            version: "1.0".into(),
-            caps: vec![],
-            window: 8,
-        };
+        let hello = Request::Hello { version: "1.0".into(), caps: vec![Capability::Chunked, Capability::Resume], window: 8 };
+        assert_eq!(hello.encode(), "DEFT HELLO 1.0 CHUNKED,RESUME WINDOW_SIZE:8\r\n");
+        let bare = Request::Hello { version: "1.0".into(), caps: vec![], window: 8 };
         assert_eq!(bare.encode(), "DEFT HELLO 1.0 - WINDOW_SIZE:8\r\n");
-        let root = Request::List {
-            share: name("docs"),
-            path: SharePath::root(),
-        };
+        let root = Request::List { share: name("docs"), path: SharePath::root() };
         assert_eq!(root.encode(), "DEFT LIST docs\r\n");
-        let sub = Request::Stat {
-            share: name("docs"),
-            path: SharePath::parse("a b/c%").unwrap(),
-        };
+        let sub = Request::Stat { share: name("docs"), path: SharePath::parse("a b/c%").unwrap() };
         assert_eq!(sub.encode(), "DEFT STAT docs a%20b/c%25\r\n");
-        let auth_ok = Response::AuthOk {
-            partner: name("acme"),
-            shares: vec![],
-        };
+        let auth_ok = Response::AuthOk { partner: name("acme"), shares: vec![] };
         assert_eq!(auth_ok.encode(), "DEFT AUTH_OK acme VF:-\r\n");
         let files = Response::Files(vec![ShareRow {
             name: name("orders"),
@@ -610,10 +430,7 @@ mod tests {
             access: Access::ReadWrite,
             mtime_ns: -1,
         }]);
-        assert_eq!(
-            files.encode(),
-            "DEFT FILES 1\r\norders dir 3 read-write -1\r\n"
-        );
+        assert_eq!(files.encode(), "DEFT FILES 1\r\norders dir 3 read-write -1\r\n");
         let h = Hash::of(b"x");
         let info = Response::FileInfo {
             share: name("s"),
@@ -622,52 +439,26 @@ mod tests {
             file_hash: h,
             mtime_ns: 5,
             mode: 0o100644,
-            chunks: vec![ChunkLine {
-                index: 0,
-                offset: 0,
-                size: 2,
-                hash: h,
-            }],
+            chunks: vec![ChunkLine { index: 0, offset: 0, size: 2, hash: h }],
         };
-        assert_eq!(
-            info.encode(),
-            format!("DEFT FILE_INFO s f SIZE:2 CHUNKS:1 HASH:{h} MTIME:5 MODE:644\r\nCHUNK 0 0 2 {h}\r\n")
-        );
-        let nack = Response::ChunkAck {
-            transfer_id: name("t"),
-            index: 4,
-            status: AckStatus::Error("HASH_MISMATCH".into()),
-        };
+        assert_eq!(info.encode(), format!("DEFT FILE_INFO s f SIZE:2 CHUNKS:1 HASH:{h} MTIME:5 MODE:644\r\nCHUNK 0 0 2 {h}\r\n"));
+        let nack = Response::ChunkAck { transfer_id: name("t"), index: 4, status: AckStatus::Error("HASH_MISMATCH".into()) };
         assert_eq!(nack.encode(), "DEFT CHUNK_ACK t 4 ERROR HASH_MISMATCH\r\n");
-        let put = DataHeader::Put {
-            transfer_id: name("t"),
-            index: 1,
-            size: 9,
-            hash: h,
-        };
+        let put = DataHeader::Put { transfer_id: name("t"), index: 1, size: 9, hash: h };
         assert_eq!(put.encode(), format!("DEFT PUT t 1 SIZE:9 HASH:{h}\r\n"));
     }
 
     #[test]
     fn error_message_is_one_line_that_fits() {
         let e = Response::error(ErrorCode::NotFound, "no such file:\r\nDEFT BYE\t\u{0}x");
-        assert_eq!(
-            e.encode(),
-            "DEFT ERROR NOT_FOUND no such file:  DEFT BYE  x\r\n"
-        );
-        assert_eq!(
-            Response::error(ErrorCode::Busy, "").encode(),
-            "DEFT ERROR BUSY\r\n"
-        );
+        assert_eq!(e.encode(), "DEFT ERROR NOT_FOUND no such file:  DEFT BYE  x\r\n");
+        assert_eq!(Response::error(ErrorCode::Busy, "").encode(), "DEFT ERROR BUSY\r\n");
 
         let huge = Response::error(ErrorCode::Internal, "é".repeat(MAX_LINE));
         let text = huge.encode();
         assert!(text.len() <= MAX_LINE, "{}", text.len());
         match decode::<Response>(&text) {
-            Response::Error {
-                code: ErrorCode::Internal,
-                message,
-            } => {
+            Response::Error { code: ErrorCode::Internal, message } => {
                 assert!(message.ends_with("...") && message.starts_with("éé"))
             }
             other => panic!("{other:?}"),
@@ -678,15 +469,9 @@ mod tests {
     fn error_codes_round_trip() {
         for code in ErrorCode::ALL {
             assert_eq!(code.as_str().parse::<ErrorCode>(), Ok(code));
-            assert!(code
-                .as_str()
-                .bytes()
-                .all(|b| b.is_ascii_uppercase() || b == b'_'));
+            assert!(code.as_str().bytes().all(|b| b.is_ascii_uppercase() || b == b'_'));
         }
-        assert_eq!(
-            ErrorCode::UnsupportedVersion.as_str(),
-            "UNSUPPORTED_VERSION"
-        );
+        assert_eq!(ErrorCode::UnsupportedVersion.as_str(), "UNSUPPORTED_VERSION");
         assert!("bad_request".parse::<ErrorCode>().is_err());
     }
 
@@ -702,10 +487,7 @@ mod tests {
     fn signature_text() {
         let sig = Signature([0xAB; 64]);
         let text = sig.to_string();
-        assert!(
-            text.starts_with("sig:ed25519:") && text.ends_with("=="),
-            "{text}"
-        );
+        assert!(text.starts_with("sig:ed25519:") && text.ends_with("=="), "{text}");
         assert_eq!(text.parse::<Signature>(), Ok(sig.clone()));
         assert_eq!(format!("{sig:?}"), text);
         let b64 = &text["sig:ed25519:".len()..];
@@ -728,10 +510,8 @@ mod tests {
     }
 
     fn arb_path() -> impl Strategy<Value = SharePath> {
-        let component =
-            "[^/\\\\\\p{Cc}]{1,8}".prop_filter("dot component", |c| c != "." && c != "..");
-        prop::collection::vec(component, 0..4)
-            .prop_map(|parts| SharePath::parse(&parts.join("/")).unwrap())
+        let component = "[^/\\\\\\p{Cc}]{1,8}".prop_filter("dot component", |c| c != "." && c != "..");
+        prop::collection::vec(component, 0..4).prop_map(|parts| SharePath::parse(&parts.join("/")).unwrap())
     }
 
     fn arb_hash() -> impl Strategy<Value = Hash> {
@@ -765,12 +545,7 @@ mod tests {
             let mut offset = 0;
             let mut chunks = Vec::new();
             for (index, (size, hash)) in (0u32..).zip(pieces) {
-                chunks.push(ChunkLine {
-                    index,
-                    offset,
-                    size,
-                    hash,
-                });
+                chunks.push(ChunkLine { index, offset, size, hash });
                 offset += u64::from(size);
             }
             (offset, chunks)
@@ -778,81 +553,31 @@ mod tests {
     }
 
     fn arb_entry() -> impl Strategy<Value = Entry> {
-        (
-            prop::sample::select(vec![EntryKind::File, EntryKind::Dir]),
-            any::<u64>(),
-            any::<i64>(),
-            0u32..=0o7777,
-            arb_path(),
-        )
-            .prop_map(|(kind, size, mtime_ns, mode, path)| Entry {
-                kind,
-                size,
-                mtime_ns,
-                mode,
-                path,
-            })
+        (prop::sample::select(vec![EntryKind::File, EntryKind::Dir]), any::<u64>(), any::<i64>(), 0u32..=0o7777, arb_path())
+            .prop_map(|(kind, size, mtime_ns, mode, path)| Entry { kind, size, mtime_ns, mode, path })
     }
 
     fn arb_completion() -> impl Strategy<Value = Completion> {
-        (
-            arb_name(),
-            arb_hash(),
-            any::<u64>(),
-            any::<u32>(),
-            arb_word(),
-            arb_signature(),
+        (arb_name(), arb_hash(), any::<u64>(), any::<u32>(), arb_word(), arb_signature()).prop_map(
+            |(transfer_id, file_hash, size, chunks, time, signature)| Completion { transfer_id, file_hash, size, chunks, time, signature },
         )
-            .prop_map(|(transfer_id, file_hash, size, chunks, time, signature)| {
-                Completion {
-                    transfer_id,
-                    file_hash,
-                    size,
-                    chunks,
-                    time,
-                    signature,
-                }
-            })
     }
 
     fn arb_request() -> impl Strategy<Value = Request> {
         prop_oneof![
-            (arb_word(), arb_caps(), 1u32..).prop_map(|(version, caps, window)| Request::Hello {
-                version,
-                caps,
-                window
-            }),
+            (arb_word(), arb_caps(), 1u32..).prop_map(|(version, caps, window)| Request::Hello { version, caps, window }),
             arb_name().prop_map(|partner| Request::Auth { partner }),
             Just(Request::Discover),
             (arb_name(), arb_path()).prop_map(|(share, path)| Request::Describe { share, path }),
             (arb_name(), arb_path()).prop_map(|(share, path)| Request::List { share, path }),
             (arb_name(), arb_path()).prop_map(|(share, path)| Request::Stat { share, path }),
-            (
-                arb_name(),
-                arb_name(),
-                arb_path(),
-                arb_hash(),
-                arb_manifest()
-            )
-                .prop_map(|(transfer_id, share, path, file_hash, (size, chunks))| {
-                    Request::BeginTransfer {
-                        transfer_id,
-                        share,
-                        path,
-                        size,
-                        file_hash,
-                        chunks,
-                    }
-                }),
-            (arb_name(), arb_name(), arb_path(), arb_hash(), arb_ranges()).prop_map(
-                |(transfer_id, share, path, file_hash, chunks)| Request::Get {
-                    transfer_id,
-                    share,
-                    path,
-                    file_hash,
-                    chunks
+            (arb_name(), arb_name(), arb_path(), arb_hash(), arb_manifest()).prop_map(
+                |(transfer_id, share, path, file_hash, (size, chunks))| {
+                    Request::BeginTransfer { transfer_id, share, path, size, file_hash, chunks }
                 }
             ),
+            (arb_name(), arb_name(), arb_path(), arb_hash(), arb_ranges())
+                .prop_map(|(transfer_id, share, path, file_hash, chunks)| Request::Get { transfer_id, share, path, file_hash, chunks }),
             arb_completion().prop_map(Request::TransferComplete),
             Just(Request::Bye),
         ]
@@ -866,103 +591,50 @@ mod tests {
             prop::sample::select(vec![Access::Read, Access::Write, Access::ReadWrite]),
             any::<i64>(),
         )
-            .prop_map(|(name, kind, size, access, mtime_ns)| ShareRow {
-                name,
-                kind,
-                size,
-                access,
-                mtime_ns,
-            });
+            .prop_map(|(name, kind, size, access, mtime_ns)| ShareRow { name, kind, size, access, mtime_ns });
         prop_oneof![
-            (arb_word(), arb_caps(), 1u32.., arb_name()).prop_map(
-                |(version, caps, window, session)| Response::Welcome {
-                    version,
-                    caps,
-                    window,
-                    session
+            (arb_word(), arb_caps(), 1u32.., arb_name()).prop_map(|(version, caps, window, session)| Response::Welcome {
+                version,
+                caps,
+                window,
+                session
+            }),
+            (arb_name(), prop::collection::vec(arb_name(), 0..5)).prop_map(|(partner, shares)| Response::AuthOk { partner, shares }),
+            prop::collection::vec(share_row, 0..5).prop_map(Response::Files),
+            (arb_name(), arb_path(), arb_hash(), any::<i64>(), 0u32..=0o7777, arb_manifest()).prop_map(
+                |(share, path, file_hash, mtime_ns, mode, (size, chunks))| Response::FileInfo {
+                    share,
+                    path,
+                    size,
+                    file_hash,
+                    mtime_ns,
+                    mode,
+                    chunks
                 }
             ),
-            (arb_name(), prop::collection::vec(arb_name(), 0..5))
-                .prop_map(|(partner, shares)| Response::AuthOk { partner, shares }),
-            prop::collection::vec(share_row, 0..5).prop_map(Response::Files),
-            (
-                arb_name(),
-                arb_path(),
-                arb_hash(),
-                any::<i64>(),
-                0u32..=0o7777,
-                arb_manifest()
-            )
-                .prop_map(
-                    |(share, path, file_hash, mtime_ns, mode, (size, chunks))| Response::FileInfo {
-                        share,
-                        path,
-                        size,
-                        file_hash,
-                        mtime_ns,
-                        mode,
-                        chunks
-                    }
-                ),
             prop::collection::vec(arb_entry(), 0..5).prop_map(Response::Entries),
             arb_entry().prop_map(Response::StatOk),
-            (arb_name(), 1u32.., arb_ranges()).prop_map(|(transfer_id, window, need)| {
-                Response::TransferAccepted {
-                    transfer_id,
-                    window,
-                    need,
-                }
-            }),
-            (
-                arb_name(),
-                any::<u32>(),
-                prop_oneof![Just(AckStatus::Ok), arb_word().prop_map(AckStatus::Error)]
-            )
-                .prop_map(|(transfer_id, index, status)| Response::ChunkAck {
-                    transfer_id,
-                    index,
-                    status
-                }),
-            (arb_name(), arb_ranges()).prop_map(|(transfer_id, chunks)| Response::ChunkAckBatch {
-                transfer_id,
-                chunks
-            }),
+            (arb_name(), 1u32.., arb_ranges())
+                .prop_map(|(transfer_id, window, need)| { Response::TransferAccepted { transfer_id, window, need } }),
+            (arb_name(), any::<u32>(), prop_oneof![Just(AckStatus::Ok), arb_word().prop_map(AckStatus::Error)])
+                .prop_map(|(transfer_id, index, status)| Response::ChunkAck { transfer_id, index, status }),
+            (arb_name(), arb_ranges()).prop_map(|(transfer_id, chunks)| Response::ChunkAckBatch { transfer_id, chunks }),
             arb_completion().prop_map(Response::TransferComplete),
             arb_name().prop_map(|transfer_id| Response::ReceiptOk { transfer_id }),
             Just(Response::Bye),
-            (
-                prop::sample::select(ErrorCode::ALL.to_vec()),
-                "[^\\p{Cc}]{0,40}"
-            )
+            (prop::sample::select(ErrorCode::ALL.to_vec()), "[^\\p{Cc}]{0,40}")
                 .prop_map(|(code, message)| Response::Error { code, message }),
         ]
     }
 
     fn arb_data_header() -> impl Strategy<Value = DataHeader> {
-        (
-            any::<bool>(),
-            arb_name(),
-            any::<u32>(),
-            any::<u32>(),
-            arb_hash(),
-        )
-            .prop_map(|(put, transfer_id, index, size, hash)| {
-                if put {
-                    DataHeader::Put {
-                        transfer_id,
-                        index,
-                        size,
-                        hash,
-                    }
-                } else {
-                    DataHeader::ChunkData {
-                        transfer_id,
-                        index,
-                        size,
-                        hash,
-                    }
-                }
-            })
+        (any::<bool>(), arb_name(), any::<u32>(), any::<u32>(), arb_hash()).prop_map(|(put, transfer_id, index, size, hash)| {
+            if put {
+                DataHeader::Put { transfer_id, index, size, hash }
+            } else {
+                DataHeader::ChunkData { transfer_id, index, size, hash }
+            }
+        })
     }
 
     proptest! {

@@ -41,10 +41,7 @@ impl Name {
         if s.len() > Self::MAX_LEN {
             return Err(NameError::TooLong(super::excerpt(&s, Self::MAX_LEN)));
         }
-        if !s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        {
+        if !s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
             return Err(NameError::BadChar(s));
         }
         if Self::RESERVED.contains(&s.as_str()) {
@@ -89,15 +86,7 @@ mod tests {
 
     #[test]
     fn accepts_tokens() {
-        for ok in [
-            "a",
-            "acme-corp",
-            "invoices_2026.01",
-            "A.b-C_9",
-            "..a",
-            "-x",
-            &"n".repeat(128),
-        ] {
+        for ok in ["a", "acme-corp", "invoices_2026.01", "A.b-C_9", "..a", "-x", &"n".repeat(128)] {
             assert_eq!(Name::new(ok).unwrap().as_str(), ok);
         }
     }
@@ -109,31 +98,20 @@ mod tests {
 
     #[test]
     fn refuses_too_long() {
-        assert!(matches!(
-            Name::new("n".repeat(129)),
-            Err(NameError::TooLong(_))
-        ));
+        assert!(matches!(Name::new("n".repeat(129)), Err(NameError::TooLong(_))));
     }
 
     #[test]
     fn refuses_bad_chars() {
-        for bad in [
-            "a/b", "/", "a b", "a\0b", "a\nb", "a\tb", "a\x7fb", "a\\b", "é", "a:b", "a,b", "a%b",
-        ] {
-            assert!(
-                matches!(Name::new(bad), Err(NameError::BadChar(_))),
-                "{bad:?}"
-            );
+        for bad in ["a/b", "/", "a b", "a\0b", "a\nb", "a\tb", "a\x7fb", "a\\b", "é", "a:b", "a,b", "a%b"] {
+            assert!(matches!(Name::new(bad), Err(NameError::BadChar(_))), "{bad:?}");
         }
     }
 
     #[test]
     fn refuses_reserved() {
         for bad in [".", "..", "-"] {
-            assert!(
-                matches!(Name::new(bad), Err(NameError::Reserved(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(Name::new(bad), Err(NameError::Reserved(_))), "{bad:?}");
         }
     }
 

@@ -79,8 +79,7 @@ impl SharePath {
         if s.len() > 3 * Self::MAX_LEN {
             return Err(PathError::TooLong);
         }
-        let decoded =
-            percent_decode(s).ok_or_else(|| PathError::BadEncoding(super::excerpt(s, QUOTE)))?;
+        let decoded = percent_decode(s).ok_or_else(|| PathError::BadEncoding(super::excerpt(s, QUOTE)))?;
         SharePath::parse(&decoded)
     }
 
@@ -141,11 +140,7 @@ impl SharePath {
             return Err(PathError::BadChar(super::excerpt(component, QUOTE)));
         }
         check_component(component, component)?;
-        let joined = if self.is_root() {
-            component.to_string()
-        } else {
-            format!("{}/{component}", self.0)
-        };
+        let joined = if self.is_root() { component.to_string() } else { format!("{}/{component}", self.0) };
         if joined.len() > Self::MAX_LEN {
             return Err(PathError::TooLong);
         }
@@ -233,80 +228,43 @@ mod tests {
 
     #[test]
     fn accepts_relative_paths() {
-        for ok in [
-            "a",
-            "a/b/c",
-            "dir with space/file.txt",
-            "été/naïve.blend",
-            "..a/b..",
-            ".hidden",
-            "a/%41",
-        ] {
+        for ok in ["a", "a/b/c", "dir with space/file.txt", "été/naïve.blend", "..a/b..", ".hidden", "a/%41"] {
             assert_eq!(p(ok).as_str(), ok);
         }
     }
 
     #[test]
     fn refuses_absolute() {
-        assert!(matches!(
-            SharePath::parse("/etc/passwd"),
-            Err(PathError::Absolute(_))
-        ));
-        assert!(matches!(
-            SharePath::from_wire("/etc"),
-            Err(PathError::Absolute(_))
-        ));
-        assert!(matches!(
-            SharePath::from_wire("%2Fetc"),
-            Err(PathError::Absolute(_))
-        ));
+        assert!(matches!(SharePath::parse("/etc/passwd"), Err(PathError::Absolute(_))));
+        assert!(matches!(SharePath::from_wire("/etc"), Err(PathError::Absolute(_))));
+        assert!(matches!(SharePath::from_wire("%2Fetc"), Err(PathError::Absolute(_))));
     }
 
     #[test]
     fn refuses_dot_components() {
         for bad in ["..", ".", "../x", "a/../b", "a/..", "./a", "a/./b"] {
-            assert!(
-                matches!(SharePath::parse(bad), Err(PathError::DotComponent(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(SharePath::parse(bad), Err(PathError::DotComponent(_))), "{bad:?}");
         }
         for bad in ["..", "a/..", "%2E%2E/x", "a/%2e"] {
-            assert!(
-                matches!(SharePath::from_wire(bad), Err(PathError::DotComponent(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(SharePath::from_wire(bad), Err(PathError::DotComponent(_))), "{bad:?}");
         }
     }
 
     #[test]
     fn refuses_empty_components() {
         for bad in ["a//b", "a/", "a/b/"] {
-            assert!(
-                matches!(SharePath::parse(bad), Err(PathError::EmptyComponent(_))),
-                "{bad:?}"
-            );
-            assert!(
-                matches!(SharePath::from_wire(bad), Err(PathError::EmptyComponent(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(SharePath::parse(bad), Err(PathError::EmptyComponent(_))), "{bad:?}");
+            assert!(matches!(SharePath::from_wire(bad), Err(PathError::EmptyComponent(_))), "{bad:?}");
         }
     }
 
     #[test]
     fn refuses_nul_control_and_backslash() {
-        for bad in [
-            "a\0b", "a\nb", "a\rb", "a\tb", "a\x1bb", "a\x7fb", "a\u{85}b", "a\\b", "C:\\x",
-        ] {
-            assert!(
-                matches!(SharePath::parse(bad), Err(PathError::BadChar(_))),
-                "{bad:?}"
-            );
+        for bad in ["a\0b", "a\nb", "a\rb", "a\tb", "a\x1bb", "a\x7fb", "a\u{85}b", "a\\b", "C:\\x"] {
+            assert!(matches!(SharePath::parse(bad), Err(PathError::BadChar(_))), "{bad:?}");
         }
         for bad in ["a%00b", "a%0Ab", "a%0d", "%09", "a%7F", "a%5Cb", "a%C2%85"] {
-            assert!(
-                matches!(SharePath::from_wire(bad), Err(PathError::BadChar(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(SharePath::from_wire(bad), Err(PathError::BadChar(_))), "{bad:?}");
         }
     }
 
@@ -317,21 +275,13 @@ mod tests {
         assert_eq!(SharePath::parse(&long), Err(PathError::TooLong));
         assert_eq!(SharePath::parse(&"c".repeat(256)), Err(PathError::TooLong));
         assert!(SharePath::parse(&"c".repeat(255)).is_ok());
-        assert_eq!(
-            SharePath::from_wire(&"%41".repeat(4097)),
-            Err(PathError::TooLong)
-        );
+        assert_eq!(SharePath::from_wire(&"%41".repeat(4097)), Err(PathError::TooLong));
     }
 
     #[test]
     fn refuses_bad_encoding() {
-        for bad in [
-            "", "a%", "a%4", "a%zz", "a%G0", "a b", "%FF", "%C3", "%C3%28",
-        ] {
-            assert!(
-                matches!(SharePath::from_wire(bad), Err(PathError::BadEncoding(_))),
-                "{bad:?}"
-            );
+        for bad in ["", "a%", "a%4", "a%zz", "a%G0", "a b", "%FF", "%C3", "%C3%28"] {
+            assert!(matches!(SharePath::from_wire(bad), Err(PathError::BadEncoding(_))), "{bad:?}");
         }
     }
 
@@ -339,10 +289,7 @@ mod tests {
     fn wire_escapes_percent_space_and_controls() {
         assert_eq!(p("my file 100%.txt").to_wire(), "my%20file%20100%25.txt");
         assert_eq!(p("été").to_wire(), "été");
-        assert_eq!(
-            SharePath::from_wire("my%20file%20100%25.txt").unwrap(),
-            p("my file 100%.txt")
-        );
+        assert_eq!(SharePath::from_wire("my%20file%20100%25.txt").unwrap(), p("my file 100%.txt"));
         assert_eq!(SharePath::from_wire("a%2fb").unwrap(), p("a/b"));
     }
 

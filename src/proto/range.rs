@@ -31,11 +31,7 @@ impl RangeSet {
 
     /// The set `first..=last` (empty when `first > last`).
     pub fn span(first: u32, last: u32) -> RangeSet {
-        let ranges = if first <= last {
-            vec![(first, last)]
-        } else {
-            Vec::new()
-        };
+        let ranges = if first <= last { vec![(first, last)] } else { Vec::new() };
         RangeSet { ranges }
     }
 
@@ -62,17 +58,12 @@ impl RangeSet {
 
     pub fn contains(&self, index: u32) -> bool {
         let at = self.ranges.partition_point(|&(_, last)| last < index);
-        self.ranges
-            .get(at)
-            .is_some_and(|&(first, _)| first <= index)
+        self.ranges.get(at).is_some_and(|&(first, _)| first <= index)
     }
 
     /// Number of indices in the set.
     pub fn len(&self) -> u64 {
-        self.ranges
-            .iter()
-            .map(|&(first, last)| u64::from(last - first) + 1)
-            .sum()
+        self.ranges.iter().map(|&(first, last)| u64::from(last - first) + 1).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -118,19 +109,12 @@ impl RangeSet {
         if self.to_string().len() <= max_len {
             return self.clone();
         }
-        let mut gaps: Vec<u32> = self
-            .ranges
-            .windows(2)
-            .map(|w| w[1].0 - w[0].1 - 1)
-            .collect();
+        let mut gaps: Vec<u32> = self.ranges.windows(2).map(|w| w[1].0 - w[0].1 - 1).collect();
         gaps.sort_unstable();
         gaps.dedup();
         // Filling every gap of at most `gaps[i]` shortens the text as i
         // grows: find the first i that fits.
-        let fits = |i: usize| {
-            gaps.get(i)
-                .map_or(true, |&g| self.fill_gaps(g).to_string().len() <= max_len)
-        };
+        let fits = |i: usize| gaps.get(i).map_or(true, |&g| self.fill_gaps(g).to_string().len() <= max_len);
         let (mut lo, mut hi) = (0, gaps.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
@@ -164,9 +148,7 @@ impl RangeSet {
         let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
         for (first, last) in ranges {
             match merged.last_mut() {
-                Some(prev) if u64::from(first) <= u64::from(prev.1) + 1 => {
-                    prev.1 = prev.1.max(last)
-                }
+                Some(prev) if u64::from(first) <= u64::from(prev.1) + 1 => prev.1 = prev.1.max(last),
                 _ => merged.push((first, last)),
             }
         }
@@ -294,23 +276,7 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        for bad in [
-            "",
-            ",",
-            "1,",
-            ",1",
-            "1,,2",
-            "5-3",
-            "a",
-            "1-",
-            "-1",
-            "1-2-3",
-            "+1",
-            " 1",
-            "1 ",
-            "4294967296",
-            "1-x",
-        ] {
+        for bad in ["", ",", "1,", ",1", "1,,2", "5-3", "a", "1-", "-1", "1-2-3", "+1", " 1", "1 ", "4294967296", "1-x"] {
             assert!(bad.parse::<RangeSet>().is_err(), "{bad:?}");
         }
     }

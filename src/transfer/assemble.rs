@@ -198,7 +198,7 @@ impl Assembly {
 
     /// Make the new version durable and visible. `mode` sets permissions
     /// (default: keep the old file's, else 0644).
-    pub fn finish(self, mode: Option<u32>) -> Result<PathBuf, AssembleError> {
+    pub fn finish(&self, mode: Option<u32>) -> Result<PathBuf, AssembleError> {
         self.file.sync_all().map_err(io(&self.temp))?;
         let got = hash_file(&self.file, &self.temp)?;
         if got != self.manifest.file_hash {
@@ -208,9 +208,12 @@ impl Assembly {
         let mode = mode.or_else(|| std::fs::metadata(&self.target).ok().map(|m| m.permissions().mode() & 0o7777)).unwrap_or(0o644);
         self.file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io(&self.temp))?;
         std::fs::rename(&self.temp, &self.target).map_err(io(&self.target))?;
-        let dir = self.target.parent().unwrap_or(Path::new("."));
+        let dir = match self.target.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
         File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-        Ok(self.target)
+        Ok(self.target.clone())
     }
 }
 

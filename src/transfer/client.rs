@@ -312,6 +312,7 @@ impl Session {
             other => return Err(self.unexpected(&other)),
         };
         let manifest = manifest_from_lines(size, file_hash, &lines, self.partner_id())?;
+        tracing::debug!(elapsed = ?clock.elapsed(), chunks = manifest.chunks.len(), "pull: described");
         let target = if out.is_dir() {
             let name = path.file_name().or_else(|| Some(share.as_str())).unwrap_or("file");
             out.join(name)
@@ -329,6 +330,7 @@ impl Session {
         .map_err(|e| TransferError::Other(format!("preparing {}: {e}", target.display())))??;
         let assembly = Arc::new(assembly);
         let need = assembly.needed();
+        tracing::debug!(elapsed = ?clock.elapsed(), need = need.len(), "pull: prepared");
         let transfer_id = new_transfer_id();
         let storage = &self.node.config.storage;
         let mut window =
@@ -372,7 +374,10 @@ impl Session {
                         }
                     }
                     msg = self.next() => return Err(self.unexpected(&msg?)),
-                    _ = tokio::time::sleep_until(deadline) => window.check_timeouts(Instant::now())?,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        tracing::warn!(partner = %self.partner.id, in_flight = window.in_flight(), done = window.done(), "chunks timed out, asking again");
+                        window.check_timeouts(Instant::now())?
+                    }
                 }
                 if let Some(p) = &progress {
                     p(already + got_bytes, manifest.size);
@@ -383,7 +388,7 @@ impl Session {
         .await;
         receiver.abort();
         result?;
-        let assembly = Arc::try_unwrap(assembly).map_err(|_| TransferError::Other("assembly still in use".into()))?;
+        tracing::debug!(elapsed = ?clock.elapsed(), "pull: all chunks in");
         let final_path =
             tokio::task::spawn_blocking(move || assembly.finish(None)).await.map_err(|e| TransferError::Other(e.to_string()))??;
         let facts = Facts {

@@ -361,7 +361,6 @@ impl Session {
         let assembly = lock(&incoming.assembly).take();
         lock(&self.incoming).remove(transfer_id);
         let Some(assembly) = assembly else { return err(ErrorCode::Internal, "transfer already completed") };
-        let Ok(assembly) = Arc::try_unwrap(assembly) else { return err(ErrorCode::Internal, "transfer still writing") };
         let finished = tokio::task::spawn_blocking(move || assembly.finish(None)).await;
         let path = match finished {
             Ok(Ok(p)) => p,
