@@ -33,8 +33,11 @@ pub struct Node {
     pub identity: Arc<Identity>,
     pub directory: Arc<PartnerDirectory>,
     pub db: Mutex<Connection>,
-    /// Targets being assembled right now, so two pushes never share a temp file.
-    pub(crate) busy_targets: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Targets being assembled right now: (partner, generation). Two
+    /// partners never write one target at once; the same partner may take
+    /// its own target over (a resumed push after its connection died).
+    pub(crate) busy_targets: Mutex<std::collections::HashMap<PathBuf, (crate::proto::Name, u64)>>,
+    pub(crate) busy_generation: std::sync::atomic::AtomicU64,
 }
 
 impl Node {
@@ -47,7 +50,15 @@ impl Node {
         let identity = Arc::new(Identity::load(home)?);
         let directory = Arc::new(PartnerDirectory::new(&config, home)?);
         let db = db::open(home)?;
-        Ok(Arc::new(Node { home: home.to_path_buf(), config, identity, directory, db, busy_targets: Default::default() }))
+        Ok(Arc::new(Node {
+            home: home.to_path_buf(),
+            config,
+            identity,
+            directory,
+            db,
+            busy_targets: Default::default(),
+            busy_generation: Default::default(),
+        }))
     }
 
     /// The database, even if a panicking thread poisoned its lock.

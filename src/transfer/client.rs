@@ -52,6 +52,21 @@ impl Session {
             }
         });
         let mut session = Session { node, partner, conn, send, responses, peer_cert, window: 1, shares: Vec::new(), _endpoint: endpoint };
+        match session.handshake().await {
+            Ok(()) => Ok(session),
+            // TLS 1.3 lets the client finish its handshake before the server
+            // has checked the client's certificate: a refusal shows up here.
+            Err(TransferError::Transport(e)) => Err(TransferError::Other(format!(
+                "{} closed the connection during authentication ({e}): it does not know our certificate; \
+                 give it our fingerprint (`deftfs id`) so it can `deftfs partner add` us",
+                session.partner.id
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn handshake(&mut self) -> Result<(), TransferError> {
+        let session = self;
         let hello =
             Request::Hello { version: proto::VERSION.to_string(), caps: OUR_CAPS.to_vec(), window: session.node.config.storage.window };
         match session.request(&hello).await? {
@@ -63,7 +78,7 @@ impl Session {
             Response::AuthOk { shares, .. } => session.shares = shares,
             other => return Err(session.unexpected(&other)),
         }
-        Ok(session)
+        Ok(())
     }
 
     pub fn partner_id(&self) -> &str {

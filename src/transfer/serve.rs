@@ -51,17 +51,41 @@ struct Outgoing {
     started: Timestamp,
     bytes: AtomicU64,
     chunks: AtomicU32,
+    /// The test fault hook corrupts one transmission only.
+    corrupted: std::sync::atomic::AtomicBool,
 }
 
-/// Marks a target as being assembled; released on drop.
+/// Marks a target as being assembled; released on drop unless another
+/// transfer took it over meanwhile.
 struct BusyGuard {
     node: Arc<Node>,
     target: PathBuf,
+    generation: u64,
+}
+
+impl BusyGuard {
+    /// Claim `target` for `partner`. Refused while another partner holds
+    /// it; the same partner takes it over, since its earlier connection is
+    /// dead or about to be (it writes the same verified chunks anyway).
+    fn claim(node: &Arc<Node>, target: &std::path::Path, partner: &Name) -> Option<BusyGuard> {
+        let generation = node.busy_generation.fetch_add(1, Ordering::SeqCst);
+        let mut busy = lock(&node.busy_targets);
+        match busy.get(target) {
+            Some((holder, _)) if holder != partner => return None,
+            Some(_) => tracing::info!(%partner, target = %target.display(), "resumed push takes over the earlier transfer"),
+            None => {}
+        }
+        busy.insert(target.to_path_buf(), (partner.clone(), generation));
+        Some(BusyGuard { node: node.clone(), target: target.to_path_buf(), generation })
+    }
 }
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
-        self.node.busy_targets.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.target);
+        let mut busy = lock(&self.node.busy_targets);
+        if busy.get(&self.target).is_some_and(|(_, g)| *g == self.generation) {
+            busy.remove(&self.target);
+        }
     }
 }
 
@@ -320,10 +344,9 @@ impl Session {
             return Err(err(ErrorCode::BadRequest, format!("transfer {transfer_id} already started")));
         }
         let target = s.resolve_target(&path).map_err(share_err)?;
-        if !lock(&self.node.busy_targets).insert(target.clone()) {
-            return Err(err(ErrorCode::Busy, format!("{path}: another transfer is writing this file; try again when it ends")));
-        }
-        let busy = BusyGuard { node: self.node.clone(), target: target.clone() };
+        let Some(busy) = BusyGuard::claim(&self.node, &target, &self.partner) else {
+            return Err(err(ErrorCode::Busy, format!("{path}: another partner's transfer is writing this file; try again when it ends")));
+        };
         let node = self.node.clone();
         let m = manifest.clone();
         let prepared = tokio::task::spawn_blocking(move || {
@@ -442,6 +465,7 @@ impl Session {
                     started: Timestamp::now(),
                     bytes: AtomicU64::new(0),
                     chunks: AtomicU32::new(0),
+                    corrupted: Default::default(),
                 });
                 lock(&self.outgoing).insert(transfer_id.clone(), o.clone());
                 o
@@ -482,7 +506,7 @@ impl Session {
         if crate::hash::Hash::of(&data) != chunk.hash {
             return Err(err(ErrorCode::Stale, format!("{} changed during the transfer (chunk {index}); run it again", outgoing.path)));
         }
-        if fault::corrupt_chunk() == Some(index) && outgoing.chunks.load(Ordering::SeqCst) <= index {
+        if fault::corrupt_chunk() == Some(index) && !outgoing.corrupted.swap(true, Ordering::SeqCst) {
             if let Some(b) = data.first_mut() {
                 *b ^= 0xff;
             }

@@ -1,0 +1,397 @@
+#!/usr/bin/env bash
+# Side-by-side transfer benchmark on loopback, in one run:
+#
+#   deftfs  push cold, pull cold, push delta (1 MiB changed in the middle)
+#   rsync   -a --whole-file over ssh (cold), -a over ssh (delta, same change)
+#   scp     (cold)
+#
+# all with the same pseudo-random file of $SIZE_MIB MiB (default 1024).
+#
+# Usage (from the repository):
+#   CARGO_TARGET_DIR=/work/target-release cargo build --release -p deftfs
+#   DEFTFS_BIN=/work/target-release/release/deftfs benches/compare.sh
+#
+# Environment:
+#   DEFTFS_BIN   deftfs binary (default: target/release/deftfs in the repo)
+#   SIZE_MIB     file size in MiB (default 1024, at least 2)
+#   TMPDIR       where the temp dir goes (default /tmp); needs ~6x SIZE_MIB
+#                of free space; must not contain spaces
+#   SSH_PORT     port of the throwaway sshd on 127.0.0.1 (default 2222)
+#
+# What it does not do: drop the page cache (that needs root and changes the
+# machine for everyone). Instead every file a tool reads is read once with
+# cat before the tool runs, so every tool reads from the page cache, and
+# `sync` runs before each measurement so no tool pays for the previous one's
+# writeback. Writes are measured as the tools do them: deftfs fsyncs the
+# received file before it reports success, rsync and scp do not.
+#
+# Needs: bash, GNU time (/usr/bin/time), ss, rsync, ssh, scp, sshd. If rsync
+# or sshd is missing and we are root, installs rsync and openssh-server with
+# apt-get. Network: 127.0.0.1 only. Every process started here is stopped by
+# the EXIT trap, and the temp dir is removed.
+#
+# Chunk + hash throughput is a separate bench (needs a bench build):
+#   CARGO_TARGET_DIR=/work/target-release cargo bench --bench chunk
+
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DEFTFS_BIN=${DEFTFS_BIN:-$REPO/target/release/deftfs}
+SIZE_MIB=${SIZE_MIB:-1024}
+SSH_PORT=${SSH_PORT:-2222}
+TMPDIR=${TMPDIR:-/tmp}
+export TMPDIR
+
+die() { echo "compare.sh: $*" >&2; exit 1; }
+
+[[ $SIZE_MIB =~ ^[0-9]+$ ]] && ((SIZE_MIB >= 2)) || die "SIZE_MIB=$SIZE_MIB: need a whole number >= 2"
+[[ -x $DEFTFS_BIN ]] || die "$DEFTFS_BIN: not an executable (build it, or set DEFTFS_BIN)"
+DEFTFS_BIN=$(cd "$(dirname "$DEFTFS_BIN")" && pwd)/$(basename "$DEFTFS_BIN")
+[[ -x /usr/bin/time ]] || die "GNU time (/usr/bin/time) is needed"
+command -v ss >/dev/null || die "ss (iproute2) is needed to find free ports"
+
+if ! command -v rsync >/dev/null || ! command -v ssh >/dev/null || ! command -v scp >/dev/null || ! [[ -x /usr/sbin/sshd ]]; then
+    [[ $(id -u) == 0 ]] || die "rsync/ssh/sshd missing and not root: install rsync and openssh-server"
+    echo "installing rsync and openssh-server (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rsync openssh-server >/dev/null
+fi
+SFTP_SERVER=
+for p in /usr/lib/openssh/sftp-server /usr/libexec/openssh/sftp-server /usr/libexec/sftp-server; do
+    [[ -x $p ]] && { SFTP_SERVER=$p; break; }
+done
+[[ -n $SFTP_SERVER ]] || die "sftp-server not found (scp needs it)"
+
+SIZE=$((SIZE_MIB * 1024 * 1024))
+NPROC=$(nproc)
+TCK=$(getconf CLK_TCK)
+USER_NAME=$(id -un)
+
+# --- temp dir, process bookkeeping, cleanup ---------------------------------
+
+WORK=$(mktemp -d "$TMPDIR/deftfs-compare.XXXXXX")
+[[ $WORK != *' '* ]] || die "TMPDIR must not contain spaces"
+DAEMON_PID=
+SSHD_PID=
+
+stop_pid() { # stop_pid PID: TERM, wait up to 5 s, then KILL
+    local pid=$1 i
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? left
+    set +e
+    stop_pid "$DAEMON_PID"
+    if [[ -n $SSHD_PID ]]; then
+        # Per-connection sshd processes are the listener's children.
+        for c in $(pgrep -P "$SSHD_PID"); do kill -TERM "$c" 2>/dev/null; done
+        stop_pid "$SSHD_PID"
+    fi
+    # Anything still running with the temp dir on its command line is ours.
+    left=$(pgrep -f -- "$WORK")
+    if [[ -n $left ]]; then
+        echo "compare.sh: killing leftover processes: $left" >&2
+        kill -KILL $left 2>/dev/null
+    fi
+    for pid in $DAEMON_PID $SSHD_PID; do
+        kill -0 "$pid" 2>/dev/null && echo "compare.sh: process $pid is still running" >&2 && rc=1
+    done
+    if [[ -z $(pgrep -f -- "$WORK") ]]; then
+        echo "cleanup: no deftfs daemon, sshd or other process of this run is left"
+    else
+        echo "compare.sh: processes of this run are still running" >&2
+        rc=1
+    fi
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- helpers -------------------------------------------------------------
+
+free_udp_port() {
+    local p
+    for _ in $(seq 100); do
+        p=$((40000 + RANDOM % 20000))
+        [[ -z $(ss -Hlun "sport = :$p") ]] && { echo "$p"; return; }
+    done
+    die "no free UDP port found"
+}
+
+# CPU ticks of a process, its threads and its waited-for children.
+cpu_ticks() {
+    local stat rest
+    stat=$(cat "/proc/$1/stat") || { echo 0; return; }
+    rest=${stat##*) }
+    # fields after "comm)": state=3 ... utime=14 stime=15 cutime=16 cstime=17
+    awk '{ print $12 + $13 + $14 + $15 }' <<<"$rest"
+}
+
+# Bytes through the loopback interface (counted once per packet). Includes
+# every loopback user on the machine, so read it as an upper bound.
+lo_bytes() { awk -F'[: ]+' '$2 == "lo" { print $3 }' /proc/net/dev; }
+
+vmhwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
+
+# Reset a process's peak RSS (Linux >= 4.0); falls back to peak since start.
+HWM_RESET=yes
+reset_hwm() { echo 5 >"/proc/$1/clear_refs" 2>/dev/null || HWM_RESET=no; }
+
+warm() { # read files into the page cache and flush dirty pages
+    local f
+    for f in "$@"; do cat "$f" >/dev/null; done
+    sync
+}
+
+# timed NAME CMD...: run CMD under GNU time; NAME.time = "elapsed user sys maxrss_kib"
+timed() {
+    local name=$1; shift
+    if ! /usr/bin/time -f '%e %U %S %M' -o "$WORK/$name.time" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err"; then
+        echo "compare.sh: $name failed:" >&2
+        cat "$WORK/$name.err" "$WORK/$name.time" >&2
+        exit 1
+    fi
+}
+
+field() { awk -v i="$2" '{ print $i }' "$WORK/$1.time"; }
+
+json_num() { grep -o "\"$2\":[0-9.eE+-]*" "$WORK/$1.out" | head -1 | cut -d: -f2; }
+
+same() { cmp -s "$1" "$2" || die "$2 differs from $1"; }
+
+# Results, one row per measurement (tab-separated):
+# tool op secs client_u+s server_u+s client_rss_kib server_rss_kib payload_bytes lo_bytes note
+ROWS=()
+# measure TOOL OP NAME SERVER_PID SERVER_HWM_FN PAYLOAD NOTE
+#   (the command itself was run with `timed NAME` by the caller between
+#    measure_begin and measure_end)
+measure_begin() {
+    M_SRV_T0=$(cpu_ticks "$1")
+    M_LO0=$(lo_bytes)
+}
+measure_end() {
+    local tool=$1 op=$2 name=$3 srv_pid=$4 srv_rss=$5 payload=$6 note=${7:-}
+    sleep 0.3 # let the server reap per-connection children (sshd)
+    local srv_t1 lo1 secs cli_cpu srv_cpu cli_rss
+    srv_t1=$(cpu_ticks "$srv_pid")
+    lo1=$(lo_bytes)
+    secs=$(field "$name" 1)
+    cli_cpu=$(awk '{ printf "%.2f", $2 + $3 }' "$WORK/$name.time")
+    srv_cpu=$(awk -v a="$M_SRV_T0" -v b="$srv_t1" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t }')
+    cli_rss=$(field "$name" 4)
+    ROWS+=("$tool"$'\t'"$op"$'\t'"$secs"$'\t'"$cli_cpu"$'\t'"$srv_cpu"$'\t'"$cli_rss"$'\t'"$srv_rss"$'\t'"$payload"$'\t'"$((lo1 - M_LO0))"$'\t'"$note")
+    printf '  %-8s %-22s %7.2f s\n' "$tool" "$op" "$secs"
+}
+
+# --- the file --------------------------------------------------------------
+
+echo "deftfs compare: $SIZE_MIB MiB, temp dir $WORK"
+echo "binary: $DEFTFS_BIN ($("$DEFTFS_BIN" --version 2>/dev/null || echo '?'))"
+echo "machine: $NPROC cpus, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
+echo "tools: $(rsync --version | head -1); $(ssh -V 2>&1)"
+
+mkdir -p "$WORK/v1" "$WORK/v2"
+SRC=$WORK/v1/data.bin # the file
+MOD=$WORK/v2/data.bin # the same with 1 MiB changed in the middle
+echo "writing $SIZE_MIB MiB of random data"
+head -c "$SIZE" /dev/urandom >"$SRC"
+cp "$SRC" "$MOD"
+dd if=/dev/urandom of="$MOD" bs=1M count=1 seek=$((SIZE_MIB / 2)) conv=notrunc status=none
+cmp -s "$SRC" "$MOD" && die "the modified copy is identical"
+
+# --- deftfs ---------------------------------------------------------------
+
+A=$WORK/alice B=$WORK/bob
+INBOX=$WORK/bob-inbox OUTBOX=$WORK/bob-outbox PULLED=$WORK/alice-pulled
+mkdir -p "$INBOX" "$OUTBOX" "$PULLED"
+cp "$SRC" "$OUTBOX/data.bin"
+PORT_A=$(free_udp_port)
+PORT_B=$(free_udp_port)
+while [[ $PORT_B == "$PORT_A" ]]; do PORT_B=$(free_udp_port); done
+
+d() { "$DEFTFS_BIN" "$@"; }
+d --home "$A" init --name alice --listen "127.0.0.1:$PORT_A" >/dev/null
+d --home "$B" init --name bob --listen "127.0.0.1:$PORT_B" >/dev/null
+FP_A=$(d --home "$A" id | awk '$1 == "fingerprint" { print $2 }')
+FP_B=$(d --home "$B" id | awk '$1 == "fingerprint" { print $2 }')
+[[ $FP_A == sha256:* && $FP_B == sha256:* ]] || die "could not read fingerprints"
+d --home "$A" partner add bob --fingerprint "$FP_B" --endpoint "127.0.0.1:$PORT_B" >/dev/null
+d --home "$B" partner add alice --fingerprint "$FP_A" --endpoint "127.0.0.1:$PORT_A" >/dev/null
+d --home "$B" share add inbox "$INBOX" --partner alice --access write >/dev/null
+d --home "$B" share add outbox "$OUTBOX" --partner alice --access read >/dev/null
+
+"$DEFTFS_BIN" --home "$B" daemon >"$WORK/bob-daemon.log" 2>&1 &
+DAEMON_PID=$!
+for _ in $(seq 100); do
+    [[ -n $(ss -Hlun "sport = :$PORT_B") ]] && break
+    kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$WORK/bob-daemon.log" >&2; die "bob's daemon exited"; }
+    sleep 0.1
+done
+[[ -n $(ss -Hlun "sport = :$PORT_B") ]] || die "bob's daemon does not listen on UDP $PORT_B"
+DAEMON_PEAK_KIB=0
+DAEMON_RSS_KIB=0
+daemon_rss() { # sets DAEMON_RSS_KIB (VmHWM now) and keeps the run's maximum
+    DAEMON_RSS_KIB=$(vmhwm_kib "$DAEMON_PID")
+    if ((DAEMON_RSS_KIB > DAEMON_PEAK_KIB)); then DAEMON_PEAK_KIB=$DAEMON_RSS_KIB; fi
+}
+
+deftfs_op() { # deftfs_op OP NAME NOTE CMD...
+    local op=$1 name=$2 note=$3; shift 3
+    reset_hwm "$DAEMON_PID"
+    measure_begin "$DAEMON_PID"
+    timed "$name" "$@"
+    daemon_rss
+    measure_end deftfs "$op" "$name" "$DAEMON_PID" "$DAEMON_RSS_KIB" "$(json_num "$name" bytes_sent)" "$note"
+    echo "$name: $(cat "$WORK/$name.out")" >>"$WORK/deftfs.json"
+}
+
+echo "running (every input file is in the page cache; sync before each run)"
+
+# (a) push cold: alice never indexed the file, bob's inbox is empty.
+rm -f "$INBOX/data.bin" "$INBOX"/.data.bin.deftpart-*
+warm "$SRC"
+deftfs_op "push cold" push-cold "sender chunks+hashes first" \
+    "$DEFTFS_BIN" --home "$A" send bob inbox "$SRC" --json
+same "$SRC" "$INBOX/data.bin"
+
+# (b) pull cold: alice has no copy; bob indexes its outbox file on request.
+rm -f "$PULLED/data.bin" "$PULLED"/.data.bin.deftpart-*
+warm "$OUTBOX/data.bin"
+deftfs_op "pull cold" pull-cold "server chunks+hashes first" \
+    "$DEFTFS_BIN" --home "$A" receive bob outbox data.bin "$PULLED/data.bin" --json
+same "$SRC" "$PULLED/data.bin"
+
+# (c) push delta: bob's inbox has the old version, alice sends the new one.
+warm "$MOD" "$INBOX/data.bin"
+deftfs_op "push delta 1 MiB" push-delta "both sides chunk 1 GiB" \
+    "$DEFTFS_BIN" --home "$A" send bob inbox "$MOD" --json
+same "$MOD" "$INBOX/data.bin"
+
+daemon_rss
+echo "daemon VmHWM just before stopping it (since the last reset): $DAEMON_RSS_KIB KiB"
+stop_pid "$DAEMON_PID"
+DAEMON_PID=
+rm -rf "$INBOX" "$OUTBOX" "$PULLED"
+
+# --- sshd, rsync, scp --------------------------------------------------------
+
+[[ -z $(ss -Hltn "sport = :$SSH_PORT") ]] || die "TCP port $SSH_PORT is in use (set SSH_PORT)"
+S=$WORK/ssh
+mkdir -p "$S"
+chmod 700 "$S"
+ssh-keygen -q -t ed25519 -N '' -f "$S/host_key"
+ssh-keygen -q -t ed25519 -N '' -f "$S/client_key"
+cp "$S/client_key.pub" "$S/authorized_keys"
+cat >"$S/sshd_config" <<EOF
+ListenAddress 127.0.0.1
+Port $SSH_PORT
+HostKey $S/host_key
+AuthorizedKeysFile $S/authorized_keys
+PidFile $S/sshd.pid
+PermitRootLogin yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+UsePAM no
+StrictModes no
+PrintMotd no
+LogLevel ERROR
+Subsystem sftp /usr/bin/time -f "%e %U %S %M" -o $S/sftp-server.time $SFTP_SERVER
+EOF
+# sshd refuses to start without its privilege separation directory.
+[[ -d /run/sshd ]] || mkdir -p /run/sshd
+/usr/sbin/sshd -t -f "$S/sshd_config" || die "sshd config test failed"
+/usr/sbin/sshd -f "$S/sshd_config" -D -E "$S/sshd.log" &
+SSHD_PID=$!
+SSH_OPTS=(-p "$SSH_PORT" -i "$S/client_key" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR)
+for _ in $(seq 100); do
+    ssh "${SSH_OPTS[@]}" "$USER_NAME@127.0.0.1" true 2>/dev/null && break
+    kill -0 "$SSHD_PID" 2>/dev/null || { cat "$S/sshd.log" >&2; die "sshd exited"; }
+    sleep 0.1
+done
+ssh "${SSH_OPTS[@]}" "$USER_NAME@127.0.0.1" true || die "cannot log in to the test sshd"
+CIPHER=$(ssh -v "${SSH_OPTS[@]}" "$USER_NAME@127.0.0.1" true 2>&1 | sed -n 's/.*kex: client->server cipher: \([^ ]*\).*/\1/p' | head -1)
+echo "ssh cipher: ${CIPHER:-unknown}"
+RSH="ssh ${SSH_OPTS[*]}"
+DST=$WORK/ssh-dst
+mkdir -p "$DST/rsync" "$DST/scp"
+
+rsync_bytes() { # total bytes sent + received from --stats
+    awk '/^Total bytes sent:/ { gsub(",", "", $4); s = $4 } /^Total bytes received:/ { gsub(",", "", $4); r = $4 } END { print s + r }' "$WORK/$1.out"
+}
+remote_rss() { awk '{ print $4 }' "$1" 2>/dev/null || echo 0; }
+
+# (d) rsync cold: destination absent.
+warm "$SRC"
+measure_begin "$SSHD_PID"
+timed rsync-cold rsync -a --whole-file --stats -e "$RSH" \
+    --rsync-path="/usr/bin/time -f '%e %U %S %M' -o $S/rsync-cold.remote rsync" \
+    "$SRC" "$USER_NAME@127.0.0.1:$DST/rsync/"
+measure_end rsync "cold --whole-file" rsync-cold "$SSHD_PID" "$(remote_rss "$S/rsync-cold.remote")" "$(rsync_bytes rsync-cold)" "no fsync"
+same "$SRC" "$DST/rsync/data.bin"
+
+# (e) rsync delta: destination has the old version.
+warm "$MOD" "$DST/rsync/data.bin"
+measure_begin "$SSHD_PID"
+timed rsync-delta rsync -a --stats -e "$RSH" \
+    --rsync-path="/usr/bin/time -f '%e %U %S %M' -o $S/rsync-delta.remote rsync" \
+    "$MOD" "$USER_NAME@127.0.0.1:$DST/rsync/"
+measure_end rsync "delta 1 MiB" rsync-delta "$SSHD_PID" "$(remote_rss "$S/rsync-delta.remote")" "$(rsync_bytes rsync-delta)" "no fsync"
+same "$MOD" "$DST/rsync/data.bin"
+rm -f "$DST/rsync/data.bin"
+
+# (f) scp cold (OpenSSH >= 9 speaks SFTP underneath).
+warm "$SRC"
+measure_begin "$SSHD_PID"
+timed scp-cold scp -q -P "$SSH_PORT" -i "$S/client_key" -o StrictHostKeyChecking=no \
+    -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR \
+    "$SRC" "$USER_NAME@127.0.0.1:$DST/scp/"
+measure_end scp "cold" scp-cold "$SSHD_PID" "$(remote_rss "$S/sftp-server.time")" "" "no fsync"
+same "$SRC" "$DST/scp/data.bin"
+rm -f "$DST/scp/data.bin"
+
+stop_pid "$SSHD_PID"
+SSHD_PID=
+
+# --- report ----------------------------------------------------------------
+
+mib() { awk -v k="$1" 'BEGIN { if (k == "" || k == 0) print "-"; else printf "%.0f", k / 1024 }'; }
+bytes() { awk -v b="$1" 'BEGIN { if (b == "") print "-"; else if (b >= 1048576) printf "%.1f MiB", b / 1048576; else printf "%.0f KiB", b / 1024 }'; }
+
+echo
+echo "Results: $SIZE_MIB MiB file, loopback, $NPROC cpus, input in page cache"
+echo
+printf '%-7s %-18s %8s %8s %14s %14s %9s %9s\n' tool operation seconds MiB/s "payload bytes" "loopback bytes" "RSS cli" "RSS srv"
+printf '%-7s %-18s %8s %8s %14s %14s %9s %9s\n' "" "" "" "" "(tool)" "(/proc/net/dev)" "MiB" "MiB"
+for row in "${ROWS[@]}"; do
+    IFS=$'\t' read -r tool op secs ccpu scpu crss srss payload lo note <<<"$row"
+    printf '%-7s %-18s %8.2f %8.1f %14s %14s %9s %9s\n' "$tool" "$op" "$secs" \
+        "$(awk -v s="$secs" -v m="$SIZE_MIB" 'BEGIN { print (s > 0 ? m / s : 0) }')" \
+        "$(bytes "$payload")" "$(bytes "$lo")" "$(mib "$crss")" "$(mib "$srss")"
+done
+echo
+echo "CPU: user+sys seconds of the client process (with its children) and of the"
+echo "server (deftfs daemon; sshd with its session children incl. remote rsync/sftp-server)."
+echo "busy = (client + server CPU) / (seconds x $NPROC cpus)."
+echo
+printf '%-7s %-18s %8s %9s %9s %6s  %s\n' tool operation seconds "cpu cli" "cpu srv" busy note
+for row in "${ROWS[@]}"; do
+    IFS=$'\t' read -r tool op secs ccpu scpu crss srss payload lo note <<<"$row"
+    printf '%-7s %-18s %8.2f %9s %9s %5.0f%%  %s\n' "$tool" "$op" "$secs" "$ccpu" "$scpu" \
+        "$(awk -v a="$ccpu" -v b="$scpu" -v s="$secs" -v n="$NPROC" 'BEGIN { print (s > 0 ? 100 * (a + b) / (s * n) : 0) }')" "$note"
+done
+echo
+echo "deftfs --json reports:"
+sed 's/^/  /' "$WORK/deftfs.json"
+echo
+echo "deftfs daemon peak RSS over the run: $(mib "$DAEMON_PEAK_KIB") MiB (per-operation reset of VmHWM: $HWM_RESET)"
+echo "payload bytes: deftfs bytes_sent (chunk payload only); rsync --stats total bytes sent+received; scp: not reported."
+echo "loopback bytes: all bytes through lo during the run (headers, TLS/SSH, and any other loopback traffic on the machine)."
+echo "RSS srv: deftfs daemon VmHWM; rsync/scp: the remote rsync / sftp-server (GNU time), sshd itself not counted."
+echo "chunk+hash throughput: CARGO_TARGET_DIR=... cargo bench --bench chunk"
