@@ -214,8 +214,7 @@ impl Session {
                 stalled = true;
                 eprintln!("stalled");
             }
-            while !stall {
-                let Some(index) = window.next_to_send(Instant::now()) else { break };
+            while let Some(index) = if stall { None } else { window.next_to_send(Instant::now()) } {
                 let Some(chunk) = manifest.chunks.get(index as usize).copied() else { break };
                 let corrupt = fault::corrupt_chunk() == Some(index) && !corrupted_once;
                 corrupted_once |= corrupt;

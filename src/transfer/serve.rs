@@ -8,6 +8,10 @@
 //! not exist for it; pulls need `read`, pushes need `write`; paths are
 //! resolved by [`crate::share`] and never leave the share.
 
+// Handlers return `Err(Response::Error)`: the refusal is the answer itself,
+// built once and sent as is, so its size on the stack does not matter.
+#![allow(clippy::result_large_err)]
+
 use super::assemble::{AssembleError, Assembly, Written};
 use super::{manifest_from_lines, manifest_to_lines, party, Facts};
 use crate::chunk::Manifest;
