@@ -28,6 +28,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Two throwaway nodes on this machine: one shares sample files, the other lists, fetches and sends, with signed receipts.
+    Demo {
+        /// Where to put the demo nodes (default: a new temp directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Run the scenario and stop, instead of serving until Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+    },
     /// Create a new node: key pair, certificate, config.toml.
     Init {
         #[arg(long)]
@@ -134,6 +143,7 @@ pub enum ReceiptCmd {
 pub fn run(cli: Cli) -> Result<()> {
     let home = cli.home.clone().unwrap_or_else(config::default_home);
     match cli.command {
+        Command::Demo { dir, exit } => demo(dir, exit),
         Command::Init { name, listen } => init(&home, &name, listen),
         Command::Id => id(&home),
         Command::Partner(PartnerCmd::Add { name, fingerprint, cert, endpoints }) => partner_add(&home, &name, fingerprint, cert, endpoints),
@@ -189,6 +199,101 @@ fn init(home: &Path, name: &str, listen: SocketAddr) -> Result<()> {
     }
     println!("listen       {listen}");
     println!("next: give your fingerprint to a partner, then `deftfs partner add` theirs");
+    Ok(())
+}
+
+fn demo(dir: Option<PathBuf>, exit: bool) -> Result<()> {
+    init_logging("warn");
+    let root = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("deftfs-demo-{}", std::process::id())));
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let (partner_home, you_home) = (root.join("partner"), root.join("you"));
+    let free = || -> Result<SocketAddr> { Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?) };
+    let (partner_addr, you_addr) = (free()?, free()?);
+    println!("== two nodes in {}", root.display());
+    init(&partner_home, "partner", partner_addr)?;
+    init(&you_home, "you", you_addr)?;
+    let fp = |home: &Path| -> Result<String> { Ok(Identity::load(home)?.fingerprint().to_string()) };
+    partner_add(&you_home, "partner", Some(fp(&partner_home)?), None, vec![partner_addr.to_string()])?;
+    partner_add(&partner_home, "you", Some(fp(&you_home)?), None, vec![you_addr.to_string()])?;
+    let samples = root.join("partner-files");
+    let inbox = root.join("partner-inbox");
+    std::fs::create_dir_all(samples.join("invoices"))?;
+    std::fs::create_dir_all(&inbox)?;
+    std::fs::write(samples.join("README.txt"), "Sample files shared by the demo partner node.\n")?;
+    std::fs::write(samples.join("invoices/2026-11.csv"), "id,customer,amount\n1,ACME,1200.00\n2,Globex,560.50\n")?;
+    write_sample(&samples.join("scene.bin"), 64 << 20)?;
+    share_add(&partner_home, "samples", &samples, &["you".into()], &["read".into()])?;
+    share_add(&partner_home, "inbox", &inbox, &["you".into()], &["write".into()])?;
+
+    runtime()?.block_on(async {
+        let partner = Node::open(&partner_home)?;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::node::run(
+            partner,
+            async move {
+                let _ = stop_rx.await;
+            },
+            Some(ready_tx),
+        ));
+        ready_rx.await.map_err(|_| anyhow!("the partner node did not start"))?;
+        let you = Node::open(&you_home)?;
+        let mut session = Session::open(you, "partner").await?;
+        println!("\n== deftfs ls partner");
+        for r in session.discover().await? {
+            println!("{:<10} {:>10} {}", r.name, human(r.size), r.access.as_str());
+        }
+        let samples_share = Name::new("samples").map_err(|e| anyhow!("{e}"))?;
+        let scene = SharePath::parse("scene.bin").map_err(|e| anyhow!("{e}"))?;
+        println!("\n== deftfs receive partner samples scene.bin {}", root.join("scene.bin").display());
+        let got = session.pull(&samples_share, &scene, &root.join("scene.bin"), None).await?;
+        print_report(&got, false)?;
+        println!("\n== the same again: nothing left to fetch (delta)");
+        let again = session.pull(&samples_share, &scene, &root.join("scene.bin"), None).await?;
+        print_report(&again, false)?;
+        let note = root.join("note.txt");
+        std::fs::write(&note, "Order 4711 confirmed.\n")?;
+        println!("\n== deftfs send partner inbox {}", note.display());
+        let sent = session
+            .push(&Name::new("inbox").map_err(|e| anyhow!("{e}"))?, &SharePath::parse("note.txt").map_err(|e| anyhow!("{e}"))?, &note, None)
+            .await?;
+        print_report(&sent, false)?;
+        session.close().await;
+        println!("\n== deftfs receipt verify {}", sent.receipt.display());
+        receipt_verify(&sent.receipt, Some(&partner_home.join("cert.pem")))?;
+        let h = you_home.display();
+        println!("\nTry it yourself while the partner node runs:");
+        println!("  deftfs --home {h} ls partner samples");
+        println!("  deftfs --home {h} receive partner samples invoices/2026-11.csv /tmp/invoice.csv");
+        println!("  deftfs --home {h} send partner inbox /etc/hostname");
+        println!("  deftfs --home {h} history");
+        if !exit {
+            println!("\nPress Ctrl-C to stop the partner node.");
+            shutdown_signal().await;
+        }
+        let _ = stop_tx.send(());
+        server.await.map_err(|e| anyhow!("partner node: {e}"))??;
+        println!("stopped; the demo nodes stay in {}", root.display());
+        Ok(())
+    })
+}
+
+/// Pseudo-random, incompressible sample content (xorshift), written streaming.
+fn write_sample(path: &Path, len: usize) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut block = vec![0u8; 1 << 16];
+    for _ in 0..len / block.len() {
+        for word in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block)?;
+    }
+    f.flush()?;
     Ok(())
 }
 

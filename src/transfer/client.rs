@@ -355,6 +355,11 @@ impl Session {
         let already = manifest.size.saturating_sub(need_bytes);
         let (mut bytes_sent, mut chunks_sent, mut got_bytes) = (0u64, 0u32, 0u64);
         let result: Result<(), TransferError> = async {
+            if need.is_empty() {
+                // Nothing to fetch: still open the transfer on the server,
+                // so it can record the receipt we are about to sign.
+                self.send(&Request::Get { transfer_id: transfer_id.clone(), share: share.clone(), path: path.clone(), file_hash, chunks: RangeSet::new() }).await?;
+            }
             while !window.is_done() && !assembly.is_complete() {
                 let batch: RangeSet = std::iter::from_fn(|| window.next_to_send(Instant::now())).collect();
                 if !batch.is_empty() {
