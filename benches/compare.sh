@@ -2,7 +2,8 @@
 # Side-by-side transfer benchmark on loopback, in one run:
 #
 #   deftfs  push cold, pull cold, push delta (1 MiB changed in the middle)
-#   rsync   -a --whole-file over ssh (cold), -a over ssh (delta, same change)
+#   rsync   -a --whole-file over ssh (cold, then cold with --fsync),
+#           -a over ssh (delta, same change)
 #   scp     (cold)
 #
 # all with the same pseudo-random file of $SIZE_MIB MiB (default 1024).
@@ -23,7 +24,8 @@
 # cat before the tool runs, so every tool reads from the page cache, and
 # `sync` runs before each measurement so no tool pays for the previous one's
 # writeback. Writes are measured as the tools do them: deftfs fsyncs the
-# received file before it reports success, rsync and scp do not.
+# received file before it reports success, rsync and scp do not; one extra
+# rsync row (--fsync) shows what that durability costs rsync.
 #
 # Needs: bash, GNU time (/usr/bin/time), ss, rsync, ssh, scp, sshd. If rsync
 # or sshd is missing and we are root, installs rsync and openssh-server with
@@ -185,7 +187,8 @@ measure_end() {
     cli_cpu=$(awk '{ printf "%.2f", $2 + $3 }' "$WORK/$name.time")
     srv_cpu=$(awk -v a="$M_SRV_T0" -v b="$srv_t1" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t }')
     cli_rss=$(field "$name" 4)
-    ROWS+=("$tool"$'\t'"$op"$'\t'"$secs"$'\t'"$cli_cpu"$'\t'"$srv_cpu"$'\t'"$cli_rss"$'\t'"$srv_rss"$'\t'"$payload"$'\t'"$((lo1 - M_LO0))"$'\t'"$note")
+    # Every field must be non-empty: read collapses adjacent tabs.
+    ROWS+=("$tool"$'\t'"$op"$'\t'"$secs"$'\t'"$cli_cpu"$'\t'"$srv_cpu"$'\t'"$cli_rss"$'\t'"${srv_rss:-0}"$'\t'"${payload:--}"$'\t'"$((lo1 - M_LO0))"$'\t'"${note:--}")
     printf '  %-8s %-22s %7.2f s\n' "$tool" "$op" "$secs"
 }
 
@@ -204,6 +207,9 @@ head -c "$SIZE" /dev/urandom >"$SRC"
 cp "$SRC" "$MOD"
 dd if=/dev/urandom of="$MOD" bs=1M count=1 seek=$((SIZE_MIB / 2)) conv=notrunc status=none
 cmp -s "$SRC" "$MOD" && die "the modified copy is identical"
+# Same size: make the new version's mtime clearly later, or rsync's quick
+# check (size + mtime, whole seconds) could skip it on a small, fast run.
+touch -d "@$(($(stat -c %Y "$SRC") + 60))" "$MOD"
 
 # --- deftfs ---------------------------------------------------------------
 
@@ -269,7 +275,7 @@ same "$SRC" "$PULLED/data.bin"
 
 # (c) push delta: bob's inbox has the old version, alice sends the new one.
 warm "$MOD" "$INBOX/data.bin"
-deftfs_op "push delta 1 MiB" push-delta "both sides chunk 1 GiB" \
+deftfs_op "push delta 1 MiB" push-delta "both sides chunk the file" \
     "$DEFTFS_BIN" --home "$A" send bob inbox "$MOD" --json
 same "$MOD" "$INBOX/data.bin"
 
@@ -302,7 +308,7 @@ UsePAM no
 StrictModes no
 PrintMotd no
 LogLevel ERROR
-Subsystem sftp /usr/bin/time -f "%e %U %S %M" -o $S/sftp-server.time $SFTP_SERVER
+Subsystem sftp /usr/bin/time -f %M -o $S/sftp-server.time $SFTP_SERVER
 EOF
 # sshd refuses to start without its privilege separation directory.
 [[ -d /run/sshd ]] || mkdir -p /run/sshd
@@ -325,7 +331,9 @@ mkdir -p "$DST/rsync" "$DST/scp"
 rsync_bytes() { # total bytes sent + received from --stats
     awk '/^Total bytes sent:/ { gsub(",", "", $4); s = $4 } /^Total bytes received:/ { gsub(",", "", $4); r = $4 } END { print s + r }' "$WORK/$1.out"
 }
-remote_rss() { awk '{ print $4 }' "$1" 2>/dev/null || echo 0; }
+# Peak RSS (KiB) of the remote side: last field of GNU time's last line.
+# (sshd drops quotes from the Subsystem line, so sftp-server's format is %M.)
+remote_rss() { tail -1 "$1" 2>/dev/null | awk '{ print $NF }' || echo 0; }
 
 # (d) rsync cold: destination absent.
 warm "$SRC"
@@ -334,6 +342,17 @@ timed rsync-cold rsync -a --whole-file --stats -e "$RSH" \
     --rsync-path="/usr/bin/time -f '%e %U %S %M' -o $S/rsync-cold.remote rsync" \
     "$SRC" "$USER_NAME@127.0.0.1:$DST/rsync/"
 measure_end rsync "cold --whole-file" rsync-cold "$SSHD_PID" "$(remote_rss "$S/rsync-cold.remote")" "$(rsync_bytes rsync-cold)" "no fsync"
+same "$SRC" "$DST/rsync/data.bin"
+
+# (d') the same with --fsync: as durable as deftfs, which fsyncs before it
+# reports success (extra row, for a like-for-like comparison).
+rm -f "$DST/rsync/data.bin"
+warm "$SRC"
+measure_begin "$SSHD_PID"
+timed rsync-cold-fsync rsync -a --whole-file --fsync --stats -e "$RSH" \
+    --rsync-path="/usr/bin/time -f '%e %U %S %M' -o $S/rsync-cold-fsync.remote rsync" \
+    "$SRC" "$USER_NAME@127.0.0.1:$DST/rsync/"
+measure_end rsync "cold --fsync" rsync-cold-fsync "$SSHD_PID" "$(remote_rss "$S/rsync-cold-fsync.remote")" "$(rsync_bytes rsync-cold-fsync)" "fsync, like deftfs"
 same "$SRC" "$DST/rsync/data.bin"
 
 # (e) rsync delta: destination has the old version.
@@ -352,7 +371,7 @@ measure_begin "$SSHD_PID"
 timed scp-cold scp -q -P "$SSH_PORT" -i "$S/client_key" -o StrictHostKeyChecking=no \
     -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR \
     "$SRC" "$USER_NAME@127.0.0.1:$DST/scp/"
-measure_end scp "cold" scp-cold "$SSHD_PID" "$(remote_rss "$S/sftp-server.time")" "" "no fsync"
+measure_end scp "cold" scp-cold "$SSHD_PID" "$(remote_rss "$S/sftp-server.time")" - "no fsync; SFTP protocol"
 same "$SRC" "$DST/scp/data.bin"
 rm -f "$DST/scp/data.bin"
 
@@ -362,7 +381,7 @@ SSHD_PID=
 # --- report ----------------------------------------------------------------
 
 mib() { awk -v k="$1" 'BEGIN { if (k == "" || k == 0) print "-"; else printf "%.0f", k / 1024 }'; }
-bytes() { awk -v b="$1" 'BEGIN { if (b == "") print "-"; else if (b >= 1048576) printf "%.1f MiB", b / 1048576; else printf "%.0f KiB", b / 1024 }'; }
+bytes() { awk -v b="$1" 'BEGIN { if (b == "" || b == "-") print "-"; else if (b >= 1048576) printf "%.1f MiB", b / 1048576; else printf "%.0f KiB", b / 1024 }'; }
 
 echo
 echo "Results: $SIZE_MIB MiB file, loopback, $NPROC cpus, input in page cache"
@@ -391,7 +410,8 @@ echo "deftfs --json reports:"
 sed 's/^/  /' "$WORK/deftfs.json"
 echo
 echo "deftfs daemon peak RSS over the run: $(mib "$DAEMON_PEAK_KIB") MiB (per-operation reset of VmHWM: $HWM_RESET)"
-echo "payload bytes: deftfs bytes_sent (chunk payload only); rsync --stats total bytes sent+received; scp: not reported."
+echo "payload bytes: deftfs bytes_sent (chunk payload only; a pull can under-count it, see loopback bytes);"
+echo "  rsync --stats total bytes sent+received; scp: not reported."
 echo "loopback bytes: all bytes through lo during the run (headers, TLS/SSH, and any other loopback traffic on the machine)."
 echo "RSS srv: deftfs daemon VmHWM; rsync/scp: the remote rsync / sftp-server (GNU time), sshd itself not counted."
 echo "chunk+hash throughput: CARGO_TARGET_DIR=... cargo bench --bench chunk"
