@@ -399,8 +399,7 @@ fn share_list(home: &Path) -> Result<()> {
 fn daemon(home: &Path) -> Result<()> {
     init_logging("info");
     let node = Node::open(home)?;
-    runtime()?.block_on(async move { crate::node::run(node, shutdown_signal(), None).await })?;
-    Ok(())
+    runtime()?.block_on(crate::daemon::run(node, shutdown_signal()))
 }
 
 /// Resolves on SIGTERM or SIGINT.

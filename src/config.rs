@@ -48,6 +48,7 @@ const MAX_CHUNK: u32 = 16 * 1024 * 1024;
 pub struct Config {
     pub node: NodeConfig,
     pub storage: StorageConfig,
+    pub mount: MountConfig,
     pub partners: Vec<PartnerConfig>,
     pub shares: Vec<ShareConfig>,
 }
@@ -68,6 +69,47 @@ pub struct StorageConfig {
     pub chunk_timeout_secs: u64,
     /// Retransmissions of one chunk before the transfer aborts; default 3.
     pub max_retries: u32,
+    /// How often shares that a partner watches are scanned for changes,
+    /// in milliseconds; default 1000.
+    pub watch_interval_ms: u64,
+}
+
+/// Defaults of `deftfs mount` (`[mount]`); the command's flags override them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MountConfig {
+    /// Chunk cache bound per mount, bytes; default 10 GiB.
+    pub cache_size: u64,
+    /// How long a read waits for an unreachable partner before EIO; default 10 s.
+    pub offline_wait_secs: u64,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig { cache_size: 10 << 30, offline_wait_secs: 10 }
+    }
+}
+
+/// A size: a number of bytes with an optional unit K, M, G or T (powers of
+/// 1024; `KiB`, `KB`, `k` are accepted alike), e.g. `64M`, `10 GiB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let bad = || format!("{text:?} is not a size: write bytes or a number with K, M, G or T, like \"64M\" or \"10G\"");
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        "t" => 40,
+        _ => return Err(bad()),
+    };
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
 }
 
 impl Default for StorageConfig {
@@ -77,6 +119,7 @@ impl Default for StorageConfig {
             window: DEFAULT_WINDOW,
             chunk_timeout_secs: DEFAULT_CHUNK_TIMEOUT_SECS,
             max_retries: DEFAULT_MAX_RETRIES,
+            watch_interval_ms: 1000,
         }
     }
 }
@@ -128,6 +171,7 @@ pub enum ConfigError {
 struct RawConfig {
     node: RawNode,
     storage: Option<RawStorage>,
+    mount: Option<RawMount>,
     #[serde(default)]
     partners: Vec<RawPartner>,
     #[serde(default)]
@@ -150,6 +194,14 @@ struct RawStorage {
     window: Option<Spanned<u32>>,
     chunk_timeout_secs: Option<Spanned<u64>>,
     max_retries: Option<Spanned<u32>>,
+    watch_interval_ms: Option<Spanned<u64>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMount {
+    cache_size: Option<Spanned<String>>,
+    offline_wait_secs: Option<Spanned<u64>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -243,9 +295,10 @@ impl Config {
             },
         };
         let storage = storage(&src, raw.storage.unwrap_or_default())?;
+        let mount = mount(&src, raw.mount.unwrap_or_default())?;
         let partners = partners(&src, &raw.partners)?;
         let shares = shares(&src, &raw.shares, &partners)?;
-        Ok(Config { node, storage, partners, shares })
+        Ok(Config { node, storage, mount, partners, shares })
     }
 
     /// The text of a new node's config.toml, with comments explaining
@@ -269,6 +322,11 @@ impl Config {
 #   window = 64                # chunks in flight per transfer, 1 to 4096
 #   chunk_timeout_secs = 30    # seconds without an ack before resending a chunk
 #   max_retries = 3            # resends of one chunk before the transfer fails
+#   watch_interval_ms = 1000   # how often watched shares are scanned for changes
+#
+#   [mount]                    # defaults of `deftfs mount`
+#   cache_size = "10G"         # chunk cache per mount (K, M, G, T)
+#   offline_wait_secs = 10     # an uncached read of an unreachable partner fails after this
 #
 # A partner is another node, bound to its certificate by a pinned
 # fingerprint, certificate files, and/or a CA (whose certificate for the
@@ -355,7 +413,30 @@ fn storage(src: &Source, raw: RawStorage) -> Result<StorageConfig, ConfigError> 
         Some(t) if *t.get_ref() == 0 => return Err(src.invalid(t.span(), "storage.chunk_timeout_secs", "must be at least 1 second")),
         Some(t) => *t.get_ref(),
     };
-    Ok(StorageConfig { chunk, window, chunk_timeout_secs, max_retries: get(&raw.max_retries, defaults.max_retries) })
+    let watch_interval_ms = match &raw.watch_interval_ms {
+        None => defaults.watch_interval_ms,
+        Some(t) if !(50..=3_600_000).contains(t.get_ref()) => {
+            return Err(src.invalid(t.span(), "storage.watch_interval_ms", "must be between 50 and 3600000"))
+        }
+        Some(t) => *t.get_ref(),
+    };
+    Ok(StorageConfig { chunk, window, chunk_timeout_secs, max_retries: get(&raw.max_retries, defaults.max_retries), watch_interval_ms })
+}
+
+fn mount(src: &Source, raw: RawMount) -> Result<MountConfig, ConfigError> {
+    let defaults = MountConfig::default();
+    let cache_size = match &raw.cache_size {
+        None => defaults.cache_size,
+        Some(v) => parse_size(v.get_ref()).map_err(|m| src.invalid(v.span(), "mount.cache_size", m))?,
+    };
+    let offline_wait_secs = match &raw.offline_wait_secs {
+        None => defaults.offline_wait_secs,
+        Some(t) if *t.get_ref() == 0 || *t.get_ref() > 3600 => {
+            return Err(src.invalid(t.span(), "mount.offline_wait_secs", "must be between 1 and 3600 seconds"))
+        }
+        Some(t) => *t.get_ref(),
+    };
+    Ok(MountConfig { cache_size, offline_wait_secs })
 }
 
 fn partners(src: &Source, raw: &[RawPartner]) -> Result<Vec<PartnerConfig>, ConfigError> {

@@ -15,19 +15,24 @@
 //!   [`node`] (the daemon's serving loop);
 //! - [`cli`]: the `deftfs` command line.
 
+pub mod api;
 pub mod chunk;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod db;
 pub mod fault;
 pub mod glob;
 pub mod hash;
 pub mod identity;
 pub mod index;
+pub mod mount;
 pub mod node;
 pub mod proto;
 pub mod receipt;
 pub mod share;
+pub mod store;
 pub mod time;
 pub mod transfer;
 pub mod transport;
+pub mod watch;

@@ -38,6 +38,8 @@ pub struct Node {
     /// its own target over (a resumed push after its connection died).
     pub(crate) busy_targets: Mutex<std::collections::HashMap<PathBuf, (crate::proto::Name, u64)>>,
     pub(crate) busy_generation: std::sync::atomic::AtomicU64,
+    /// Pollers of watched shares.
+    pub(crate) watchers: crate::watch::Watchers,
 }
 
 impl Node {
@@ -58,6 +60,7 @@ impl Node {
             db,
             busy_targets: Default::default(),
             busy_generation: Default::default(),
+            watchers: Default::default(),
         }))
     }
 

@@ -189,6 +189,9 @@ pub enum Request {
     Get { transfer_id: Name, share: Name, path: SharePath, file_hash: Hash, chunks: RangeSet },
     /// Pull receipt: the client received the file and signs for it.
     TransferComplete(Completion),
+    /// `DEFT WATCH <share>`: send CHANGED lines for this share on this
+    /// connection until it closes.
+    Watch { share: Name },
     /// `DEFT BYE`
     Bye,
 }
@@ -219,6 +222,11 @@ pub enum Response {
     TransferComplete(Completion),
     /// `DEFT RECEIPT_OK <transfer_id>`: the server stored the client's pull receipt.
     ReceiptOk { transfer_id: Name },
+    /// `DEFT WATCHING <share>`: answer to WATCH.
+    Watching { share: Name },
+    /// `DEFT CHANGED <share> [<path>]`: something at or under `path` changed
+    /// (unprompted, after WATCH). The root path means "anything in the share".
+    Changed { share: Name, path: SharePath },
     /// `DEFT BYE`
     Bye,
     /// `DEFT ERROR <CODE> <message>`

@@ -1,5 +1,6 @@
 //! `deftfs-mountd`: the node daemon. Serves this node's shares to partners
-//! until SIGTERM or SIGINT, then closes connections cleanly.
+//! and holds the mounts of partners' shares until SIGTERM or SIGINT, then
+//! unmounts everything and closes connections cleanly.
 
 use anyhow::Result;
 use clap::Parser;
@@ -19,6 +20,5 @@ fn main() -> Result<()> {
     let home = args.home.unwrap_or_else(deftfs::config::default_home);
     let node = deftfs::node::Node::open(&home)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(deftfs::node::run(node, deftfs::cli::shutdown_signal(), None))?;
-    Ok(())
+    runtime.block_on(deftfs::daemon::run(node, deftfs::cli::shutdown_signal()))
 }

@@ -180,6 +180,7 @@ impl sealed::Grammar for Request {
                 },
             },
             "TRANSFER_COMPLETE" => Request::TransferComplete(args.completion()?),
+            "WATCH" => Request::Watch { share: args.name("share")? },
             "BYE" => Request::Bye,
             verb => return Err(unknown_verb(verb)),
         };
@@ -250,6 +251,8 @@ impl sealed::Grammar for Response {
             "CHUNK_ACK_BATCH" => Response::ChunkAckBatch { transfer_id: args.name("transfer id")?, chunks: args.parsed(Bare("chunks"))? },
             "TRANSFER_COMPLETE" => Response::TransferComplete(args.completion()?),
             "RECEIPT_OK" => Response::ReceiptOk { transfer_id: args.name("transfer id")? },
+            "WATCHING" => Response::Watching { share: args.name("share")? },
+            "CHANGED" => Response::Changed { share: args.name("share")?, path: args.optional_path()? },
             "BYE" => Response::Bye,
             "ERROR" => Response::Error { code: args.parsed(Bare("code"))?, message: super::one_line(args.rest()) },
             verb => return Err(unknown_verb(verb)),
@@ -366,7 +369,7 @@ fn push_chunk(chunks: &mut Vec<ChunkLine>, file_size: u64, line: &str) -> Result
     if chunk.size == 0 {
         return Err(args.bad("chunk of 0 bytes"));
     }
-    if chunk.offset.checked_add(u64::from(chunk.size)).map_or(true, |end| end > file_size) {
+    if chunk.offset.checked_add(u64::from(chunk.size)).is_none_or(|end| end > file_size) {
         return Err(args.bad(format!("chunk {} ends past SIZE {file_size}", chunk.index)));
     }
     chunks.push(chunk);
@@ -1101,6 +1104,9 @@ mod tests {
             "CHUNK_ACK_BATCH",
             "TRANSFER_COMPLETE",
             "RECEIPT_OK",
+            "WATCH",
+            "WATCHING",
+            "CHANGED",
             "BYE",
             "ERROR",
             "PUT",

@@ -46,6 +46,7 @@ impl Request {
                 line(&mut out, format_args!("DEFT GET {transfer_id} {share} {} {file_hash} CHUNKS {chunks}", path.to_wire()))
             }
             Request::TransferComplete(completion) => completion_line(&mut out, completion),
+            Request::Watch { share } => line(&mut out, format_args!("DEFT WATCH {share}")),
             Request::Bye => line(&mut out, format_args!("DEFT BYE")),
         }
         out
@@ -101,6 +102,8 @@ impl Response {
             Response::ChunkAckBatch { transfer_id, chunks } => line(&mut out, format_args!("DEFT CHUNK_ACK_BATCH {transfer_id} {chunks}")),
             Response::TransferComplete(completion) => completion_line(&mut out, completion),
             Response::ReceiptOk { transfer_id } => line(&mut out, format_args!("DEFT RECEIPT_OK {transfer_id}")),
+            Response::Watching { share } => line(&mut out, format_args!("DEFT WATCHING {share}")),
+            Response::Changed { share, path } => line(&mut out, format_args!("DEFT CHANGED {share}{}", OptionalPath(path))),
             Response::Bye => line(&mut out, format_args!("DEFT BYE")),
             Response::Error { code, message } => error_line(&mut out, *code, message),
         }
@@ -579,6 +582,7 @@ mod tests {
             (arb_name(), arb_name(), arb_path(), arb_hash(), arb_ranges())
                 .prop_map(|(transfer_id, share, path, file_hash, chunks)| Request::Get { transfer_id, share, path, file_hash, chunks }),
             arb_completion().prop_map(Request::TransferComplete),
+            arb_name().prop_map(|share| Request::Watch { share }),
             Just(Request::Bye),
         ]
     }
@@ -621,6 +625,8 @@ mod tests {
             (arb_name(), arb_ranges()).prop_map(|(transfer_id, chunks)| Response::ChunkAckBatch { transfer_id, chunks }),
             arb_completion().prop_map(Response::TransferComplete),
             arb_name().prop_map(|transfer_id| Response::ReceiptOk { transfer_id }),
+            arb_name().prop_map(|share| Response::Watching { share }),
+            (arb_name(), arb_path()).prop_map(|(share, path)| Response::Changed { share, path }),
             Just(Response::Bye),
             (prop::sample::select(ErrorCode::ALL.to_vec()), "[^\\p{Cc}]{0,40}")
                 .prop_map(|(code, message)| Response::Error { code, message }),

@@ -114,7 +114,7 @@ impl RangeSet {
         gaps.dedup();
         // Filling every gap of at most `gaps[i]` shortens the text as i
         // grows: find the first i that fits.
-        let fits = |i: usize| gaps.get(i).map_or(true, |&g| self.fill_gaps(g).to_string().len() <= max_len);
+        let fits = |i: usize| gaps.get(i).is_none_or(|&g| self.fill_gaps(g).to_string().len() <= max_len);
         let (mut lo, mut hi) = (0, gaps.len());
         while lo < hi {
             let mid = lo + (hi - lo) / 2;

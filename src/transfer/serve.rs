@@ -103,7 +103,14 @@ struct Session {
     incoming: Mutex<HashMap<Name, Arc<Incoming>>>,
     outgoing: Mutex<HashMap<Name, Arc<Outgoing>>>,
     send_permits: Arc<Semaphore>,
+    /// Tasks forwarding CHANGED lines of watched shares.
+    watches: Mutex<Vec<tokio::task::AbortHandle>>,
 }
+
+/// Pulls a session remembers at most. A mount reads many files with
+/// partial GETs and never signs for them, so the oldest are forgotten
+/// (a later GET for one of them starts it afresh).
+const MAX_OUTGOING: usize = 256;
 
 fn err(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::error(code, message)
@@ -148,6 +155,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection, partner: Name, peer
         incoming: Mutex::new(HashMap::new()),
         outgoing: Mutex::new(HashMap::new()),
         send_permits: Arc::new(Semaphore::new(window as usize)),
+        watches: Mutex::new(Vec::new()),
     });
     let puts = tokio::spawn(accept_puts(session.clone()));
     let mut authed = false;
@@ -173,6 +181,9 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection, partner: Name, peer
         }
     }
     puts.abort();
+    for w in lock(&session.watches).drain(..) {
+        w.abort();
+    }
     drop(session);
     let _ = writer.await;
     tracing::info!(target: "audit", %remote, "session closed");
@@ -300,7 +311,33 @@ impl Session {
                 self.get(transfer_id, share, path, file_hash, chunks).await.err()
             }
             Request::TransferComplete(c) => Some(self.pull_receipt(c)),
+            Request::Watch { share } => Some(self.watch(share).unwrap_or_else(|e| e)),
         }
+    }
+
+    /// Forward the share's changes as CHANGED lines until the session ends.
+    fn watch(self: Arc<Self>, share: Name) -> Result<Response, Response> {
+        self.share(&share)?;
+        let config = self.node.config.share(share.as_str()).ok_or_else(|| share_err(ShareError::Unknown(share.to_string())))?;
+        let interval = Duration::from_millis(self.node.config.storage.watch_interval_ms);
+        let mut rx = self.node.watchers.subscribe(config, interval);
+        let tx = self.tx.clone();
+        let name = share.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let path = match rx.recv().await {
+                    Ok(p) => p,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => SharePath::root(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Response::Changed { share: name.clone(), path }).await.is_err() {
+                    return;
+                }
+            }
+        });
+        lock(&self.watches).push(task.abort_handle());
+        tracing::info!(partner = %self.partner, %share, "watching");
+        Ok(Response::Watching { share })
     }
 
     fn discover(&self) -> Response {
@@ -471,7 +508,13 @@ impl Session {
                     chunks: AtomicU32::new(0),
                     corrupted: Default::default(),
                 });
-                lock(&self.outgoing).insert(transfer_id.clone(), o.clone());
+                let mut outgoing = lock(&self.outgoing);
+                if outgoing.len() >= MAX_OUTGOING {
+                    if let Some(oldest) = outgoing.iter().min_by_key(|(_, o)| o.started.0).map(|(k, _)| k.clone()) {
+                        outgoing.remove(&oldest);
+                    }
+                }
+                outgoing.insert(transfer_id.clone(), o.clone());
                 o
             }
         };

@@ -1,0 +1,21 @@
+//! The whole daemon (`deftfs daemon`, `deftfs-mountd`): serves this node's
+//! shares to partners, holds the mounts of partners' shares, and answers
+//! the control API. When `shutdown` resolves, every mount is unmounted
+//! before the process returns, so no stale mount is left behind.
+
+use crate::mount::Mounts;
+use crate::node::{self, Node};
+use std::future::Future;
+use std::sync::Arc;
+
+pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let listener = crate::api::bind(&node.home)?;
+    let mounts = Arc::new(Mounts::new(node.clone()));
+    let api = tokio::spawn(crate::api::serve(listener, mounts.clone()));
+    let served = node::run(node.clone(), shutdown, None).await;
+    mounts.unmount_all().await;
+    api.abort();
+    let _ = std::fs::remove_file(crate::api::socket_path(&node.home));
+    tracing::info!("stopped");
+    served.map_err(Into::into)
+}

@@ -1,0 +1,403 @@
+//! Mounts: a partner's shares as a local, read-only filesystem.
+//!
+//! - [`remote`]: the link to the partner (metadata, chunk fetches, watch);
+//! - [`store`](crate::store): the bounded, verified chunk cache;
+//! - [`meta`]: the last known listings and manifests (offline browsing);
+//! - [`vfs`]: the filesystem itself, as plain async Rust;
+//! - [`fuse`]: the fuser adapter;
+//! - [`Mounts`] (here): the daemon's set of active mounts: mount, unmount,
+//!   find the mount a path is in, report.
+//!
+//! Each mount has its own cache directory, `<home>/cache/<partner>/<share>`
+//! (`_all` when the whole partner is mounted), so a mount's `--cache-size`
+//! bounds exactly what it uses, and its cache and metadata survive a
+//! restart of the daemon.
+
+pub mod errno;
+pub mod fuse;
+pub mod meta;
+pub mod remote;
+pub mod vfs;
+
+use crate::node::Node;
+use crate::proto::{EntryKind, Name};
+use crate::store::{CacheStats, ChunkStore};
+use remote::Remote;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vfs::{Root, Vfs, VfsConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{0:?} is not PARTNER or PARTNER:SHARE")]
+    BadSpec(String),
+    #[error("{0} is not a partner of this node: add it with `deftfs partner add`")]
+    UnknownPartner(String),
+    #[error("partner {partner} grants no share {share}{}", if .granted.is_empty() { String::new() } else { format!(" (it grants: {})", .granted.join(", ")) })]
+    UnknownShare { partner: String, share: String, granted: Vec<String> },
+    #[error("mount point {0}: {1}")]
+    MountPoint(PathBuf, String),
+    #[error("{0} is already mounted (deftfs unmount it first)")]
+    AlreadyMounted(PathBuf),
+    #[error("nothing is mounted at {0} (see `deftfs mounts`)")]
+    NotMounted(PathBuf),
+    #[error("{0} is not inside a deftfs mount (see `deftfs mounts`)")]
+    NotInMount(PathBuf),
+    #[error("{path}: {message}")]
+    Path { path: PathBuf, message: String },
+    #[error("partner {partner} is unreachable and this node has never seen share {share}: try again when it is online ({detail})")]
+    NeverSeen { partner: String, share: String, detail: String },
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Meta(#[from] meta::MetaError),
+    #[error("mounting {0}: {1}")]
+    Fuse(PathBuf, std::io::Error),
+}
+
+/// What to mount: `PARTNER` or `PARTNER:SHARE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub partner: Name,
+    pub share: Option<Name>,
+}
+
+impl std::str::FromStr for MountSpec {
+    type Err = MountError;
+    fn from_str(s: &str) -> Result<MountSpec, MountError> {
+        let bad = || MountError::BadSpec(s.to_string());
+        let (p, sh) = match s.split_once(':') {
+            Some((p, sh)) => (p, Some(sh)),
+            None => (s, None),
+        };
+        let partner = Name::new(p).map_err(|_| bad())?;
+        let share = sh.map(|sh| Name::new(sh).map_err(|_| bad())).transpose()?;
+        Ok(MountSpec { partner, share })
+    }
+}
+
+impl std::fmt::Display for MountSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.share {
+            Some(s) => write!(f, "{}:{s}", self.partner),
+            None => write!(f, "{}", self.partner),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct MountOptions {
+    /// Cache bound in bytes (default: `[mount] cache_size`).
+    pub cache_size: Option<u64>,
+    pub read_only: bool,
+    /// Seconds an uncached read waits for an unreachable partner.
+    pub offline_wait_secs: Option<u64>,
+}
+
+/// One line of `deftfs mounts`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MountInfo {
+    pub spec: String,
+    pub mountpoint: PathBuf,
+    /// "online" or "offline".
+    pub state: String,
+    pub read_only: bool,
+    /// Whether the partner notifies changes (WATCH) right now.
+    pub watching: bool,
+    pub cache: CacheStats,
+    pub cache_dir: PathBuf,
+    pub chunks_fetched: u64,
+    pub bytes_fetched: u64,
+}
+
+struct Mounted {
+    spec: MountSpec,
+    mountpoint: PathBuf,
+    vfs: Arc<Vfs>,
+    session: Mutex<Option<::fuser::BackgroundSession>>,
+    watch: tokio::task::AbortHandle,
+}
+
+impl Mounted {
+    fn info(&self) -> MountInfo {
+        let link = self.vfs.remote.stats();
+        MountInfo {
+            spec: self.spec.to_string(),
+            mountpoint: self.mountpoint.clone(),
+            state: if link.online { "online" } else { "offline" }.into(),
+            read_only: true,
+            watching: self.vfs.is_watching(),
+            cache: self.vfs.store.stats(),
+            cache_dir: self.vfs.store.dir().to_path_buf(),
+            chunks_fetched: link.chunks_fetched,
+            bytes_fetched: link.bytes_fetched,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The daemon's active mounts.
+pub struct Mounts {
+    node: Arc<Node>,
+    active: Mutex<Vec<Arc<Mounted>>>,
+}
+
+/// Readahead of a sequential reader.
+const READAHEAD: u64 = 8 << 20;
+
+impl Mounts {
+    pub fn new(node: Arc<Node>) -> Mounts {
+        Mounts { node, active: Mutex::new(Vec::new()) }
+    }
+
+    pub fn list(&self) -> Vec<MountInfo> {
+        lock(&self.active).iter().map(|m| m.info()).collect()
+    }
+
+    /// Mount `spec` on `mountpoint`; returns once the kernel serves it.
+    pub async fn mount(&self, spec: MountSpec, mountpoint: &Path, opts: MountOptions) -> Result<MountInfo, MountError> {
+        let partner = spec.partner.as_str();
+        if self.node.config.partner(partner).is_none() {
+            return Err(MountError::UnknownPartner(partner.to_string()));
+        }
+        let mountpoint = prepare_mountpoint(mountpoint)?;
+        if lock(&self.active).iter().any(|m| m.mountpoint == mountpoint) {
+            return Err(MountError::AlreadyMounted(mountpoint));
+        }
+        let cache_dir = self.node.home.join("cache").join(partner).join(spec.share.as_ref().map_or("_all", |s| s.as_str()));
+        std::fs::create_dir_all(&cache_dir).map_err(|e| MountError::Path { path: cache_dir.clone(), message: e.to_string() })?;
+        let limit = opts.cache_size.unwrap_or(self.node.config.mount.cache_size);
+        let store = ChunkStore::open(&cache_dir, limit)?;
+        let meta = meta::Meta::open(&cache_dir)?;
+        let wait = Duration::from_secs(opts.offline_wait_secs.unwrap_or(self.node.config.mount.offline_wait_secs).max(1));
+        let remote = Remote::new(self.node.clone(), partner, store.clone(), wait)?;
+        let root = match &spec.share {
+            None => Root::Shares(None),
+            Some(share) => match share_kind(&remote, &meta, share).await? {
+                EntryKind::Dir => Root::Share(share.clone()),
+                EntryKind::File => Root::Shares(Some(share.clone())),
+            },
+        };
+        let vfs = Arc::new(Vfs::new(remote.clone(), store, meta, VfsConfig { root: root.clone(), read_only: true, readahead: READAHEAD }));
+
+        let mut config = ::fuser::Config::default();
+        config.mount_options = vec![
+            ::fuser::MountOption::FSName(format!("deftfs:{spec}")),
+            ::fuser::MountOption::Subtype("deftfs".into()),
+            // Writes come with the write-back issue; until then the kernel
+            // answers EROFS for every change, at once.
+            ::fuser::MountOption::RO,
+            ::fuser::MountOption::NoDev,
+            ::fuser::MountOption::NoSuid,
+        ];
+        if opts.read_only {
+            tracing::debug!("--read-only: the mount is read-only in any case until write-back lands");
+        }
+        config.n_threads = Some(2);
+        let fs = fuse::Fuse::new(vfs.clone(), tokio::runtime::Handle::current());
+        let mp = mountpoint.clone();
+        let session = tokio::task::spawn_blocking(move || ::fuser::spawn_mount(fs, &mp, &config))
+            .await
+            .map_err(|e| MountError::Fuse(mountpoint.clone(), std::io::Error::other(e.to_string())))?
+            .map_err(|e| MountError::Fuse(mountpoint.clone(), e))?;
+        vfs.set_invalidator(fuse::invalidator(session.notifier()));
+        let watch = tokio::spawn(watch_loop(vfs.clone(), root)).abort_handle();
+        let mounted =
+            Arc::new(Mounted { spec: spec.clone(), mountpoint: mountpoint.clone(), vfs, session: Mutex::new(Some(session)), watch });
+        lock(&self.active).push(mounted.clone());
+        tracing::info!(%spec, mountpoint = %mountpoint.display(), cache = %cache_dir.display(), limit, "mounted");
+        Ok(mounted.info())
+    }
+
+    /// Unmount what is mounted at `mountpoint`.
+    pub async fn unmount(&self, mountpoint: &Path) -> Result<(), MountError> {
+        let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+        let found = {
+            let mut active = lock(&self.active);
+            let i = active.iter().position(|m| m.mountpoint == abs || m.mountpoint == mountpoint);
+            i.map(|i| active.remove(i))
+        };
+        let m = found.ok_or_else(|| MountError::NotMounted(abs.clone()))?;
+        stop(&m).await;
+        Ok(())
+    }
+
+    pub async fn unmount_all(&self) {
+        let all: Vec<_> = lock(&self.active).drain(..).collect();
+        for m in all {
+            stop(&m).await;
+        }
+    }
+
+    /// The mount `path` is in, and the path relative to its root.
+    fn find(&self, path: &Path) -> Result<(Arc<Mounted>, PathBuf), MountError> {
+        let abs = std::path::absolute(path).map_err(|e| MountError::Path { path: path.to_path_buf(), message: e.to_string() })?;
+        let active = lock(&self.active);
+        let best = active.iter().filter(|m| abs.starts_with(&m.mountpoint)).max_by_key(|m| m.mountpoint.components().count());
+        let m = best.ok_or_else(|| MountError::NotInMount(abs.clone()))?;
+        let rel = abs.strip_prefix(&m.mountpoint).map(Path::to_path_buf).unwrap_or_default();
+        Ok((m.clone(), rel))
+    }
+
+    async fn resolve(&self, path: &Path) -> Result<(Arc<Mounted>, vfs::Ino), MountError> {
+        let (m, rel) = self.find(path)?;
+        let ino = m.vfs.resolve(&rel).await.map_err(|e| MountError::Path { path: path.to_path_buf(), message: e.describe() })?;
+        Ok((m, ino))
+    }
+
+    /// Pin a file or directory: fetch it all now and keep it. (files, bytes)
+    pub async fn pin(&self, path: &Path) -> Result<(usize, u64), MountError> {
+        let (m, ino) = self.resolve(path).await?;
+        m.vfs.pin(ino).await.map_err(|e| MountError::Path { path: path.to_path_buf(), message: e.describe() })
+    }
+
+    pub async fn unpin(&self, path: &Path) -> Result<usize, MountError> {
+        let (m, ino) = self.resolve(path).await?;
+        m.vfs.unpin(ino).await.map_err(|e| MountError::Path { path: path.to_path_buf(), message: e.describe() })
+    }
+
+    pub async fn status(&self, path: &Path) -> Result<vfs::FileStatus, MountError> {
+        let (m, ino) = self.resolve(path).await?;
+        m.vfs.status(ino).await.map_err(|e| MountError::Path { path: path.to_path_buf(), message: e.describe() })
+    }
+
+    /// Every mount's cache, or evict what may be evicted. (mountpoint, stats, freed)
+    pub fn cache(&self, clear: bool) -> Vec<(PathBuf, CacheStats, u64)> {
+        lock(&self.active)
+            .iter()
+            .map(|m| {
+                let freed = if clear { m.vfs.store.clear() } else { 0 };
+                (m.mountpoint.clone(), m.vfs.store.stats(), freed)
+            })
+            .collect()
+    }
+}
+
+/// Whether `share` is a directory or a file share: from the partner, or
+/// from the last known state when it is offline.
+async fn share_kind(remote: &Arc<Remote>, meta: &meta::Meta, share: &Name) -> Result<EntryKind, MountError> {
+    let partner = remote.partner().to_string();
+    match remote.discover().await {
+        Ok(rows) => {
+            let kind = rows.iter().find(|r| r.name == *share).map(|r| r.kind);
+            let entries: Vec<crate::proto::Entry> = rows
+                .iter()
+                .filter_map(|r| {
+                    Some(crate::proto::Entry {
+                        kind: r.kind,
+                        size: r.size,
+                        mtime_ns: r.mtime_ns,
+                        mode: 0o644,
+                        path: crate::proto::SharePath::parse(r.name.as_str()).ok()?,
+                    })
+                })
+                .collect();
+            let _ = meta.save_listing(meta::ROOT_SHARE, &crate::proto::SharePath::root(), &entries);
+            kind.ok_or_else(|| MountError::UnknownShare {
+                partner,
+                share: share.to_string(),
+                granted: rows.iter().map(|r| r.name.to_string()).collect(),
+            })
+        }
+        Err(e @ remote::RemoteError::Offline { .. }) => meta
+            .listing(meta::ROOT_SHARE, &crate::proto::SharePath::root())
+            .and_then(|rows| rows.into_iter().find(|r| r.path.as_str() == share.as_str()).map(|r| r.kind))
+            .ok_or_else(|| MountError::NeverSeen { partner, share: share.to_string(), detail: e.to_string() }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// An absolute, existing, empty-or-not directory that nothing stale holds.
+fn prepare_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
+    let abs = std::path::absolute(path).map_err(|e| MountError::MountPoint(path.to_path_buf(), e.to_string()))?;
+    match std::fs::metadata(&abs) {
+        Ok(md) if md.is_dir() => Ok(abs),
+        Ok(_) => Err(MountError::MountPoint(abs, "not a directory".into())),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            // A mount whose daemon died: detach it, then use the directory.
+            tracing::warn!(mountpoint = %abs.display(), "stale mount (its daemon died): detaching it");
+            lazy_unmount(&abs);
+            match std::fs::metadata(&abs) {
+                Ok(md) if md.is_dir() => Ok(abs),
+                _ => Err(MountError::MountPoint(abs, "a stale mount is in the way and could not be detached".into())),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(MountError::MountPoint(abs.clone(), format!("does not exist: create it with `mkdir -p {}`", abs.display())))
+        }
+        Err(e) => Err(MountError::MountPoint(abs, e.to_string())),
+    }
+}
+
+/// Detach a mount now; the kernel finishes it when its last user goes.
+pub fn lazy_unmount(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: c is a valid NUL-terminated path for the duration of the call.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) == 0 }
+}
+
+async fn stop(m: &Arc<Mounted>) {
+    m.watch.abort();
+    let session = lock(&m.session).take();
+    if let Some(session) = session {
+        let mp = m.mountpoint.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            if let Err(e) = session.umount_and_join() {
+                // Busy (a shell sits in it): detach, the kernel ends it when
+                // the last user leaves.
+                tracing::warn!(mountpoint = %mp.display(), "unmount: {e}; detaching instead");
+                lazy_unmount(&mp);
+            }
+        })
+        .await;
+        if let Err(e) = joined {
+            tracing::error!("unmount task: {e}");
+        }
+    }
+    m.vfs.remote.close().await;
+    tracing::info!(spec = %m.spec, mountpoint = %m.mountpoint.display(), "unmounted");
+}
+
+/// Keep a watch on the mounted shares, reconnecting with backoff; while it
+/// is up, listings are trusted until the partner says they changed.
+async fn watch_loop(vfs: Arc<Vfs>, root: Root) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let shares: Vec<Name> = match &root {
+            Root::Share(s) | Root::Shares(Some(s)) => vec![s.clone()],
+            Root::Shares(None) => match vfs.remote.discover().await {
+                Ok(rows) => rows.into_iter().map(|r| r.name).collect(),
+                Err(_) => Vec::new(),
+            },
+        };
+        if !shares.is_empty() {
+            let started = std::time::Instant::now();
+            let v1 = vfs.clone();
+            let v2 = vfs.clone();
+            let why = vfs.remote.watch(&shares, &move || v1.set_watching(true), &move |share, path| v2.changed(share, path)).await;
+            vfs.set_watching(false);
+            // Whatever changed while the watch was down is not known.
+            for s in &shares {
+                vfs.changed(s, &crate::proto::SharePath::root());
+            }
+            if let Some(code) = why.code() {
+                tracing::info!(partner = %vfs.remote.partner(), "partner does not watch ({code}): refreshing listings every second instead");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                continue;
+            }
+            tracing::debug!(partner = %vfs.remote.partner(), "watch ended: {why}");
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_secs(1);
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,245 @@
+//! The only `impl fuser::Filesystem`: a thin adapter that hands every call
+//! to the [`Vfs`] on the tokio runtime and replies when it answers, so a
+//! read waiting on the network never blocks `ls`, `stat` or a read of a
+//! cached file. No policy lives here: attributes, errors and content all
+//! come from the vfs.
+
+use super::vfs::{Attr, Inval, Kind, Vfs};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may trust an entry or attributes before asking
+/// again. Remote changes are pushed to the kernel by invalidation, so this
+/// only bounds staleness when a watch is down.
+const TTL: Duration = Duration::from_secs(1);
+/// What `stat` reports as the preferred I/O size: large reads keep the
+/// chunk pipeline busy.
+const BLKSIZE: u32 = 256 * 1024;
+
+/// Directory listings snapshotted at opendir, by handle.
+type DirHandles = Arc<Mutex<HashMap<u64, Vec<(String, Attr)>>>>;
+
+pub struct Fuse {
+    vfs: Arc<Vfs>,
+    rt: tokio::runtime::Handle,
+    uid: u32,
+    gid: u32,
+    dirs: DirHandles,
+    next_dir: AtomicU64,
+}
+
+fn errno(e: super::errno::Errno) -> Errno {
+    Errno::from_i32(e.0)
+}
+
+fn time(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+impl Fuse {
+    pub fn new(vfs: Arc<Vfs>, rt: tokio::runtime::Handle) -> Fuse {
+        // SAFETY: geteuid and getegid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        Fuse { vfs, rt, uid, gid, dirs: Default::default(), next_dir: AtomicU64::new(1) }
+    }
+
+    fn file_attr(uid: u32, gid: u32, a: &Attr) -> FileAttr {
+        let t = time(a.mtime_ns);
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: match a.kind {
+                Kind::File => FileType::RegularFile,
+                Kind::Dir => FileType::Directory,
+            },
+            perm: a.perm,
+            nlink: if a.kind == Kind::Dir { 2 } else { 1 },
+            uid,
+            gid,
+            rdev: 0,
+            blksize: BLKSIZE,
+            flags: 0,
+        }
+    }
+}
+
+impl Filesystem for Fuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+        ];
+        for flag in wanted {
+            // Older kernels lack some: run without them.
+            let _ = config.add_capabilities(flag);
+        }
+        if let Err(max) = config.set_max_readahead(1 << 20) {
+            let _ = config.set_max_readahead(max);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
+        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::ENOENT) };
+        self.rt.spawn(async move {
+            match vfs.lookup(parent.0, &name).await {
+                Ok(a) => reply.entry(&TTL, &Fuse::file_attr(uid, gid, &a), Generation(0)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
+        self.rt.spawn(async move {
+            match vfs.getattr(ino.0).await {
+                Ok(a) => reply.attr(&TTL, &Fuse::file_attr(uid, gid, &a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        let vfs = self.vfs.clone();
+        self.rt.spawn(async move {
+            match vfs.open(ino.0, write).await {
+                Ok((fh, keep)) => reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let vfs = self.vfs.clone();
+        self.rt.spawn(async move {
+            match vfs.read(fh.0, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.vfs.release(fh.0);
+        reply.ok();
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let (vfs, dirs) = (self.vfs.clone(), self.dirs.clone());
+        let fh = self.next_dir.fetch_add(1, Ordering::SeqCst);
+        self.rt.spawn(async move {
+            match vfs.readdir(ino.0).await {
+                Ok(entries) => {
+                    dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, entries);
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                }
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entries) = dirs.get(&fh.0) else { return reply.error(Errno::EBADF) };
+        let parent = self.vfs.parent_of(ino.0);
+        let dots = [(".".to_string(), ino.0, FileType::Directory), ("..".to_string(), parent, FileType::Directory)];
+        let rest =
+            entries.iter().map(|(n, a)| (n.clone(), a.ino, if a.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile }));
+        for (i, (name, child, kind)) in dots.into_iter().chain(rest).enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(child), i as u64 + 1, kind, &name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(entries) = dirs.get(&fh.0) else { return reply.error(Errno::EBADF) };
+        let me = Attr { ino: ino.0, kind: Kind::Dir, size: 0, mtime_ns: 0, perm: 0o555 };
+        let parent = Attr { ino: self.vfs.parent_of(ino.0), ..me };
+        let all = [(".".to_string(), me), ("..".to_string(), parent)].into_iter().chain(entries.iter().cloned());
+        for (i, (name, a)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(a.ino), i as u64 + 1, &name, &TTL, &Fuse::file_attr(self.uid, self.gid, &a), Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let stats = self.vfs.store.stats();
+        let bsize = 4096u64;
+        let blocks = stats.limit_bytes / bsize;
+        let free = stats.limit_bytes.saturating_sub(stats.used_bytes) / bsize;
+        reply.statfs(blocks, free, free, 0, 0, bsize as u32, 255, bsize as u32);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(fuser::AccessFlags::W_OK) && self.vfs.read_only() {
+            return reply.error(Errno::EROFS);
+        }
+        reply.ok();
+    }
+}
+
+/// Forward the vfs's invalidations to the kernel.
+pub fn invalidator(notifier: fuser::Notifier) -> Box<dyn Fn(Inval) + Send + Sync> {
+    Box::new(move |inval| {
+        let r = match &inval {
+            Inval::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+            Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), OsStr::new(name)),
+        };
+        if let Err(e) = r {
+            tracing::debug!("kernel cache invalidation: {e}");
+        }
+    })
+}

@@ -1,0 +1,761 @@
+//! The filesystem a mount shows, without FUSE: inodes, listings, opens and
+//! reads through the chunk cache. [`super::fuse`] is the only code that
+//! knows the kernel; everything here is plain async Rust returning
+//! [`Errno`] on failure, so it is testable without a mount.
+//!
+//! Invariants:
+//! - an inode number names one (share, path) for the life of the mount;
+//! - an open handle reads one file version (the manifest it opened with):
+//!   its bytes come from chunks named by that manifest's hashes, verified,
+//!   so a file that changes remotely never serves a mix of versions. A
+//!   chunk of the old version that is no longer cached and no longer served
+//!   fails the read with `ESTALE`; opening again gives the new version;
+//! - metadata (listings, manifests) is refreshed from the partner when the
+//!   watch says it changed or after [`ATTR_TTL`] without a watch, and is
+//!   saved in [`Meta`], from which it is served while the partner is
+//!   offline;
+//! - content is fetched only for the chunks a read touches, plus a bounded
+//!   readahead when reads are sequential.
+//!
+//! Lock order: `inodes`, then `handles`; neither is held across an await.
+
+use super::errno::Errno;
+use super::meta::{KnownFile, Meta, ROOT_SHARE};
+use super::remote::{Remote, RemoteError};
+use crate::chunk::Manifest;
+use crate::hash::Hash;
+use crate::proto::{Entry, EntryKind, Name, SharePath};
+use crate::store::{ChunkStore, Hold};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub type Ino = u64;
+pub const ROOT_INO: Ino = 1;
+
+/// How long attributes and listings are trusted without a watch.
+pub const ATTR_TTL: Duration = Duration::from_secs(1);
+/// Decoded chunks kept in memory for reads smaller than a chunk.
+const HOT_CHUNKS: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+}
+
+/// What `stat` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// Permission bits as shown: write bits cleared on a read-only mount.
+    pub perm: u16,
+}
+
+/// What the mount shows at its root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Root {
+    /// Every share the partner grants, one entry each (DISCOVER); with a
+    /// filter, only that share (a single-file share mounted on its own).
+    Shares(Option<Name>),
+    /// One directory share's tree.
+    Share(Name),
+}
+
+pub struct VfsConfig {
+    pub root: Root,
+    pub read_only: bool,
+    /// Bytes read ahead of a sequential reader.
+    pub readahead: u64,
+}
+
+/// A kernel cache entry to drop: set by the FUSE adapter.
+pub enum Inval {
+    Inode(Ino),
+    Entry(Ino, String),
+}
+
+struct Inode {
+    /// None for the root in [`Root::Shares`] mode.
+    share: Option<Name>,
+    path: SharePath,
+    parent: Ino,
+    kind: Kind,
+    size: u64,
+    mtime_ns: i64,
+    mode: u32,
+    attr_at: Option<Instant>,
+    /// Child names and inodes, when listed.
+    children: Option<(Vec<(String, Ino)>, Instant)>,
+    manifest: Option<Arc<Manifest>>,
+    /// File hash of the version the kernel may have cached pages of.
+    cached_version: Option<Hash>,
+}
+
+struct Handle {
+    share: Name,
+    path: SharePath,
+    manifest: Arc<Manifest>,
+    _hold: Hold,
+    /// End of the last read, to detect sequential reading.
+    last_end: u64,
+    /// Readahead has been asked up to here.
+    ahead_until: u64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FileStatus {
+    pub kind: &'static str,
+    pub size: u64,
+    pub local_bytes: u64,
+    pub pinned: bool,
+    pub chunks: usize,
+}
+
+pub struct Vfs {
+    pub remote: Arc<Remote>,
+    pub store: Arc<ChunkStore>,
+    meta: Meta,
+    config: VfsConfig,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    hot: Mutex<VecDeque<(Hash, Arc<Vec<u8>>)>>,
+    /// Set while a watch connection is up: listings are then trusted until
+    /// it says they changed.
+    watching: std::sync::atomic::AtomicBool,
+    invalidate: OnceLock<Box<dyn Fn(Inval) + Send + Sync>>,
+}
+
+struct Inodes {
+    by_ino: HashMap<Ino, Inode>,
+    by_key: HashMap<(String, SharePath), Ino>,
+    next: Ino,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn share_key(share: &Option<Name>) -> String {
+    share.as_ref().map(|s| s.to_string()).unwrap_or_default()
+}
+
+impl Vfs {
+    pub fn new(remote: Arc<Remote>, store: Arc<ChunkStore>, meta: Meta, config: VfsConfig) -> Vfs {
+        let (share, path) = match &config.root {
+            Root::Shares(_) => (None, SharePath::root()),
+            Root::Share(s) => (Some(s.clone()), SharePath::root()),
+        };
+        let mut inodes = Inodes { by_ino: HashMap::new(), by_key: HashMap::new(), next: ROOT_INO + 1 };
+        inodes.by_key.insert((share_key(&share), path.clone()), ROOT_INO);
+        inodes.by_ino.insert(
+            ROOT_INO,
+            Inode {
+                share,
+                path,
+                parent: ROOT_INO,
+                kind: Kind::Dir,
+                size: 0,
+                mtime_ns: 0,
+                mode: 0o755,
+                attr_at: None,
+                children: None,
+                manifest: None,
+                cached_version: None,
+            },
+        );
+        Vfs {
+            remote,
+            store,
+            meta,
+            config,
+            inodes: Mutex::new(inodes),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            hot: Mutex::new(VecDeque::new()),
+            watching: Default::default(),
+            invalidate: OnceLock::new(),
+        }
+    }
+
+    pub fn set_invalidator(&self, f: Box<dyn Fn(Inval) + Send + Sync>) {
+        let _ = self.invalidate.set(f);
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.config.read_only
+    }
+
+    pub fn is_watching(&self) -> bool {
+        self.watching.load(Ordering::SeqCst)
+    }
+
+    pub fn set_watching(&self, on: bool) {
+        self.watching.store(on, Ordering::SeqCst);
+    }
+
+    fn fresh(&self, at: Option<Instant>) -> bool {
+        match at {
+            Some(t) => self.watching.load(Ordering::SeqCst) || t.elapsed() < ATTR_TTL,
+            None => false,
+        }
+    }
+
+    fn attr_of(&self, ino: Ino, n: &Inode) -> Attr {
+        let mut perm = (n.mode & 0o7777) as u16;
+        if self.config.read_only {
+            perm &= !0o222;
+        }
+        if n.kind == Kind::Dir {
+            perm |= 0o500;
+        } else {
+            perm |= 0o400;
+        }
+        Attr { ino, kind: n.kind, size: n.size, mtime_ns: n.mtime_ns, perm }
+    }
+
+    fn node_key(&self, ino: Ino) -> Result<(Option<Name>, SharePath, Kind), Errno> {
+        let inodes = lock(&self.inodes);
+        let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
+        Ok((n.share.clone(), n.path.clone(), n.kind))
+    }
+
+    /// The inode for a child entry, created or updated from a listing row.
+    fn upsert(inodes: &mut Inodes, parent: Ino, share: Option<Name>, e: &Entry, now: Instant) -> Ino {
+        let key = (share_key(&share), e.path.clone());
+        let kind = match e.kind {
+            EntryKind::File => Kind::File,
+            EntryKind::Dir => Kind::Dir,
+        };
+        if let Some(&ino) = inodes.by_key.get(&key) {
+            if let Some(n) = inodes.by_ino.get_mut(&ino) {
+                if n.size != e.size || n.mtime_ns != e.mtime_ns || n.kind != kind {
+                    n.manifest = None;
+                }
+                n.kind = kind;
+                n.size = e.size;
+                n.mtime_ns = e.mtime_ns;
+                n.mode = e.mode;
+                n.attr_at = Some(now);
+                return ino;
+            }
+        }
+        let ino = inodes.next;
+        inodes.next += 1;
+        inodes.by_key.insert(key, ino);
+        inodes.by_ino.insert(
+            ino,
+            Inode {
+                share,
+                path: e.path.clone(),
+                parent,
+                kind,
+                size: e.size,
+                mtime_ns: e.mtime_ns,
+                mode: e.mode,
+                attr_at: Some(now),
+                children: None,
+                manifest: None,
+                cached_version: None,
+            },
+        );
+        ino
+    }
+
+    /// The entries of a directory inode, from the partner or, offline, from
+    /// the last known state.
+    async fn fetch_listing(&self, share: &Option<Name>, path: &SharePath) -> Result<Vec<(String, Option<Name>, Entry)>, Errno> {
+        match share {
+            None => {
+                let filter = match &self.config.root {
+                    Root::Shares(f) => f.clone(),
+                    Root::Share(_) => None,
+                };
+                let rows = match self.remote.discover().await {
+                    Ok(rows) => {
+                        let entries: Vec<Entry> = rows
+                            .iter()
+                            .filter(|r| filter.as_ref().is_none_or(|f| *f == r.name))
+                            .map(|r| Entry {
+                                kind: r.kind,
+                                size: if r.kind == EntryKind::Dir { 0 } else { r.size },
+                                mtime_ns: r.mtime_ns,
+                                mode: if r.kind == EntryKind::Dir { 0o755 } else { 0o644 },
+                                // The share name stands in the path column.
+                                path: SharePath::parse(r.name.as_str()).unwrap_or_else(|_| SharePath::root()),
+                            })
+                            .collect();
+                        self.save_listing(ROOT_SHARE, path, &entries);
+                        entries
+                    }
+                    Err(e) => self.offline_listing(ROOT_SHARE, path, e)?,
+                };
+                Ok(rows
+                    .into_iter()
+                    .filter_map(|e| {
+                        let name = Name::new(e.path.as_str()).ok()?;
+                        let entry = Entry { path: SharePath::root(), ..e };
+                        Some((name.to_string(), Some(name), entry))
+                    })
+                    .collect())
+            }
+            Some(s) => {
+                let entries = match self.remote.list(s, path).await {
+                    Ok(entries) => {
+                        self.save_listing(s.as_str(), path, &entries);
+                        entries
+                    }
+                    Err(e) => self.offline_listing(s.as_str(), path, e)?,
+                };
+                Ok(entries
+                    .into_iter()
+                    .filter(|e| !e.path.is_root())
+                    .filter_map(|e| Some((e.path.file_name()?.to_string(), Some(s.clone()), e)))
+                    .collect())
+            }
+        }
+    }
+
+    fn save_listing(&self, share: &str, path: &SharePath, entries: &[Entry]) {
+        if let Err(e) = self.meta.save_listing(share, path, entries) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    fn offline_listing(&self, share: &str, path: &SharePath, e: RemoteError) -> Result<Vec<Entry>, Errno> {
+        if let RemoteError::Offline { .. } = e {
+            if let Some(entries) = self.meta.listing(share, path) {
+                return Ok(entries);
+            }
+        }
+        Err(Errno::from_remote(&e))
+    }
+
+    /// The children of directory `ino`: (name, inode).
+    async fn children(&self, ino: Ino) -> Result<Vec<(String, Ino)>, Errno> {
+        let (share, path, kind) = self.node_key(ino)?;
+        if kind != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        {
+            let inodes = lock(&self.inodes);
+            if let Some((c, at)) = inodes.by_ino.get(&ino).and_then(|n| n.children.as_ref()) {
+                if self.fresh(Some(*at)) {
+                    return Ok(c.clone());
+                }
+            }
+        }
+        let rows = self.fetch_listing(&share, &path).await?;
+        let now = Instant::now();
+        let mut inodes = lock(&self.inodes);
+        let children: Vec<(String, Ino)> =
+            rows.iter().map(|(name, s, e)| (name.clone(), Self::upsert(&mut inodes, ino, s.clone(), e, now))).collect();
+        if let Some(n) = inodes.by_ino.get_mut(&ino) {
+            n.children = Some((children.clone(), now));
+            n.attr_at.get_or_insert(now);
+        }
+        Ok(children)
+    }
+
+    pub async fn lookup(&self, parent: Ino, name: &str) -> Result<Attr, Errno> {
+        let children = self.children(parent).await?;
+        let ino = children.iter().find(|(n, _)| n == name).map(|(_, i)| *i).ok_or(Errno::ENOENT)?;
+        self.cached_attr(ino)
+    }
+
+    fn cached_attr(&self, ino: Ino) -> Result<Attr, Errno> {
+        let inodes = lock(&self.inodes);
+        let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
+        Ok(self.attr_of(ino, n))
+    }
+
+    pub async fn getattr(&self, ino: Ino) -> Result<Attr, Errno> {
+        let (fresh, parent) = {
+            let inodes = lock(&self.inodes);
+            let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
+            (self.fresh(n.attr_at) || ino == ROOT_INO, n.parent)
+        };
+        if !fresh {
+            // Refresh through the parent's listing: one request answers for
+            // every sibling `ls -l` will ask about next.
+            match self.children(parent).await {
+                Ok(c) if c.iter().any(|(_, i)| *i == ino) => {}
+                Ok(_) => return Err(Errno::ENOENT),
+                Err(e) => tracing::debug!(ino, "attributes from the last known state: {e:?}"),
+            }
+        }
+        self.cached_attr(ino)
+    }
+
+    /// (name, attr) of every child, for readdir.
+    pub async fn readdir(&self, ino: Ino) -> Result<Vec<(String, Attr)>, Errno> {
+        let children = self.children(ino).await?;
+        let inodes = lock(&self.inodes);
+        Ok(children.into_iter().filter_map(|(name, i)| Some((name, self.attr_of(i, inodes.by_ino.get(&i)?)))).collect())
+    }
+
+    pub fn parent_of(&self, ino: Ino) -> Ino {
+        lock(&self.inodes).by_ino.get(&ino).map_or(ROOT_INO, |n| n.parent)
+    }
+
+    /// The manifest of file `ino`: the one we have while it is current,
+    /// else a fresh DESCRIBE, else (offline) the last known one.
+    async fn manifest(&self, ino: Ino) -> Result<(Name, SharePath, Arc<Manifest>), Errno> {
+        let (share, path, kind) = self.node_key(ino)?;
+        if kind != Kind::File {
+            return Err(Errno::EISDIR);
+        }
+        let share = share.ok_or(Errno::EISDIR)?;
+        if let Some(m) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.manifest.clone()) {
+            if self.watching.load(Ordering::SeqCst) {
+                return Ok((share, path, m));
+            }
+        }
+        let (manifest, mtime_ns, mode) = match self.remote.describe(&share, &path).await {
+            Ok(d) => {
+                let known = KnownFile { manifest: (*d.manifest).clone(), mtime_ns: d.mtime_ns, mode: d.mode };
+                if let Err(e) = self.meta.save_manifest(&share, &path, &known) {
+                    tracing::warn!("{e}");
+                }
+                (d.manifest, d.mtime_ns, d.mode)
+            }
+            Err(e @ RemoteError::Offline { .. }) => match self.meta.manifest(&share, &path) {
+                Some(k) => (Arc::new(k.manifest), k.mtime_ns, k.mode),
+                None => {
+                    tracing::warn!(partner = %self.remote.partner(), %path, "cannot open: {e}");
+                    return Err(Errno::EIO);
+                }
+            },
+            Err(e) => return Err(Errno::from_remote(&e)),
+        };
+        let mut inodes = lock(&self.inodes);
+        if let Some(n) = inodes.by_ino.get_mut(&ino) {
+            n.size = manifest.size;
+            n.mtime_ns = mtime_ns;
+            n.mode = mode;
+            n.manifest = Some(manifest.clone());
+        }
+        Ok((share, path, manifest))
+    }
+
+    /// Open file `ino`. Returns the handle and whether the kernel may keep
+    /// the pages it cached of this file (same version as last time).
+    pub async fn open(&self, ino: Ino, write: bool) -> Result<(u64, bool), Errno> {
+        if write {
+            return Err(Errno::EROFS);
+        }
+        let (share, path, manifest) = self.manifest(ino).await?;
+        let hold = self.store.hold(manifest.chunks.iter().map(|c| c.hash));
+        let keep = {
+            let mut inodes = lock(&self.inodes);
+            match inodes.by_ino.get_mut(&ino) {
+                Some(n) => n.cached_version.replace(manifest.file_hash) == Some(manifest.file_hash),
+                None => false,
+            }
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
+        lock(&self.handles).insert(fh, Handle { share, path, manifest, _hold: hold, last_end: 0, ahead_until: 0 });
+        Ok((fh, keep))
+    }
+
+    pub fn release(&self, fh: u64) {
+        lock(&self.handles).remove(&fh);
+    }
+
+    /// Indices of the chunks covering [start, end).
+    fn covering(m: &Manifest, start: u64, end: u64) -> std::ops::Range<usize> {
+        if start >= end || m.chunks.is_empty() {
+            return 0..0;
+        }
+        let first = m.chunks.partition_point(|c| c.end() <= start);
+        let last = m.chunks.partition_point(|c| c.offset < end);
+        first..last.max(first)
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let (share, path, manifest, ahead) = {
+            let mut handles = lock(&self.handles);
+            let h = handles.get_mut(&fh).ok_or(Errno::EBADF)?;
+            let end = offset.saturating_add(size as u64).min(h.manifest.size);
+            let sequential = offset == h.last_end || offset == 0;
+            h.last_end = end;
+            // Ask for the next stretch when the reader has used half of
+            // what was asked ahead.
+            let ahead = if sequential && end.saturating_add(self.config.readahead / 2) > h.ahead_until {
+                let from = h.ahead_until.max(end);
+                h.ahead_until = end.saturating_add(self.config.readahead);
+                Some((from, h.ahead_until))
+            } else {
+                None
+            };
+            (h.share.clone(), h.path.clone(), h.manifest.clone(), ahead)
+        };
+        let end = offset.saturating_add(size as u64).min(manifest.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let range = Self::covering(&manifest, offset, end);
+        if let Some((from, to)) = ahead {
+            let next: Vec<u32> =
+                Self::covering(&manifest, from, to.min(manifest.size)).filter(|i| *i >= range.end).map(|i| i as u32).collect();
+            if !next.is_empty() {
+                self.remote.prefetch(share.clone(), path.clone(), manifest.clone(), next);
+            }
+        }
+        let indices: Vec<u32> = range.clone().map(|i| i as u32).collect();
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for attempt in 0..2 {
+            out.clear();
+            if let Err(e) = self.remote.fetch(&share, &path, &manifest, &indices).await {
+                tracing::warn!(partner = %self.remote.partner(), %path, "read failed: {e}");
+                return Err(match e {
+                    RemoteError::Stale { .. } => Errno::ESTALE,
+                    other => Errno::from_remote(&other),
+                });
+            }
+            let mut missing = false;
+            for c in &manifest.chunks[range.clone()] {
+                let Some(data) = self.chunk(&c.hash) else {
+                    missing = true;
+                    break;
+                };
+                let from = offset.max(c.offset) - c.offset;
+                let to = end.min(c.end()) - c.offset;
+                out.extend_from_slice(data.get(from as usize..to as usize).ok_or(Errno::EIO)?);
+            }
+            if !missing {
+                return Ok(out);
+            }
+            // Evicted between fetch and read (a tiny cache under pressure):
+            // fetch once more.
+            if attempt == 1 {
+                return Err(Errno::EIO);
+            }
+        }
+        Err(Errno::EIO)
+    }
+
+    /// A chunk's bytes, from the hot set or the store.
+    fn chunk(&self, hash: &Hash) -> Option<Arc<Vec<u8>>> {
+        if let Some((_, d)) = lock(&self.hot).iter().find(|(h, _)| h == hash) {
+            return Some(d.clone());
+        }
+        let data = Arc::new(self.store.get(hash).ok().flatten()?);
+        let mut hot = lock(&self.hot);
+        if hot.len() >= HOT_CHUNKS {
+            hot.pop_front();
+        }
+        hot.push_back((*hash, data.clone()));
+        Some(data)
+    }
+
+    /// The partner says `path` of `share` changed: forget what we knew and
+    /// tell the kernel.
+    pub fn changed(self: &Arc<Self>, share: &Name, path: &SharePath) {
+        let mut drops = Vec::new();
+        {
+            let mut inodes = lock(&self.inodes);
+            let key = share.to_string();
+            for (ino, n) in inodes.by_ino.iter_mut() {
+                let same_share = n.share.as_ref() == Some(share) || (n.share.is_none() && *ino == ROOT_INO);
+                if !same_share {
+                    continue;
+                }
+                let hit = path.is_root()
+                    || n.path == *path
+                    || path.parent().as_ref() == Some(&n.path)
+                    || n.path.as_str().starts_with(&format!("{}/", path.as_str()));
+                if hit {
+                    n.attr_at = None;
+                    n.children = None;
+                    n.manifest = None;
+                    drops.push(Inval::Inode(*ino));
+                }
+            }
+            if let Some(name) = path.file_name() {
+                let parent = path.parent().unwrap_or_else(SharePath::root);
+                if let Some(&p) = inodes.by_key.get(&(key.clone(), parent)) {
+                    drops.push(Inval::Entry(p, name.to_string()));
+                }
+            }
+            // In all-shares mode the share itself sits in the root listing.
+            if let Some(root) = inodes.by_ino.get_mut(&ROOT_INO) {
+                if root.share.is_none() {
+                    root.children = None;
+                }
+            }
+        }
+        lock(&self.hot).clear();
+        if let Some(f) = self.invalidate.get() {
+            for d in drops {
+                f(d);
+            }
+        }
+        if self.is_pinned(share, path) {
+            self.repin(share.clone(), path.clone());
+        }
+    }
+
+    /// Fetch the new version of pinned content that changed remotely, and
+    /// pin it in place of the old.
+    fn repin(self: &Arc<Self>, share: Name, path: SharePath) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let rel: std::path::PathBuf = match &me.config.root {
+                Root::Share(_) => path.as_str().into(),
+                Root::Shares(_) => std::path::Path::new(share.as_str()).join(path.as_str()),
+            };
+            let pinned = match me.resolve(&rel).await {
+                Ok(ino) => me.pin(ino).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match pinned {
+                Ok(()) => tracing::info!(%share, %path, "pinned content changed remotely: new version fetched"),
+                Err(e) => tracing::warn!(%share, %path, "pinned content changed remotely; fetching the new version failed: {e:?}"),
+            }
+        });
+    }
+
+    fn is_pinned(&self, share: &Name, path: &SharePath) -> bool {
+        self.meta
+            .pinned()
+            .iter()
+            .any(|(s, p)| s == share && (p.is_root() || p == path || path.as_str().starts_with(&format!("{}/", p.as_str()))))
+    }
+
+    /// Resolve a path relative to the mount root to an inode.
+    pub async fn resolve(&self, rel: &std::path::Path) -> Result<Ino, Errno> {
+        let mut ino = ROOT_INO;
+        for c in rel.components() {
+            match c {
+                std::path::Component::Normal(name) => {
+                    let name = name.to_str().ok_or(Errno::ENOENT)?;
+                    ino = self.lookup(ino, name).await?.ino;
+                }
+                std::path::Component::CurDir => {}
+                _ => return Err(Errno::EINVAL),
+            }
+        }
+        Ok(ino)
+    }
+
+    /// Every file under `ino` (itself if it is a file).
+    async fn files_under(&self, ino: Ino) -> Result<Vec<Ino>, Errno> {
+        let mut out = Vec::new();
+        let mut todo = vec![ino];
+        while let Some(i) = todo.pop() {
+            match self.node_key(i)?.2 {
+                Kind::File => out.push(i),
+                Kind::Dir => todo.extend(self.children(i).await?.into_iter().map(|(_, c)| c)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn pin_key(share: &Name, path: &SharePath) -> String {
+        format!("{share}/{}", path.as_str())
+    }
+
+    /// Pin `ino` (a file or a directory): fetch all its content now and
+    /// keep it. Returns (files, bytes).
+    pub async fn pin(&self, ino: Ino) -> Result<(usize, u64), Errno> {
+        let (share, path, _) = self.node_key(ino)?;
+        let share = share.ok_or(Errno::EINVAL)?;
+        self.meta.set_pinned(&share, &path, true).map_err(|e| {
+            tracing::error!("{e}");
+            Errno::EIO
+        })?;
+        let files = self.files_under(ino).await?;
+        let mut bytes = 0;
+        for f in &files {
+            let (s, p, m) = self.manifest(*f).await?;
+            let hashes: Vec<Hash> = m.chunks.iter().map(|c| c.hash).collect();
+            self.store.pin(&Self::pin_key(&s, &p), &hashes).map_err(|e| {
+                tracing::error!("{e}");
+                Errno::EIO
+            })?;
+            let all: Vec<u32> = (0..m.chunks.len() as u32).collect();
+            for batch in all.chunks(64) {
+                self.remote.fetch(&s, &p, &m, batch).await.map_err(|e| Errno::from_remote(&e))?;
+            }
+            bytes += m.size;
+        }
+        Ok((files.len(), bytes))
+    }
+
+    pub async fn unpin(&self, ino: Ino) -> Result<usize, Errno> {
+        let (share, path, _) = self.node_key(ino)?;
+        let share = share.ok_or(Errno::EINVAL)?;
+        let _ = self.meta.set_pinned(&share, &path, false);
+        let files = self.files_under(ino).await?;
+        for f in &files {
+            let (s, p, _) = self.node_key(*f)?;
+            if let Some(s) = s {
+                let _ = self.store.unpin(&Self::pin_key(&s, &p));
+            }
+        }
+        Ok(files.len())
+    }
+
+    pub async fn status(&self, ino: Ino) -> Result<FileStatus, Errno> {
+        let (share, path, kind) = self.node_key(ino)?;
+        match (kind, share) {
+            (Kind::File, Some(share)) => {
+                let (_, _, m) = self.manifest(ino).await?;
+                let chunks: Vec<(Hash, u32)> = m.chunks.iter().map(|c| (c.hash, c.len)).collect();
+                Ok(FileStatus {
+                    kind: "file",
+                    size: m.size,
+                    local_bytes: self.store.bytes_present(&chunks),
+                    pinned: self.is_pinned(&share, &path),
+                    chunks: m.chunks.len(),
+                })
+            }
+            (_, share) => {
+                let pinned = share.as_ref().is_some_and(|s| self.is_pinned(s, &path));
+                let mut st = FileStatus { kind: "dir", pinned, ..Default::default() };
+                for f in self.files_under(ino).await? {
+                    let (_, _, m) = self.manifest(f).await?;
+                    let chunks: Vec<(Hash, u32)> = m.chunks.iter().map(|c| (c.hash, c.len)).collect();
+                    st.size += m.size;
+                    st.local_bytes += self.store.bytes_present(&chunks);
+                    st.chunks += m.chunks.len();
+                }
+                Ok(st)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkRef;
+
+    fn manifest(lens: &[u32]) -> Manifest {
+        let mut chunks = Vec::new();
+        let mut offset = 0;
+        for &len in lens {
+            chunks.push(ChunkRef { offset, len, hash: Hash::of(&offset.to_le_bytes()) });
+            offset += len as u64;
+        }
+        Manifest { size: offset, file_hash: Hash::of(b"f"), chunks }
+    }
+
+    #[test]
+    fn covering_finds_exactly_the_chunks_a_range_touches() {
+        let m = manifest(&[10, 10, 10]);
+        assert_eq!(Vfs::covering(&m, 0, 1), 0..1);
+        assert_eq!(Vfs::covering(&m, 9, 11), 0..2);
+        assert_eq!(Vfs::covering(&m, 10, 20), 1..2);
+        assert_eq!(Vfs::covering(&m, 25, 30), 2..3);
+        assert_eq!(Vfs::covering(&m, 0, 30), 0..3);
+        assert_eq!(Vfs::covering(&m, 30, 30), 0..0);
+        assert_eq!(Vfs::covering(&manifest(&[]), 0, 5), 0..0);
+    }
+}

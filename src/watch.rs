@@ -1,0 +1,139 @@
+//! Change notification for watched shares (the serving side of WATCH).
+//!
+//! One poller per share, shared by every session that watches it: every
+//! `storage.watch_interval_ms` it takes a snapshot of the share's tree
+//! (path → kind, size, mtime, mode) and broadcasts the paths that differ
+//! from the previous snapshot. The poller stops when its last watcher goes.
+//!
+//! Polling rather than inotify: it sees changes made by any process on any
+//! filesystem (NFS, FUSE, bind mounts), costs one `stat` per entry per
+//! interval, and bounds how late a change is seen by the interval.
+
+use crate::config::ShareConfig;
+use crate::proto::{Entry, EntryKind, Name, SharePath};
+use crate::share::{Share, ShareKind};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Entries scanned per share at most; past it, deeper changes are not seen
+/// and a warning says so.
+const MAX_ENTRIES: usize = 200_000;
+/// Past this many changed paths in one scan, one "everything changed"
+/// (the share root) is sent instead.
+const MAX_PATHS: usize = 256;
+
+type Snapshot = BTreeMap<SharePath, (EntryKind, u64, i64, u32)>;
+
+#[derive(Default)]
+pub struct Watchers {
+    shares: Mutex<HashMap<Name, broadcast::Sender<SharePath>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Watchers {
+    /// Changed paths of `share`, starting with the next scan.
+    pub fn subscribe(&self, share: &ShareConfig, interval: Duration) -> broadcast::Receiver<SharePath> {
+        let mut shares = lock(&self.shares);
+        if let Some(tx) = shares.get(&share.name) {
+            if tx.receiver_count() > 0 {
+                return tx.subscribe();
+            }
+        }
+        let (tx, rx) = broadcast::channel(1024);
+        shares.insert(share.name.clone(), tx.clone());
+        tokio::spawn(poll(Share::new(share), tx, interval));
+        rx
+    }
+}
+
+async fn poll(share: Share, tx: broadcast::Sender<SharePath>, interval: Duration) {
+    let s = share.clone();
+    let mut before = tokio::task::spawn_blocking(move || snapshot(&s)).await.unwrap_or_default();
+    loop {
+        tokio::time::sleep(interval).await;
+        if tx.receiver_count() == 0 {
+            return;
+        }
+        let s = share.clone();
+        let Ok(now) = tokio::task::spawn_blocking(move || snapshot(&s)).await else { return };
+        let changed = diff(&before, &now);
+        before = now;
+        if changed.len() > MAX_PATHS {
+            let _ = tx.send(SharePath::root());
+        } else {
+            for p in changed {
+                let _ = tx.send(p);
+            }
+        }
+    }
+}
+
+fn row(e: &Entry) -> (EntryKind, u64, i64, u32) {
+    (e.kind, e.size, e.mtime_ns, e.mode)
+}
+
+/// The share's tree as it is now. Unreadable directories are skipped.
+fn snapshot(share: &Share) -> Snapshot {
+    let mut out = Snapshot::new();
+    if let ShareKind::File(_) = share.kind {
+        if let Ok(e) = share.stat(&SharePath::root()) {
+            out.insert(SharePath::root(), row(&e));
+        }
+        return out;
+    }
+    let mut todo = vec![SharePath::root()];
+    while let Some(dir) = todo.pop() {
+        let Ok(entries) = share.list(&dir) else { continue };
+        for e in entries {
+            if out.len() >= MAX_ENTRIES {
+                tracing::warn!(share = %share.name, "more than {MAX_ENTRIES} entries: changes past them are not watched");
+                return out;
+            }
+            if e.kind == EntryKind::Dir {
+                todo.push(e.path.clone());
+            }
+            out.insert(e.path.clone(), row(&e));
+        }
+    }
+    out
+}
+
+/// Paths added, removed or changed between two snapshots.
+fn diff(before: &Snapshot, now: &Snapshot) -> Vec<SharePath> {
+    let mut out = Vec::new();
+    for (p, r) in now {
+        if before.get(p) != Some(r) {
+            out.push(p.clone());
+        }
+    }
+    for p in before.keys() {
+        if !now.contains_key(p) {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> SharePath {
+        SharePath::parse(s).unwrap()
+    }
+
+    #[test]
+    fn diff_names_added_removed_and_changed_paths() {
+        let before: Snapshot = [(p("a"), (EntryKind::File, 1, 1, 0o644)), (p("b"), (EntryKind::File, 1, 1, 0o644))].into();
+        let now: Snapshot = [(p("a"), (EntryKind::File, 2, 1, 0o644)), (p("c"), (EntryKind::File, 1, 1, 0o644))].into();
+        let mut d = diff(&before, &now);
+        d.sort();
+        assert_eq!(d, vec![p("a"), p("b"), p("c")]);
+        assert!(diff(&now, &now).is_empty());
+    }
+}
