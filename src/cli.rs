@@ -28,12 +28,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Two throwaway nodes on this machine: one shares sample files, the other lists, fetches and sends, with signed receipts.
+    /// Two throwaway nodes on this machine: a partner shares sample files and you get them mounted, read on demand.
     Demo {
         /// Where to put the demo nodes (default: a new temp directory).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Run the scenario and stop, instead of serving until Ctrl-C.
+        /// Run the scenario, unmount and stop, instead of serving until Ctrl-C.
         #[arg(long)]
         exit: bool,
     },
@@ -88,6 +88,44 @@ pub enum Command {
     /// Work with signed receipts.
     #[command(subcommand)]
     Receipt(ReceiptCmd),
+    /// Mount a partner's shares (PARTNER) or one of them (PARTNER:SHARE) on MOUNTPOINT, through the local daemon.
+    Mount {
+        target: String,
+        mountpoint: PathBuf,
+        /// Bound of this mount's chunk cache, e.g. 64M or 10G (default: [mount] cache_size, 10G).
+        #[arg(long)]
+        cache_size: Option<String>,
+        /// Mount read-only (every mount is read-only until write-back lands).
+        #[arg(long)]
+        read_only: bool,
+        /// Seconds an uncached read waits for an unreachable partner before EIO (default: [mount] offline_wait_secs, 10).
+        #[arg(long)]
+        offline_wait: Option<u64>,
+    },
+    /// Unmount a deftfs mount.
+    Unmount { mountpoint: PathBuf },
+    /// The active mounts, with state and cache use.
+    Mounts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch a file or directory inside a mount now, and never evict it.
+    Pin { path: PathBuf },
+    /// Let pinned content be evicted again.
+    Unpin { path: PathBuf },
+    /// How much of a file (or directory) inside a mount is local.
+    Status {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The mounts' chunk caches: size, limit, hit rate; `cache clear` evicts what may be evicted.
+    Cache {
+        #[arg(value_parser = ["clear"])]
+        action: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -165,7 +203,137 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::History { limit, json } => history(&home, limit, json),
         Command::Receipt(ReceiptCmd::Verify { file, cert }) => receipt_verify(&file, cert.as_deref()),
+        Command::Mount { target, mountpoint, cache_size, read_only, offline_wait } => {
+            mount(&home, &target, &mountpoint, cache_size.as_deref(), read_only, offline_wait)
+        }
+        Command::Unmount { mountpoint } => unmount(&home, &mountpoint),
+        Command::Mounts { json } => mounts(&home, json),
+        Command::Pin { path } => pin(&home, &path, true),
+        Command::Unpin { path } => pin(&home, &path, false),
+        Command::Status { path, json } => status(&home, &path, json),
+        Command::Cache { action, json } => cache(&home, action.is_some(), json),
     }
+}
+
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+fn mount(home: &Path, target: &str, mountpoint: &Path, cache_size: Option<&str>, read_only: bool, offline_wait: Option<u64>) -> Result<()> {
+    let spec: crate::mount::MountSpec = target.parse()?;
+    let cache_size = cache_size.map(|s| config::parse_size(s).map_err(|e| anyhow!("--cache-size: {e}"))).transpose()?;
+    if let Some(w) = offline_wait {
+        if w == 0 || w > 3600 {
+            bail!("--offline-wait {w}: must be between 1 and 3600 seconds");
+        }
+    }
+    let options = crate::mount::MountOptions { cache_size, read_only, offline_wait_secs: offline_wait };
+    let call = crate::api::Call::Mount { spec: spec.to_string(), mountpoint: absolute(mountpoint)?, options };
+    let info: crate::mount::MountInfo = serde_json::from_value(crate::api::call(home, &call)?)?;
+    println!(
+        "mounted {} on {} ({}, cache limit {})",
+        info.spec,
+        info.mountpoint.display(),
+        if info.read_only { "read-only" } else { "read-write" },
+        human(info.cache.limit_bytes)
+    );
+    Ok(())
+}
+
+fn unmount(home: &Path, mountpoint: &Path) -> Result<()> {
+    let mountpoint = absolute(mountpoint)?;
+    crate::api::call(home, &crate::api::Call::Unmount { mountpoint: mountpoint.clone() })?;
+    println!("unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+fn mounts(home: &Path, json: bool) -> Result<()> {
+    let value = crate::api::call(home, &crate::api::Call::Mounts)?;
+    if json {
+        println!("{value}");
+        return Ok(());
+    }
+    let list: Vec<crate::mount::MountInfo> = serde_json::from_value(value)?;
+    if list.is_empty() {
+        println!("nothing mounted: mount a partner's share with `deftfs mount PARTNER[:SHARE] MOUNTPOINT`");
+    }
+    for m in list {
+        println!(
+            "{:<24} {:<8} {:<10} cache {} of {}  fetched {}  {}",
+            m.spec,
+            m.state,
+            if m.read_only { "read-only" } else { "read-write" },
+            human(m.cache.used_bytes),
+            human(m.cache.limit_bytes),
+            human(m.bytes_fetched),
+            m.mountpoint.display()
+        );
+    }
+    Ok(())
+}
+
+fn pin(home: &Path, path: &Path, on: bool) -> Result<()> {
+    let path = absolute(path)?;
+    if on {
+        let r = crate::api::call(home, &crate::api::Call::Pin { path: path.clone() })?;
+        let (files, bytes) = (r["files"].as_u64().unwrap_or(0), r["bytes"].as_u64().unwrap_or(0));
+        println!("pinned {}: {files} file(s), {} local and kept", path.display(), human(bytes));
+    } else {
+        let r = crate::api::call(home, &crate::api::Call::Unpin { path: path.clone() })?;
+        println!("unpinned {}: {} file(s) may be evicted again", path.display(), r["files"].as_u64().unwrap_or(0));
+    }
+    Ok(())
+}
+
+fn status(home: &Path, path: &Path, json: bool) -> Result<()> {
+    let path = absolute(path)?;
+    let value = crate::api::call(home, &crate::api::Call::Status { path: path.clone() })?;
+    if json {
+        println!("{value}");
+        return Ok(());
+    }
+    let st: crate::mount::vfs::FileStatus = serde_json::from_value(value)?;
+    let pct = if st.size == 0 { 100.0 } else { st.local_bytes as f64 * 100.0 / st.size as f64 };
+    println!(
+        "{}: {} {}, {} local ({pct:.0}%), {} chunks{}",
+        path.display(),
+        st.kind,
+        human(st.size),
+        human(st.local_bytes),
+        st.chunks,
+        if st.pinned { ", pinned" } else { "" }
+    );
+    Ok(())
+}
+
+fn cache(home: &Path, clear: bool, json: bool) -> Result<()> {
+    let value = crate::api::call(home, &crate::api::Call::Cache { clear })?;
+    if json {
+        println!("{value}");
+        return Ok(());
+    }
+    let rows = value.as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no mounts, no cache in use");
+    }
+    for row in rows {
+        let stats: crate::store::CacheStats = serde_json::from_value(row["cache"].clone())?;
+        let looked = stats.hits + stats.misses;
+        let rate = if looked == 0 { "no reads yet".to_string() } else { format!("{:.1}% hits", stats.hits as f64 * 100.0 / looked as f64) };
+        print!(
+            "{}: {} of {} ({} chunks, {} pinned), {rate}",
+            row["mountpoint"].as_str().unwrap_or("?"),
+            human(stats.used_bytes),
+            human(stats.limit_bytes),
+            stats.chunks,
+            human(stats.pinned_bytes)
+        );
+        if clear {
+            print!(", freed {}", human(row["freed_bytes"].as_u64().unwrap_or(0)));
+        }
+        println!();
+    }
+    Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -206,6 +374,7 @@ fn demo(dir: Option<PathBuf>, exit: bool) -> Result<()> {
     init_logging("warn");
     let root = dir.unwrap_or_else(|| std::env::temp_dir().join(format!("deftfs-demo-{}", std::process::id())));
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let root = std::fs::canonicalize(&root)?;
     let (partner_home, you_home) = (root.join("partner"), root.join("you"));
     let free = || -> Result<SocketAddr> { Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?) };
     let (partner_addr, you_addr) = (free()?, free()?);
@@ -217,72 +386,137 @@ fn demo(dir: Option<PathBuf>, exit: bool) -> Result<()> {
     partner_add(&partner_home, "you", Some(fp(&you_home)?), None, vec![you_addr.to_string()])?;
     let samples = root.join("partner-files");
     let inbox = root.join("partner-inbox");
-    std::fs::create_dir_all(samples.join("invoices"))?;
+    println!("\n== sample files for the partner to share: {}", samples.display());
+    write_samples(&samples)?;
     std::fs::create_dir_all(&inbox)?;
-    std::fs::write(samples.join("README.txt"), "Sample files shared by the demo partner node.\n")?;
-    std::fs::write(samples.join("invoices/2026-11.csv"), "id,customer,amount\n1,ACME,1200.00\n2,Globex,560.50\n")?;
-    write_sample(&samples.join("scene.bin"), 64 << 20)?;
     share_add(&partner_home, "samples", &samples, &["you".into()], &["read".into()])?;
     share_add(&partner_home, "inbox", &inbox, &["you".into()], &["write".into()])?;
+    let mnt = root.join("mnt");
+    std::fs::create_dir_all(&mnt)?;
 
     runtime()?.block_on(async {
-        let partner = Node::open(&partner_home)?;
+        let (stop_partner, partner_stop) = tokio::sync::oneshot::channel::<()>();
+        let (stop_you, you_stop) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(crate::node::run(
-            partner,
+        let partner = tokio::spawn(crate::daemon::run(
+            Node::open(&partner_home)?,
             async move {
-                let _ = stop_rx.await;
+                let _ = partner_stop.await;
             },
             Some(ready_tx),
         ));
-        ready_rx.await.map_err(|_| anyhow!("the partner node did not start"))?;
-        let you = Node::open(&you_home)?;
-        let mut session = Session::open(you, "partner").await?;
-        println!("\n== deftfs ls partner");
-        for r in session.discover().await? {
-            println!("{:<10} {:>10} {}", r.name, human(r.size), r.access.as_str());
-        }
-        let samples_share = Name::new("samples").map_err(|e| anyhow!("{e}"))?;
-        let scene = SharePath::parse("scene.bin").map_err(|e| anyhow!("{e}"))?;
-        println!("\n== deftfs receive partner samples scene.bin {}", root.join("scene.bin").display());
-        let got = session.pull(&samples_share, &scene, &root.join("scene.bin"), None).await?;
-        print_report(&got, false)?;
-        println!("\n== the same again: nothing left to fetch (delta)");
-        let again = session.pull(&samples_share, &scene, &root.join("scene.bin"), None).await?;
-        print_report(&again, false)?;
-        let note = root.join("note.txt");
-        std::fs::write(&note, "Order 4711 confirmed.\n")?;
-        println!("\n== deftfs send partner inbox {}", note.display());
-        let sent = session
-            .push(&Name::new("inbox").map_err(|e| anyhow!("{e}"))?, &SharePath::parse("note.txt").map_err(|e| anyhow!("{e}"))?, &note, None)
-            .await?;
-        print_report(&sent, false)?;
-        session.close().await;
-        println!("\n== deftfs receipt verify {}", sent.receipt.display());
-        receipt_verify(&sent.receipt, Some(&partner_home.join("cert.pem")))?;
-        let h = you_home.display();
-        println!("\nTry it yourself while the partner node runs:");
-        println!("  deftfs --home {h} ls partner samples");
-        println!("  deftfs --home {h} receive partner samples invoices/2026-11.csv /tmp/invoice.csv");
-        println!("  deftfs --home {h} send partner inbox /etc/hostname");
-        println!("  deftfs --home {h} history");
-        if !exit {
-            println!("\nPress Ctrl-C to stop the partner node.");
+        ready_rx.await.map_err(|_| anyhow!("the partner daemon did not start (see above)"))?;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let you = tokio::spawn(crate::daemon::run(
+            Node::open(&you_home)?,
+            async move {
+                let _ = you_stop.await;
+            },
+            Some(ready_tx),
+        ));
+        let mounts = ready_rx.await.map_err(|_| anyhow!("your daemon did not start (see above)"))?;
+        let result = demo_scenario(&root, &you_home, &partner_home, &mnt, &mounts).await;
+        if result.is_ok() && !exit {
+            println!("\nBoth daemons run until Ctrl-C; then the mount is unmounted and they stop.");
             shutdown_signal().await;
+            println!();
         }
-        let _ = stop_tx.send(());
-        server.await.map_err(|e| anyhow!("partner node: {e}"))??;
-        println!("stopped; the demo nodes stay in {}", root.display());
+        // Yours first (it unmounts), then the partner's.
+        let _ = stop_you.send(());
+        you.await.map_err(|e| anyhow!("your daemon: {e}"))??;
+        let _ = stop_partner.send(());
+        partner.await.map_err(|e| anyhow!("partner daemon: {e}"))??;
+        result?;
+        println!("stopped and unmounted; the demo nodes stay in {}", root.display());
         Ok(())
     })
 }
 
+/// Small texts, a directory tree and three 100 MiB binaries.
+fn write_samples(dir: &Path) -> Result<()> {
+    for d in ["invoices", "projects/alpha/src", "projects/alpha/docs", "projects/beta", "media"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    std::fs::write(
+        dir.join("README.txt"),
+        "Sample files shared by the demo partner node.\nEverything here is read on demand, chunk by chunk.\n",
+    )?;
+    std::fs::write(dir.join("invoices/2026-11.csv"), "id,customer,amount\n1,ACME,1200.00\n2,Globex,560.50\n")?;
+    std::fs::write(dir.join("invoices/2026-12.csv"), "id,customer,amount\n3,Initech,99.90\n")?;
+    std::fs::write(dir.join("projects/alpha/src/main.rs"), "fn main() {\n    println!(\"hello from alpha\");\n}\n")?;
+    std::fs::write(dir.join("projects/alpha/docs/notes.md"), "# Alpha\n\nShip it on Friday.\n")?;
+    std::fs::write(dir.join("projects/beta/TODO.txt"), "- render the final scene\n- send the invoice\n")?;
+    for (i, name) in ["scene.bin", "render-01.bin", "render-02.bin"].iter().enumerate() {
+        write_sample(&dir.join("media").join(name), 100 << 20, i as u64 + 1)?;
+    }
+    Ok(())
+}
+
+async fn demo_scenario(root: &Path, you_home: &Path, partner_home: &Path, mnt: &Path, mounts: &crate::mount::Mounts) -> Result<()> {
+    println!("\n== deftfs mount partner:samples {}", mnt.display());
+    let spec: crate::mount::MountSpec = "partner:samples".parse()?;
+    let info = mounts.mount(spec, mnt, Default::default()).await?;
+    println!("mounted {} on {} (read-only, cache limit {})", info.spec, info.mountpoint.display(), human(info.cache.limit_bytes));
+    // The mount is served by this very process: touch it from a blocking
+    // thread, as any other program would.
+    let (m, started) = (mnt.to_path_buf(), std::time::Instant::now());
+    let (listing, first_mib) = tokio::task::spawn_blocking(move || -> Result<(Vec<(String, u64)>, usize)> {
+        let mut rows = Vec::new();
+        for e in std::fs::read_dir(m.join("media"))? {
+            let e = e?;
+            rows.push((e.file_name().to_string_lossy().into_owned(), e.metadata()?.len()));
+        }
+        rows.sort();
+        use std::io::Read;
+        let mut buf = vec![0u8; 1 << 20];
+        let n = std::fs::File::open(m.join("media/scene.bin"))?.read(&mut buf)?;
+        Ok((rows, n))
+    })
+    .await??;
+    println!("\n== ls -l {}/media (metadata only, nothing downloaded)", mnt.display());
+    for (name, len) in listing {
+        println!("{:>10}  {name}", human(len));
+    }
+    let fetched = mounts.list().first().map_or(0, |m| m.bytes_fetched);
+    println!(
+        "\n== read the first {} of media/scene.bin: {:.1} ms, {} fetched of 100 MiB",
+        human(first_mib as u64),
+        started.elapsed().as_secs_f64() * 1e3,
+        human(fetched)
+    );
+
+    let you = Node::open(you_home)?;
+    let mut session = Session::open(you, "partner").await?;
+    let note = root.join("note.txt");
+    std::fs::write(&note, "Order 4711 confirmed.\n")?;
+    println!("\n== deftfs send partner inbox {}", note.display());
+    let sent = session
+        .push(&Name::new("inbox").map_err(|e| anyhow!("{e}"))?, &SharePath::parse("note.txt").map_err(|e| anyhow!("{e}"))?, &note, None)
+        .await?;
+    print_report(&sent, false)?;
+    session.close().await;
+    println!("\n== deftfs receipt verify {}", sent.receipt.display());
+    receipt_verify(&sent.receipt, Some(&partner_home.join("cert.pem")))?;
+
+    let (h, m) = (you_home.display(), mnt.display());
+    println!("\nTry it yourself, in another terminal:");
+    println!("  ls -lR {m}");
+    println!("  sha256sum {m}/media/scene.bin          # fetched as it is read");
+    println!("  deftfs --home {h} mounts");
+    println!("  deftfs --home {h} status {m}/media/render-01.bin");
+    println!("  deftfs --home {h} pin {m}/projects");
+    println!("  deftfs --home {h} cache");
+    println!("  echo more >> {}/README.txt             # a change the mount shows within a second", root.join("partner-files").display());
+    println!("  deftfs --home {h} send partner inbox /etc/hostname");
+    println!("  deftfs --home {h} history");
+    Ok(())
+}
+
 /// Pseudo-random, incompressible sample content (xorshift), written streaming.
-fn write_sample(path: &Path, len: usize) -> Result<()> {
+fn write_sample(path: &Path, len: usize, seed: u64) -> Result<()> {
     use std::io::Write;
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0xD1B5_4A32_D192_ED03);
     let mut block = vec![0u8; 1 << 16];
     for _ in 0..len / block.len() {
         for word in block.chunks_exact_mut(8) {
@@ -399,7 +633,7 @@ fn share_list(home: &Path) -> Result<()> {
 fn daemon(home: &Path) -> Result<()> {
     init_logging("info");
     let node = Node::open(home)?;
-    runtime()?.block_on(crate::daemon::run(node, shutdown_signal()))
+    runtime()?.block_on(crate::daemon::run(node, shutdown_signal(), None))
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -8,11 +8,26 @@ use crate::node::{self, Node};
 use std::future::Future;
 use std::sync::Arc;
 
-pub async fn run(node: Arc<Node>, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// Run until `shutdown`. `ready`, if given, receives the mounts once the
+/// node listens and the control API answers.
+pub async fn run(
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()>,
+    ready: Option<tokio::sync::oneshot::Sender<Arc<Mounts>>>,
+) -> anyhow::Result<()> {
     let listener = crate::api::bind(&node.home)?;
     let mounts = Arc::new(Mounts::new(node.clone()));
     let api = tokio::spawn(crate::api::serve(listener, mounts.clone()));
-    let served = node::run(node.clone(), shutdown, None).await;
+    let (listening_tx, listening_rx) = tokio::sync::oneshot::channel();
+    if let Some(ready) = ready {
+        let mounts = mounts.clone();
+        tokio::spawn(async move {
+            if listening_rx.await.is_ok() {
+                let _ = ready.send(mounts);
+            }
+        });
+    }
+    let served = node::run(node.clone(), shutdown, Some(listening_tx)).await;
     mounts.unmount_all().await;
     api.abort();
     let _ = std::fs::remove_file(crate::api::socket_path(&node.home));

@@ -295,15 +295,3 @@ fn hostile_names_and_paths_are_refused_by_the_serving_node() {
     let out = p.a.ok(&["receive", "bob", "outbox", "ok.txt", p.root.path().join("ok.out").to_str().unwrap()]);
     assert!(out.contains("received"));
 }
-
-#[test]
-fn demo_runs_end_to_end_and_stops() {
-    let dir = TempDir::new("demo");
-    let out = Command::new(bin()).args(["demo", "--exit", "--dir"]).arg(dir.path()).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("valid signature"), "{text}");
-    assert!(text.contains("0 of"), "the second fetch must be all delta: {text}");
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("WARN"), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(hash_file(&dir.path().join("scene.bin")), hash_file(&dir.path().join("partner-files/scene.bin")));
-}

@@ -20,5 +20,5 @@ fn main() -> Result<()> {
     let home = args.home.unwrap_or_else(deftfs::config::default_home);
     let node = deftfs::node::Node::open(&home)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(deftfs::daemon::run(node, deftfs::cli::shutdown_signal()))
+    runtime.block_on(deftfs::daemon::run(node, deftfs::cli::shutdown_signal(), None))
 }

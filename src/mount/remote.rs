@@ -120,6 +120,8 @@ pub struct Remote {
     data: tokio::sync::Mutex<Option<Arc<DataLink>>>,
     inflight: Mutex<HashMap<Hash, Waiters>>,
     online: AtomicBool,
+    /// Set by [`Remote::close`]: links ending now are our doing.
+    closing: AtomicBool,
     last_failure: Mutex<Option<Instant>>,
     chunks_fetched: AtomicU64,
     bytes_fetched: AtomicU64,
@@ -139,6 +141,7 @@ impl Remote {
             data: Default::default(),
             inflight: Default::default(),
             online: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             last_failure: Mutex::new(None),
             chunks_fetched: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
@@ -168,7 +171,7 @@ impl Remote {
     fn offline(&self, detail: impl std::fmt::Display) -> RemoteError {
         let was = self.online.swap(false, Ordering::SeqCst);
         *lock(&self.last_failure) = Some(Instant::now());
-        if was {
+        if was && !self.closing.load(Ordering::SeqCst) {
             tracing::warn!(partner = %self.partner, "partner went offline: {detail}; serving cached content, reconnecting on demand");
         }
         RemoteError::Offline { partner: self.partner.clone(), detail: detail.to_string() }
@@ -556,6 +559,7 @@ impl Remote {
     }
 
     pub async fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
         if let Some(mut l) = self.meta.lock().await.take() {
             let _ = l.send(&Request::Bye).await;
             l.conn.close(0u32.into(), b"unmount");

@@ -103,13 +103,17 @@ struct Handle {
     _hold: Hold,
     /// End of the last read, to detect sequential reading.
     last_end: u64,
+    /// Bytes read sequentially up to `last_end`: the readahead window grows
+    /// with it, so a reader that stops after a few reads fetched little.
+    run: u64,
     /// Readahead has been asked up to here.
     ahead_until: u64,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct FileStatus {
-    pub kind: &'static str,
+    /// "file" or "dir".
+    pub kind: String,
     pub size: u64,
     pub local_bytes: u64,
     pub pinned: bool,
@@ -459,7 +463,7 @@ impl Vfs {
             }
         };
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
-        lock(&self.handles).insert(fh, Handle { share, path, manifest, _hold: hold, last_end: 0, ahead_until: 0 });
+        lock(&self.handles).insert(fh, Handle { share, path, manifest, _hold: hold, last_end: 0, run: 0, ahead_until: 0 });
         Ok((fh, keep))
     }
 
@@ -482,13 +486,19 @@ impl Vfs {
             let mut handles = lock(&self.handles);
             let h = handles.get_mut(&fh).ok_or(Errno::EBADF)?;
             let end = offset.saturating_add(size as u64).min(h.manifest.size);
-            let sequential = offset == h.last_end || offset == 0;
+            let sequential = offset == h.last_end;
+            h.run = if sequential { h.run + end.saturating_sub(offset) } else { 0 };
+            if !sequential {
+                h.ahead_until = 0;
+            }
             h.last_end = end;
-            // Ask for the next stretch when the reader has used half of
-            // what was asked ahead.
-            let ahead = if sequential && end.saturating_add(self.config.readahead / 2) > h.ahead_until {
+            // Read ahead as far as the reader has read sequentially (up to
+            // the configured window), asking for the next stretch when it
+            // has used half of what was asked.
+            let window = h.run.min(self.config.readahead);
+            let ahead = if window > 0 && end.saturating_add(window / 2) > h.ahead_until {
                 let from = h.ahead_until.max(end);
-                h.ahead_until = end.saturating_add(self.config.readahead);
+                h.ahead_until = end.saturating_add(window);
                 Some((from, h.ahead_until))
             } else {
                 None
@@ -709,7 +719,7 @@ impl Vfs {
                 let (_, _, m) = self.manifest(ino).await?;
                 let chunks: Vec<(Hash, u32)> = m.chunks.iter().map(|c| (c.hash, c.len)).collect();
                 Ok(FileStatus {
-                    kind: "file",
+                    kind: "file".into(),
                     size: m.size,
                     local_bytes: self.store.bytes_present(&chunks),
                     pinned: self.is_pinned(&share, &path),
@@ -718,7 +728,7 @@ impl Vfs {
             }
             (_, share) => {
                 let pinned = share.as_ref().is_some_and(|s| self.is_pinned(s, &path));
-                let mut st = FileStatus { kind: "dir", pinned, ..Default::default() };
+                let mut st = FileStatus { kind: "dir".into(), pinned, ..Default::default() };
                 for f in self.files_under(ino).await? {
                     let (_, _, m) = self.manifest(f).await?;
                     let chunks: Vec<(Hash, u32)> = m.chunks.iter().map(|c| (c.hash, c.len)).collect();

@@ -115,11 +115,15 @@ pub fn run_ok(home: &Path, args: &[&str]) -> String {
 pub struct Daemon {
     pub child: Child,
     pub log: PathBuf,
+    /// Length of the log when this process started: a restarted daemon
+    /// appends to the same file, and only what it wrote counts.
+    from: usize,
 }
 
 impl Daemon {
     pub fn start(home: &Path) -> Daemon {
         let log = home.join("daemon.log");
+        let from = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = Command::new(bin())
             .arg("--home")
@@ -130,7 +134,7 @@ impl Daemon {
             .stderr(logf)
             .spawn()
             .unwrap();
-        let d = Daemon { child, log };
+        let d = Daemon { child, log, from };
         d.wait_for_log("listening", Duration::from_secs(20));
         d
     }
@@ -138,7 +142,7 @@ impl Daemon {
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let start = Instant::now();
         loop {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let text = self.log_text();
             if text.contains(needle) {
                 return;
             }
@@ -147,8 +151,10 @@ impl Daemon {
         }
     }
 
+    /// What this process wrote to the log.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let all = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(all.get(self.from..).unwrap_or_default()).into_owned()
     }
 
     pub fn kill(&mut self) {

@@ -1,0 +1,425 @@
+//! End-to-end mounts: real daemons on loopback, real FUSE mounts through
+//! /dev/fuse, the real `deftfs` CLI talking to the daemon's control socket.
+//! Every mount is detached on drop ([`MountGuard`]), on every path.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1024 * 1024;
+
+fn mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = path.to_string_lossy();
+    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(&p))
+}
+
+/// Detaches the mount at its path when dropped, whatever happened.
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if mounted(&self.0) {
+            let c = std::ffi::CString::new(self.0.to_string_lossy().as_bytes()).unwrap();
+            // SAFETY: a valid NUL-terminated path for the duration of the call.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Bob serves `files` (read access for alice); alice's daemon mounts it.
+/// Fields drop in order: mount, daemons, then the directories.
+struct Setup {
+    guard: Option<MountGuard>,
+    a_daemon: Daemon,
+    b_daemon: Daemon,
+    a: TestNode,
+    b: TestNode,
+    files: PathBuf,
+    mnt: PathBuf,
+    root: TempDir,
+}
+
+impl Setup {
+    fn new(tag: &str, prepare: impl FnOnce(&Path)) -> Setup {
+        let root = TempDir::new(tag);
+        let a = TestNode::init(root.path(), "alice");
+        let b = TestNode::init(root.path(), "bob");
+        a.trust(&b);
+        b.trust(&a);
+        let files = root.path().join("bob-files");
+        std::fs::create_dir_all(&files).unwrap();
+        prepare(&files);
+        b.ok(&["share", "add", "files", files.to_str().unwrap(), "--partner", "alice", "--access", "read"]);
+        let mnt = root.path().join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let b_daemon = b.start();
+        let a_daemon = a.start();
+        Setup { guard: None, a_daemon, b_daemon, a, b, files, mnt, root }
+    }
+
+    fn mount(&mut self, extra: &[&str]) {
+        let mut args = vec!["mount", "bob:files", self.mnt.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.guard = Some(MountGuard(self.mnt.clone()));
+        let out = self.a.ok(&args);
+        assert!(out.contains("mounted bob:files"), "{out}");
+        assert!(mounted(&self.mnt), "the mount is not in /proc/mounts");
+    }
+
+    fn at(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// The first (only) mount of `deftfs mounts --json`.
+    fn info(&self) -> serde_json::Value {
+        let v = self.a.json(&["mounts"]);
+        v.as_array().and_then(|a| a.first()).cloned().unwrap_or_else(|| panic!("no mount listed: {v}"))
+    }
+
+    fn status(&self, rel: &str) -> serde_json::Value {
+        self.a.json(&["status", self.at(rel).to_str().unwrap()])
+    }
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn mounted_256_mib_file_reads_back_identical_sequentially_and_at_random_offsets() {
+    let mut s = Setup::new("seqrand", |dir| {
+        write_random(&dir.join("big.bin"), 256 * MIB, 7);
+        std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
+        std::fs::write(dir.join("sub/deeper/small.txt"), b"hello\n").unwrap();
+    });
+    s.mount(&[]);
+    let src = s.files.join("big.bin");
+    assert_eq!(std::fs::metadata(s.at("big.bin")).unwrap().len(), 256 * MIB as u64);
+    assert_eq!(std::fs::read(s.at("sub/deeper/small.txt")).unwrap(), b"hello\n");
+
+    // Random offsets first, on a cold cache.
+    let (mounted_file, source) = (std::fs::File::open(s.at("big.bin")).unwrap(), std::fs::File::open(&src).unwrap());
+    let mut x = 0x1234_5678_u64;
+    for _ in 0..200 {
+        let len = (xorshift(&mut x) % (3 * MIB as u64)) as usize + 1;
+        let offset = xorshift(&mut x) % (256 * MIB as u64 - len as u64);
+        let (mut got, mut want) = (vec![0u8; len], vec![0u8; len]);
+        mounted_file.read_exact_at(&mut got, offset).unwrap();
+        source.read_exact_at(&mut want, offset).unwrap();
+        assert!(got == want, "bytes differ at offset {offset}, length {len}");
+    }
+    // A read past the end returns nothing; one across it returns the tail.
+    let mut tail = vec![0u8; 100];
+    assert_eq!(mounted_file.read_at(&mut tail, 256 * MIB as u64).unwrap(), 0);
+    assert_eq!(mounted_file.read_at(&mut tail, 256 * MIB as u64 - 10).unwrap(), 10);
+
+    assert_eq!(hash_file(&s.at("big.bin")), hash_file(&src), "sequential read differs from the source");
+
+    // Read-only until write-back lands: changes fail at once with EROFS.
+    for attempt in [
+        std::fs::File::create(s.at("new.txt")).map(|_| ()),
+        std::fs::OpenOptions::new().write(true).open(s.at("big.bin")).map(|_| ()),
+        std::fs::remove_file(s.at("sub/deeper/small.txt")),
+        std::fs::create_dir(s.at("newdir")),
+    ] {
+        assert_eq!(attempt.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    }
+}
+
+#[test]
+fn first_mebibyte_of_a_256_mib_file_fetches_only_a_few_chunks() {
+    let mut s = Setup::new("firstmib", |dir| {
+        write_random(&dir.join("big.bin"), 256 * MIB, 8);
+    });
+    s.mount(&[]);
+    let mut f = std::fs::File::open(s.at("big.bin")).unwrap();
+    let mut buf = vec![0u8; MIB];
+    f.read_exact(&mut buf).unwrap();
+    let mut want = vec![0u8; MIB];
+    std::fs::File::open(s.files.join("big.bin")).unwrap().read_exact(&mut want).unwrap();
+    assert!(buf == want);
+    // Let any readahead in flight land before counting.
+    std::thread::sleep(Duration::from_millis(500));
+    let info = s.info();
+    let fetched = info["bytes_fetched"].as_u64().unwrap();
+    let chunks = info["chunks_fetched"].as_u64().unwrap();
+    eprintln!("first MiB: {chunks} chunks, {fetched} bytes fetched");
+    assert!(fetched >= MIB as u64, "{info}");
+    assert!(fetched <= 4 * MIB as u64 && chunks <= 16, "reading 1 MiB fetched {chunks} chunks, {fetched} bytes: {info}");
+    let st = s.status("big.bin");
+    assert!(st["local_bytes"].as_u64().unwrap() <= 4 * MIB as u64, "{st}");
+    assert_eq!(st["size"], 256 * MIB);
+}
+
+#[test]
+fn listing_10000_files_fetches_no_content() {
+    let mut s = Setup::new("ls10k", |dir| {
+        let d = dir.join("many");
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..10_000 {
+            std::fs::write(d.join(format!("file-{i:05}.txt")), format!("content of file {i}\n")).unwrap();
+        }
+    });
+    s.mount(&[]);
+    let mut n = 0;
+    let mut total = 0;
+    for e in std::fs::read_dir(s.at("many")).unwrap() {
+        let e = e.unwrap();
+        let md = std::fs::metadata(e.path()).unwrap();
+        assert!(md.is_file());
+        total += md.len();
+        n += 1;
+    }
+    assert_eq!(n, 10_000);
+    let expected: u64 = (0..10_000).map(|i| format!("content of file {i}\n").len() as u64).sum();
+    assert_eq!(total, expected);
+    let info = s.info();
+    assert_eq!(info["bytes_fetched"], 0, "a listing fetched content: {info}");
+    // And one of them reads.
+    assert_eq!(std::fs::read_to_string(s.at("many/file-04711.txt")).unwrap(), "content of file 4711\n");
+}
+
+#[test]
+fn a_64_mib_cache_stays_bounded_and_a_pinned_file_survives() {
+    let mut s = Setup::new("cache", |dir| {
+        write_random(&dir.join("pinned.bin"), 8 * MIB, 20);
+        for i in 0..4 {
+            write_random(&dir.join(format!("f{i}.bin")), 64 * MIB, 21 + i);
+        }
+    });
+    s.mount(&["--cache-size", "64M"]);
+    let out = s.a.ok(&["pin", s.at("pinned.bin").to_str().unwrap()]);
+    assert!(out.contains("pinned"), "{out}");
+    let st = s.status("pinned.bin");
+    assert_eq!(st["local_bytes"], 8 * MIB, "pinning fetches everything now: {st}");
+    assert_eq!(st["pinned"], true);
+
+    for i in 0..4 {
+        let name = format!("f{i}.bin");
+        assert_eq!(hash_file(&s.at(&name)), hash_file(&s.files.join(&name)), "{name}");
+        let used = s.info()["cache"]["used_bytes"].as_u64().unwrap();
+        assert!(used <= 64 * MIB as u64, "cache holds {used} bytes after reading {name}");
+    }
+    // On disk too, not only in the counters.
+    let cache_dir = PathBuf::from(s.info()["cache_dir"].as_str().unwrap().to_string());
+    let on_disk: u64 = walk_files(&cache_dir.join("chunks")).iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum();
+    assert!(on_disk <= 64 * MIB as u64, "{on_disk} bytes of chunks on disk");
+    assert!(s.info()["cache"]["evicted_bytes"].as_u64().unwrap() > 0);
+
+    let st = s.status("pinned.bin");
+    assert_eq!(st["local_bytes"], 8 * MIB, "the pinned file was evicted: {st}");
+    let cleared = s.a.json(&["cache", "clear"]);
+    assert!(cleared[0]["freed_bytes"].as_u64().unwrap() > 0, "{cleared}");
+    let st = s.status("pinned.bin");
+    assert_eq!(st["local_bytes"], 8 * MIB, "cache clear evicted the pinned file: {st}");
+    assert!(s.status("f3.bin")["local_bytes"].as_u64().unwrap() == 0);
+
+    // The cache survives a restart of the daemon.
+    s.a_daemon.kill();
+    s.guard = None;
+    s.a_daemon = s.a.start();
+    s.mount(&["--cache-size", "64M"]);
+    assert_eq!(s.status("pinned.bin")["local_bytes"], 8 * MIB);
+    assert_eq!(hash_file(&s.at("pinned.bin")), hash_file(&s.files.join("pinned.bin")));
+    assert_eq!(s.info()["bytes_fetched"], 0, "a cached, pinned file was fetched again after restart");
+
+    let out = s.a.ok(&["unpin", s.at("pinned.bin").to_str().unwrap()]);
+    assert!(out.contains("unpinned"), "{out}");
+    assert_eq!(s.status("pinned.bin")["pinned"], false);
+}
+
+fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_remote_change_becomes_visible_within_seconds() {
+    let mut s = Setup::new("change", |dir| {
+        std::fs::write(dir.join("note.txt"), "version one\n").unwrap();
+        write_random(&dir.join("data.bin"), 8 * MIB, 30);
+    });
+    s.mount(&[]);
+    assert_eq!(std::fs::read_to_string(s.at("note.txt")).unwrap(), "version one\n");
+    let before = hash_file(&s.at("data.bin"));
+    assert_eq!(before, hash_file(&s.files.join("data.bin")));
+
+    std::fs::write(s.files.join("note.txt"), "version two, longer\n").unwrap();
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(s.files.join("data.bin")).unwrap();
+        f.write_all_at(&random_bytes(MIB, 31), 3 * MIB as u64).unwrap();
+    }
+    std::fs::write(s.files.join("added.txt"), "new file\n").unwrap();
+    let after = hash_file(&s.files.join("data.bin"));
+
+    let start = Instant::now();
+    let seen = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(s.at("note.txt")).ok().as_deref() == Some("version two, longer\n")
+            && std::fs::read_dir(&s.mnt).unwrap().flatten().any(|e| e.file_name() == "added.txt")
+            && hash_file(&s.at("data.bin")) == after
+    });
+    assert!(seen, "the change did not show through the mount within 10 s");
+    eprintln!("remote change visible after {:.2} s", start.elapsed().as_secs_f64());
+    assert_eq!(std::fs::metadata(s.at("note.txt")).unwrap().len(), "version two, longer\n".len() as u64);
+
+    std::fs::remove_file(s.files.join("added.txt")).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || !s.at("added.txt").exists()), "a removed file still shows");
+}
+
+#[test]
+fn offline_partner_cached_reads_work_uncached_fail_with_eio_then_recover() {
+    let mut s = Setup::new("offline", |dir| {
+        write_random(&dir.join("cached.bin"), 4 * MIB, 40);
+        write_random(&dir.join("uncached.bin"), 4 * MIB, 41);
+        std::fs::create_dir_all(dir.join("docs")).unwrap();
+        std::fs::write(dir.join("docs/readme.txt"), "read me\n").unwrap();
+    });
+    s.mount(&["--offline-wait", "3"]);
+    let cached = hash_file(&s.files.join("cached.bin"));
+    assert_eq!(hash_file(&s.at("cached.bin")), cached);
+    assert!(std::fs::read_dir(s.at("docs")).unwrap().count() == 1);
+    assert_eq!(std::fs::metadata(s.at("uncached.bin")).unwrap().len(), 4 * MIB as u64);
+
+    s.b_daemon.kill();
+
+    // Listings and cached content from the last known state.
+    let names: Vec<String> = std::fs::read_dir(&s.mnt).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.contains(&"cached.bin".to_string()) && names.contains(&"uncached.bin".to_string()), "{names:?}");
+    assert_eq!(hash_file(&s.at("cached.bin")), cached);
+
+    let start = Instant::now();
+    let err = std::fs::File::open(s.at("uncached.bin")).and_then(|mut f| {
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).map(|_| ())
+    });
+    let waited = start.elapsed();
+    assert_eq!(err.unwrap_err().raw_os_error(), Some(libc::EIO), "an uncached read while offline must fail with EIO");
+    assert!(waited < Duration::from_secs(30), "the bounded wait took {waited:?}");
+    eprintln!("uncached offline read failed after {:.2} s (offline wait 3 s)", waited.as_secs_f64());
+    assert_eq!(s.info()["state"], "offline");
+    let log = s.a_daemon.log_text();
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("bob")), "the log must name the partner:\n{log}");
+
+    // Back online: the same mount reads again, no remount.
+    s.b_daemon = s.b.start();
+    let back = wait_until(Duration::from_secs(30), || {
+        std::fs::File::open(s.at("uncached.bin")).is_ok_and(|mut f| {
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf).is_ok()
+        })
+    });
+    assert!(back, "reads did not work again after the partner came back");
+    assert_eq!(hash_file(&s.at("uncached.bin")), hash_file(&s.files.join("uncached.bin")));
+    assert!(wait_until(Duration::from_secs(10), || s.info()["state"] == "online"));
+}
+
+#[test]
+fn sigterm_of_the_daemon_unmounts_and_leaves_nothing_behind() {
+    let mut s = Setup::new("sigterm", |dir| {
+        std::fs::write(dir.join("a.txt"), "a\n").unwrap();
+    });
+    s.mount(&[]);
+    // A process sitting in the mount must not keep it alive.
+    let mut f = std::fs::File::open(s.at("a.txt")).unwrap();
+    let mut text = String::new();
+    f.read_to_string(&mut text).unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(s.a_daemon.child.id() as i32, libc::SIGTERM) };
+    let status = s.a_daemon.child.wait().unwrap();
+    assert!(status.success(), "daemon exit on SIGTERM: {status}\n{}", s.a_daemon.log_text());
+    assert!(!mounted(&s.mnt), "a mount is left in /proc/mounts");
+    assert!(!s.a.home.join("control.sock").exists(), "the control socket is left behind");
+    drop(f);
+    let log = s.a_daemon.log_text();
+    assert!(log.contains("unmounted"), "{log}");
+}
+
+#[test]
+fn control_socket_is_private_and_errors_are_clear() {
+    let mut s = Setup::new("control", |dir| {
+        std::fs::write(dir.join("a.txt"), "a\n").unwrap();
+    });
+    let sock = s.a.home.join("control.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket mode {mode:o}");
+    // Another local user cannot drive this daemon.
+    let nobody = {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new(bin()).arg("--home").arg(&s.a.home).arg("mounts").uid(65534).gid(65534).output().unwrap()
+    };
+    assert!(!nobody.status.success(), "user nobody drove the daemon: {}", String::from_utf8_lossy(&nobody.stdout));
+
+    // Clear errors, nothing mounted by them.
+    let home = s.a.home.clone();
+    let bad = |args: &[&str], needle: &str| {
+        let out = run(&home, args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success() && err.contains(needle), "{args:?}: expected {needle:?} in: {err}");
+    };
+    let mnt = s.mnt.to_str().unwrap().to_string();
+    bad(&["mount", "carol:files", &mnt], "not a partner");
+    bad(&["mount", "bob:nope", &mnt], "grants no share nope");
+    bad(&["mount", "bob:files", "/nonexistent/deftfs-mnt"], "does not exist");
+    bad(&["mount", "bob:files", &mnt, "--cache-size", "lots"], "not a size");
+    bad(&["unmount", &mnt], "nothing is mounted");
+    bad(&["status", "/etc/hostname"], "not inside a deftfs mount");
+    assert!(!mounted(&s.mnt));
+
+    s.mount(&[]);
+    bad(&["mount", "bob:files", &mnt], "already mounted");
+    let out = s.a.ok(&["mounts"]);
+    assert!(out.contains("bob:files") && out.contains("online"), "{out}");
+    let out = s.a.ok(&["cache"]);
+    assert!(out.contains("of 10.0 GiB"), "{out}");
+    s.a.ok(&["unmount", &mnt]);
+    assert!(!mounted(&s.mnt));
+    // Without a daemon, the CLI says how to start one.
+    s.a_daemon.kill();
+    let out = s.a.cmd(&["mounts"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no deftfs daemon answers"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn demo_mounts_the_samples_and_stops_cleanly() {
+    let dir = TempDir::new("demo");
+    let _guard = MountGuard(dir.path().join("mnt"));
+    let out = std::process::Command::new(bin()).args(["demo", "--exit", "--dir"]).arg(dir.path()).output().unwrap();
+    let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(text.contains("mounted partner:samples"), "{text}");
+    assert!(text.contains("valid signature"), "{text}");
+    assert!(text.contains("100.0 MiB  scene.bin"), "{text}");
+    assert!(!err.contains("WARN") && !err.contains("ERROR"), "{err}");
+    assert!(!mounted(&dir.path().join("mnt")), "the demo left its mount behind");
+    assert_eq!(std::fs::metadata(dir.path().join("partner-files/media/scene.bin")).unwrap().len(), 100 * MIB as u64);
+}
