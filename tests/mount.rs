@@ -41,7 +41,7 @@ struct Setup {
     b: TestNode,
     files: PathBuf,
     mnt: PathBuf,
-    root: TempDir,
+    _root: TempDir,
 }
 
 impl Setup {
@@ -59,7 +59,7 @@ impl Setup {
         std::fs::create_dir_all(&mnt).unwrap();
         let b_daemon = b.start();
         let a_daemon = a.start();
-        Setup { guard: None, a_daemon, b_daemon, a, b, files, mnt, root }
+        Setup { guard: None, a_daemon, b_daemon, a, b, files, mnt, _root: root }
     }
 
     fn mount(&mut self, extra: &[&str]) {
