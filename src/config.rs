@@ -1203,6 +1203,36 @@ bob = "write"
     }
 
     #[test]
+    fn sizes_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("64 MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert_eq!(parse_size("2TB"), Ok(2 << 40));
+        for bad in ["", "lots", "12X", "-1M", "M", "1..2G"] {
+            let e = parse_size(bad).unwrap_err();
+            assert!(e.contains("is not a size"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn mount_section_defaults_and_errors() {
+        let base = "[node]\nname = \"alice\"\n";
+        let c = parse(base).unwrap();
+        assert_eq!(c.mount.cache_size, 10 << 30);
+        assert_eq!(c.mount.offline_wait_secs, 10);
+        let c = parse(&format!("{base}[mount]\ncache_size = \"64M\"\noffline_wait_secs = 3\n")).unwrap();
+        assert_eq!((c.mount.cache_size, c.mount.offline_wait_secs), (64 << 20, 3));
+        let e = parse(&format!("{base}[mount]\ncache_size = \"huge\"\n")).unwrap_err().to_string();
+        assert!(e.contains("mount.cache_size") && e.contains(":4:"), "{e}");
+        let e = parse(&format!("{base}[mount]\noffline_wait_secs = 0\n")).unwrap_err().to_string();
+        assert!(e.contains("mount.offline_wait_secs"), "{e}");
+        let e = parse(&format!("{base}[storage]\nwatch_interval_ms = 1\n")).unwrap_err().to_string();
+        assert!(e.contains("storage.watch_interval_ms"), "{e}");
+    }
+
+    #[test]
     fn default_home_is_absolute() {
         let home = default_home();
         assert!(home.is_absolute());

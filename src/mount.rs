@@ -401,3 +401,21 @@ async fn watch_loop(vfs: Arc<Vfs>, root: Root) {
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print_back() {
+        let s: MountSpec = "bob".parse().unwrap();
+        assert_eq!((s.partner.as_str(), s.share.is_none()), ("bob", true));
+        let s: MountSpec = "bob:files".parse().unwrap();
+        assert_eq!(s.share.as_ref().map(|n| n.as_str()), Some("files"));
+        assert_eq!(s.to_string(), "bob:files");
+        for bad in ["", ":files", "bob:", "bob:a:b", "../x", "bob:sh are", "b\u{0}b"] {
+            let e = bad.parse::<MountSpec>().unwrap_err().to_string();
+            assert!(e.contains("is not PARTNER or PARTNER:SHARE"), "{bad:?}: {e}");
+        }
+    }
+}

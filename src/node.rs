@@ -83,6 +83,20 @@ pub async fn run(
     if let Some(tx) = ready {
         let _ = tx.send(addr);
     }
+    // Index the shares in the background (one thread), so the first
+    // DESCRIBE of a large file is answered from the index.
+    let stop_indexing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (node, stop) = (node.clone(), stop_indexing.clone());
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            for config in &node.config.shares {
+                let share = crate::share::Share::new(config);
+                crate::watch::warm(&node, &share, &crate::watch::files(&share), &stop);
+            }
+            tracing::debug!("shares indexed in {:.2} s", started.elapsed().as_secs_f64());
+        });
+    }
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -97,6 +111,7 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down");
+    stop_indexing.store(true, std::sync::atomic::Ordering::Relaxed);
     endpoint.quinn.close(0u32.into(), b"shutdown");
     connections.abort_all();
     while connections.join_next().await.is_some() {}

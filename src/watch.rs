@@ -10,10 +10,11 @@
 //! interval, and bounds how late a change is seen by the interval.
 
 use crate::config::ShareConfig;
+use crate::node::Node;
 use crate::proto::{Entry, EntryKind, Name, SharePath};
 use crate::share::{Share, ShareKind};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
 
@@ -37,7 +38,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Watchers {
     /// Changed paths of `share`, starting with the next scan.
-    pub fn subscribe(&self, share: &ShareConfig, interval: Duration) -> broadcast::Receiver<SharePath> {
+    pub fn subscribe(&self, node: &Arc<Node>, share: &ShareConfig, interval: Duration) -> broadcast::Receiver<SharePath> {
         let mut shares = lock(&self.shares);
         if let Some(tx) = shares.get(&share.name) {
             if tx.receiver_count() > 0 {
@@ -46,12 +47,12 @@ impl Watchers {
         }
         let (tx, rx) = broadcast::channel(1024);
         shares.insert(share.name.clone(), tx.clone());
-        tokio::spawn(poll(Share::new(share), tx, interval));
+        tokio::spawn(poll(node.clone(), Share::new(share), tx, interval));
         rx
     }
 }
 
-async fn poll(share: Share, tx: broadcast::Sender<SharePath>, interval: Duration) {
+async fn poll(node: Arc<Node>, share: Share, tx: broadcast::Sender<SharePath>, interval: Duration) {
     let s = share.clone();
     let mut before = tokio::task::spawn_blocking(move || snapshot(&s)).await.unwrap_or_default();
     loop {
@@ -62,6 +63,13 @@ async fn poll(share: Share, tx: broadcast::Sender<SharePath>, interval: Duration
         let s = share.clone();
         let Ok(now) = tokio::task::spawn_blocking(move || snapshot(&s)).await else { return };
         let changed = diff(&before, &now);
+        // Index changed files before telling watchers, so the DESCRIBE
+        // they send next finds the manifest ready.
+        let files: Vec<SharePath> = changed.iter().filter(|p| now.get(*p).is_some_and(|r| r.0 == EntryKind::File)).cloned().collect();
+        if !files.is_empty() {
+            let (node, s) = (node.clone(), share.clone());
+            let _ = tokio::task::spawn_blocking(move || warm(&node, &s, &files, &Default::default())).await;
+        }
         before = now;
         if changed.len() > MAX_PATHS {
             let _ = tx.send(SharePath::root());
@@ -71,6 +79,26 @@ async fn poll(share: Share, tx: broadcast::Sender<SharePath>, interval: Duration
             }
         }
     }
+}
+
+/// Index files of a share ahead of DESCRIBE (chunked, hashed, cached in
+/// SQLite), so a mount's first read of a large file does not wait for the
+/// whole file to be hashed. Blocking; stops early when `stop` is set.
+pub fn warm(node: &Node, share: &Share, paths: &[SharePath], stop: &std::sync::atomic::AtomicBool) {
+    for p in paths {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let Ok(real) = share.resolve_file(p) else { continue };
+        if let Err(e) = crate::index::manifest_for(&node.db, &real, &node.config.storage.chunk) {
+            tracing::debug!(share = %share.name, path = %p, "indexing ahead failed: {e}");
+        }
+    }
+}
+
+/// Every file of a share now (bounded like a watch scan).
+pub fn files(share: &Share) -> Vec<SharePath> {
+    snapshot(share).into_iter().filter(|(_, r)| r.0 == EntryKind::File).map(|(p, _)| p).collect()
 }
 
 fn row(e: &Entry) -> (EntryKind, u64, i64, u32) {

@@ -233,11 +233,14 @@ fn a_64_mib_cache_stays_bounded_and_a_pinned_file_survives() {
     assert_eq!(st["local_bytes"], 8 * MIB, "cache clear evicted the pinned file: {st}");
     assert!(s.status("f3.bin")["local_bytes"].as_u64().unwrap() == 0);
 
-    // The cache survives a restart of the daemon.
+    // The cache survives a restart of the daemon. A kill -9 leaves the
+    // kernel's mount behind; the next mount on it detaches it first.
     s.a_daemon.kill();
-    s.guard = None;
+    assert!(mounted(&s.mnt));
     s.a_daemon = s.a.start();
-    s.mount(&["--cache-size", "64M"]);
+    let out = s.a.ok(&["mount", "bob:files", s.mnt.to_str().unwrap(), "--cache-size", "64M"]);
+    assert!(out.contains("mounted bob:files"), "{out}");
+    assert!(s.a_daemon.log_text().contains("stale mount"), "{}", s.a_daemon.log_text());
     assert_eq!(s.status("pinned.bin")["local_bytes"], 8 * MIB);
     assert_eq!(hash_file(&s.at("pinned.bin")), hash_file(&s.files.join("pinned.bin")));
     assert_eq!(s.info()["bytes_fetched"], 0, "a cached, pinned file was fetched again after restart");

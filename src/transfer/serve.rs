@@ -320,7 +320,7 @@ impl Session {
         self.share(&share)?;
         let config = self.node.config.share(share.as_str()).ok_or_else(|| share_err(ShareError::Unknown(share.to_string())))?;
         let interval = Duration::from_millis(self.node.config.storage.watch_interval_ms);
-        let mut rx = self.node.watchers.subscribe(config, interval);
+        let mut rx = self.node.watchers.subscribe(&self.node, config, interval);
         let tx = self.tx.clone();
         let name = share.clone();
         let task = tokio::spawn(async move {
