@@ -232,14 +232,29 @@ impl Filesystem for Fuse {
 }
 
 /// Forward the vfs's invalidations to the kernel.
+/// Tell the kernel to drop cached pages and entries. The kernel may block
+/// an invalidation until reads in flight on the same file finish, and those
+/// reads are answered by the runtime's workers: so invalidations never run
+/// on a worker, but on their own thread, fed through a channel. The thread
+/// ends when the mount's vfs (which owns the sender) is dropped.
 pub fn invalidator(notifier: fuser::Notifier) -> Box<dyn Fn(Inval) + Send + Sync> {
-    Box::new(move |inval| {
-        let r = match &inval {
-            Inval::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
-            Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), OsStr::new(name)),
-        };
-        if let Err(e) = r {
-            tracing::debug!("kernel cache invalidation: {e}");
+    let (tx, rx) = std::sync::mpsc::channel::<Inval>();
+    let spawned = std::thread::Builder::new().name("fuse-inval".into()).spawn(move || {
+        for inval in rx {
+            let r = match &inval {
+                Inval::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), OsStr::new(name)),
+            };
+            if let Err(e) = r {
+                tracing::debug!("kernel cache invalidation: {e}");
+            }
         }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the invalidation thread ({e}): remote changes show only after the attribute timeout");
+    }
+    let tx = std::sync::Mutex::new(tx);
+    Box::new(move |inval| {
+        let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(inval);
     })
 }
