@@ -44,7 +44,9 @@ SSH_PORT=${SSH_PORT:-2222}
 TMPDIR=${TMPDIR:-/tmp}
 export TMPDIR
 
-die() { echo "compare.sh: $*" >&2; exit 1; }
+BENCH=compare.sh
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
 
 [[ $SIZE_MIB =~ ^[0-9]+$ ]] && ((SIZE_MIB >= 2)) || die "SIZE_MIB=$SIZE_MIB: need a whole number >= 2"
 [[ -x $DEFTFS_BIN ]] || die "$DEFTFS_BIN: not an executable (build it, or set DEFTFS_BIN)"
@@ -74,15 +76,6 @@ WORK=$(mktemp -d "$TMPDIR/deftfs-compare.XXXXXX")
 [[ $WORK != *' '* ]] || die "TMPDIR must not contain spaces"
 DAEMON_PID=
 SSHD_PID=
-
-stop_pid() { # stop_pid PID: TERM, wait up to 5 s, then KILL
-    local pid=$1 i
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
 
 cleanup() {
     local rc=$? left
@@ -117,29 +110,9 @@ trap 'exit 143' TERM
 
 # --- helpers -------------------------------------------------------------
 
-free_udp_port() {
-    local p
-    for _ in $(seq 100); do
-        p=$((40000 + RANDOM % 20000))
-        [[ -z $(ss -Hlun "sport = :$p") ]] && { echo "$p"; return; }
-    done
-    die "no free UDP port found"
-}
-
-# CPU ticks of a process, its threads and its waited-for children.
-cpu_ticks() {
-    local stat rest
-    stat=$(cat "/proc/$1/stat") || { echo 0; return; }
-    rest=${stat##*) }
-    # fields after "comm)": state=3 ... utime=14 stime=15 cutime=16 cstime=17
-    awk '{ print $12 + $13 + $14 + $15 }' <<<"$rest"
-}
-
 # Bytes through the loopback interface (counted once per packet). Includes
 # every loopback user on the machine, so read it as an upper bound.
 lo_bytes() { awk -F'[: ]+' '$2 == "lo" { print $3 }' /proc/net/dev; }
-
-vmhwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 
 # Reset a process's peak RSS (Linux >= 4.0); falls back to peak since start.
 HWM_RESET=yes
@@ -174,14 +147,14 @@ ROWS=()
 #   (the command itself was run with `timed NAME` by the caller between
 #    measure_begin and measure_end)
 measure_begin() {
-    M_SRV_T0=$(cpu_ticks "$1")
+    M_SRV_T0=$(proc_ticks "$1")
     M_LO0=$(lo_bytes)
 }
 measure_end() {
     local tool=$1 op=$2 name=$3 srv_pid=$4 srv_rss=$5 payload=$6 note=${7:-}
     sleep 0.3 # let the server reap per-connection children (sshd)
     local srv_t1 lo1 secs cli_cpu srv_cpu cli_rss
-    srv_t1=$(cpu_ticks "$srv_pid")
+    srv_t1=$(proc_ticks "$srv_pid")
     lo1=$(lo_bytes)
     secs=$(field "$name" 1)
     cli_cpu=$(awk '{ printf "%.2f", $2 + $3 }' "$WORK/$name.time")
@@ -217,18 +190,7 @@ A=$WORK/alice B=$WORK/bob
 INBOX=$WORK/bob-inbox OUTBOX=$WORK/bob-outbox PULLED=$WORK/alice-pulled
 mkdir -p "$INBOX" "$OUTBOX" "$PULLED"
 cp "$SRC" "$OUTBOX/data.bin"
-PORT_A=$(free_udp_port)
-PORT_B=$(free_udp_port)
-while [[ $PORT_B == "$PORT_A" ]]; do PORT_B=$(free_udp_port); done
-
-d() { "$DEFTFS_BIN" "$@"; }
-d --home "$A" init --name alice --listen "127.0.0.1:$PORT_A" >/dev/null
-d --home "$B" init --name bob --listen "127.0.0.1:$PORT_B" >/dev/null
-FP_A=$(d --home "$A" id | awk '$1 == "fingerprint" { print $2 }')
-FP_B=$(d --home "$B" id | awk '$1 == "fingerprint" { print $2 }')
-[[ $FP_A == sha256:* && $FP_B == sha256:* ]] || die "could not read fingerprints"
-d --home "$A" partner add bob --fingerprint "$FP_B" --endpoint "127.0.0.1:$PORT_B" >/dev/null
-d --home "$B" partner add alice --fingerprint "$FP_A" --endpoint "127.0.0.1:$PORT_A" >/dev/null
+deftfs_pair "$A" "$B"
 d --home "$B" share add inbox "$INBOX" --partner alice --access write >/dev/null
 d --home "$B" share add outbox "$OUTBOX" --partner alice --access read >/dev/null
 
@@ -287,43 +249,8 @@ rm -rf "$INBOX" "$OUTBOX" "$PULLED"
 
 # --- sshd, rsync, scp --------------------------------------------------------
 
-[[ -z $(ss -Hltn "sport = :$SSH_PORT") ]] || die "TCP port $SSH_PORT is in use (set SSH_PORT)"
 S=$WORK/ssh
-mkdir -p "$S"
-chmod 700 "$S"
-ssh-keygen -q -t ed25519 -N '' -f "$S/host_key"
-ssh-keygen -q -t ed25519 -N '' -f "$S/client_key"
-cp "$S/client_key.pub" "$S/authorized_keys"
-cat >"$S/sshd_config" <<EOF
-ListenAddress 127.0.0.1
-Port $SSH_PORT
-HostKey $S/host_key
-AuthorizedKeysFile $S/authorized_keys
-PidFile $S/sshd.pid
-PermitRootLogin yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-UsePAM no
-StrictModes no
-PrintMotd no
-LogLevel ERROR
-Subsystem sftp /usr/bin/time -f %M -o $S/sftp-server.time $SFTP_SERVER
-EOF
-# sshd refuses to start without its privilege separation directory.
-[[ -d /run/sshd ]] || mkdir -p /run/sshd
-/usr/sbin/sshd -t -f "$S/sshd_config" || die "sshd config test failed"
-/usr/sbin/sshd -f "$S/sshd_config" -D -E "$S/sshd.log" &
-SSHD_PID=$!
-SSH_OPTS=(-p "$SSH_PORT" -i "$S/client_key" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR)
-for _ in $(seq 100); do
-    ssh "${SSH_OPTS[@]}" "$USER_NAME@127.0.0.1" true 2>/dev/null && break
-    kill -0 "$SSHD_PID" 2>/dev/null || { cat "$S/sshd.log" >&2; die "sshd exited"; }
-    sleep 0.1
-done
-ssh "${SSH_OPTS[@]}" "$USER_NAME@127.0.0.1" true || die "cannot log in to the test sshd"
-CIPHER=$(ssh -v "${SSH_OPTS[@]}" "$USER_NAME@127.0.0.1" true 2>&1 | sed -n 's/.*kex: client->server cipher: \([^ ]*\).*/\1/p' | head -1)
-echo "ssh cipher: ${CIPHER:-unknown}"
+start_sshd "$S" "/usr/bin/time -f %M -o $S/sftp-server.time $SFTP_SERVER"
 RSH="ssh ${SSH_OPTS[*]}"
 DST=$WORK/ssh-dst
 mkdir -p "$DST/rsync" "$DST/scp"

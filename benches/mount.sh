@@ -86,7 +86,9 @@ SSH_PORT=${SSH_PORT:-2222}
 TMPDIR=${TMPDIR:-/tmp}
 export TMPDIR
 
-die() { echo "mount.sh: $*" >&2; exit 1; }
+BENCH=mount.sh
+# shellcheck source=benches/lib.sh
+source "$REPO/benches/lib.sh"
 
 for v in SIZE_MIB NFILES SMALL_BYTES REPEAT HEADS; do
     [[ ${!v} =~ ^[0-9]+$ ]] && ((${!v} >= 1)) || die "$v=${!v}: need a whole number >= 1"
@@ -131,15 +133,6 @@ SRV=$WORK/srv        # what every server shares
 MNT=$WORK/mnt        # the one mount point, reused
 mkdir -p "$SRV/small" "$MNT"
 DAEMON_A= DAEMON_B= SSHD_PID= MOUNT_PID=
-
-stop_pid() { # stop_pid PID: TERM, wait up to 5 s, then KILL
-    local pid=$1 i
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
 
 # Mount points under the temp dir, as /proc/mounts shows them.
 our_mounts() { awk -v w="$WORK/" 'index($2, w) == 1 { print $2 }' /proc/mounts; }
@@ -190,26 +183,9 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# --- helpers -------------------------------------------------------------
+# --- helpers (more in benches/lib.sh) ------------------------------------
 
-free_udp_port() {
-    local p
-    for _ in $(seq 100); do
-        p=$((40000 + RANDOM % 20000))
-        [[ -z $(ss -Hlun "sport = :$p") ]] && { echo "$p"; return; }
-    done
-    die "no free UDP port found"
-}
-
-# CPU ticks of a process (all its threads) and of its waited-for children.
-proc_ticks() {
-    local stat rest
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
-    rest=${stat##*) }
-    # fields after "comm)": state=3 ... utime=14 stime=15 cutime=16 cstime=17
-    awk '{ print $12 + $13 + $14 + $15 }' <<<"$rest"
-}
-# ... and of all its live descendants (sshd -> session sshd -> sftp-server).
+# CPU ticks of a process and of all its live descendants (sshd -> session sshd -> sftp-server).
 tree_ticks() {
     local total c
     total=$(proc_ticks "$1")
@@ -236,7 +212,6 @@ thread_delta() {
         awk '{ printf "%s%s %s s (%s)", (NR > 1 ? ", " : ""), $2, $1, $3 } END { print "" }'
 }
 
-vmhwm_kib() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.4f", b - a }'; }
 ms() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", (b - a) * 1000 }'; }
@@ -304,20 +279,10 @@ A=$WORK/alice B=$WORK/bob
 RCACHE=$WORK/rclone-cache
 RCONF=$WORK/rclone.conf
 S=$WORK/ssh
-d() { "$DEFTFS_BIN" "$@"; }
 
 start_deftfs() {
-    local port_a port_b fp_a fp_b h log pid i
-    port_a=$(free_udp_port)
-    port_b=$(free_udp_port)
-    while [[ $port_b == "$port_a" ]]; do port_b=$(free_udp_port); done
-    d --home "$A" init --name alice --listen "127.0.0.1:$port_a" >/dev/null
-    d --home "$B" init --name bob --listen "127.0.0.1:$port_b" >/dev/null
-    fp_a=$(d --home "$A" id | awk '$1 == "fingerprint" { print $2 }')
-    fp_b=$(d --home "$B" id | awk '$1 == "fingerprint" { print $2 }')
-    [[ $fp_a == sha256:* && $fp_b == sha256:* ]] || die "could not read fingerprints"
-    d --home "$A" partner add bob --fingerprint "$fp_b" --endpoint "127.0.0.1:$port_b" >/dev/null
-    d --home "$B" partner add alice --fingerprint "$fp_a" --endpoint "127.0.0.1:$port_a" >/dev/null
+    local h log pid i
+    deftfs_pair "$A" "$B"
     d --home "$B" share add files "$SRV" --partner alice --access read >/dev/null
     for h in B A; do
         log=$WORK/daemon-$h.log
@@ -335,42 +300,8 @@ start_deftfs() {
     done
 }
 
-start_sshd() {
-    [[ -z $(ss -Hltn "sport = :$SSH_PORT") ]] || die "TCP port $SSH_PORT is in use (set SSH_PORT)"
-    mkdir -p "$S"
-    chmod 700 "$S"
-    ssh-keygen -q -t ed25519 -N '' -f "$S/host_key"
-    ssh-keygen -q -t ed25519 -N '' -f "$S/client_key"
-    cp "$S/client_key.pub" "$S/authorized_keys"
-    cat >"$S/sshd_config" <<EOF
-ListenAddress 127.0.0.1
-Port $SSH_PORT
-HostKey $S/host_key
-AuthorizedKeysFile $S/authorized_keys
-PidFile $S/sshd.pid
-PermitRootLogin yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-UsePAM no
-StrictModes no
-PrintMotd no
-LogLevel ERROR
-Subsystem sftp $SFTP_SERVER
-EOF
-    [[ -d /run/sshd ]] || mkdir -p /run/sshd
-    /usr/sbin/sshd -t -f "$S/sshd_config" || die "sshd config test failed"
-    /usr/sbin/sshd -f "$S/sshd_config" -D -E "$S/sshd.log" &
-    SSHD_PID=$!
-    SSH_OPTS=(-p "$SSH_PORT" -i "$S/client_key" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR)
-    for _ in $(seq 100); do
-        ssh "${SSH_OPTS[@]}" "$USER_NAME@127.0.0.1" true 2>/dev/null && break
-        kill -0 "$SSHD_PID" 2>/dev/null || { cat "$S/sshd.log" >&2; die "sshd exited"; }
-        sleep 0.1
-    done
-    ssh "${SSH_OPTS[@]}" "$USER_NAME@127.0.0.1" true || die "cannot log in to the test sshd"
-    CIPHER=$(ssh -v "${SSH_OPTS[@]}" "$USER_NAME@127.0.0.1" true 2>&1 | sed -n 's/.*kex: client->server cipher: \([^ ]*\).*/\1/p' | head -1)
-    echo "ssh cipher: ${CIPHER:-unknown}"
+start_ssh() {
+    start_sshd "$S" "$SFTP_SERVER"
     # rclone's own SFTP client (golang.org/x/crypto/ssh), same key. No hash
     # commands: rclone would otherwise run md5sum/sha1sum over ssh.
     cat >"$RCONF" <<EOF
@@ -630,7 +561,7 @@ run_tool() {
     echo "== $tool"
     case $tool in
     deftfs) start_deftfs ;;
-    sshfs | rclone) [[ -n $SSHD_PID ]] || start_sshd ;;
+    sshfs | rclone) [[ -n $SSHD_PID ]] || start_ssh ;;
     esac
     warm_server
     head_once "$tool" head_first_ever

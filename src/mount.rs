@@ -286,19 +286,7 @@ async fn share_kind(remote: &Arc<Remote>, meta: &meta::Meta, share: &Name) -> Re
     match remote.discover().await {
         Ok(rows) => {
             let kind = rows.iter().find(|r| r.name == *share).map(|r| r.kind);
-            let entries: Vec<crate::proto::Entry> = rows
-                .iter()
-                .filter_map(|r| {
-                    Some(crate::proto::Entry {
-                        kind: r.kind,
-                        size: r.size,
-                        mtime_ns: r.mtime_ns,
-                        mode: 0o644,
-                        path: crate::proto::SharePath::parse(r.name.as_str()).ok()?,
-                    })
-                })
-                .collect();
-            let _ = meta.save_listing(meta::ROOT_SHARE, &crate::proto::SharePath::root(), &entries);
+            let _ = meta.save_listing(meta::ROOT_SHARE, &crate::proto::SharePath::root(), &vfs::root_entries(&rows));
             kind.ok_or_else(|| MountError::UnknownShare {
                 partner,
                 share: share.to_string(),

@@ -249,7 +249,7 @@ impl ChunkStore {
     pub fn get(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
         let touch = {
             let mut st = lock(&self.state);
-            let used = st.clock + 1;
+            let used = st.tick();
             match st.entries.get_mut(hash) {
                 None => {
                     st.misses += 1;
@@ -263,7 +263,6 @@ impl ChunkStore {
                     if touch {
                         e.touched = now;
                     }
-                    st.clock = used;
                     st.order.remove(&(old, *hash));
                     st.order.insert((used, *hash));
                     touch

@@ -47,10 +47,7 @@ struct Setup {
 impl Setup {
     fn new(tag: &str, prepare: impl FnOnce(&Path)) -> Setup {
         let root = TempDir::new(tag);
-        let a = TestNode::init(root.path(), "alice");
-        let b = TestNode::init(root.path(), "bob");
-        a.trust(&b);
-        b.trust(&a);
+        let (a, b) = TestNode::pair(root.path());
         let files = root.path().join("bob-files");
         std::fs::create_dir_all(&files).unwrap();
         prepare(&files);

@@ -149,6 +149,24 @@ fn share_key(share: &Option<Name>) -> String {
     share.as_ref().map(|s| s.to_string()).unwrap_or_default()
 }
 
+/// The root listing of an all-shares mount, from DISCOVER rows: one entry
+/// per share, the share's name standing in the path column. This is also
+/// how it is saved for offline browsing.
+pub fn root_entries(rows: &[crate::proto::ShareRow]) -> Vec<Entry> {
+    rows.iter()
+        .filter_map(|r| {
+            let dir = r.kind == EntryKind::Dir;
+            Some(Entry {
+                kind: r.kind,
+                size: if dir { 0 } else { r.size },
+                mtime_ns: r.mtime_ns,
+                mode: if dir { 0o755 } else { 0o644 },
+                path: SharePath::parse(r.name.as_str()).ok()?,
+            })
+        })
+        .collect()
+}
+
 impl Vfs {
     pub fn new(remote: Arc<Remote>, store: Arc<ChunkStore>, meta: Meta, config: VfsConfig) -> Vfs {
         let (share, path) = match &config.root {
@@ -282,18 +300,7 @@ impl Vfs {
                 };
                 let rows = match self.remote.discover().await {
                     Ok(rows) => {
-                        let entries: Vec<Entry> = rows
-                            .iter()
-                            .filter(|r| filter.as_ref().is_none_or(|f| *f == r.name))
-                            .map(|r| Entry {
-                                kind: r.kind,
-                                size: if r.kind == EntryKind::Dir { 0 } else { r.size },
-                                mtime_ns: r.mtime_ns,
-                                mode: if r.kind == EntryKind::Dir { 0o755 } else { 0o644 },
-                                // The share name stands in the path column.
-                                path: SharePath::parse(r.name.as_str()).unwrap_or_else(|_| SharePath::root()),
-                            })
-                            .collect();
+                        let entries = root_entries(&rows);
                         self.save_listing(ROOT_SHARE, path, &entries);
                         entries
                     }
@@ -301,6 +308,7 @@ impl Vfs {
                 };
                 Ok(rows
                     .into_iter()
+                    .filter(|e| filter.as_ref().is_none_or(|f| f.as_str() == e.path.as_str()))
                     .filter_map(|e| {
                         let name = Name::new(e.path.as_str()).ok()?;
                         let entry = Entry { path: SharePath::root(), ..e };
@@ -571,15 +579,14 @@ impl Vfs {
         {
             let mut inodes = lock(&self.inodes);
             let key = share.to_string();
+            let under = format!("{}/", path.as_str());
             for (ino, n) in inodes.by_ino.iter_mut() {
                 let same_share = n.share.as_ref() == Some(share) || (n.share.is_none() && *ino == ROOT_INO);
                 if !same_share {
                     continue;
                 }
-                let hit = path.is_root()
-                    || n.path == *path
-                    || path.parent().as_ref() == Some(&n.path)
-                    || n.path.as_str().starts_with(&format!("{}/", path.as_str()));
+                let hit =
+                    path.is_root() || n.path == *path || path.parent().as_ref() == Some(&n.path) || n.path.as_str().starts_with(&under);
                 if hit {
                     n.attr_at = None;
                     n.children = None;

@@ -59,6 +59,15 @@ impl TestNode {
         TestNode { name: name.to_string(), home, port, fingerprint }
     }
 
+    /// Nodes alice and bob under `root`, each trusting the other.
+    pub fn pair(root: &Path) -> (TestNode, TestNode) {
+        let a = TestNode::init(root, "alice");
+        let b = TestNode::init(root, "bob");
+        a.trust(&b);
+        b.trust(&a);
+        (a, b)
+    }
+
     pub fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -217,10 +226,7 @@ pub struct Pair {
 impl Pair {
     pub fn new(tag: &str) -> Pair {
         let root = TempDir::new(tag);
-        let a = TestNode::init(root.path(), "alice");
-        let b = TestNode::init(root.path(), "bob");
-        a.trust(&b);
-        b.trust(&a);
+        let (a, b) = TestNode::pair(root.path());
         let inbox = root.path().join("bob-inbox");
         let outbox = root.path().join("bob-outbox");
         std::fs::create_dir_all(&inbox).unwrap();
