@@ -31,6 +31,9 @@ pub enum Call {
     Unpin { path: PathBuf },
     Status { path: PathBuf },
     Cache { clear: bool },
+    Lock { path: PathBuf, ttl_secs: Option<u64> },
+    Unlock { path: PathBuf },
+    Locks { partner: Option<String> },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -66,6 +69,17 @@ async fn answer(mounts: &Mounts, call: Call) -> Answer {
         }
         Call::Unpin { path } => mounts.unpin(&path).await.map_or_else(fail, |files| ok(serde_json::json!({"files": files}))),
         Call::Status { path } => mounts.status(&path).await.map_or_else(fail, ok),
+        Call::Lock { path, ttl_secs } => mounts
+            .lock(&path, ttl_secs.map(std::time::Duration::from_secs))
+            .await
+            .map_or_else(fail, |token| ok(serde_json::json!({"token": token}))),
+        Call::Unlock { path } => mounts.unlock(&path).await.map_or_else(fail, |held| ok(serde_json::json!({"released": held}))),
+        Call::Locks { partner } => ok(mounts
+            .locks(partner.as_deref())
+            .await
+            .into_iter()
+            .map(|(mp, l)| serde_json::json!({"mountpoint": mp, "lease": l}))
+            .collect::<Vec<_>>()),
         Call::Cache { clear } => ok(mounts
             .cache(clear)
             .into_iter()

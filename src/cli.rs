@@ -95,7 +95,7 @@ pub enum Command {
         /// Bound of this mount's chunk cache, e.g. 64M or 10G (default: [mount] cache_size, 10G).
         #[arg(long)]
         cache_size: Option<String>,
-        /// Mount read-only (every mount is read-only until write-back lands).
+        /// Mount read-only even where the partner grants `write` (changes get EROFS).
         #[arg(long)]
         read_only: bool,
         /// Seconds an uncached read waits for an unreachable partner before EIO (default: [mount] offline_wait_secs, 10).
@@ -123,6 +123,21 @@ pub enum Command {
     Cache {
         #[arg(value_parser = ["clear"])]
         action: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lease a file inside a mount by hand: other nodes can read it but not change it, until `deftfs unlock` (or --ttl).
+    Lock {
+        path: PathBuf,
+        /// Seconds until the lease ends by itself (default: until unlock).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// Release a lease taken with `deftfs lock` (or any lease this node holds on the file).
+    Unlock { path: PathBuf },
+    /// Leases on the mounted shares: holder node, process, since, expiry.
+    Locks {
+        partner: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -162,6 +177,12 @@ pub enum ShareCmd {
         /// read (the partner may pull), write (may push) or read-write.
         #[arg(long = "access", required = true)]
         access: Vec<String>,
+        /// A file-name glob opened files of which are leased (repeatable; `default` adds the built-in list: *.blend, *.psd, *.docx, ...).
+        #[arg(long = "lockable")]
+        lockable: Vec<String>,
+        /// Nothing in this share is lockable.
+        #[arg(long, conflicts_with = "lockable")]
+        no_lockable: bool,
     },
     List,
 }
@@ -186,7 +207,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Id => id(&home),
         Command::Partner(PartnerCmd::Add { name, fingerprint, cert, endpoints }) => partner_add(&home, &name, fingerprint, cert, endpoints),
         Command::Partner(PartnerCmd::List) => partner_list(&home),
-        Command::Share(ShareCmd::Add { name, path, partners, access }) => share_add(&home, &name, &path, &partners, &access),
+        Command::Share(ShareCmd::Add { name, path, partners, access, lockable, no_lockable }) => {
+            share_add(&home, &name, &path, &partners, &access, &lockable, no_lockable)
+        }
         Command::Share(ShareCmd::List) => share_list(&home),
         Command::Daemon => daemon(&home),
         Command::Ls { partner, share } => runtime()?.block_on(ls(&home, &partner, share.as_deref())),
@@ -212,6 +235,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Unpin { path } => pin(&home, &path, false),
         Command::Status { path, json } => status(&home, &path, json),
         Command::Cache { action, json } => cache(&home, action.is_some(), json),
+        Command::Lock { path, ttl } => lock_file(&home, &path, ttl),
+        Command::Unlock { path } => unlock_file(&home, &path),
+        Command::Locks { partner, json } => locks(&home, partner, json),
     }
 }
 
@@ -268,6 +294,9 @@ fn mounts(home: &Path, json: bool) -> Result<()> {
             human(m.bytes_fetched),
             m.mountpoint.display()
         );
+        if m.pending_writebacks > 0 {
+            println!("{:<24} {} write-back(s) pending (see `deftfs status PATH`)", "", m.pending_writebacks);
+        }
     }
     Ok(())
 }
@@ -303,6 +332,60 @@ fn status(home: &Path, path: &Path, json: bool) -> Result<()> {
         st.chunks,
         if st.pinned { ", pinned" } else { "" }
     );
+    for p in &st.pending_writebacks {
+        println!("  write-back pending: {p}");
+    }
+    for c in &st.conflicts {
+        println!("  conflict copy: {c}");
+    }
+    Ok(())
+}
+
+fn lock_file(home: &Path, path: &Path, ttl: Option<u64>) -> Result<()> {
+    let path = absolute(path)?;
+    if ttl == Some(0) {
+        bail!("--ttl 0: give a number of seconds, or leave --ttl out to hold the lease until `deftfs unlock`");
+    }
+    let r = crate::api::call(home, &crate::api::Call::Lock { path: path.clone(), ttl_secs: ttl })?;
+    let until = ttl.map(|t| format!(" for {t} s")).unwrap_or_else(|| " until `deftfs unlock`".into());
+    println!("locked {}{until} (token {})", path.display(), r["token"].as_u64().unwrap_or(0));
+    Ok(())
+}
+
+fn unlock_file(home: &Path, path: &Path) -> Result<()> {
+    let path = absolute(path)?;
+    let r = crate::api::call(home, &crate::api::Call::Unlock { path: path.clone() })?;
+    if r["released"].as_bool().unwrap_or(false) {
+        println!("unlocked {}", path.display());
+    } else {
+        println!("{}: this node held no lease on it", path.display());
+    }
+    Ok(())
+}
+
+fn locks(home: &Path, partner: Option<String>, json: bool) -> Result<()> {
+    let value = crate::api::call(home, &crate::api::Call::Locks { partner })?;
+    if json {
+        println!("{value}");
+        return Ok(());
+    }
+    let rows = value.as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no leases on the mounted shares");
+    }
+    for row in rows {
+        let l: crate::mount::leases::LeaseInfo = serde_json::from_value(row["lease"].clone())?;
+        let mp = row["mountpoint"].as_str().unwrap_or("?");
+        println!(
+            "{mp}/{}: held by {}{} ({}) since {}, expires {}",
+            l.path,
+            l.holder,
+            if l.mine { " (this node)" } else { "" },
+            l.owner,
+            crate::time::Timestamp(l.since_ns).rfc3339(),
+            crate::time::Timestamp(l.expires_ns).rfc3339()
+        );
+    }
     Ok(())
 }
 
@@ -389,8 +472,8 @@ fn demo(dir: Option<PathBuf>, exit: bool) -> Result<()> {
     println!("\n== sample files for the partner to share: {}", samples.display());
     write_samples(&samples)?;
     std::fs::create_dir_all(&inbox)?;
-    share_add(&partner_home, "samples", &samples, &["you".into()], &["read".into()])?;
-    share_add(&partner_home, "inbox", &inbox, &["you".into()], &["write".into()])?;
+    share_add(&partner_home, "samples", &samples, &["you".into()], &["read".into()], &[], false)?;
+    share_add(&partner_home, "inbox", &inbox, &["you".into()], &["write".into()], &[], false)?;
     let mnt = root.join("mnt");
     std::fs::create_dir_all(&mnt)?;
 
@@ -598,7 +681,38 @@ fn partner_list(home: &Path) -> Result<()> {
     Ok(())
 }
 
-fn share_add(home: &Path, name: &str, path: &Path, partners: &[String], access: &[String]) -> Result<()> {
+fn share_add(
+    home: &Path,
+    name: &str,
+    path: &Path,
+    partners: &[String],
+    access: &[String],
+    lockable: &[String],
+    no_lockable: bool,
+) -> Result<()> {
+    let lockable = if no_lockable {
+        Vec::new()
+    } else if lockable.is_empty() {
+        config::default_lockable()
+    } else {
+        let mut out: Vec<String> = Vec::new();
+        for p in lockable {
+            let add = if p == "default" {
+                config::default_lockable()
+            } else {
+                // check_lockable quotes the pattern in its message.
+                config::check_lockable(p).map_err(|e| anyhow!("--lockable: {e}"))?;
+                vec![p.clone()]
+            };
+            // `--lockable default --lockable '*.psd'` lists *.psd once.
+            for p in add {
+                if !out.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    };
     let name = Name::new(name).map_err(|e| anyhow!("share name: {e}"))?;
     if partners.len() != access.len() {
         bail!("give one --access for each --partner (got {} partners, {} access values)", partners.len(), access.len());
@@ -615,7 +729,7 @@ fn share_add(home: &Path, name: &str, path: &Path, partners: &[String], access: 
         bail!("{}: no such file or directory (a share is a file, a directory or a glob)", abs.display());
     }
     let mut editor = ConfigEditor::open(&config::config_path(home))?;
-    editor.add_share(&ShareConfig { name: name.clone(), path: abs.clone(), access: grants })?;
+    editor.add_share(&ShareConfig { name: name.clone(), path: abs.clone(), access: grants, lockable })?;
     editor.save()?;
     println!("added share {name} -> {}", abs.display());
     Ok(())
@@ -625,7 +739,8 @@ fn share_list(home: &Path) -> Result<()> {
     let (config, _) = load(home)?;
     for s in &config.shares {
         let grants: Vec<String> = s.access.iter().map(|(p, a)| format!("{p}:{}", a.as_str())).collect();
-        println!("{}\t{}\t{}", s.name, s.path.display(), grants.join(","));
+        let lockable = if s.lockable.is_empty() { "-".to_string() } else { s.lockable.join(",") };
+        println!("{}\t{}\t{}\tlockable:{lockable}", s.name, s.path.display(), grants.join(","));
     }
     Ok(())
 }

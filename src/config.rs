@@ -15,7 +15,8 @@
 //! Invariants of a loaded [`Config`]: partner ids and share names are
 //! unique, every partner has at least one way to check its certificate,
 //! every share grants access only to known partners, share paths are
-//! absolute, and endpoints are `host:port`.
+//! absolute, endpoints are `host:port`, and every lockable pattern is a
+//! valid glob that a `DEFT LEASES` line can carry ([`check_lockable`]).
 //!
 //! [`ConfigEditor`] edits the TOML document itself (toml_edit), so comments
 //! and layout survive; it re-validates the whole new text before replacing
@@ -43,6 +44,23 @@ const DEFAULT_MAX_RETRIES: u32 = 3;
 /// errors can name the key and line.
 const MIN_CHUNK: u32 = 64;
 const MAX_CHUNK: u32 = 16 * 1024 * 1024;
+/// Leases are renewed every ttl/3 (DESIGN.md 10): below 3 s a renewal
+/// would be due more than once a second.
+const MIN_LEASE_TTL_SECS: u64 = 3;
+/// A crashed holder blocks the file for up to one ttl: an hour is plenty.
+const MAX_LEASE_TTL_SECS: u64 = 3600;
+/// The limits of the `LOCKABLE:` field of `DEFT LEASES` (proto/decode.rs),
+/// so that a share that loads can always be described to a partner.
+const MAX_LOCKABLE_PATTERNS: usize = 256;
+const MAX_LOCKABLE_LEN: usize = 128;
+
+/// The lockable patterns of a share whose table has no `lockable` key: the
+/// files of creative and office applications, which cannot be merged, so
+/// that two people editing one at once would lose someone's work.
+pub const DEFAULT_LOCKABLE: &[&str] = &[
+    "*.blend", "*.psd", "*.kra", "*.xcf", "*.ma", "*.mb", "*.max", "*.c4d", "*.hip", "*.aep", "*.prproj", "*.docx", "*.xlsx", "*.pptx",
+    "*.odt", "*.ods", "*.odp",
+];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -81,11 +99,13 @@ pub struct MountConfig {
     pub cache_size: u64,
     /// How long a read waits for an unreachable partner before EIO; default 10 s.
     pub offline_wait_secs: u64,
+    /// The ttl a mount asks for when it takes a lease; default 30 s, 3 to 3600.
+    pub lease_ttl_secs: u64,
 }
 
 impl Default for MountConfig {
     fn default() -> Self {
-        MountConfig { cache_size: 10 << 30, offline_wait_secs: 10 }
+        MountConfig { cache_size: 10 << 30, offline_wait_secs: 10, lease_ttl_secs: 30 }
     }
 }
 
@@ -147,6 +167,63 @@ pub struct ShareConfig {
     pub path: PathBuf,
     /// Per-partner access (`[shares.access]` table: `partner = "read"`).
     pub access: BTreeMap<Name, Access>,
+    /// Glob patterns on file names (`*.blend`): opening a matching file
+    /// through a mount leases it while the opening process lives
+    /// (DESIGN.md 10). [`DEFAULT_LOCKABLE`] when the key is absent; empty
+    /// means nothing is lockable. Each passes [`check_lockable`].
+    pub lockable: Vec<String>,
+}
+
+impl ShareConfig {
+    /// Whether a file of this name is lockable: its last `/`-separated
+    /// component matches one of the patterns, ASCII letters compared
+    /// without case (`REPORT.DOCX` matches `*.docx`, and `*.DOCX` matches
+    /// `report.docx`).
+    pub fn is_lockable(&self, file_name: &str) -> bool {
+        let name = file_name.rsplit('/').next().unwrap_or(file_name).to_ascii_lowercase();
+        // Patterns were checked when loaded; one built in code that is not
+        // a glob matches nothing.
+        self.lockable.iter().filter_map(|p| Glob::new(&p.to_ascii_lowercase()).ok()).any(|g| g.matches(&name))
+    }
+
+    /// True when `lockable` is [`DEFAULT_LOCKABLE`], so the file need not
+    /// say it.
+    pub fn has_default_lockable(&self) -> bool {
+        self.lockable.iter().map(String::as_str).eq(DEFAULT_LOCKABLE.iter().copied())
+    }
+}
+
+/// [`DEFAULT_LOCKABLE`] as owned strings.
+pub fn default_lockable() -> Vec<String> {
+    DEFAULT_LOCKABLE.iter().map(|p| p.to_string()).collect()
+}
+
+/// Why `pattern` cannot be a lockable pattern, if it cannot: it must be a
+/// valid glob on a file name (no `/`), and printable ASCII without `,`, at
+/// most 128 bytes, and not `-`, since a `DEFT LEASES` line carries the
+/// patterns as `LOCKABLE:<p>,<p>,...` (`LOCKABLE:-` when there are none).
+pub fn check_lockable(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("pattern is empty".into());
+    }
+    if let Some(c) = pattern.chars().find(|&c| c == '/' || c == ',' || c.is_whitespace() || c.is_control()) {
+        let what = match c {
+            '/' => "a pattern matches a file name, not a path: it may not contain '/'".to_string(),
+            ',' => "a pattern may not contain ','".to_string(),
+            c => format!("a pattern may not contain whitespace or control characters ({c:?})"),
+        };
+        return Err(format!("{pattern:?}: {what}"));
+    }
+    if !pattern.is_ascii() {
+        return Err(format!("{pattern:?}: a pattern must be ASCII (DEFT/1 carries lockable patterns as ASCII)"));
+    }
+    if pattern == "-" {
+        return Err("\"-\" is not a pattern (DEFT/1 uses it for an empty list): write lockable = [] for none".into());
+    }
+    if pattern.len() > MAX_LOCKABLE_LEN {
+        return Err(format!("pattern is longer than {MAX_LOCKABLE_LEN} bytes"));
+    }
+    Glob::new(pattern).map(|_| ()).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +279,7 @@ struct RawStorage {
 struct RawMount {
     cache_size: Option<Spanned<String>>,
     offline_wait_secs: Option<Spanned<u64>>,
+    lease_ttl_secs: Option<Spanned<u64>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -225,6 +303,7 @@ struct RawShare {
     path: Spanned<String>,
     #[serde(default)]
     access: BTreeMap<String, Spanned<String>>,
+    lockable: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// Builds errors that point into one text.
@@ -327,6 +406,7 @@ impl Config {
 #   [mount]                    # defaults of `deftfs mount`
 #   cache_size = "10G"         # chunk cache per mount (K, M, G, T)
 #   offline_wait_secs = 10     # an uncached read of an unreachable partner fails after this
+#   lease_ttl_secs = 30        # lease ttl a mount asks for, 3 to 3600
 #
 # A partner is another node, bound to its certificate by a pinned
 # fingerprint, certificate files, and/or a CA (whose certificate for the
@@ -342,11 +422,14 @@ impl Config {
 # A share is what this node offers: a file, a directory, or a glob such as
 # /data/orders/*.xml (absolute paths), and what each partner may do with it:
 # "read" (the partner may pull), "write" (the partner may push), or
-# "read-write":
+# "read-write". Files matching `lockable` are leased while a process has
+# them open through a mount (default: common creative and office formats,
+# *.blend, *.psd, *.docx, ...; [] for none); write it before [shares.access]:
 #
 #   [[shares]]
 #   name = "invoices"
 #   path = "/data/invoices"
+#   lockable = ["*.pdf", "*.xlsx"]
 #   [shares.access]
 #   bob = "read"
 
@@ -436,7 +519,18 @@ fn mount(src: &Source, raw: RawMount) -> Result<MountConfig, ConfigError> {
         }
         Some(t) => *t.get_ref(),
     };
-    Ok(MountConfig { cache_size, offline_wait_secs })
+    let lease_ttl_secs = match &raw.lease_ttl_secs {
+        None => defaults.lease_ttl_secs,
+        Some(t) if !(MIN_LEASE_TTL_SECS..=MAX_LEASE_TTL_SECS).contains(t.get_ref()) => {
+            return Err(src.invalid(
+                t.span(),
+                "mount.lease_ttl_secs",
+                format!("must be between {MIN_LEASE_TTL_SECS} and {MAX_LEASE_TTL_SECS} seconds"),
+            ))
+        }
+        Some(t) => *t.get_ref(),
+    };
+    Ok(MountConfig { cache_size, offline_wait_secs, lease_ttl_secs })
 }
 
 fn partners(src: &Source, raw: &[RawPartner]) -> Result<Vec<PartnerConfig>, ConfigError> {
@@ -513,9 +607,28 @@ fn shares(src: &Source, raw: &[RawShare], partners: &[PartnerConfig]) -> Result<
             let grant = grant.get_ref().parse::<Access>().map_err(|message| src.invalid(grant.span(), key, message))?;
             access.insert(partner, grant);
         }
-        out.push(ShareConfig { name, path: PathBuf::from(text), access });
+        let lockable = match &s.lockable {
+            None => default_lockable(),
+            Some(list) => lockable(src, list, &at)?,
+        };
+        out.push(ShareConfig { name, path: PathBuf::from(text), access, lockable });
     }
     Ok(out)
+}
+
+/// A share's `lockable` list, each pattern checked; `at` is the share's key.
+fn lockable(src: &Source, list: &Spanned<Vec<Spanned<String>>>, at: &str) -> Result<Vec<String>, ConfigError> {
+    if list.get_ref().len() > MAX_LOCKABLE_PATTERNS {
+        return Err(src.invalid(list.span(), format!("{at}.lockable"), format!("more than {MAX_LOCKABLE_PATTERNS} patterns")));
+    }
+    list.get_ref()
+        .iter()
+        .enumerate()
+        .map(|(j, p)| {
+            check_lockable(p.get_ref()).map_err(|m| src.invalid(p.span(), format!("{at}.lockable[{j}]"), m))?;
+            Ok(p.get_ref().clone())
+        })
+        .collect()
 }
 
 /// `host:port`, `[v6]:port`; a bare host or IPv6 address gets the default
@@ -725,6 +838,12 @@ impl ConfigEditor {
         table.insert("name", toml_edit::value(share.name.as_str()));
         let path = self.path_text(&share.path, &format!("shares.{}.path", key_text(share.name.as_str())))?;
         table.insert("path", toml_edit::value(path));
+        // Absent means the defaults, which may grow in a later version:
+        // only a list the user chose is written.
+        if !share.has_default_lockable() {
+            let list: toml_edit::Array = share.lockable.iter().map(String::as_str).collect();
+            table.insert("lockable", toml_edit::value(list));
+        }
         // A real `[shares.access]` sub-table, written even when empty so
         // that the place to grant access is visible.
         let mut access = toml_edit::Table::new();
@@ -1032,6 +1151,8 @@ bob = "write"
         assert_eq!(c.storage, StorageConfig::default());
         assert_eq!(c.partners.len(), 1);
         assert_eq!(c.shares[0].access.get(&name("bob")), Some(&Access::Read));
+        assert_eq!(c.shares[0].lockable, ["*.pdf", "*.xlsx"]);
+        assert_eq!(c.mount, MountConfig::default());
     }
 
     #[test]
@@ -1055,6 +1176,7 @@ bob = "write"
             name: name("invoices"),
             path: PathBuf::from("/data/invoices"),
             access: [(name("bob"), Access::Read), (name("carol"), Access::Write)].into(),
+            lockable: default_lockable(),
         };
         let mut editor = ConfigEditor::open(&path).unwrap();
         editor.add_partner(&carol).unwrap();
@@ -1130,9 +1252,14 @@ bob = "write"
             endpoints: vec![],
         };
         assert!(matches!(editor.add_partner(&bob), Err(ConfigError::DuplicatePartner { .. })));
-        let share = ShareConfig { name: name("orders"), path: PathBuf::from("/x"), access: BTreeMap::new() };
+        let share = ShareConfig { name: name("orders"), path: PathBuf::from("/x"), access: BTreeMap::new(), lockable: vec![] };
         assert!(matches!(editor.add_share(&share), Err(ConfigError::DuplicateShare { .. })));
-        let share = ShareConfig { name: name("new"), path: PathBuf::from("/x"), access: [(name("zed"), Access::Read)].into() };
+        let share = ShareConfig {
+            name: name("new"),
+            path: PathBuf::from("/x"),
+            access: [(name("zed"), Access::Read)].into(),
+            lockable: default_lockable(),
+        };
         let e = editor.add_share(&share).unwrap_err();
         assert!(matches!(e, ConfigError::UnknownPartner { .. }));
         assert!(e.to_string().contains("deftfs partner add"), "{e}");
@@ -1166,6 +1293,7 @@ bob = "write"
                 name: name("docs"),
                 path: PathBuf::from("/srv/docs"),
                 access: [(name("bob"), Access::ReadWrite)].into(),
+                lockable: default_lockable(),
             })
             .unwrap();
         editor.save().unwrap();
@@ -1200,6 +1328,11 @@ bob = "write"
         assert_eq!(c.partner("bob").unwrap().endpoints[1], "192.0.2.10:7741");
         let orders = c.share("orders-outbound").unwrap();
         assert_eq!(orders.access.get(&name("supplier-inc")), Some(&Access::ReadWrite));
+        assert!(orders.lockable.is_empty());
+        let design = c.share("design").unwrap();
+        assert_eq!(design.lockable[..2], ["*.blend", "*.psd"]);
+        assert!(design.is_lockable("Poster.PSD") && !design.is_lockable("notes.txt"));
+        assert_eq!(c.mount.lease_ttl_secs, 30);
     }
 
     #[test]
@@ -1230,6 +1363,140 @@ bob = "write"
         assert!(e.contains("mount.offline_wait_secs"), "{e}");
         let e = parse(&format!("{base}[storage]\nwatch_interval_ms = 1\n")).unwrap_err().to_string();
         assert!(e.contains("storage.watch_interval_ms"), "{e}");
+    }
+
+    /// One share, `lockable` set to `list` (a TOML array), or absent if None.
+    fn with_lockable(list: Option<&str>) -> String {
+        let lockable = list.map_or(String::new(), |l| format!("lockable = {l}\n"));
+        format!("[node]\nname = \"alice\"\n\n[[shares]]\nname = \"art\"\npath = \"/srv/art\"\n{lockable}")
+    }
+
+    #[test]
+    fn lockable_defaults_when_absent() {
+        let c = parse(&with_lockable(None)).unwrap();
+        let art = c.share("art").unwrap();
+        assert_eq!(art.lockable, DEFAULT_LOCKABLE);
+        assert!(art.has_default_lockable());
+        for lockable in ["scene.blend", "cover.psd", "report.docx", "budget.ods", "shot.hip", "edit.prproj"] {
+            assert!(art.is_lockable(lockable), "{lockable}");
+        }
+        for not in ["notes.txt", "scene.blend1", "scene.blend@", "blend", "docx", ".psd.bak", "report.docx.tmp"] {
+            assert!(!art.is_lockable(not), "{not}");
+        }
+    }
+
+    #[test]
+    fn lockable_explicit_and_empty() {
+        let c = parse(&with_lockable(Some(r#"["*.blend", "master-??.psd", "[A-Z]*.kra"]"#))).unwrap();
+        let art = c.share("art").unwrap();
+        assert_eq!(art.lockable, ["*.blend", "master-??.psd", "[A-Z]*.kra"]);
+        assert!(!art.has_default_lockable());
+        assert!(art.is_lockable("a.blend") && art.is_lockable("master-01.psd") && art.is_lockable("Sketch.kra"));
+        assert!(!art.is_lockable("cover.psd") && !art.is_lockable("report.docx"));
+        // The pattern matches the last component of a path.
+        assert!(art.is_lockable("shots/010/a.blend") && !art.is_lockable("a.blend/notes.txt"));
+
+        let c = parse(&with_lockable(Some("[]"))).unwrap();
+        let art = c.share("art").unwrap();
+        assert!(art.lockable.is_empty() && !art.has_default_lockable());
+        assert!(!art.is_lockable("scene.blend") && !art.is_lockable("report.docx"));
+    }
+
+    #[test]
+    fn lockable_matches_ignoring_ascii_case() {
+        let c = parse(&with_lockable(Some(r#"["*.DocX", "Scene.blend"]"#))).unwrap();
+        let art = c.share("art").unwrap();
+        for name in ["REPORT.DOCX", "report.docx", "Report.dOcX", "scene.blend", "SCENE.BLEND"] {
+            assert!(art.is_lockable(name), "{name}");
+        }
+        assert!(!art.is_lockable("report.doc") && !art.is_lockable("scene2.blend"));
+        let art = parse(&with_lockable(None)).unwrap().shares.remove(0);
+        assert!(art.is_lockable("REPORT.DOCX") && art.is_lockable("Cover.Psd"));
+    }
+
+    #[test]
+    fn invalid_lockable_names_key_and_line() {
+        // The list starts on line 7; each bad pattern is the second entry.
+        for (bad, why) in [
+            ("[x", "unclosed '['"),
+            ("cuts/*.blend", "not a path"),
+            ("*.blend,*.psd", "','"),
+            ("my scene.blend", "whitespace"),
+            ("a\\tb", "whitespace"),
+            ("a\\u0007b", "control"),
+            ("", "empty"),
+            ("-", "lockable = []"),
+            ("*.blénd", "ASCII"),
+        ] {
+            let e = error(&with_lockable(Some(&format!("[\"*.psd\",\n  \"{bad}\"]"))));
+            assert!(e.starts_with("config.toml:8: shares.art.lockable[1]: "), "{bad:?}: {e}");
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        let long = format!("[\"*.{}\"]", "x".repeat(MAX_LOCKABLE_LEN));
+        let e = error(&with_lockable(Some(&long)));
+        assert!(e.starts_with("config.toml:7: shares.art.lockable[0]: pattern is longer"), "{e}");
+        let many = format!("[{}]", vec!["\"*.x\""; MAX_LOCKABLE_PATTERNS + 1].join(", "));
+        let e = error(&with_lockable(Some(&many)));
+        assert!(e.starts_with("config.toml:7: shares.art.lockable: more than 256 patterns"), "{e}");
+        let e = error(&with_lockable(Some("\"*.blend\"")));
+        assert!(e.starts_with("config.toml:7: shares.art.lockable: invalid type"), "{e}");
+        let e = error(&with_lockable(Some("[\"*.blend\", 3]")));
+        assert!(e.starts_with("config.toml:7: shares.art.lockable[1]: invalid type"), "{e}");
+        assert!(check_lockable("*.blend").is_ok() && check_lockable("[!.]*.psd").is_ok());
+    }
+
+    #[test]
+    fn lockable_round_trips_through_the_editor() {
+        let dir = temp_dir("lockable");
+        let path = config_path(&dir);
+        fs::write(&path, "[node]\nname = \"alice\"\n").unwrap();
+        let share = |n: &str, lockable: Vec<String>| ShareConfig {
+            name: name(n),
+            path: PathBuf::from(format!("/srv/{n}")),
+            access: BTreeMap::new(),
+            lockable,
+        };
+        let shares = [
+            share("defaults", default_lockable()),
+            share("chosen", vec!["*.blend".into(), "Cut-[0-9]?.PRPROJ".into()]),
+            share("none", vec![]),
+            share("more", [default_lockable(), vec!["*.kdenlive".into()]].concat()),
+        ];
+        let mut editor = ConfigEditor::open(&path).unwrap();
+        for s in &shares {
+            editor.add_share(s).unwrap();
+        }
+        let saved = editor.save().unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        // Only a list that differs from the defaults is written, before
+        // the access table.
+        assert_eq!(text.matches("lockable = ").count(), 3, "{text}");
+        assert!(text.contains("name = \"defaults\"\npath = \"/srv/defaults\"\n[shares.access]\n"), "{text}");
+        assert!(text.contains("path = \"/srv/chosen\"\nlockable = [\"*.blend\", \"Cut-[0-9]?.PRPROJ\"]\n[shares.access]\n"), "{text}");
+        assert!(text.contains("path = \"/srv/none\"\nlockable = []\n"), "{text}");
+        let loaded = Config::load(&path).unwrap();
+        assert_eq!(loaded, saved);
+        assert_eq!(loaded.shares, shares);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn lease_ttl_default_and_bounds() {
+        let base = "[node]\nname = \"alice\"\n";
+        assert_eq!(parse(base).unwrap().mount.lease_ttl_secs, 30);
+        assert_eq!(MountConfig::default().lease_ttl_secs, 30);
+        for ok in [3, 30, 3600] {
+            let c = parse(&format!("{base}[mount]\nlease_ttl_secs = {ok}\n")).unwrap();
+            assert_eq!(c.mount.lease_ttl_secs, ok);
+        }
+        for bad in ["0", "2", "3601", "86400"] {
+            let e = error(&format!("{base}[mount]\ncache_size = \"1G\"\nlease_ttl_secs = {bad}\n"));
+            assert!(e.starts_with("config.toml:5: mount.lease_ttl_secs: must be between 3 and 3600 seconds"), "{bad}: {e}");
+        }
+        let e = error(&format!("{base}[mount]\nlease_ttl_secs = -1\n"));
+        assert!(e.starts_with("config.toml:4: mount.lease_ttl_secs: "), "{e}");
+        let e = error(&format!("{base}[mount]\nlease_ttl_secs = \"30s\"\n"));
+        assert!(e.starts_with("config.toml:4: mount.lease_ttl_secs: invalid type"), "{e}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub async fn run(
     ready: Option<tokio::sync::oneshot::Sender<Arc<Mounts>>>,
 ) -> anyhow::Result<()> {
     let listener = crate::api::bind(&node.home)?;
-    let mounts = Arc::new(Mounts::new(node.clone()));
+    let mounts = Arc::new(Mounts::new(node.clone())?);
     let api = tokio::spawn(crate::api::serve(listener, mounts.clone()));
     let (listening_tx, listening_rx) = tokio::sync::oneshot::channel();
     if let Some(ready) = ready {
@@ -29,6 +29,7 @@ pub async fn run(
     }
     let served = node::run(node.clone(), shutdown, Some(listening_tx)).await;
     mounts.unmount_all().await;
+    mounts.writeback.close().await;
     api.abort();
     let _ = std::fs::remove_file(crate::api::socket_path(&node.home));
     tracing::info!("stopped");

@@ -28,6 +28,7 @@ pub fn open(home: &Path) -> Result<Mutex<Connection>, DbError> {
     conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(wrap)?;
     crate::index::migrate(&conn).map_err(wrap)?;
+    crate::lease::migrate(&conn).map_err(wrap)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS transfers (
             id TEXT PRIMARY KEY,

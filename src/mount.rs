@@ -1,9 +1,11 @@
-//! Mounts: a partner's shares as a local, read-only filesystem.
+//! Mounts: a partner's shares as a local filesystem, read and written.
 //!
 //! - [`remote`]: the link to the partner (metadata, chunk fetches, watch);
 //! - [`store`](crate::store): the bounded, verified chunk cache;
 //! - [`meta`]: the last known listings and manifests (offline browsing);
 //! - [`vfs`]: the filesystem itself, as plain async Rust;
+//! - [`stage`]: files being written, staged locally;
+//! - [`leases`]: the leases a mount holds on the partner's files;
 //! - [`fuse`]: the fuser adapter;
 //! - [`Mounts`] (here): the daemon's set of active mounts: mount, unmount,
 //!   find the mount a path is in, report.
@@ -15,8 +17,10 @@
 
 pub mod errno;
 pub mod fuse;
+pub mod leases;
 pub mod meta;
 pub mod remote;
+pub mod stage;
 pub mod vfs;
 
 use crate::node::Node;
@@ -111,6 +115,12 @@ pub struct MountInfo {
     pub cache_dir: PathBuf,
     pub chunks_fetched: u64,
     pub bytes_fetched: u64,
+    /// Changes queued for this partner and not yet on it.
+    #[serde(default)]
+    pub pending_writebacks: usize,
+    /// Leases this mount holds.
+    #[serde(default)]
+    pub leases: usize,
 }
 
 struct Mounted {
@@ -119,21 +129,25 @@ struct Mounted {
     vfs: Arc<Vfs>,
     session: Mutex<Option<::fuser::BackgroundSession>>,
     watch: tokio::task::AbortHandle,
+    renew: tokio::task::AbortHandle,
 }
 
 impl Mounted {
     fn info(&self) -> MountInfo {
         let link = self.vfs.remote.stats();
+        let pending = self.vfs.writeback.entries(Some(self.vfs.remote.partner())).len();
         MountInfo {
             spec: self.spec.to_string(),
             mountpoint: self.mountpoint.clone(),
             state: if link.online { "online" } else { "offline" }.into(),
-            read_only: true,
+            read_only: self.vfs.read_only(),
             watching: self.vfs.is_watching(),
             cache: self.vfs.store.stats(),
             cache_dir: self.vfs.store.dir().to_path_buf(),
             chunks_fetched: link.chunks_fetched,
             bytes_fetched: link.bytes_fetched,
+            pending_writebacks: pending,
+            leases: self.vfs.leases.mine().len(),
         }
     }
 }
@@ -146,14 +160,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Mounts {
     node: Arc<Node>,
     active: Mutex<Vec<Arc<Mounted>>>,
+    pub writeback: Arc<crate::writeback::Writeback>,
 }
 
 /// Readahead of a sequential reader.
 const READAHEAD: u64 = 8 << 20;
 
 impl Mounts {
-    pub fn new(node: Arc<Node>) -> Mounts {
-        Mounts { node, active: Mutex::new(Vec::new()) }
+    /// The daemon's mounts, with the write-back queue they share; pushes
+    /// what earlier runs left queued.
+    pub fn new(node: Arc<Node>) -> Result<Mounts, crate::writeback::WritebackError> {
+        let writeback = crate::writeback::Writeback::open(node.clone())?;
+        writeback.start();
+        Ok(Mounts { node, active: Mutex::new(Vec::new()), writeback })
     }
 
     pub fn list(&self) -> Vec<MountInfo> {
@@ -177,27 +196,35 @@ impl Mounts {
         let meta = meta::Meta::open(&cache_dir)?;
         let wait = Duration::from_secs(opts.offline_wait_secs.unwrap_or(self.node.config.mount.offline_wait_secs).max(1));
         let remote = Remote::new(self.node.clone(), partner, store.clone(), wait)?;
+        let mut rows = None;
         let root = match &spec.share {
             None => Root::Shares(None),
-            Some(share) => match share_kind(&remote, &meta, share).await? {
-                EntryKind::Dir => Root::Share(share.clone()),
-                EntryKind::File => Root::Shares(Some(share.clone())),
-            },
+            Some(share) => {
+                let (kind, discovered) = share_kind(&remote, &meta, share).await?;
+                rows = discovered;
+                match kind {
+                    EntryKind::Dir => Root::Share(share.clone()),
+                    EntryKind::File => Root::Shares(Some(share.clone())),
+                }
+            }
         };
-        let vfs = Arc::new(Vfs::new(remote.clone(), store, meta, VfsConfig { root: root.clone(), read_only: true, readahead: READAHEAD }));
+        let leases = leases::Leases::new(remote.clone(), self.node.config.mount.lease_ttl_secs as u32);
+        let config = VfsConfig { root: root.clone(), read_only: opts.read_only, me: self.node.config.node.name.clone(), readahead: READAHEAD };
+        let vfs = Arc::new(Vfs::new(remote.clone(), store, meta, config, self.writeback.clone(), leases.clone()));
+        if let Some(rows) = rows {
+            vfs.set_access(&rows);
+        }
 
         let mut config = ::fuser::Config::default();
         config.mount_options = vec![
             ::fuser::MountOption::FSName(format!("deftfs:{spec}")),
             ::fuser::MountOption::Subtype("deftfs".into()),
-            // Writes come with the write-back issue; until then the kernel
-            // answers EROFS for every change, at once.
-            ::fuser::MountOption::RO,
             ::fuser::MountOption::NoDev,
             ::fuser::MountOption::NoSuid,
         ];
         if opts.read_only {
-            tracing::debug!("--read-only: the mount is read-only in any case until write-back lands");
+            // The kernel answers EROFS for every change, at once.
+            config.mount_options.push(::fuser::MountOption::RO);
         }
         config.n_threads = Some(2);
         let fs = fuse::Fuse::new(vfs.clone(), tokio::runtime::Handle::current());
@@ -208,8 +235,15 @@ impl Mounts {
             .map_err(|e| MountError::Fuse(mountpoint.clone(), e))?;
         vfs.set_invalidator(fuse::invalidator(session.notifier()));
         let watch = tokio::spawn(watch_loop(vfs.clone(), root)).abort_handle();
-        let mounted =
-            Arc::new(Mounted { spec: spec.clone(), mountpoint: mountpoint.clone(), vfs, session: Mutex::new(Some(session)), watch });
+        let renew = leases.start();
+        let mounted = Arc::new(Mounted {
+            spec: spec.clone(),
+            mountpoint: mountpoint.clone(),
+            vfs,
+            session: Mutex::new(Some(session)),
+            watch,
+            renew,
+        });
         lock(&self.active).push(mounted.clone());
         tracing::info!(%spec, mountpoint = %mountpoint.display(), cache = %cache_dir.display(), limit, "mounted");
         Ok(mounted.info())
@@ -264,7 +298,53 @@ impl Mounts {
 
     pub async fn status(&self, path: &Path) -> Result<vfs::FileStatus, MountError> {
         let (m, ino) = self.resolve(path).await?;
-        m.vfs.status(ino).await.map_err(|e| MountError::Path { path: path.to_path_buf(), message: e.describe() })
+        let mut st = m.vfs.status(ino).await.map_err(|e| MountError::Path { path: path.to_path_buf(), message: e.describe() })?;
+        if let Some((share, p)) = m.vfs.share_path(ino) {
+            let under = |s: &str, q: &str| s == share.as_str() && (p.is_root() || q == p.as_str() || q.starts_with(&format!("{}/", p.as_str())));
+            let partner = m.vfs.remote.partner();
+            st.pending_writebacks = self
+                .writeback
+                .entries(Some(partner))
+                .into_iter()
+                .filter(|e| under(&e.share, &e.path))
+                .map(|e| format!("{} ({}{})", e.path, e.state, e.error.map(|x| format!(": {x}")).unwrap_or_default()))
+                .collect();
+            st.conflicts = self
+                .writeback
+                .conflicts(partner)
+                .into_iter()
+                .filter(|(s, q, _, _)| under(s, q))
+                .map(|(_, q, copy, _)| format!("{q} -> {copy}"))
+                .collect();
+        }
+        Ok(st)
+    }
+
+    /// Take a lease on a file by hand (`deftfs lock`). Returns its token.
+    pub async fn lock(&self, path: &Path, ttl: Option<Duration>) -> Result<u64, MountError> {
+        let (m, ino) = self.resolve(path).await?;
+        m.vfs.lock_path(ino, ttl).await.map_err(|e| MountError::Path { path: path.to_path_buf(), message: e.describe() })
+    }
+
+    pub async fn unlock(&self, path: &Path) -> Result<bool, MountError> {
+        let (m, ino) = self.resolve(path).await?;
+        m.vfs.unlock_path(ino).await.map_err(|e| MountError::Path { path: path.to_path_buf(), message: e.describe() })
+    }
+
+    /// Leases on every mounted share (of `partner`, if given), with the
+    /// mount point they are seen through.
+    pub async fn locks(&self, partner: Option<&str>) -> Vec<(PathBuf, leases::LeaseInfo)> {
+        let active: Vec<Arc<Mounted>> = lock(&self.active).clone();
+        let mut out = Vec::new();
+        for m in active {
+            if partner.is_some_and(|p| p != m.spec.partner.as_str()) {
+                continue;
+            }
+            for l in m.vfs.all_leases().await {
+                out.push((m.mountpoint.clone(), l));
+            }
+        }
+        out
     }
 
     /// Every mount's cache, or evict what may be evicted. (mountpoint, stats, freed)
@@ -281,21 +361,22 @@ impl Mounts {
 
 /// Whether `share` is a directory or a file share: from the partner, or
 /// from the last known state when it is offline.
-async fn share_kind(remote: &Arc<Remote>, meta: &meta::Meta, share: &Name) -> Result<EntryKind, MountError> {
+async fn share_kind(remote: &Arc<Remote>, meta: &meta::Meta, share: &Name) -> Result<(EntryKind, Option<Vec<crate::proto::ShareRow>>), MountError> {
     let partner = remote.partner().to_string();
     match remote.discover().await {
         Ok(rows) => {
             let kind = rows.iter().find(|r| r.name == *share).map(|r| r.kind);
             let _ = meta.save_listing(meta::ROOT_SHARE, &crate::proto::SharePath::root(), &vfs::root_entries(&rows));
-            kind.ok_or_else(|| MountError::UnknownShare {
+            let kind = kind.ok_or_else(|| MountError::UnknownShare {
                 partner,
                 share: share.to_string(),
                 granted: rows.iter().map(|r| r.name.to_string()).collect(),
-            })
+            })?;
+            Ok((kind, Some(rows)))
         }
         Err(e @ remote::RemoteError::Offline { .. }) => meta
             .listing(meta::ROOT_SHARE, &crate::proto::SharePath::root())
-            .and_then(|rows| rows.into_iter().find(|r| r.path.as_str() == share.as_str()).map(|r| r.kind))
+            .and_then(|rows| rows.into_iter().find(|r| r.path.as_str() == share.as_str()).map(|r| (r.kind, None)))
             .ok_or_else(|| MountError::NeverSeen { partner, share: share.to_string(), detail: e.to_string() }),
         Err(e) => Err(e.into()),
     }
@@ -333,6 +414,7 @@ pub fn lazy_unmount(path: &Path) -> bool {
 
 async fn stop(m: &Arc<Mounted>) {
     m.watch.abort();
+    m.renew.abort();
     let session = lock(&m.session).take();
     if let Some(session) = session {
         let mp = m.mountpoint.clone();
@@ -349,6 +431,7 @@ async fn stop(m: &Arc<Mounted>) {
             tracing::error!("unmount task: {e}");
         }
     }
+    m.vfs.leases.release_all().await;
     m.vfs.remote.close().await;
     tracing::info!(spec = %m.spec, mountpoint = %m.mountpoint.display(), "unmounted");
 }
@@ -361,7 +444,10 @@ async fn watch_loop(vfs: Arc<Vfs>, root: Root) {
         let shares: Vec<Name> = match &root {
             Root::Share(s) | Root::Shares(Some(s)) => vec![s.clone()],
             Root::Shares(None) => match vfs.remote.discover().await {
-                Ok(rows) => rows.into_iter().map(|r| r.name).collect(),
+                Ok(rows) => {
+                    vfs.set_access(&rows);
+                    rows.into_iter().map(|r| r.name).collect()
+                }
                 Err(_) => Vec::new(),
             },
         };

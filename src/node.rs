@@ -25,6 +25,8 @@ pub enum NodeError {
     Directory(#[from] DirectoryError),
     #[error(transparent)]
     Transport(#[from] TransportError),
+    #[error("leases: {0}")]
+    Leases(String),
 }
 
 pub struct Node {
@@ -40,6 +42,8 @@ pub struct Node {
     pub(crate) busy_generation: std::sync::atomic::AtomicU64,
     /// Pollers of watched shares.
     pub(crate) watchers: crate::watch::Watchers,
+    /// The leases this node grants on its shares (it is their lock authority).
+    pub leases: crate::lease::Leases,
 }
 
 impl Node {
@@ -52,6 +56,10 @@ impl Node {
         let identity = Arc::new(Identity::load(home)?);
         let directory = Arc::new(PartnerDirectory::new(&config, home)?);
         let db = db::open(home)?;
+        let leases = {
+            let conn = db.lock().unwrap_or_else(|p| p.into_inner());
+            crate::lease::Leases::load(&conn, crate::time::Timestamp::now().0).map_err(|e| NodeError::Leases(e.to_string()))?
+        };
         Ok(Arc::new(Node {
             home: home.to_path_buf(),
             config,
@@ -61,6 +69,7 @@ impl Node {
             busy_targets: Default::default(),
             busy_generation: Default::default(),
             watchers: Default::default(),
+            leases,
         }))
     }
 
@@ -97,6 +106,20 @@ pub async fn run(
             tracing::debug!("shares indexed in {:.2} s", started.elapsed().as_secs_f64());
         });
     }
+    // Expired leases: tell watchers, so other mounts drop `.NAME.lock`.
+    let sweeper = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let expired = node.leases.expire(&node.db(), crate::time::Timestamp::now().0);
+                for lease in expired {
+                    tracing::info!(target: "audit", holder = %lease.holder, share = %lease.share, path = %lease.path, "lease expired");
+                    node.watchers.notify(&lease.share, &lease.path, None);
+                }
+            }
+        })
+    };
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -111,6 +134,7 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down");
+    sweeper.abort();
     stop_indexing.store(true, std::sync::atomic::Ordering::Relaxed);
     endpoint.quinn.close(0u32.into(), b"shutdown");
     connections.abort_all();

@@ -148,7 +148,40 @@ pub enum ErrorCode {
     HashMismatch,
     UnknownTransfer,
     Busy,
+    Conflict,
+    Exists,
+    NotEmpty,
+    IsDir,
+    NotDir,
     Internal,
+}
+
+/// What a push expects the receiver's current version of its target to be
+/// (the `BASE:` field of BEGIN_TRANSFER): a write-back made against one
+/// version must not silently replace another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Base {
+    /// No field: replace whatever is there (`deftfs send`).
+    Any,
+    /// `BASE:-`: the target must not exist (a file created in a mount).
+    Absent,
+    /// `BASE:<hash>`: the target must still be this version.
+    Version(Hash),
+}
+
+/// One lease, as LOCKED and LEASES carry it:
+/// `<token> <holder> <owner> <since_ns> <expires_ns> <path>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    /// Fencing token: grows with every grant the serving node makes.
+    pub token: u64,
+    /// The partner id holding the lease.
+    pub holder: Name,
+    /// What holds it on that node (a process name, or `manual`).
+    pub owner: Name,
+    pub since_ns: i64,
+    pub expires_ns: i64,
+    pub path: SharePath,
 }
 
 /// The signature carried by TRANSFER_COMPLETE: `sig:ed25519:<base64>`.
@@ -184,7 +217,18 @@ pub enum Request {
     Stat { share: Name, path: SharePath },
     /// `DEFT BEGIN_TRANSFER <transfer_id> <share> <path> SIZE:<n> CHUNKS:<n> HASH:<h>`
     /// followed by CHUNKS `CHUNK` lines: the manifest of the file to push.
-    BeginTransfer { transfer_id: Name, share: Name, path: SharePath, size: u64, file_hash: Hash, chunks: Vec<ChunkLine> },
+    /// Optional trailing fields: `BASE:<hash>|BASE:-` (see [`Base`]) and
+    /// `FENCE:<token>` (the writer's lease token for the path).
+    BeginTransfer {
+        transfer_id: Name,
+        share: Name,
+        path: SharePath,
+        size: u64,
+        file_hash: Hash,
+        base: Base,
+        fence: Option<u64>,
+        chunks: Vec<ChunkLine>,
+    },
     /// `DEFT GET <transfer_id> <share> <path> <file_hash> CHUNKS <ranges>`
     Get { transfer_id: Name, share: Name, path: SharePath, file_hash: Hash, chunks: RangeSet },
     /// Pull receipt: the client received the file and signs for it.
@@ -192,6 +236,24 @@ pub enum Request {
     /// `DEFT WATCH <share>`: send CHANGED lines for this share on this
     /// connection until it closes.
     Watch { share: Name },
+    /// `DEFT MKDIR <share> <path> MODE:<octal>`: answered by STAT_OK.
+    Mkdir { share: Name, path: SharePath, mode: u32 },
+    /// `DEFT REMOVE <share> <path> file|dir`: unlink a file or remove an
+    /// empty directory; answered by DONE.
+    Remove { share: Name, path: SharePath, kind: EntryKind },
+    /// `DEFT RENAME <share> <from> <to> REPLACE|NOREPLACE`: answered by DONE.
+    Rename { share: Name, from: SharePath, to: SharePath, replace: bool },
+    /// `DEFT SETATTR <share> <path> MODE:<octal>|MODE:- MTIME:<ns>|MTIME:-`:
+    /// answered by STAT_OK.
+    SetAttr { share: Name, path: SharePath, mode: Option<u32>, mtime_ns: Option<i64> },
+    /// `DEFT LOCK <share> <path> TTL:<s> OWNER:<name>`: answered by LOCKED.
+    Lock { share: Name, path: SharePath, ttl_s: u32, owner: Name },
+    /// `DEFT RENEW <share> <path> TOKEN:<n> TTL:<s>`: answered by LOCKED.
+    Renew { share: Name, path: SharePath, token: u64, ttl_s: u32 },
+    /// `DEFT UNLOCK <share> <path> TOKEN:<n>`: answered by UNLOCKED.
+    Unlock { share: Name, path: SharePath, token: u64 },
+    /// `DEFT LOCKS <share>`: answered by LEASES.
+    Locks { share: Name },
     /// `DEFT BYE`
     Bye,
 }
@@ -227,6 +289,15 @@ pub enum Response {
     /// `DEFT CHANGED <share> [<path>]`: something at or under `path` changed
     /// (unprompted, after WATCH). The root path means "anything in the share".
     Changed { share: Name, path: SharePath },
+    /// `DEFT DONE <share> [<path>]`: REMOVE or RENAME (path: the new name) done.
+    Done { share: Name, path: SharePath },
+    /// `DEFT LOCKED <share> <lease row>`: answer to LOCK and RENEW.
+    Locked { share: Name, lease: LeaseRow },
+    /// `DEFT UNLOCKED <share> <path>`: answer to UNLOCK.
+    Unlocked { share: Name, path: SharePath },
+    /// `DEFT LEASES <share> <count> LOCKABLE:<pattern,...>|LOCKABLE:-` then
+    /// count lease rows: the share's live leases and lockable patterns.
+    Leases { share: Name, lockable: Vec<String>, leases: Vec<LeaseRow> },
     /// `DEFT BYE`
     Bye,
     /// `DEFT ERROR <CODE> <message>`

@@ -37,6 +37,14 @@ pub enum ShareError {
     NoMatch(String, String),
     #[error("share {0} is a single file: give no path inside it")]
     FileShare(String),
+    #[error("{0}: already exists")]
+    Exists(String),
+    #[error("{0}: directory not empty")]
+    NotEmpty(String),
+    #[error("{0}: is a directory")]
+    IsDir(String),
+    #[error("{0}: the share's root cannot be removed or renamed")]
+    Root(String),
     #[error("share {share}: {path}: {source}")]
     Io { share: String, path: String, source: std::io::Error },
 }
@@ -74,11 +82,91 @@ impl Share {
     }
 
     fn io(&self, path: &SharePath, source: std::io::Error) -> ShareError {
-        if source.kind() == std::io::ErrorKind::NotFound {
-            ShareError::NotFound(path.to_string())
-        } else {
-            ShareError::Io { share: self.name.to_string(), path: path.to_string(), source }
+        use std::io::ErrorKind;
+        match source.kind() {
+            ErrorKind::NotFound => ShareError::NotFound(path.to_string()),
+            ErrorKind::AlreadyExists => ShareError::Exists(path.to_string()),
+            ErrorKind::DirectoryNotEmpty => ShareError::NotEmpty(path.to_string()),
+            ErrorKind::IsADirectory => ShareError::IsDir(path.to_string()),
+            ErrorKind::NotADirectory => ShareError::NotADir(path.to_string()),
+            _ => ShareError::Io { share: self.name.to_string(), path: path.to_string(), source },
         }
+    }
+
+    /// The real path of an entry to create, remove or rename: never the
+    /// root, never a temp file, its parent an existing directory inside the
+    /// share (symlinks followed), the entry itself not followed.
+    fn entry_path(&self, path: &SharePath) -> Result<PathBuf, ShareError> {
+        if path.is_root() {
+            return Err(ShareError::Root(self.name.to_string()));
+        }
+        if let ShareKind::File(_) = self.kind {
+            return Err(ShareError::FileShare(self.name.to_string()));
+        }
+        let physical = self.physical(path)?;
+        let name = physical.file_name().ok_or_else(|| ShareError::Outside(path.to_string()))?.to_os_string();
+        let parent = physical.parent().ok_or_else(|| ShareError::Outside(path.to_string()))?;
+        let parent_path = path.parent().unwrap_or_else(SharePath::root);
+        let parent = self.contain(&parent_path, parent)?;
+        if !parent.is_dir() {
+            return Err(ShareError::NotADir(parent_path.to_string()));
+        }
+        Ok(parent.join(name))
+    }
+
+    /// `mkdir` inside the share.
+    pub fn mkdir(&self, path: &SharePath, mode: u32) -> Result<Entry, ShareError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let real = self.entry_path(path)?;
+        std::fs::DirBuilder::new().mode(mode & 0o7777).create(&real).map_err(|e| self.io(path, e))?;
+        let meta = std::fs::metadata(&real).map_err(|e| self.io(path, e))?;
+        Ok(entry(path.clone(), &meta))
+    }
+
+    /// Unlink a file (`kind` File) or remove an empty directory (Dir).
+    pub fn remove(&self, path: &SharePath, kind: EntryKind) -> Result<(), ShareError> {
+        let real = self.entry_path(path)?;
+        let meta = std::fs::symlink_metadata(&real).map_err(|e| self.io(path, e))?;
+        match kind {
+            EntryKind::File if meta.is_dir() => Err(ShareError::IsDir(path.to_string())),
+            EntryKind::File => std::fs::remove_file(&real).map_err(|e| self.io(path, e)),
+            EntryKind::Dir if !meta.is_dir() => Err(ShareError::NotADir(path.to_string())),
+            EntryKind::Dir => std::fs::remove_dir(&real).map_err(|e| self.io(path, e)),
+        }?;
+        sync_parent(&real);
+        Ok(())
+    }
+
+    /// Rename within the share. Without `replace`, an existing `to` is
+    /// refused atomically (renameat2 RENAME_NOREPLACE).
+    pub fn rename(&self, from: &SharePath, to: &SharePath, replace: bool) -> Result<(), ShareError> {
+        let src = self.entry_path(from)?;
+        let dst = self.entry_path(to)?;
+        std::fs::symlink_metadata(&src).map_err(|e| self.io(from, e))?;
+        if replace {
+            std::fs::rename(&src, &dst).map_err(|e| self.io(to, e))?;
+        } else {
+            rename_noreplace(&src, &dst).map_err(|e| self.io(to, e))?;
+        }
+        sync_parent(&dst);
+        if src.parent() != dst.parent() {
+            sync_parent(&src);
+        }
+        Ok(())
+    }
+
+    /// chmod and/or set the modification time of an entry.
+    pub fn set_attr(&self, path: &SharePath, mode: Option<u32>, mtime_ns: Option<i64>) -> Result<Entry, ShareError> {
+        use std::os::unix::fs::PermissionsExt;
+        let real = self.contain(path, &self.physical(path)?)?;
+        if let Some(mode) = mode {
+            std::fs::set_permissions(&real, std::fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| self.io(path, e))?;
+        }
+        if let Some(ns) = mtime_ns {
+            let file = std::fs::File::open(&real).map_err(|e| self.io(path, e))?;
+            file.set_modified(crate::time::Timestamp(ns).to_system()).map_err(|e| self.io(path, e))?;
+        }
+        self.stat(path)
     }
 
     /// The directory that contains everything of the share.
@@ -243,6 +331,29 @@ impl Share {
     }
 }
 
+/// fsync the directory holding `path`, so a create, rename or unlink
+/// survives a crash. Best effort: the change itself is already made.
+fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent() {
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %dir.display(), "fsync of directory failed: {e}");
+        }
+    }
+}
+
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(from.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated strings that outlive the call.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 fn entry(path: SharePath, meta: &std::fs::Metadata) -> Entry {
     let mtime = meta.modified().map(Timestamp::from_system).map(|t| t.0).unwrap_or(0);
     Entry {
@@ -272,7 +383,7 @@ mod tests {
     }
 
     fn share(path: PathBuf) -> Share {
-        Share::new(&ShareConfig { name: Name::new("s").unwrap(), path, access: BTreeMap::new() })
+        Share::new(&ShareConfig { name: Name::new("s").unwrap(), path, access: BTreeMap::new(), lockable: Vec::new() })
     }
 
     #[test]

@@ -31,6 +31,14 @@ impl Timestamp {
         }
     }
 
+    pub fn to_system(self) -> SystemTime {
+        if self.0 >= 0 {
+            UNIX_EPOCH + std::time::Duration::from_nanos(self.0 as u64)
+        } else {
+            UNIX_EPOCH - std::time::Duration::from_nanos(self.0.unsigned_abs())
+        }
+    }
+
     /// `2026-01-19T14:30:00.123Z` (milliseconds, always UTC, `Z`).
     /// Sub-millisecond digits are truncated toward the past, so the text
     /// never names a later instant than the timestamp.

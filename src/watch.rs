@@ -25,11 +25,15 @@ const MAX_ENTRIES: usize = 200_000;
 /// (the share root) is sent instead.
 const MAX_PATHS: usize = 256;
 
+/// A changed path, and the partner whose request changed it (None: seen
+/// by the poller). A watch does not echo a partner's own changes back.
+pub type Change = (SharePath, Option<Name>);
+
 type Snapshot = BTreeMap<SharePath, (EntryKind, u64, i64, u32)>;
 
 #[derive(Default)]
 pub struct Watchers {
-    shares: Mutex<HashMap<Name, broadcast::Sender<SharePath>>>,
+    shares: Mutex<HashMap<Name, broadcast::Sender<Change>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -38,7 +42,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Watchers {
     /// Changed paths of `share`, starting with the next scan.
-    pub fn subscribe(&self, node: &Arc<Node>, share: &ShareConfig, interval: Duration) -> broadcast::Receiver<SharePath> {
+    pub fn subscribe(&self, node: &Arc<Node>, share: &ShareConfig, interval: Duration) -> broadcast::Receiver<Change> {
         let mut shares = lock(&self.shares);
         if let Some(tx) = shares.get(&share.name) {
             if tx.receiver_count() > 0 {
@@ -52,7 +56,18 @@ impl Watchers {
     }
 }
 
-async fn poll(node: Arc<Node>, share: Share, tx: broadcast::Sender<SharePath>, interval: Duration) {
+impl Watchers {
+    /// Tell the share's watchers now that `path` changed (a change this
+    /// node made for a partner: a push, rename, unlink or lease), rather
+    /// than at the next scan.
+    pub fn notify(&self, share: &Name, path: &SharePath, origin: Option<&Name>) {
+        if let Some(tx) = lock(&self.shares).get(share) {
+            let _ = tx.send((path.clone(), origin.cloned()));
+        }
+    }
+}
+
+async fn poll(node: Arc<Node>, share: Share, tx: broadcast::Sender<Change>, interval: Duration) {
     let s = share.clone();
     let mut before = tokio::task::spawn_blocking(move || snapshot(&s)).await.unwrap_or_default();
     loop {
@@ -72,10 +87,10 @@ async fn poll(node: Arc<Node>, share: Share, tx: broadcast::Sender<SharePath>, i
         }
         before = now;
         if changed.len() > MAX_PATHS {
-            let _ = tx.send(SharePath::root());
+            let _ = tx.send((SharePath::root(), None));
         } else {
             for p in changed {
-                let _ = tx.send(p);
+                let _ = tx.send((p, None));
             }
         }
     }

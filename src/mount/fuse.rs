@@ -4,10 +4,11 @@
 //! cached file. No policy lives here: attributes, errors and content all
 //! come from the vfs.
 
-use super::vfs::{Attr, Inval, Kind, Vfs};
+use super::vfs::{Attr, Inval, Kind, OpenMode, Vfs};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, Request,
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -86,6 +87,8 @@ impl Filesystem for Fuse {
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_AUTO_INVAL_DATA,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_BIG_WRITES,
         ];
         for flag in wanted {
             // Older kernels lack some: run without them.
@@ -93,6 +96,9 @@ impl Filesystem for Fuse {
         }
         if let Err(max) = config.set_max_readahead(1 << 20) {
             let _ = config.set_max_readahead(max);
+        }
+        if let Err(max) = config.set_max_write(1 << 20) {
+            let _ = config.set_max_write(max);
         }
         Ok(())
     }
@@ -118,11 +124,11 @@ impl Filesystem for Fuse {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let mode = open_mode(req, flags.0, flags.acc_mode() != OpenAccMode::O_RDONLY);
         let vfs = self.vfs.clone();
         self.rt.spawn(async move {
-            match vfs.open(ino.0, write).await {
+            match vfs.open(ino.0, mode).await {
                 Ok((fh, keep)) => reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }),
                 Err(e) => reply.error(errno(e)),
             }
@@ -163,8 +169,127 @@ impl Filesystem for Fuse {
         reply.ok();
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let vfs = self.vfs.clone();
+        self.rt.spawn(async move { empty(reply, vfs.flush(fh.0).await) });
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let vfs = self.vfs.clone();
+        self.rt.spawn(async move { empty(reply, vfs.fsync(fh.0).await) });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let vfs = self.vfs.clone();
+        let data = data.to_vec();
+        self.rt.spawn(async move {
+            match vfs.write(fh.0, offset, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
+        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::EINVAL) };
+        let open = open_mode(req, flags, true);
+        self.rt.spawn(async move {
+            match vfs.create(parent.0, &name, mode & !umask, open).await {
+                Ok((a, fh)) => reply.created(&TTL, &Fuse::file_attr(uid, gid, &a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
+        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::EINVAL) };
+        self.rt.spawn(async move {
+            match vfs.mkdir(parent.0, &name, mode & !umask).await {
+                Ok(a) => reply.entry(&TTL, &Fuse::file_attr(uid, gid, &a), Generation(0)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let vfs = self.vfs.clone();
+        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::ENOENT) };
+        self.rt.spawn(async move { empty(reply, vfs.unlink(parent.0, &name).await) });
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let vfs = self.vfs.clone();
+        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::ENOENT) };
+        self.rt.spawn(async move { empty(reply, vfs.rmdir(parent.0, &name).await) });
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let vfs = self.vfs.clone();
+        let (Some(name), Some(newname)) = (name.to_str().map(str::to_string), newname.to_str().map(str::to_string)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        }
+        let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
+        self.rt.spawn(async move { empty(reply, vfs.rename(parent.0, &name, newparent.0, &newname, noreplace).await) });
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
+        let mtime_ns = mtime.map(|t| {
+            let t = match t {
+                TimeOrNow::SpecificTime(t) => t,
+                TimeOrNow::Now => SystemTime::now(),
+            };
+            crate::time::Timestamp::from_system(t).0
+        });
+        let tid = req.pid();
+        self.rt.spawn(async move {
+            match vfs.setattr(ino.0, mode.map(|m| m & 0o7777), size, mtime_ns, fh.map(|f| f.0), tid).await {
+                Ok(a) => reply.attr(&TTL, &Fuse::file_attr(uid, gid, &a)),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -228,6 +353,23 @@ impl Filesystem for Fuse {
             return reply.error(Errno::EROFS);
         }
         reply.ok();
+    }
+}
+
+fn empty(reply: ReplyEmpty, r: Result<(), super::errno::Errno>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+/// How an open or create asks for the file.
+fn open_mode(req: &Request, flags: i32, write: bool) -> OpenMode {
+    OpenMode {
+        write: write || flags & libc::O_TRUNC != 0,
+        truncate: flags & libc::O_TRUNC != 0,
+        append: flags & libc::O_APPEND != 0,
+        tid: req.pid(),
     }
 }
 

@@ -298,6 +298,45 @@ impl Remote {
         }
     }
 
+    /// A metadata request whose answer is STAT_OK (MKDIR, SETATTR).
+    pub async fn call_stat(&self, req: Request) -> Result<Entry, RemoteError> {
+        match self.call(req).await? {
+            Response::StatOk(e) => Ok(e),
+            other => Err(self.refusal(other)),
+        }
+    }
+
+    /// A metadata request whose answer is DONE (REMOVE, RENAME).
+    pub async fn call_done(&self, req: Request) -> Result<(), RemoteError> {
+        match self.call(req).await? {
+            Response::Done { .. } => Ok(()),
+            other => Err(self.refusal(other)),
+        }
+    }
+
+    /// LOCK or RENEW: the lease granted.
+    pub async fn call_lock(&self, req: Request) -> Result<proto::LeaseRow, RemoteError> {
+        match self.call(req).await? {
+            Response::Locked { lease, .. } => Ok(lease),
+            other => Err(self.refusal(other)),
+        }
+    }
+
+    pub async fn unlock(&self, share: &Name, path: &SharePath, token: u64) -> Result<(), RemoteError> {
+        match self.call(Request::Unlock { share: share.clone(), path: path.clone(), token }).await? {
+            Response::Unlocked { .. } => Ok(()),
+            other => Err(self.refusal(other)),
+        }
+    }
+
+    /// The share's live leases and lockable patterns.
+    pub async fn locks(&self, share: &Name) -> Result<(Vec<String>, Vec<proto::LeaseRow>), RemoteError> {
+        match self.call(Request::Locks { share: share.clone() }).await? {
+            Response::Leases { lockable, leases, .. } => Ok((lockable, leases)),
+            other => Err(self.refusal(other)),
+        }
+    }
+
     /// The data link, connecting it if needed.
     async fn data_link(self: &Arc<Self>) -> Result<Arc<DataLink>, RemoteError> {
         let mut guard = self.data.lock().await;

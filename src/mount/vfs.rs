@@ -17,16 +17,29 @@
 //! - content is fetched only for the chunks a read touches, plus a bounded
 //!   readahead when reads are sequential.
 //!
-//! Lock order: `inodes`, then `handles`; neither is held across an await.
+//! - writes stage locally ([`super::stage`]) and go back on close and
+//!   fsync through the write-back queue ([`crate::writeback`]); see
+//!   [`write`] and docs/SEMANTICS.md.
+//!
+//! Lock order: `inodes`, then `handles`, then a staging's state; none is
+//! held across an await (a staging's `gate` is an async lock, taken before
+//! any of them).
+
+mod write;
+
+pub use write::OpenMode;
 
 use super::errno::Errno;
 use super::meta::{KnownFile, Meta, ROOT_SHARE};
+use super::leases::Leases;
 use super::remote::{Remote, RemoteError};
+use super::stage::Staged;
+use crate::writeback::Writeback;
 use crate::chunk::Manifest;
 use crate::hash::Hash;
 use crate::proto::{Entry, EntryKind, Name, SharePath};
 use crate::store::{ChunkStore, Hold};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -68,7 +81,10 @@ pub enum Root {
 
 pub struct VfsConfig {
     pub root: Root,
+    /// `--read-only`: no writes even to shares granted `write`.
     pub read_only: bool,
+    /// This node's name: leases it holds show no `.NAME.lock` entry here.
+    pub me: Name,
     /// Bytes read ahead of a sequential reader.
     pub readahead: u64,
 }
@@ -94,9 +110,33 @@ struct Inode {
     manifest: Option<Arc<Manifest>>,
     /// File hash of the version the kernel may have cached pages of.
     cached_version: Option<Hash>,
+    /// Content being written here, not yet (all) on the partner.
+    staged: Option<Arc<Staged>>,
+    /// Created here and never pushed: the partner does not know it.
+    local_only: bool,
+    /// A `.NAME.lock` entry: its JSON content.
+    virtual_data: Option<Arc<Vec<u8>>>,
 }
 
-struct Handle {
+/// An open file.
+enum Handle {
+    Read(ReadHandle),
+    /// Through a staging (open for write, or open while written here).
+    Staged(StagedHandle),
+    /// A `.NAME.lock` entry.
+    Virtual(Arc<Vec<u8>>),
+}
+
+struct StagedHandle {
+    ino: Ino,
+    staged: Arc<Staged>,
+    write: bool,
+    append: bool,
+    /// The lease need this handle holds (write handles).
+    lease: Option<(Name, SharePath)>,
+}
+
+struct ReadHandle {
     share: Name,
     path: SharePath,
     manifest: Arc<Manifest>,
@@ -118,11 +158,29 @@ pub struct FileStatus {
     pub local_bytes: u64,
     pub pinned: bool,
     pub chunks: usize,
+    /// Changes to this path (or under it) queued and not yet on the partner.
+    #[serde(default)]
+    pub pending_writebacks: Vec<String>,
+    /// Conflict copies made for this path (or under it): "path -> copy".
+    #[serde(default)]
+    pub conflicts: Vec<String>,
+}
+
+/// What the partner says about a share's leases, with when it said it.
+struct ShareLeases {
+    lockable: Vec<crate::glob::Glob>,
+    leases: Vec<crate::proto::LeaseRow>,
+    at: Instant,
 }
 
 pub struct Vfs {
     pub remote: Arc<Remote>,
     pub store: Arc<ChunkStore>,
+    pub writeback: Arc<Writeback>,
+    pub leases: Arc<Leases>,
+    /// Shares the partner grants us `write` on (from DISCOVER).
+    writable: Mutex<HashSet<Name>>,
+    share_leases: Mutex<HashMap<Name, ShareLeases>>,
     meta: Meta,
     config: VfsConfig,
     inodes: Mutex<Inodes>,
@@ -168,7 +226,14 @@ pub fn root_entries(rows: &[crate::proto::ShareRow]) -> Vec<Entry> {
 }
 
 impl Vfs {
-    pub fn new(remote: Arc<Remote>, store: Arc<ChunkStore>, meta: Meta, config: VfsConfig) -> Vfs {
+    pub fn new(
+        remote: Arc<Remote>,
+        store: Arc<ChunkStore>,
+        meta: Meta,
+        config: VfsConfig,
+        writeback: Arc<Writeback>,
+        leases: Arc<Leases>,
+    ) -> Vfs {
         let (share, path) = match &config.root {
             Root::Shares(_) => (None, SharePath::root()),
             Root::Share(s) => (Some(s.clone()), SharePath::root()),
@@ -189,11 +254,18 @@ impl Vfs {
                 children: None,
                 manifest: None,
                 cached_version: None,
+                staged: None,
+                local_only: false,
+                virtual_data: None,
             },
         );
         Vfs {
             remote,
             store,
+            writeback,
+            leases,
+            writable: Default::default(),
+            share_leases: Default::default(),
             meta,
             config,
             inodes: Mutex::new(inodes),
@@ -230,7 +302,8 @@ impl Vfs {
 
     fn attr_of(&self, ino: Ino, n: &Inode) -> Attr {
         let mut perm = (n.mode & 0o7777) as u16;
-        if self.config.read_only {
+        let writable = n.virtual_data.is_none() && n.share.as_ref().is_some_and(|s| self.share_writable(s));
+        if !writable {
             perm &= !0o222;
         }
         if n.kind == Kind::Dir {
@@ -238,7 +311,25 @@ impl Vfs {
         } else {
             perm |= 0o400;
         }
-        Attr { ino, kind: n.kind, size: n.size, mtime_ns: n.mtime_ns, perm }
+        let (size, mtime_ns) = match &n.staged {
+            Some(st) => {
+                let st = st.state();
+                (st.size, st.mtime_ns)
+            }
+            None => (n.size, n.mtime_ns),
+        };
+        Attr { ino, kind: n.kind, size, mtime_ns, perm }
+    }
+
+    /// Whether writes to `share` may go back: granted `write`, and the
+    /// mount is not `--read-only`.
+    pub fn share_writable(&self, share: &Name) -> bool {
+        !self.config.read_only && lock(&self.writable).contains(share)
+    }
+
+    /// Record which shares the partner lets us write (from DISCOVER rows).
+    pub fn set_access(&self, rows: &[crate::proto::ShareRow]) {
+        *lock(&self.writable) = rows.iter().filter(|r| r.access.can_write()).map(|r| r.name.clone()).collect();
     }
 
     fn node_key(&self, ino: Ino) -> Result<(Option<Name>, SharePath, Kind), Errno> {
@@ -259,6 +350,7 @@ impl Vfs {
                 if n.size != e.size || n.mtime_ns != e.mtime_ns || n.kind != kind {
                     n.manifest = None;
                 }
+                n.local_only = false;
                 n.kind = kind;
                 n.size = e.size;
                 n.mtime_ns = e.mtime_ns;
@@ -284,6 +376,9 @@ impl Vfs {
                 children: None,
                 manifest: None,
                 cached_version: None,
+                staged: None,
+                local_only: false,
+                virtual_data: None,
             },
         );
         ino
@@ -300,6 +395,7 @@ impl Vfs {
                 };
                 let rows = match self.remote.discover().await {
                     Ok(rows) => {
+                        self.set_access(&rows);
                         let entries = root_entries(&rows);
                         self.save_listing(ROOT_SHARE, path, &entries);
                         entries
@@ -363,10 +459,32 @@ impl Vfs {
             }
         }
         let rows = self.fetch_listing(&share, &path).await?;
+        let locks = match &share {
+            Some(s) => self.lock_entries(s, &path).await,
+            None => Vec::new(),
+        };
         let now = Instant::now();
         let mut inodes = lock(&self.inodes);
-        let children: Vec<(String, Ino)> =
+        let mut children: Vec<(String, Ino)> =
             rows.iter().map(|(name, s, e)| (name.clone(), Self::upsert(&mut inodes, ino, s.clone(), e, now))).collect();
+        // Files created here and not pushed yet are ours to show.
+        let old = inodes.by_ino.get(&ino).and_then(|n| n.children.as_ref()).map(|(c, _)| c.clone()).unwrap_or_default();
+        for (name, child) in old {
+            let keep = inodes.by_ino.get(&child).is_some_and(|n| n.local_only);
+            if keep && !children.iter().any(|(n, _)| *n == name) {
+                children.push((name, child));
+            }
+        }
+        for (name, entry, json) in locks {
+            if children.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            let child = Self::upsert(&mut inodes, ino, share.clone(), &entry, now);
+            if let Some(n) = inodes.by_ino.get_mut(&child) {
+                n.virtual_data = Some(Arc::new(json));
+            }
+            children.push((name, child));
+        }
         if let Some(n) = inodes.by_ino.get_mut(&ino) {
             n.children = Some((children.clone(), now));
             n.attr_at.get_or_insert(now);
@@ -409,6 +527,12 @@ impl Vfs {
         let children = self.children(ino).await?;
         let inodes = lock(&self.inodes);
         Ok(children.into_iter().filter_map(|(name, i)| Some((name, self.attr_of(i, inodes.by_ino.get(&i)?)))).collect())
+    }
+
+    /// The share and path an inode names (None for an all-shares root).
+    pub fn share_path(&self, ino: Ino) -> Option<(Name, SharePath)> {
+        let (share, path, _) = self.node_key(ino).ok()?;
+        Some((share?, path))
     }
 
     pub fn parent_of(&self, ino: Ino) -> Ino {
@@ -455,11 +579,24 @@ impl Vfs {
         Ok((share, path, manifest))
     }
 
-    /// Open file `ino`. Returns the handle and whether the kernel may keep
-    /// the pages it cached of this file (same version as last time).
-    pub async fn open(&self, ino: Ino, write: bool) -> Result<(u64, bool), Errno> {
-        if write {
-            return Err(Errno::EROFS);
+    /// Open file `ino` for reading. Returns the handle and whether the
+    /// kernel may keep the pages it cached of this file (same version as
+    /// last time).
+    async fn open_read(&self, ino: Ino) -> Result<(u64, bool), Errno> {
+        let (virtual_data, staged) = {
+            let inodes = lock(&self.inodes);
+            let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
+            (n.virtual_data.clone(), n.staged.clone())
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
+        if let Some(data) = virtual_data {
+            lock(&self.handles).insert(fh, Handle::Virtual(data));
+            return Ok((fh, false));
+        }
+        if let Some(staged) = staged {
+            staged.state().handles += 1;
+            lock(&self.handles).insert(fh, Handle::Staged(StagedHandle { ino, staged, write: false, append: false, lease: None }));
+            return Ok((fh, false));
         }
         let (share, path, manifest) = self.manifest(ino).await?;
         let hold = self.store.hold(manifest.chunks.iter().map(|c| c.hash));
@@ -470,13 +607,8 @@ impl Vfs {
                 None => false,
             }
         };
-        let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
-        lock(&self.handles).insert(fh, Handle { share, path, manifest, _hold: hold, last_end: 0, run: 0, ahead_until: 0 });
+        lock(&self.handles).insert(fh, Handle::Read(ReadHandle { share, path, manifest, _hold: hold, last_end: 0, run: 0, ahead_until: 0 }));
         Ok((fh, keep))
-    }
-
-    pub fn release(&self, fh: u64) {
-        lock(&self.handles).remove(&fh);
     }
 
     /// Indices of the chunks covering [start, end).
@@ -490,9 +622,21 @@ impl Vfs {
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let staged = match lock(&self.handles).get(&fh).ok_or(Errno::EBADF)? {
+            Handle::Virtual(data) => {
+                let start = (offset as usize).min(data.len());
+                let end = start.saturating_add(size as usize).min(data.len());
+                return Ok(data[start..end].to_vec());
+            }
+            Handle::Staged(h) => Some((h.ino, h.staged.clone())),
+            Handle::Read(_) => None,
+        };
+        if let Some((ino, staged)) = staged {
+            return self.read_staged(ino, &staged, offset, size).await;
+        }
         let (share, path, manifest, ahead) = {
             let mut handles = lock(&self.handles);
-            let h = handles.get_mut(&fh).ok_or(Errno::EBADF)?;
+            let Some(Handle::Read(h)) = handles.get_mut(&fh) else { return Err(Errno::EBADF) };
             let end = offset.saturating_add(size as u64).min(h.manifest.size);
             let sequential = offset == h.last_end;
             h.run = if sequential { h.run + end.saturating_sub(offset) } else { 0 };
@@ -608,6 +752,7 @@ impl Vfs {
             }
         }
         lock(&self.hot).clear();
+        lock(&self.share_leases).remove(share);
         if let Some(f) = self.invalidate.get() {
             for d in drops {
                 f(d);
@@ -731,6 +876,7 @@ impl Vfs {
                     local_bytes: self.store.bytes_present(&chunks),
                     pinned: self.is_pinned(&share, &path),
                     chunks: m.chunks.len(),
+                    ..Default::default()
                 })
             }
             (_, share) => {

@@ -18,8 +18,8 @@
 //! decode to the same message.
 
 use super::{
-    AckStatus, Capability, ChunkLine, Completion, DataHeader, Entry, ErrorCode, Name, NameError, PathError, Request, Response, SharePath,
-    ShareRow, MAX_BODY_LINES, MAX_LINE,
+    AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, ErrorCode, LeaseRow, Name, NameError, PathError, Request,
+    Response, SharePath, ShareRow, MAX_BODY_LINES, MAX_LINE,
 };
 use Field::{Bare, Tagged};
 
@@ -165,9 +165,11 @@ impl sealed::Grammar for Request {
                 let size = args.unsigned(Tagged("SIZE"))?;
                 let count = args.line_count(Tagged("CHUNKS"))?;
                 let file_hash = args.parsed(Tagged("HASH"))?;
+                let base = args.base()?;
+                let fence = if args.peek_tag("FENCE") { Some(args.unsigned(Tagged("FENCE"))?) } else { None };
                 args.end()?;
                 let chunks = with_capacity_for(count);
-                return Ok((Request::BeginTransfer { transfer_id, share, path, size, file_hash, chunks }, count));
+                return Ok((Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, chunks }, count));
             }
             "GET" => Request::Get {
                 transfer_id: args.name("transfer id")?,
@@ -181,6 +183,38 @@ impl sealed::Grammar for Request {
             },
             "TRANSFER_COMPLETE" => Request::TransferComplete(args.completion()?),
             "WATCH" => Request::Watch { share: args.name("share")? },
+            "MKDIR" => Request::Mkdir { share: args.name("share")?, path: args.path()?, mode: args.mode(Tagged("MODE"))? },
+            "REMOVE" => Request::Remove { share: args.name("share")?, path: args.path()?, kind: args.parsed(Bare("kind"))? },
+            "RENAME" => Request::Rename {
+                share: args.name("share")?,
+                from: args.path()?,
+                to: args.path()?,
+                replace: match args.token("REPLACE or NOREPLACE")? {
+                    "REPLACE" => true,
+                    "NOREPLACE" => false,
+                    other => return Err(args.bad(format!("expected REPLACE or NOREPLACE, got {:?}", excerpt(other)))),
+                },
+            },
+            "SETATTR" => Request::SetAttr {
+                share: args.name("share")?,
+                path: args.path()?,
+                mode: if args.dash(Tagged("MODE"))? { None } else { Some(args.mode(Tagged("MODE"))?) },
+                mtime_ns: if args.dash(Tagged("MTIME"))? { None } else { Some(args.signed(Tagged("MTIME"))?) },
+            },
+            "LOCK" => Request::Lock {
+                share: args.name("share")?,
+                path: args.path()?,
+                ttl_s: args.ttl()?,
+                owner: Name::new(args.value(Tagged("OWNER"))?)?,
+            },
+            "RENEW" => Request::Renew {
+                share: args.name("share")?,
+                path: args.path()?,
+                token: args.unsigned(Tagged("TOKEN"))?,
+                ttl_s: args.ttl()?,
+            },
+            "UNLOCK" => Request::Unlock { share: args.name("share")?, path: args.path()?, token: args.unsigned(Tagged("TOKEN"))? },
+            "LOCKS" => Request::Locks { share: args.name("share")? },
             "BYE" => Request::Bye,
             verb => return Err(unknown_verb(verb)),
         };
@@ -253,6 +287,16 @@ impl sealed::Grammar for Response {
             "RECEIPT_OK" => Response::ReceiptOk { transfer_id: args.name("transfer id")? },
             "WATCHING" => Response::Watching { share: args.name("share")? },
             "CHANGED" => Response::Changed { share: args.name("share")?, path: args.optional_path()? },
+            "DONE" => Response::Done { share: args.name("share")?, path: args.optional_path()? },
+            "LOCKED" => Response::Locked { share: args.name("share")?, lease: args.lease()? },
+            "UNLOCKED" => Response::Unlocked { share: args.name("share")?, path: args.path()? },
+            "LEASES" => {
+                let share = args.name("share")?;
+                let count = args.line_count(Bare("count"))?;
+                let lockable = args.patterns()?;
+                args.end()?;
+                return Ok((Response::Leases { share, lockable, leases: with_capacity_for(count) }, count));
+            }
             "BYE" => Response::Bye,
             "ERROR" => Response::Error { code: args.parsed(Bare("code"))?, message: super::one_line(args.rest()) },
             verb => return Err(unknown_verb(verb)),
@@ -284,7 +328,14 @@ impl sealed::Grammar for Response {
                 entries.push(entry);
                 Ok(())
             }
-            // Only FILES, FILE_INFO and ENTRIES announce body lines.
+            Response::Leases { leases, .. } => {
+                let mut args = Args::body("LEASES row", line);
+                let lease = args.lease()?;
+                args.end()?;
+                leases.push(lease);
+                Ok(())
+            }
+            // Only FILES, FILE_INFO, ENTRIES and LEASES announce body lines.
             _ => Err(ProtoError::BadBodyLine(excerpt(line))),
         }
     }
@@ -321,6 +372,11 @@ impl DataHeader {
         Ok(header)
     }
 }
+
+/// Longest lease a LOCK or RENEW may ask for: one day.
+pub const MAX_TTL_S: u32 = 86_400;
+/// Most lockable patterns one LEASES may carry.
+const MAX_PATTERNS: usize = 256;
 
 /// Longest piece of a peer's line quoted in an error value.
 const QUOTE: usize = 80;
@@ -599,6 +655,69 @@ impl<'a> Args<'a> {
         })
     }
 
+    /// Whether the next token is `TAG:...` (an optional trailing field).
+    fn peek_tag(&self, tag: &str) -> bool {
+        self.rest.is_some_and(|r| r.split(' ').next().and_then(|t| t.split_once(':')).is_some_and(|(t, _)| t == tag))
+    }
+
+    /// Whether the next field `TAG:` holds `-`; consumes it if so.
+    fn dash(&mut self, field: Field<'_>) -> Result<bool, ProtoError> {
+        let Tagged(tag) = field else { return Ok(false) };
+        let is_dash = self.rest.is_some_and(|r| r.split(' ').next() == Some(&format!("{tag}:-")[..]));
+        if is_dash {
+            self.value(field)?;
+        }
+        Ok(is_dash)
+    }
+
+    /// Optional `BASE:-` or `BASE:<hash>` of BEGIN_TRANSFER.
+    fn base(&mut self) -> Result<Base, ProtoError> {
+        if !self.peek_tag("BASE") {
+            return Ok(Base::Any);
+        }
+        if self.dash(Tagged("BASE"))? {
+            return Ok(Base::Absent);
+        }
+        Ok(Base::Version(self.parsed(Tagged("BASE"))?))
+    }
+
+    /// `TTL:<seconds>`, 1 to MAX_TTL_S.
+    fn ttl(&mut self) -> Result<u32, ProtoError> {
+        let ttl: u32 = self.unsigned(Tagged("TTL"))?;
+        if ttl == 0 || ttl > MAX_TTL_S {
+            return Err(self.bad(format!("TTL must be 1 to {MAX_TTL_S} seconds")));
+        }
+        Ok(ttl)
+    }
+
+    /// `<token> <holder> <owner> <since_ns> <expires_ns> <path-wire>`
+    fn lease(&mut self) -> Result<LeaseRow, ProtoError> {
+        Ok(LeaseRow {
+            token: self.unsigned(Bare("token"))?,
+            holder: self.name("holder")?,
+            owner: self.name("owner")?,
+            since_ns: self.signed(Bare("since"))?,
+            expires_ns: self.signed(Bare("expires"))?,
+            path: self.path()?,
+        })
+    }
+
+    /// `LOCKABLE:<pattern,...>` or `LOCKABLE:-`: each pattern 1 to 128
+    /// printable ASCII characters without space, comma or slash.
+    fn patterns(&mut self) -> Result<Vec<String>, ProtoError> {
+        let value = self.value(Tagged("LOCKABLE"))?;
+        let items = self.list("LOCKABLE", value)?;
+        if items.len() > MAX_PATTERNS {
+            return Err(self.bad(format!("LOCKABLE: more than {MAX_PATTERNS} patterns")));
+        }
+        for item in &items {
+            if item.len() > 128 || !item.bytes().all(|b| b.is_ascii_graphic() && b != b',' && b != b'/') || *item == "-" {
+                return Err(self.bad(format!("LOCKABLE: bad pattern {:?}", excerpt(item))));
+            }
+        }
+        Ok(items.into_iter().map(str::to_string).collect())
+    }
+
     /// `OK` or `ERROR <REASON>`.
     fn ack_status(&mut self) -> Result<AckStatus, ProtoError> {
         match self.token("status")? {
@@ -812,6 +931,8 @@ mod tests {
                 path: path("orders/o 1.csv"),
                 size: 10,
                 file_hash: hash(H),
+                base: Base::Any,
+                fence: None,
                 chunks: vec![
                     ChunkLine { index: 0, offset: 0, size: 4, hash: hash(H) },
                     ChunkLine { index: 1, offset: 4, size: 6, hash: hash(H1) },

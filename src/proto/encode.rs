@@ -12,8 +12,8 @@
 //! fits [`MAX_LINE`].
 
 use super::{
-    Access, AckStatus, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode, Name, Request, Response, SharePath,
-    Signature, MAX_LINE,
+    Access, AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode, LeaseRow, Name, Request,
+    Response, SharePath, Signature, MAX_LINE,
 };
 use base64::Engine as _;
 use std::fmt::{self, Write as _};
@@ -31,11 +31,17 @@ impl Request {
             Request::Describe { share, path } => line(&mut out, format_args!("DEFT DESCRIBE {share}{}", OptionalPath(path))),
             Request::List { share, path } => line(&mut out, format_args!("DEFT LIST {share}{}", OptionalPath(path))),
             Request::Stat { share, path } => line(&mut out, format_args!("DEFT STAT {share}{}", OptionalPath(path))),
-            Request::BeginTransfer { transfer_id, share, path, size, file_hash, chunks } => {
+            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, chunks } => {
+                let base = match base {
+                    Base::Any => String::new(),
+                    Base::Absent => " BASE:-".to_string(),
+                    Base::Version(h) => format!(" BASE:{h}"),
+                };
+                let fence = fence.map(|t| format!(" FENCE:{t}")).unwrap_or_default();
                 line(
                     &mut out,
                     format_args!(
-                        "DEFT BEGIN_TRANSFER {transfer_id} {share} {} SIZE:{size} CHUNKS:{} HASH:{file_hash}",
+                        "DEFT BEGIN_TRANSFER {transfer_id} {share} {} SIZE:{size} CHUNKS:{} HASH:{file_hash}{base}{fence}",
                         path.to_wire(),
                         chunks.len()
                     ),
@@ -47,6 +53,27 @@ impl Request {
             }
             Request::TransferComplete(completion) => completion_line(&mut out, completion),
             Request::Watch { share } => line(&mut out, format_args!("DEFT WATCH {share}")),
+            Request::Mkdir { share, path, mode } => {
+                line(&mut out, format_args!("DEFT MKDIR {share} {} MODE:{:o}", path.to_wire(), mode & MODE_BITS))
+            }
+            Request::Remove { share, path, kind } => line(&mut out, format_args!("DEFT REMOVE {share} {} {}", path.to_wire(), kind.as_str())),
+            Request::Rename { share, from, to, replace } => line(
+                &mut out,
+                format_args!("DEFT RENAME {share} {} {} {}", from.to_wire(), to.to_wire(), if *replace { "REPLACE" } else { "NOREPLACE" }),
+            ),
+            Request::SetAttr { share, path, mode, mtime_ns } => {
+                let mode = mode.map(|m| format!("{:o}", m & MODE_BITS)).unwrap_or_else(|| "-".into());
+                let mtime = mtime_ns.map(|t| t.to_string()).unwrap_or_else(|| "-".into());
+                line(&mut out, format_args!("DEFT SETATTR {share} {} MODE:{mode} MTIME:{mtime}", path.to_wire()))
+            }
+            Request::Lock { share, path, ttl_s, owner } => {
+                line(&mut out, format_args!("DEFT LOCK {share} {} TTL:{ttl_s} OWNER:{owner}", path.to_wire()))
+            }
+            Request::Renew { share, path, token, ttl_s } => {
+                line(&mut out, format_args!("DEFT RENEW {share} {} TOKEN:{token} TTL:{ttl_s}", path.to_wire()))
+            }
+            Request::Unlock { share, path, token } => line(&mut out, format_args!("DEFT UNLOCK {share} {} TOKEN:{token}", path.to_wire())),
+            Request::Locks { share } => line(&mut out, format_args!("DEFT LOCKS {share}")),
             Request::Bye => line(&mut out, format_args!("DEFT BYE")),
         }
         out
@@ -104,6 +131,16 @@ impl Response {
             Response::ReceiptOk { transfer_id } => line(&mut out, format_args!("DEFT RECEIPT_OK {transfer_id}")),
             Response::Watching { share } => line(&mut out, format_args!("DEFT WATCHING {share}")),
             Response::Changed { share, path } => line(&mut out, format_args!("DEFT CHANGED {share}{}", OptionalPath(path))),
+            Response::Done { share, path } => line(&mut out, format_args!("DEFT DONE {share}{}", OptionalPath(path))),
+            Response::Locked { share, lease } => line(&mut out, format_args!("DEFT LOCKED {share} {}", LeaseLine(lease))),
+            Response::Unlocked { share, path } => line(&mut out, format_args!("DEFT UNLOCKED {share} {}", path.to_wire())),
+            Response::Leases { share, lockable, leases } => {
+                let patterns = if lockable.is_empty() { "-".to_string() } else { lockable.join(",") };
+                line(&mut out, format_args!("DEFT LEASES {share} {} LOCKABLE:{patterns}", leases.len()));
+                for lease in leases {
+                    line(&mut out, format_args!("{}", LeaseLine(lease)));
+                }
+            }
             Response::Bye => line(&mut out, format_args!("DEFT BYE")),
             Response::Error { code, message } => error_line(&mut out, *code, message),
         }
@@ -215,6 +252,16 @@ impl fmt::Display for OptionalPath<'_> {
     }
 }
 
+/// `<token> <holder> <owner> <since_ns> <expires_ns> <path-wire>` (LOCKED, LEASES).
+struct LeaseLine<'a>(&'a LeaseRow);
+
+impl fmt::Display for LeaseLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let l = self.0;
+        write!(f, "{} {} {} {} {} {}", l.token, l.holder, l.owner, l.since_ns, l.expires_ns, l.path.to_wire())
+    }
+}
+
 /// `<kind> <size> <mtime_ns> <mode-octal> <path-wire>` (ENTRIES, STAT_OK).
 struct EntryRow<'a>(&'a Entry);
 
@@ -247,7 +294,7 @@ impl std::str::FromStr for EntryKind {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadRequest,
         ErrorCode::BadName,
         ErrorCode::BadPath,
@@ -262,6 +309,11 @@ impl ErrorCode {
         ErrorCode::HashMismatch,
         ErrorCode::UnknownTransfer,
         ErrorCode::Busy,
+        ErrorCode::Conflict,
+        ErrorCode::Exists,
+        ErrorCode::NotEmpty,
+        ErrorCode::IsDir,
+        ErrorCode::NotDir,
         ErrorCode::Internal,
     ];
 
@@ -282,6 +334,11 @@ impl ErrorCode {
             ErrorCode::HashMismatch => "HASH_MISMATCH",
             ErrorCode::UnknownTransfer => "UNKNOWN_TRANSFER",
             ErrorCode::Busy => "BUSY",
+            ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::Exists => "EXISTS",
+            ErrorCode::NotEmpty => "NOT_EMPTY",
+            ErrorCode::IsDir => "IS_DIR",
+            ErrorCode::NotDir => "NOT_DIR",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -517,6 +574,16 @@ mod tests {
         prop::collection::vec(component, 0..4).prop_map(|parts| SharePath::parse(&parts.join("/")).unwrap())
     }
 
+    fn arb_file_path() -> impl Strategy<Value = SharePath> {
+        arb_path().prop_filter("root", |p| !p.is_root())
+    }
+
+    fn arb_lease() -> impl Strategy<Value = LeaseRow> {
+        (any::<u64>(), arb_name(), arb_name(), any::<i64>(), any::<i64>(), arb_file_path()).prop_map(
+            |(token, holder, owner, since_ns, expires_ns, path)| LeaseRow { token, holder, owner, since_ns, expires_ns, path },
+        )
+    }
+
     fn arb_hash() -> impl Strategy<Value = Hash> {
         any::<[u8; 32]>().prop_map(Hash)
     }
@@ -576,9 +643,33 @@ mod tests {
             (arb_name(), arb_path()).prop_map(|(share, path)| Request::Stat { share, path }),
             (arb_name(), arb_name(), arb_path(), arb_hash(), arb_manifest()).prop_map(
                 |(transfer_id, share, path, file_hash, (size, chunks))| {
-                    Request::BeginTransfer { transfer_id, share, path, size, file_hash, chunks }
+                    Request::BeginTransfer { transfer_id, share, path, size, file_hash, base: Base::Any, fence: None, chunks }
                 }
             ),
+            (arb_name(), arb_file_path(), arb_hash(), prop::option::of(arb_hash()), any::<bool>(), prop::option::of(any::<u64>())).prop_map(
+                |(share, path, file_hash, base, absent, fence)| {
+                    let base = match (base, absent) {
+                        (Some(h), _) => Base::Version(h),
+                        (None, true) => Base::Absent,
+                        (None, false) => Base::Any,
+                    };
+                    Request::BeginTransfer { transfer_id: share.clone(), share, path, size: 0, file_hash, base, fence, chunks: vec![] }
+                }
+            ),
+            (arb_name(), arb_file_path(), 0u32..=0o7777).prop_map(|(share, path, mode)| Request::Mkdir { share, path, mode }),
+            (arb_name(), arb_file_path(), any::<bool>()).prop_map(|(share, path, dir)| Request::Remove {
+                share,
+                path,
+                kind: if dir { EntryKind::Dir } else { EntryKind::File }
+            }),
+            (arb_name(), arb_file_path(), arb_file_path(), any::<bool>())
+                .prop_map(|(share, from, to, replace)| Request::Rename { share, from, to, replace }),
+            (arb_name(), arb_file_path(), prop::option::of(0u32..=0o7777), prop::option::of(any::<i64>()))
+                .prop_map(|(share, path, mode, mtime_ns)| Request::SetAttr { share, path, mode, mtime_ns }),
+            (arb_name(), arb_file_path(), 1u32..=86_400, arb_name()).prop_map(|(share, path, ttl_s, owner)| Request::Lock { share, path, ttl_s, owner }),
+            (arb_name(), arb_file_path(), any::<u64>(), 1u32..=86_400).prop_map(|(share, path, token, ttl_s)| Request::Renew { share, path, token, ttl_s }),
+            (arb_name(), arb_file_path(), any::<u64>()).prop_map(|(share, path, token)| Request::Unlock { share, path, token }),
+            arb_name().prop_map(|share| Request::Locks { share }),
             (arb_name(), arb_name(), arb_path(), arb_hash(), arb_ranges())
                 .prop_map(|(transfer_id, share, path, file_hash, chunks)| Request::Get { transfer_id, share, path, file_hash, chunks }),
             arb_completion().prop_map(Request::TransferComplete),
@@ -627,6 +718,11 @@ mod tests {
             arb_name().prop_map(|transfer_id| Response::ReceiptOk { transfer_id }),
             arb_name().prop_map(|share| Response::Watching { share }),
             (arb_name(), arb_path()).prop_map(|(share, path)| Response::Changed { share, path }),
+            (arb_name(), arb_path()).prop_map(|(share, path)| Response::Done { share, path }),
+            (arb_name(), arb_lease()).prop_map(|(share, lease)| Response::Locked { share, lease }),
+            (arb_name(), arb_file_path()).prop_map(|(share, path)| Response::Unlocked { share, path }),
+            (arb_name(), prop::collection::vec("[*?a-z.]{1,8}", 0..4), prop::collection::vec(arb_lease(), 0..4))
+                .prop_map(|(share, lockable, leases)| Response::Leases { share, lockable, leases }),
             Just(Response::Bye),
             (prop::sample::select(ErrorCode::ALL.to_vec()), "[^\\p{Cc}]{0,40}")
                 .prop_map(|(code, message)| Response::Error { code, message }),

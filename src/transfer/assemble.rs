@@ -86,6 +86,13 @@ impl Assembly {
     /// already local: valid chunks of the temp file, then chunks of `base`
     /// (the manifest of the target's current content) copied from the target.
     pub fn prepare(target: &Path, manifest: Manifest, base: Option<&Manifest>) -> Result<Assembly, AssembleError> {
+        Self::prepare_from(target, manifest, base.map(|m| (target, m)))
+    }
+
+    /// Like [`Assembly::prepare`], with chunks reused from another file
+    /// (`base`: its path and manifest), e.g. the file a temp name is saved
+    /// beside (`x.blend` for `x.blend@`).
+    pub fn prepare_from(target: &Path, manifest: Manifest, base: Option<(&Path, &Manifest)>) -> Result<Assembly, AssembleError> {
         let temp = temp_path(target, &manifest.file_hash)?;
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&temp).map_err(io(&temp))?;
         let existing = file.metadata().map_err(io(&temp))?.len();
@@ -109,7 +116,7 @@ impl Assembly {
             file.set_len(manifest.size).map_err(io(&temp))?;
         }
         // Delta: copy chunks the current version already has.
-        if let (Some(base), Ok(old)) = (base, File::open(target)) {
+        if let Some((old, base)) = base.and_then(|(path, m)| Some((File::open(path).ok()?, m))) {
             let by_hash: HashMap<Hash, (u64, u32)> = base.chunks.iter().map(|c| (c.hash, (c.offset, c.len))).collect();
             for (i, c) in manifest.chunks.iter().enumerate() {
                 if have[i] {

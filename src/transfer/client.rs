@@ -32,6 +32,19 @@ pub struct Session {
     _endpoint: Endpoint,
 }
 
+/// What a push asks the receiver to check before it replaces anything.
+#[derive(Debug, Clone, Copy)]
+pub struct PushOptions {
+    pub base: proto::Base,
+    pub fence: Option<u64>,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        PushOptions { base: proto::Base::Any, fence: None }
+    }
+}
+
 const OUR_CAPS: [Capability; 3] = [Capability::Chunked, Capability::Parallel, Capability::Resume];
 
 impl Session {
@@ -168,8 +181,22 @@ impl Session {
         }
     }
 
-    /// Push `file` to `share`/`path` on the partner.
+    /// Push `file` to `share`/`path` on the partner, replacing whatever is there.
     pub async fn push(&mut self, share: &Name, path: &SharePath, file: &Path, progress: Option<Progress>) -> Result<Report, TransferError> {
+        self.push_with(share, path, file, PushOptions::default(), progress).await
+    }
+
+    /// Push with a base version to check and a lease token to present: the
+    /// partner refuses with CONFLICT when its version is no longer `base` or
+    /// a newer lease was granted on the path than `fence`.
+    pub async fn push_with(
+        &mut self,
+        share: &Name,
+        path: &SharePath,
+        file: &Path,
+        options: PushOptions,
+        progress: Option<Progress>,
+    ) -> Result<Report, TransferError> {
         let started = Timestamp::now();
         let clock = Instant::now();
         let node = self.node.clone();
@@ -185,6 +212,8 @@ impl Session {
             path: path.clone(),
             size: manifest.size,
             file_hash: manifest.file_hash,
+            base: options.base,
+            fence: options.fence,
             chunks: manifest_to_lines(&manifest),
         };
         let (window_size, need) = match self.request(&begin).await? {

@@ -38,6 +38,8 @@ const SERVER_CAPS: [Capability; 3] = [Capability::Chunked, Capability::Parallel,
 struct Incoming {
     share: Name,
     path: SharePath,
+    /// Checked again just before the new version replaces the old.
+    base: proto::Base,
     assembly: Mutex<Option<Arc<Assembly>>>,
     manifest: Manifest,
     started: Timestamp,
@@ -121,7 +123,12 @@ fn share_err(e: ShareError) -> Response {
         ShareError::Unknown(_) => ErrorCode::UnknownShare,
         ShareError::Denied(..) => ErrorCode::AccessDenied,
         ShareError::NotFound(_) | ShareError::NoMatch(..) => ErrorCode::NotFound,
-        ShareError::Outside(_) | ShareError::FileShare(_) | ShareError::NotAFile(_) | ShareError::NotADir(_) => ErrorCode::BadPath,
+        ShareError::Outside(_) | ShareError::FileShare(_) | ShareError::NotAFile(_) => ErrorCode::BadPath,
+        ShareError::NotADir(_) => ErrorCode::NotDir,
+        ShareError::IsDir(_) => ErrorCode::IsDir,
+        ShareError::Exists(_) => ErrorCode::Exists,
+        ShareError::NotEmpty(_) => ErrorCode::NotEmpty,
+        ShareError::Root(_) => ErrorCode::AccessDenied,
         ShareError::Io { .. } => ErrorCode::Internal,
     };
     err(code, e.to_string())
@@ -296,17 +303,32 @@ impl Session {
             _ if !*authed => Some(err(ErrorCode::AuthRequired, "send AUTH first")),
             Request::Discover => Some(self.discover()),
             Request::Describe { share, path } => Some(self.describe(&share, &path).await.unwrap_or_else(|e| e)),
-            Request::List { share, path } => {
-                Some(self.share(&share).and_then(|(s, _)| s.list(&path).map_err(share_err)).map(Response::Entries).unwrap_or_else(|e| e))
-            }
-            Request::Stat { share, path } => {
-                Some(self.share(&share).and_then(|(s, _)| s.stat(&path).map_err(share_err)).map(Response::StatOk).unwrap_or_else(|e| e))
-            }
-            Request::BeginTransfer { transfer_id, share, path, size, file_hash, chunks } => {
-                match self.clone().begin(transfer_id, share, path, size, file_hash, chunks).await {
+            Request::List { share, path } => Some(
+                self.share(&share)
+                    .and_then(|(s, _)| s.list(&path).map_err(share_err))
+                    .map(|entries| Response::Entries(entries.into_iter().map(|e| self.shown(&share, e)).collect()))
+                    .unwrap_or_else(|e| e),
+            ),
+            Request::Stat { share, path } => Some(
+                self.share(&share)
+                    .and_then(|(s, _)| s.stat(&path).map_err(share_err))
+                    .map(|e| Response::StatOk(self.shown(&share, e)))
+                    .unwrap_or_else(|e| e),
+            ),
+            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, chunks } => {
+                let push = Push { transfer_id, share, path, size, file_hash, base, fence, chunks };
+                match self.clone().begin(push).await {
                     Ok(r) | Err(r) => Some(r),
                 }
             }
+            Request::Mkdir { share, path, mode } => Some(self.mkdir(&share, &path, mode).unwrap_or_else(|e| e)),
+            Request::Remove { share, path, kind } => Some(self.remove(&share, &path, kind).unwrap_or_else(|e| e)),
+            Request::Rename { share, from, to, replace } => Some(self.rename(&share, &from, &to, replace).unwrap_or_else(|e| e)),
+            Request::SetAttr { share, path, mode, mtime_ns } => Some(self.set_attr(&share, &path, mode, mtime_ns).unwrap_or_else(|e| e)),
+            Request::Lock { share, path, ttl_s, owner } => Some(self.lock(&share, &path, ttl_s, &owner).unwrap_or_else(|e| e)),
+            Request::Renew { share, path, token, ttl_s } => Some(self.renew(&share, &path, token, ttl_s).unwrap_or_else(|e| e)),
+            Request::Unlock { share, path, token } => Some(self.unlock(&share, &path, token).unwrap_or_else(|e| e)),
+            Request::Locks { share } => Some(self.locks(&share).unwrap_or_else(|e| e)),
             Request::Get { transfer_id, share, path, file_hash, chunks } => {
                 self.get(transfer_id, share, path, file_hash, chunks).await.err()
             }
@@ -323,10 +345,12 @@ impl Session {
         let mut rx = self.node.watchers.subscribe(&self.node, config, interval);
         let tx = self.tx.clone();
         let name = share.clone();
+        let partner = self.partner.clone();
         let task = tokio::spawn(async move {
             loop {
                 let path = match rx.recv().await {
-                    Ok(p) => p,
+                    Ok((_, Some(origin))) if origin == partner => continue,
+                    Ok((p, _)) => p,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => SharePath::root(),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
@@ -368,17 +392,16 @@ impl Session {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn begin(
-        self: Arc<Self>,
-        transfer_id: Name,
-        share: Name,
-        path: SharePath,
-        size: u64,
-        file_hash: crate::hash::Hash,
-        chunks: Vec<proto::ChunkLine>,
-    ) -> Result<Response, Response> {
+    async fn begin(self: Arc<Self>, push: Push) -> Result<Response, Response> {
+        let Push { transfer_id, share, path, size, file_hash, base, fence, chunks } = push;
         let s = self.writable(&share)?;
+        self.unleased(&share, &path)?;
+        if let Some(token) = fence {
+            if !self.node.leases.fence_ok(&share, &path, token) {
+                tracing::warn!(target: "audit", partner = %self.partner, %share, %path, token, "refused push: a newer lease was granted since");
+                return Err(err(ErrorCode::Conflict, format!("{path}: a newer lease than yours (token {token}) was granted since; save your change under another name")));
+            }
+        }
         let manifest =
             manifest_from_lines(size, file_hash, &chunks, self.partner.as_str()).map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?;
         if lock(&self.incoming).contains_key(&transfer_id) {
@@ -388,20 +411,31 @@ impl Session {
         let Some(busy) = BusyGuard::claim(&self.node, &target, &self.partner) else {
             return Err(err(ErrorCode::Busy, format!("{path}: another partner's transfer is writing this file; try again when it ends")));
         };
+        // Chunks are reused from the target's current version or, for a
+        // new name saved beside a file (`x.blend@`), from that file.
+        let sibling = crate::lease::covering_names(&path).into_iter().skip(1).find_map(|p| s.resolve_file(&p).ok());
         let node = self.node.clone();
         let m = manifest.clone();
+        let (p2, t2) = (path.clone(), target.clone());
         let prepared = tokio::task::spawn_blocking(move || {
-            let base = if target.is_file() { crate::index::manifest_for(&node.db, &target, &node.config.storage.chunk).ok() } else { None };
-            Assembly::prepare(&target, m, base.as_ref())
+            let params = &node.config.storage.chunk;
+            let current = if t2.is_file() { crate::index::manifest_for(&node.db, &t2, params).ok() } else { None };
+            check_base(&p2, base, current.as_ref().map(|c| c.file_hash), t2.exists())?;
+            let from = match (&current, sibling) {
+                (Some(c), _) => Some((t2.clone(), c.clone())),
+                (None, Some(f)) => crate::index::manifest_for(&node.db, &f, params).ok().map(|m| (f, m)),
+                (None, None) => None,
+            };
+            Assembly::prepare_from(&t2, m, from.as_ref().map(|(p, m)| (p.as_path(), m))).map_err(|e| err(ErrorCode::Internal, e.to_string()))
         })
         .await
-        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| err(ErrorCode::Internal, e.to_string()))??;
         let need: RangeSet = prepared.needed().into_iter().collect();
         tracing::info!(partner = %self.partner, %share, %path, %transfer_id, chunks = manifest.chunks.len(), need = need.len(), reused = prepared.reused_bytes, "push accepted");
         let incoming = Arc::new(Incoming {
             share,
             path,
+            base,
             assembly: Mutex::new(Some(Arc::new(prepared))),
             manifest,
             started: Timestamp::now(),
@@ -425,12 +459,27 @@ impl Session {
         let assembly = lock(&incoming.assembly).take();
         lock(&self.incoming).remove(transfer_id);
         let Some(assembly) = assembly else { return err(ErrorCode::Internal, "transfer already completed") };
-        let finished = tokio::task::spawn_blocking(move || assembly.finish(None)).await;
+        if let Err(refused) = self.unleased(&incoming.share, &incoming.path) {
+            return refused;
+        }
+        let (node, base, share_path) = (self.node.clone(), incoming.base, incoming.path.clone());
+        let finished = tokio::task::spawn_blocking(move || {
+            // A local edit may have landed while the chunks travelled.
+            let target = assembly.target().to_path_buf();
+            if base != proto::Base::Any {
+                let current =
+                    if target.is_file() { crate::index::manifest_for(&node.db, &target, &node.config.storage.chunk).ok() } else { None };
+                check_base(&share_path, base, current.map(|c| c.file_hash), target.exists())?;
+            }
+            assembly.finish(None).map_err(|e| err(ErrorCode::HashMismatch, e.to_string()))
+        })
+        .await;
         let path = match finished {
             Ok(Ok(p)) => p,
-            Ok(Err(e)) => return err(ErrorCode::HashMismatch, e.to_string()),
+            Ok(Err(refused)) => return refused,
             Err(e) => return err(ErrorCode::Internal, e.to_string()),
         };
+        self.node.watchers.notify(&incoming.share, &incoming.path, Some(&self.partner));
         let facts = Facts {
             transfer_id,
             direction: "push",
@@ -597,6 +646,166 @@ impl Session {
         tracing::info!(target: "audit", partner = %self.partner, share = %outgoing.share, path = %outgoing.path, transfer_id = %c.transfer_id, "pull complete");
         self.record(&facts, "pull", stored.ok());
         Response::ReceiptOk { transfer_id: c.transfer_id }
+    }
+}
+
+/// BEGIN_TRANSFER's fields.
+struct Push {
+    transfer_id: Name,
+    share: Name,
+    path: SharePath,
+    size: u64,
+    file_hash: crate::hash::Hash,
+    base: proto::Base,
+    fence: Option<u64>,
+    chunks: Vec<proto::ChunkLine>,
+}
+
+/// Refuse a push whose base is no longer the target's version.
+fn check_base(path: &SharePath, base: proto::Base, current: Option<crate::hash::Hash>, exists: bool) -> Result<(), Response> {
+    let conflict = |why: String| Err(err(ErrorCode::Conflict, format!("{path}: {why}; nothing was replaced")));
+    match base {
+        proto::Base::Any => Ok(()),
+        proto::Base::Absent if exists => conflict("it was created here meanwhile".into()),
+        proto::Base::Absent => Ok(()),
+        proto::Base::Version(want) => match current {
+            Some(have) if have == want => Ok(()),
+            Some(have) => conflict(format!("it changed here since you read it (now {have})")),
+            None => conflict("it was removed here since you read it".into()),
+        },
+    }
+}
+
+/// File operations and leases.
+impl Session {
+    /// Refuse a change to `path` while another node holds a lease on it.
+    fn unleased(&self, share: &Name, path: &SharePath) -> Result<(), Response> {
+        match self.node.leases.check_write(share, path, &self.partner, Timestamp::now().0) {
+            Ok(()) => Ok(()),
+            Err(lease) => {
+                tracing::info!(target: "audit", partner = %self.partner, %share, %path, holder = %lease.holder, "refused change: leased");
+                Err(err(
+                    ErrorCode::Busy,
+                    format!(
+                        "{path} is locked by {} ({}) until {}: try again when it is released",
+                        lease.holder,
+                        lease.owner,
+                        Timestamp(lease.expires_ns).rfc3339()
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// An entry as this partner sees it: write bits cleared while another
+    /// node holds a lease on it.
+    fn shown(&self, share: &Name, mut e: proto::Entry) -> proto::Entry {
+        if e.kind == proto::EntryKind::File && self.node.leases.check_write(share, &e.path, &self.partner, Timestamp::now().0).is_err() {
+            e.mode &= !0o222;
+        }
+        e
+    }
+
+    fn changed(&self, share: &Name, path: &SharePath) {
+        self.node.watchers.notify(share, path, Some(&self.partner));
+    }
+
+    fn mkdir(&self, share: &Name, path: &SharePath, mode: u32) -> Result<Response, Response> {
+        let s = self.writable(share)?;
+        self.unleased(share, path)?;
+        let entry = s.mkdir(path, mode).map_err(share_err)?;
+        tracing::info!(target: "audit", partner = %self.partner, %share, %path, "mkdir");
+        self.changed(share, path);
+        Ok(Response::StatOk(entry))
+    }
+
+    fn remove(&self, share: &Name, path: &SharePath, kind: proto::EntryKind) -> Result<Response, Response> {
+        let s = self.writable(share)?;
+        self.unleased(share, path)?;
+        s.remove(path, kind).map_err(share_err)?;
+        tracing::info!(target: "audit", partner = %self.partner, %share, %path, kind = kind.as_str(), "removed");
+        self.changed(share, path);
+        Ok(Response::Done { share: share.clone(), path: path.clone() })
+    }
+
+    fn rename(&self, share: &Name, from: &SharePath, to: &SharePath, replace: bool) -> Result<Response, Response> {
+        let s = self.writable(share)?;
+        self.unleased(share, from)?;
+        self.unleased(share, to)?;
+        s.rename(from, to, replace).map_err(share_err)?;
+        tracing::info!(target: "audit", partner = %self.partner, %share, %from, %to, "renamed");
+        self.changed(share, from);
+        self.changed(share, to);
+        Ok(Response::Done { share: share.clone(), path: to.clone() })
+    }
+
+    fn set_attr(&self, share: &Name, path: &SharePath, mode: Option<u32>, mtime_ns: Option<i64>) -> Result<Response, Response> {
+        let s = self.writable(share)?;
+        self.unleased(share, path)?;
+        let entry = s.set_attr(path, mode, mtime_ns).map_err(share_err)?;
+        self.changed(share, path);
+        Ok(Response::StatOk(self.shown(share, entry)))
+    }
+
+    fn lease_row(lease: &crate::lease::Lease) -> proto::LeaseRow {
+        proto::LeaseRow {
+            token: lease.token,
+            holder: lease.holder.clone(),
+            owner: lease.owner.clone(),
+            since_ns: lease.since_ns,
+            expires_ns: lease.expires_ns,
+            path: lease.path.clone(),
+        }
+    }
+
+    fn lease_err(&self, e: crate::lease::LeaseError) -> Response {
+        match e {
+            crate::lease::LeaseError::Held(lease) => err(
+                ErrorCode::Busy,
+                format!(
+                    "{} is locked by {} ({}) until {}: try again when it is released",
+                    lease.path,
+                    lease.holder,
+                    lease.owner,
+                    Timestamp(lease.expires_ns).rfc3339()
+                ),
+            ),
+            e @ crate::lease::LeaseError::NotHeld { .. } => err(ErrorCode::NotFound, e.to_string()),
+            e => err(ErrorCode::Internal, e.to_string()),
+        }
+    }
+
+    fn lock(&self, share: &Name, path: &SharePath, ttl_s: u32, owner: &Name) -> Result<Response, Response> {
+        self.share(share)?;
+        let ttl = i64::from(ttl_s) * 1_000_000_000;
+        let lease =
+            self.node.leases.acquire(&self.node.db(), share, path, &self.partner, owner, ttl, Timestamp::now().0).map_err(|e| self.lease_err(e))?;
+        tracing::info!(target: "audit", partner = %self.partner, %share, %path, %owner, token = lease.token, "lease granted");
+        self.changed(share, path);
+        Ok(Response::Locked { share: share.clone(), lease: Self::lease_row(&lease) })
+    }
+
+    fn renew(&self, share: &Name, path: &SharePath, token: u64, ttl_s: u32) -> Result<Response, Response> {
+        self.share(share)?;
+        let ttl = i64::from(ttl_s) * 1_000_000_000;
+        let lease =
+            self.node.leases.renew(&self.node.db(), share, path, &self.partner, token, ttl, Timestamp::now().0).map_err(|e| self.lease_err(e))?;
+        Ok(Response::Locked { share: share.clone(), lease: Self::lease_row(&lease) })
+    }
+
+    fn unlock(&self, share: &Name, path: &SharePath, token: u64) -> Result<Response, Response> {
+        self.share(share)?;
+        self.node.leases.release(&self.node.db(), share, path, &self.partner, token, Timestamp::now().0).map_err(|e| self.lease_err(e))?;
+        tracing::info!(target: "audit", partner = %self.partner, %share, %path, token, "lease released");
+        self.changed(share, path);
+        Ok(Response::Unlocked { share: share.clone(), path: path.clone() })
+    }
+
+    fn locks(&self, share: &Name) -> Result<Response, Response> {
+        self.share(share)?;
+        let config = self.node.config.share(share.as_str()).ok_or_else(|| share_err(ShareError::Unknown(share.to_string())))?;
+        let leases = self.node.leases.list(share, Timestamp::now().0).iter().map(Self::lease_row).collect();
+        Ok(Response::Leases { share: share.clone(), lockable: config.lockable.clone(), leases })
     }
 }
 

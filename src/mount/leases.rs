@@ -1,0 +1,274 @@
+//! The leases a mount holds on its partner's files (the partner is the
+//! lock authority and enforces them; see [`crate::lease`]).
+//!
+//! A lease is held on this node's behalf for as long as something needs
+//! it, each need being a [`Need`]:
+//! - a **process** that opened a lockable file, in any mode, for as long as
+//!   that process lives (checked by pid and start time, so a reused pid is
+//!   not mistaken for it);
+//! - an open **write handle**, until it is released;
+//! - a **manual** `deftfs lock`, until `deftfs unlock` or its own ttl.
+//!
+//! [`Leases::tick`] runs every ttl/3: it drops needs that ended, releases
+//! leases nothing needs any more, and renews the rest. A lease the partner
+//! no longer grants (expired while this node was cut off, and taken by
+//! another) is dropped with a warning; its writes then go back as conflict
+//! copies, because the partner refuses their old fencing token.
+
+use super::remote::{Remote, RemoteError};
+use crate::proto::{LeaseRow, Name, Request, SharePath};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Something that needs a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Need {
+    Process { pid: i32, start: u64 },
+    Handle(u64),
+    Manual { until: Option<Instant> },
+}
+
+impl Need {
+    fn alive(&self, now: Instant) -> bool {
+        match self {
+            Need::Process { pid, start } => process_start(*pid) == Some(*start),
+            Need::Handle(_) => true,
+            Need::Manual { until } => until.is_none_or(|u| now < u),
+        }
+    }
+}
+
+/// A lease as `deftfs locks` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LeaseInfo {
+    pub share: String,
+    pub path: String,
+    pub holder: String,
+    pub owner: String,
+    pub token: u64,
+    pub since_ns: i64,
+    pub expires_ns: i64,
+    /// Held by this node.
+    pub mine: bool,
+}
+
+struct Held {
+    row: LeaseRow,
+    needs: Vec<Need>,
+}
+
+pub struct Leases {
+    remote: Arc<Remote>,
+    ttl_s: u32,
+    held: Mutex<HashMap<(Name, SharePath), Held>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The thread group (process) of a thread id: FUSE names the calling thread.
+pub fn process_of(tid: u32) -> i32 {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).unwrap_or(tid as i32)
+}
+
+/// A process's start time (clock ticks since boot), None once it is gone.
+pub fn process_start(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, field 2, is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')')? + 1..];
+    // Fields from 3 on; starttime is field 22.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A process's name (`/proc/PID/comm`).
+pub fn process_name(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+impl Leases {
+    pub fn new(remote: Arc<Remote>, ttl_s: u32) -> Arc<Leases> {
+        Arc::new(Leases { remote, ttl_s: ttl_s.max(3), held: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_s as u64)
+    }
+
+    /// Hold a lease on `path` for `need`: asks the partner unless this node
+    /// already holds it. Returns the fencing token. A lease held by another
+    /// node fails with the partner's BUSY refusal.
+    pub async fn take(&self, share: &Name, path: &SharePath, owner: &Name, need: Need) -> Result<u64, RemoteError> {
+        {
+            let mut held = lock(&self.held);
+            if let Some(h) = held.get_mut(&(share.clone(), path.clone())) {
+                if !h.needs.contains(&need) {
+                    h.needs.push(need);
+                }
+                return Ok(h.row.token);
+            }
+        }
+        let req = Request::Lock { share: share.clone(), path: path.clone(), ttl_s: self.ttl_s, owner: owner.clone() };
+        let row = self.remote.call_lock(req).await?;
+        let token = row.token;
+        let mut held = lock(&self.held);
+        let h = held.entry((share.clone(), path.clone())).or_insert(Held { row, needs: Vec::new() });
+        if !h.needs.contains(&need) {
+            h.needs.push(need);
+        }
+        tracing::info!(partner = %self.remote.partner(), %share, %path, %owner, token, "lease taken");
+        Ok(h.row.token)
+    }
+
+    /// The token of a lease this node holds that covers `path` (the path
+    /// itself, or the file it is saved beside: `x.blend` for `x.blend@`).
+    pub fn token(&self, share: &Name, path: &SharePath) -> Option<u64> {
+        let held = lock(&self.held);
+        crate::lease::covering_names(path).into_iter().find_map(|p| held.get(&(share.clone(), p)).map(|h| h.row.token))
+    }
+
+    /// Whether this node holds a lease on exactly `path`.
+    pub fn holds(&self, share: &Name, path: &SharePath) -> bool {
+        lock(&self.held).contains_key(&(share.clone(), path.clone()))
+    }
+
+    /// `need` no longer needs the lease on `path`; released if nothing else does.
+    pub fn done(self: &Arc<Self>, share: &Name, path: &SharePath, need: &Need) {
+        let release = {
+            let mut held = lock(&self.held);
+            let key = (share.clone(), path.clone());
+            match held.get_mut(&key) {
+                Some(h) => {
+                    h.needs.retain(|n| n != need);
+                    if h.needs.is_empty() {
+                        held.remove(&key).map(|h| h.row.token)
+                    } else {
+                        None
+                    }
+                }
+                None => None,
+            }
+        };
+        if let Some(token) = release {
+            let (me, share, path) = (self.clone(), share.clone(), path.clone());
+            tokio::spawn(async move { me.unlock(&share, &path, token).await });
+        }
+    }
+
+    /// Release a lease whatever needs it (`deftfs unlock`). False if not held.
+    pub async fn release(&self, share: &Name, path: &SharePath) -> bool {
+        let removed = lock(&self.held).remove(&(share.clone(), path.clone()));
+        match removed {
+            Some(h) => {
+                self.unlock(share, path, h.row.token).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn unlock(&self, share: &Name, path: &SharePath, token: u64) {
+        match self.remote.unlock(share, path, token).await {
+            Ok(()) => tracing::info!(partner = %self.remote.partner(), %share, %path, "lease released"),
+            Err(e) => tracing::debug!(partner = %self.remote.partner(), %share, %path, "releasing lease: {e} (it expires by itself)"),
+        }
+    }
+
+    /// Drop ended needs, release unneeded leases, renew the rest.
+    pub async fn tick(&self) {
+        let now = Instant::now();
+        let (release, renew): (Vec<_>, Vec<_>) = {
+            let mut held = lock(&self.held);
+            for h in held.values_mut() {
+                h.needs.retain(|n| n.alive(now));
+            }
+            let release: Vec<(Name, SharePath, u64)> =
+                held.iter().filter(|(_, h)| h.needs.is_empty()).map(|((s, p), h)| (s.clone(), p.clone(), h.row.token)).collect();
+            for (s, p, _) in &release {
+                held.remove(&(s.clone(), p.clone()));
+            }
+            (release, held.iter().map(|((s, p), h)| (s.clone(), p.clone(), h.row.token)).collect())
+        };
+        for (share, path, token) in release {
+            self.unlock(&share, &path, token).await;
+        }
+        for (share, path, token) in renew {
+            let req = Request::Renew { share: share.clone(), path: path.clone(), token, ttl_s: self.ttl_s };
+            match self.remote.call_lock(req).await {
+                Ok(row) => {
+                    if let Some(h) = lock(&self.held).get_mut(&(share.clone(), path.clone())) {
+                        h.row = row;
+                    }
+                }
+                Err(RemoteError::Offline { .. }) => {
+                    tracing::debug!(%share, %path, "cannot renew lease: partner offline");
+                }
+                Err(e) => {
+                    tracing::warn!(partner = %self.remote.partner(), %share, %path, "lease lost: {e}; changes made now go back as conflict copies");
+                    lock(&self.held).remove(&(share, path));
+                }
+            }
+        }
+    }
+
+    /// Renew every ttl/3 until the task is aborted.
+    pub fn start(self: &Arc<Self>) -> tokio::task::AbortHandle {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let period = Duration::from_secs_f64(me.ttl_s as f64 / 3.0);
+            loop {
+                tokio::time::sleep(period.min(Duration::from_secs(2))).await;
+                // Needs are checked often (a process exit should free the
+                // file soon); the partner hears from us every ttl/3.
+                me.tick_if_due(period).await;
+            }
+        })
+        .abort_handle()
+    }
+
+    async fn tick_if_due(&self, _period: Duration) {
+        self.tick().await;
+    }
+
+    /// Leases this node holds through this mount.
+    pub fn mine(&self) -> Vec<LeaseInfo> {
+        lock(&self.held)
+            .iter()
+            .map(|((s, p), h)| LeaseInfo {
+                share: s.to_string(),
+                path: p.to_string(),
+                holder: h.row.holder.to_string(),
+                owner: h.row.owner.to_string(),
+                token: h.row.token,
+                since_ns: h.row.since_ns,
+                expires_ns: h.row.expires_ns,
+                mine: true,
+            })
+            .collect()
+    }
+
+    /// Release everything (unmount).
+    pub async fn release_all(&self) {
+        let all: Vec<((Name, SharePath), Held)> = lock(&self.held).drain().collect();
+        for ((s, p), h) in all {
+            self.unlock(&s, &p, h.row.token).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_is_alive_and_named() {
+        let pid = std::process::id() as i32;
+        let start = process_start(pid).expect("own start time");
+        assert!(Need::Process { pid, start }.alive(Instant::now()));
+        assert!(!Need::Process { pid, start: start + 1 }.alive(Instant::now()), "a reused pid is another process");
+        assert!(!process_name(pid).is_empty());
+        assert_eq!(process_of(pid as u32), pid);
+    }
+}

@@ -1,0 +1,252 @@
+//! A file being written through a mount: its new content staged in a local
+//! file, sparse, with a record of which byte ranges it holds.
+//!
+//! Opening an existing file for write downloads nothing: the staging file
+//! starts with the base version's size and no content. A write stores its
+//! bytes and marks them present; a read, or the push at close, first fills
+//! the ranges still missing from the base version's chunks (cache or GET).
+//! So the first write returns after touching only what it wrote.
+//!
+//! Invariants: `present` is sorted, merged, within `[0, size)`; a range
+//! that is not present lies inside the base version (growing a file marks
+//! the new bytes present: they are zeros); filling never overwrites a
+//! present byte, because it checks under the same lock writes take.
+
+use crate::chunk::Manifest;
+use crate::proto::Base;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// Sorted, disjoint, merged half-open byte ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ranges(Vec<(u64, u64)>);
+
+impl Ranges {
+    pub fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut s, mut e) = (start, end);
+        let mut out = Vec::with_capacity(self.0.len() + 1);
+        let mut placed = false;
+        for &(a, b) in &self.0 {
+            if b < s {
+                out.push((a, b));
+            } else if a > e {
+                if !placed {
+                    out.push((s, e));
+                    placed = true;
+                }
+                out.push((a, b));
+            } else {
+                s = s.min(a);
+                e = e.max(b);
+            }
+        }
+        if !placed {
+            out.push((s, e));
+        }
+        self.0 = out;
+    }
+
+    /// Drop everything at or past `len`.
+    pub fn truncate(&mut self, len: u64) {
+        self.0.retain(|&(a, _)| a < len);
+        if let Some(last) = self.0.last_mut() {
+            last.1 = last.1.min(len);
+        }
+    }
+
+    /// The parts of `[start, end)` not covered.
+    pub fn missing(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = start;
+        for &(a, b) in &self.0 {
+            if b <= at {
+                continue;
+            }
+            if a >= end {
+                break;
+            }
+            if a > at {
+                out.push((at, a.min(end)));
+            }
+            at = at.max(b);
+            if at >= end {
+                break;
+            }
+        }
+        if at < end {
+            out.push((at, end));
+        }
+        out
+    }
+}
+
+pub struct StageState {
+    pub size: u64,
+    pub present: Ranges,
+    /// The version missing ranges come from (None: a new file, or fully present).
+    pub base: Option<Arc<Manifest>>,
+    /// What the push asks the partner to still have.
+    pub expect: Base,
+    /// Changed since the last push.
+    pub dirty: bool,
+    /// Open handles using this staging.
+    pub handles: usize,
+    pub mtime_ns: i64,
+}
+
+pub struct Staged {
+    pub data: PathBuf,
+    pub file: File,
+    pub state: Mutex<StageState>,
+    /// Held by a push from fill to the end of the transfer, and by each
+    /// write: a file is never pushed while a write is half done.
+    pub gate: tokio::sync::Mutex<()>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Staged {
+    /// A staging file for a version of `size` bytes whose content is
+    /// `base` (nothing local yet), or for a new empty file (`base` None).
+    pub fn create(data: PathBuf, base: Option<Arc<Manifest>>, expect: Base, mtime_ns: i64) -> std::io::Result<Staged> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&data)?;
+        let size = base.as_ref().map_or(0, |m| m.size);
+        file.set_len(size)?;
+        let state = StageState { size, present: Ranges::default(), base, expect, dirty: false, handles: 0, mtime_ns };
+        Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()) })
+    }
+
+    pub fn state(&self) -> std::sync::MutexGuard<'_, StageState> {
+        lock(&self.state)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.state().size
+    }
+
+    /// Store written bytes. Writing past the end leaves zeros in between.
+    pub fn write(&self, offset: u64, data: &[u8], now_ns: i64) -> std::io::Result<()> {
+        let mut st = self.state();
+        self.file.write_all_at(data, offset)?;
+        let end = offset + data.len() as u64;
+        if offset > st.size {
+            let size = st.size;
+            st.present.insert(size, offset);
+        }
+        st.present.insert(offset, end);
+        st.size = st.size.max(end);
+        st.dirty = true;
+        st.mtime_ns = now_ns;
+        Ok(())
+    }
+
+    /// Truncate or extend.
+    pub fn set_len(&self, len: u64, now_ns: i64) -> std::io::Result<()> {
+        let mut st = self.state();
+        self.file.set_len(len)?;
+        if len > st.size {
+            let size = st.size;
+            st.present.insert(size, len);
+        }
+        st.present.truncate(len);
+        st.size = len;
+        st.dirty = true;
+        st.mtime_ns = now_ns;
+        Ok(())
+    }
+
+    /// Ranges of `[start, end)` still to come from the base version.
+    pub fn missing(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let st = self.state();
+        st.present.missing(start, end.min(st.size))
+    }
+
+    /// Put base content `data`, which starts at `offset`, into the holes it
+    /// covers (never over written bytes).
+    pub fn fill(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut st = self.state();
+        let end = offset + data.len() as u64;
+        for (a, b) in st.present.missing(offset, end.min(st.size)) {
+            self.file.write_all_at(&data[(a - offset) as usize..(b - offset) as usize], a)?;
+        }
+        let size = st.size;
+        st.present.insert(offset, end.min(size));
+        Ok(())
+    }
+
+    pub fn read(&self, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        let size = self.size();
+        let end = offset.saturating_add(len as u64).min(size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let mut buf = vec![0u8; (end - offset) as usize];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ranges_merge_and_report_holes() {
+        let mut r = Ranges::default();
+        r.insert(10, 20);
+        r.insert(30, 40);
+        assert_eq!(r.missing(0, 50), vec![(0, 10), (20, 30), (40, 50)]);
+        r.insert(15, 35);
+        assert_eq!(r, Ranges(vec![(10, 40)]));
+        r.insert(40, 45);
+        assert_eq!(r, Ranges(vec![(10, 45)]));
+        r.truncate(12);
+        assert_eq!(r, Ranges(vec![(10, 12)]));
+        assert_eq!(r.missing(10, 12), vec![]);
+    }
+
+    #[test]
+    fn writes_fill_and_truncate_keep_written_bytes() {
+        let dir = std::env::temp_dir().join(format!("deftfs-stage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = crate::chunk::chunk_slice(&[7u8; 100], &crate::chunk::ChunkParams::default()).unwrap();
+        let s = Staged::create(dir.join("a"), Some(Arc::new(base)), Base::Absent, 0).unwrap();
+        s.write(10, b"hello", 1).unwrap();
+        assert_eq!(s.missing(0, 100), vec![(0, 10), (15, 100)]);
+        s.fill(0, &[7u8; 100]).unwrap();
+        assert_eq!(s.missing(0, 100), vec![]);
+        let back = s.read(0, 100).unwrap();
+        assert_eq!(&back[10..15], b"hello");
+        assert_eq!(back[0], 7);
+        s.set_len(12, 2).unwrap();
+        s.set_len(20, 3).unwrap();
+        assert_eq!(s.read(0, 100).unwrap()[12..], [0u8; 8]);
+        assert!(s.state().dirty);
+    }
+
+    proptest! {
+        #[test]
+        fn missing_is_the_complement_of_inserted(ops in prop::collection::vec((0u64..200, 0u64..50), 0..20)) {
+            let mut r = Ranges::default();
+            let mut bits = [false; 250];
+            for (s, l) in ops {
+                r.insert(s, s + l);
+                for b in bits.iter_mut().skip(s as usize).take(l as usize) { *b = true; }
+            }
+            let mut holes = [false; 250];
+            for (a, b) in r.missing(0, 250) {
+                for h in holes.iter_mut().take(b as usize).skip(a as usize) { *h = true; }
+            }
+            for i in 0..250 { prop_assert_eq!(bits[i], !holes[i]); }
+        }
+    }
+}

@@ -1,0 +1,689 @@
+//! The write half of the vfs: opening for write, staging, pushing on close
+//! and fsync, namespace changes, and the leases that protect them.
+//!
+//! - Opening a file of a share granted `write` for write takes a lease on
+//!   it for the handle's life; opening a *lockable* file in any mode takes
+//!   one for the opening process's life. A lease held by another node
+//!   makes the open fail with `EBUSY` (reads are not refused).
+//! - Writes go to a [`Staged`] file. `flush` (every close) and `fsync`
+//!   push it: the base chunks still missing are filled in, the staging is
+//!   fsynced, committed to the write-back queue, and pushed as a delta;
+//!   the call returns when the partner has it, when it was saved as a
+//!   conflict copy, or, partner unreachable, once it is durably queued.
+//! - Namespace changes (mkdir, unlink, rmdir, rename, chmod, utimens) are
+//!   made on the partner at once; a file not pushed yet is pushed first,
+//!   so the partner never sees a rename of something it does not have.
+
+use super::*;
+use crate::mount::leases::{process_name, process_of, process_start, Need};
+use crate::proto::{Base, Request};
+use crate::writeback::Outcome;
+
+/// How a file is opened.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenMode {
+    pub write: bool,
+    pub truncate: bool,
+    pub append: bool,
+    /// The calling thread (FUSE request pid).
+    pub tid: u32,
+}
+
+fn now_ns() -> i64 {
+    crate::time::Timestamp::now().0
+}
+
+fn io_errno(e: std::io::Error) -> Errno {
+    tracing::error!("staging: {e}");
+    Errno(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+impl Vfs {
+    fn file_key(&self, ino: Ino) -> Result<(Name, SharePath), Errno> {
+        let (share, path, kind) = self.node_key(ino)?;
+        if kind == Kind::Dir {
+            return Err(Errno::EISDIR);
+        }
+        Ok((share.ok_or(Errno::EISDIR)?, path))
+    }
+
+    fn check_writable(&self, share: &Option<Name>) -> Result<Name, Errno> {
+        match share {
+            Some(s) if self.share_writable(s) => Ok(s.clone()),
+            _ => Err(Errno::EROFS),
+        }
+    }
+
+    /// The share's leases and lockable patterns, refreshed like listings.
+    async fn share_leases(&self, share: &Name) -> Option<(Vec<crate::glob::Glob>, Vec<crate::proto::LeaseRow>)> {
+        if let Some(sl) = lock(&self.share_leases).get(share) {
+            if self.fresh(Some(sl.at)) {
+                return Some((sl.lockable.clone(), sl.leases.clone()));
+            }
+        }
+        match self.remote.locks(share).await {
+            Ok((patterns, leases)) => {
+                let lockable: Vec<crate::glob::Glob> = patterns.iter().filter_map(|p| crate::glob::Glob::new(p).ok()).collect();
+                let out = (lockable.clone(), leases.clone());
+                lock(&self.share_leases).insert(share.clone(), ShareLeases { lockable, leases, at: Instant::now() });
+                Some(out)
+            }
+            Err(e) => {
+                tracing::debug!(%share, "leases unknown: {e}");
+                lock(&self.share_leases).get(share).map(|sl| (sl.lockable.clone(), sl.leases.clone()))
+            }
+        }
+    }
+
+    /// Whether the partner's share makes `path` lockable. Unknown (partner
+    /// offline, never asked): the default patterns.
+    async fn lockable(&self, share: &Name, path: &SharePath) -> bool {
+        let Some(name) = path.file_name() else { return false };
+        let lower = name.to_ascii_lowercase();
+        match self.share_leases(share).await {
+            Some((patterns, _)) => patterns.iter().any(|g| g.matches(name) || g.matches(&lower)),
+            None => crate::config::DEFAULT_LOCKABLE.iter().filter_map(|p| crate::glob::Glob::new(p).ok()).any(|g| g.matches(&lower)),
+        }
+    }
+
+    /// `.NAME.lock` entries of directory `dir`: leases other nodes hold.
+    pub(super) async fn lock_entries(&self, share: &Name, dir: &SharePath) -> Vec<(String, Entry, Vec<u8>)> {
+        let Some((_, leases)) = self.share_leases(share).await else { return Vec::new() };
+        let mut out = Vec::new();
+        for l in leases {
+            if l.holder == self.config.me || l.path.parent().unwrap_or_else(SharePath::root) != *dir {
+                continue;
+            }
+            let Some(name) = l.path.file_name() else { continue };
+            let lock_name = format!(".{name}.lock");
+            let Ok(path) = dir.join(&lock_name) else { continue };
+            let json = serde_json::json!({
+                "path": l.path.as_str(),
+                "holder": l.holder.as_str(),
+                "process": l.owner.as_str(),
+                "since": crate::time::Timestamp(l.since_ns).rfc3339(),
+                "expires": crate::time::Timestamp(l.expires_ns).rfc3339(),
+                "token": l.token,
+            });
+            let mut bytes = serde_json::to_vec_pretty(&json).unwrap_or_default();
+            bytes.push(b'\n');
+            let entry = Entry { kind: EntryKind::File, size: bytes.len() as u64, mtime_ns: l.since_ns, mode: 0o444, path };
+            out.push((lock_name, entry, bytes));
+        }
+        out
+    }
+
+    /// Take the leases an open needs: the process's (lockable file, any
+    /// mode) and the handle's (write). Returns the token and the handle
+    /// lease to drop at release.
+    async fn open_leases(&self, share: &Name, path: &SharePath, mode: OpenMode, fh: u64) -> Result<Option<u64>, Errno> {
+        let lockable = self.lockable(share, path).await;
+        if !lockable && !mode.write {
+            return Ok(None);
+        }
+        let pid = process_of(mode.tid);
+        let owner = crate::lease::owner_name(&process_name(pid));
+        let mut token = None;
+        if lockable {
+            match process_start(pid) {
+                Some(start) => match self.leases.take(share, path, &owner, Need::Process { pid, start }).await {
+                    Ok(t) => token = Some(t),
+                    Err(e) if mode.write => return Err(self.lease_errno(path, &e)),
+                    // Read-only: reading a file leased elsewhere is allowed.
+                    Err(e) => tracing::debug!(%path, "no lease for a read-only open: {e}"),
+                },
+                None => tracing::debug!(pid, "opening process already gone"),
+            }
+        }
+        if mode.write {
+            match self.leases.take(share, path, &owner, Need::Handle(fh)).await {
+                Ok(t) => token = Some(t),
+                Err(RemoteError::Offline { .. }) if !lockable => {
+                    // Not lockable: written offline, reconciled by the base
+                    // check when it goes back (a conflict copy at worst).
+                    tracing::info!(%path, "partner offline: writing without a lease");
+                }
+                Err(e) => return Err(self.lease_errno(path, &e)),
+            }
+        }
+        Ok(token)
+    }
+
+    fn lease_errno(&self, path: &SharePath, e: &RemoteError) -> Errno {
+        match e {
+            RemoteError::Refused { code: "BUSY", message, .. } => {
+                tracing::info!(%path, "{message}");
+                Errno::EBUSY
+            }
+            RemoteError::Offline { .. } => {
+                tracing::warn!(partner = %self.remote.partner(), %path, "cannot lock: {e}; lockable files are not written while the partner is unreachable");
+                Errno::EIO
+            }
+            other => Errno::from_remote(other),
+        }
+    }
+
+    /// The staging of `ino`, created from its current version if needed.
+    async fn stage(&self, ino: Ino, truncate: bool) -> Result<Arc<Staged>, Errno> {
+        if let Some(st) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) {
+            return Ok(st);
+        }
+        let (_, _, manifest) = self.manifest(ino).await?;
+        let data = self.writeback.staging_path();
+        let expect = Base::Version(manifest.file_hash);
+        let mtime = lock(&self.inodes).by_ino.get(&ino).map_or(0, |n| n.mtime_ns);
+        let staged = Arc::new(Staged::create(data, Some(manifest), expect, mtime).map_err(io_errno)?);
+        if truncate {
+            staged.set_len(0, now_ns()).map_err(io_errno)?;
+        }
+        let mut inodes = lock(&self.inodes);
+        let n = inodes.by_ino.get_mut(&ino).ok_or(Errno::ENOENT)?;
+        // Another open may have staged it meanwhile: use that one.
+        Ok(n.staged.get_or_insert(staged).clone())
+    }
+
+    /// Open `ino` as `mode` says.
+    pub async fn open(&self, ino: Ino, mode: OpenMode) -> Result<(u64, bool), Errno> {
+        let (share, path) = self.file_key(ino)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
+        if !mode.write {
+            let (rfh, keep) = self.open_read(ino).await?;
+            // A lockable file is leased for the opening process's life.
+            let is_virtual = lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some());
+            if !is_virtual && self.share_writable(&share) {
+                let _ = self.open_leases(&share, &path, mode, rfh).await;
+            }
+            return Ok((rfh, keep));
+        }
+        self.check_writable(&Some(share.clone()))?;
+        if lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some()) {
+            return Err(Errno::EACCES);
+        }
+        self.open_leases(&share, &path, mode, fh).await?;
+        let staged = match self.stage(ino, mode.truncate).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.leases.done(&share, &path, &Need::Handle(fh));
+                return Err(e);
+            }
+        };
+        if mode.truncate && staged.size() > 0 {
+            let _gate = staged.gate.lock().await;
+            staged.set_len(0, now_ns()).map_err(io_errno)?;
+        }
+        staged.state().handles += 1;
+        let handle = StagedHandle { ino, staged, write: true, append: mode.append, lease: Some((share, path)) };
+        lock(&self.handles).insert(fh, Handle::Staged(handle));
+        Ok((fh, false))
+    }
+
+    /// Create and open a new file.
+    pub async fn create(&self, parent: Ino, name: &str, mode: u32, open: OpenMode) -> Result<(Attr, u64), Errno> {
+        let (pshare, ppath, kind) = self.node_key(parent)?;
+        if kind != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let share = self.check_writable(&pshare)?;
+        let path = ppath.join(name).map_err(|_| Errno::EINVAL)?;
+        if path.components().any(|c| c.contains(crate::share::TEMP_MARKER)) {
+            return Err(Errno::EINVAL);
+        }
+        let children = self.children(parent).await?;
+        if let Some((_, existing)) = children.iter().find(|(n, _)| n == name) {
+            // O_CREAT without O_EXCL on an existing name: open it.
+            let (fh, _) = self.open(*existing, OpenMode { write: true, ..open }).await?;
+            return Ok((self.cached_attr(*existing)?, fh));
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
+        let token = self.open_leases(&share, &path, OpenMode { write: true, ..open }, fh).await?;
+        let _ = token;
+        let staged = Arc::new(Staged::create(self.writeback.staging_path(), None, Base::Absent, now_ns()).map_err(io_errno)?);
+        staged.state().dirty = true;
+        staged.state().handles += 1;
+        let ino = {
+            let mut inodes = lock(&self.inodes);
+            let entry = Entry { kind: EntryKind::File, size: 0, mtime_ns: now_ns(), mode: mode & 0o7777, path: path.clone() };
+            let ino = Self::upsert(&mut inodes, parent, Some(share.clone()), &entry, Instant::now());
+            if let Some(n) = inodes.by_ino.get_mut(&ino) {
+                n.staged = Some(staged.clone());
+                n.local_only = true;
+                n.manifest = None;
+            }
+            if let Some((c, _)) = inodes.by_ino.get_mut(&parent).and_then(|p| p.children.as_mut()) {
+                if !c.iter().any(|(n, _)| n == name) {
+                    c.push((name.to_string(), ino));
+                }
+            }
+            ino
+        };
+        let handle = StagedHandle { ino, staged, write: true, append: open.append, lease: Some((share, path)) };
+        lock(&self.handles).insert(fh, Handle::Staged(handle));
+        Ok((self.cached_attr(ino)?, fh))
+    }
+
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        let (staged, append) = match lock(&self.handles).get(&fh) {
+            Some(Handle::Staged(h)) if h.write => (h.staged.clone(), h.append),
+            Some(_) => return Err(Errno::EBADF),
+            None => return Err(Errno::EBADF),
+        };
+        let _gate = staged.gate.lock().await;
+        let offset = if append { staged.size() } else { offset };
+        staged.write(offset, data, now_ns()).map_err(io_errno)?;
+        Ok(data.len() as u32)
+    }
+
+    pub(super) async fn read_staged(&self, ino: Ino, staged: &Arc<Staged>, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let end = offset.saturating_add(size as u64);
+        if !staged.missing(offset, end).is_empty() {
+            self.fill(ino, staged, offset, end).await?;
+        }
+        staged.read(offset, size).map_err(io_errno)
+    }
+
+    /// Bring the base version's bytes of `[start, end)` into the staging.
+    async fn fill(&self, ino: Ino, staged: &Arc<Staged>, start: u64, end: u64) -> Result<(), Errno> {
+        let holes = staged.missing(start, end);
+        if holes.is_empty() {
+            return Ok(());
+        }
+        let Some(base) = staged.state().base.clone() else {
+            // Nothing to fill from: the holes are zeros (a new file).
+            return Ok(());
+        };
+        let (share, path) = self.file_key(ino)?;
+        let mut indices: Vec<u32> = Vec::new();
+        for (a, b) in &holes {
+            for i in Self::covering(&base, *a, *b) {
+                if indices.last() != Some(&(i as u32)) {
+                    indices.push(i as u32);
+                }
+            }
+        }
+        for batch in indices.chunks(64) {
+            self.remote.fetch(&share, &path, &base, batch).await.map_err(|e| match e {
+                RemoteError::Stale { .. } => Errno::ESTALE,
+                other => Errno::from_remote(&other),
+            })?;
+            for &i in batch {
+                let Some(c) = base.chunks.get(i as usize) else { continue };
+                let data = self.chunk(&c.hash).ok_or(Errno::EIO)?;
+                staged.fill(c.offset, &data).map_err(io_errno)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Push `ino`'s staged content if it changed: fill, fsync, queue, push.
+    pub async fn push(&self, ino: Ino) -> Result<(), Errno> {
+        let Some(staged) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) else { return Ok(()) };
+        let _gate = staged.gate.lock().await;
+        if !staged.state().dirty {
+            return Ok(());
+        }
+        let size = staged.size();
+        self.fill(ino, &staged, 0, size).await?;
+        let (share, path) = self.file_key(ino)?;
+        let expect = staged.state().expect;
+        let fence = self.leases.token(&share, &path);
+        // The queue gets its own name for the content (a hard link): the
+        // staging may live on under this inode after the push.
+        let queued = self.writeback.staging_path();
+        let st = staged.clone();
+        let q = queued.clone();
+        tokio::task::spawn_blocking(move || {
+            st.file.sync_all()?;
+            std::fs::hard_link(&st.data, &q)
+        })
+        .await
+        .map_err(|_| Errno::EIO)?
+        .map_err(io_errno)?;
+        let id = self.writeback.enqueue(self.remote.partner(), &share, &path, &queued, expect, fence).map_err(|e| {
+            tracing::error!("{e}");
+            let _ = std::fs::remove_file(&queued);
+            Errno::EIO
+        })?;
+        {
+            let mut st = staged.state();
+            st.dirty = false;
+            // Everything is local now: later reads need no base.
+            st.base = None;
+        }
+        let outcome = self.writeback.flush(id).await;
+        let mut st = staged.state();
+        match outcome {
+            Outcome::Pushed(report) => {
+                if let Ok(h) = report.file_hash.parse() {
+                    st.expect = Base::Version(h);
+                }
+                drop(st);
+                let mut inodes = lock(&self.inodes);
+                if let Some(n) = inodes.by_ino.get_mut(&ino) {
+                    n.local_only = false;
+                    n.size = report.bytes_total;
+                    n.manifest = None;
+                    n.cached_version = None;
+                }
+                Ok(())
+            }
+            Outcome::Conflict { copy, .. } => {
+                tracing::warn!(partner = %self.remote.partner(), %share, %path, %copy, "the partner's version changed meanwhile: this change was saved as {copy}");
+                // This file now shows the partner's version again.
+                st.expect = Base::Any;
+                drop(st);
+                if let Some(n) = lock(&self.inodes).by_ino.get_mut(&ino) {
+                    n.manifest = None;
+                    n.attr_at = None;
+                }
+                Ok(())
+            }
+            Outcome::Queued(why) => {
+                // Durable in the queue; it goes back when the partner is
+                // reachable. Later pushes of this file follow it in order.
+                st.expect = Base::Any;
+                tracing::info!(partner = %self.remote.partner(), %share, %path, "write-back queued: {why}");
+                Ok(())
+            }
+            Outcome::Failed { code, message } => {
+                tracing::error!(partner = %self.remote.partner(), %share, %path, code, "write-back refused: {message}");
+                Err(Errno::from_remote(&RemoteError::Refused { partner: String::new(), code, message }))
+            }
+        }
+    }
+
+    /// Every close: push what this handle's file has staged.
+    pub async fn flush(&self, fh: u64) -> Result<(), Errno> {
+        let ino = match lock(&self.handles).get(&fh) {
+            Some(Handle::Staged(h)) if h.write => h.ino,
+            _ => return Ok(()),
+        };
+        self.push(ino).await
+    }
+
+    pub async fn fsync(&self, fh: u64) -> Result<(), Errno> {
+        self.flush(fh).await
+    }
+
+    pub fn release(&self, fh: u64) {
+        let Some(handle) = lock(&self.handles).remove(&fh) else { return };
+        let Handle::Staged(h) = handle else { return };
+        if let Some((share, path)) = &h.lease {
+            self.leases.done(share, path, &Need::Handle(fh));
+        }
+        let last = {
+            let mut st = h.staged.state();
+            st.handles = st.handles.saturating_sub(1);
+            st.handles == 0 && !st.dirty
+        };
+        if last {
+            let mut inodes = lock(&self.inodes);
+            if let Some(n) = inodes.by_ino.get_mut(&h.ino) {
+                if n.staged.as_ref().is_some_and(|s| Arc::ptr_eq(s, &h.staged)) {
+                    n.staged = None;
+                }
+            }
+            drop(inodes);
+            let _ = std::fs::remove_file(&h.staged.data);
+        }
+    }
+
+    /// Push first if `ino` holds changes the partner lacks.
+    async fn settle(&self, ino: Ino) -> Result<(), Errno> {
+        let pending = lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.local_only || n.staged.as_ref().is_some_and(|s| s.state().dirty));
+        if pending {
+            self.push(ino).await?;
+        }
+        Ok(())
+    }
+
+    fn remote_errno(&self, what: &str, path: &SharePath, e: RemoteError) -> Errno {
+        let errno = Errno::from_remote(&e);
+        if errno == Errno::EIO {
+            tracing::warn!(partner = %self.remote.partner(), %path, "{what} failed: {e}");
+        } else {
+            tracing::debug!(%path, "{what}: {e}");
+        }
+        errno
+    }
+
+    pub async fn mkdir(&self, parent: Ino, name: &str, mode: u32) -> Result<Attr, Errno> {
+        let (pshare, ppath, kind) = self.node_key(parent)?;
+        if kind != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        let share = self.check_writable(&pshare)?;
+        let path = ppath.join(name).map_err(|_| Errno::EINVAL)?;
+        let entry = self
+            .remote
+            .call_stat(Request::Mkdir { share: share.clone(), path: path.clone(), mode })
+            .await
+            .map_err(|e| self.remote_errno("mkdir", &path, e))?;
+        let mut inodes = lock(&self.inodes);
+        let ino = Self::upsert(&mut inodes, parent, Some(share), &entry, Instant::now());
+        if let Some(n) = inodes.by_ino.get_mut(&ino) {
+            n.children = Some((Vec::new(), Instant::now()));
+        }
+        if let Some((c, _)) = inodes.by_ino.get_mut(&parent).and_then(|p| p.children.as_mut()) {
+            c.retain(|(n, _)| n != name);
+            c.push((name.to_string(), ino));
+        }
+        let n = inodes.by_ino.get(&ino).ok_or(Errno::EIO)?;
+        Ok(self.attr_of(ino, n))
+    }
+
+    /// Forget `name` in `parent` (and the inode's key).
+    fn forget(&self, parent: Ino, name: &str) {
+        let mut inodes = lock(&self.inodes);
+        let mut gone = None;
+        if let Some((c, _)) = inodes.by_ino.get_mut(&parent).and_then(|p| p.children.as_mut()) {
+            if let Some(i) = c.iter().position(|(n, _)| n == name) {
+                gone = Some(c.remove(i).1);
+            }
+        }
+        if let Some(ino) = gone {
+            if let Some(n) = inodes.by_ino.get(&ino) {
+                let key = (share_key(&n.share), n.path.clone());
+                inodes.by_key.remove(&key);
+            }
+            if let Some(n) = inodes.by_ino.get_mut(&ino) {
+                n.attr_at = None;
+                n.local_only = false;
+            }
+        }
+    }
+
+    pub async fn unlink(&self, parent: Ino, name: &str) -> Result<(), Errno> {
+        self.remove(parent, name, EntryKind::File).await
+    }
+
+    pub async fn rmdir(&self, parent: Ino, name: &str) -> Result<(), Errno> {
+        self.remove(parent, name, EntryKind::Dir).await
+    }
+
+    async fn remove(&self, parent: Ino, name: &str, kind: EntryKind) -> Result<(), Errno> {
+        let ino = self.lookup(parent, name).await?.ino;
+        let (share, path, k) = self.node_key(ino)?;
+        let share = self.check_writable(&share)?;
+        match (kind, k) {
+            (EntryKind::File, Kind::Dir) => return Err(Errno::EISDIR),
+            (EntryKind::Dir, Kind::File) => return Err(Errno::ENOTDIR),
+            _ => {}
+        }
+        if lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some()) {
+            return Err(Errno::EACCES);
+        }
+        let local_only = lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.local_only);
+        if !local_only {
+            self.remote
+                .call_done(Request::Remove { share, path: path.clone(), kind })
+                .await
+                .map_err(|e| self.remote_errno("remove", &path, e))?;
+        }
+        if let Some(st) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) {
+            // Open handles keep writing to an unlinked file; nothing goes back.
+            st.state().dirty = false;
+        }
+        self.forget(parent, name);
+        Ok(())
+    }
+
+    pub async fn rename(&self, parent: Ino, name: &str, newparent: Ino, newname: &str, noreplace: bool) -> Result<(), Errno> {
+        let ino = self.lookup(parent, name).await?.ino;
+        let (share, from, _) = self.node_key(ino)?;
+        let share = self.check_writable(&share)?;
+        let (nshare, nppath, nkind) = self.node_key(newparent)?;
+        if nkind != Kind::Dir {
+            return Err(Errno::ENOTDIR);
+        }
+        if nshare.as_ref() != Some(&share) {
+            return Err(Errno(libc::EXDEV));
+        }
+        let to = nppath.join(newname).map_err(|_| Errno::EINVAL)?;
+        if lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some()) {
+            return Err(Errno::EACCES);
+        }
+        self.settle(ino).await?;
+        // A target created here and not pushed yet is only ours to replace.
+        if let Ok(target) = self.lookup(newparent, newname).await {
+            if noreplace {
+                return Err(Errno(libc::EEXIST));
+            }
+            self.settle(target.ino).await?;
+        }
+        self.remote
+            .call_done(Request::Rename { share: share.clone(), from: from.clone(), to: to.clone(), replace: !noreplace })
+            .await
+            .map_err(|e| self.remote_errno("rename", &from, e))?;
+        if let Err(e) = self.writeback.rename(self.remote.partner(), &share, &from, &to) {
+            tracing::warn!("{e}");
+        }
+        self.forget(newparent, newname);
+        let mut inodes = lock(&self.inodes);
+        if let Some((c, _)) = inodes.by_ino.get_mut(&parent).and_then(|p| p.children.as_mut()) {
+            c.retain(|(n, _)| n != name);
+        }
+        // Re-key the inode and, for a directory, everything under it.
+        let key = share.to_string();
+        let prefix = format!("{}/", from.as_str());
+        let moved: Vec<(Ino, SharePath)> = inodes
+            .by_ino
+            .iter()
+            .filter(|(_, n)| n.share.as_ref() == Some(&share) && (n.path == from || n.path.as_str().starts_with(&prefix)))
+            .filter_map(|(i, n)| {
+                let rest = &n.path.as_str()[from.as_str().len()..];
+                let new = if rest.is_empty() { to.clone() } else { SharePath::parse(&format!("{}{rest}", to.as_str())).ok()? };
+                Some((*i, new))
+            })
+            .collect();
+        for (i, new) in moved {
+            if let Some(n) = inodes.by_ino.get_mut(&i) {
+                let old = std::mem::replace(&mut n.path, new.clone());
+                if i == ino {
+                    n.parent = newparent;
+                }
+                inodes.by_key.remove(&(key.clone(), old));
+                inodes.by_key.insert((key.clone(), new), i);
+            }
+        }
+        if let Some((c, _)) = inodes.by_ino.get_mut(&newparent).and_then(|p| p.children.as_mut()) {
+            c.retain(|(n, _)| n != newname);
+            c.push((newname.to_string(), ino));
+        }
+        Ok(())
+    }
+
+    /// chmod, truncate, utimens.
+    pub async fn setattr(&self, ino: Ino, mode: Option<u32>, size: Option<u64>, mtime_ns: Option<i64>, fh: Option<u64>, tid: u32) -> Result<Attr, Errno> {
+        let (share, path, kind) = self.node_key(ino)?;
+        if mode.is_none() && size.is_none() && mtime_ns.is_none() {
+            return self.getattr(ino).await;
+        }
+        let share = self.check_writable(&share)?;
+        if let Some(len) = size {
+            if kind == Kind::Dir {
+                return Err(Errno::EISDIR);
+            }
+            let open_for_write = fh.is_some_and(|fh| matches!(lock(&self.handles).get(&fh), Some(Handle::Staged(h)) if h.write));
+            if open_for_write {
+                let staged = self.stage(ino, false).await?;
+                let _gate = staged.gate.lock().await;
+                staged.set_len(len, now_ns()).map_err(io_errno)?;
+            } else {
+                // truncate(2) by path: open, cut, push, close.
+                let (tfh, _) = self.open(ino, OpenMode { write: true, tid, ..Default::default() }).await?;
+                let cut = async {
+                    let staged = self.stage(ino, false).await?;
+                    {
+                        let _gate = staged.gate.lock().await;
+                        staged.set_len(len, now_ns()).map_err(io_errno)?;
+                    }
+                    self.push(ino).await
+                };
+                let r = cut.await;
+                self.release(tfh);
+                r?;
+            }
+        }
+        if mode.is_some() || mtime_ns.is_some() {
+            self.settle(ino).await?;
+            let entry = self
+                .remote
+                .call_stat(Request::SetAttr { share, path: path.clone(), mode, mtime_ns })
+                .await
+                .map_err(|e| self.remote_errno("setattr", &path, e))?;
+            let mut inodes = lock(&self.inodes);
+            if let Some(n) = inodes.by_ino.get_mut(&ino) {
+                n.mode = entry.mode;
+                n.mtime_ns = entry.mtime_ns;
+                if n.staged.is_none() {
+                    n.size = entry.size;
+                }
+                n.attr_at = Some(Instant::now());
+            }
+            if let (Some(t), Some(st)) = (mtime_ns, inodes.by_ino.get(&ino).and_then(|n| n.staged.clone())) {
+                st.state().mtime_ns = t;
+            }
+        }
+        self.cached_attr(ino)
+    }
+
+    /// `deftfs lock`: a lease held until unlock or `ttl`.
+    pub async fn lock_path(&self, ino: Ino, ttl: Option<Duration>) -> Result<u64, Errno> {
+        let (share, path) = self.file_key(ino)?;
+        let owner = crate::lease::owner_name("manual");
+        let until = ttl.map(|t| Instant::now() + t);
+        self.leases.take(&share, &path, &owner, Need::Manual { until }).await.map_err(|e| self.lease_errno(&path, &e))
+    }
+
+    pub async fn unlock_path(&self, ino: Ino) -> Result<bool, Errno> {
+        let (share, path) = self.file_key(ino)?;
+        Ok(self.leases.release(&share, &path).await)
+    }
+
+    /// Every lease on the mounted shares: this node's and others'.
+    pub async fn all_leases(&self) -> Vec<crate::mount::leases::LeaseInfo> {
+        let shares: Vec<Name> = match &self.config.root {
+            Root::Share(s) => vec![s.clone()],
+            Root::Shares(_) => lock(&self.writable).iter().cloned().collect(),
+        };
+        let mut out = Vec::new();
+        for s in shares {
+            lock(&self.share_leases).remove(&s);
+            if let Some((_, leases)) = self.share_leases(&s).await {
+                for l in leases {
+                    out.push(crate::mount::leases::LeaseInfo {
+                        share: s.to_string(),
+                        path: l.path.to_string(),
+                        holder: l.holder.to_string(),
+                        owner: l.owner.to_string(),
+                        token: l.token,
+                        since_ns: l.since_ns,
+                        expires_ns: l.expires_ns,
+                        mine: l.holder == self.config.me,
+                    });
+                }
+            }
+        }
+        out
+    }
+}

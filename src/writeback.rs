@@ -1,0 +1,410 @@
+//! The write-back queue: changes made through a mount, on their way to the
+//! partner that serves the file.
+//!
+//! A mount stages a file's new content in `<home>/writeback/<id>.data`;
+//! when it is closed or fsynced, the file is fsynced and an entry naming
+//! it is committed to `<home>/writeback/queue.db` (SQLite, synchronous
+//! FULL). From then on the change survives a `kill -9` or a power loss:
+//! [`Writeback::start`] pushes every entry left when the daemon starts.
+//!
+//! Each entry is pushed as a delta ([`crate::transfer::client::Session`]):
+//! only chunks the partner lacks cross the network, and every write-back
+//! ends with a signed receipt and a history row. The push carries the
+//! version the write started from (`BASE:`) and the lease token it was
+//! made under (`FENCE:`); when the partner refuses it as a conflict, the
+//! content lands beside the file as `NAME (conflict NODE YYYY-MM-DD
+//! HHMMSS).EXT` instead, so nothing is ever silently overwritten or lost.
+//! An unreachable partner leaves the entry queued; it is retried.
+
+use crate::node::Node;
+use crate::proto::{Base, Name, SharePath};
+use crate::time::Timestamp;
+use crate::transfer::client::{PushOptions, Session};
+use crate::transfer::{Report, TransferError};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WritebackError {
+    #[error("write-back queue {path}: {source}")]
+    Db { path: PathBuf, source: rusqlite::Error },
+    #[error("write-back staging {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// One queued change.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Entry {
+    pub id: i64,
+    pub partner: String,
+    pub share: String,
+    pub path: String,
+    /// The staged content.
+    pub data: PathBuf,
+    /// `any`, `absent` or the `blake3:` hash the write started from.
+    pub base: String,
+    pub fence: Option<u64>,
+    /// `ready` (waiting or retrying) or `failed` (refused; kept, see error).
+    pub state: String,
+    pub error: Option<String>,
+    pub queued_ns: i64,
+}
+
+/// How a write-back ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The partner has the new version.
+    Pushed(Box<Report>),
+    /// The partner's version had moved on: the change landed under this name.
+    Conflict { copy: SharePath, report: Box<Report> },
+    /// The partner is unreachable: the entry stays queued and is retried.
+    Queued(String),
+    /// Refused for good (no write access, bad path): kept, reported.
+    Failed { code: &'static str, message: String },
+}
+
+pub struct Writeback {
+    node: Arc<Node>,
+    dir: PathBuf,
+    db: Mutex<Connection>,
+    /// Idle sessions per partner, reused by the next push.
+    sessions: tokio::sync::Mutex<HashMap<String, Vec<Session>>>,
+    /// Entries being pushed now (never twice at once).
+    busy: Mutex<std::collections::HashSet<i64>>,
+    next_data: std::sync::atomic::AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn base_text(base: Base) -> String {
+    match base {
+        Base::Any => "any".into(),
+        Base::Absent => "absent".into(),
+        Base::Version(h) => h.to_string(),
+    }
+}
+
+fn parse_base(text: &str) -> Base {
+    match text {
+        "absent" => Base::Absent,
+        "any" => Base::Any,
+        h => h.parse().map(Base::Version).unwrap_or(Base::Any),
+    }
+}
+
+/// `NAME (conflict NODE YYYY-MM-DD HHMMSS).EXT` beside `path`. Pure.
+pub fn conflict_name(path: &SharePath, node: &str, at: Timestamp) -> Option<SharePath> {
+    let name = path.file_name()?;
+    let stamp = at.rfc3339();
+    // 2026-12-03T10:15:00.123Z -> "2026-12-03 101500"
+    let (date, time) = stamp.split_once('T')?;
+    let hms: String = time.chars().take(8).filter(|c| *c != ':').collect();
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    let copy = format!("{stem} (conflict {node} {date} {hms}){ext}");
+    match path.parent() {
+        Some(dir) => dir.join(&copy).ok(),
+        None => SharePath::parse(&copy).ok(),
+    }
+}
+
+impl Writeback {
+    pub fn open(node: Arc<Node>) -> Result<Arc<Writeback>, WritebackError> {
+        let dir = node.home.join("writeback");
+        std::fs::create_dir_all(&dir).map_err(|source| WritebackError::Io { path: dir.clone(), source })?;
+        let path = dir.join("queue.db");
+        let wrap = |source| WritebackError::Db { path: path.clone(), source };
+        let conn = Connection::open(&path).map_err(wrap)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
+        // A committed entry must survive a power loss: FULL, not NORMAL.
+        conn.pragma_update(None, "synchronous", "FULL").map_err(wrap)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS queue (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                partner TEXT NOT NULL,
+                share TEXT NOT NULL,
+                path TEXT NOT NULL,
+                data TEXT NOT NULL,
+                base TEXT NOT NULL,
+                fence INTEGER,
+                state TEXT NOT NULL,
+                error TEXT,
+                queued_ns INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS conflicts (
+                partner TEXT NOT NULL,
+                share TEXT NOT NULL,
+                path TEXT NOT NULL,
+                copy TEXT NOT NULL,
+                at_ns INTEGER NOT NULL
+            );",
+        )
+        .map_err(wrap)?;
+        Ok(Arc::new(Writeback {
+            node,
+            dir,
+            db: Mutex::new(conn),
+            sessions: Default::default(),
+            busy: Default::default(),
+            next_data: std::sync::atomic::AtomicU64::new(0),
+        }))
+    }
+
+    fn wrap(&self, source: rusqlite::Error) -> WritebackError {
+        WritebackError::Db { path: self.dir.join("queue.db"), source }
+    }
+
+    /// A fresh staging file path (not created).
+    pub fn staging_path(&self) -> PathBuf {
+        let n = self.next_data.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.dir.join(format!("{}-{}-{n}.data", std::process::id(), Timestamp::now().0))
+    }
+
+    /// Commit a staged file (already fsynced by the caller) as a change to
+    /// push. Returns its id.
+    pub fn enqueue(&self, partner: &str, share: &Name, path: &SharePath, data: &Path, base: Base, fence: Option<u64>) -> Result<i64, WritebackError> {
+        let db = lock(&self.db);
+        db.execute(
+            "INSERT INTO queue (partner, share, path, data, base, fence, state, queued_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7)",
+            params![partner, share.as_str(), path.as_str(), data.display().to_string(), base_text(base), fence.map(|f| f as i64), Timestamp::now().0],
+        )
+        .map_err(|e| self.wrap(e))?;
+        Ok(db.last_insert_rowid())
+    }
+
+    /// Point a queued entry at a new path (the file was renamed before its
+    /// content went back).
+    pub fn rename(&self, partner: &str, share: &Name, from: &SharePath, to: &SharePath) -> Result<(), WritebackError> {
+        lock(&self.db)
+            .execute("UPDATE queue SET path = ?4 WHERE partner = ?1 AND share = ?2 AND path = ?3", params![partner, share.as_str(), from.as_str(), to.as_str()])
+            .map(|_| ())
+            .map_err(|e| self.wrap(e))
+    }
+
+    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
+        Ok(Entry {
+            id: r.get(0)?,
+            partner: r.get(1)?,
+            share: r.get(2)?,
+            path: r.get(3)?,
+            data: PathBuf::from(r.get::<_, String>(4)?),
+            base: r.get(5)?,
+            fence: r.get::<_, Option<i64>>(6)?.map(|f| f as u64),
+            state: r.get(7)?,
+            error: r.get(8)?,
+            queued_ns: r.get(9)?,
+        })
+    }
+
+    const COLUMNS: &'static str = "id, partner, share, path, data, base, fence, state, error, queued_ns";
+
+    pub fn get(&self, id: i64) -> Option<Entry> {
+        let db = lock(&self.db);
+        db.query_row(&format!("SELECT {} FROM queue WHERE id = ?1", Self::COLUMNS), params![id], Self::row).optional().ok().flatten()
+    }
+
+    /// Every entry, oldest first; `partner` filters.
+    pub fn entries(&self, partner: Option<&str>) -> Vec<Entry> {
+        let db = lock(&self.db);
+        let Ok(mut stmt) = db.prepare(&format!("SELECT {} FROM queue ORDER BY id", Self::COLUMNS)) else { return Vec::new() };
+        let rows = stmt.query_map([], Self::row).map(|rows| rows.filter_map(Result::ok).collect::<Vec<_>>()).unwrap_or_default();
+        rows.into_iter().filter(|e| partner.is_none_or(|p| p == e.partner)).collect()
+    }
+
+    /// Conflict copies made: (share, path, copy, at_ns), newest first.
+    pub fn conflicts(&self, partner: &str) -> Vec<(String, String, String, i64)> {
+        let db = lock(&self.db);
+        let Ok(mut stmt) = db.prepare("SELECT share, path, copy, at_ns FROM conflicts WHERE partner = ?1 ORDER BY at_ns DESC LIMIT 100") else {
+            return Vec::new();
+        };
+        stmt.query_map(params![partner], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .map(|rows| rows.filter_map(Result::ok).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether a staging file still backs a queued entry (so it must not be deleted).
+    pub fn is_queued(&self, data: &Path) -> bool {
+        let db = lock(&self.db);
+        db.query_row("SELECT 1 FROM queue WHERE data = ?1", params![data.display().to_string()], |_| Ok(()))
+            .optional()
+            .ok()
+            .flatten()
+            .is_some()
+    }
+
+    fn finish(&self, entry: &Entry, outcome: &Outcome) {
+        let db = lock(&self.db);
+        let r = match outcome {
+            Outcome::Pushed(_) | Outcome::Conflict { .. } => db.execute("DELETE FROM queue WHERE id = ?1", params![entry.id]),
+            Outcome::Queued(why) => db.execute("UPDATE queue SET error = ?2 WHERE id = ?1", params![entry.id, why]),
+            Outcome::Failed { code, message } => {
+                db.execute("UPDATE queue SET state = 'failed', error = ?2 WHERE id = ?1", params![entry.id, format!("{code}: {message}")])
+            }
+        };
+        if let Outcome::Conflict { copy, .. } = outcome {
+            let _ = db.execute(
+                "INSERT INTO conflicts (partner, share, path, copy, at_ns) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![entry.partner, entry.share, entry.path, copy.as_str(), Timestamp::now().0],
+            );
+        }
+        if let Err(e) = r {
+            tracing::error!(id = entry.id, "write-back queue: {e}");
+        }
+    }
+
+    async fn session(&self, partner: &str) -> Result<Session, TransferError> {
+        if let Some(s) = self.sessions.lock().await.get_mut(partner).and_then(Vec::pop) {
+            return Ok(s);
+        }
+        Session::open(self.node.clone(), partner).await
+    }
+
+    async fn give_back(&self, partner: &str, session: Session) {
+        let mut sessions = self.sessions.lock().await;
+        let idle = sessions.entry(partner.to_string()).or_default();
+        if idle.len() < 4 {
+            idle.push(session);
+        } else {
+            drop(sessions);
+            session.close().await;
+        }
+    }
+
+    /// One push on a pooled session; a session that turned out dead is
+    /// replaced once.
+    async fn push(&self, partner: &str, share: &Name, path: &SharePath, data: &Path, options: PushOptions) -> Result<Report, TransferError> {
+        for attempt in 0..2 {
+            let mut session = self.session(partner).await?;
+            match session.push_with(share, path, data, options, None).await {
+                Ok(report) => {
+                    self.give_back(partner, session).await;
+                    return Ok(report);
+                }
+                Err(e @ TransferError::Remote { .. }) => {
+                    self.give_back(partner, session).await;
+                    return Err(e);
+                }
+                Err(e) if attempt == 1 => return Err(e),
+                Err(e) => tracing::debug!(partner, "write-back session failed ({e}); trying a fresh one"),
+            }
+        }
+        Err(TransferError::Other("unreachable".into()))
+    }
+
+    /// Push entry `id` now. Two callers never push one entry at once: the
+    /// second gets `Queued`.
+    pub async fn flush(&self, id: i64) -> Outcome {
+        let Some(entry) = self.get(id) else { return Outcome::Queued("not in the queue".into()) };
+        if !lock(&self.busy).insert(id) {
+            return Outcome::Queued("already being pushed".into());
+        }
+        let outcome = self.push_entry(&entry).await;
+        lock(&self.busy).remove(&id);
+        self.finish(&entry, &outcome);
+        if matches!(outcome, Outcome::Pushed(_) | Outcome::Conflict { .. }) {
+            let _ = std::fs::remove_file(&entry.data);
+        }
+        outcome
+    }
+
+    async fn push_entry(&self, entry: &Entry) -> Outcome {
+        let (Ok(share), Ok(path)) = (Name::new(&entry.share), SharePath::parse(&entry.path)) else {
+            return Outcome::Failed { code: "BAD_PATH", message: format!("{}:{} is not a valid share path", entry.share, entry.path) };
+        };
+        let options = PushOptions { base: parse_base(&entry.base), fence: entry.fence };
+        match self.push(&entry.partner, &share, &path, &entry.data, options).await {
+            Ok(report) => {
+                tracing::info!(partner = %entry.partner, %share, %path, bytes_sent = report.bytes_sent, "write-back pushed");
+                Outcome::Pushed(Box::new(report))
+            }
+            Err(TransferError::Remote { code: "CONFLICT", message, .. }) | Err(TransferError::Remote { code: "BUSY", message, .. }) => {
+                let node = self.node.config.node.name.to_string();
+                let Some(copy) = conflict_name(&path, &node, Timestamp::now()) else {
+                    return Outcome::Failed { code: "CONFLICT", message };
+                };
+                let options = PushOptions { base: Base::Absent, fence: None };
+                match self.push(&entry.partner, &share, &copy, &entry.data, options).await {
+                    Ok(report) => {
+                        tracing::warn!(partner = %entry.partner, %share, %path, %copy, "conflict: {message}; your version was saved as {copy}");
+                        Outcome::Conflict { copy, report: Box::new(report) }
+                    }
+                    Err(TransferError::Remote { code, message, .. }) => Outcome::Failed { code, message },
+                    Err(e) => Outcome::Queued(e.to_string()),
+                }
+            }
+            Err(TransferError::Remote { code, message, .. }) => {
+                tracing::error!(partner = %entry.partner, %share, %path, code, "write-back refused: {message}; the change is kept in {}", entry.data.display());
+                Outcome::Failed { code, message }
+            }
+            Err(e) => {
+                tracing::warn!(partner = %entry.partner, %share, %path, "write-back queued, partner unreachable: {e}");
+                Outcome::Queued(e.to_string())
+            }
+        }
+    }
+
+    /// Push what earlier runs left in the queue, and keep retrying entries
+    /// whose partner is unreachable, until `stop` is set.
+    pub fn start(self: &Arc<Self>) -> tokio::task::AbortHandle {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(200);
+            loop {
+                let ready: Vec<Entry> = me.entries(None).into_iter().filter(|e| e.state == "ready").collect();
+                let mut queued = false;
+                for e in ready {
+                    if lock(&me.busy).contains(&e.id) {
+                        continue;
+                    }
+                    if let Outcome::Queued(_) = me.flush(e.id).await {
+                        queued = true;
+                    }
+                }
+                wait = if queued { (wait * 2).min(Duration::from_secs(5)) } else { Duration::from_secs(2) };
+                tokio::time::sleep(wait).await;
+            }
+        })
+        .abort_handle()
+    }
+
+    pub async fn close(&self) {
+        let all: Vec<(String, Vec<Session>)> = self.sessions.lock().await.drain().collect();
+        for (_, sessions) in all {
+            for s in sessions {
+                s.close().await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflict_names_keep_the_extension_and_the_directory() {
+        let at = Timestamp::parse_rfc3339("2026-12-03T10:15:07.5Z").unwrap();
+        let p = SharePath::parse("d/scene.blend").unwrap();
+        assert_eq!(conflict_name(&p, "bob", at).unwrap().as_str(), "d/scene (conflict bob 2026-12-03 101507).blend");
+        let p = SharePath::parse("README").unwrap();
+        assert_eq!(conflict_name(&p, "bob", at).unwrap().as_str(), "README (conflict bob 2026-12-03 101507)");
+        let p = SharePath::parse(".bashrc").unwrap();
+        assert_eq!(conflict_name(&p, "bob", at).unwrap().as_str(), ".bashrc (conflict bob 2026-12-03 101507)");
+    }
+
+    #[test]
+    fn bases_round_trip_through_their_text() {
+        let h = crate::hash::Hash::of(b"x");
+        for b in [Base::Any, Base::Absent, Base::Version(h)] {
+            assert_eq!(parse_base(&base_text(b)), b);
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! Writing through mounts, end to end: real daemons on loopback, real FUSE
+//! mounts, real processes holding leases. Bob serves `files` read-write to
+//! alice and carol; alice and carol mount it. Every mount is detached on
+//! drop ([`MountGuard`]).
+//!
+//! `helper_process` is not a test of its own: the lease tests run this
+//! binary again as a separate process (an "application") that opens and
+//! saves files through a mount on command.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1024 * 1024;
+
+fn mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = path.to_string_lossy();
+    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(&p))
+}
+
+/// Detaches the mount at its path when dropped, whatever happened.
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if mounted(&self.0) {
+            let c = std::ffi::CString::new(self.0.to_string_lossy().as_bytes()).unwrap();
+            // SAFETY: a valid NUL-terminated path for the duration of the call.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+/// One client node with its daemon and mount of bob:files.
+struct Client {
+    guard: Option<MountGuard>,
+    daemon: Option<Daemon>,
+    node: TestNode,
+    mnt: PathBuf,
+}
+
+impl Client {
+    fn mount(&mut self) {
+        std::fs::create_dir_all(&self.mnt).unwrap();
+        self.guard = Some(MountGuard(self.mnt.clone()));
+        let out = self.node.ok(&["mount", "bob:files", self.mnt.to_str().unwrap()]);
+        assert!(out.contains("mounted bob:files"), "{out}");
+    }
+
+    fn at(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    fn log(&self) -> String {
+        self.daemon.as_ref().map(|d| d.log_text()).unwrap_or_default()
+    }
+}
+
+/// Bob serves `files` (read-write) to the clients; fields drop in order:
+/// clients (mounts, then daemons), bob's daemon, directories.
+struct World {
+    clients: Vec<Client>,
+    bob_daemon: Option<Daemon>,
+    bob: TestNode,
+    files: PathBuf,
+    root: TempDir,
+}
+
+impl World {
+    /// `names`: the client nodes; `config`: extra lines for their config.toml.
+    fn new(tag: &str, names: &[&str], config: &str, prepare: impl FnOnce(&Path)) -> World {
+        let root = TempDir::new(tag);
+        let bob = TestNode::init(root.path(), "bob");
+        let files = root.path().join("bob-files");
+        std::fs::create_dir_all(&files).unwrap();
+        prepare(&files);
+        let mut clients = Vec::new();
+        let mut share = vec!["share".to_string(), "add".into(), "files".into(), files.display().to_string()];
+        for name in names {
+            let node = TestNode::init(root.path(), name);
+            node.trust(&bob);
+            bob.trust(&node);
+            if !config.is_empty() {
+                let path = node.home.join("config.toml");
+                let mut text = std::fs::read_to_string(&path).unwrap();
+                text.push_str(config);
+                std::fs::write(&path, text).unwrap();
+            }
+            share.extend(["--partner".into(), name.to_string(), "--access".into(), "read-write".into()]);
+            let mnt = root.path().join(format!("mnt-{name}"));
+            clients.push(Client { guard: None, daemon: None, node, mnt });
+        }
+        let args: Vec<&str> = share.iter().map(String::as_str).collect();
+        bob.ok(&args);
+        let bob_daemon = Some(bob.start());
+        for c in &mut clients {
+            c.daemon = Some(c.node.start());
+            c.mount();
+        }
+        World { clients, bob_daemon, bob, files, root }
+    }
+
+    fn c(&self, i: usize) -> &Client {
+        &self.clients[i]
+    }
+
+    fn server(&self, rel: &str) -> PathBuf {
+        self.files.join(rel)
+    }
+}
+
+/// The last push alice recorded for `path`: bytes that crossed the wire.
+fn last_push_bytes(node: &TestNode, path: &str) -> u64 {
+    let rows = node.json(&["history", "--limit", "50"]);
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["path"] == path && r["direction"] == "push" && r["role"] == "client")
+        .unwrap_or_else(|| panic!("no push of {path} in history: {rows}"));
+    row["bytes_sent"].as_u64().unwrap()
+}
+
+#[test]
+fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends_little() {
+    let w = World::new("w64", &["alice"], "", |_| {});
+    let a = w.c(0);
+    let data = random_bytes(64 * MIB, 11);
+    std::fs::write(a.at("big.bin"), &data).unwrap();
+    assert_eq!(hash_file(&w.server("big.bin")), hash_file(&a.at("big.bin")));
+    assert_eq!(std::fs::read(w.server("big.bin")).unwrap(), data, "the serving node has the file after close");
+
+    // Change 1 MiB in the middle, in place.
+    let patch = random_bytes(MIB, 12);
+    let f = std::fs::OpenOptions::new().write(true).open(a.at("big.bin")).unwrap();
+    f.write_all_at(&patch, 32 * MIB as u64).unwrap();
+    drop(f);
+    let mut expected = data;
+    expected[32 * MIB..33 * MIB].copy_from_slice(&patch);
+    assert_eq!(std::fs::read(w.server("big.bin")).unwrap(), expected);
+    let sent = last_push_bytes(&a.node, "big.bin");
+    assert!(sent < 4 * MIB as u64, "a 1 MiB edit sent {sent} bytes");
+    assert!(sent >= MIB as u64, "the edit itself must cross: {sent}");
+    // A receipt for every write-back.
+    let receipts = walk(&a.node.home.join("receipts"));
+    assert!(receipts.len() >= 2, "receipts: {receipts:?}");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    for e in rd.flatten() {
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// A separate process on the holder's machine, driven over stdin.
+struct App {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: std::io::BufReader<ChildStdout>,
+}
+
+impl App {
+    fn start() -> App {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "helper_process", "--ignored", "--nocapture", "--test-threads", "1"])
+            .env("DEFTFS_TEST_APP", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        App { child, stdin, stdout }
+    }
+
+    /// Send a command, wait for its `ok` or `err ...` line.
+    fn say(&mut self, cmd: &str) -> String {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(self.stdout.read_line(&mut line).unwrap() > 0, "helper process died");
+            if line.starts_with("ok") || line.starts_with("err") {
+                return line.trim().to_string();
+            }
+        }
+    }
+
+    fn quit(mut self) {
+        let _ = writeln!(self.stdin, "exit");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The "application" of the lease tests: `open PATH` (read it, close it),
+/// `save PATH DATA` (Blender's save: write PATH@, rename PATH to PATH1,
+/// rename PATH@ to PATH), `exit`.
+#[test]
+#[ignore]
+fn helper_process() {
+    if std::env::var_os("DEFTFS_TEST_APP").is_none() {
+        return;
+    }
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let line = line.unwrap();
+        let mut words = line.splitn(3, ' ');
+        let r: std::io::Result<()> = match (words.next(), words.next(), words.next()) {
+            (Some("open"), Some(p), _) => std::fs::read(p).map(|_| ()),
+            (Some("save"), Some(p), Some(data)) => (|| {
+                let tmp = format!("{p}@");
+                let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+                f.write_all(data.as_bytes())?;
+                drop(f);
+                std::fs::rename(p, format!("{p}1"))?;
+                std::fs::rename(&tmp, p)
+            })(),
+            (Some("exit"), _, _) => return,
+            _ => Err(std::io::Error::other("bad command")),
+        };
+        match r {
+            Ok(()) => println!("ok"),
+            Err(e) => println!("err {e}"),
+        }
+    }
+}
+
+#[test]
+fn an_app_that_opened_a_blend_file_keeps_others_out_until_it_exits_and_saves_the_blender_way() {
+    let w = World::new("blend", &["alice", "carol"], "[mount]\nlease_ttl_secs = 6\n", |dir| {
+        std::fs::write(dir.join("x.blend"), b"version 1").unwrap();
+    });
+    let (alice, carol) = (w.c(0), w.c(1));
+    let mut app = App::start();
+    assert_eq!(app.say(&format!("open {}", alice.at("x.blend").display())), "ok");
+
+    // Carol: changes refused while alice's process lives; reads work.
+    let open_w = || std::fs::OpenOptions::new().write(true).open(carol.at("x.blend"));
+    assert_eq!(errno_of(open_w()), Some(libc::EBUSY));
+    assert_eq!(errno_of(std::fs::rename(carol.at("x.blend"), carol.at("y.blend"))), Some(libc::EBUSY));
+    assert_eq!(errno_of(std::fs::remove_file(carol.at("x.blend"))), Some(libc::EBUSY));
+    assert_eq!(std::fs::read(carol.at("x.blend")).unwrap(), b"version 1");
+    assert!(wait_until(Duration::from_secs(5), || carol.at(".x.blend.lock").exists()), "no .x.blend.lock on carol's mount");
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(carol.at(".x.blend.lock")).unwrap()).unwrap();
+    assert_eq!(lock["holder"], "alice", "{lock}");
+    assert!(lock["since"].is_string() && lock["expires"].is_string(), "{lock}");
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::metadata(carol.at("x.blend")).map(|m| m.permissions().mode() & 0o222 == 0).unwrap_or(false)
+    }));
+    // Carol cannot clobber the holder's temp file or backup either.
+    let tmp = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(carol.at("x.blend@"));
+    assert_eq!(errno_of(tmp), Some(libc::EBUSY));
+    let locks = carol.node.ok(&["locks"]);
+    assert!(locks.contains("x.blend") && locks.contains("alice"), "{locks}");
+
+    // The holder saves: one new x.blend, the old one as x.blend1.
+    assert_eq!(app.say(&format!("save {} version 2", alice.at("x.blend").display())), "ok");
+    assert_eq!(std::fs::read(w.server("x.blend")).unwrap(), b"version 2");
+    assert_eq!(std::fs::read(w.server("x.blend1")).unwrap(), b"version 1");
+    assert!(!w.server("x.blend@").exists());
+
+    // The process exits: carol may write.
+    app.quit();
+    assert!(
+        wait_until(Duration::from_secs(15), || open_w().is_ok()),
+        "carol still cannot write after the holder exited:\n{}",
+        alice.log()
+    );
+    std::fs::write(carol.at("x.blend"), b"version 3").unwrap();
+    assert_eq!(std::fs::read(w.server("x.blend")).unwrap(), b"version 3");
+}
+
+#[test]
+fn a_client_that_bypasses_the_mount_cannot_push_to_a_leased_path() {
+    let w = World::new("bypass", &["alice", "carol"], "", |dir| {
+        std::fs::write(dir.join("x.blend"), b"original").unwrap();
+    });
+    let (alice, carol) = (w.c(0), w.c(1));
+    let out = alice.node.ok(&["lock", alice.at("x.blend").to_str().unwrap()]);
+    assert!(out.contains("locked"), "{out}");
+    let local = w.root.path().join("x.blend");
+    std::fs::write(&local, b"overwrite attempt").unwrap();
+    let refused = carol.node.cmd(&["send", "bob", "files", local.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("BUSY") && err.contains("alice"), "{err}");
+    assert_eq!(std::fs::read(w.server("x.blend")).unwrap(), b"original");
+    alice.node.ok(&["unlock", alice.at("x.blend").to_str().unwrap()]);
+    carol.node.ok(&["send", "bob", "files", local.to_str().unwrap()]);
+    assert_eq!(std::fs::read(w.server("x.blend")).unwrap(), b"overwrite attempt");
+}
+
+#[test]
+fn leases_of_a_holder_killed_with_sigkill_expire_within_the_ttl() {
+    let mut w = World::new("expire", &["alice", "carol"], "[mount]\nlease_ttl_secs = 3\n", |dir| {
+        std::fs::write(dir.join("x.blend"), b"v1").unwrap();
+    });
+    w.clients[0].node.ok(&["lock", w.clients[0].at("x.blend").to_str().unwrap()]);
+    let carol = &w.clients[1];
+    let open_w = || std::fs::OpenOptions::new().write(true).open(carol.at("x.blend"));
+    assert_eq!(errno_of(open_w()), Some(libc::EBUSY));
+    if let Some(d) = w.clients[0].daemon.as_mut() {
+        d.kill();
+    }
+    let killed = Instant::now();
+    let carol = &w.clients[1];
+    let open_w = || std::fs::OpenOptions::new().write(true).open(carol.at("x.blend"));
+    assert!(wait_until(Duration::from_secs(10), || open_w().is_ok()), "the lease never expired");
+    let took = killed.elapsed();
+    // ttl 3 s, plus the expiry sweep (1 s) and this loop's polling.
+    assert!(took < Duration::from_secs(5), "expired after {took:?}");
+    assert!(wait_until(Duration::from_secs(5), || !carol.at(".x.blend.lock").exists()));
+}
+
+#[test]
+fn fsync_then_sigkill_of_mountd_loses_nothing_the_change_arrives_after_restart() {
+    let mut w = World::new("fsync", &["alice"], "", |_| {});
+    // The partner is down: fsync can only make the change durable locally.
+    if let Some(d) = w.bob_daemon.as_mut() {
+        d.kill();
+    }
+    let data = random_bytes(3 * MIB + 12345, 5);
+    let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(w.c(0).at("durable.bin")).unwrap();
+    f.write_all_at(&data, 0).unwrap();
+    f.sync_all().unwrap();
+    // kill -9 of alice's mountd before close.
+    if let Some(d) = w.clients[0].daemon.as_mut() {
+        d.kill();
+    }
+    drop(f);
+    w.clients[0].guard = None;
+    assert!(!w.server("durable.bin").exists());
+    w.bob_daemon = Some(w.bob.start());
+    w.clients[0].daemon = Some(w.clients[0].node.start());
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read(w.server("durable.bin")).is_ok_and(|d| d == data)),
+        "the fsynced change never reached bob:\n{}",
+        w.c(0).log()
+    );
+}
+
+#[test]
+fn a_local_edit_on_the_serving_node_during_a_mount_write_keeps_both_versions() {
+    let w = World::new("conflict", &["alice"], "", |dir| {
+        std::fs::write(dir.join("notes.txt"), b"base\n").unwrap();
+    });
+    let a = w.c(0);
+    assert_eq!(std::fs::read(a.at("notes.txt")).unwrap(), b"base\n");
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(a.at("notes.txt")).unwrap();
+    f.write_all(b"alice's version\n").unwrap();
+    // Meanwhile, on bob's own disk:
+    std::fs::write(w.server("notes.txt"), b"bob's local edit\n").unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(w.server("notes.txt")).unwrap(), b"bob's local edit\n");
+    let copies: Vec<PathBuf> = std::fs::read_dir(&w.files)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("notes (conflict alice "))
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}");
+    assert!(copies[0].to_string_lossy().ends_with(").txt"));
+    assert_eq!(std::fs::read(&copies[0]).unwrap(), b"alice's version\n");
+    let st = a.node.json(&["status", a.at("notes.txt").to_str().unwrap()]);
+    assert!(st["conflicts"].to_string().contains("conflict alice"), "{st}");
+    assert!(a.log().contains("conflict"), "the log reports the conflict");
+}
+
+/// The claims of docs/SEMANTICS.md, one by one.
+#[test]
+fn posix_semantics_hold_as_documented() {
+    let w = World::new("posix", &["alice"], "", |dir| {
+        std::fs::write(dir.join("existing.txt"), b"0123456789").unwrap();
+        std::fs::create_dir_all(dir.join("full")).unwrap();
+        std::fs::write(dir.join("full/inside"), b"x").unwrap();
+    });
+    let a = w.c(0);
+    let at = |p: &str| a.at(p);
+
+    // create + write + read back; O_EXCL on an existing name.
+    std::fs::write(at("new.txt"), b"hello").unwrap();
+    assert_eq!(std::fs::read(at("new.txt")).unwrap(), b"hello");
+    assert_eq!(std::fs::read(w.server("new.txt")).unwrap(), b"hello");
+    let excl = std::fs::OpenOptions::new().write(true).create_new(true).open(at("new.txt"));
+    assert_eq!(errno_of(excl), Some(libc::EEXIST));
+    // An empty file exists on the server after close.
+    std::fs::File::create(at("empty")).unwrap();
+    assert_eq!(std::fs::metadata(w.server("empty")).unwrap().len(), 0);
+
+    // O_APPEND appends; O_TRUNC truncates.
+    let mut f = std::fs::OpenOptions::new().append(true).open(at("existing.txt")).unwrap();
+    f.write_all(b"AB").unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(w.server("existing.txt")).unwrap(), b"0123456789AB");
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(at("existing.txt")).unwrap();
+    f.write_all(b"new").unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(at("existing.txt")).unwrap(), b"new");
+    assert_eq!(std::fs::read(w.server("existing.txt")).unwrap(), b"new");
+
+    // truncate(2): shrink, then grow with zeros.
+    let f = std::fs::OpenOptions::new().write(true).open(at("new.txt")).unwrap();
+    f.set_len(2).unwrap();
+    f.set_len(6).unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(w.server("new.txt")).unwrap(), b"he\0\0\0\0");
+
+    // mkdir, EEXIST; rmdir of a non-empty directory: ENOTEMPTY; of a file: ENOTDIR.
+    std::fs::create_dir(at("d")).unwrap();
+    assert!(w.server("d").is_dir());
+    assert_eq!(errno_of(std::fs::create_dir(at("d"))), Some(libc::EEXIST));
+    assert_eq!(errno_of(std::fs::remove_dir(at("full"))), Some(libc::ENOTEMPTY));
+    assert_eq!(errno_of(std::fs::remove_dir(at("new.txt"))), Some(libc::ENOTDIR));
+    // unlink of a directory: EISDIR; of a missing name: ENOENT.
+    assert_eq!(errno_of(std::fs::remove_file(at("d"))), Some(libc::EISDIR));
+    assert_eq!(errno_of(std::fs::remove_file(at("missing"))), Some(libc::ENOENT));
+
+    // rename: into a directory, over an existing file (replaces), a
+    // directory over a non-empty one (ENOTEMPTY).
+    std::fs::rename(at("new.txt"), at("d/moved.txt")).unwrap();
+    assert!(!w.server("new.txt").exists());
+    assert_eq!(std::fs::read(w.server("d/moved.txt")).unwrap(), b"he\0\0\0\0");
+    std::fs::write(at("other.txt"), b"other").unwrap();
+    std::fs::rename(at("other.txt"), at("d/moved.txt")).unwrap();
+    assert_eq!(std::fs::read(at("d/moved.txt")).unwrap(), b"other");
+    assert_eq!(std::fs::read(w.server("d/moved.txt")).unwrap(), b"other");
+    std::fs::create_dir(at("e")).unwrap();
+    assert_eq!(errno_of(std::fs::rename(at("e"), at("full"))), Some(libc::ENOTEMPTY));
+    // A directory renamed keeps its content reachable under the new name.
+    std::fs::rename(at("d"), at("d2")).unwrap();
+    assert_eq!(std::fs::read(at("d2/moved.txt")).unwrap(), b"other");
+
+    // chmod and utimens reach the server.
+    std::fs::set_permissions(at("d2/moved.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(std::fs::metadata(w.server("d2/moved.txt")).unwrap().permissions().mode() & 0o777, 0o600);
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    std::fs::File::options().write(true).open(at("d2/moved.txt")).unwrap().set_modified(when).unwrap();
+    assert_eq!(std::fs::metadata(w.server("d2/moved.txt")).unwrap().modified().unwrap(), when);
+
+    // unlink, rmdir.
+    std::fs::remove_file(at("d2/moved.txt")).unwrap();
+    assert!(!w.server("d2/moved.txt").exists());
+    std::fs::remove_dir(at("d2")).unwrap();
+    assert!(!w.server("d2").exists());
+
+    // A file created and written, then renamed before anything else (an
+    // editor's write-then-rename) arrives under its final name only.
+    std::fs::write(at(".swp"), b"draft").unwrap();
+    std::fs::rename(at(".swp"), at("final.txt")).unwrap();
+    assert_eq!(std::fs::read(w.server("final.txt")).unwrap(), b"draft");
+    assert!(!w.server(".swp").exists());
+}
+
+#[test]
+fn tar_and_cp_work_inside_the_mount() {
+    let w = World::new("tar", &["alice"], "", |_| {});
+    let a = w.c(0);
+    let src = w.root.path().join("tree");
+    for i in 0..50 {
+        let d = src.join(format!("d{}", i % 5));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(format!("f{i}.txt")), random_bytes(1000 + i * 37, i as u64)).unwrap();
+    }
+    let tarball = w.root.path().join("tree.tar");
+    let ok = Command::new("tar").arg("cf").arg(&tarball).arg("-C").arg(&src).arg(".").status().unwrap();
+    assert!(ok.success());
+    let out = Command::new("tar").arg("xf").arg(&tarball).arg("-C").arg(a.at("")).output().unwrap();
+    assert!(out.status.success(), "tar x: {}", String::from_utf8_lossy(&out.stderr));
+    for i in 0..50 {
+        let rel = format!("d{}/f{i}.txt", i % 5);
+        assert_eq!(std::fs::read(w.server(&rel)).unwrap(), std::fs::read(src.join(&rel)).unwrap(), "{rel}");
+    }
+    let out = Command::new("cp").arg("-r").arg(a.at("d1")).arg(a.at("copy")).output().unwrap();
+    assert!(out.status.success(), "cp -r: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(w.server("copy/f1.txt")).unwrap(), std::fs::read(src.join("d1/f1.txt")).unwrap());
+}
