@@ -36,18 +36,32 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
 /// One lease, as the authority granted it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Lease {
+    #[serde(serialize_with = "name_text")]
     pub share: Name,
+    #[serde(serialize_with = "path_text")]
     pub path: SharePath,
     /// Partner id (node name) holding it.
+    #[serde(serialize_with = "name_text")]
     pub holder: Name,
     /// What holds it on that node: a process name, or "manual" (`deftfs lock`), sanitized to a Name.
+    #[serde(serialize_with = "name_text")]
     pub owner: Name,
     /// Fencing token: grows with every grant, node-wide, never reused (also across restarts).
     pub token: u64,
     pub since_ns: i64,
     pub expires_ns: i64,
+}
+
+// proto's Name and SharePath are not serde types: a lease serializes them
+// as plain strings (the root path as "").
+fn name_text<S: serde::Serializer>(name: &Name, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(name.as_str())
+}
+
+fn path_text<S: serde::Serializer>(path: &SharePath, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(path.as_str())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +77,10 @@ pub enum LeaseError {
     )]
     Held(Lease),
     /// Renew or release of a lease this holder does not have with that token.
-    #[error("{path} in share {share} is not leased to you under that token (it was released, or it expired and another node leased it since): lock it again")]
+    #[error(
+        "{path} in share {share} is not leased to you under that token \
+         (it was released, or it expired and another node leased it since): lock it again"
+    )]
     NotHeld { share: Name, path: SharePath },
     #[error("lease database: {0}")]
     Db(#[from] rusqlite::Error),
@@ -183,8 +200,8 @@ impl LeaseTable {
     }
 
     /// Give up the lease `holder` has on `path` under `token`, expired or
-    /// not. Releasing it again is not an error (a retried UNLOCK whose
-    /// answer was lost).
+    /// not (so `now_ns` is not needed). Releasing it again is not an error
+    /// (a retried UNLOCK whose answer was lost).
     pub fn release(&mut self, share: &Name, path: &SharePath, holder: &Name, token: u64, _now_ns: i64) -> Result<(), LeaseError> {
         match self.grant_mut(share, path) {
             Some(grant) if grant.lease.holder == *holder && grant.lease.token == token => {
@@ -205,7 +222,9 @@ impl LeaseTable {
         self.grants.values().flat_map(|paths| paths.values()).filter(|g| g.live(now_ns)).map(|g| g.lease.clone()).collect()
     }
 
-    /// Err(lease) if a mutation (push, write, truncate, rename, unlink, mkdir over, setattr) of `path` by `writer` is forbidden: `path` or a name it is a companion of is leased, unexpired, by another holder.
+    /// Err(lease) if a mutation (push, write, truncate, rename, unlink,
+    /// mkdir over, setattr) of `path` by `writer` is forbidden: `path` or a
+    /// name it is a companion of is leased, unexpired, by another holder.
     pub fn check_write(&self, share: &Name, path: &SharePath, writer: &Name, now_ns: i64) -> Result<(), Lease> {
         match covering_names(path).iter().find_map(|p| self.live(share, p, now_ns).filter(|l| l.holder != *writer)) {
             Some(lease) => Err(lease.clone()),
@@ -296,7 +315,11 @@ impl LeaseTable {
 /// `~$NAME`, LibreOffice with `.~lock.NAME#`.
 const COMPANIONS: [(&str, &str); 5] = [("", "@"), ("", "1"), ("", "~"), ("~$", ""), (".~lock.", "#")];
 
-/// The names whose lease covers `path`: `path` itself, plus NAME for NAME@, NAME1, NAME~, ~$NAME, .~lock.NAME# (same directory). Pure; e.g. covering_names("d/x.blend1") = ["d/x.blend1", "d/x.blend"]; "x.blend" -> ["x.blend"]; "~$report.docx" -> [itself, "report.docx"]; ".~lock.a.odt#" -> [itself, "a.odt"]. Note "file1" also yields "file" — that is fine (over-protection of a name is harmless only when "file" is leased).
+/// The names whose lease covers `path`: `path` itself first, then NAME
+/// when `path` is `NAME@`, `NAME1`, `NAME~`, `~$NAME` or `.~lock.NAME#` in
+/// the same directory. `d/x.blend1` gives `[d/x.blend1, d/x.blend]`,
+/// `x.blend` gives `[x.blend]`. `file1` also gives `file`: that only
+/// matters while `file` is leased, and then protecting `file1` is harmless.
 pub fn covering_names(path: &SharePath) -> Vec<SharePath> {
     let mut names = vec![path.clone()];
     let (Some(parent), Some(file)) = (path.parent(), path.file_name()) else { return names };
@@ -319,8 +342,10 @@ fn companion_names(path: &SharePath) -> Vec<SharePath> {
     COMPANIONS.iter().filter_map(|(prefix, suffix)| parent.join(&format!("{prefix}{file}{suffix}")).ok()).collect()
 }
 
-/// A process name (from /proc/PID/comm, may contain spaces or odd bytes) as a Name: invalid characters become '_', empty becomes "process", cut to 128.
-/// Surrounding whitespace (comm's newline) is dropped; the reserved names `.`, `..` and `-` become underscores.
+/// A process name (from `/proc/PID/comm`: may contain spaces or odd
+/// bytes) as a [`Name`]: surrounding whitespace (comm's newline) dropped,
+/// invalid characters made `_`, cut to 128; empty becomes `process`, and
+/// the reserved `.`, `..` and `-` become underscores.
 pub fn owner_name(raw: &str) -> Name {
     let keep = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
     let mut name: String = raw.trim().chars().map(|c| if keep(c) { c } else { '_' }).take(Name::MAX_LEN).collect();
@@ -582,7 +607,7 @@ mod tests {
         let (mut t, lease) = held();
         assert_eq!(lease.token, 1);
         assert_eq!((lease.holder.as_str(), lease.owner.as_str(), lease.since_ns, lease.expires_ns), ("a", "blender", 0, TTL));
-        assert_eq!(t.list(&n("s"), SEC), [lease.clone()]);
+        assert_eq!(t.list(&n("s"), SEC), vec![lease.clone()]);
 
         let renewed = t.renew(&n("s"), &p("x.blend"), &n("a"), 1, TTL, 10 * SEC).unwrap();
         assert_eq!((renewed.token, renewed.since_ns, renewed.expires_ns), (1, 0, 40 * SEC));
@@ -607,6 +632,8 @@ mod tests {
             assert!(matches!(released, Err(LeaseError::NotHeld { .. })), "{holder} {token}");
         }
         assert!(matches!(t.renew(&n("s"), &p("other"), &n("a"), 1, TTL, SEC), Err(LeaseError::NotHeld { .. })));
+        let e = t.renew(&n("s"), &p("x.blend"), &n("b"), 1, TTL, SEC).unwrap_err().to_string();
+        assert!(e.starts_with("x.blend in share s is not leased to you under that token (it was released"), "{e}");
         assert_eq!(t.list(&n("s"), SEC).len(), 1);
     }
 
@@ -650,7 +677,7 @@ mod tests {
     #[test]
     fn expired_lease_nobody_took_is_renewed_with_its_token() {
         let (mut t, lease) = held();
-        assert_eq!(t.expire(TTL + SEC), [lease.clone()]);
+        assert_eq!(t.expire(TTL + SEC), vec![lease.clone()]);
         assert!(t.expire(TTL + 2 * SEC).is_empty(), "reported once");
         let renewed = t.renew(&n("s"), &p("x.blend"), &n("a"), lease.token, TTL, TTL + 3 * SEC).unwrap();
         assert_eq!((renewed.token, renewed.expires_ns), (lease.token, 2 * TTL + 3 * SEC));
@@ -778,6 +805,16 @@ mod tests {
         assert_eq!(owner_name(&"x".repeat(300)).as_str(), "x".repeat(128));
     }
 
+    #[test]
+    fn lease_serializes_as_plain_json() {
+        let (_, lease) = held();
+        let json = serde_json::to_string(&lease).unwrap();
+        assert_eq!(
+            json,
+            r#"{"share":"s","path":"x.blend","holder":"a","owner":"blender","token":1,"since_ns":0,"expires_ns":30000000000}"#
+        );
+    }
+
     fn db() -> Connection {
         let conn = Connection::open_in_memory().unwrap();
         migrate(&conn).unwrap();
@@ -795,8 +832,8 @@ mod tests {
         let renewed = leases.renew(&conn, &s, &p("x.blend"), &a, first.token, TTL, 2 * SEC).unwrap();
 
         let reloaded = Leases::load(&conn, 3 * SEC).unwrap();
-        assert_eq!(reloaded.all(3 * SEC), [renewed.clone()]);
-        assert_eq!(reloaded.list(&s, 3 * SEC), [renewed.clone()]);
+        assert_eq!(reloaded.all(3 * SEC), vec![renewed.clone()]);
+        assert_eq!(reloaded.list(&s, 3 * SEC), vec![renewed.clone()]);
         assert!(reloaded.fence_ok(&s, &p("y.psd"), second.token));
         assert!(matches!(reloaded.acquire(&conn, &s, &p("x.blend"), &n("b"), &n("manual"), TTL, 3 * SEC), Err(LeaseError::Held(_))));
         let next = reloaded.acquire(&conn, &s, &p("y.psd"), &n("b"), &n("manual"), TTL, 3 * SEC).unwrap();

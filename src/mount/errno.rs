@@ -40,6 +40,10 @@ impl Errno {
                 "ACCESS_DENIED" => Errno::EACCES,
                 "STALE" => Errno::ESTALE,
                 "BUSY" => Errno::EBUSY,
+                "EXISTS" => Errno(libc::EEXIST),
+                "NOT_EMPTY" => Errno(libc::ENOTEMPTY),
+                "IS_DIR" => Errno::EISDIR,
+                "NOT_DIR" => Errno::ENOTDIR,
                 _ => Errno::EIO,
             },
         }

@@ -62,6 +62,8 @@ pub struct Leases {
     remote: Arc<Remote>,
     ttl_s: u32,
     held: Mutex<HashMap<(Name, SharePath), Held>>,
+    /// Releases start from FUSE threads, outside the runtime.
+    rt: tokio::runtime::Handle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -90,7 +92,7 @@ pub fn process_name(pid: i32) -> String {
 
 impl Leases {
     pub fn new(remote: Arc<Remote>, ttl_s: u32) -> Arc<Leases> {
-        Arc::new(Leases { remote, ttl_s: ttl_s.max(3), held: Mutex::new(HashMap::new()) })
+        Arc::new(Leases { remote, ttl_s: ttl_s.max(3), held: Mutex::new(HashMap::new()), rt: tokio::runtime::Handle::current() })
     }
 
     pub fn ttl(&self) -> Duration {
@@ -153,7 +155,7 @@ impl Leases {
         };
         if let Some(token) = release {
             let (me, share, path) = (self.clone(), share.clone(), path.clone());
-            tokio::spawn(async move { me.unlock(&share, &path, token).await });
+            self.rt.spawn(async move { me.unlock(&share, &path, token).await });
         }
     }
 
@@ -220,16 +222,12 @@ impl Leases {
             let period = Duration::from_secs_f64(me.ttl_s as f64 / 3.0);
             loop {
                 tokio::time::sleep(period.min(Duration::from_secs(2))).await;
-                // Needs are checked often (a process exit should free the
-                // file soon); the partner hears from us every ttl/3.
-                me.tick_if_due(period).await;
+                // Needs are checked at least every 2 s, so a process exit
+                // frees the file soon; renewals go out as often.
+                me.tick().await;
             }
         })
         .abort_handle()
-    }
-
-    async fn tick_if_due(&self, _period: Duration) {
-        self.tick().await;
     }
 
     /// Leases this node holds through this mount.

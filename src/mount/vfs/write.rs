@@ -228,7 +228,8 @@ impl Vfs {
         if path.components().any(|c| c.contains(crate::share::TEMP_MARKER)) {
             return Err(Errno::EINVAL);
         }
-        let children = self.children(parent).await?;
+        // Offline and never listed: the kernel's lookup already found no such name.
+        let children = self.children(parent).await.unwrap_or_default();
         if let Some((_, existing)) = children.iter().find(|(n, _)| n == name) {
             // O_CREAT without O_EXCL on an existing name: open it.
             let (fh, _) = self.open(*existing, OpenMode { write: true, ..open }).await?;
