@@ -209,7 +209,8 @@ impl Mounts {
             }
         };
         let leases = leases::Leases::new(remote.clone(), self.node.config.mount.lease_ttl_secs as u32);
-        let config = VfsConfig { root: root.clone(), read_only: opts.read_only, me: self.node.config.node.name.clone(), readahead: READAHEAD };
+        let config =
+            VfsConfig { root: root.clone(), read_only: opts.read_only, me: self.node.config.node.name.clone(), readahead: READAHEAD };
         let vfs = Arc::new(Vfs::new(remote.clone(), store, meta, config, self.writeback.clone(), leases.clone()));
         if let Some(rows) = rows {
             vfs.set_access(&rows);
@@ -236,14 +237,8 @@ impl Mounts {
         vfs.set_invalidator(fuse::invalidator(session.notifier()));
         let watch = tokio::spawn(watch_loop(vfs.clone(), root)).abort_handle();
         let renew = leases.start();
-        let mounted = Arc::new(Mounted {
-            spec: spec.clone(),
-            mountpoint: mountpoint.clone(),
-            vfs,
-            session: Mutex::new(Some(session)),
-            watch,
-            renew,
-        });
+        let mounted =
+            Arc::new(Mounted { spec: spec.clone(), mountpoint: mountpoint.clone(), vfs, session: Mutex::new(Some(session)), watch, renew });
         lock(&self.active).push(mounted.clone());
         tracing::info!(%spec, mountpoint = %mountpoint.display(), cache = %cache_dir.display(), limit, "mounted");
         Ok(mounted.info())
@@ -300,7 +295,8 @@ impl Mounts {
         let (m, ino) = self.resolve(path).await?;
         let mut st = m.vfs.status(ino).await.map_err(|e| MountError::Path { path: path.to_path_buf(), message: e.describe() })?;
         if let Some((share, p)) = m.vfs.share_path(ino) {
-            let under = |s: &str, q: &str| s == share.as_str() && (p.is_root() || q == p.as_str() || q.starts_with(&format!("{}/", p.as_str())));
+            let under =
+                |s: &str, q: &str| s == share.as_str() && (p.is_root() || q == p.as_str() || q.starts_with(&format!("{}/", p.as_str())));
             let partner = m.vfs.remote.partner();
             st.pending_writebacks = self
                 .writeback
@@ -361,7 +357,11 @@ impl Mounts {
 
 /// Whether `share` is a directory or a file share: from the partner, or
 /// from the last known state when it is offline.
-async fn share_kind(remote: &Arc<Remote>, meta: &meta::Meta, share: &Name) -> Result<(EntryKind, Option<Vec<crate::proto::ShareRow>>), MountError> {
+async fn share_kind(
+    remote: &Arc<Remote>,
+    meta: &meta::Meta,
+    share: &Name,
+) -> Result<(EntryKind, Option<Vec<crate::proto::ShareRow>>), MountError> {
     let partner = remote.partner().to_string();
     match remote.discover().await {
         Ok(rows) => {

@@ -170,11 +170,27 @@ impl Writeback {
 
     /// Commit a staged file (already fsynced by the caller) as a change to
     /// push. Returns its id.
-    pub fn enqueue(&self, partner: &str, share: &Name, path: &SharePath, data: &Path, base: Base, fence: Option<u64>) -> Result<i64, WritebackError> {
+    pub fn enqueue(
+        &self,
+        partner: &str,
+        share: &Name,
+        path: &SharePath,
+        data: &Path,
+        base: Base,
+        fence: Option<u64>,
+    ) -> Result<i64, WritebackError> {
         let db = lock(&self.db);
         db.execute(
             "INSERT INTO queue (partner, share, path, data, base, fence, state, queued_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7)",
-            params![partner, share.as_str(), path.as_str(), data.display().to_string(), base_text(base), fence.map(|f| f as i64), Timestamp::now().0],
+            params![
+                partner,
+                share.as_str(),
+                path.as_str(),
+                data.display().to_string(),
+                base_text(base),
+                fence.map(|f| f as i64),
+                Timestamp::now().0
+            ],
         )
         .map_err(|e| self.wrap(e))?;
         Ok(db.last_insert_rowid())
@@ -184,7 +200,10 @@ impl Writeback {
     /// content went back).
     pub fn rename(&self, partner: &str, share: &Name, from: &SharePath, to: &SharePath) -> Result<(), WritebackError> {
         lock(&self.db)
-            .execute("UPDATE queue SET path = ?4 WHERE partner = ?1 AND share = ?2 AND path = ?3", params![partner, share.as_str(), from.as_str(), to.as_str()])
+            .execute(
+                "UPDATE queue SET path = ?4 WHERE partner = ?1 AND share = ?2 AND path = ?3",
+                params![partner, share.as_str(), from.as_str(), to.as_str()],
+            )
             .map(|_| ())
             .map_err(|e| self.wrap(e))
     }
@@ -222,7 +241,8 @@ impl Writeback {
     /// Conflict copies made: (share, path, copy, at_ns), newest first.
     pub fn conflicts(&self, partner: &str) -> Vec<(String, String, String, i64)> {
         let db = lock(&self.db);
-        let Ok(mut stmt) = db.prepare("SELECT share, path, copy, at_ns FROM conflicts WHERE partner = ?1 ORDER BY at_ns DESC LIMIT 100") else {
+        let Ok(mut stmt) = db.prepare("SELECT share, path, copy, at_ns FROM conflicts WHERE partner = ?1 ORDER BY at_ns DESC LIMIT 100")
+        else {
             return Vec::new();
         };
         stmt.query_map(params![partner], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
@@ -280,7 +300,14 @@ impl Writeback {
 
     /// One push on a pooled session; a session that turned out dead is
     /// replaced once.
-    async fn push(&self, partner: &str, share: &Name, path: &SharePath, data: &Path, options: PushOptions) -> Result<Report, TransferError> {
+    async fn push(
+        &self,
+        partner: &str,
+        share: &Name,
+        path: &SharePath,
+        data: &Path,
+        options: PushOptions,
+    ) -> Result<Report, TransferError> {
         for attempt in 0..2 {
             let mut session = self.session(partner).await?;
             match session.push_with(share, path, data, options, None).await {

@@ -297,11 +297,7 @@ fn an_app_that_opened_a_blend_file_keeps_others_out_until_it_exits_and_saves_the
 
     // The process exits: carol may write.
     app.quit();
-    assert!(
-        wait_until(Duration::from_secs(15), || open_w().is_ok()),
-        "carol still cannot write after the holder exited:\n{}",
-        alice.log()
-    );
+    assert!(wait_until(Duration::from_secs(15), || open_w().is_ok()), "carol still cannot write after the holder exited:\n{}", alice.log());
     std::fs::write(carol.at("x.blend"), b"version 3").unwrap();
     assert_eq!(std::fs::read(w.server("x.blend")).unwrap(), b"version 3");
 }

@@ -30,15 +30,15 @@ mod write;
 pub use write::OpenMode;
 
 use super::errno::Errno;
-use super::meta::{KnownFile, Meta, ROOT_SHARE};
 use super::leases::Leases;
+use super::meta::{KnownFile, Meta, ROOT_SHARE};
 use super::remote::{Remote, RemoteError};
 use super::stage::Staged;
-use crate::writeback::Writeback;
 use crate::chunk::Manifest;
 use crate::hash::Hash;
 use crate::proto::{Entry, EntryKind, Name, SharePath};
 use crate::store::{ChunkStore, Hold};
+use crate::writeback::Writeback;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -607,7 +607,8 @@ impl Vfs {
                 None => false,
             }
         };
-        lock(&self.handles).insert(fh, Handle::Read(ReadHandle { share, path, manifest, _hold: hold, last_end: 0, run: 0, ahead_until: 0 }));
+        lock(&self.handles)
+            .insert(fh, Handle::Read(ReadHandle { share, path, manifest, _hold: hold, last_end: 0, run: 0, ahead_until: 0 }));
         Ok((fh, keep))
     }
 

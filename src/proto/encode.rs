@@ -12,8 +12,8 @@
 //! fits [`MAX_LINE`].
 
 use super::{
-    Access, AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode, LeaseRow, Name, Request,
-    Response, SharePath, Signature, MAX_LINE,
+    Access, AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode, LeaseRow, Name, Request, Response,
+    SharePath, Signature, MAX_LINE,
 };
 use base64::Engine as _;
 use std::fmt::{self, Write as _};
@@ -56,7 +56,9 @@ impl Request {
             Request::Mkdir { share, path, mode } => {
                 line(&mut out, format_args!("DEFT MKDIR {share} {} MODE:{:o}", path.to_wire(), mode & MODE_BITS))
             }
-            Request::Remove { share, path, kind } => line(&mut out, format_args!("DEFT REMOVE {share} {} {}", path.to_wire(), kind.as_str())),
+            Request::Remove { share, path, kind } => {
+                line(&mut out, format_args!("DEFT REMOVE {share} {} {}", path.to_wire(), kind.as_str()))
+            }
             Request::Rename { share, from, to, replace } => line(
                 &mut out,
                 format_args!("DEFT RENAME {share} {} {} {}", from.to_wire(), to.to_wire(), if *replace { "REPLACE" } else { "NOREPLACE" }),
@@ -579,9 +581,8 @@ mod tests {
     }
 
     fn arb_lease() -> impl Strategy<Value = LeaseRow> {
-        (any::<u64>(), arb_name(), arb_name(), any::<i64>(), any::<i64>(), arb_file_path()).prop_map(
-            |(token, holder, owner, since_ns, expires_ns, path)| LeaseRow { token, holder, owner, since_ns, expires_ns, path },
-        )
+        (any::<u64>(), arb_name(), arb_name(), any::<i64>(), any::<i64>(), arb_file_path())
+            .prop_map(|(token, holder, owner, since_ns, expires_ns, path)| LeaseRow { token, holder, owner, since_ns, expires_ns, path })
     }
 
     fn arb_hash() -> impl Strategy<Value = Hash> {
@@ -646,28 +647,41 @@ mod tests {
                     Request::BeginTransfer { transfer_id, share, path, size, file_hash, base: Base::Any, fence: None, chunks }
                 }
             ),
-            (arb_name(), arb_file_path(), arb_hash(), prop::option::of(arb_hash()), any::<bool>(), prop::option::of(any::<u64>())).prop_map(
-                |(share, path, file_hash, base, absent, fence)| {
+            (arb_name(), arb_file_path(), arb_hash(), prop::option::of(arb_hash()), any::<bool>(), prop::option::of(any::<u64>()))
+                .prop_map(|(share, path, file_hash, base, absent, fence)| {
                     let base = match (base, absent) {
                         (Some(h), _) => Base::Version(h),
                         (None, true) => Base::Absent,
                         (None, false) => Base::Any,
                     };
                     Request::BeginTransfer { transfer_id: share.clone(), share, path, size: 0, file_hash, base, fence, chunks: vec![] }
-                }
-            ),
+                }),
             (arb_name(), arb_file_path(), 0u32..=0o7777).prop_map(|(share, path, mode)| Request::Mkdir { share, path, mode }),
             (arb_name(), arb_file_path(), any::<bool>()).prop_map(|(share, path, dir)| Request::Remove {
                 share,
                 path,
                 kind: if dir { EntryKind::Dir } else { EntryKind::File }
             }),
-            (arb_name(), arb_file_path(), arb_file_path(), any::<bool>())
-                .prop_map(|(share, from, to, replace)| Request::Rename { share, from, to, replace }),
+            (arb_name(), arb_file_path(), arb_file_path(), any::<bool>()).prop_map(|(share, from, to, replace)| Request::Rename {
+                share,
+                from,
+                to,
+                replace
+            }),
             (arb_name(), arb_file_path(), prop::option::of(0u32..=0o7777), prop::option::of(any::<i64>()))
                 .prop_map(|(share, path, mode, mtime_ns)| Request::SetAttr { share, path, mode, mtime_ns }),
-            (arb_name(), arb_file_path(), 1u32..=86_400, arb_name()).prop_map(|(share, path, ttl_s, owner)| Request::Lock { share, path, ttl_s, owner }),
-            (arb_name(), arb_file_path(), any::<u64>(), 1u32..=86_400).prop_map(|(share, path, token, ttl_s)| Request::Renew { share, path, token, ttl_s }),
+            (arb_name(), arb_file_path(), 1u32..=86_400, arb_name()).prop_map(|(share, path, ttl_s, owner)| Request::Lock {
+                share,
+                path,
+                ttl_s,
+                owner
+            }),
+            (arb_name(), arb_file_path(), any::<u64>(), 1u32..=86_400).prop_map(|(share, path, token, ttl_s)| Request::Renew {
+                share,
+                path,
+                token,
+                ttl_s
+            }),
             (arb_name(), arb_file_path(), any::<u64>()).prop_map(|(share, path, token)| Request::Unlock { share, path, token }),
             arb_name().prop_map(|share| Request::Locks { share }),
             (arb_name(), arb_name(), arb_path(), arb_hash(), arb_ranges())

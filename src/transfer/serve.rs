@@ -399,7 +399,10 @@ impl Session {
         if let Some(token) = fence {
             if !self.node.leases.fence_ok(&share, &path, token) {
                 tracing::warn!(target: "audit", partner = %self.partner, %share, %path, token, "refused push: a newer lease was granted since");
-                return Err(err(ErrorCode::Conflict, format!("{path}: a newer lease than yours (token {token}) was granted since; save your change under another name")));
+                return Err(err(
+                    ErrorCode::Conflict,
+                    format!("{path}: a newer lease than yours (token {token}) was granted since; save your change under another name"),
+                ));
             }
         }
         let manifest =
@@ -426,7 +429,8 @@ impl Session {
                 (None, Some(f)) => crate::index::manifest_for(&node.db, &f, params).ok().map(|m| (f, m)),
                 (None, None) => None,
             };
-            Assembly::prepare_from(&t2, m, from.as_ref().map(|(p, m)| (p.as_path(), m))).map_err(|e| err(ErrorCode::Internal, e.to_string()))
+            Assembly::prepare_from(&t2, m, from.as_ref().map(|(p, m)| (p.as_path(), m)))
+                .map_err(|e| err(ErrorCode::Internal, e.to_string()))
         })
         .await
         .map_err(|e| err(ErrorCode::Internal, e.to_string()))??;
@@ -778,8 +782,11 @@ impl Session {
     fn lock(&self, share: &Name, path: &SharePath, ttl_s: u32, owner: &Name) -> Result<Response, Response> {
         self.share(share)?;
         let ttl = i64::from(ttl_s) * 1_000_000_000;
-        let lease =
-            self.node.leases.acquire(&self.node.db(), share, path, &self.partner, owner, ttl, Timestamp::now().0).map_err(|e| self.lease_err(e))?;
+        let lease = self
+            .node
+            .leases
+            .acquire(&self.node.db(), share, path, &self.partner, owner, ttl, Timestamp::now().0)
+            .map_err(|e| self.lease_err(e))?;
         tracing::info!(target: "audit", partner = %self.partner, %share, %path, %owner, token = lease.token, "lease granted");
         self.changed(share, path);
         Ok(Response::Locked { share: share.clone(), lease: Self::lease_row(&lease) })
@@ -788,8 +795,11 @@ impl Session {
     fn renew(&self, share: &Name, path: &SharePath, token: u64, ttl_s: u32) -> Result<Response, Response> {
         self.share(share)?;
         let ttl = i64::from(ttl_s) * 1_000_000_000;
-        let lease =
-            self.node.leases.renew(&self.node.db(), share, path, &self.partner, token, ttl, Timestamp::now().0).map_err(|e| self.lease_err(e))?;
+        let lease = self
+            .node
+            .leases
+            .renew(&self.node.db(), share, path, &self.partner, token, ttl, Timestamp::now().0)
+            .map_err(|e| self.lease_err(e))?;
         Ok(Response::Locked { share: share.clone(), lease: Self::lease_row(&lease) })
     }
 

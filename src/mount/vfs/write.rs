@@ -430,7 +430,8 @@ impl Vfs {
 
     /// Push first if `ino` holds changes the partner lacks.
     async fn settle(&self, ino: Ino) -> Result<(), Errno> {
-        let pending = lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.local_only || n.staged.as_ref().is_some_and(|s| s.state().dirty));
+        let pending =
+            lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.local_only || n.staged.as_ref().is_some_and(|s| s.state().dirty));
         if pending {
             self.push(ino).await?;
         }
@@ -594,7 +595,15 @@ impl Vfs {
     }
 
     /// chmod, truncate, utimens.
-    pub async fn setattr(&self, ino: Ino, mode: Option<u32>, size: Option<u64>, mtime_ns: Option<i64>, fh: Option<u64>, tid: u32) -> Result<Attr, Errno> {
+    pub async fn setattr(
+        &self,
+        ino: Ino,
+        mode: Option<u32>,
+        size: Option<u64>,
+        mtime_ns: Option<i64>,
+        fh: Option<u64>,
+        tid: u32,
+    ) -> Result<Attr, Errno> {
         let (share, path, kind) = self.node_key(ino)?;
         if mode.is_none() && size.is_none() && mtime_ns.is_none() {
             return self.getattr(ino).await;
