@@ -250,16 +250,6 @@ impl Writeback {
             .unwrap_or_default()
     }
 
-    /// Whether a staging file still backs a queued entry (so it must not be deleted).
-    pub fn is_queued(&self, data: &Path) -> bool {
-        let db = lock(&self.db);
-        db.query_row("SELECT 1 FROM queue WHERE data = ?1", params![data.display().to_string()], |_| Ok(()))
-            .optional()
-            .ok()
-            .flatten()
-            .is_some()
-    }
-
     fn finish(&self, entry: &Entry, outcome: &Outcome) {
         let db = lock(&self.db);
         let r = match outcome {
@@ -323,7 +313,7 @@ impl Writeback {
                 Err(e) => tracing::debug!(partner, "write-back session failed ({e}); trying a fresh one"),
             }
         }
-        Err(TransferError::Other("unreachable".into()))
+        Err(TransferError::Other(format!("{partner}: no session could be opened")))
     }
 
     /// Push entry `id` now. Two callers never push one entry at once: the

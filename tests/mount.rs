@@ -12,25 +12,6 @@ use std::time::{Duration, Instant};
 
 const MIB: usize = 1024 * 1024;
 
-fn mounted(path: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let p = path.to_string_lossy();
-    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(&p))
-}
-
-/// Detaches the mount at its path when dropped, whatever happened.
-struct MountGuard(PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        if mounted(&self.0) {
-            let c = std::ffi::CString::new(self.0.to_string_lossy().as_bytes()).unwrap();
-            // SAFETY: a valid NUL-terminated path for the duration of the call.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
-
 /// Bob serves `files` (read access for alice); alice's daemon mounts it.
 /// Fields drop in order: mount, daemons, then the directories.
 struct Setup {
@@ -88,17 +69,6 @@ fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x >> 7;
     *x ^= *x << 17;
     *x
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 #[test]

@@ -18,36 +18,6 @@ use std::time::{Duration, Instant};
 
 const MIB: usize = 1024 * 1024;
 
-fn mounted(path: &Path) -> bool {
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let p = path.to_string_lossy();
-    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(&p))
-}
-
-/// Detaches the mount at its path when dropped, whatever happened.
-struct MountGuard(PathBuf);
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        if mounted(&self.0) {
-            let c = std::ffi::CString::new(self.0.to_string_lossy().as_bytes()).unwrap();
-            // SAFETY: a valid NUL-terminated path for the duration of the call.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
-
-fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
 }

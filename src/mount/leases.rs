@@ -131,11 +131,6 @@ impl Leases {
         crate::lease::covering_names(path).into_iter().find_map(|p| held.get(&(share.clone(), p)).map(|h| h.row.token))
     }
 
-    /// Whether this node holds a lease on exactly `path`.
-    pub fn holds(&self, share: &Name, path: &SharePath) -> bool {
-        lock(&self.held).contains_key(&(share.clone(), path.clone()))
-    }
-
     /// `need` no longer needs the lease on `path`; released if nothing else does.
     pub fn done(self: &Arc<Self>, share: &Name, path: &SharePath, need: &Need) {
         let release = {

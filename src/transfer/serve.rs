@@ -665,6 +665,20 @@ struct Push {
     chunks: Vec<proto::ChunkLine>,
 }
 
+/// BUSY for a change refused because `lease` is held by another node.
+fn held(lease: &crate::lease::Lease) -> Response {
+    err(
+        ErrorCode::Busy,
+        format!(
+            "{} is locked by {} ({}) until {}: try again when it is released",
+            lease.path,
+            lease.holder,
+            lease.owner,
+            Timestamp(lease.expires_ns).rfc3339()
+        ),
+    )
+}
+
 /// Refuse a push whose base is no longer the target's version.
 fn check_base(path: &SharePath, base: proto::Base, current: Option<crate::hash::Hash>, exists: bool) -> Result<(), Response> {
     let conflict = |why: String| Err(err(ErrorCode::Conflict, format!("{path}: {why}; nothing was replaced")));
@@ -688,15 +702,7 @@ impl Session {
             Ok(()) => Ok(()),
             Err(lease) => {
                 tracing::info!(target: "audit", partner = %self.partner, %share, %path, holder = %lease.holder, "refused change: leased");
-                Err(err(
-                    ErrorCode::Busy,
-                    format!(
-                        "{path} is locked by {} ({}) until {}: try again when it is released",
-                        lease.holder,
-                        lease.owner,
-                        Timestamp(lease.expires_ns).rfc3339()
-                    ),
-                ))
+                Err(held(&lease))
             }
         }
     }
@@ -764,16 +770,7 @@ impl Session {
 
     fn lease_err(&self, e: crate::lease::LeaseError) -> Response {
         match e {
-            crate::lease::LeaseError::Held(lease) => err(
-                ErrorCode::Busy,
-                format!(
-                    "{} is locked by {} ({}) until {}: try again when it is released",
-                    lease.path,
-                    lease.holder,
-                    lease.owner,
-                    Timestamp(lease.expires_ns).rfc3339()
-                ),
-            ),
+            crate::lease::LeaseError::Held(lease) => held(&lease),
             e @ crate::lease::LeaseError::NotHeld { .. } => err(ErrorCode::NotFound, e.to_string()),
             e => err(ErrorCode::Internal, e.to_string()),
         }

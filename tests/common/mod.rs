@@ -252,3 +252,35 @@ pub fn wait_stderr_line(child: &mut Child, needle: &str, timeout: Duration) -> b
     });
     rx.recv_timeout(timeout).is_ok()
 }
+
+/// Whether something is mounted at `path` (`/proc/mounts`).
+pub fn mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = path.to_string_lossy();
+    mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(&p))
+}
+
+/// Detaches the mount at its path when dropped, whatever happened.
+pub struct MountGuard(pub PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if mounted(&self.0) {
+            let c = std::ffi::CString::new(self.0.to_string_lossy().as_bytes()).unwrap();
+            // SAFETY: a valid NUL-terminated path for the duration of the call.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Poll `f` every 100 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}

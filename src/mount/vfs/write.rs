@@ -185,7 +185,6 @@ impl Vfs {
     /// Open `ino` as `mode` says.
     pub async fn open(&self, ino: Ino, mode: OpenMode) -> Result<(u64, bool), Errno> {
         let (share, path) = self.file_key(ino)?;
-        let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
         if !mode.write {
             let (rfh, keep) = self.open_read(ino).await?;
             // A lockable file is leased for the opening process's life.
@@ -199,6 +198,7 @@ impl Vfs {
         if lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some()) {
             return Err(Errno::EACCES);
         }
+        let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
         self.open_leases(&share, &path, mode, fh).await?;
         let staged = match self.stage(ino, mode.truncate).await {
             Ok(s) => s,
@@ -236,8 +236,7 @@ impl Vfs {
             return Ok((self.cached_attr(*existing)?, fh));
         }
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
-        let token = self.open_leases(&share, &path, OpenMode { write: true, ..open }, fh).await?;
-        let _ = token;
+        self.open_leases(&share, &path, OpenMode { write: true, ..open }, fh).await?;
         let staged = Arc::new(Staged::create(self.writeback.staging_path(), None, Base::Absent, now_ns()).map_err(io_errno)?);
         staged.state().dirty = true;
         staged.state().handles += 1;
