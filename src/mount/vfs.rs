@@ -720,6 +720,7 @@ impl Vfs {
     /// The partner says `path` of `share` changed: forget what we knew and
     /// tell the kernel.
     pub fn changed(self: &Arc<Self>, share: &Name, path: &SharePath) {
+        tracing::debug!(%share, %path, "changed remotely");
         let mut drops = Vec::new();
         {
             let mut inodes = lock(&self.inodes);

@@ -380,7 +380,7 @@ impl Session {
         let s = self.readable(share)?;
         let real = s.resolve_file(path).map_err(share_err)?;
         let manifest = self.manifest_of(real).await?;
-        let entry = s.stat(path).map_err(share_err)?;
+        let entry = self.shown(share, s.stat(path).map_err(share_err)?);
         Ok(Response::FileInfo {
             share: share.clone(),
             path: path.clone(),

@@ -30,8 +30,13 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    /// Kept when the test failed, so its daemon logs can be read.
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::thread::panicking() {
+            eprintln!("test failed: its files are kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -138,7 +143,7 @@ impl Daemon {
             .arg("--home")
             .arg(home)
             .arg("daemon")
-            .env("DEFTFS_LOG", "info")
+            .env("DEFTFS_LOG", std::env::var("DEFTFS_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()

@@ -127,7 +127,10 @@ impl Vfs {
         if lockable {
             match process_start(pid) {
                 Some(start) => match self.leases.take(share, path, &owner, Need::Process { pid, start }).await {
-                    Ok(t) => token = Some(t),
+                    Ok(t) => {
+                        self.took_lease(share, path);
+                        token = Some(t)
+                    }
                     Err(e) if mode.write => return Err(self.lease_errno(path, &e)),
                     // Read-only: reading a file leased elsewhere is allowed.
                     Err(e) => tracing::debug!(%path, "no lease for a read-only open: {e}"),
@@ -137,7 +140,10 @@ impl Vfs {
         }
         if mode.write {
             match self.leases.take(share, path, &owner, Need::Handle(fh)).await {
-                Ok(t) => token = Some(t),
+                Ok(t) => {
+                    self.took_lease(share, path);
+                    token = Some(t)
+                }
                 Err(RemoteError::Offline { .. }) if !lockable => {
                     // Not lockable: written offline, reconciled by the base
                     // check when it goes back (a conflict copy at worst).
@@ -147,6 +153,30 @@ impl Vfs {
             }
         }
         Ok(token)
+    }
+
+    /// We now hold `path`: a lease another node held on it in our cached
+    /// view has ended (the partner does not tell us about our own grants),
+    /// so forget that view and its `.NAME.lock` entry.
+    fn took_lease(&self, share: &Name, path: &SharePath) {
+        let stale =
+            lock(&self.share_leases).get(share).is_some_and(|sl| sl.leases.iter().any(|l| l.path == *path && l.holder != self.config.me));
+        if !stale {
+            return;
+        }
+        lock(&self.share_leases).remove(share);
+        let (Some(name), parent) = (path.file_name(), path.parent().unwrap_or_else(SharePath::root)) else { return };
+        let dir = {
+            let mut inodes = lock(&self.inodes);
+            let dir = inodes.by_key.get(&(share_key(&Some(share.clone())), parent)).copied();
+            if let Some(n) = dir.and_then(|d| inodes.by_ino.get_mut(&d)) {
+                n.children = None;
+            }
+            dir
+        };
+        if let (Some(dir), Some(f)) = (dir, self.invalidate.get()) {
+            f(Inval::Entry(dir, format!(".{name}.lock")));
+        }
     }
 
     fn lease_errno(&self, path: &SharePath, e: &RemoteError) -> Errno {
@@ -661,7 +691,9 @@ impl Vfs {
         let (share, path) = self.file_key(ino)?;
         let owner = crate::lease::owner_name("manual");
         let until = ttl.map(|t| Instant::now() + t);
-        self.leases.take(&share, &path, &owner, Need::Manual { until }).await.map_err(|e| self.lease_errno(&path, &e))
+        let token = self.leases.take(&share, &path, &owner, Need::Manual { until }).await.map_err(|e| self.lease_errno(&path, &e))?;
+        self.took_lease(&share, &path);
+        Ok(token)
     }
 
     pub async fn unlock_path(&self, ino: Ino) -> Result<bool, Errno> {
