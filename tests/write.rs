@@ -60,6 +60,11 @@ struct World {
 impl World {
     /// `names`: the client nodes; `config`: extra lines for their config.toml.
     fn new(tag: &str, names: &[&str], config: &str, prepare: impl FnOnce(&Path)) -> World {
+        World::granting("read-write", tag, names, config, prepare)
+    }
+
+    /// Like [`World::new`], with `access` granted to every client.
+    fn granting(access: &str, tag: &str, names: &[&str], config: &str, prepare: impl FnOnce(&Path)) -> World {
         let root = TempDir::new(tag);
         let bob = TestNode::init(root.path(), "bob");
         let files = root.path().join("bob-files");
@@ -77,7 +82,7 @@ impl World {
                 text.push_str(config);
                 std::fs::write(&path, text).unwrap();
             }
-            share.extend(["--partner".into(), name.to_string(), "--access".into(), "read-write".into()]);
+            share.extend(["--partner".into(), name.to_string(), "--access".into(), access.to_string()]);
             let mnt = root.path().join(format!("mnt-{name}"));
             clients.push(Client { guard: None, daemon: None, node, mnt });
         }
@@ -236,7 +241,6 @@ fn helper_process() {
 }
 
 #[test]
-
 fn an_app_that_opened_a_blend_file_keeps_others_out_until_it_exits_and_saves_the_blender_way() {
     let w = World::new("blend", &["alice", "carol"], "[mount]\nlease_ttl_secs = 6\n", |dir| {
         std::fs::write(dir.join("x.blend"), b"version 1").unwrap();
@@ -302,7 +306,21 @@ fn a_client_that_bypasses_the_mount_cannot_push_to_a_leased_path() {
 }
 
 #[test]
+fn a_partner_that_may_only_read_cannot_lease() {
+    let w = World::granting("read", "rolease", &["alice"], "", |dir| {
+        std::fs::write(dir.join("x.blend"), b"v1").unwrap();
+    });
+    let a = w.c(0);
+    let out = a.node.cmd(&["lock", a.at("x.blend").to_str().unwrap()]);
+    assert!(!out.status.success(), "a read-only partner got a lease");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Read-only"), "{err}");
+    // Opening a lockable file still works, without a lease.
+    assert_eq!(std::fs::read(a.at("x.blend")).unwrap(), b"v1");
+    assert!(!a.node.ok(&["locks"]).contains("x.blend"), "a lease was granted");
+}
 
+#[test]
 fn leases_of_a_holder_killed_with_sigkill_expire_within_the_ttl() {
     let mut w = World::new("expire", &["alice", "carol"], "[mount]\nlease_ttl_secs = 3\n", |dir| {
         std::fs::write(dir.join("x.blend"), b"v1").unwrap();

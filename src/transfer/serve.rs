@@ -776,8 +776,10 @@ impl Session {
         }
     }
 
+    /// Only a partner that may write a share may lease in it: one that may
+    /// only read must not keep the others from writing.
     fn lock(&self, share: &Name, path: &SharePath, ttl_s: u32, owner: &Name) -> Result<Response, Response> {
-        self.share(share)?;
+        self.writable(share)?;
         let ttl = i64::from(ttl_s) * 1_000_000_000;
         let lease = self
             .node

@@ -689,6 +689,8 @@ impl Vfs {
     /// `deftfs lock`: a lease held until unlock or `ttl`.
     pub async fn lock_path(&self, ino: Ino, ttl: Option<Duration>) -> Result<u64, Errno> {
         let (share, path) = self.file_key(ino)?;
+        // Leases need write access (the partner refuses them otherwise).
+        self.check_writable(&Some(share.clone()))?;
         let owner = crate::lease::owner_name("manual");
         let until = ttl.map(|t| Instant::now() + t);
         let token = self.leases.take(&share, &path, &owner, Need::Manual { until }).await.map_err(|e| self.lease_errno(&path, &e))?;
