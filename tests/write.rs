@@ -506,3 +506,48 @@ fn tar_and_cp_work_inside_the_mount() {
     assert!(out.status.success(), "cp -r: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(w.server("copy/f1.txt")).unwrap(), std::fs::read(src.join("d1/f1.txt")).unwrap());
 }
+
+/// Run `git` in `dir`; its output, or a panic with what it said.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.org", "-c", "init.defaultBranch=main"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?} in {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn git_works_inside_the_mount_and_the_serving_node_gets_a_sound_repository() {
+    let w = World::new("git", &["alice"], "", |_| {});
+    let a = w.c(0);
+    let repo = a.at("repo");
+    std::fs::create_dir(&repo).unwrap();
+    git(&repo, &["init", "-q"]);
+    for i in 0..20 {
+        std::fs::write(repo.join(format!("file{i}.txt")), format!("line {i}\n").repeat(i + 1)).unwrap();
+    }
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-q", "-m", "first"]);
+    std::fs::write(repo.join("file3.txt"), "changed\n").unwrap();
+    std::fs::remove_file(repo.join("file4.txt")).unwrap();
+    git(&repo, &["commit", "-q", "-am", "second"]);
+    git(&repo, &["checkout", "-q", "-b", "topic"]);
+    std::fs::rename(repo.join("file5.txt"), repo.join("moved.txt")).unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "third"]);
+    assert_eq!(git(&repo, &["status", "--porcelain"]), "");
+    git(&repo, &["gc", "-q"]);
+    assert_eq!(git(&repo, &["log", "--format=%s"]), "third\nsecond\nfirst\n");
+
+    // The serving node holds the same repository, whole.
+    let served = w.server("repo");
+    git(&served, &["fsck", "--strict"]);
+    assert_eq!(git(&served, &["log", "--format=%s", "topic"]), "third\nsecond\nfirst\n");
+    assert_eq!(git(&served, &["status", "--porcelain"]), "");
+    assert_eq!(std::fs::read_to_string(served.join("file3.txt")).unwrap(), "changed\n");
+    assert!(!served.join("file4.txt").exists() && served.join("moved.txt").exists());
+}

@@ -109,7 +109,10 @@ impl Filesystem for Fuse {
         self.rt.spawn(async move {
             match vfs.lookup(parent.0, &name).await {
                 Ok(a) => reply.entry(&TTL, &Fuse::file_attr(uid, gid, &a), Generation(0)),
-                Err(e) => reply.error(errno(e)),
+                Err(e) => {
+                    tracing::trace!(parent = parent.0, name, "lookup: {e:?}");
+                    reply.error(errno(e))
+                }
             }
         });
     }
@@ -383,6 +386,7 @@ pub fn invalidator(notifier: fuser::Notifier) -> Box<dyn Fn(Inval) + Send + Sync
     let (tx, rx) = std::sync::mpsc::channel::<Inval>();
     let spawned = std::thread::Builder::new().name("fuse-inval".into()).spawn(move || {
         for inval in rx {
+            tracing::trace!("invalidate {inval:?}");
             let r = match &inval {
                 Inval::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
                 Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), OsStr::new(name)),

@@ -90,6 +90,7 @@ pub struct VfsConfig {
 }
 
 /// A kernel cache entry to drop: set by the FUSE adapter.
+#[derive(Debug)]
 pub enum Inval {
     Inode(Ino),
     Entry(Ino, String),
@@ -116,6 +117,9 @@ struct Inode {
     local_only: bool,
     /// A `.NAME.lock` entry: its JSON content.
     virtual_data: Option<Arc<Vec<u8>>>,
+    /// A directory: bumped by every change made here to its entries, so a
+    /// listing asked for before the change is known to be stale.
+    local_seq: u64,
 }
 
 /// An open file.
@@ -257,6 +261,7 @@ impl Vfs {
                 staged: None,
                 local_only: false,
                 virtual_data: None,
+                local_seq: 0,
             },
         );
         Vfs {
@@ -379,6 +384,7 @@ impl Vfs {
                 staged: None,
                 local_only: false,
                 virtual_data: None,
+                local_seq: 0,
             },
         );
         ino
@@ -458,13 +464,24 @@ impl Vfs {
                 }
             }
         }
-        let rows = self.fetch_listing(&share, &path).await?;
-        let locks = match &share {
-            Some(s) => self.lock_entries(s, &path).await,
-            None => Vec::new(),
+        // A change made here while the listing was on its way (a create
+        // pushed, a rename) may be missing from it: ask again.
+        let mut tries = 0;
+        let (rows, locks, mut inodes) = loop {
+            let asked = self.local_seq(ino);
+            let rows = self.fetch_listing(&share, &path).await?;
+            let locks = match &share {
+                Some(s) => self.lock_entries(s, &path).await,
+                None => Vec::new(),
+            };
+            let inodes = lock(&self.inodes);
+            let seq = inodes.by_ino.get(&ino).map_or(0, |n| n.local_seq);
+            tries += 1;
+            if seq == asked || tries == 3 {
+                break (rows, locks, inodes);
+            }
         };
         let now = Instant::now();
-        let mut inodes = lock(&self.inodes);
         let mut children: Vec<(String, Ino)> =
             rows.iter().map(|(name, s, e)| (name.clone(), Self::upsert(&mut inodes, ino, s.clone(), e, now))).collect();
         // Files created here and not pushed yet are ours to show.
@@ -490,6 +507,17 @@ impl Vfs {
             n.attr_at.get_or_insert(now);
         }
         Ok(children)
+    }
+
+    fn local_seq(&self, dir: Ino) -> u64 {
+        lock(&self.inodes).by_ino.get(&dir).map_or(0, |n| n.local_seq)
+    }
+
+    /// Record a change made here to the entries of directory `dir`.
+    fn touched(inodes: &mut Inodes, dir: Ino) {
+        if let Some(n) = inodes.by_ino.get_mut(&dir) {
+            n.local_seq += 1;
+        }
     }
 
     pub async fn lookup(&self, parent: Ino, name: &str) -> Result<Attr, Errno> {
@@ -740,7 +768,13 @@ impl Vfs {
                     drops.push(Inval::Inode(*ino));
                 }
             }
-            if let Some(name) = path.file_name() {
+            // A directory's entry stays: invalidating it would unhash the
+            // dentry, and a process whose working directory it is would
+            // get ENOENT from getcwd (git does). Its attributes and listing
+            // are dropped above; were it removed, the next lookup says so.
+            let is_dir =
+                inodes.by_key.get(&(key.clone(), path.clone())).and_then(|i| inodes.by_ino.get(i)).is_some_and(|n| n.kind == Kind::Dir);
+            if let (Some(name), false) = (path.file_name(), is_dir) {
                 let parent = path.parent().unwrap_or_else(SharePath::root);
                 if let Some(&p) = inodes.by_key.get(&(key.clone(), parent)) {
                     drops.push(Inval::Entry(p, name.to_string()));

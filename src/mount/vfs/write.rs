@@ -284,6 +284,7 @@ impl Vfs {
                     c.push((name.to_string(), ino));
                 }
             }
+            Self::touched(&mut inodes, parent);
             ino
         };
         let handle = StagedHandle { ino, staged, write: true, append: open.append, lease: Some((share, path)) };
@@ -388,11 +389,16 @@ impl Vfs {
                 }
                 drop(st);
                 let mut inodes = lock(&self.inodes);
+                let mut parent = None;
                 if let Some(n) = inodes.by_ino.get_mut(&ino) {
                     n.local_only = false;
                     n.size = report.bytes_total;
                     n.manifest = None;
                     n.cached_version = None;
+                    parent = Some(n.parent);
+                }
+                if let Some(p) = parent {
+                    Self::touched(&mut inodes, p);
                 }
                 Ok(())
             }
@@ -498,6 +504,7 @@ impl Vfs {
             c.retain(|(n, _)| n != name);
             c.push((name.to_string(), ino));
         }
+        Self::touched(&mut inodes, parent);
         let n = inodes.by_ino.get(&ino).ok_or(Errno::EIO)?;
         Ok(self.attr_of(ino, n))
     }
@@ -505,6 +512,7 @@ impl Vfs {
     /// Forget `name` in `parent` (and the inode's key).
     fn forget(&self, parent: Ino, name: &str) {
         let mut inodes = lock(&self.inodes);
+        Self::touched(&mut inodes, parent);
         let mut gone = None;
         if let Some((c, _)) = inodes.by_ino.get_mut(&parent).and_then(|p| p.children.as_mut()) {
             if let Some(i) = c.iter().position(|(n, _)| n == name) {
@@ -590,6 +598,7 @@ impl Vfs {
         }
         self.forget(newparent, newname);
         let mut inodes = lock(&self.inodes);
+        Self::touched(&mut inodes, parent);
         if let Some((c, _)) = inodes.by_ino.get_mut(&parent).and_then(|p| p.children.as_mut()) {
             c.retain(|(n, _)| n != name);
         }
