@@ -476,6 +476,68 @@ pub fn chunk_file(path: &Path, params: &ChunkParams) -> Result<Manifest, ChunkEr
     chunk_reader(file, params).map_err(io_err)
 }
 
+/// The chunks of a file that was `base` and has since changed in place:
+/// only inside `dirty` (sorted, disjoint byte ranges of the new content),
+/// and in size (now `size`). Every other byte is where `base` had it. The
+/// result is the same as cutting the whole new content (tests check it),
+/// but only the chunks that touch a dirty range are cut and hashed again:
+/// cutting restarts at the boundary before each dirty range and stops as
+/// soon as a cut falls on a boundary of `base` past it. `read(offset, len)`
+/// reads the new content. The whole-file hash is not computed here.
+pub fn recut(
+    base: &Manifest,
+    size: u64,
+    dirty: &[(u64, u64)],
+    params: &ChunkParams,
+    mut read: impl FnMut(u64, usize) -> io::Result<Vec<u8>>,
+) -> io::Result<Vec<ChunkRef>> {
+    let cutter = Cutter::new(params).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // A base chunk stands as it is when none of its bytes changed and it was
+    // cut by content (not by the end of a file that has grown since).
+    let reusable = |c: &ChunkRef| {
+        let touched = dirty.iter().any(|&(a, b)| a < c.end() && b > c.offset);
+        let cut_by_end = c.end() == base.size && size > base.size;
+        !touched && !cut_by_end && c.end() <= size
+    };
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    let mut next = 0usize;
+    // New content from `buf_at`, read ahead in `max`-sized steps.
+    let (mut buf, mut buf_at) = (Vec::new(), 0u64);
+    while pos < size {
+        while next < base.chunks.len() && base.chunks[next].offset < pos {
+            next += 1;
+        }
+        if let Some(c) = base.chunks.get(next).filter(|c| c.offset == pos && reusable(c)) {
+            out.push(*c);
+            pos = c.end();
+            next += 1;
+            continue;
+        }
+        let want = (size - pos).min(cutter.max_len() as u64) as usize;
+        if pos < buf_at || pos > buf_at + buf.len() as u64 {
+            buf.clear();
+        } else {
+            buf.drain(..(pos - buf_at) as usize);
+        }
+        buf_at = pos;
+        if buf.len() < want {
+            let from = pos + buf.len() as u64;
+            let step = (want - buf.len()).max(4 * cutter.max_len()).min((size - from) as usize);
+            let more = read(from, step)?;
+            if more.len() != step {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the staged file is shorter than its size"));
+            }
+            buf.extend_from_slice(&more);
+        }
+        let data = &buf[..want];
+        let len = cutter.next_len(data).clamp(1, want);
+        out.push(ChunkRef { offset: pos, len: len as u32, hash: Hash::of(&data[..len]) });
+        pos += len as u64;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -780,6 +842,57 @@ mod tests {
         assert_eq!(Manifest::decode(&bytes).unwrap(), m);
         let empty = chunk_slice(b"", &SMALL).unwrap();
         assert_eq!(Manifest::decode(&empty.encode()).unwrap(), empty);
+    }
+
+    /// Apply in-place edits to `data` and resize it; the dirty ranges.
+    fn edit(data: &mut Vec<u8>, edits: &[(usize, usize, u8)], new_len: usize) -> Vec<(u64, u64)> {
+        let mut dirty = crate::mount::stage::Ranges::default();
+        for &(at, len, byte) in edits {
+            let at = at % (data.len() + 1);
+            let end = (at + len).min(data.len());
+            data[at..end].iter_mut().for_each(|b| *b ^= byte | 1);
+            dirty.insert(at as u64, end as u64);
+        }
+        if new_len > data.len() {
+            dirty.insert(data.len() as u64, new_len as u64);
+        }
+        data.resize(new_len, 7);
+        dirty.truncate(new_len as u64);
+        dirty.as_slice().to_vec()
+    }
+
+    #[test]
+    fn recut_of_an_in_place_edit_cuts_only_near_it() {
+        let mut data = random_bytes(2_000_000, 21);
+        let base = chunk_slice(&data, &SMALL).unwrap();
+        let n = data.len();
+        let dirty = edit(&mut data, &[(1_000_000, 5000, 0xff)], n);
+        let mut read_bytes = 0;
+        let chunks = recut(&base, data.len() as u64, &dirty, &SMALL, |at, len| {
+            read_bytes += len;
+            Ok(data[at as usize..at as usize + len].to_vec())
+        })
+        .unwrap();
+        assert_eq!(chunks, chunk_slice(&data, &SMALL).unwrap().chunks);
+        assert!(read_bytes < 200_000, "read {read_bytes} bytes to re-cut a 5000-byte edit");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn recut_equals_cutting_the_whole_new_content(
+            seed in any::<u64>(),
+            len in 0usize..400_000,
+            edits in proptest::collection::vec((any::<usize>(), 0usize..40_000, any::<u8>()), 0..4),
+            resize in prop_oneof![Just(None), (0usize..450_000).prop_map(Some)],
+        ) {
+            let mut data = random_bytes(len, seed);
+            let base = chunk_slice(&data, &SMALL).unwrap();
+            let new_len = resize.unwrap_or(len);
+            let dirty = edit(&mut data, &edits, new_len);
+            let chunks = recut(&base, data.len() as u64, &dirty, &SMALL, |at, n| Ok(data[at as usize..at as usize + n].to_vec())).unwrap();
+            prop_assert_eq!(chunks, chunk_slice(&data, &SMALL).unwrap().chunks);
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! HHMMSS).EXT` instead, so nothing is ever silently overwritten or lost.
 //! An unreachable partner leaves the entry queued; it is retried.
 
+use crate::chunk::Manifest;
 use crate::node::Node;
 use crate::proto::{Base, Name, SharePath};
 use crate::time::Timestamp;
@@ -75,7 +76,19 @@ pub struct Writeback {
     /// Entries being pushed now (never twice at once).
     busy: Mutex<std::collections::HashSet<i64>>,
     next_data: std::sync::atomic::AtomicU64,
+    /// Complete local copies of versions this node pushed, newest last, so
+    /// that editing one again needs neither a download nor a full re-cut.
+    kept: Mutex<std::collections::VecDeque<Kept>>,
 }
+
+struct Kept {
+    data: PathBuf,
+    manifest: Arc<Manifest>,
+}
+
+/// At most this many bytes of kept copies (and [`KEPT_FILES`] files).
+const KEPT_BYTES: u64 = 4 << 30;
+const KEPT_FILES: usize = 16;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -119,6 +132,12 @@ impl Writeback {
     pub fn open(node: Arc<Node>) -> Result<Arc<Writeback>, WritebackError> {
         let dir = node.home.join("writeback");
         std::fs::create_dir_all(&dir).map_err(|source| WritebackError::Io { path: dir.clone(), source })?;
+        // Kept copies of an earlier run: nothing records what they hold.
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with("kept-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let path = dir.join("queue.db");
         let wrap = |source| WritebackError::Db { path: path.clone(), source };
         let conn = Connection::open(&path).map_err(wrap)?;
@@ -155,7 +174,41 @@ impl Writeback {
             sessions: Default::default(),
             busy: Default::default(),
             next_data: std::sync::atomic::AtomicU64::new(0),
+            kept: Default::default(),
         }))
+    }
+
+    /// Chunking parameters of this node's pushes.
+    pub fn chunk_params(&self) -> crate::chunk::ChunkParams {
+        self.node.config.storage.chunk
+    }
+
+    /// Keep staging file `data`, whose content is `manifest`'s version,
+    /// for a later edit of that version ([`Writeback::take_kept`]); the
+    /// oldest copies go beyond the bounds.
+    pub fn keep(&self, data: &Path, manifest: Arc<Manifest>) {
+        let hex: String = manifest.file_hash.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        let kept = self.dir.join(format!("kept-{hex}.data"));
+        if std::fs::rename(data, &kept).is_err() {
+            let _ = std::fs::remove_file(data);
+            return;
+        }
+        let mut all = lock(&self.kept);
+        all.retain(|k| k.data != kept);
+        all.push_back(Kept { data: kept, manifest });
+        while all.len() > KEPT_FILES || all.iter().map(|k| k.manifest.size).sum::<u64>() > KEPT_BYTES {
+            let Some(old) = all.pop_front() else { break };
+            let _ = std::fs::remove_file(&old.data);
+        }
+    }
+
+    /// A kept copy of version `file_hash`, moved to `to` (a staging path).
+    pub fn take_kept(&self, file_hash: &crate::hash::Hash, to: &Path) -> Option<Arc<Manifest>> {
+        let mut all = lock(&self.kept);
+        let i = all.iter().position(|k| k.manifest.file_hash == *file_hash)?;
+        let k = all.remove(i)?;
+        std::fs::rename(&k.data, to).ok()?;
+        Some(k.manifest)
     }
 
     fn wrap(&self, source: rusqlite::Error) -> WritebackError {
@@ -300,7 +353,7 @@ impl Writeback {
     ) -> Result<Report, TransferError> {
         for attempt in 0..2 {
             let mut session = self.session(partner).await?;
-            match session.push_with(share, path, data, options, None).await {
+            match session.push_with(share, path, data, options.clone(), None).await {
                 Ok(report) => {
                     self.give_back(partner, session).await;
                     return Ok(report);
@@ -318,12 +371,13 @@ impl Writeback {
 
     /// Push entry `id` now. Two callers never push one entry at once: the
     /// second gets `Queued`.
-    pub async fn flush(&self, id: i64) -> Outcome {
+    /// `manifest`: the entry's data's manifest, when the caller knows it.
+    pub async fn flush(&self, id: i64, manifest: Option<Arc<Manifest>>) -> Outcome {
         let Some(entry) = self.get(id) else { return Outcome::Queued("not in the queue".into()) };
         if !lock(&self.busy).insert(id) {
             return Outcome::Queued("already being pushed".into());
         }
-        let outcome = self.push_entry(&entry).await;
+        let outcome = self.push_entry(&entry, manifest).await;
         lock(&self.busy).remove(&id);
         self.finish(&entry, &outcome);
         if matches!(outcome, Outcome::Pushed(_) | Outcome::Conflict { .. }) {
@@ -332,11 +386,11 @@ impl Writeback {
         outcome
     }
 
-    async fn push_entry(&self, entry: &Entry) -> Outcome {
+    async fn push_entry(&self, entry: &Entry, manifest: Option<Arc<Manifest>>) -> Outcome {
         let (Ok(share), Ok(path)) = (Name::new(&entry.share), SharePath::parse(&entry.path)) else {
             return Outcome::Failed { code: "BAD_PATH", message: format!("{}:{} is not a valid share path", entry.share, entry.path) };
         };
-        let options = PushOptions { base: parse_base(&entry.base), fence: entry.fence };
+        let options = PushOptions { base: parse_base(&entry.base), fence: entry.fence, manifest: manifest.clone() };
         match self.push(&entry.partner, &share, &path, &entry.data, options).await {
             Ok(report) => {
                 tracing::info!(partner = %entry.partner, %share, %path, bytes_sent = report.bytes_sent, "write-back pushed");
@@ -347,7 +401,7 @@ impl Writeback {
                 let Some(copy) = conflict_name(&path, &node, Timestamp::now()) else {
                     return Outcome::Failed { code: "CONFLICT", message };
                 };
-                let options = PushOptions { base: Base::Absent, fence: None };
+                let options = PushOptions { base: Base::Absent, fence: None, manifest };
                 match self.push(&entry.partner, &share, &copy, &entry.data, options).await {
                     Ok(report) => {
                         tracing::warn!(partner = %entry.partner, %share, %path, %copy, "conflict: {message}; your version was saved as {copy}");
@@ -381,7 +435,7 @@ impl Writeback {
                     if lock(&me.busy).contains(&e.id) {
                         continue;
                     }
-                    if let Outcome::Queued(_) = me.flush(e.id).await {
+                    if let Outcome::Queued(_) = me.flush(e.id, None).await {
                         queued = true;
                     }
                 }

@@ -123,8 +123,10 @@ fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends
     let a = w.c(0);
     let data = random_bytes(64 * MIB, 11);
     std::fs::write(a.at("big.bin"), &data).unwrap();
-    assert_eq!(hash_file(&w.server("big.bin")), hash_file(&a.at("big.bin")));
     assert_eq!(std::fs::read(w.server("big.bin")).unwrap(), data, "the serving node has the file after close");
+
+    let fetched = |a: &Client| a.node.json(&["mounts"])[0]["bytes_fetched"].as_u64().unwrap();
+    let before = fetched(a);
 
     // Change 1 MiB in the middle, in place.
     let patch = random_bytes(MIB, 12);
@@ -137,6 +139,9 @@ fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends
     let sent = last_push_bytes(&a.node, "big.bin");
     assert!(sent < 4 * MIB as u64, "a 1 MiB edit sent {sent} bytes");
     assert!(sent >= MIB as u64, "the edit itself must cross: {sent}");
+    // The version alice wrote was still at hand: the edit downloaded nothing.
+    assert_eq!(fetched(a) - before, 0, "the edit fetched content");
+    assert_eq!(hash_file(&w.server("big.bin")), hash_file(&a.at("big.bin")));
     // A receipt for every write-back.
     let receipts = walk(&a.node.home.join("receipts"));
     assert!(receipts.len() >= 2, "receipts: {receipts:?}");

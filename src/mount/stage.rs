@@ -12,7 +12,7 @@
 //! the new bytes present: they are zeros); filling never overwrites a
 //! present byte, because it checks under the same lock writes take.
 
-use crate::chunk::Manifest;
+use crate::chunk::{ChunkParams, Manifest};
 use crate::proto::Base;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -59,6 +59,10 @@ impl Ranges {
         }
     }
 
+    pub fn as_slice(&self) -> &[(u64, u64)] {
+        &self.0
+    }
+
     /// The parts of `[start, end)` not covered.
     pub fn missing(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
@@ -97,6 +101,11 @@ pub struct StageState {
     /// Open handles using this staging.
     pub handles: usize,
     pub mtime_ns: i64,
+    /// The version this content equals outside `written` (None: unknown,
+    /// the next push cuts the whole file).
+    pub recut_base: Option<Arc<Manifest>>,
+    /// Bytes written (or grown) since `recut_base`.
+    pub written: Ranges,
 }
 
 pub struct Staged {
@@ -119,8 +128,99 @@ impl Staged {
         let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&data)?;
         let size = base.as_ref().map_or(0, |m| m.size);
         file.set_len(size)?;
-        let state = StageState { size, present: Ranges::default(), base, expect, dirty: false, handles: 0, mtime_ns };
+        let state = StageState {
+            size,
+            present: Ranges::default(),
+            recut_base: base.clone(),
+            base,
+            expect,
+            dirty: false,
+            handles: 0,
+            mtime_ns,
+            written: Ranges::default(),
+        };
         Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()) })
+    }
+
+    /// A staging made of `data`, a complete local copy of version
+    /// `manifest` (a file this node pushed earlier).
+    pub fn adopt(data: PathBuf, manifest: Arc<Manifest>, mtime_ns: i64) -> std::io::Result<Staged> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&data)?;
+        if file.metadata()?.len() != manifest.size {
+            return Err(std::io::Error::other(format!("{} is not the size of the version it should hold", data.display())));
+        }
+        let mut present = Ranges::default();
+        present.insert(0, manifest.size);
+        let state = StageState {
+            size: manifest.size,
+            present,
+            base: None,
+            expect: Base::Version(manifest.file_hash),
+            dirty: false,
+            handles: 0,
+            mtime_ns,
+            recut_base: Some(manifest),
+            written: Ranges::default(),
+        };
+        Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()) })
+    }
+
+    /// The manifest of the content, which must be all local (blocking).
+    /// Only chunks near the bytes written since `recut_base` are cut and
+    /// hashed again ([`crate::chunk::recut`]); when most of the file was
+    /// written, or nothing is known of it, the whole file is cut. The
+    /// whole-file hash is one pass over the file either way.
+    pub fn manifest(&self, params: &ChunkParams) -> std::io::Result<Manifest> {
+        let (size, base, written) = {
+            let st = self.state();
+            (st.size, st.recut_base.clone(), st.written.clone())
+        };
+        let changed: u64 = written.as_slice().iter().map(|(a, b)| b - a).sum();
+        let base = base.filter(|_| changed.saturating_mul(2) < size);
+        let Some(base) = base else {
+            return crate::chunk::chunk_reader(self.file_at(0)?, params);
+        };
+        let chunks = crate::chunk::recut(&base, size, written.as_slice(), params, |at, len| {
+            let mut buf = vec![0u8; len];
+            self.file.read_exact_at(&mut buf, at)?;
+            Ok(buf)
+        })?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < size {
+            let n = ((size - at) as usize).min(buf.len());
+            self.file.read_exact_at(&mut buf[..n], at)?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(Manifest { size, file_hash: hasher.finalize().into(), chunks })
+    }
+
+    /// The staged content pushed as `manifest`: later pushes re-cut
+    /// against it.
+    pub fn pushed(&self, manifest: Arc<Manifest>) {
+        let mut st = self.state();
+        if st.size == manifest.size {
+            st.recut_base = Some(manifest);
+            st.written = Ranges::default();
+        } else {
+            st.recut_base = None;
+        }
+    }
+
+    /// A reader of the staging file from `offset` (its own handle).
+    fn file_at(&self, offset: u64) -> std::io::Result<File> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = File::open(&self.data)?;
+        f.seek(SeekFrom::Start(offset))?;
+        Ok(f)
+    }
+
+    /// Whether every byte is local.
+    pub fn complete(&self) -> bool {
+        let st = self.state();
+        st.present.missing(0, st.size).is_empty()
     }
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, StageState> {
@@ -139,8 +239,10 @@ impl Staged {
         if offset > st.size {
             let size = st.size;
             st.present.insert(size, offset);
+            st.written.insert(size, offset);
         }
         st.present.insert(offset, end);
+        st.written.insert(offset, end);
         st.size = st.size.max(end);
         st.dirty = true;
         st.mtime_ns = now_ns;
@@ -154,8 +256,10 @@ impl Staged {
         if len > st.size {
             let size = st.size;
             st.present.insert(size, len);
+            st.written.insert(size, len);
         }
         st.present.truncate(len);
+        st.written.truncate(len);
         st.size = len;
         st.dirty = true;
         st.mtime_ns = now_ns;

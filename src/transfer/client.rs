@@ -4,6 +4,7 @@
 use super::assemble::{AssembleError, Assembly, Written};
 use super::window::Window;
 use super::{manifest_from_lines, manifest_to_lines, new_transfer_id, party, Facts, Progress, Report, TransferError};
+use crate::chunk::Manifest;
 use crate::config::PartnerConfig;
 use crate::db::TransferRecord;
 use crate::fault;
@@ -33,15 +34,18 @@ pub struct Session {
 }
 
 /// What a push asks the receiver to check before it replaces anything.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PushOptions {
     pub base: proto::Base,
     pub fence: Option<u64>,
+    /// The file's manifest, when the caller knows it (a mount's staging
+    /// re-cuts only what was written); else the file is indexed.
+    pub manifest: Option<Arc<Manifest>>,
 }
 
 impl Default for PushOptions {
     fn default() -> Self {
-        PushOptions { base: proto::Base::Any, fence: None }
+        PushOptions { base: proto::Base::Any, fence: None, manifest: None }
     }
 }
 
@@ -202,9 +206,12 @@ impl Session {
         let node = self.node.clone();
         let params = node.config.storage.chunk;
         let file_path = file.to_path_buf();
-        let manifest = tokio::task::spawn_blocking(move || crate::index::manifest_for(&node.db, &file_path, &params))
-            .await
-            .map_err(|e| TransferError::Other(format!("indexing task failed: {e}")))??;
+        let manifest = match options.manifest.clone() {
+            Some(m) => Manifest::clone(&m),
+            None => tokio::task::spawn_blocking(move || crate::index::manifest_for(&node.db, &file_path, &params))
+                .await
+                .map_err(|e| TransferError::Other(format!("indexing task failed: {e}")))??,
+        };
         let transfer_id = new_transfer_id();
         let begin = Request::BeginTransfer {
             transfer_id: transfer_id.clone(),

@@ -202,7 +202,20 @@ impl Vfs {
         let data = self.writeback.staging_path();
         let expect = Base::Version(manifest.file_hash);
         let mtime = lock(&self.inodes).by_ino.get(&ino).map_or(0, |n| n.mtime_ns);
-        let staged = Arc::new(Staged::create(data, Some(manifest), expect, mtime).map_err(io_errno)?);
+        // A version this node pushed itself may still be here, whole.
+        let adopted = match self.writeback.take_kept(&manifest.file_hash, &data) {
+            Some(m) => Staged::adopt(data.clone(), m, mtime)
+                .map_err(|e| {
+                    tracing::debug!("kept copy unusable: {e}");
+                    let _ = std::fs::remove_file(&data);
+                })
+                .ok(),
+            None => None,
+        };
+        let staged = match adopted {
+            Some(s) => Arc::new(s),
+            None => Arc::new(Staged::create(data, Some(manifest), expect, mtime).map_err(io_errno)?),
+        };
         if truncate {
             staged.set_len(0, now_ns()).map_err(io_errno)?;
         }
@@ -362,9 +375,12 @@ impl Vfs {
         let queued = self.writeback.staging_path();
         let st = staged.clone();
         let q = queued.clone();
-        tokio::task::spawn_blocking(move || {
+        let params = self.writeback.chunk_params();
+        let manifest = tokio::task::spawn_blocking(move || {
             st.file.sync_all()?;
-            std::fs::hard_link(&st.data, &q)
+            let m = st.manifest(&params)?;
+            std::fs::hard_link(&st.data, &q)?;
+            Ok::<_, std::io::Error>(Arc::new(m))
         })
         .await
         .map_err(|_| Errno::EIO)?
@@ -380,7 +396,7 @@ impl Vfs {
             // Everything is local now: later reads need no base.
             st.base = None;
         }
-        let outcome = self.writeback.flush(id).await;
+        let outcome = self.writeback.flush(id, Some(manifest.clone())).await;
         let mut st = staged.state();
         match outcome {
             Outcome::Pushed(report) => {
@@ -388,6 +404,7 @@ impl Vfs {
                     st.expect = Base::Version(h);
                 }
                 drop(st);
+                staged.pushed(manifest);
                 let mut inodes = lock(&self.inodes);
                 let mut parent = None;
                 if let Some(n) = inodes.by_ino.get_mut(&ino) {
@@ -459,7 +476,17 @@ impl Vfs {
                 }
             }
             drop(inodes);
-            let _ = std::fs::remove_file(&h.staged.data);
+            // What was pushed stays at hand for the next edit of it.
+            let keep = {
+                let st = h.staged.state();
+                st.recut_base.clone().filter(|m| st.expect == Base::Version(m.file_hash) && st.size == m.size)
+            };
+            match keep {
+                Some(m) if h.staged.complete() => self.writeback.keep(&h.staged.data, m),
+                _ => {
+                    let _ = std::fs::remove_file(&h.staged.data);
+                }
+            }
         }
     }
 
