@@ -411,6 +411,12 @@ impl Writeback {
                     Err(e) => Outcome::Queued(e.to_string()),
                 }
             }
+            Err(TransferError::Remote { code: "HASH_MISMATCH", message, .. }) => {
+                // The partner's reused chunks did not add up: it kept its
+                // temp file and verifies it chunk by chunk on the retry.
+                tracing::warn!(partner = %entry.partner, %share, %path, "write-back to retry: {message}");
+                Outcome::Queued(message)
+            }
             Err(TransferError::Remote { code, message, .. }) => {
                 tracing::error!(partner = %entry.partner, %share, %path, code, "write-back refused: {message}; the change is kept in {}", entry.data.display());
                 Outcome::Failed { code, message }

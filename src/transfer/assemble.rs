@@ -63,6 +63,32 @@ pub struct Assembly {
     same: HashMap<Hash, Vec<u32>>,
     /// Bytes reused from the temp file and the old version.
     pub reused_bytes: u64,
+    /// Chunks were copied from the old version without being hashed: the
+    /// whole-file check at [`Assembly::finish`] vouches for them.
+    unverified: bool,
+}
+
+/// Copy `len` bytes at `from` in `src` to `to` in `dst`, in the kernel.
+fn copy_range(src: &File, from: u64, dst: &File, to: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (mut off_in, mut off_out, mut left) = (from as libc::loff_t, to as libc::loff_t, len as usize);
+    while left > 0 {
+        // SAFETY: both descriptors are open for the duration of the call and
+        // the offsets are plain integers the kernel updates.
+        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, left, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the old version is shorter than its manifest"));
+        }
+        left -= n as usize;
+    }
+    Ok(())
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AssembleError + '_ {
@@ -115,26 +141,50 @@ impl Assembly {
         } else {
             file.set_len(manifest.size).map_err(io(&temp))?;
         }
-        // Delta: copy chunks the current version already has.
+        // Delta: copy the chunks the current version already has. The
+        // caller's base manifest comes from the index, which a change of
+        // size, mtime or inode invalidates, so the copies are not hashed one
+        // by one: runs of chunks that sit at the same distance in both files
+        // (all of them, for an edit in place) go in one kernel copy, and
+        // finish() checks the whole file. If that check fails, the temp file
+        // stays and the retry verifies it chunk by chunk (resume, above).
+        let resumed = existing == manifest.size && existing > 0;
+        let mut unverified = false;
         if let Some((old, base)) = base.and_then(|(path, m)| Some((File::open(path).ok()?, m))) {
+            let old_len = old.metadata().map(|m| m.len()).unwrap_or(0);
             let by_hash: HashMap<Hash, (u64, u32)> = base.chunks.iter().map(|c| (c.hash, (c.offset, c.len))).collect();
+            // (from, to, len) runs to copy.
+            let mut runs: Vec<(u64, u64, u64)> = Vec::new();
             for (i, c) in manifest.chunks.iter().enumerate() {
                 if have[i] {
                     continue;
                 }
                 let Some(&(offset, len)) = by_hash.get(&c.hash) else { continue };
-                if len != c.len {
+                if len != c.len || offset + len as u64 > old_len {
                     continue;
                 }
-                // The target may have changed since it was indexed: verify.
-                let Ok(data) = read_at(&old, offset, len) else { continue };
-                if Hash::of(&data) != c.hash {
+                if resumed {
+                    // A retry: maybe of a copy that failed the check.
+                    let Ok(data) = read_at(&old, offset, len) else { continue };
+                    if Hash::of(&data) != c.hash {
+                        continue;
+                    }
+                    file.write_all_at(&data, c.offset).map_err(io(&temp))?;
+                    have[i] = true;
+                    reused += c.len as u64;
                     continue;
                 }
-                file.write_all_at(&data, c.offset).map_err(io(&temp))?;
+                match runs.last_mut() {
+                    Some((from, to, n)) if *from + *n == offset && *to + *n == c.offset => *n += len as u64,
+                    _ => runs.push((offset, c.offset, len as u64)),
+                }
                 have[i] = true;
                 reused += c.len as u64;
             }
+            for &(from, to, len) in &runs {
+                copy_range(&old, from, &file, to, len).map_err(io(&temp))?;
+            }
+            unverified = !runs.is_empty();
         }
         let missing = have.iter().filter(|h| !**h).count();
         Ok(Assembly {
@@ -146,6 +196,7 @@ impl Assembly {
             missing: AtomicUsize::new(missing),
             same,
             reused_bytes: reused,
+            unverified,
         })
     }
 
@@ -209,7 +260,11 @@ impl Assembly {
         self.file.sync_all().map_err(io(&self.temp))?;
         let got = hash_file(&self.file, &self.temp)?;
         if got != self.manifest.file_hash {
-            let _ = std::fs::remove_file(&self.temp);
+            if self.unverified {
+                tracing::warn!(path = %self.target.display(), "chunks reused from the old version did not add up to the file hash; the next attempt verifies them one by one");
+            } else {
+                let _ = std::fs::remove_file(&self.temp);
+            }
             return Err(AssembleError::FileHashMismatch { path: self.target.clone(), got, expected: self.manifest.file_hash });
         }
         let mode = mode.or_else(|| std::fs::metadata(&self.target).ok().map(|m| m.permissions().mode() & 0o7777)).unwrap_or(0o644);
@@ -237,4 +292,98 @@ fn hash_file(file: &File, path: &Path) -> Result<Hash, AssembleError> {
         hasher.update(&buf[..n]);
     }
     Ok(hasher.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{chunk_slice, ChunkParams};
+
+    const SMALL: ChunkParams = ChunkParams { min: 1024, avg: 4096, max: 16 * 1024 };
+
+    /// A scratch directory, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("deftfs-assemble-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn bytes(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Send what `asm` still needs, from `data`.
+    fn complete(asm: &Assembly, data: &[u8]) -> usize {
+        let need = asm.needed();
+        for &i in &need {
+            let c = asm.manifest().chunks[i as usize];
+            asm.write_chunk(i, &data[c.offset as usize..c.end() as usize]).unwrap();
+        }
+        need.len()
+    }
+
+    #[test]
+    fn an_edit_in_place_reuses_the_old_version_and_needs_only_the_new_chunks() {
+        let dir = Scratch::new("edit");
+        let target = dir.path().join("f");
+        let old = bytes(300_000, 1);
+        std::fs::write(&target, &old).unwrap();
+        let base = chunk_slice(&old, &SMALL).unwrap();
+        let mut new = old.clone();
+        new[150_000..151_000].fill(9);
+        let m = chunk_slice(&new, &SMALL).unwrap();
+        let asm = Assembly::prepare(&target, m.clone(), Some(&base)).unwrap();
+        let sent = complete(&asm, &new);
+        assert!(sent <= 4, "{sent} chunks sent for a 1000-byte edit");
+        asm.finish(None).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), new);
+    }
+
+    #[test]
+    fn a_stale_base_fails_the_whole_file_check_once_and_the_retry_repairs_it() {
+        let dir = Scratch::new("stale");
+        let target = dir.path().join("f");
+        let old = bytes(300_000, 2);
+        let base = chunk_slice(&old, &SMALL).unwrap();
+        // The file changed behind the index's back: same size, other bytes.
+        let mut behind = old.clone();
+        behind[10..20].fill(0);
+        std::fs::write(&target, &behind).unwrap();
+        let mut new = old.clone();
+        new[200_000..200_100].fill(7);
+        let m = chunk_slice(&new, &SMALL).unwrap();
+
+        let first = Assembly::prepare(&target, m.clone(), Some(&base)).unwrap();
+        complete(&first, &new);
+        assert!(matches!(first.finish(None), Err(AssembleError::FileHashMismatch { .. })));
+        assert_eq!(std::fs::read(&target).unwrap(), behind, "nothing replaced the target");
+
+        let retry = Assembly::prepare(&target, m, Some(&base)).unwrap();
+        assert!(complete(&retry, &new) >= 1, "the bad chunk must be asked for again");
+        retry.finish(None).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), new);
+    }
 }
