@@ -141,6 +141,18 @@ fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends
     assert!(sent >= MIB as u64, "the edit itself must cross: {sent}");
     // The version alice wrote was still at hand: the edit downloaded nothing.
     assert_eq!(fetched(a) - before, 0, "the edit fetched content");
+
+    // The shell re-saves it with 100 bytes inserted at the start: `cat >`
+    // truncates, closes a dup of the descriptor, then writes. One delta.
+    let mut inserted = vec![b'#'; 100];
+    inserted.extend_from_slice(&expected);
+    let local = w.root.path().join("inserted.bin");
+    std::fs::write(&local, &inserted).unwrap();
+    let ok = Command::new("sh").args(["-c", "cat \"$1\" > \"$2\"", "sh"]).arg(&local).arg(a.at("big.bin")).status().unwrap();
+    assert!(ok.success());
+    assert_eq!(hash_file(&w.server("big.bin")), hash_file(&local));
+    let sent = last_push_bytes(&a.node, "big.bin");
+    assert!(sent < 4 * MIB as u64, "a 100-byte insert sent {sent} bytes");
     assert_eq!(hash_file(&w.server("big.bin")), hash_file(&a.at("big.bin")));
     // A receipt for every write-back.
     let receipts = walk(&a.node.home.join("receipts"));

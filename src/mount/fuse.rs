@@ -168,7 +168,16 @@ impl Filesystem for Fuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.vfs.release(fh.0);
+        if let Some(ino) = self.vfs.release(fh.0) {
+            // Changes no close pushed (a truncating open, nothing written).
+            let vfs = self.vfs.clone();
+            self.rt.spawn(async move {
+                if let Err(e) = vfs.push(ino).await {
+                    tracing::warn!(ino, "write-back at release failed: {e:?}");
+                }
+                vfs.retire_idle(ino);
+            });
+        }
         reply.ok();
     }
 

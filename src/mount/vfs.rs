@@ -138,6 +138,11 @@ struct StagedHandle {
     append: bool,
     /// The lease need this handle holds (write handles).
     lease: Option<(Name, SharePath)>,
+    /// Written or resized through since its last push (or a new file). A
+    /// close pushes only then: the shell's `cmd > file` closes a dup of
+    /// the O_TRUNC descriptor before `cmd` writes a byte, and pushing that
+    /// empty version would leave the partner nothing to take a delta from.
+    touched: bool,
 }
 
 struct ReadHandle {
@@ -623,7 +628,8 @@ impl Vfs {
         }
         if let Some(staged) = staged {
             staged.state().handles += 1;
-            lock(&self.handles).insert(fh, Handle::Staged(StagedHandle { ino, staged, write: false, append: false, lease: None }));
+            lock(&self.handles)
+                .insert(fh, Handle::Staged(StagedHandle { ino, staged, write: false, append: false, lease: None, touched: false }));
             return Ok((fh, false));
         }
         let (share, path, manifest) = self.manifest(ino).await?;

@@ -255,7 +255,7 @@ impl Vfs {
             staged.set_len(0, now_ns()).map_err(io_errno)?;
         }
         staged.state().handles += 1;
-        let handle = StagedHandle { ino, staged, write: true, append: mode.append, lease: Some((share, path)) };
+        let handle = StagedHandle { ino, staged, write: true, append: mode.append, lease: Some((share, path)), touched: false };
         lock(&self.handles).insert(fh, Handle::Staged(handle));
         Ok((fh, false))
     }
@@ -300,14 +300,17 @@ impl Vfs {
             Self::touched(&mut inodes, parent);
             ino
         };
-        let handle = StagedHandle { ino, staged, write: true, append: open.append, lease: Some((share, path)) };
+        let handle = StagedHandle { ino, staged, write: true, append: open.append, lease: Some((share, path)), touched: true };
         lock(&self.handles).insert(fh, Handle::Staged(handle));
         Ok((self.cached_attr(ino)?, fh))
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
-        let (staged, append) = match lock(&self.handles).get(&fh) {
-            Some(Handle::Staged(h)) if h.write => (h.staged.clone(), h.append),
+        let (staged, append) = match lock(&self.handles).get_mut(&fh) {
+            Some(Handle::Staged(h)) if h.write => {
+                h.touched = true;
+                (h.staged.clone(), h.append)
+            }
             Some(_) => return Err(Errno::EBADF),
             None => return Err(Errno::EBADF),
         };
@@ -445,7 +448,20 @@ impl Vfs {
     }
 
     /// Every close: push what this handle's file has staged.
+    /// A close: push what this handle wrote (see [`StagedHandle::touched`];
+    /// the last release pushes the rest).
     pub async fn flush(&self, fh: u64) -> Result<(), Errno> {
+        let ino = match lock(&self.handles).get_mut(&fh) {
+            Some(Handle::Staged(h)) if h.write && h.touched => {
+                h.touched = false;
+                h.ino
+            }
+            _ => return Ok(()),
+        };
+        self.push(ino).await
+    }
+
+    pub async fn fsync(&self, fh: u64) -> Result<(), Errno> {
         let ino = match lock(&self.handles).get(&fh) {
             Some(Handle::Staged(h)) if h.write => h.ino,
             _ => return Ok(()),
@@ -453,39 +469,71 @@ impl Vfs {
         self.push(ino).await
     }
 
-    pub async fn fsync(&self, fh: u64) -> Result<(), Errno> {
-        self.flush(fh).await
+    /// Mark the write handles of `ino` as having changed it.
+    fn touch_handles(&self, ino: Ino) {
+        for h in lock(&self.handles).values_mut() {
+            if let Handle::Staged(h) = h {
+                if h.ino == ino && h.write {
+                    h.touched = true;
+                }
+            }
+        }
     }
 
-    pub fn release(&self, fh: u64) {
-        let Some(handle) = lock(&self.handles).remove(&fh) else { return };
-        let Handle::Staged(h) = handle else { return };
+    /// The last reference to `fh` is gone. Returns the inode when its
+    /// changes are still to push (nothing wrote since a truncating open):
+    /// the caller pushes them, then calls [`Vfs::retire`].
+    pub fn release(&self, fh: u64) -> Option<Ino> {
+        let handle = lock(&self.handles).remove(&fh)?;
+        let Handle::Staged(h) = handle else { return None };
         if let Some((share, path)) = &h.lease {
             self.leases.done(share, path, &Need::Handle(fh));
         }
-        let last = {
+        let (last, dirty) = {
             let mut st = h.staged.state();
             st.handles = st.handles.saturating_sub(1);
+            (st.handles == 0, st.dirty)
+        };
+        if last && dirty && h.write {
+            return Some(h.ino);
+        }
+        if last && !dirty {
+            self.retire(h.ino, &h.staged);
+        }
+        None
+    }
+
+    /// Drop `ino`'s staging if no handle uses it and nothing in it is left
+    /// to push.
+    pub fn retire_idle(&self, ino: Ino) {
+        let Some(staged) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) else { return };
+        let idle = {
+            let st = staged.state();
             st.handles == 0 && !st.dirty
         };
-        if last {
+        if idle {
+            self.retire(ino, &staged);
+        }
+    }
+
+    fn retire(&self, ino: Ino, staged: &Arc<Staged>) {
+        {
             let mut inodes = lock(&self.inodes);
-            if let Some(n) = inodes.by_ino.get_mut(&h.ino) {
-                if n.staged.as_ref().is_some_and(|s| Arc::ptr_eq(s, &h.staged)) {
+            if let Some(n) = inodes.by_ino.get_mut(&ino) {
+                if n.staged.as_ref().is_some_and(|s| Arc::ptr_eq(s, staged)) {
                     n.staged = None;
                 }
             }
-            drop(inodes);
-            // What was pushed stays at hand for the next edit of it.
-            let keep = {
-                let st = h.staged.state();
-                st.recut_base.clone().filter(|m| st.expect == Base::Version(m.file_hash) && st.size == m.size)
-            };
-            match keep {
-                Some(m) if h.staged.complete() => self.writeback.keep(&h.staged.data, m),
-                _ => {
-                    let _ = std::fs::remove_file(&h.staged.data);
-                }
+        }
+        // What was pushed stays at hand for the next edit of it.
+        let keep = {
+            let st = staged.state();
+            st.recut_base.clone().filter(|m| st.expect == Base::Version(m.file_hash) && st.size == m.size)
+        };
+        match keep {
+            Some(m) if staged.complete() => self.writeback.keep(&staged.data, m),
+            _ => {
+                let _ = std::fs::remove_file(&staged.data);
             }
         }
     }
@@ -683,6 +731,7 @@ impl Vfs {
                 let staged = self.stage(ino, false).await?;
                 let _gate = staged.gate.lock().await;
                 staged.set_len(len, now_ns()).map_err(io_errno)?;
+                self.touch_handles(ino);
             } else {
                 // truncate(2) by path: open, cut, push, close.
                 let (tfh, _) = self.open(ino, OpenMode { write: true, tid, ..Default::default() }).await?;
@@ -695,7 +744,8 @@ impl Vfs {
                     self.push(ino).await
                 };
                 let r = cut.await;
-                self.release(tfh);
+                // Pushed above (or failed, and r says so).
+                let _ = self.release(tfh);
                 r?;
             }
         }
