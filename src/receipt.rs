@@ -207,6 +207,9 @@ impl Receipt {
         let year = receipts.join(format!("{y:04}"));
         let month = year.join(format!("{m:02}"));
         let day = month.join(format!("{d:02}"));
+        // Directories made now (at most once a day), whose parents must be
+        // synced for them to survive a crash.
+        let made: Vec<&PathBuf> = [&day, &month, &year].into_iter().filter(|d| !d.is_dir()).collect();
         fs::create_dir_all(&day).map_err(io_error(&day))?;
         let path = day.join(format!("{id}.json"));
 
@@ -218,8 +221,10 @@ impl Receipt {
         })?;
         file.write_all(&json).and_then(|()| file.sync_all()).map_err(io_error(&path))?;
         // The new entry, and any directory made for it, must survive a
-        // crash: sync each directory up to receipts/.
-        for dir in [&day, &month, &year, &receipts] {
+        // crash: sync its directory, and the parent of each one made.
+        let mut dirs = vec![day.as_path()];
+        dirs.extend(made.iter().filter_map(|d| d.parent()));
+        for dir in dirs {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))?;
         }
         Ok(path)

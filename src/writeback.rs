@@ -249,6 +249,62 @@ impl Writeback {
         Ok(db.last_insert_rowid())
     }
 
+    /// Whether an entry for `path` waits in the queue (a later change of it
+    /// must go after it, through the queue).
+    pub fn pending(&self, partner: &str, share: &Name, path: &SharePath) -> bool {
+        lock(&self.db)
+            .query_row(
+                "SELECT 1 FROM queue WHERE partner = ?1 AND share = ?2 AND path = ?3 LIMIT 1",
+                params![partner, share.as_str(), path.as_str()],
+                |_| Ok(()),
+            )
+            .optional()
+            .ok()
+            .flatten()
+            .is_some()
+    }
+
+    /// Push `data` now, without a queue entry: for a close, whose caller
+    /// waits for the answer, so the change is on the partner (durable
+    /// there) once this returns `Pushed` or `Conflict`. On `Queued` or
+    /// `Failed` the caller commits it to the queue ([`Writeback::enqueue`],
+    /// then [`Writeback::fail`] for `Failed`).
+    pub async fn push_direct(
+        &self,
+        partner: &str,
+        share: &Name,
+        path: &SharePath,
+        data: &Path,
+        base: Base,
+        fence: Option<u64>,
+        manifest: Arc<Manifest>,
+    ) -> Outcome {
+        let entry = Entry {
+            id: -1,
+            partner: partner.to_string(),
+            share: share.to_string(),
+            path: path.to_string(),
+            data: data.to_path_buf(),
+            base: base_text(base),
+            fence,
+            state: "ready".into(),
+            error: None,
+            queued_ns: Timestamp::now().0,
+        };
+        let outcome = self.push_entry(&entry, Some(manifest)).await;
+        if let Outcome::Conflict { .. } = outcome {
+            self.finish(&entry, &outcome);
+        }
+        outcome
+    }
+
+    /// Mark entry `id` refused: kept, not retried.
+    pub fn fail(&self, id: i64, code: &'static str, message: &str) {
+        if let Some(entry) = self.get(id) {
+            self.finish(&entry, &Outcome::Failed { code, message: message.to_string() });
+        }
+    }
+
     /// Point a queued entry at a new path (the file was renamed before its
     /// content went back).
     pub fn rename(&self, partner: &str, share: &Name, from: &SharePath, to: &SharePath) -> Result<(), WritebackError> {

@@ -172,7 +172,8 @@ impl Filesystem for Fuse {
             // Changes no close pushed (a truncating open, nothing written).
             let vfs = self.vfs.clone();
             self.rt.spawn(async move {
-                if let Err(e) = vfs.push(ino).await {
+                // close() has returned: make it durable before it goes.
+                if let Err(e) = vfs.push_durable(ino).await {
                     tracing::warn!(ino, "write-back at release failed: {e:?}");
                 }
                 vfs.retire_idle(ino);

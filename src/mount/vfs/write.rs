@@ -361,8 +361,21 @@ impl Vfs {
         Ok(())
     }
 
-    /// Push `ino`'s staged content if it changed: fill, fsync, queue, push.
+    /// Push `ino`'s staged content if it changed, for a close: straight to
+    /// the partner, the caller waiting. Only if that fails for now (the
+    /// partner unreachable) is the change made durable here and queued.
     pub async fn push(&self, ino: Ino) -> Result<(), Errno> {
+        self.push_as(ino, false).await
+    }
+
+    /// Push for fsync: the change is durable here (fsynced, committed to
+    /// the queue) before it goes, so a crash after this returns loses
+    /// nothing even if the push had failed.
+    pub async fn push_durable(&self, ino: Ino) -> Result<(), Errno> {
+        self.push_as(ino, true).await
+    }
+
+    async fn push_as(&self, ino: Ino, durable: bool) -> Result<(), Errno> {
         let Some(staged) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) else { return Ok(()) };
         let _gate = staged.gate.lock().await;
         if !staged.state().dirty {
@@ -373,33 +386,35 @@ impl Vfs {
         let (share, path) = self.file_key(ino)?;
         let expect = staged.state().expect;
         let fence = self.leases.token(&share, &path);
-        // The queue gets its own name for the content (a hard link): the
-        // staging may live on under this inode after the push.
-        let queued = self.writeback.staging_path();
+        let partner = self.remote.partner().to_string();
+        // An earlier change of the file waits in the queue: this one goes
+        // after it.
+        let queue_first = durable || self.writeback.pending(&partner, &share, &path);
         let st = staged.clone();
-        let q = queued.clone();
         let params = self.writeback.chunk_params();
-        let manifest = tokio::task::spawn_blocking(move || {
-            st.file.sync_all()?;
-            let m = st.manifest(&params)?;
-            std::fs::hard_link(&st.data, &q)?;
-            Ok::<_, std::io::Error>(Arc::new(m))
-        })
-        .await
-        .map_err(|_| Errno::EIO)?
-        .map_err(io_errno)?;
-        let id = self.writeback.enqueue(self.remote.partner(), &share, &path, &queued, expect, fence).map_err(|e| {
-            tracing::error!("{e}");
-            let _ = std::fs::remove_file(&queued);
-            Errno::EIO
-        })?;
+        let manifest =
+            tokio::task::spawn_blocking(move || st.manifest(&params).map(Arc::new)).await.map_err(|_| Errno::EIO)?.map_err(io_errno)?;
         {
             let mut st = staged.state();
             st.dirty = false;
             // Everything is local now: later reads need no base.
             st.base = None;
         }
-        let outcome = self.writeback.flush(id, Some(manifest.clone())).await;
+        let outcome = if queue_first {
+            let id = self.enqueue(&staged, &share, &path, expect, fence).await?;
+            self.writeback.flush(id, Some(manifest.clone())).await
+        } else {
+            match self.writeback.push_direct(&partner, &share, &path, &staged.data, expect, fence, manifest.clone()).await {
+                o @ (Outcome::Queued(_) | Outcome::Failed { .. }) => {
+                    let id = self.enqueue(&staged, &share, &path, expect, fence).await?;
+                    if let Outcome::Failed { code, message } = &o {
+                        self.writeback.fail(id, code, message);
+                    }
+                    o
+                }
+                o => o,
+            }
+        };
         let mut st = staged.state();
         match outcome {
             Outcome::Pushed(report) => {
@@ -448,6 +463,31 @@ impl Vfs {
     }
 
     /// Every close: push what this handle's file has staged.
+    /// Make the staged content durable and commit it to the write-back
+    /// queue, under its own name (a hard link: the staging may live on
+    /// under this inode after the push). On failure the change is marked
+    /// dirty again.
+    async fn enqueue(&self, staged: &Arc<Staged>, share: &Name, path: &SharePath, expect: Base, fence: Option<u64>) -> Result<i64, Errno> {
+        let queued = self.writeback.staging_path();
+        let (st, q) = (staged.clone(), queued.clone());
+        let linked = tokio::task::spawn_blocking(move || {
+            st.file.sync_all()?;
+            std::fs::hard_link(&st.data, &q)
+        })
+        .await
+        .map_err(|_| std::io::Error::other("the fsync task failed"))
+        .and_then(|r| r);
+        let id = linked
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.writeback.enqueue(self.remote.partner(), share, path, &queued, expect, fence).map_err(|e| e.to_string()));
+        id.map_err(|e| {
+            tracing::error!(%path, "the change could not be queued: {e}");
+            let _ = std::fs::remove_file(&queued);
+            staged.state().dirty = true;
+            Errno::EIO
+        })
+    }
+
     /// A close: push what this handle wrote (see [`StagedHandle::touched`];
     /// the last release pushes the rest).
     pub async fn flush(&self, fh: u64) -> Result<(), Errno> {
@@ -466,7 +506,7 @@ impl Vfs {
             Some(Handle::Staged(h)) if h.write => h.ino,
             _ => return Ok(()),
         };
-        self.push(ino).await
+        self.push_durable(ino).await
     }
 
     /// Mark the write handles of `ino` as having changed it.
