@@ -269,29 +269,20 @@ impl Writeback {
     /// there) once this returns `Pushed` or `Conflict`. On `Queued` or
     /// `Failed` the caller commits it to the queue ([`Writeback::enqueue`],
     /// then [`Writeback::fail`] for `Failed`).
-    pub async fn push_direct(
-        &self,
-        partner: &str,
-        share: &Name,
-        path: &SharePath,
-        data: &Path,
-        base: Base,
-        fence: Option<u64>,
-        manifest: Arc<Manifest>,
-    ) -> Outcome {
+    pub async fn push_direct(&self, partner: &str, share: &Name, path: &SharePath, data: &Path, options: PushOptions) -> Outcome {
         let entry = Entry {
             id: -1,
             partner: partner.to_string(),
             share: share.to_string(),
             path: path.to_string(),
             data: data.to_path_buf(),
-            base: base_text(base),
-            fence,
+            base: base_text(options.base),
+            fence: options.fence,
             state: "ready".into(),
             error: None,
             queued_ns: Timestamp::now().0,
         };
-        let outcome = self.push_entry(&entry, Some(manifest)).await;
+        let outcome = self.push_entry(&entry, options.manifest).await;
         if let Outcome::Conflict { .. } = outcome {
             self.finish(&entry, &outcome);
         }

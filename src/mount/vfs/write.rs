@@ -17,6 +17,7 @@
 use super::*;
 use crate::mount::leases::{process_name, process_of, process_start, Need};
 use crate::proto::{Base, Request};
+use crate::transfer::client::PushOptions;
 use crate::writeback::Outcome;
 
 /// How a file is opened.
@@ -404,7 +405,8 @@ impl Vfs {
             let id = self.enqueue(&staged, &share, &path, expect, fence).await?;
             self.writeback.flush(id, Some(manifest.clone())).await
         } else {
-            match self.writeback.push_direct(&partner, &share, &path, &staged.data, expect, fence, manifest.clone()).await {
+            let options = PushOptions { base: expect, fence, manifest: Some(manifest.clone()) };
+            match self.writeback.push_direct(&partner, &share, &path, &staged.data, options).await {
                 o @ (Outcome::Queued(_) | Outcome::Failed { .. }) => {
                     let id = self.enqueue(&staged, &share, &path, expect, fence).await?;
                     if let Outcome::Failed { code, message } = &o {
