@@ -362,16 +362,18 @@ impl Vfs {
         Ok(())
     }
 
-    /// Push `ino`'s staged content if it changed, for a close: straight to
-    /// the partner, the caller waiting. Only if that fails for now (the
-    /// partner unreachable) is the change made durable here and queued.
+    /// Push `ino`'s staged content if it changed, for a close or fsync:
+    /// straight to the partner, the caller waiting. Only if that fails for
+    /// now (the partner unreachable) is the change made durable here and
+    /// queued. Either way it is durable when this returns Ok; a crash
+    /// before that breaks no promise (close or fsync had not returned).
     pub async fn push(&self, ino: Ino) -> Result<(), Errno> {
         self.push_as(ino, false).await
     }
 
-    /// Push for fsync: the change is durable here (fsynced, committed to
-    /// the queue) before it goes, so a crash after this returns loses
-    /// nothing even if the push had failed.
+    /// Push a change whose close has already returned (the last release):
+    /// it is made durable here (fsynced, committed to the queue) before it
+    /// goes, so a crash during the push loses nothing.
     pub async fn push_durable(&self, ino: Ino) -> Result<(), Errno> {
         self.push_as(ino, true).await
     }
@@ -503,12 +505,15 @@ impl Vfs {
         self.push(ino).await
     }
 
+    /// fsync: like a close, the change is durable when this returns: on
+    /// the partner if the push went through (it fsyncs before renaming),
+    /// else here, fsynced and queued.
     pub async fn fsync(&self, fh: u64) -> Result<(), Errno> {
         let ino = match lock(&self.handles).get(&fh) {
             Some(Handle::Staged(h)) if h.write => h.ino,
             _ => return Ok(()),
         };
-        self.push_durable(ino).await
+        self.push(ino).await
     }
 
     /// Mark the write handles of `ino` as having changed it.
