@@ -68,6 +68,21 @@ pub fn manifest_for(db: &Mutex<Connection>, path: &Path, params: &ChunkParams) -
     })
 }
 
+/// Record `manifest` as the index entry of the file now at `path`, which
+/// the caller just wrote with that content (a received transfer): the next
+/// [`manifest_for`] of it needs no re-read. A manifest cut with other
+/// parameters is still a true one; a chunk over `params.max` makes the
+/// lookup miss and the file be cut again.
+/// `meta` is the file's, taken before it was renamed into place, so that
+/// a change made there since makes the entry miss.
+pub fn record(db: &Mutex<Connection>, path: &Path, meta: &Metadata, params: &ChunkParams, manifest: &Manifest) -> Result<(), IndexError> {
+    let stamp = Stamp::of(meta);
+    if stamp.size != manifest.size {
+        return Ok(());
+    }
+    store(&lock(db), path, &stamp, &params.key(), manifest)
+}
+
 /// [`manifest_for`] with the chunking step as a parameter, so tests can
 /// count it or change the file while it runs.
 fn manifest_with(
@@ -274,6 +289,23 @@ mod tests {
         // answers the old manifest. That proves it was not recomputed.
         rewrite(&path, &content(100_000, 2), mtime(&path));
         assert_eq!(manifest_for(&db, &path, &SMALL).unwrap(), first);
+    }
+
+    #[test]
+    fn a_recorded_manifest_is_used_until_the_file_changes() {
+        let dir = TestDir::new("record");
+        let data = content(80_000, 5);
+        let path = dir.file("a.bin", &data);
+        let db = db();
+        let m = chunk::chunk_slice(&data, &SMALL).unwrap();
+        record(&db, &path, &std::fs::metadata(&path).unwrap(), &SMALL, &m).unwrap();
+        let calls = Cell::new(0);
+        assert_eq!(counted(&db, &path, &SMALL, &calls).unwrap(), m);
+        assert_eq!(calls.get(), 0, "a recorded file was cut again");
+        // Changed since (another mtime): cut again.
+        rewrite(&path, &content(80_000, 6), mtime(&path) + Duration::from_secs(1));
+        assert_ne!(counted(&db, &path, &SMALL, &calls).unwrap(), m);
+        assert_eq!(calls.get(), 1);
     }
 
     #[test]

@@ -246,7 +246,10 @@ impl Writeback {
             ],
         )
         .map_err(|e| self.wrap(e))?;
-        Ok(db.last_insert_rowid())
+        let id = db.last_insert_rowid();
+        // Reserved for the caller's flush (see there).
+        lock(&self.busy).insert(id);
+        Ok(id)
     }
 
     /// Whether an entry for `path` waits in the queue (a later change of it
@@ -287,6 +290,12 @@ impl Writeback {
             self.finish(&entry, &outcome);
         }
         outcome
+    }
+
+    /// Give up the hold [`Writeback::enqueue`] took on entry `id` without
+    /// flushing it: the retry loop may push it.
+    pub fn unhold(&self, id: i64) {
+        lock(&self.busy).remove(&id);
     }
 
     /// Mark entry `id` refused: kept, not retried.
@@ -416,14 +425,16 @@ impl Writeback {
         Err(TransferError::Other(format!("{partner}: no session could be opened")))
     }
 
-    /// Push entry `id` now. Two callers never push one entry at once: the
-    /// second gets `Queued`.
+    /// Push entry `id` now. The caller holds the entry: it was returned by
+    /// [`Writeback::enqueue`], which reserves it, or reserved in `busy` by
+    /// the retry loop. So two pushes of one entry never run at once, and
+    /// the retry loop cannot take an entry whose close is waiting for it.
     /// `manifest`: the entry's data's manifest, when the caller knows it.
     pub async fn flush(&self, id: i64, manifest: Option<Arc<Manifest>>) -> Outcome {
-        let Some(entry) = self.get(id) else { return Outcome::Queued("not in the queue".into()) };
-        if !lock(&self.busy).insert(id) {
-            return Outcome::Queued("already being pushed".into());
-        }
+        let Some(entry) = self.get(id) else {
+            lock(&self.busy).remove(&id);
+            return Outcome::Queued("not in the queue".into());
+        };
         let outcome = self.push_entry(&entry, manifest).await;
         lock(&self.busy).remove(&id);
         self.finish(&entry, &outcome);
@@ -485,7 +496,7 @@ impl Writeback {
                 let ready: Vec<Entry> = me.entries(None).into_iter().filter(|e| e.state == "ready").collect();
                 let mut queued = false;
                 for e in ready {
-                    if lock(&me.busy).contains(&e.id) {
+                    if !lock(&me.busy).insert(e.id) {
                         continue;
                     }
                     if let Outcome::Queued(_) = me.flush(e.id, None).await {

@@ -66,6 +66,8 @@ pub struct Assembly {
     /// Chunks were copied from the old version without being hashed: the
     /// whole-file check at [`Assembly::finish`] vouches for them.
     unverified: bool,
+    /// The complete file's metadata, taken just before its rename.
+    finished: std::sync::OnceLock<std::fs::Metadata>,
 }
 
 /// Copy `len` bytes at `from` in `src` to `to` in `dst`, in the kernel.
@@ -197,11 +199,17 @@ impl Assembly {
             same,
             reused_bytes: reused,
             unverified,
+            finished: Default::default(),
         })
     }
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The file's metadata as [`Assembly::finish`] renamed it into place.
+    pub fn finished_meta(&self) -> Option<&std::fs::Metadata> {
+        self.finished.get()
     }
 
     pub fn target(&self) -> &Path {
@@ -269,6 +277,9 @@ impl Assembly {
         }
         let mode = mode.or_else(|| std::fs::metadata(&self.target).ok().map(|m| m.permissions().mode() & 0o7777)).unwrap_or(0o644);
         self.file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io(&self.temp))?;
+        if let Ok(meta) = self.file.metadata() {
+            let _ = self.finished.set(meta);
+        }
         std::fs::rename(&self.temp, &self.target).map_err(io(&self.target))?;
         let dir = match self.target.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,

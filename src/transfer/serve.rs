@@ -475,7 +475,15 @@ impl Session {
                     if target.is_file() { crate::index::manifest_for(&node.db, &target, &node.config.storage.chunk).ok() } else { None };
                 check_base(&share_path, base, current.map(|c| c.file_hash), target.exists())?;
             }
-            assembly.finish(None).map_err(|e| err(ErrorCode::HashMismatch, e.to_string()))
+            let path = assembly.finish(None).map_err(|e| err(ErrorCode::HashMismatch, e.to_string()))?;
+            // Checked whole against its hash: the next look at the file
+            // (a DESCRIBE, the base of the next push) need not cut it again.
+            if let Some(meta) = assembly.finished_meta() {
+                if let Err(e) = crate::index::record(&node.db, &path, meta, &node.config.storage.chunk, assembly.manifest()) {
+                    tracing::debug!(path = %path.display(), "not indexed: {e}");
+                }
+            }
+            Ok(path)
         })
         .await;
         let path = match finished {

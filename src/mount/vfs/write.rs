@@ -414,6 +414,8 @@ impl Vfs {
                     if let Outcome::Failed { code, message } = &o {
                         self.writeback.fail(id, code, message);
                     }
+                    // The retry loop takes it from here.
+                    self.writeback.unhold(id);
                     o
                 }
                 o => o,
