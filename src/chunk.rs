@@ -476,6 +476,144 @@ pub fn chunk_file(path: &Path, params: &ChunkParams) -> Result<Manifest, ChunkEr
     chunk_reader(file, params).map_err(io_err)
 }
 
+/// Files at least this large are cut and hashed by two threads.
+const PARALLEL_MIN: u64 = 16 << 20;
+
+/// Chunk and hash an open file (blocking), on two threads when it is large:
+/// each takes one half, as BLAKE3's tree splits it (the left half a power
+/// of two of 1 KiB chunks), hashing its subtree and cutting its chunks;
+/// the cuts are stitched where the first half's cutting, carried on past
+/// the middle, meets a cut of the second half (content-defined cuts
+/// resynchronize within a chunk or two). The result equals
+/// [`chunk_reader`]'s (tests check it).
+pub fn chunk_open_file(file: &std::fs::File, params: &ChunkParams) -> io::Result<Manifest> {
+    use std::os::unix::fs::FileExt;
+    let bad = |e| io::Error::new(io::ErrorKind::InvalidInput, e);
+    let cutter = Cutter::new(params).map_err(bad)?;
+    let size = file.metadata()?.len();
+    if size < PARALLEL_MIN {
+        return chunk_reader(PositionalReader { file, at: 0 }, params);
+    }
+    let middle = blake3::hazmat::left_subtree_len(size);
+    let (left, right) = std::thread::scope(|s| {
+        let right = s.spawn(|| cut_segment(file, middle, size, &cutter));
+        let left = cut_segment(file, 0, middle, &cutter);
+        (left, right.join())
+    });
+    let (mut chunks, mut pos, left_cv) = left?;
+    let (right_chunks, _, right_cv) = right.map_err(|_| io::Error::other("the hashing thread panicked"))??;
+    // Carry the first half's cutting on until it meets a cut of the second.
+    let mut next = right_chunks.partition_point(|c| c.offset < pos);
+    while pos < size && right_chunks.get(next).is_none_or(|c| c.offset != pos) {
+        let want = (size - pos).min(cutter.max_len() as u64) as usize;
+        let mut buf = vec![0u8; want];
+        file.read_exact_at(&mut buf, pos)?;
+        let len = cutter.next_len(&buf).clamp(1, want);
+        chunks.push(ChunkRef { offset: pos, len: len as u32, hash: Hash::of(&buf[..len]) });
+        pos += len as u64;
+        next = right_chunks.partition_point(|c| c.offset < pos);
+    }
+    chunks.extend_from_slice(&right_chunks[next.min(right_chunks.len())..]);
+    let file_hash = blake3::hazmat::merge_subtrees_root(&left_cv, &right_cv, blake3::hazmat::Mode::Hash);
+    Ok(Manifest { size, file_hash: file_hash.into(), chunks })
+}
+
+/// The BLAKE3 hash of an open file (blocking), on two threads when it is
+/// large (the halves of BLAKE3's tree, as in [`chunk_open_file`]).
+pub fn hash_open_file(file: &std::fs::File) -> io::Result<Hash> {
+    use blake3::hazmat::HasherExt;
+    use std::os::unix::fs::FileExt;
+    let size = file.metadata()?.len();
+    let part = |from: u64, to: u64, hasher: &mut blake3::Hasher| -> io::Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = from;
+        while at < to {
+            let n = ((to - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at)?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(())
+    };
+    if size < PARALLEL_MIN {
+        let mut h = blake3::Hasher::new();
+        part(0, size, &mut h)?;
+        return Ok(h.finalize().into());
+    }
+    let middle = blake3::hazmat::left_subtree_len(size);
+    let (left, right) = std::thread::scope(|s| {
+        let right = s.spawn(|| {
+            let mut h = blake3::Hasher::new();
+            h.set_input_offset(middle);
+            part(middle, size, &mut h).map(|()| h.finalize_non_root())
+        });
+        let mut h = blake3::Hasher::new();
+        let left = part(0, middle, &mut h).map(|()| h.finalize_non_root());
+        (left, right.join())
+    });
+    let right = right.map_err(|_| io::Error::other("the hashing thread panicked"))??;
+    Ok(blake3::hazmat::merge_subtrees_root(&left?, &right, blake3::hazmat::Mode::Hash).into())
+}
+
+/// A [`Read`] at a position of a shared file handle (pread).
+struct PositionalReader<'a> {
+    file: &'a std::fs::File,
+    at: u64,
+}
+
+impl Read for PositionalReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// Cut `[from, to)` of `file` starting a chunk at `from`, and hash it as
+/// the BLAKE3 subtree at that offset. Returns the final chunks (the last
+/// one ends before `to` unless `to` is the end of the file), where they
+/// end, and the subtree's chaining value.
+fn cut_segment(
+    file: &std::fs::File,
+    from: u64,
+    to: u64,
+    cutter: &Cutter,
+) -> io::Result<(Vec<ChunkRef>, u64, blake3::hazmat::ChainingValue)> {
+    use blake3::hazmat::HasherExt;
+    use std::os::unix::fs::FileExt;
+    let at_eof = to == file.metadata()?.len();
+    let mut hasher = blake3::Hasher::new();
+    if from > 0 {
+        hasher.set_input_offset(from);
+    }
+    let step = (8 << 20).max(2 * cutter.max_len());
+    let mut buf: Vec<u8> = Vec::with_capacity(step + cutter.max_len());
+    let (mut read_to, mut pos) = (from, from);
+    let mut chunks = Vec::new();
+    loop {
+        let n = (to - read_to).min(step as u64) as usize;
+        let old = buf.len();
+        buf.resize(old + n, 0);
+        file.read_exact_at(&mut buf[old..], read_to)?;
+        hasher.update(&buf[old..]);
+        read_to += n as u64;
+        let end = read_to == to;
+        let mut used = 0;
+        while used < buf.len() && ((end && at_eof) || buf.len() - used >= cutter.max_len()) {
+            let rest = &buf[used..];
+            let len = cutter.next_len(rest).clamp(1, rest.len());
+            chunks.push(ChunkRef { offset: pos, len: len as u32, hash: Hash::of(&rest[..len]) });
+            pos += len as u64;
+            used += len;
+        }
+        buf.drain(..used);
+        if end {
+            return Ok((chunks, pos, hasher.finalize_non_root()));
+        }
+    }
+}
+
 /// The chunks of a file that was `base` and has since changed in place:
 /// only inside `dirty` (sorted, disjoint byte ranges of the new content),
 /// and in size (now `size`). Every other byte is where `base` had it. The
@@ -859,6 +997,22 @@ mod tests {
         data.resize(new_len, 7);
         dirty.truncate(new_len as u64);
         dirty.as_slice().to_vec()
+    }
+
+    #[test]
+    fn two_threads_cut_and_hash_like_one() {
+        let dir = std::env::temp_dir().join(format!("deftfs-chunk-par-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let params = ChunkParams::default();
+        for (i, len) in [(PARALLEL_MIN as usize), 40 << 20, (33 << 20) + 12345].into_iter().enumerate() {
+            let data = random_bytes(len, 30 + i as u64);
+            let path = dir.join(format!("f{i}"));
+            std::fs::write(&path, &data).unwrap();
+            let file = std::fs::File::open(&path).unwrap();
+            assert_eq!(chunk_open_file(&file, &params).unwrap(), chunk_slice(&data, &params).unwrap(), "{len} bytes");
+            assert_eq!(hash_open_file(&file).unwrap(), Hash::of(&data), "{len} bytes");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub enum IndexError {
 /// never while hashing.
 pub fn manifest_for(db: &Mutex<Connection>, path: &Path, params: &ChunkParams) -> Result<Manifest, IndexError> {
     manifest_with(db, path, params, |file| {
-        chunk::chunk_reader(file, params).map_err(|source| ChunkError::Io { path: path.display().to_string(), source })
+        chunk::chunk_open_file(file, params).map_err(|source| ChunkError::Io { path: path.display().to_string(), source })
     })
 }
 

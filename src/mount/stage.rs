@@ -178,23 +178,14 @@ impl Staged {
         let changed: u64 = written.as_slice().iter().map(|(a, b)| b - a).sum();
         let base = base.filter(|_| changed.saturating_mul(2) < size);
         let Some(base) = base else {
-            return crate::chunk::chunk_reader(self.file_at(0)?, params);
+            return crate::chunk::chunk_open_file(&self.file, params);
         };
         let chunks = crate::chunk::recut(&base, size, written.as_slice(), params, |at, len| {
             let mut buf = vec![0u8; len];
             self.file.read_exact_at(&mut buf, at)?;
             Ok(buf)
         })?;
-        let mut hasher = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = 0u64;
-        while at < size {
-            let n = ((size - at) as usize).min(buf.len());
-            self.file.read_exact_at(&mut buf[..n], at)?;
-            hasher.update(&buf[..n]);
-            at += n as u64;
-        }
-        Ok(Manifest { size, file_hash: hasher.finalize().into(), chunks })
+        Ok(Manifest { size, file_hash: crate::chunk::hash_open_file(&self.file)?, chunks })
     }
 
     /// The staged content pushed as `manifest`: later pushes re-cut
@@ -207,14 +198,6 @@ impl Staged {
         } else {
             st.recut_base = None;
         }
-    }
-
-    /// A reader of the staging file from `offset` (its own handle).
-    fn file_at(&self, offset: u64) -> std::io::Result<File> {
-        use std::io::{Seek, SeekFrom};
-        let mut f = File::open(&self.data)?;
-        f.seek(SeekFrom::Start(offset))?;
-        Ok(f)
     }
 
     /// Whether every byte is local.

@@ -19,7 +19,6 @@ use crate::hash::Hash;
 use crate::share::TEMP_MARKER;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -290,19 +289,9 @@ impl Assembly {
     }
 }
 
-/// BLAKE3 of a whole file, streamed.
+/// BLAKE3 of a whole file.
 fn hash_file(file: &File, path: &Path) -> Result<Hash, AssembleError> {
-    let mut hasher = blake3::Hasher::new();
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().into())
+    crate::chunk::hash_open_file(file).map_err(io(path))
 }
 
 #[cfg(test)]
