@@ -338,6 +338,21 @@ fn a_partner_that_may_only_read_cannot_lease() {
 }
 
 #[test]
+fn a_write_only_share_takes_new_files_and_replacements() {
+    let w = World::granting("write", "dropbox", &["alice"], "", |dir| {
+        std::fs::write(dir.join("report.txt"), b"old").unwrap();
+    });
+    let a = w.c(0);
+    std::fs::write(a.at("new.txt"), b"fresh").unwrap();
+    assert_eq!(std::fs::read(w.server("new.txt")).unwrap(), b"fresh");
+    // Replacing needs none of the old content.
+    std::fs::write(a.at("report.txt"), b"replaced").unwrap();
+    assert_eq!(std::fs::read(w.server("report.txt")).unwrap(), b"replaced");
+    // Reading stays refused.
+    assert_eq!(errno_of(std::fs::read(a.at("report.txt"))), Some(libc::EACCES));
+}
+
+#[test]
 fn leases_of_a_holder_killed_with_sigkill_expire_within_the_ttl() {
     let mut w = World::new("expire", &["alice", "carol"], "[mount]\nlease_ttl_secs = 3\n", |dir| {
         std::fs::write(dir.join("x.blend"), b"v1").unwrap();
