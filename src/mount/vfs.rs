@@ -760,7 +760,25 @@ impl Vfs {
             let mut inodes = lock(&self.inodes);
             let key = share.to_string();
             let under = format!("{}/", path.as_str());
-            for (ino, n) in inodes.by_ino.iter_mut() {
+            // A file (or a name never seen): only it and its directory are
+            // touched, found by key. Scanning every inode for each change
+            // made a 10,000-file `tar x` quadratic. A directory, or the
+            // root, still takes the scan for what lies under it.
+            let known = inodes.by_key.get(&(key.clone(), path.clone())).copied();
+            let file_like = !path.is_root() && known.and_then(|i| inodes.by_ino.get(&i)).is_none_or(|n| n.kind != Kind::Dir);
+            let candidates: Vec<Ino> = if file_like {
+                let parent = path.parent().unwrap_or_else(SharePath::root);
+                let mut c: Vec<Ino> = known.into_iter().chain(inodes.by_key.get(&(key.clone(), parent)).copied()).collect();
+                if inodes.by_ino.get(&ROOT_INO).is_some_and(|r| r.share.is_none()) {
+                    c.push(ROOT_INO);
+                }
+                c
+            } else {
+                inodes.by_ino.keys().copied().collect()
+            };
+            for ino in candidates {
+                let Some(n) = inodes.by_ino.get_mut(&ino) else { continue };
+                let ino = &ino;
                 let same_share = n.share.as_ref() == Some(share) || (n.share.is_none() && *ino == ROOT_INO);
                 if !same_share {
                     continue;
