@@ -441,13 +441,16 @@ impl Vfs {
                     st.expect = Base::Version(h);
                 }
                 drop(st);
-                staged.pushed(manifest);
+                staged.pushed(manifest.clone());
+                // The partner's version is now the one we pushed: its
+                // manifest is known, and the next open needs no DESCRIBE.
+                let known = (report.file_hash == manifest.file_hash.to_string()).then_some(manifest);
                 let mut inodes = lock(&self.inodes);
                 let mut parent = None;
                 if let Some(n) = inodes.by_ino.get_mut(&ino) {
                     n.local_only = false;
                     n.size = report.bytes_total;
-                    n.manifest = None;
+                    n.manifest = known;
                     n.cached_version = None;
                     parent = Some(n.parent);
                 }
