@@ -34,7 +34,16 @@ type Snapshot = BTreeMap<SharePath, (EntryKind, u64, i64, u32)>;
 #[derive(Default)]
 pub struct Watchers {
     shares: Mutex<HashMap<Name, broadcast::Sender<Change>>>,
+    /// Files this node wrote for a partner and already announced, with the
+    /// size and mtime it left them at: the poller does not announce them
+    /// again when it finds them so (a `tar x` of 10,000 files through a
+    /// mount would otherwise come back as 10,000 more CHANGED).
+    announced: Mutex<HashMap<(Name, SharePath), (u64, i64)>>,
 }
+
+/// Past this many announced files not seen by a scan yet, the record is
+/// dropped (the poller then announces them once more: harmless).
+const MAX_ANNOUNCED: usize = 100_000;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -65,6 +74,26 @@ impl Watchers {
             let _ = tx.send((path.clone(), origin.cloned()));
         }
     }
+
+    /// [`Watchers::notify`] for a file this node just wrote, which it left
+    /// at `size` and `mtime_ns`.
+    pub fn notify_file(&self, share: &Name, path: &SharePath, origin: Option<&Name>, size: u64, mtime_ns: i64) {
+        if lock(&self.shares).contains_key(share) {
+            let mut announced = lock(&self.announced);
+            if announced.len() >= MAX_ANNOUNCED {
+                announced.clear();
+            }
+            announced.insert((share.clone(), path.clone()), (size, mtime_ns));
+        }
+        self.notify(share, path, origin);
+    }
+
+    /// Whether the poller's change of `path`, found at `row`, is one
+    /// already announced (and forget it either way: it has been seen).
+    fn already_announced(&self, share: &Name, path: &SharePath, row: Option<&(EntryKind, u64, i64, u32)>) -> bool {
+        let Some(stamp) = lock(&self.announced).remove(&(share.clone(), path.clone())) else { return false };
+        row.is_some_and(|r| r.0 == EntryKind::File && (r.1, r.2) == stamp)
+    }
 }
 
 async fn poll(node: Arc<Node>, share: Share, tx: broadcast::Sender<Change>, interval: Duration) {
@@ -77,7 +106,8 @@ async fn poll(node: Arc<Node>, share: Share, tx: broadcast::Sender<Change>, inte
         }
         let s = share.clone();
         let Ok(now) = tokio::task::spawn_blocking(move || snapshot(&s)).await else { return };
-        let changed = diff(&before, &now);
+        let mut changed = diff(&before, &now);
+        changed.retain(|p| !node.watchers.already_announced(&share.name, p, now.get(p)));
         // Index changed files before telling watchers, so the DESCRIBE
         // they send next finds the manifest ready.
         let files: Vec<SharePath> = changed.iter().filter(|p| now.get(*p).is_some_and(|r| r.0 == EntryKind::File)).cloned().collect();

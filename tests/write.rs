@@ -583,3 +583,17 @@ fn git_works_inside_the_mount_and_the_serving_node_gets_a_sound_repository() {
     assert_eq!(std::fs::read_to_string(served.join("file3.txt")).unwrap(), "changed\n");
     assert!(!served.join("file4.txt").exists() && served.join("moved.txt").exists());
 }
+
+#[test]
+fn a_local_edit_right_after_a_mount_push_still_shows_through_the_mount() {
+    let w = World::new("echo", &["alice"], "", |_| {});
+    let a = w.c(0);
+    std::fs::write(a.at("n.txt"), b"from the mount").unwrap();
+    assert_eq!(std::fs::read(w.server("n.txt")).unwrap(), b"from the mount");
+    // Same size, written on the serving node at once: the poller must not
+    // take it for the push it already announced.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(w.server("n.txt"), b"from the owner").unwrap();
+    let shown = wait_until(Duration::from_secs(10), || std::fs::read(a.at("n.txt")).is_ok_and(|d| d == b"from the owner"));
+    assert!(shown, "the owner's edit never showed: {:?}", String::from_utf8_lossy(&std::fs::read(a.at("n.txt")).unwrap_or_default()));
+}

@@ -478,20 +478,28 @@ impl Session {
             let path = assembly.finish(None).map_err(|e| err(ErrorCode::HashMismatch, e.to_string()))?;
             // Checked whole against its hash: the next look at the file
             // (a DESCRIBE, the base of the next push) need not cut it again.
+            let mut stamp = None;
             if let Some(meta) = assembly.finished_meta() {
                 if let Err(e) = crate::index::record(&node.db, &path, meta, &node.config.storage.chunk, assembly.manifest()) {
                     tracing::debug!(path = %path.display(), "not indexed: {e}");
                 }
+                use std::os::unix::fs::MetadataExt;
+                stamp = Some((meta.size(), meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec())));
             }
-            Ok(path)
+            Ok((path, stamp))
         })
         .await;
-        let path = match finished {
+        let (path, stamp) = match finished {
             Ok(Ok(p)) => p,
             Ok(Err(refused)) => return refused,
             Err(e) => return err(ErrorCode::Internal, e.to_string()),
         };
-        self.node.watchers.notify(&incoming.share, &incoming.path, Some(&self.partner));
+        // Stamped before the rename: a local change since makes the poller
+        // announce it anyway.
+        match stamp {
+            Some((size, mtime_ns)) => self.node.watchers.notify_file(&incoming.share, &incoming.path, Some(&self.partner), size, mtime_ns),
+            None => self.node.watchers.notify(&incoming.share, &incoming.path, Some(&self.partner)),
+        }
         let facts = Facts {
             transfer_id,
             direction: "push",
@@ -761,7 +769,14 @@ impl Session {
         let s = self.writable(share)?;
         self.unleased(share, path)?;
         let entry = s.set_attr(path, mode, mtime_ns).map_err(share_err)?;
-        self.changed(share, path);
+        // The mtime we set, read back, vouches that nobody changed the file
+        // since (a local write would have set it to now).
+        match mtime_ns {
+            Some(t) if entry.kind == proto::EntryKind::File && entry.mtime_ns == t => {
+                self.node.watchers.notify_file(share, path, Some(&self.partner), entry.size, entry.mtime_ns)
+            }
+            _ => self.changed(share, path),
+        }
         Ok(Response::StatOk(self.shown(share, entry)))
     }
 
