@@ -377,6 +377,7 @@ impl Session {
     }
 
     async fn describe(&self, share: &Name, path: &SharePath) -> Result<Response, Response> {
+        tracing::debug!(partner = %self.partner, %share, %path, "describe");
         let s = self.readable(share)?;
         let real = s.resolve_file(path).map_err(share_err)?;
         let manifest = self.manifest_of(real).await?;
