@@ -81,17 +81,7 @@ cleanup() {
     local rc=$? left
     set +e
     stop_pid "$DAEMON_PID"
-    if [[ -n $SSHD_PID ]]; then
-        # Per-connection sshd processes are the listener's children.
-        for c in $(pgrep -P "$SSHD_PID"); do kill -TERM "$c" 2>/dev/null; done
-        stop_pid "$SSHD_PID"
-    fi
-    # Anything still running with the temp dir on its command line is ours.
-    left=$(pgrep -f -- "$WORK")
-    if [[ -n $left ]]; then
-        echo "compare.sh: killing leftover processes: $left" >&2
-        kill -KILL $left 2>/dev/null
-    fi
+    stop_sshd_and_leftovers
     for pid in $DAEMON_PID $SSHD_PID; do
         kill -0 "$pid" 2>/dev/null && echo "compare.sh: process $pid is still running" >&2 && rc=1
     done

@@ -13,6 +13,24 @@ stop_pid() { # stop_pid PID: TERM, wait up to 5 s, then KILL
     wait "$pid" 2>/dev/null || true
 }
 
+# stop_sshd_and_leftovers: stop the throwaway sshd (its per-connection
+# children first) and KILL anything still running with $WORK on its
+# command line: it is ours.
+stop_sshd_and_leftovers() {
+    local c left
+    if [[ -n ${SSHD_PID:-} ]]; then
+        for c in $(pgrep -P "$SSHD_PID"); do kill -TERM "$c" 2>/dev/null; done
+        stop_pid "$SSHD_PID"
+    fi
+    left=$(pgrep -f -- "$WORK")
+    if [[ -n $left ]]; then
+        echo "$BENCH: killing leftover processes: $left" >&2
+        # shellcheck disable=SC2086
+        kill -KILL $left 2>/dev/null
+        sleep 0.2
+    fi
+}
+
 free_udp_port() {
     local p
     for _ in $(seq 100); do

@@ -149,18 +149,7 @@ cleanup() {
     stop_pid "$MOUNT_PID"
     stop_pid "$DAEMON_A"
     stop_pid "$DAEMON_B"
-    if [[ -n $SSHD_PID ]]; then
-        # Per-connection sshd processes are the listener's children.
-        for c in $(pgrep -P "$SSHD_PID"); do kill -TERM "$c" 2>/dev/null; done
-        stop_pid "$SSHD_PID"
-    fi
-    # Anything still running with the temp dir on its command line is ours.
-    left=$(pgrep -f -- "$WORK")
-    if [[ -n $left ]]; then
-        echo "mount.sh: killing leftover processes: $left" >&2
-        kill -KILL $left 2>/dev/null
-        sleep 0.2
-    fi
+    stop_sshd_and_leftovers
     for m in $(our_mounts); do
         echo "mount.sh: $m still mounted: umount -l" >&2
         umount -l "$m"

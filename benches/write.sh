@@ -252,17 +252,7 @@ cleanup() {
     stop_pid "$MOUNT_PID"
     stop_pid "$DAEMON_B"
     stop_pid "$DAEMON_A"
-    if [[ -n $SSHD_PID ]]; then
-        for c in $(pgrep -P "$SSHD_PID"); do kill -TERM "$c" 2>/dev/null; done
-        stop_pid "$SSHD_PID"
-    fi
-    left=$(pgrep -f -- "$WORK")
-    if [[ -n $left ]]; then
-        echo "$BENCH: killing leftover processes: $left" >&2
-        # shellcheck disable=SC2086
-        kill -KILL $left 2>/dev/null
-        sleep 0.2
-    fi
+    stop_sshd_and_leftovers
     for m in $(our_mounts); do
         echo "$BENCH: $m still mounted: abort + umount -l" >&2
         fuse_abort "$m"

@@ -496,8 +496,8 @@ pub fn chunk_open_file(file: &std::fs::File, params: &ChunkParams) -> io::Result
     }
     let middle = blake3::hazmat::left_subtree_len(size);
     let (left, right) = std::thread::scope(|s| {
-        let right = s.spawn(|| cut_segment(file, middle, size, &cutter));
-        let left = cut_segment(file, 0, middle, &cutter);
+        let right = s.spawn(|| cut_segment(file, middle, size, true, &cutter));
+        let left = cut_segment(file, 0, middle, false, &cutter);
         (left, right.join())
     });
     let (mut chunks, mut pos, left_cv) = left?;
@@ -572,17 +572,17 @@ impl Read for PositionalReader<'_> {
 
 /// Cut `[from, to)` of `file` starting a chunk at `from`, and hash it as
 /// the BLAKE3 subtree at that offset. Returns the final chunks (the last
-/// one ends before `to` unless `to` is the end of the file), where they
-/// end, and the subtree's chaining value.
+/// one ends before `to` unless `to` is the end of the file, `at_eof`),
+/// where they end, and the subtree's chaining value.
 fn cut_segment(
     file: &std::fs::File,
     from: u64,
     to: u64,
+    at_eof: bool,
     cutter: &Cutter,
 ) -> io::Result<(Vec<ChunkRef>, u64, blake3::hazmat::ChainingValue)> {
     use blake3::hazmat::HasherExt;
     use std::os::unix::fs::FileExt;
-    let at_eof = to == file.metadata()?.len();
     let mut hasher = blake3::Hasher::new();
     if from > 0 {
         hasher.set_input_offset(from);
@@ -679,25 +679,12 @@ pub fn recut(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testutil::{random_bytes, TestDir};
     use proptest::prelude::*;
     use std::collections::HashSet;
 
     /// Small sizes so unit tests see many chunks in little data.
     const SMALL: ChunkParams = ChunkParams { min: 1024, avg: 4096, max: 16 * 1024 };
-
-    /// Deterministic pseudo-random bytes (xorshift64*).
-    fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed | 1;
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
 
     /// A reader that returns at most the next of `sizes` bytes per call
     /// (cycling), and sometimes `Interrupted`.
@@ -1001,18 +988,15 @@ mod tests {
 
     #[test]
     fn two_threads_cut_and_hash_like_one() {
-        let dir = std::env::temp_dir().join(format!("deftfs-chunk-par-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TestDir::new("chunk-par");
         let params = ChunkParams::default();
         for (i, len) in [(PARALLEL_MIN as usize), 40 << 20, (33 << 20) + 12345].into_iter().enumerate() {
             let data = random_bytes(len, 30 + i as u64);
-            let path = dir.join(format!("f{i}"));
-            std::fs::write(&path, &data).unwrap();
+            let path = dir.file(&format!("f{i}"), &data);
             let file = std::fs::File::open(&path).unwrap();
             assert_eq!(chunk_open_file(&file, &params).unwrap(), chunk_slice(&data, &params).unwrap(), "{len} bytes");
             assert_eq!(hash_open_file(&file).unwrap(), Hash::of(&data), "{len} bytes");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

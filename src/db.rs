@@ -19,14 +19,22 @@ pub fn path(home: &Path) -> PathBuf {
     home.join("deftfs.db")
 }
 
+/// Open (creating if needed) an SQLite file the daemon shares between its
+/// tasks: WAL journal, a 10 s busy timeout, and `synchronous` as given
+/// (`NORMAL`, or `FULL` where a commit must survive a power loss).
+pub fn open_wal(path: &Path, synchronous: &str) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    Ok(conn)
+}
+
 /// Open (creating if needed) and migrate the node database.
 pub fn open(home: &Path) -> Result<Mutex<Connection>, DbError> {
     let path = path(home);
     let wrap = |source| DbError::Open { path: path.clone(), source };
-    let conn = Connection::open(&path).map_err(wrap)?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
-    conn.pragma_update(None, "synchronous", "NORMAL").map_err(wrap)?;
+    let conn = open_wal(&path, "NORMAL").map_err(wrap)?;
     crate::index::migrate(&conn).map_err(wrap)?;
     crate::lease::migrate(&conn).map_err(wrap)?;
     conn.execute_batch(

@@ -195,39 +195,13 @@ fn store(conn: &Connection, path: &Path, stamp: &Stamp, key: &str, manifest: &Ma
 mod tests {
     use super::*;
     use crate::hash::Hash;
+    use crate::testutil::TestDir;
     use std::cell::Cell;
     use std::fs::{FileTimes, OpenOptions};
     use std::io::Write;
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::{Duration, SystemTime};
 
     const SMALL: ChunkParams = ChunkParams { min: 1024, avg: 4096, max: 16 * 1024 };
-
-    /// A directory under the system temp dir, removed when dropped.
-    struct TestDir(PathBuf);
-
-    impl TestDir {
-        fn new(name: &str) -> TestDir {
-            static NEXT: AtomicU32 = AtomicU32::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir().join(format!("deftfs-index-{}-{n}-{name}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            TestDir(dir)
-        }
-
-        fn file(&self, name: &str, content: &[u8]) -> PathBuf {
-            let path = self.0.join(name);
-            std::fs::write(&path, content).unwrap();
-            path
-        }
-    }
-
-    impl Drop for TestDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn db() -> Mutex<Connection> {
         let conn = Connection::open_in_memory().unwrap();
@@ -457,7 +431,7 @@ mod tests {
     fn missing_file_and_bad_params_are_errors() {
         let dir = TestDir::new("missing");
         let db = db();
-        let err = manifest_for(&db, &dir.0.join("nope"), &SMALL).unwrap_err();
+        let err = manifest_for(&db, &dir.path().join("nope"), &SMALL).unwrap_err();
         assert!(matches!(err, IndexError::Io { .. }), "{err}");
         assert!(err.to_string().starts_with("stat "), "{err}");
         let path = dir.file("a.bin", b"abc");
@@ -470,7 +444,7 @@ mod tests {
     fn non_utf8_paths_are_cached_apart() {
         use std::ffi::OsStr;
         let dir = TestDir::new("bytes");
-        let raw = dir.0.join(OsStr::from_bytes(b"caf\xe9"));
+        let raw = dir.path().join(OsStr::from_bytes(b"caf\xe9"));
         std::fs::write(&raw, content(5000, 13)).unwrap();
         let lossy = dir.file(&raw.file_name().unwrap().to_string_lossy(), &content(5000, 14));
         assert_ne!(raw, lossy);

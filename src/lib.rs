@@ -33,6 +33,8 @@ pub mod proto;
 pub mod receipt;
 pub mod share;
 pub mod store;
+#[cfg(test)]
+mod testutil;
 pub mod time;
 pub mod transfer;
 pub mod transport;

@@ -354,8 +354,13 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
+/// A file's mtime as listings show it.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i64 {
+    meta.modified().map(Timestamp::from_system).map(|t| t.0).unwrap_or(0)
+}
+
 fn entry(path: SharePath, meta: &std::fs::Metadata) -> Entry {
-    let mtime = meta.modified().map(Timestamp::from_system).map(|t| t.0).unwrap_or(0);
+    let mtime = mtime_ns(meta);
     Entry {
         kind: if meta.is_dir() { EntryKind::Dir } else { EntryKind::File },
         size: if meta.is_dir() { 0 } else { meta.len() },

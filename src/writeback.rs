@@ -140,11 +140,8 @@ impl Writeback {
         }
         let path = dir.join("queue.db");
         let wrap = |source| WritebackError::Db { path: path.clone(), source };
-        let conn = Connection::open(&path).map_err(wrap)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
         // A committed entry must survive a power loss: FULL, not NORMAL.
-        conn.pragma_update(None, "synchronous", "FULL").map_err(wrap)?;
+        let conn = crate::db::open_wal(&path, "FULL").map_err(wrap)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS queue (
                 id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -42,20 +42,6 @@ fn push_and_pull_64_mib_arrive_intact_with_receipts_on_both_sides() {
     assert_eq!(rows.as_array().unwrap().len(), 2);
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.path().is_dir() {
-                out.extend(walk(&e.path()));
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn killed_push_resumes_without_resending_acknowledged_chunks() {
     let p = Pair::new("resume");

@@ -159,19 +159,6 @@ fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends
     assert!(receipts.len() >= 2, "receipts: {receipts:?}");
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return out };
-    for e in rd.flatten() {
-        if e.path().is_dir() {
-            out.extend(walk(&e.path()));
-        } else {
-            out.push(e.path());
-        }
-    }
-    out
-}
-
 /// What precedes each reply line of the helper process.
 const REPLY: &str = "app-reply: ";
 

@@ -12,7 +12,6 @@ use crate::proto::{Entry, EntryKind, Name, SharePath};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 #[error("mount metadata {path}: {source}")]
@@ -72,10 +71,7 @@ impl Meta {
     pub fn open(dir: &Path) -> Result<Meta, MetaError> {
         let path = dir.join("meta.db");
         let wrap = |source| MetaError { path: path.clone(), source };
-        let conn = Connection::open(&path).map_err(wrap)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(wrap)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(wrap)?;
+        let conn = crate::db::open_wal(&path, "NORMAL").map_err(wrap)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS listings (
                 share TEXT NOT NULL, dir TEXT NOT NULL, entries TEXT NOT NULL,

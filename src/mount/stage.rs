@@ -302,9 +302,8 @@ mod tests {
 
     #[test]
     fn writes_fill_and_truncate_keep_written_bytes() {
-        let dir = std::env::temp_dir().join(format!("deftfs-stage-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = crate::testutil::TestDir::new("stage");
+        let dir = dir.path();
         let base = crate::chunk::chunk_slice(&[7u8; 100], &crate::chunk::ChunkParams::default()).unwrap();
         let s = Staged::create(dir.join("a"), Some(Arc::new(base)), Base::Absent, 0).unwrap();
         s.write(10, b"hello", 1).unwrap();

@@ -265,7 +265,7 @@ impl Assembly {
     /// (default: keep the old file's, else 0644).
     pub fn finish(&self, mode: Option<u32>) -> Result<PathBuf, AssembleError> {
         self.file.sync_all().map_err(io(&self.temp))?;
-        let got = hash_file(&self.file, &self.temp)?;
+        let got = crate::chunk::hash_open_file(&self.file).map_err(io(&self.temp))?;
         if got != self.manifest.file_hash {
             if self.unverified {
                 tracing::warn!(path = %self.target.display(), "chunks reused from the old version did not add up to the file hash; the next attempt verifies them one by one");
@@ -289,51 +289,13 @@ impl Assembly {
     }
 }
 
-/// BLAKE3 of a whole file.
-fn hash_file(file: &File, path: &Path) -> Result<Hash, AssembleError> {
-    crate::chunk::hash_open_file(file).map_err(io(path))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::chunk::{chunk_slice, ChunkParams};
+    use crate::testutil::{random_bytes, TestDir};
 
     const SMALL: ChunkParams = ChunkParams { min: 1024, avg: 4096, max: 16 * 1024 };
-
-    /// A scratch directory, removed on drop.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(tag: &str) -> Scratch {
-            let dir = std::env::temp_dir().join(format!("deftfs-assemble-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Scratch(dir)
-        }
-
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn bytes(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     /// Send what `asm` still needs, from `data`.
     fn complete(asm: &Assembly, data: &[u8]) -> usize {
@@ -347,9 +309,9 @@ mod tests {
 
     #[test]
     fn an_edit_in_place_reuses_the_old_version_and_needs_only_the_new_chunks() {
-        let dir = Scratch::new("edit");
+        let dir = TestDir::new("edit");
         let target = dir.path().join("f");
-        let old = bytes(300_000, 1);
+        let old = random_bytes(300_000, 1);
         std::fs::write(&target, &old).unwrap();
         let base = chunk_slice(&old, &SMALL).unwrap();
         let mut new = old.clone();
@@ -364,9 +326,9 @@ mod tests {
 
     #[test]
     fn a_stale_base_fails_the_whole_file_check_once_and_the_retry_repairs_it() {
-        let dir = Scratch::new("stale");
+        let dir = TestDir::new("stale");
         let target = dir.path().join("f");
-        let old = bytes(300_000, 2);
+        let old = random_bytes(300_000, 2);
         let base = chunk_slice(&old, &SMALL).unwrap();
         // The file changed behind the index's back: same size, other bytes.
         let mut behind = old.clone();

@@ -484,8 +484,8 @@ impl Session {
                 if let Err(e) = crate::index::record(&node.db, &path, meta, &node.config.storage.chunk, assembly.manifest()) {
                     tracing::debug!(path = %path.display(), "not indexed: {e}");
                 }
-                use std::os::unix::fs::MetadataExt;
-                stamp = Some((meta.size(), meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec())));
+                // As the poller's listing will show it (see Watchers::notify_file).
+                stamp = Some((meta.len(), crate::share::mtime_ns(meta)));
             }
             Ok((path, stamp))
         })

@@ -200,24 +200,17 @@ impl Vfs {
             return Ok(st);
         }
         let manifest = match self.manifest(ino).await {
-            Ok((_, _, m)) => m,
+            Ok((_, _, m)) => Some(m),
             // A share we may write but not read (a drop box): replacing a
             // file needs none of its content, and there is no base to check.
-            Err(Errno::EACCES) if truncate => {
-                let mtime = now_ns();
-                let staged = Arc::new(Staged::create(self.writeback.staging_path(), None, Base::Any, mtime).map_err(io_errno)?);
-                staged.set_len(0, mtime).map_err(io_errno)?;
-                let mut inodes = lock(&self.inodes);
-                let n = inodes.by_ino.get_mut(&ino).ok_or(Errno::ENOENT)?;
-                return Ok(n.staged.get_or_insert(staged).clone());
-            }
+            Err(Errno::EACCES) if truncate => None,
             Err(e) => return Err(e),
         };
         let data = self.writeback.staging_path();
-        let expect = Base::Version(manifest.file_hash);
+        let expect = manifest.as_ref().map_or(Base::Any, |m| Base::Version(m.file_hash));
         let mtime = lock(&self.inodes).by_ino.get(&ino).map_or(0, |n| n.mtime_ns);
         // A version this node pushed itself may still be here, whole.
-        let adopted = match self.writeback.take_kept(&manifest.file_hash, &data) {
+        let adopted = match manifest.as_ref().and_then(|m| self.writeback.take_kept(&m.file_hash, &data)) {
             Some(m) => Staged::adopt(data.clone(), m, mtime)
                 .map_err(|e| {
                     tracing::debug!("kept copy unusable: {e}");
@@ -228,7 +221,7 @@ impl Vfs {
         };
         let staged = match adopted {
             Some(s) => Arc::new(s),
-            None => Arc::new(Staged::create(data, Some(manifest), expect, mtime).map_err(io_errno)?),
+            None => Arc::new(Staged::create(data, manifest, expect, mtime).map_err(io_errno)?),
         };
         if truncate {
             staged.set_len(0, now_ns()).map_err(io_errno)?;
