@@ -584,3 +584,38 @@ fn a_local_edit_right_after_a_mount_push_still_shows_through_the_mount() {
     let shown = wait_until(Duration::from_secs(10), || std::fs::read(a.at("n.txt")).is_ok_and(|d| d == b"from the owner"));
     assert!(shown, "the owner's edit never showed: {:?}", String::from_utf8_lossy(&std::fs::read(a.at("n.txt")).unwrap_or_default()));
 }
+
+#[test]
+fn close_waits_for_the_push_even_when_a_forked_child_flushed_the_descriptor_first() {
+    // A multi-threaded program forks while a file is open: the child's exec
+    // closes its copy of the descriptor, a FLUSH of the same handle, which
+    // pushes. The owner's own close must still wait until its writes are on
+    // the serving node.
+    let w = World::new("fork", &["alice"], "", |_| {});
+    let a = w.c(0);
+    let mut expected = random_bytes(8 * MIB, 31);
+    std::fs::write(a.at("f.bin"), &expected).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = Command::new("true").status();
+            }
+        })
+    };
+    for round in 0..12u64 {
+        let patch = random_bytes(256 * 1024, 100 + round);
+        let at = (round as usize * 512 * 1024) % (expected.len() - patch.len());
+        let f = std::fs::OpenOptions::new().write(true).open(a.at("f.bin")).unwrap();
+        for (i, piece) in patch.chunks(16 * 1024).enumerate() {
+            f.write_all_at(piece, (at + i * 16 * 1024) as u64).unwrap();
+        }
+        drop(f);
+        expected[at..at + patch.len()].copy_from_slice(&patch);
+        let got = std::fs::read(w.server("f.bin")).unwrap();
+        assert!(got == expected, "round {round}: close returned before its change reached the serving node");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    forker.join().unwrap();
+}

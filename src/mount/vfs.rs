@@ -138,11 +138,17 @@ struct StagedHandle {
     append: bool,
     /// The lease need this handle holds (write handles).
     lease: Option<(Name, SharePath)>,
-    /// Written or resized through since its last push (or a new file). A
-    /// close pushes only then: the shell's `cmd > file` closes a dup of
-    /// the O_TRUNC descriptor before `cmd` writes a byte, and pushing that
-    /// empty version would leave the partner nothing to take a delta from.
-    touched: bool,
+    /// Writes or resizes through it (1 for a new file). A close pushes only
+    /// if some came after the last push a close of it waited for: the
+    /// shell's `cmd > file` closes a dup of the O_TRUNC descriptor before
+    /// `cmd` writes a byte, and pushing that empty version would leave the
+    /// partner nothing to take a delta from.
+    changes: u64,
+    /// `changes` as the last completed close push found it. Counted, not a
+    /// flag cleared when a push starts: a forked child's exec closes its
+    /// copy of the descriptor (a FLUSH of the same handle) while the owner
+    /// writes, and the owner's own close must still wait for a push.
+    flushed: u64,
 }
 
 struct ReadHandle {
@@ -629,7 +635,7 @@ impl Vfs {
         if let Some(staged) = staged {
             staged.state().handles += 1;
             lock(&self.handles)
-                .insert(fh, Handle::Staged(StagedHandle { ino, staged, write: false, append: false, lease: None, touched: false }));
+                .insert(fh, Handle::Staged(StagedHandle { ino, staged, write: false, append: false, lease: None, changes: 0, flushed: 0 }));
             return Ok((fh, false));
         }
         let (share, path, manifest) = self.manifest(ino).await?;

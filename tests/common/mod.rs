@@ -30,9 +30,9 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
-    /// Kept when the test failed, so its daemon logs can be read.
+    /// Kept when the test failed (or `DEFTFS_TEST_KEEP` is set), so its daemon logs can be read.
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("DEFTFS_TEST_KEEP").is_some() {
             eprintln!("test failed: its files are kept in {}", self.0.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.0);

@@ -262,7 +262,7 @@ impl Vfs {
             staged.set_len(0, now_ns()).map_err(io_errno)?;
         }
         staged.state().handles += 1;
-        let handle = StagedHandle { ino, staged, write: true, append: mode.append, lease: Some((share, path)), touched: false };
+        let handle = StagedHandle { ino, staged, write: true, append: mode.append, lease: Some((share, path)), changes: 0, flushed: 0 };
         lock(&self.handles).insert(fh, Handle::Staged(handle));
         Ok((fh, false))
     }
@@ -307,7 +307,7 @@ impl Vfs {
             Self::touched(&mut inodes, parent);
             ino
         };
-        let handle = StagedHandle { ino, staged, write: true, append: open.append, lease: Some((share, path)), touched: true };
+        let handle = StagedHandle { ino, staged, write: true, append: open.append, lease: Some((share, path)), changes: 1, flushed: 0 };
         lock(&self.handles).insert(fh, Handle::Staged(handle));
         Ok((self.cached_attr(ino)?, fh))
     }
@@ -315,7 +315,7 @@ impl Vfs {
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
         let (staged, append) = match lock(&self.handles).get_mut(&fh) {
             Some(Handle::Staged(h)) if h.write => {
-                h.touched = true;
+                h.changes += 1;
                 (h.staged.clone(), h.append)
             }
             Some(_) => return Err(Errno::EBADF),
@@ -503,17 +503,18 @@ impl Vfs {
         })
     }
 
-    /// A close: push what this handle wrote (see [`StagedHandle::touched`];
+    /// A close: push what this handle wrote (see [`StagedHandle::changes`];
     /// the last release pushes the rest).
     pub async fn flush(&self, fh: u64) -> Result<(), Errno> {
-        let ino = match lock(&self.handles).get_mut(&fh) {
-            Some(Handle::Staged(h)) if h.write && h.touched => {
-                h.touched = false;
-                h.ino
-            }
+        let (ino, changes) = match lock(&self.handles).get(&fh) {
+            Some(Handle::Staged(h)) if h.write && h.changes > h.flushed => (h.ino, h.changes),
             _ => return Ok(()),
         };
-        self.push(ino).await
+        self.push(ino).await?;
+        if let Some(Handle::Staged(h)) = lock(&self.handles).get_mut(&fh) {
+            h.flushed = h.flushed.max(changes);
+        }
+        Ok(())
     }
 
     /// fsync: like a close, the change is durable when this returns: on
@@ -532,7 +533,7 @@ impl Vfs {
         for h in lock(&self.handles).values_mut() {
             if let Handle::Staged(h) = h {
                 if h.ino == ino && h.write {
-                    h.touched = true;
+                    h.changes += 1;
                 }
             }
         }
