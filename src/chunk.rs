@@ -4,17 +4,17 @@
 //! Design: one pass over the bytes. A reader fills a fixed buffer of
 //! [`ChunkParams::buffer_len`] bytes (4 MiB by default, never less than two
 //! maximum chunks); the [`Cutter`] finds the next cut point, the chunk is
-//! hashed with BLAKE3 and fed to the whole-file hasher while it is still in
-//! cache, and the unconsumed tail is moved to the front before the next
-//! refill. No allocation per chunk, no copy but the tail.
+//! hashed with BLAKE3 while it is still in cache, and the unconsumed tail is
+//! moved to the front before the next refill. No allocation per chunk, no
+//! copy but the tail.
 //!
 //! The cut points are those of `fastcdc::v2020::cut` (normalization level 1,
 //! the crate's GEAR table, no seed), computed on four interleaved hash chains
-//! instead of one; the tests hold the two to the same answers. The
-//! whole-file hash is a second BLAKE3 over the same bytes: a chunk starts
-//! anywhere, so the two hash trees share no 1 KiB leaf and neither can be
-//! derived from the other. On one core the cost splits roughly evenly
-//! between cutting and each of the two hashes (see benches/chunk.rs).
+//! instead of one; the tests hold the two to the same answers. The file
+//! hash is not a second pass over the bytes: it is a BLAKE3 of the chunk
+//! list ([`file_hash`]). A BLAKE3 of the whole content could not be derived
+//! from the chunk hashes (a chunk starts anywhere, so the two hash trees
+//! share no 1 KiB leaf) and cost a third of the time (see benches/chunk.rs).
 //!
 //! Invariants:
 //! - memory never grows with file size: the buffer is bounded by the params;
@@ -26,7 +26,8 @@
 //!   (for an odd `min`, `min - 1`: fastcdc steps two bytes at a time), and
 //!   the chunks cover `[0, size)` contiguously;
 //! - [`Manifest::decode`] never panics and returns only manifests whose
-//!   chunks are non-empty, contiguous and cover `size`.
+//!   chunks are non-empty, contiguous and cover `size`, and whose file hash
+//!   is that of their chunk list.
 
 use crate::hash::Hash;
 use fastcdc::v2020;
@@ -108,8 +109,8 @@ impl ChunkRef {
     }
 }
 
-/// A file version: ordered chunks covering [0, size) exactly, and the
-/// BLAKE3 of the whole content.
+/// A file version: ordered chunks covering [0, size) exactly, and the file
+/// hash, which commits to all of them ([`file_hash`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     pub size: u64,
@@ -125,8 +126,28 @@ pub enum ManifestError {
     BadLen { index: usize, max: u32 },
     #[error("manifest chunks cover {covered} bytes but the file has {size}")]
     SizeMismatch { covered: u64, size: u64 },
+    #[error("manifest file hash {got} does not match its chunk list (expected {expected})")]
+    FileHash { got: Hash, expected: Hash },
     #[error("manifest encoding is corrupt")]
     Corrupt,
+}
+
+/// The key-derivation context of the file hash (docs/PROTOCOL.md, 1).
+const FILE_HASH_CONTEXT: &str = "deft/1 file hash: size and chunk list";
+
+/// The file hash of a version: BLAKE3 in key-derivation mode over its size
+/// (u64 LE), then per chunk its length (u32 LE) and BLAKE3 hash. Every chunk
+/// is checked against its hash when it is read or received, so this names
+/// the content as surely as a hash of the bytes, and costs nothing to
+/// compute from a manifest: no second pass over the file.
+pub fn file_hash(size: u64, chunks: &[ChunkRef]) -> Hash {
+    let mut h = blake3::Hasher::new_derive_key(FILE_HASH_CONTEXT);
+    h.update(&size.to_le_bytes());
+    for c in chunks {
+        h.update(&c.len.to_le_bytes());
+        h.update(c.hash.as_bytes());
+    }
+    h.finalize().into()
 }
 
 /// Encoded sizes: header (size u64 LE + file hash), then one record per chunk.
@@ -134,8 +155,14 @@ const HEADER_LEN: usize = 8 + 32;
 const RECORD_LEN: usize = 4 + 32;
 
 impl Manifest {
+    /// The manifest of these chunks, with its file hash.
+    pub fn new(size: u64, chunks: Vec<ChunkRef>) -> Manifest {
+        Manifest { size, file_hash: file_hash(size, &chunks), chunks }
+    }
+
     /// Check the chunks are contiguous from 0, non-empty, each at most
-    /// `max_chunk` bytes, and cover exactly `size`.
+    /// `max_chunk` bytes, cover exactly `size`, and that the file hash is
+    /// theirs.
     pub fn validate(&self, max_chunk: u32) -> Result<(), ManifestError> {
         let mut expected = 0u64;
         for (index, c) in self.chunks.iter().enumerate() {
@@ -150,6 +177,10 @@ impl Manifest {
         }
         if expected != self.size {
             return Err(ManifestError::SizeMismatch { covered: expected, size: self.size });
+        }
+        let want = file_hash(self.size, &self.chunks);
+        if want != self.file_hash {
+            return Err(ManifestError::FileHash { got: self.file_hash, expected: want });
         }
         Ok(())
     }
@@ -384,17 +415,16 @@ impl Cutter {
     }
 }
 
-/// Accumulates chunks and the whole-file hash as bytes are consumed.
+/// Accumulates chunks as bytes are consumed.
 struct Builder {
     cutter: Cutter,
-    file: blake3::Hasher,
     size: u64,
     chunks: Vec<ChunkRef>,
 }
 
 impl Builder {
     fn new(cutter: Cutter) -> Builder {
-        Builder { cutter, file: blake3::Hasher::new(), size: 0, chunks: Vec::new() }
+        Builder { cutter, size: 0, chunks: Vec::new() }
     }
 
     /// Cut and hash every chunk of `data` that is final: all of it when
@@ -407,9 +437,7 @@ impl Builder {
             let rest = &data[pos..];
             let len = self.cutter.next_len(rest).clamp(1, rest.len());
             let chunk = &rest[..len];
-            // Both hashes while the chunk is hot in cache (it fits in L2).
             let hash = Hash::of(chunk);
-            self.file.update(chunk);
             // `len <= max <= 16 MiB` (validated params), so it fits a u32.
             self.chunks.push(ChunkRef { offset: self.size, len: len as u32, hash });
             self.size += len as u64;
@@ -419,7 +447,7 @@ impl Builder {
     }
 
     fn finish(self) -> Manifest {
-        Manifest { size: self.size, file_hash: self.file.finalize().into(), chunks: self.chunks }
+        Manifest::new(self.size, self.chunks)
     }
 }
 
@@ -480,12 +508,10 @@ pub fn chunk_file(path: &Path, params: &ChunkParams) -> Result<Manifest, ChunkEr
 const PARALLEL_MIN: u64 = 16 << 20;
 
 /// Chunk and hash an open file (blocking), on two threads when it is large:
-/// each takes one half, as BLAKE3's tree splits it (the left half a power
-/// of two of 1 KiB chunks), hashing its subtree and cutting its chunks;
-/// the cuts are stitched where the first half's cutting, carried on past
-/// the middle, meets a cut of the second half (content-defined cuts
-/// resynchronize within a chunk or two). The result equals
-/// [`chunk_reader`]'s (tests check it).
+/// each cuts and hashes one half; the cuts are stitched where the first
+/// half's cutting, carried on past the middle, meets a cut of the second
+/// half (content-defined cuts resynchronize within a chunk or two). The
+/// result equals [`chunk_reader`]'s (tests check it).
 pub fn chunk_open_file(file: &std::fs::File, params: &ChunkParams) -> io::Result<Manifest> {
     use std::os::unix::fs::FileExt;
     let bad = |e| io::Error::new(io::ErrorKind::InvalidInput, e);
@@ -494,14 +520,14 @@ pub fn chunk_open_file(file: &std::fs::File, params: &ChunkParams) -> io::Result
     if size < PARALLEL_MIN {
         return chunk_reader(PositionalReader { file, at: 0 }, params);
     }
-    let middle = blake3::hazmat::left_subtree_len(size);
+    let middle = size / 2;
     let (left, right) = std::thread::scope(|s| {
         let right = s.spawn(|| cut_segment(file, middle, size, true, &cutter));
         let left = cut_segment(file, 0, middle, false, &cutter);
         (left, right.join())
     });
-    let (mut chunks, mut pos, left_cv) = left?;
-    let (right_chunks, _, right_cv) = right.map_err(|_| io::Error::other("the hashing thread panicked"))??;
+    let (mut chunks, mut pos) = left?;
+    let (right_chunks, _) = right.map_err(|_| io::Error::other("the hashing thread panicked"))??;
     // Carry the first half's cutting on until it meets a cut of the second.
     let mut next = right_chunks.partition_point(|c| c.offset < pos);
     while pos < size && right_chunks.get(next).is_none_or(|c| c.offset != pos) {
@@ -514,45 +540,46 @@ pub fn chunk_open_file(file: &std::fs::File, params: &ChunkParams) -> io::Result
         next = right_chunks.partition_point(|c| c.offset < pos);
     }
     chunks.extend_from_slice(&right_chunks[next.min(right_chunks.len())..]);
-    let file_hash = blake3::hazmat::merge_subtrees_root(&left_cv, &right_cv, blake3::hazmat::Mode::Hash);
-    Ok(Manifest { size, file_hash: file_hash.into(), chunks })
+    Ok(Manifest::new(size, chunks))
 }
 
-/// The BLAKE3 hash of an open file (blocking), on two threads when it is
-/// large (the halves of BLAKE3's tree, as in [`chunk_open_file`]).
-pub fn hash_open_file(file: &std::fs::File) -> io::Result<Hash> {
-    use blake3::hazmat::HasherExt;
+/// Which of `chunks` an open file holds: for each, whether the bytes at its
+/// offset have its hash (blocking; two threads when there is much to read).
+pub fn verify_chunks(file: &std::fs::File, chunks: &[ChunkRef]) -> io::Result<Vec<bool>> {
     use std::os::unix::fs::FileExt;
-    let size = file.metadata()?.len();
-    let part = |from: u64, to: u64, hasher: &mut blake3::Hasher| -> io::Result<()> {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = from;
-        while at < to {
-            let n = ((to - at) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], at)?;
-            hasher.update(&buf[..n]);
-            at += n as u64;
-        }
-        Ok(())
+    let check = |part: &[ChunkRef]| -> io::Result<Vec<bool>> {
+        let mut buf = Vec::new();
+        part.iter()
+            .map(|c| {
+                buf.resize(c.len as usize, 0);
+                match file.read_exact_at(&mut buf, c.offset) {
+                    Ok(()) => Ok(Hash::of(&buf) == c.hash),
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+                    Err(e) => Err(e),
+                }
+            })
+            .collect()
     };
-    if size < PARALLEL_MIN {
-        let mut h = blake3::Hasher::new();
-        part(0, size, &mut h)?;
-        return Ok(h.finalize().into());
+    let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+    if total < PARALLEL_MIN {
+        return check(chunks);
     }
-    let middle = blake3::hazmat::left_subtree_len(size);
-    let (left, right) = std::thread::scope(|s| {
-        let right = s.spawn(|| {
-            let mut h = blake3::Hasher::new();
-            h.set_input_offset(middle);
-            part(middle, size, &mut h).map(|()| h.finalize_non_root())
-        });
-        let mut h = blake3::Hasher::new();
-        let left = part(0, middle, &mut h).map(|()| h.finalize_non_root());
-        (left, right.join())
+    // Split by bytes, not by count: chunk sizes vary.
+    let mut acc = 0u64;
+    let split = chunks.partition_point(|c| {
+        acc += u64::from(c.len);
+        acc <= total / 2
+    });
+    let (left, right) = chunks.split_at(split);
+    let (mut left, right) = std::thread::scope(|s| {
+        let right = s.spawn(|| check(right));
+        (check(left), right.join())
     });
     let right = right.map_err(|_| io::Error::other("the hashing thread panicked"))??;
-    Ok(blake3::hazmat::merge_subtrees_root(&left?, &right, blake3::hazmat::Mode::Hash).into())
+    if let Ok(l) = left.as_mut() {
+        l.extend(right);
+    }
+    left
 }
 
 /// A [`Read`] at a position of a shared file handle (pread).
@@ -570,23 +597,11 @@ impl Read for PositionalReader<'_> {
     }
 }
 
-/// Cut `[from, to)` of `file` starting a chunk at `from`, and hash it as
-/// the BLAKE3 subtree at that offset. Returns the final chunks (the last
-/// one ends before `to` unless `to` is the end of the file, `at_eof`),
-/// where they end, and the subtree's chaining value.
-fn cut_segment(
-    file: &std::fs::File,
-    from: u64,
-    to: u64,
-    at_eof: bool,
-    cutter: &Cutter,
-) -> io::Result<(Vec<ChunkRef>, u64, blake3::hazmat::ChainingValue)> {
-    use blake3::hazmat::HasherExt;
+/// Cut and hash `[from, to)` of `file` starting a chunk at `from`. Returns
+/// the final chunks (the last one ends before `to` unless `to` is the end of
+/// the file, `at_eof`) and where they end.
+fn cut_segment(file: &std::fs::File, from: u64, to: u64, at_eof: bool, cutter: &Cutter) -> io::Result<(Vec<ChunkRef>, u64)> {
     use std::os::unix::fs::FileExt;
-    let mut hasher = blake3::Hasher::new();
-    if from > 0 {
-        hasher.set_input_offset(from);
-    }
     let step = (8 << 20).max(2 * cutter.max_len());
     let mut buf: Vec<u8> = Vec::with_capacity(step + cutter.max_len());
     let (mut read_to, mut pos) = (from, from);
@@ -596,7 +611,6 @@ fn cut_segment(
         let old = buf.len();
         buf.resize(old + n, 0);
         file.read_exact_at(&mut buf[old..], read_to)?;
-        hasher.update(&buf[old..]);
         read_to += n as u64;
         let end = read_to == to;
         let mut used = 0;
@@ -609,7 +623,7 @@ fn cut_segment(
         }
         buf.drain(..used);
         if end {
-            return Ok((chunks, pos, hasher.finalize_non_root()));
+            return Ok((chunks, pos));
         }
     }
 }
@@ -621,7 +635,7 @@ fn cut_segment(
 /// but only the chunks that touch a dirty range are cut and hashed again:
 /// cutting restarts at the boundary before each dirty range and stops as
 /// soon as a cut falls on a boundary of `base` past it. `read(offset, len)`
-/// reads the new content. The whole-file hash is not computed here.
+/// reads the new content. [`Manifest::new`] gives the file hash.
 pub fn recut(
     base: &Manifest,
     size: u64,
@@ -716,7 +730,6 @@ mod tests {
     fn check_manifest(m: &Manifest, data: &[u8], params: &ChunkParams) {
         m.validate(params.max).unwrap();
         assert_eq!(m.size, data.len() as u64);
-        assert_eq!(m.file_hash, Hash::of(data));
         let last = m.chunks.len().saturating_sub(1);
         for (i, c) in m.chunks.iter().enumerate() {
             assert!(c.len <= params.max, "chunk {i} is {} bytes", c.len);
@@ -769,7 +782,7 @@ mod tests {
     #[test]
     fn empty_input_has_no_chunks() {
         let m = chunk_reader(io::empty(), &SMALL).unwrap();
-        assert_eq!(m, Manifest { size: 0, file_hash: Hash::of(b""), chunks: vec![] });
+        assert_eq!(m, Manifest::new(0, vec![]));
         assert_eq!(chunk_slice(b"", &SMALL).unwrap(), m);
     }
 
@@ -995,8 +1008,42 @@ mod tests {
             let path = dir.file(&format!("f{i}"), &data);
             let file = std::fs::File::open(&path).unwrap();
             assert_eq!(chunk_open_file(&file, &params).unwrap(), chunk_slice(&data, &params).unwrap(), "{len} bytes");
-            assert_eq!(hash_open_file(&file).unwrap(), Hash::of(&data), "{len} bytes");
         }
+    }
+
+    #[test]
+    fn verify_chunks_finds_the_changed_chunk_on_one_thread_and_on_two() {
+        let dir = TestDir::new("chunk-verify");
+        for (i, len) in [300_000usize, 40 << 20].into_iter().enumerate() {
+            let mut data = random_bytes(len, 40 + i as u64);
+            let m = chunk_slice(&data, &ChunkParams::default()).unwrap();
+            let bad = m.chunks.len() - 1;
+            data[m.chunks[bad].offset as usize] ^= 1;
+            let path = dir.file(&format!("f{i}"), &data);
+            let file = std::fs::File::open(&path).unwrap();
+            let ok = verify_chunks(&file, &m.chunks).unwrap();
+            assert_eq!(ok.len(), m.chunks.len());
+            assert!(ok.iter().enumerate().all(|(j, &v)| v == (j != bad)), "{len} bytes: {:?}", ok.iter().filter(|v| !**v).count());
+            // One byte short: the last chunk can't be read whole.
+            let short = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            short.set_len(data.len() as u64 - 1).unwrap();
+            let ok = verify_chunks(&file, &m.chunks).unwrap();
+            assert!(!ok[bad]);
+        }
+    }
+
+    #[test]
+    fn the_file_hash_commits_to_every_chunk_and_the_size() {
+        let data = random_bytes(200_000, 5);
+        let m = chunk_slice(&data, &SMALL).unwrap();
+        let mut other = m.clone();
+        other.chunks[1].hash = Hash::of(b"x");
+        assert_ne!(file_hash(other.size, &other.chunks), m.file_hash);
+        assert!(matches!(other.validate(SMALL.max), Err(ManifestError::FileHash { .. })));
+        assert_ne!(file_hash(m.size + 1, &m.chunks), m.file_hash);
+        // Not the BLAKE3 of the bytes, and not of the chunk list unkeyed.
+        assert_ne!(m.file_hash, Hash::of(&data));
+        assert_eq!(m.file_hash, file_hash(m.size, &m.chunks));
     }
 
     #[test]

@@ -466,9 +466,9 @@ impl Writeback {
                     Err(e) => Outcome::Queued(e.to_string()),
                 }
             }
-            Err(TransferError::Remote { code: "HASH_MISMATCH", message, .. }) => {
-                // The partner's reused chunks did not add up: it kept its
-                // temp file and verifies it chunk by chunk on the retry.
+            Err(TransferError::Remote { code: "HASH_MISMATCH" | "INTERNAL", message, .. }) => {
+                // The partner could not finish this time (its disk, or an
+                // older partner whose reused chunks did not add up): retry.
                 tracing::warn!(partner = %entry.partner, %share, %path, "write-back to retry: {message}");
                 Outcome::Queued(message)
             }

@@ -168,8 +168,8 @@ impl Staged {
     /// The manifest of the content, which must be all local (blocking).
     /// Only chunks near the bytes written since `recut_base` are cut and
     /// hashed again ([`crate::chunk::recut`]); when most of the file was
-    /// written, or nothing is known of it, the whole file is cut. The
-    /// whole-file hash is one pass over the file either way.
+    /// written, or nothing is known of it, the whole file is cut. The file
+    /// hash follows from the chunk list.
     pub fn manifest(&self, params: &ChunkParams) -> std::io::Result<Manifest> {
         let (size, base, written) = {
             let st = self.state();
@@ -185,7 +185,7 @@ impl Staged {
             self.file.read_exact_at(&mut buf, at)?;
             Ok(buf)
         })?;
-        Ok(Manifest { size, file_hash: crate::chunk::hash_open_file(&self.file)?, chunks })
+        Ok(Manifest::new(size, chunks))
     }
 
     /// The staged content pushed as `manifest`: later pushes re-cut

@@ -9,10 +9,12 @@
 //! - a chunk is written only after its BLAKE3 matches the manifest;
 //! - chunks are reused, verified, from a partial temp file (resume) and from
 //!   the current version of the target (delta), so only the rest is needed;
-//! - `finish` fsyncs the temp file, checks the whole-file hash, renames it
-//!   over the target and fsyncs the directory: a reader sees the old file
-//!   or the new one, never a mix, and a crash never leaves a partial file
-//!   under the final name.
+//! - `finish` fsyncs the temp file, renames it over the target and fsyncs
+//!   the directory: a reader sees the old file or the new one, never a mix,
+//!   and a crash never leaves a partial file under the final name. Every
+//!   chunk was checked against the manifest, whose file hash commits to the
+//!   chunk list ([`crate::chunk::file_hash`]): there is no second pass over
+//!   the whole file.
 
 use crate::chunk::Manifest;
 use crate::hash::Hash;
@@ -34,8 +36,8 @@ pub enum AssembleError {
     NoSuchChunk { index: u32, count: usize },
     #[error("chunk {index} has {got} bytes, the manifest says {expected}")]
     WrongSize { index: u32, got: usize, expected: u32 },
-    #[error("{path}: assembled file hash {got} differs from the announced {expected}; nothing was replaced")]
-    FileHashMismatch { path: PathBuf, got: Hash, expected: Hash },
+    #[error("{path}: {missing} chunks are still missing; nothing was replaced")]
+    Incomplete { path: PathBuf, missing: usize },
     #[error("{0}: target has no file name")]
     NoFileName(PathBuf),
 }
@@ -62,9 +64,6 @@ pub struct Assembly {
     same: HashMap<Hash, Vec<u32>>,
     /// Bytes reused from the temp file and the old version.
     pub reused_bytes: u64,
-    /// Chunks were copied from the old version without being hashed: the
-    /// whole-file check at [`Assembly::finish`] vouches for them.
-    unverified: bool,
     /// The complete file's metadata, taken just before its rename.
     finished: std::sync::OnceLock<std::fs::Metadata>,
 }
@@ -102,12 +101,6 @@ pub fn temp_path(target: &Path, file_hash: &Hash) -> Result<PathBuf, AssembleErr
     Ok(target.with_file_name(format!(".{name}{TEMP_MARKER}{}", file_hash.short())))
 }
 
-fn read_at(file: &File, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, offset)?;
-    Ok(buf)
-}
-
 impl Assembly {
     /// Open (or resume) the temp file for `manifest` and reuse what is
     /// already local: valid chunks of the temp file, then chunks of `base`
@@ -131,31 +124,28 @@ impl Assembly {
         }
         // Resume: keep the chunks an earlier attempt already wrote.
         if existing == manifest.size && existing > 0 {
-            for (i, c) in manifest.chunks.iter().enumerate() {
-                if let Ok(data) = read_at(&file, c.offset, c.len) {
-                    if Hash::of(&data) == c.hash {
-                        have[i] = true;
-                        reused += c.len as u64;
-                    }
+            let ok = crate::chunk::verify_chunks(&file, &manifest.chunks).map_err(io(&temp))?;
+            for (i, good) in ok.into_iter().enumerate() {
+                if good {
+                    have[i] = true;
+                    reused += u64::from(manifest.chunks[i].len);
                 }
             }
         } else {
             file.set_len(manifest.size).map_err(io(&temp))?;
         }
-        // Delta: copy the chunks the current version already has. The
-        // caller's base manifest comes from the index, which a change of
-        // size, mtime or inode invalidates, so the copies are not hashed one
-        // by one: runs of chunks that sit at the same distance in both files
-        // (all of them, for an edit in place) go in one kernel copy, and
-        // finish() checks the whole file. If that check fails, the temp file
-        // stays and the retry verifies it chunk by chunk (resume, above).
-        let resumed = existing == manifest.size && existing > 0;
-        let mut unverified = false;
+        // Delta: copy the chunks the current version already has. Runs of
+        // chunks that sit at the same distance in both files (all of them,
+        // for an edit in place) go in one kernel copy; then each copied
+        // chunk is hashed where it landed (from the page cache, on two
+        // threads when there is much), and one that does not match (the old
+        // file changed behind the index) is simply needed from the sender.
         if let Some((old, base)) = base.and_then(|(path, m)| Some((File::open(path).ok()?, m))) {
             let old_len = old.metadata().map(|m| m.len()).unwrap_or(0);
             let by_hash: HashMap<Hash, (u64, u32)> = base.chunks.iter().map(|c| (c.hash, (c.offset, c.len))).collect();
-            // (from, to, len) runs to copy.
+            // (from, to, len) runs to copy, and the chunks they carry.
             let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+            let mut copied: Vec<usize> = Vec::new();
             for (i, c) in manifest.chunks.iter().enumerate() {
                 if have[i] {
                     continue;
@@ -164,28 +154,27 @@ impl Assembly {
                 if len != c.len || offset + len as u64 > old_len {
                     continue;
                 }
-                if resumed {
-                    // A retry: maybe of a copy that failed the check.
-                    let Ok(data) = read_at(&old, offset, len) else { continue };
-                    if Hash::of(&data) != c.hash {
-                        continue;
-                    }
-                    file.write_all_at(&data, c.offset).map_err(io(&temp))?;
-                    have[i] = true;
-                    reused += c.len as u64;
-                    continue;
-                }
                 match runs.last_mut() {
                     Some((from, to, n)) if *from + *n == offset && *to + *n == c.offset => *n += len as u64,
                     _ => runs.push((offset, c.offset, len as u64)),
                 }
-                have[i] = true;
-                reused += c.len as u64;
+                copied.push(i);
             }
             for &(from, to, len) in &runs {
                 copy_range(&old, from, &file, to, len).map_err(io(&temp))?;
             }
-            unverified = !runs.is_empty();
+            let chunks: Vec<_> = copied.iter().map(|&i| manifest.chunks[i]).collect();
+            let ok = crate::chunk::verify_chunks(&file, &chunks).map_err(io(&temp))?;
+            let stale = ok.iter().filter(|v| !**v).count();
+            if stale > 0 {
+                tracing::warn!(path = %target.display(), stale, "chunks of the old version no longer match its index; they are fetched instead");
+            }
+            for (&i, good) in copied.iter().zip(ok) {
+                if good {
+                    have[i] = true;
+                    reused += u64::from(manifest.chunks[i].len);
+                }
+            }
         }
         let missing = have.iter().filter(|h| !**h).count();
         Ok(Assembly {
@@ -197,7 +186,6 @@ impl Assembly {
             missing: AtomicUsize::new(missing),
             same,
             reused_bytes: reused,
-            unverified,
             finished: Default::default(),
         })
     }
@@ -264,16 +252,11 @@ impl Assembly {
     /// Make the new version durable and visible. `mode` sets permissions
     /// (default: keep the old file's, else 0644).
     pub fn finish(&self, mode: Option<u32>) -> Result<PathBuf, AssembleError> {
-        self.file.sync_all().map_err(io(&self.temp))?;
-        let got = crate::chunk::hash_open_file(&self.file).map_err(io(&self.temp))?;
-        if got != self.manifest.file_hash {
-            if self.unverified {
-                tracing::warn!(path = %self.target.display(), "chunks reused from the old version did not add up to the file hash; the next attempt verifies them one by one");
-            } else {
-                let _ = std::fs::remove_file(&self.temp);
-            }
-            return Err(AssembleError::FileHashMismatch { path: self.target.clone(), got, expected: self.manifest.file_hash });
+        let missing = self.missing.load(Ordering::SeqCst);
+        if missing > 0 {
+            return Err(AssembleError::Incomplete { path: self.target.clone(), missing });
         }
+        self.file.sync_all().map_err(io(&self.temp))?;
         let mode = mode.or_else(|| std::fs::metadata(&self.target).ok().map(|m| m.permissions().mode() & 0o7777)).unwrap_or(0o644);
         self.file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io(&self.temp))?;
         if let Ok(meta) = self.file.metadata() {
@@ -325,7 +308,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_base_fails_the_whole_file_check_once_and_the_retry_repairs_it() {
+    fn a_base_that_changed_behind_the_index_is_caught_and_its_chunk_fetched() {
         let dir = TestDir::new("stale");
         let target = dir.path().join("f");
         let old = random_bytes(300_000, 2);
@@ -338,14 +321,12 @@ mod tests {
         new[200_000..200_100].fill(7);
         let m = chunk_slice(&new, &SMALL).unwrap();
 
-        let first = Assembly::prepare(&target, m.clone(), Some(&base)).unwrap();
-        complete(&first, &new);
-        assert!(matches!(first.finish(None), Err(AssembleError::FileHashMismatch { .. })));
+        let asm = Assembly::prepare(&target, m.clone(), Some(&base)).unwrap();
+        assert!(asm.needed().contains(&0), "the changed first chunk must be asked for: {:?}", asm.needed());
+        assert!(matches!(asm.finish(None), Err(AssembleError::Incomplete { .. })));
         assert_eq!(std::fs::read(&target).unwrap(), behind, "nothing replaced the target");
-
-        let retry = Assembly::prepare(&target, m, Some(&base)).unwrap();
-        assert!(complete(&retry, &new) >= 1, "the bad chunk must be asked for again");
-        retry.finish(None).unwrap();
+        assert!(complete(&asm, &new) <= 6);
+        asm.finish(None).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), new);
     }
 }

@@ -476,8 +476,11 @@ impl Session {
                     if target.is_file() { crate::index::manifest_for(&node.db, &target, &node.config.storage.chunk).ok() } else { None };
                 check_base(&share_path, base, current.map(|c| c.file_hash), target.exists())?;
             }
-            let path = assembly.finish(None).map_err(|e| err(ErrorCode::HashMismatch, e.to_string()))?;
-            // Checked whole against its hash: the next look at the file
+            let path = assembly.finish(None).map_err(|e| {
+                tracing::error!(path = %target.display(), "assembly failed: {e}");
+                err(ErrorCode::Internal, e.to_string())
+            })?;
+            // Every chunk checked against its hash: the next look at the file
             // (a DESCRIBE, the base of the next push) need not cut it again.
             let mut stamp = None;
             if let Some(meta) = assembly.finished_meta() {
