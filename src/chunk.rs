@@ -517,6 +517,13 @@ pub fn chunk_open_file(file: &std::fs::File, params: &ChunkParams) -> io::Result
     let bad = |e| io::Error::new(io::ErrorKind::InvalidInput, e);
     let cutter = Cutter::new(params).map_err(bad)?;
     let size = file.metadata()?.len();
+    if size < 2 * u64::from(params.max) {
+        // Small (most files a `tar x` makes): read it whole rather than
+        // into a zeroed buffer of `buffer_len` (4 MiB by default).
+        let mut data = Vec::with_capacity(size as usize + 1);
+        PositionalReader { file, at: 0 }.read_to_end(&mut data)?;
+        return chunk_slice(&data, params).map_err(bad);
+    }
     if size < PARALLEL_MIN {
         return chunk_reader(PositionalReader { file, at: 0 }, params);
     }
@@ -1003,7 +1010,8 @@ mod tests {
     fn two_threads_cut_and_hash_like_one() {
         let dir = TestDir::new("chunk-par");
         let params = ChunkParams::default();
-        for (i, len) in [(PARALLEL_MIN as usize), 40 << 20, (33 << 20) + 12345].into_iter().enumerate() {
+        // Read whole, read through the buffer, cut on two threads.
+        for (i, len) in [0, 1000, (3 << 19) + 7, 5 << 20, (PARALLEL_MIN as usize), 40 << 20, (33 << 20) + 12345].into_iter().enumerate() {
             let data = random_bytes(len, 30 + i as u64);
             let path = dir.file(&format!("f{i}"), &data);
             let file = std::fs::File::open(&path).unwrap();

@@ -16,6 +16,7 @@ pub async fn run(
     ready: Option<tokio::sync::oneshot::Sender<Arc<Mounts>>>,
 ) -> anyhow::Result<()> {
     let listener = crate::api::bind(&node.home)?;
+    node.receipts.in_background();
     let mounts = Arc::new(Mounts::new(node.clone())?);
     let api = tokio::spawn(crate::api::serve(listener, mounts.clone()));
     let (listening_tx, listening_rx) = tokio::sync::oneshot::channel();
@@ -30,6 +31,7 @@ pub async fn run(
     let served = node::run(node.clone(), shutdown, Some(listening_tx)).await;
     mounts.unmount_all().await;
     mounts.writeback.close().await;
+    node.receipts.drain();
     api.abort();
     let _ = std::fs::remove_file(crate::api::socket_path(&node.home));
     tracing::info!("stopped");

@@ -44,6 +44,8 @@ pub struct Node {
     pub(crate) watchers: crate::watch::Watchers,
     /// The leases this node grants on its shares (it is their lock authority).
     pub leases: crate::lease::Leases,
+    /// Where receipts are written (in the background in the daemon).
+    pub receipts: crate::receipt::Receipts,
 }
 
 impl Node {
@@ -70,6 +72,7 @@ impl Node {
             busy_generation: Default::default(),
             watchers: Default::default(),
             leases,
+            receipts: Default::default(),
         }))
     }
 

@@ -196,8 +196,16 @@ impl Receipt {
     }
 
     /// Write to `<home>/receipts/YYYY/MM/DD/<transfer_id>.json` (date of
-    /// complete_time), created exclusively and fsynced. Returns the path.
+    /// complete_time), created exclusively. Returns the path.
     pub fn store(&self, home: &Path) -> Result<PathBuf, ReceiptError> {
+        let path = self.place(home)?;
+        self.write_at(&path)?;
+        Ok(path)
+    }
+
+    /// Where [`Receipt::store`] puts this receipt (checking that it names
+    /// a sound time and id); writes nothing.
+    pub fn place(&self, home: &Path) -> Result<PathBuf, ReceiptError> {
         let time = Timestamp::parse_rfc3339(&self.transfer.complete_time)
             .ok_or_else(|| self.malformed(format!("complete_time {:?} is not an RFC 3339 time", self.transfer.complete_time)))?;
         // The id becomes a file name: it must not climb out of the folder.
@@ -207,8 +215,14 @@ impl Receipt {
         let year = receipts.join(format!("{y:04}"));
         let month = year.join(format!("{m:02}"));
         let day = month.join(format!("{d:02}"));
-        fs::create_dir_all(&day).map_err(io_error(&day))?;
-        let path = day.join(format!("{id}.json"));
+        Ok(day.join(format!("{id}.json")))
+    }
+
+    fn write_at(&self, path: &Path) -> Result<(), ReceiptError> {
+        let path = path.to_path_buf();
+        if let Some(day) = path.parent() {
+            fs::create_dir_all(day).map_err(io_error(day))?;
+        }
 
         let mut json = serde_json::to_vec_pretty(self).map_err(|e| self.malformed(format!("cannot serialize: {e}")))?;
         json.push(b'\n');
@@ -221,7 +235,7 @@ impl Receipt {
         // receipt (the partner keeps its own copy), as it can the history
         // row; waiting for the disk here cost two fsyncs a file (tar x).
         file.write_all(&json).map_err(io_error(&path))?;
-        Ok(path)
+        Ok(())
     }
 
     pub fn load(path: &Path) -> Result<Receipt, ReceiptError> {
@@ -249,6 +263,78 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ReceiptError + '_ {
 /// Base64 (standard, padded) of exactly N bytes.
 fn decode_fixed<const N: usize>(text: &str) -> Option<[u8; N]> {
     BASE64.decode(text).ok()?.try_into().ok()
+}
+
+/// Where a node stores receipts: at once (a command that exits when the
+/// transfer ends), or, in the daemon, on a thread of its own, off the
+/// transfer's path. Creating a file can cost a millisecond on some
+/// filesystems, and a `tar x` into a mount made two a file, one on each
+/// side, while the application waited. [`Receipts::drain`] (the daemon's
+/// shutdown) waits for what is queued.
+#[derive(Default)]
+pub struct Receipts {
+    writer: std::sync::Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+}
+
+enum Job {
+    Write(Box<Receipt>, PathBuf),
+    Drained(std::sync::mpsc::Sender<()>),
+}
+
+impl Receipts {
+    /// From now on, write on a background thread.
+    pub fn in_background(&self) {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if writer.is_some() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new().name("receipts".into()).spawn(move || {
+            for job in rx {
+                match job {
+                    Job::Write(receipt, path) => {
+                        if let Err(e) = receipt.write_at(&path) {
+                            tracing::error!("storing receipt {}: {e}", path.display());
+                        }
+                    }
+                    Job::Drained(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        match spawned {
+            Ok(_) => *writer = Some(tx),
+            Err(e) => tracing::warn!("receipts are written inline: no thread for them: {e}"),
+        }
+    }
+
+    /// Store `receipt` under `home`; returns its path. In the background
+    /// the file appears a moment later.
+    pub fn store(&self, receipt: Receipt, home: &Path) -> Result<PathBuf, ReceiptError> {
+        let path = receipt.place(home)?;
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match writer {
+            Some(tx) => {
+                if let Err(std::sync::mpsc::SendError(Job::Write(receipt, path))) = tx.send(Job::Write(Box::new(receipt), path.clone())) {
+                    receipt.write_at(&path)?;
+                }
+            }
+            None => receipt.write_at(&path)?,
+        }
+        Ok(path)
+    }
+
+    /// Wait until every queued receipt is written.
+    pub fn drain(&self) {
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(tx) = writer {
+            let (done, wait) = std::sync::mpsc::channel();
+            if tx.send(Job::Drained(done)).is_ok() {
+                let _ = wait.recv();
+            }
+        }
+    }
 }
 
 #[cfg(test)]

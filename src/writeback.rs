@@ -67,6 +67,12 @@ pub enum Outcome {
     Failed { code: &'static str, message: String },
 }
 
+/// Names of the spare staging files (see `Writeback::spare`): made again
+/// in batches of `SPARE_BATCH` when fewer than `SPARE_LOW` are left.
+const SPARE_PREFIX: &str = "spare-";
+const SPARE_LOW: usize = 8;
+const SPARE_BATCH: usize = 32;
+
 pub struct Writeback {
     node: Arc<Node>,
     dir: PathBuf,
@@ -76,6 +82,12 @@ pub struct Writeback {
     /// Entries being pushed now (never twice at once).
     busy: Mutex<std::collections::HashSet<i64>>,
     next_data: std::sync::atomic::AtomicU64,
+    /// Empty files made ahead of need for new stagings, by a thread of
+    /// their own: creating a file can cost a millisecond on some
+    /// filesystems (ext4 without a journal here), and `tar x` into a mount
+    /// needs one per file while it waits.
+    spare: Arc<Mutex<Vec<PathBuf>>>,
+    refilling: Arc<std::sync::atomic::AtomicBool>,
     /// Complete local copies of versions this node pushed, newest last, so
     /// that editing one again needs neither a download nor a full re-cut.
     kept: Mutex<std::collections::VecDeque<Kept>>,
@@ -134,7 +146,8 @@ impl Writeback {
         std::fs::create_dir_all(&dir).map_err(|source| WritebackError::Io { path: dir.clone(), source })?;
         // Kept copies of an earlier run: nothing records what they hold.
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with("kept-") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("kept-") || name.starts_with(SPARE_PREFIX) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -171,6 +184,8 @@ impl Writeback {
             sessions: Default::default(),
             busy: Default::default(),
             next_data: std::sync::atomic::AtomicU64::new(0),
+            spare: Default::default(),
+            refilling: Default::default(),
             kept: Default::default(),
         }))
     }
@@ -214,8 +229,37 @@ impl Writeback {
 
     /// A fresh staging file path (not created).
     pub fn staging_path(&self) -> PathBuf {
+        use std::sync::atomic::Ordering;
+        let (spare, left) = {
+            let mut spare = lock(&self.spare);
+            (spare.pop(), spare.len())
+        };
+        if left < SPARE_LOW && !self.refilling.swap(true, Ordering::SeqCst) {
+            let (pool, refilling) = (self.spare.clone(), self.refilling.clone());
+            let names: Vec<PathBuf> = (0..SPARE_BATCH).map(|_| self.fresh_path(SPARE_PREFIX)).collect();
+            let made = std::thread::Builder::new().name("spare-files".into()).spawn(move || {
+                for name in names {
+                    match std::fs::OpenOptions::new().write(true).create_new(true).open(&name) {
+                        Ok(_) => lock(&pool).push(name),
+                        Err(e) => {
+                            tracing::debug!("no spare staging file: {e}");
+                            break;
+                        }
+                    }
+                }
+                refilling.store(false, Ordering::SeqCst);
+            });
+            if made.is_err() {
+                self.refilling.store(false, Ordering::SeqCst);
+            }
+        }
+        spare.unwrap_or_else(|| self.fresh_path(""))
+    }
+
+    /// A name in the write-back folder that nothing uses yet.
+    pub fn fresh_path(&self, prefix: &str) -> PathBuf {
         let n = self.next_data.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.dir.join(format!("{}-{}-{n}.data", std::process::id(), Timestamp::now().0))
+        self.dir.join(format!("{prefix}{}-{}-{n}.data", std::process::id(), Timestamp::now().0))
     }
 
     /// Commit a staged file (already fsynced by the caller) as a change to

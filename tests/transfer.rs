@@ -34,6 +34,8 @@ fn push_and_pull_64_mib_arrive_intact_with_receipts_on_both_sides() {
         let out = p.a.ok(&["receipt", "verify", receipt]);
         assert!(out.contains("valid signature"), "{out}");
     }
+    // The daemon writes its receipts on a thread of its own, a moment later.
+    wait_until(Duration::from_secs(5), || walk(&p.b.home.join("receipts")).len() >= 2);
     let b_receipts = walk(&p.b.home.join("receipts"));
     assert_eq!(b_receipts.len(), 2, "bob keeps a receipt of the push and of the pull: {b_receipts:?}");
     // History on both sides, across processes.

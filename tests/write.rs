@@ -155,6 +155,7 @@ fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends
     assert!(sent < 4 * MIB as u64, "a 100-byte insert sent {sent} bytes");
     assert_eq!(hash_file(&w.server("big.bin")), hash_file(&a.at("big.bin")));
     // A receipt for every write-back.
+    wait_until(Duration::from_secs(5), || walk(&a.node.home.join("receipts")).len() >= 2);
     let receipts = walk(&a.node.home.join("receipts"));
     assert!(receipts.len() >= 2, "receipts: {receipts:?}");
 }

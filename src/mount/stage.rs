@@ -124,8 +124,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Staged {
     /// A staging file for a version of `size` bytes whose content is
     /// `base` (nothing local yet), or for a new empty file (`base` None).
+    /// `data` is a fresh name or a spare file of the write-back folder's.
     pub fn create(data: PathBuf, base: Option<Arc<Manifest>>, expect: Base, mtime_ns: i64) -> std::io::Result<Staged> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&data)?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&data)?;
         let size = base.as_ref().map_or(0, |m| m.size);
         file.set_len(size)?;
         let state = StageState {

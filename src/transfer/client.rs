@@ -331,7 +331,7 @@ impl Session {
         let receipt = facts
             .check(&completion, &self.peer_cert)
             .ok_or_else(|| TransferError::BadReceipt { partner: self.partner_id().to_string() })?;
-        let receipt_path = receipt.store(&self.node.home)?;
+        let receipt_path = self.node.receipts.store(receipt, &self.node.home)?;
         let report = Report {
             transfer_id: transfer_id.to_string(),
             direction: "push".into(),
@@ -460,7 +460,7 @@ impl Session {
             retransmissions: window.retransmissions,
         };
         let (receipt, completion) = facts.sign(&self.node.identity);
-        let receipt_path = receipt.store(&self.node.home)?;
+        let receipt_path = self.node.receipts.store(receipt, &self.node.home)?;
         match self.request(&Request::TransferComplete(completion)).await? {
             Response::ReceiptOk { .. } => {}
             other => tracing::warn!(partner = %self.partner.id, "partner did not store our receipt: {:?}", other),

@@ -518,7 +518,7 @@ impl Session {
             retransmissions: incoming.nacks.load(Ordering::SeqCst),
         };
         let (receipt, completion) = facts.sign(&self.node.identity);
-        let stored = receipt.store(&self.node.home);
+        let stored = self.node.receipts.store(receipt, &self.node.home);
         if let Err(e) = &stored {
             tracing::error!("storing receipt of {transfer_id}: {e}");
         }
@@ -663,7 +663,7 @@ impl Session {
             tracing::warn!(target: "audit", partner = %self.partner, transfer_id = %c.transfer_id, "pull receipt signature does not verify");
             return err(ErrorCode::AuthFailed, "receipt signature does not verify with your certificate");
         };
-        let stored = receipt.store(&self.node.home);
+        let stored = self.node.receipts.store(receipt, &self.node.home);
         if let Err(e) = &stored {
             tracing::error!("storing receipt of {}: {e}", c.transfer_id);
         }

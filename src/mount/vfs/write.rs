@@ -483,7 +483,7 @@ impl Vfs {
     /// under this inode after the push). On failure the change is marked
     /// dirty again.
     async fn enqueue(&self, staged: &Arc<Staged>, share: &Name, path: &SharePath, expect: Base, fence: Option<u64>) -> Result<i64, Errno> {
-        let queued = self.writeback.staging_path();
+        let queued = self.writeback.fresh_path("");
         let (st, q) = (staged.clone(), queued.clone());
         let linked = tokio::task::spawn_blocking(move || {
             st.file.sync_all()?;
