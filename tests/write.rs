@@ -620,3 +620,28 @@ fn close_waits_for_the_push_even_when_a_forked_child_flushed_the_descriptor_firs
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     forker.join().unwrap();
 }
+
+#[test]
+fn mode_and_times_set_on_an_open_descriptor_reach_the_serving_node_with_the_content() {
+    // What tar does for each file: write, then fchmod and futimens on the
+    // open descriptor, then close. The mount keeps the attributes for the
+    // push the close makes (one push, one SETATTR).
+    let w = World::new("attrs", &["alice"], "", |_| {});
+    let a = w.c(0);
+    let when = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    let mut f = std::fs::File::create(a.at("t.sh")).unwrap();
+    f.write_all(b"#!/bin/sh\necho hi\n").unwrap();
+    f.set_permissions(std::fs::Permissions::from_mode(0o750)).unwrap();
+    f.set_times(std::fs::FileTimes::new().set_modified(when)).unwrap();
+    // Seen through the mount at once, before the close.
+    let meta = f.metadata().unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o750);
+    assert_eq!(meta.modified().unwrap(), when);
+    drop(f);
+    let server = std::fs::metadata(w.server("t.sh")).unwrap();
+    assert_eq!(std::fs::read(w.server("t.sh")).unwrap(), b"#!/bin/sh\necho hi\n");
+    assert_eq!(server.permissions().mode() & 0o777, 0o750, "mode on the serving node");
+    assert_eq!(server.modified().unwrap(), when, "mtime on the serving node");
+    let pushes = a.node.json(&["history", "--limit", "50"]).as_array().unwrap().iter().filter(|r| r["path"] == "t.sh").count();
+    assert_eq!(pushes, 1, "one push for the file");
+}

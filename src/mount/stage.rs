@@ -106,6 +106,10 @@ pub struct StageState {
     pub recut_base: Option<Arc<Manifest>>,
     /// Bytes written (or grown) since `recut_base`.
     pub written: Ranges,
+    /// A chmod and a utimens made while the file was open with unpushed
+    /// changes: sent (one SETATTR) right after the push that carries them,
+    /// instead of forcing a push of half-written content first.
+    pub attrs_due: Option<(Option<u32>, Option<i64>)>,
 }
 
 pub struct Staged {
@@ -139,6 +143,7 @@ impl Staged {
             handles: 0,
             mtime_ns,
             written: Ranges::default(),
+            attrs_due: None,
         };
         Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()) })
     }
@@ -162,6 +167,7 @@ impl Staged {
             mtime_ns,
             recut_base: Some(manifest),
             written: Ranges::default(),
+            attrs_due: None,
         };
         Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()) })
     }

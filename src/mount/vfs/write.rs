@@ -427,54 +427,86 @@ impl Vfs {
                 o => o,
             }
         };
-        let mut st = staged.state();
-        match outcome {
-            Outcome::Pushed(report) => {
-                if let Ok(h) = report.file_hash.parse() {
-                    st.expect = Base::Version(h);
+        let pushed = matches!(outcome, Outcome::Pushed(_));
+        let result = {
+            let mut st = staged.state();
+            match outcome {
+                Outcome::Pushed(report) => {
+                    if let Ok(h) = report.file_hash.parse() {
+                        st.expect = Base::Version(h);
+                    }
+                    drop(st);
+                    staged.pushed(manifest.clone());
+                    // The partner's version is now the one we pushed: its
+                    // manifest is known, and the next open needs no DESCRIBE.
+                    let known = (report.file_hash == manifest.file_hash.to_string()).then_some(manifest);
+                    let mut inodes = lock(&self.inodes);
+                    let mut parent = None;
+                    if let Some(n) = inodes.by_ino.get_mut(&ino) {
+                        n.local_only = false;
+                        n.size = report.bytes_total;
+                        n.manifest = known;
+                        n.cached_version = None;
+                        parent = Some(n.parent);
+                    }
+                    if let Some(p) = parent {
+                        Self::touched(&mut inodes, p);
+                    }
+                    Ok(())
                 }
-                drop(st);
-                staged.pushed(manifest.clone());
-                // The partner's version is now the one we pushed: its
-                // manifest is known, and the next open needs no DESCRIBE.
-                let known = (report.file_hash == manifest.file_hash.to_string()).then_some(manifest);
-                let mut inodes = lock(&self.inodes);
-                let mut parent = None;
-                if let Some(n) = inodes.by_ino.get_mut(&ino) {
-                    n.local_only = false;
-                    n.size = report.bytes_total;
-                    n.manifest = known;
-                    n.cached_version = None;
-                    parent = Some(n.parent);
+                Outcome::Conflict { copy, .. } => {
+                    tracing::warn!(partner = %self.remote.partner(), %share, %path, %copy, "the partner's version changed meanwhile: this change was saved as {copy}");
+                    // This file now shows the partner's version again.
+                    st.expect = Base::Any;
+                    drop(st);
+                    if let Some(n) = lock(&self.inodes).by_ino.get_mut(&ino) {
+                        n.manifest = None;
+                        n.attr_at = None;
+                    }
+                    Ok(())
                 }
-                if let Some(p) = parent {
-                    Self::touched(&mut inodes, p);
+                Outcome::Queued(why) => {
+                    // Durable in the queue; it goes back when the partner is
+                    // reachable. Later pushes of this file follow it in order.
+                    st.expect = Base::Any;
+                    tracing::info!(partner = %self.remote.partner(), %share, %path, "write-back queued: {why}");
+                    Ok(())
                 }
-                Ok(())
-            }
-            Outcome::Conflict { copy, .. } => {
-                tracing::warn!(partner = %self.remote.partner(), %share, %path, %copy, "the partner's version changed meanwhile: this change was saved as {copy}");
-                // This file now shows the partner's version again.
-                st.expect = Base::Any;
-                drop(st);
-                if let Some(n) = lock(&self.inodes).by_ino.get_mut(&ino) {
-                    n.manifest = None;
-                    n.attr_at = None;
+                Outcome::Failed { code, message } => {
+                    tracing::error!(partner = %self.remote.partner(), %share, %path, code, "write-back refused: {message}");
+                    Err(Errno::from_remote(&RemoteError::Refused { partner: String::new(), code, message }))
                 }
-                Ok(())
             }
-            Outcome::Queued(why) => {
-                // Durable in the queue; it goes back when the partner is
-                // reachable. Later pushes of this file follow it in order.
-                st.expect = Base::Any;
-                tracing::info!(partner = %self.remote.partner(), %share, %path, "write-back queued: {why}");
-                Ok(())
-            }
-            Outcome::Failed { code, message } => {
-                tracing::error!(partner = %self.remote.partner(), %share, %path, code, "write-back refused: {message}");
-                Err(Errno::from_remote(&RemoteError::Refused { partner: String::new(), code, message }))
-            }
+        };
+        result?;
+        if pushed {
+            self.send_due_attrs(ino, &staged, &share, &path).await?;
         }
+        Ok(())
+    }
+
+    /// The chmod and utimens kept for after the push (see
+    /// [`StageState::attrs_due`]), in one SETATTR.
+    async fn send_due_attrs(&self, ino: Ino, staged: &Arc<Staged>, share: &Name, path: &SharePath) -> Result<(), Errno> {
+        let Some((mode, mtime_ns)) = staged.state().attrs_due.take() else { return Ok(()) };
+        let sent = self.remote.call_stat(Request::SetAttr { share: share.clone(), path: path.clone(), mode, mtime_ns }).await;
+        let entry = match sent {
+            Ok(e) => e,
+            Err(e) => {
+                // Kept for the next push of the file.
+                staged.state().attrs_due = Some((mode, mtime_ns));
+                return Err(self.remote_errno("setattr", path, e));
+            }
+        };
+        if let Some(n) = lock(&self.inodes).by_ino.get_mut(&ino) {
+            n.mode = entry.mode;
+            n.mtime_ns = entry.mtime_ns;
+            n.attr_at = Some(Instant::now());
+        }
+        if let Some(t) = mtime_ns {
+            staged.state().mtime_ns = t;
+        }
+        Ok(())
     }
 
     /// Every close: push what this handle's file has staged.
@@ -809,6 +841,29 @@ impl Vfs {
             }
         }
         if mode.is_some() || mtime_ns.is_some() {
+            // Open for write with changes not pushed yet (tar sets times and
+            // mode on the open descriptor before it closes it): keep them
+            // for the push that close or fsync makes, rather than push the
+            // content now and again at close.
+            let open_dirty = lock(&self.inodes)
+                .by_ino
+                .get(&ino)
+                .and_then(|n| n.staged.clone())
+                .filter(|s| s.state().dirty && s.state().handles > 0 && size.is_none());
+            if let Some(staged) = open_dirty {
+                {
+                    let mut st = staged.state();
+                    let (due_mode, due_mtime) = st.attrs_due.unwrap_or_default();
+                    st.attrs_due = Some((mode.or(due_mode), mtime_ns.or(due_mtime)));
+                    if let Some(t) = mtime_ns {
+                        st.mtime_ns = t;
+                    }
+                }
+                if let (Some(m), Some(n)) = (mode, lock(&self.inodes).by_ino.get_mut(&ino)) {
+                    n.mode = m & 0o7777;
+                }
+                return self.cached_attr(ino);
+            }
             self.settle(ino).await?;
             let entry = self
                 .remote
