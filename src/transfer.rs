@@ -92,6 +92,23 @@ fn unreachable_name() -> Name {
     Name::new("t-0").unwrap_or_else(|_| std::process::abort())
 }
 
+/// Page-cache work on at most this many bytes runs inline: handing it to
+/// the blocking pool costs two thread wake-ups, more than the work.
+const INLINE_IO: u64 = 64 * 1024;
+
+/// Run blocking file work that touches `bytes` bytes (reads and writes of
+/// the page cache, no fsync): inline when small, else on the blocking pool.
+pub(crate) async fn blocking_io<T: Send + 'static>(
+    bytes: u64,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    if bytes <= INLINE_IO {
+        Ok(f())
+    } else {
+        tokio::task::spawn_blocking(f).await
+    }
+}
+
 pub fn manifest_to_lines(m: &Manifest) -> Vec<ChunkLine> {
     m.chunks.iter().enumerate().map(|(i, c)| ChunkLine { index: i as u32, offset: c.offset, size: c.len, hash: c.hash }).collect()
 }

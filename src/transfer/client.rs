@@ -260,7 +260,7 @@ impl Session {
                 let source = source.clone();
                 let header = DataHeader::Put { transfer_id: transfer_id.clone(), index, size: chunk.len, hash: chunk.hash };
                 senders.spawn(async move {
-                    let mut data = tokio::task::spawn_blocking(move || {
+                    let mut data = crate::transfer::blocking_io(u64::from(chunk.len), move || {
                         let mut buf = vec![0u8; chunk.len as usize];
                         source.read_exact_at(&mut buf, chunk.offset).map(|_| buf)
                     })
@@ -498,7 +498,7 @@ async fn receive_chunks(
         tokio::spawn(async move {
             match read_chunk_stream(stream, &assembly, &transfer_id).await {
                 Ok((index, n, data)) => {
-                    let outcome = tokio::task::spawn_blocking(move || assembly.write_chunk(index, &data)).await;
+                    let outcome = crate::transfer::blocking_io(data.len() as u64, move || assembly.write_chunk(index, &data)).await;
                     let outcome = match outcome {
                         Ok(Ok(w)) => Ok(w),
                         Ok(Err(AssembleError::HashMismatch { .. })) => Err("HASH_MISMATCH".to_string()),

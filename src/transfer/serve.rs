@@ -885,7 +885,7 @@ impl Session {
         incoming.bytes.fetch_add(size as u64, Ordering::SeqCst);
         incoming.chunks.fetch_add(1, Ordering::SeqCst);
         let a = assembly.clone();
-        let written = tokio::task::spawn_blocking(move || a.write_chunk(index, &data)).await;
+        let written = crate::transfer::blocking_io(size as u64, move || a.write_chunk(index, &data)).await;
         drop(assembly);
         let status = match written {
             Ok(Ok(Written::Complete)) => {

@@ -401,8 +401,10 @@ impl Vfs {
         let queue_first = durable || self.writeback.pending(&partner, &share, &path);
         let st = staged.clone();
         let params = self.writeback.chunk_params();
-        let manifest =
-            tokio::task::spawn_blocking(move || st.manifest(&params).map(Arc::new)).await.map_err(|_| Errno::EIO)?.map_err(io_errno)?;
+        let manifest = crate::transfer::blocking_io(size, move || st.manifest(&params).map(Arc::new))
+            .await
+            .map_err(|_| Errno::EIO)?
+            .map_err(io_errno)?;
         {
             let mut st = staged.state();
             st.dirty = false;
