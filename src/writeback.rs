@@ -227,7 +227,9 @@ impl Writeback {
         WritebackError::Db { path: self.dir.join("queue.db"), source }
     }
 
-    /// A fresh staging file path (not created).
+    /// A path for a new staging file: an empty spare file when one is ready
+    /// (see `spare`), else a fresh name (not created). Starts making spares
+    /// again when few are left.
     pub fn staging_path(&self) -> PathBuf {
         use std::sync::atomic::Ordering;
         let (spare, left) = {

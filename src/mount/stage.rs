@@ -109,7 +109,8 @@ pub struct StageState {
     /// A chmod and a utimens made while the file was open with unpushed
     /// changes: sent (one SETATTR) right after the push that carries them,
     /// instead of forcing a push of half-written content first.
-    pub attrs_due: Option<(Option<u32>, Option<i64>)>,
+    pub due_mode: Option<u32>,
+    pub due_mtime_ns: Option<i64>,
 }
 
 pub struct Staged {
@@ -143,7 +144,8 @@ impl Staged {
             handles: 0,
             mtime_ns,
             written: Ranges::default(),
-            attrs_due: None,
+            due_mode: None,
+            due_mtime_ns: None,
         };
         Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()) })
     }
@@ -167,7 +169,8 @@ impl Staged {
             mtime_ns,
             recut_base: Some(manifest),
             written: Ranges::default(),
-            attrs_due: None,
+            due_mode: None,
+            due_mtime_ns: None,
         };
         Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()) })
     }

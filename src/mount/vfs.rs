@@ -771,8 +771,8 @@ impl Vfs {
             // made a 10,000-file `tar x` quadratic. A directory, or the
             // root, still takes the scan for what lies under it.
             let known = inodes.by_key.get(&(key.clone(), path.clone())).copied();
-            let file_like = !path.is_root() && known.and_then(|i| inodes.by_ino.get(&i)).is_none_or(|n| n.kind != Kind::Dir);
-            let candidates: Vec<Ino> = if file_like {
+            let is_dir = known.and_then(|i| inodes.by_ino.get(&i)).is_some_and(|n| n.kind == Kind::Dir);
+            let candidates: Vec<Ino> = if !path.is_root() && !is_dir {
                 let parent = path.parent().unwrap_or_else(SharePath::root);
                 let mut c: Vec<Ino> = known.into_iter().chain(inodes.by_key.get(&(key.clone(), parent)).copied()).collect();
                 if inodes.by_ino.get(&ROOT_INO).is_some_and(|r| r.share.is_none()) {
@@ -784,8 +784,7 @@ impl Vfs {
             };
             for ino in candidates {
                 let Some(n) = inodes.by_ino.get_mut(&ino) else { continue };
-                let ino = &ino;
-                let same_share = n.share.as_ref() == Some(share) || (n.share.is_none() && *ino == ROOT_INO);
+                let same_share = n.share.as_ref() == Some(share) || (n.share.is_none() && ino == ROOT_INO);
                 if !same_share {
                     continue;
                 }
@@ -795,15 +794,13 @@ impl Vfs {
                     n.attr_at = None;
                     n.children = None;
                     n.manifest = None;
-                    drops.push(Inval::Inode(*ino));
+                    drops.push(Inval::Inode(ino));
                 }
             }
             // A directory's entry stays: invalidating it would unhash the
             // dentry, and a process whose working directory it is would
             // get ENOENT from getcwd (git does). Its attributes and listing
             // are dropped above; were it removed, the next lookup says so.
-            let is_dir =
-                inodes.by_key.get(&(key.clone(), path.clone())).and_then(|i| inodes.by_ino.get(i)).is_some_and(|n| n.kind == Kind::Dir);
             if let (Some(name), false) = (path.file_name(), is_dir) {
                 let parent = path.parent().unwrap_or_else(SharePath::root);
                 if let Some(&p) = inodes.by_key.get(&(key.clone(), parent)) {

@@ -488,25 +488,48 @@ impl Vfs {
     }
 
     /// The chmod and utimens kept for after the push (see
-    /// [`StageState::attrs_due`]), in one SETATTR.
+    /// [`StageState::due_mode`]), in one SETATTR.
     async fn send_due_attrs(&self, ino: Ino, staged: &Arc<Staged>, share: &Name, path: &SharePath) -> Result<(), Errno> {
-        let Some((mode, mtime_ns)) = staged.state().attrs_due.take() else { return Ok(()) };
-        let sent = self.remote.call_stat(Request::SetAttr { share: share.clone(), path: path.clone(), mode, mtime_ns }).await;
-        let entry = match sent {
-            Ok(e) => e,
-            Err(e) => {
-                // Kept for the next push of the file.
-                staged.state().attrs_due = Some((mode, mtime_ns));
-                return Err(self.remote_errno("setattr", path, e));
-            }
+        let (mode, mtime_ns) = {
+            let mut st = staged.state();
+            (st.due_mode.take(), st.due_mtime_ns.take())
         };
-        if let Some(n) = lock(&self.inodes).by_ino.get_mut(&ino) {
+        if mode.is_none() && mtime_ns.is_none() {
+            return Ok(());
+        }
+        self.set_attr_remote(ino, share.clone(), path, mode, mtime_ns).await.inspect_err(|_| {
+            // Kept for the next push of the file.
+            let mut st = staged.state();
+            st.due_mode = st.due_mode.or(mode);
+            st.due_mtime_ns = st.due_mtime_ns.or(mtime_ns);
+        })
+    }
+
+    /// SETATTR on the partner, and the inode takes what it answers.
+    async fn set_attr_remote(
+        &self,
+        ino: Ino,
+        share: Name,
+        path: &SharePath,
+        mode: Option<u32>,
+        mtime_ns: Option<i64>,
+    ) -> Result<(), Errno> {
+        let entry = self
+            .remote
+            .call_stat(Request::SetAttr { share, path: path.clone(), mode, mtime_ns })
+            .await
+            .map_err(|e| self.remote_errno("setattr", path, e))?;
+        let mut inodes = lock(&self.inodes);
+        if let Some(n) = inodes.by_ino.get_mut(&ino) {
             n.mode = entry.mode;
             n.mtime_ns = entry.mtime_ns;
+            if n.staged.is_none() {
+                n.size = entry.size;
+            }
             n.attr_at = Some(Instant::now());
         }
-        if let Some(t) = mtime_ns {
-            staged.state().mtime_ns = t;
+        if let (Some(t), Some(st)) = (mtime_ns, inodes.by_ino.get(&ino).and_then(|n| n.staged.clone())) {
+            st.state().mtime_ns = t;
         }
         Ok(())
     }
@@ -847,43 +870,27 @@ impl Vfs {
             // mode on the open descriptor before it closes it): keep them
             // for the push that close or fsync makes, rather than push the
             // content now and again at close.
-            let open_dirty = lock(&self.inodes)
-                .by_ino
-                .get(&ino)
-                .and_then(|n| n.staged.clone())
-                .filter(|s| s.state().dirty && s.state().handles > 0 && size.is_none());
-            if let Some(staged) = open_dirty {
-                {
-                    let mut st = staged.state();
-                    let (due_mode, due_mtime) = st.attrs_due.unwrap_or_default();
-                    st.attrs_due = Some((mode.or(due_mode), mtime_ns.or(due_mtime)));
+            let staged = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()).filter(|_| size.is_none());
+            let deferred = staged.is_some_and(|s| {
+                let mut st = s.state();
+                let open_dirty = st.dirty && st.handles > 0;
+                if open_dirty {
+                    st.due_mode = mode.or(st.due_mode);
+                    st.due_mtime_ns = mtime_ns.or(st.due_mtime_ns);
                     if let Some(t) = mtime_ns {
                         st.mtime_ns = t;
                     }
                 }
+                open_dirty
+            });
+            if deferred {
                 if let (Some(m), Some(n)) = (mode, lock(&self.inodes).by_ino.get_mut(&ino)) {
                     n.mode = m & 0o7777;
                 }
                 return self.cached_attr(ino);
             }
             self.settle(ino).await?;
-            let entry = self
-                .remote
-                .call_stat(Request::SetAttr { share, path: path.clone(), mode, mtime_ns })
-                .await
-                .map_err(|e| self.remote_errno("setattr", &path, e))?;
-            let mut inodes = lock(&self.inodes);
-            if let Some(n) = inodes.by_ino.get_mut(&ino) {
-                n.mode = entry.mode;
-                n.mtime_ns = entry.mtime_ns;
-                if n.staged.is_none() {
-                    n.size = entry.size;
-                }
-                n.attr_at = Some(Instant::now());
-            }
-            if let (Some(t), Some(st)) = (mtime_ns, inodes.by_ino.get(&ino).and_then(|n| n.staged.clone())) {
-                st.state().mtime_ns = t;
-            }
+            self.set_attr_remote(ino, share, &path, mode, mtime_ns).await?;
         }
         self.cached_attr(ino)
     }
