@@ -236,6 +236,7 @@ impl Mounts {
             .map_err(|e| MountError::Fuse(mountpoint.clone(), e))?;
         vfs.set_invalidator(fuse::invalidator(session.notifier()));
         let watch = tokio::spawn(watch_loop(vfs.clone(), root)).abort_handle();
+        remote.warm_data();
         let renew = leases.start();
         let mounted =
             Arc::new(Mounted { spec: spec.clone(), mountpoint: mountpoint.clone(), vfs, session: Mutex::new(Some(session)), watch, renew });

@@ -1,35 +1,62 @@
 //! The chunk cache of a mount: content-addressed, verified, bounded.
 //!
 //! Layout under the cache directory:
-//! - `chunks/xx/<hex>`: one file per chunk, named by its BLAKE3 hash (`xx`
-//!   is the first byte, so no directory grows past a few thousand entries);
+//! - `packs/<id>.pack`: the chunks, appended one after another to pack
+//!   files of about [`PACK_BYTES`] each (a few at a time). A record starts on a 4 KiB
+//!   boundary: a [`HEADER`]-byte header (magic, length, last use, BLAKE3
+//!   hash), then the chunk's bytes, then zeros up to the next boundary.
+//!   Evicting a chunk punches its record out of the pack (the blocks go
+//!   back to the filesystem); a pack with nothing left in it is deleted.
+//!   One file per chunk, the layout before this one, made every fetched
+//!   chunk an inode allocation, which on some filesystems (ext4 without a
+//!   journal, after many deletions) cost more than the network did;
 //! - `index.db` (SQLite): the pins, `pins(key, hash)`: what must never be
 //!   evicted, by the key of what pinned it (a file of a mount).
 //!
 //! Invariants:
-//! - a chunk file holds exactly the bytes its name hashes to: `put` refuses
-//!   others, `get` checks again and deletes a file that no longer matches
-//!   (a torn write before a crash, a disk error), so it is fetched anew;
-//! - identical chunks of different files are one file;
-//! - `used_bytes <= limit` after every `put`, except by the bytes of pinned
-//!   chunks (which are never evicted) and of chunks held by open files when
-//!   those alone exceed the limit;
+//! - a chunk is served only if its bytes hash to its name: `put` refuses
+//!   others, `get` checks again what it reads from disk and drops a record
+//!   that no longer matches (a torn write before a crash, a disk error), so
+//!   it is fetched anew;
+//! - identical chunks of different files are one record;
+//! - `used_bytes` (the records' footprint on disk) `<= limit` after every
+//!   `put`, except by the bytes of pinned chunks (which are never evicted)
+//!   and of chunks held by open files when those alone exceed the limit;
 //! - eviction order: least recently used chunks that nothing holds first;
 //!   chunks of open files only when nothing else is left, oldest first
 //!   (the open file then fetches them again if it reads them again);
 //!   pinned chunks never.
 //!
-//! Recency survives a restart through the files' modification times, which
-//! `get` refreshes (at most once a minute per chunk).
+//! Recency survives a restart through each record's last-use time, which
+//! `get` refreshes in place (at most once a minute per chunk). The chunks
+//! stored last are also kept in memory ([`RECENT_BYTES`]), so a read that
+//! follows the fetch of its chunk neither reads it back nor hashes it again.
 
 use crate::hash::Hash;
 use rusqlite::Connection;
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fs;
-use std::io::Write;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A pack file is closed for appends once it reaches this size.
+pub const PACK_BYTES: u64 = 64 << 20;
+/// Bytes of a record's header.
+pub const HEADER: u64 = 64;
+/// Records start on multiples of this, so an evicted one frees whole blocks.
+const ALIGN: u64 = 4096;
+const MAGIC: &[u8; 4] = b"DFTC";
+const VERSION: u8 = 1;
+/// No chunk is larger (the protocol's bound is 16 MiB); a header claiming
+/// more is not a header.
+const MAX_LEN: u64 = 64 << 20;
+/// Packs appended to at once (see `put`).
+const APPEND_SLOTS: usize = 4;
+/// Chunks kept in memory after `put`.
+pub const RECENT_BYTES: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -53,12 +80,34 @@ pub struct CacheStats {
     pub evicted_bytes: u64,
 }
 
+/// Where a record is, and what it costs.
+#[derive(Clone, Copy)]
 struct Entry {
+    pack: u32,
+    /// The record's start in its pack (its header).
+    offset: u64,
+    /// The chunk's length.
     len: u64,
+    /// The record's footprint: header, chunk and padding.
+    size: u64,
     /// Recency: a counter, larger is more recent.
     used: u64,
-    /// Wall time of the file's last mtime refresh, unix seconds.
+    /// Wall time of the record's last recorded use, unix seconds.
     touched: u64,
+}
+
+/// A pack being appended to, and where its next record goes.
+#[derive(Clone, Copy)]
+struct Slot {
+    pack: u32,
+    end: u64,
+}
+
+struct Pack {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Records in it still indexed.
+    live: u64,
 }
 
 #[derive(Default)]
@@ -72,6 +121,14 @@ struct State {
     /// How many open handles hold each hash (cached or not yet): a chunk
     /// that arrives for an open file is held as soon as it lands.
     held: HashMap<Hash, u32>,
+    packs: HashMap<u32, Pack>,
+    /// The packs appended to (none until the first put into a slot), and
+    /// the id the next new pack takes.
+    slots: [Option<Slot>; APPEND_SLOTS],
+    next_id: u32,
+    /// The chunks put last, newest at the back, and their total bytes.
+    recent: VecDeque<(Hash, Arc<Vec<u8>>)>,
+    recent_bytes: u64,
     clock: u64,
     used_bytes: u64,
     limit: u64,
@@ -82,6 +139,7 @@ struct State {
 
 pub struct ChunkStore {
     dir: PathBuf,
+    packs_dir: PathBuf,
     db_path: PathBuf,
     db: Mutex<Connection>,
     state: Mutex<State>,
@@ -120,10 +178,114 @@ fn dec(counts: &mut HashMap<Hash, u32>, h: &Hash) {
     }
 }
 
+/// A record's footprint for a chunk of `len` bytes.
+fn footprint(len: u64) -> u64 {
+    (HEADER + len).div_ceil(ALIGN) * ALIGN
+}
+
+fn header(hash: &Hash, len: u64, used_secs: u64) -> [u8; HEADER as usize] {
+    let mut h = [0u8; HEADER as usize];
+    h[..4].copy_from_slice(MAGIC);
+    h[4] = VERSION;
+    h[8..16].copy_from_slice(&len.to_le_bytes());
+    h[16..24].copy_from_slice(&used_secs.to_le_bytes());
+    h[24..56].copy_from_slice(&hash.0);
+    h
+}
+
+/// The (hash, len, last use) a header records, if it is one.
+fn parse_header(h: &[u8; HEADER as usize]) -> Option<(Hash, u64, u64)> {
+    if &h[..4] != MAGIC || h[4] != VERSION {
+        return None;
+    }
+    let word = |at: usize| u64::from_le_bytes(h[at..at + 8].try_into().unwrap_or([0; 8]));
+    let len = word(8);
+    if len > MAX_LEN {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&h[24..56]);
+    Some((Hash(hash), len, word(16)))
+}
+
+/// Give the blocks of `[offset, offset + len)` back to the filesystem; where
+/// it cannot punch holes, zero the header so the record is not found again.
+fn punch(file: &File, offset: u64, len: u64) {
+    // SAFETY: fallocate on a descriptor we own, with plain integer
+    // arguments; it touches no memory of ours.
+    let rc = unsafe {
+        libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as libc::off_t, len as libc::off_t)
+    };
+    if rc != 0 {
+        let _ = file.write_all_at(&[0u8; HEADER as usize], offset);
+    }
+}
+
+/// The next offset at or after `from` that holds data (skipping punched
+/// holes), `None` past the end. Without SEEK_DATA support, `from` itself.
+fn next_data(file: &File, from: u64) -> Option<u64> {
+    // SAFETY: lseek on a descriptor we own; no memory is passed.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, libc::SEEK_DATA) };
+    if at >= 0 {
+        return Some(at as u64);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENXIO) => None,
+        _ => Some(from),
+    }
+}
+
+/// The pack id of a file name `<8 hex digits>.pack`.
+fn pack_id(name: &str) -> Option<u32> {
+    let stem = name.strip_suffix(".pack")?;
+    if stem.len() != 8 {
+        return None;
+    }
+    u32::from_str_radix(stem, 16).ok()
+}
+
 impl State {
     fn tick(&mut self) -> u64 {
         self.clock += 1;
         self.clock
+    }
+
+    fn insert(&mut self, hash: Hash, e: Entry) {
+        self.entries.insert(hash, e);
+        self.order.insert((e.used, hash));
+        self.used_bytes += e.size;
+        if let Some(p) = self.packs.get_mut(&e.pack) {
+            p.live += 1;
+        }
+    }
+
+    /// Unindex `hash`; returns the record to punch and, when its pack is
+    /// left empty (and is not the one appended to), the pack to delete.
+    fn take(&mut self, hash: &Hash) -> Option<(Entry, Arc<File>, Option<PathBuf>)> {
+        let e = self.entries.remove(hash)?;
+        self.order.remove(&(e.used, *hash));
+        self.used_bytes -= e.size;
+        if let Some(i) = self.recent.iter().position(|(h, _)| h == hash) {
+            if let Some((_, d)) = self.recent.remove(i) {
+                self.recent_bytes -= d.len() as u64;
+            }
+        }
+        let p = self.packs.get_mut(&e.pack)?;
+        p.live -= 1;
+        let file = p.file.clone();
+        let appending = self.slots.iter().flatten().any(|s| s.pack == e.pack);
+        let empty = p.live == 0 && !appending;
+        let gone = if empty { self.packs.remove(&e.pack).map(|p| p.path) } else { None };
+        Some((e, file, gone))
+    }
+
+    fn remember(&mut self, hash: Hash, data: Arc<Vec<u8>>) {
+        self.recent_bytes += data.len() as u64;
+        self.recent.push_back((hash, data));
+        while self.recent_bytes > RECENT_BYTES {
+            let Some((_, d)) = self.recent.pop_front() else { break };
+            self.recent_bytes -= d.len() as u64;
+        }
     }
 }
 
@@ -135,8 +297,15 @@ impl ChunkStore {
             let path = path.to_path_buf();
             move |source| StoreError::Io { path, source }
         };
-        let chunks = dir.join("chunks");
-        fs::create_dir_all(&chunks).map_err(io(&chunks))?;
+        // The layout before packs, one file per chunk: only a cache, so it
+        // is dropped rather than converted.
+        let old = dir.join("chunks");
+        if old.is_dir() {
+            tracing::info!(dir = %old.display(), "removing a chunk cache of the older layout; its chunks will be fetched again");
+            fs::remove_dir_all(&old).map_err(io(&old))?;
+        }
+        let packs_dir = dir.join("packs");
+        fs::create_dir_all(&packs_dir).map_err(io(&packs_dir))?;
         let db_path = dir.join("index.db");
         let dbe = |source| StoreError::Db { path: db_path.clone(), source };
         let db = Connection::open(&db_path).map_err(dbe)?;
@@ -147,37 +316,40 @@ impl ChunkStore {
         )
         .map_err(dbe)?;
 
-        // What is on disk: (mtime, hash, len).
+        let mut st = State { limit, ..Default::default() };
+        // What is on disk: (last use, pack, offset, hash, len).
         let mut found = Vec::new();
-        for sub in fs::read_dir(&chunks).map_err(io(&chunks))? {
-            let sub = sub.map_err(io(&chunks))?;
-            if !sub.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+        for f in fs::read_dir(&packs_dir).map_err(io(&packs_dir))? {
+            let f = f.map_err(io(&packs_dir))?;
+            let path = f.path();
+            let Some(id) = f.file_name().to_str().and_then(pack_id) else {
+                // Not ours to keep.
+                let _ = fs::remove_file(&path);
                 continue;
-            }
-            for f in fs::read_dir(sub.path()).map_err(io(&sub.path()))? {
-                let f = f.map_err(io(&sub.path()))?;
-                let name = f.file_name();
-                let parsed = name.to_str().filter(|n| n.len() == 64).and_then(|n| {
-                    let mut out = [0u8; 32];
-                    hex::decode_to_slice(n, &mut out).ok().map(|_| Hash(out))
-                });
-                let Some(hash) = parsed else {
-                    // A temp file of an interrupted put, or a stranger: not ours to keep.
-                    let _ = fs::remove_file(f.path());
-                    continue;
-                };
-                let Ok(md) = f.metadata() else { continue };
-                let mtime = md.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
-                found.push((mtime, hash, md.len()));
-            }
+            };
+            let file = File::options().read(true).write(true).open(&path).map_err(io(&path))?;
+            let size = file.metadata().map_err(io(&path))?.len();
+            scan_pack(&file, size, |offset, hash, len, used| found.push((used, id, offset, hash, len)));
+            st.next_id = st.next_id.max(id.wrapping_add(1));
+            st.packs.insert(id, Pack { file: Arc::new(file), path, live: 0 });
         }
         found.sort();
-        let mut st = State { limit, ..Default::default() };
-        for (mtime, hash, len) in found {
+        for (touched, pack, offset, hash, len) in found {
+            if st.entries.contains_key(&hash) {
+                // A second record of one chunk (two puts raced): drop it.
+                if let Some(p) = st.packs.get(&pack) {
+                    punch(&p.file, offset, footprint(len));
+                }
+                continue;
+            }
             let used = st.tick();
-            st.entries.insert(hash, Entry { len, used, touched: mtime });
-            st.order.insert((used, hash));
-            st.used_bytes += len;
+            st.insert(hash, Entry { pack, offset, len, size: footprint(len), used, touched });
+        }
+        let empty: Vec<u32> = st.packs.iter().filter(|(_, p)| p.live == 0).map(|(id, _)| *id).collect();
+        for id in empty {
+            if let Some(p) = st.packs.remove(&id) {
+                let _ = fs::remove_file(&p.path);
+            }
         }
         {
             let mut q = db.prepare("SELECT key, hash FROM pins").map_err(dbe)?;
@@ -189,7 +361,7 @@ impl ChunkStore {
                 *st.pinned.entry(Hash(arr)).or_default() += 1;
             }
         }
-        let store = Arc::new(ChunkStore { dir: dir.to_path_buf(), db_path, db: Mutex::new(db), state: Mutex::new(st) });
+        let store = Arc::new(ChunkStore { dir: dir.to_path_buf(), packs_dir, db_path, db: Mutex::new(db), state: Mutex::new(st) });
         store.evict();
         Ok(store)
     }
@@ -198,110 +370,138 @@ impl ChunkStore {
         &self.dir
     }
 
-    fn path_of(&self, hash: &Hash) -> PathBuf {
-        let hex = hex::encode(hash.0);
-        self.dir.join("chunks").join(&hex[..2]).join(hex)
-    }
-
     pub fn contains(&self, hash: &Hash) -> bool {
         lock(&self.state).entries.contains_key(hash)
     }
 
     /// Store a chunk after checking that `data` is what `hash` names.
-    pub fn put(&self, hash: &Hash, data: &[u8]) -> Result<(), StoreError> {
-        let actual = Hash::of(data);
+    pub fn put(&self, hash: &Hash, data: Vec<u8>) -> Result<(), StoreError> {
+        let actual = Hash::of(&data);
         if actual != *hash {
             return Err(StoreError::Mismatch { expected: *hash, actual });
         }
-        if self.contains(hash) {
+        let len = data.len() as u64;
+        let size = footprint(len);
+        let (pack, offset, file) = {
+            let mut st = lock(&self.state);
+            if st.entries.contains_key(hash) {
+                return Ok(());
+            }
+            // Chunks go to one of a few packs by their first byte: a
+            // buffered write holds the file's lock, so puts on several
+            // threads would otherwise queue on one file.
+            let slot = usize::from(hash.0[0]) % APPEND_SLOTS;
+            let (pack, offset) = match st.slots[slot] {
+                Some(s) if s.end == 0 || s.end + size <= PACK_BYTES => (s.pack, s.end),
+                _ => (self.new_pack(&mut st, slot)?, 0),
+            };
+            st.slots[slot] = Some(Slot { pack, end: offset + size });
+            let Some(file) = st.packs.get(&pack).map(|p| p.file.clone()) else {
+                return Err(StoreError::Io { path: self.pack_path(pack), source: std::io::Error::other("pack not open") });
+            };
+            (pack, offset, file)
+        };
+        // Written outside the lock. No fsync: `get` verifies, so a record
+        // torn by a crash is only a miss.
+        let written = file.write_all_at(&header(hash, len, now_secs()), offset).and_then(|()| file.write_all_at(&data, offset + HEADER));
+        if let Err(source) = written {
+            punch(&file, offset, size);
+            return Err(StoreError::Io { path: self.pack_path(pack), source });
+        }
+        let mut st = lock(&self.state);
+        if st.entries.contains_key(hash) {
+            // Another put of the same chunk came first.
+            drop(st);
+            punch(&file, offset, size);
             return Ok(());
         }
-        let path = self.path_of(hash);
-        let io = |source| StoreError::Io { path: path.clone(), source };
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(io)?;
-        }
-        // Write beside, then rename: a reader never sees a partial chunk
-        // under its name. No fsync: `get` verifies, so a chunk torn by a
-        // crash is only a miss.
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let written = fs::File::create(&tmp).and_then(|mut f| f.write_all(data)).and_then(|_| fs::rename(&tmp, &path));
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io(e));
-        }
-        {
-            let mut st = lock(&self.state);
-            if !st.entries.contains_key(hash) {
-                let used = st.tick();
-                let len = data.len() as u64;
-                st.entries.insert(*hash, Entry { len, used, touched: now_secs() });
-                st.order.insert((used, *hash));
-                st.used_bytes += len;
-            }
-        }
+        let used = st.tick();
+        st.insert(*hash, Entry { pack, offset, len, size, used, touched: now_secs() });
+        st.remember(*hash, Arc::new(data));
+        drop(st);
         self.evict();
         Ok(())
     }
 
+    fn pack_path(&self, id: u32) -> PathBuf {
+        self.packs_dir.join(format!("{id:08x}.pack"))
+    }
+
+    /// Start a new pack to append to in `slot`; the one before it goes if
+    /// nothing in it is left.
+    fn new_pack(&self, st: &mut State, slot: usize) -> Result<u32, StoreError> {
+        let id = st.next_id;
+        let path = self.pack_path(id);
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        st.next_id = id.wrapping_add(1);
+        if let Some(old) = st.slots[slot].replace(Slot { pack: id, end: 0 }) {
+            if st.packs.get(&old.pack).is_some_and(|p| p.live == 0) {
+                if let Some(p) = st.packs.remove(&old.pack) {
+                    let _ = fs::remove_file(&p.path);
+                }
+            }
+        }
+        st.packs.insert(id, Pack { file: Arc::new(file), path, live: 0 });
+        Ok(id)
+    }
+
     /// A chunk's bytes, verified; `None` if it is not cached (or was, but
-    /// its file no longer matches its hash: then it is dropped).
-    pub fn get(&self, hash: &Hash) -> Result<Option<Vec<u8>>, StoreError> {
-        let touch = {
+    /// its record no longer matches its hash: then it is dropped).
+    pub fn get(&self, hash: &Hash) -> Result<Option<Arc<Vec<u8>>>, StoreError> {
+        let (e, file, touch) = {
             let mut st = lock(&self.state);
             let used = st.tick();
-            match st.entries.get_mut(hash) {
-                None => {
-                    st.misses += 1;
-                    return Ok(None);
-                }
-                Some(e) => {
-                    let old = e.used;
-                    e.used = used;
-                    let now = now_secs();
-                    let touch = now.saturating_sub(e.touched) >= 60;
-                    if touch {
-                        e.touched = now;
-                    }
-                    st.order.remove(&(old, *hash));
-                    st.order.insert((used, *hash));
-                    touch
-                }
-            }
-        };
-        let path = self.path_of(hash);
-        let data = match fs::read(&path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.forget(hash);
-                lock(&self.state).misses += 1;
+            let Some(e) = st.entries.get_mut(hash) else {
+                st.misses += 1;
                 return Ok(None);
+            };
+            let old = e.used;
+            e.used = used;
+            let now = now_secs();
+            let touch = now.saturating_sub(e.touched) >= 60;
+            if touch {
+                e.touched = now;
             }
-            Err(source) => return Err(StoreError::Io { path, source }),
+            let e = *e;
+            st.order.remove(&(old, *hash));
+            st.order.insert((used, *hash));
+            if let Some(d) = st.recent.iter().rev().find(|(h, _)| h == hash).map(|(_, d)| d.clone()) {
+                st.hits += 1;
+                return Ok(Some(d));
+            }
+            (e, st.packs.get(&e.pack).map(|p| p.file.clone()), touch)
         };
-        if Hash::of(&data) != *hash {
-            tracing::warn!(chunk = %hash, file = %path.display(), "cached chunk is corrupt; dropped, it will be fetched again");
-            let _ = fs::remove_file(&path);
-            self.forget(hash);
+        let mut data = vec![0u8; e.len as usize];
+        let read = match &file {
+            Some(f) => f.read_exact_at(&mut data, e.offset + HEADER),
+            None => Err(std::io::ErrorKind::NotFound.into()),
+        };
+        let good = match read {
+            Ok(()) => Hash::of(&data) == *hash,
+            Err(err) if matches!(err.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound) => false,
+            Err(source) => return Err(StoreError::Io { path: self.pack_path(e.pack), source }),
+        };
+        if !good {
+            // Evicted while it was read (its blocks punched), or damaged.
+            let same = lock(&self.state).entries.get(hash).is_some_and(|x| x.pack == e.pack && x.offset == e.offset);
+            if same {
+                tracing::warn!(chunk = %hash, pack = %self.pack_path(e.pack).display(), "cached chunk is corrupt; dropped, it will be fetched again");
+                self.drop_records(&[*hash]);
+            }
             lock(&self.state).misses += 1;
             return Ok(None);
         }
-        if touch {
-            if let Ok(f) = fs::File::options().write(true).open(&path) {
-                let _ = f.set_modified(SystemTime::now());
-            }
+        if let (true, Some(f)) = (touch, &file) {
+            let _ = f.write_all_at(&now_secs().to_le_bytes(), e.offset + 16);
         }
         lock(&self.state).hits += 1;
-        Ok(Some(data))
-    }
-
-    /// Drop the index entry of a chunk whose file is gone.
-    fn forget(&self, hash: &Hash) {
-        let mut st = lock(&self.state);
-        if let Some(e) = st.entries.remove(hash) {
-            st.order.remove(&(e.used, *hash));
-            st.used_bytes -= e.len;
-        }
+        Ok(Some(Arc::new(data)))
     }
 
     /// Keep `hashes` (those cached now) from eviction while the returned
@@ -382,7 +582,7 @@ impl ChunkStore {
             used_bytes: st.used_bytes,
             limit_bytes: st.limit,
             chunks: st.entries.len() as u64,
-            pinned_bytes: st.pinned.keys().filter_map(|h| st.entries.get(h)).map(|e| e.len).sum(),
+            pinned_bytes: st.pinned.keys().filter_map(|h| st.entries.get(h)).map(|e| e.size).sum(),
             hits: st.hits,
             misses: st.misses,
             evicted_bytes: st.evicted_bytes,
@@ -415,7 +615,7 @@ impl ChunkStore {
                     let eligible = !st.pinned.contains_key(h) && if pass == 0 { !held } else { held };
                     if eligible {
                         victims.push(*h);
-                        over = over.saturating_sub(e.len);
+                        over = over.saturating_sub(e.size);
                     }
                 }
             }
@@ -424,27 +624,52 @@ impl ChunkStore {
         self.remove(&victims);
     }
 
+    /// Evict `victims`; returns the bytes freed.
     fn remove(&self, victims: &[Hash]) -> u64 {
+        let freed = self.drop_records(victims);
+        lock(&self.state).evicted_bytes += freed;
+        freed
+    }
+
+    /// Unindex `hashes` and give their records' blocks back.
+    fn drop_records(&self, hashes: &[Hash]) -> u64 {
         let mut freed = 0;
-        for h in victims {
-            let removed = {
-                let mut st = lock(&self.state);
-                match st.entries.remove(h) {
-                    Some(e) => {
-                        st.order.remove(&(e.used, *h));
-                        st.used_bytes -= e.len;
-                        st.evicted_bytes += e.len;
-                        freed += e.len;
-                        true
-                    }
-                    None => false,
+        for h in hashes {
+            let Some((e, file, gone)) = lock(&self.state).take(h) else { continue };
+            freed += e.size;
+            match gone {
+                Some(path) => {
+                    let _ = fs::remove_file(path);
                 }
-            };
-            if removed {
-                let _ = fs::remove_file(self.path_of(h));
+                None => punch(&file, e.offset, e.size),
             }
         }
         freed
+    }
+}
+
+/// Call `found(offset, hash, len, last_use)` for every record of a pack of
+/// `size` bytes. What is not a record (a hole, a torn header) is skipped
+/// a block at a time; a torn record's bytes fail `get`'s check later.
+fn scan_pack(file: &File, size: u64, mut found: impl FnMut(u64, Hash, u64, u64)) {
+    let mut pos = 0;
+    while pos + HEADER <= size {
+        let Some(at) = next_data(file, pos) else { break };
+        let at = (at / ALIGN * ALIGN).max(pos);
+        if at + HEADER > size {
+            break;
+        }
+        let mut h = [0u8; HEADER as usize];
+        if file.read_exact_at(&mut h, at).is_err() {
+            break;
+        }
+        match parse_header(&h) {
+            Some((hash, len, used)) if at + HEADER + len <= size => {
+                found(at, hash, len, used);
+                pos = at + footprint(len);
+            }
+            _ => pos = at + ALIGN,
+        }
     }
 }
 
@@ -464,6 +689,18 @@ mod tests {
         N.fetch_add(1, Ordering::SeqCst) ^ (SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64)
     }
 
+    fn only_pack(dir: &Path) -> PathBuf {
+        let packs: Vec<PathBuf> = fs::read_dir(dir.join("packs")).unwrap().map(|e| e.unwrap().path()).collect();
+        assert_eq!(packs.len(), 1, "{packs:?}");
+        packs[0].clone()
+    }
+
+    /// Blocks allocated to the cache's packs.
+    fn allocated(dir: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        fs::read_dir(dir.join("packs")).unwrap().map(|e| e.unwrap().metadata().unwrap().blocks() * 512).sum()
+    }
+
     fn chunk(i: u32, len: usize) -> (Hash, Vec<u8>) {
         let data: Vec<u8> = (0..len).map(|j| (j as u32).wrapping_mul(31).wrapping_add(i) as u8).collect();
         (Hash::of(&data), data)
@@ -474,41 +711,48 @@ mod tests {
         let dir = tmp();
         let s = ChunkStore::open(&dir, 1 << 20).unwrap();
         let (h, d) = chunk(1, 1000);
-        assert!(matches!(s.put(&h, b"other"), Err(StoreError::Mismatch { .. })));
-        s.put(&h, &d).unwrap();
-        assert_eq!(s.get(&h).unwrap().as_deref(), Some(&d[..]));
-        // Corrupt the file behind the store's back: a miss, not bad data.
-        fs::write(s.path_of(&h), b"garbage").unwrap();
+        assert!(matches!(s.put(&h, b"other".to_vec()), Err(StoreError::Mismatch { .. })));
+        s.put(&h, d.clone()).unwrap();
+        assert_eq!(s.get(&h).unwrap().as_deref(), Some(&d));
+        // Corrupt the record behind the store's back (after a reopen, so
+        // the copy in memory is gone): a miss, not bad data.
+        drop(s);
+        let pack = only_pack(&dir);
+        let f = fs::File::options().write(true).open(&pack).unwrap();
+        f.write_all_at(b"garbage", HEADER + 10).unwrap();
+        let s = ChunkStore::open(&dir, 1 << 20).unwrap();
+        assert!(s.contains(&h));
         assert_eq!(s.get(&h).unwrap(), None);
         assert!(!s.contains(&h));
         let st = s.stats();
-        assert_eq!((st.hits, st.misses, st.chunks), (1, 1, 0));
+        assert_eq!((st.hits, st.misses, st.chunks, st.used_bytes), (0, 1, 0, 0));
         fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn eviction_is_lru_keeps_pins_and_prefers_unheld_chunks() {
         let dir = tmp();
-        let s = ChunkStore::open(&dir, 4000).unwrap();
+        // Each chunk's record takes one block.
+        let s = ChunkStore::open(&dir, 4 * ALIGN).unwrap();
         let c: Vec<_> = (0..6).map(|i| chunk(i, 1000)).collect();
         s.pin("f", &[c[0].0]).unwrap();
         for (h, d) in &c[..4] {
-            s.put(h, d).unwrap();
+            s.put(h, d.clone()).unwrap();
         }
         let _hold = s.hold([c[1].0]);
         s.get(&c[2].0).unwrap(); // 3 is now the least recently used unheld one
-        s.put(&c[4].0, &c[4].1).unwrap();
+        s.put(&c[4].0, c[4].1.clone()).unwrap();
         assert!(s.contains(&c[0].0) && s.contains(&c[1].0) && s.contains(&c[2].0));
         assert!(!s.contains(&c[3].0));
-        s.put(&c[5].0, &c[5].1).unwrap();
+        s.put(&c[5].0, c[5].1.clone()).unwrap();
         assert!(!s.contains(&c[2].0), "oldest unheld goes next");
-        assert!(s.stats().used_bytes <= 4000);
+        assert!(s.stats().used_bytes <= 4 * ALIGN);
         // Only the pinned and the held chunk are left past that: the held
         // one goes before the limit is exceeded, the pinned one never.
-        s.set_limit(1000);
+        s.set_limit(ALIGN);
         assert!(s.contains(&c[0].0), "pinned survives");
         assert!(!s.contains(&c[1].0));
-        assert_eq!(s.stats().used_bytes, 1000);
+        assert_eq!(s.stats().used_bytes, ALIGN);
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -518,17 +762,92 @@ mod tests {
         let (a, b) = (chunk(1, 500), chunk(2, 700));
         {
             let s = ChunkStore::open(&dir, 1 << 20).unwrap();
-            s.put(&a.0, &a.1).unwrap();
-            s.put(&b.0, &b.1).unwrap();
+            s.put(&a.0, a.1.clone()).unwrap();
+            s.put(&b.0, b.1.clone()).unwrap();
             s.pin("k", &[a.0]).unwrap();
         }
         let s = ChunkStore::open(&dir, 1 << 20).unwrap();
         let st = s.stats();
-        assert_eq!((st.chunks, st.used_bytes, st.pinned_bytes), (2, 1200, 500));
-        assert_eq!(s.clear(), 700);
+        assert_eq!((st.chunks, st.used_bytes, st.pinned_bytes), (2, 2 * ALIGN, ALIGN));
+        assert_eq!(s.clear(), ALIGN);
         assert!(s.contains(&a.0) && !s.contains(&b.0));
         s.unpin("k").unwrap();
-        assert_eq!(s.clear(), 500);
+        assert_eq!(s.clear(), ALIGN);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn evicted_records_give_their_blocks_back_and_empty_packs_go() {
+        let dir = tmp();
+        let big = 256 << 10;
+        let s = ChunkStore::open(&dir, 4 * footprint(big)).unwrap();
+        let c: Vec<_> = (0..12).map(|i| chunk(i, big as usize)).collect();
+        for (h, d) in &c {
+            s.put(h, d.clone()).unwrap();
+        }
+        assert_eq!(s.stats().chunks, 4);
+        assert!(allocated(&dir) <= 4 * footprint(big) + ALIGN, "{} bytes allocated", allocated(&dir));
+        for (h, d) in &c[8..] {
+            assert_eq!(s.get(h).unwrap().as_deref(), Some(d));
+        }
+        assert_eq!(s.clear(), 4 * footprint(big));
+        assert_eq!(allocated(&dir), 0);
+        drop(s);
+        // Reopened: nothing indexed, and the pack with nothing in it is gone.
+        let s = ChunkStore::open(&dir, 1 << 30).unwrap();
+        assert_eq!(s.stats().chunks, 0);
+        assert_eq!(fs::read_dir(dir.join("packs")).unwrap().count(), 0);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_reopen_finds_records_across_packs_and_holes_and_skips_a_torn_tail() {
+        let dir = tmp();
+        let len = 3 << 20;
+        let c: Vec<_> = (0..30).map(|i| chunk(i, len)).collect();
+        {
+            let s = ChunkStore::open(&dir, 1 << 40).unwrap();
+            for (h, d) in &c {
+                s.put(h, d.clone()).unwrap();
+            }
+            // Over 64 MiB: more than one pack.
+            assert!(fs::read_dir(dir.join("packs")).unwrap().count() >= 2);
+            // A hole in the middle of a pack.
+            s.remove(&[c[3].0, c[4].0]);
+        }
+        // A crash mid-append: a header and part of its chunk.
+        let last = fs::read_dir(dir.join("packs")).unwrap().map(|e| e.unwrap().path()).max().unwrap();
+        let f = fs::File::options().write(true).open(&last).unwrap();
+        let end = f.metadata().unwrap().len().div_ceil(ALIGN) * ALIGN;
+        let (th, td) = chunk(99, 1 << 20);
+        f.write_all_at(&header(&th, td.len() as u64, 0), end).unwrap();
+        f.write_all_at(&td[..1000], end + HEADER).unwrap();
+        drop(f);
+        let s = ChunkStore::open(&dir, 1 << 40).unwrap();
+        assert_eq!(s.stats().chunks, 28);
+        for (i, (h, d)) in c.iter().enumerate() {
+            let got = s.get(h).unwrap();
+            if i == 3 || i == 4 {
+                assert_eq!(got, None);
+            } else {
+                assert_eq!(got.as_deref(), Some(d), "chunk {i}");
+            }
+        }
+        assert!(!s.contains(&th), "a torn record was indexed");
+        // Nothing points past what was written: new puts land after it.
+        s.put(&c[3].0, c[3].1.clone()).unwrap();
+        assert_eq!(s.get(&c[3].0).unwrap().as_deref(), Some(&c[3].1));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_older_one_file_per_chunk_layout_is_dropped() {
+        let dir = tmp();
+        fs::create_dir_all(dir.join("chunks/ab")).unwrap();
+        fs::write(dir.join("chunks/ab").join("ab".repeat(32)), b"x").unwrap();
+        let s = ChunkStore::open(&dir, 1 << 20).unwrap();
+        assert_eq!(s.stats().chunks, 0);
+        assert!(!dir.join("chunks").exists());
         fs::remove_dir_all(dir).unwrap();
     }
 }

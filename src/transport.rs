@@ -277,6 +277,13 @@ fn transport_config(loopback: bool) -> quinn::TransportConfig {
         t.initial_mtu(LOOPBACK_MTU);
         t.min_mtu(LOOPBACK_MTU);
         t.mtu_discovery_config(None);
+        // Start with a congestion window of LOOPBACK_WINDOW instead of ten
+        // packets: a fresh connection then sends a 300 KB manifest or the
+        // first MiB of chunks at once instead of over seven round trips of
+        // slow start. TCP gets the same on loopback from its 64 KiB MTU.
+        let mut cubic = quinn::congestion::CubicConfig::default();
+        cubic.initial_window(LOOPBACK_WINDOW);
+        t.congestion_controller_factory(Arc::new(cubic));
     }
     t
 }
@@ -286,6 +293,9 @@ fn transport_config(loopback: bool) -> quinn::TransportConfig {
 /// (packet loss) from about 9 KB; 4000 stays well clear of that and cuts
 /// the per-packet cost by almost three compared with 1452.
 const LOOPBACK_MTU: u16 = 4000;
+
+/// Initial congestion window on loopback, bytes.
+const LOOPBACK_WINDOW: u64 = 2 << 20;
 
 /// Endpoint settings: accept datagrams up to the loopback MTU (the default,
 /// 1472 bytes, would drop them).

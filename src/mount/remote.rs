@@ -337,6 +337,18 @@ impl Remote {
         }
     }
 
+    /// Connect the data link now, in the background, so that the first
+    /// read does not wait for a handshake. If it fails, the first read
+    /// connects (and reports the error).
+    pub fn warm_data(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.data_link().await {
+                tracing::debug!(partner = %me.partner, "data link not connected ahead of use: {e}");
+            }
+        });
+    }
+
     /// The data link, connecting it if needed.
     async fn data_link(self: &Arc<Self>) -> Result<Arc<DataLink>, RemoteError> {
         let mut guard = self.data.lock().await;
@@ -548,7 +560,7 @@ impl Remote {
             return fail(format!("stream ended early: {e}"));
         }
         let store = self.store.clone();
-        let put = tokio::task::spawn_blocking(move || store.put(&expected, &buf)).await;
+        let put = tokio::task::spawn_blocking(move || store.put(&expected, buf)).await;
         match put {
             Ok(Ok(())) => {
                 self.chunks_fetched.fetch_add(1, Ordering::SeqCst);

@@ -51,6 +51,10 @@ pub const ROOT_INO: Ino = 1;
 pub const ATTR_TTL: Duration = Duration::from_secs(1);
 /// Decoded chunks kept in memory for reads smaller than a chunk.
 const HOT_CHUNKS: usize = 16;
+/// Readahead of a read that starts a sequential run (offset 0 of a new
+/// handle included): the chunks of the next MiB are asked for at once, in
+/// parallel, rather than one or two at a time while the window grows.
+const FIRST_AHEAD: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -685,10 +689,10 @@ impl Vfs {
                 h.ahead_until = 0;
             }
             h.last_end = end;
-            // Read ahead as far as the reader has read sequentially (up to
-            // the configured window), asking for the next stretch when it
-            // has used half of what was asked.
-            let window = h.run.min(self.config.readahead);
+            // Read ahead as far as the reader has read sequentially (at
+            // least FIRST_AHEAD, up to the configured window), asking for
+            // the next stretch when it has used half of what was asked.
+            let window = if sequential { h.run.max(FIRST_AHEAD).min(self.config.readahead) } else { 0 };
             let ahead = if window > 0 && end.saturating_add(window / 2) > h.ahead_until {
                 let from = h.ahead_until.max(end);
                 h.ahead_until = end.saturating_add(window);
@@ -748,7 +752,7 @@ impl Vfs {
         if let Some((_, d)) = lock(&self.hot).iter().find(|(h, _)| h == hash) {
             return Some(d.clone());
         }
-        let data = Arc::new(self.store.get(hash).ok().flatten()?);
+        let data = self.store.get(hash).ok().flatten()?;
         let mut hot = lock(&self.hot);
         if hot.len() >= HOT_CHUNKS {
             hot.pop_front();
