@@ -8,7 +8,7 @@
 //!   [`transfer::window`] (the sliding-window state machine);
 //! - files and keys: [`chunk`] (FastCDC + BLAKE3 manifests), [`time`],
 //!   [`identity`] (Ed25519 keys, certificates), [`receipt`], [`config`],
-//!   [`db`] (SQLite), [`index`] (cached manifests), [`share`] (mapping
+//!   [`flush`] (early writeback), [`db`] (SQLite), [`index`] (cached manifests), [`share`] (mapping
 //!   share paths to real files, access);
 //! - network engine, async: [`transport`] (QUIC, mutual TLS, partner
 //!   authentication), [`transfer`] (push and pull with resume and delta),
@@ -22,6 +22,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod fault;
+pub mod flush;
 pub mod glob;
 pub mod hash;
 pub mod identity;

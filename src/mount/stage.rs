@@ -120,6 +120,9 @@ pub struct Staged {
     /// Held by a push from fill to the end of the transfer, and by each
     /// write: a file is never pushed while a write is half done.
     pub gate: tokio::sync::Mutex<()>,
+    /// Starts the disk writing a large staging file as it fills, so the
+    /// fsync before it is queued has little left to write.
+    pub writeback: crate::flush::EarlyWriteback,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -147,7 +150,7 @@ impl Staged {
             due_mode: None,
             due_mtime_ns: None,
         };
-        Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()) })
+        Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()), writeback: Default::default() })
     }
 
     /// A staging made of `data`, a complete local copy of version
@@ -172,7 +175,7 @@ impl Staged {
             due_mode: None,
             due_mtime_ns: None,
         };
-        Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()) })
+        Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()), writeback: Default::default() })
     }
 
     /// The manifest of the content, which must be all local (blocking).
@@ -239,6 +242,8 @@ impl Staged {
         st.size = st.size.max(end);
         st.dirty = true;
         st.mtime_ns = now_ns;
+        drop(st);
+        self.writeback.wrote(&self.file, data.len() as u64);
         Ok(())
     }
 

@@ -9,6 +9,8 @@
 //! - a chunk is written only after its BLAKE3 matches the manifest;
 //! - chunks are reused, verified, from a partial temp file (resume) and from
 //!   the current version of the target (delta), so only the rest is needed;
+//! - the disk starts writing the temp file while chunks arrive
+//!   ([`crate::flush`]), so the closing fsync has little left to write;
 //! - `finish` fsyncs the temp file, renames it over the target and fsyncs
 //!   the directory: a reader sees the old file or the new one, never a mix,
 //!   and a crash never leaves a partial file under the final name. Every
@@ -66,6 +68,8 @@ pub struct Assembly {
     pub reused_bytes: u64,
     /// The complete file's metadata, taken just before its rename.
     finished: std::sync::OnceLock<std::fs::Metadata>,
+    /// Starts the disk writing the temp file while chunks arrive.
+    writeback: crate::flush::EarlyWriteback,
 }
 
 /// Copy `len` bytes at `from` in `src` to `to` in `dst`, in the kernel.
@@ -163,6 +167,12 @@ impl Assembly {
             for &(from, to, len) in &runs {
                 copy_range(&old, from, &file, to, len).map_err(io(&temp))?;
             }
+            // The copies are dirty pages the final fsync would write all at
+            // once: start writing them now, while they are verified and the
+            // rest arrives.
+            if !runs.is_empty() {
+                crate::flush::start_writeback(&file);
+            }
             let chunks: Vec<_> = copied.iter().map(|&i| manifest.chunks[i]).collect();
             let ok = crate::chunk::verify_chunks(&file, &chunks).map_err(io(&temp))?;
             let stale = ok.iter().filter(|v| !**v).count();
@@ -187,6 +197,7 @@ impl Assembly {
             same,
             reused_bytes: reused,
             finished: Default::default(),
+            writeback: Default::default(),
         })
     }
 
@@ -237,6 +248,7 @@ impl Assembly {
             let offset = self.manifest.chunks[i as usize].offset;
             self.file.write_all_at(data, offset).map_err(io(&self.temp))?;
         }
+        self.writeback.wrote(&self.file, (data.len() * todo.len()) as u64);
         let mut have = self.have.lock().unwrap_or_else(|p| p.into_inner());
         let mut newly = 0;
         for &i in &todo {
