@@ -585,7 +585,7 @@ pub fn verify_chunks(file: &std::fs::File, chunks: &[ChunkRef]) -> io::Result<Ve
 }
 
 /// `left()` on this thread and `right()` on another, at the same time.
-fn on_two_threads<L, R: Send>(left: impl FnOnce() -> L, right: impl FnOnce() -> R + Send) -> io::Result<(L, R)> {
+pub(crate) fn on_two_threads<L, R: Send>(left: impl FnOnce() -> L, right: impl FnOnce() -> R + Send) -> io::Result<(L, R)> {
     std::thread::scope(|s| {
         let right = s.spawn(right);
         let left = left();

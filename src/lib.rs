@@ -8,7 +8,7 @@
 //!   [`transfer::window`] (the sliding-window state machine);
 //! - files and keys: [`chunk`] (FastCDC + BLAKE3 manifests), [`time`],
 //!   [`identity`] (Ed25519 keys, certificates), [`receipt`], [`config`],
-//!   [`flush`] (early writeback), [`db`] (SQLite), [`index`] (cached manifests), [`share`] (mapping
+//!   [`direct`] (direct I/O) and [`flush`] (early writeback) for big writes, [`db`] (SQLite), [`index`] (cached manifests), [`share`] (mapping
 //!   share paths to real files, access);
 //! - network engine, async: [`transport`] (QUIC, mutual TLS, partner
 //!   authentication), [`transfer`] (push and pull with resume and delta),
@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod direct;
 pub mod fault;
 pub mod flush;
 pub mod glob;

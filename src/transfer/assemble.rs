@@ -9,8 +9,12 @@
 //! - a chunk is written only after its BLAKE3 matches the manifest;
 //! - chunks are reused, verified, from a partial temp file (resume) and from
 //!   the current version of the target (delta), so only the rest is needed;
-//! - the disk starts writing the temp file while chunks arrive
-//!   ([`crate::flush`]), so the closing fsync has little left to write;
+//! - chunks go to the disk direct, around the page cache
+//!   ([`crate::direct`]): nothing reads them back, and on a virtual machine
+//!   fresh page-cache pages cost more than the disk; what does go through
+//!   the page cache (the partial blocks at chunk edges) is written out as
+//!   it accumulates ([`crate::flush`]), so the closing fsync has little
+//!   left to write;
 //! - `finish` fsyncs the temp file, renames it over the target and fsyncs
 //!   the directory: a reader sees the old file or the new one, never a mix,
 //!   and a crash never leaves a partial file under the final name. Every
@@ -19,11 +23,12 @@
 //!   the whole file.
 
 use crate::chunk::Manifest;
+use crate::direct::DirectWrites;
 use crate::hash::Hash;
 use crate::share::TEMP_MARKER;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -70,29 +75,102 @@ pub struct Assembly {
     finished: std::sync::OnceLock<std::fs::Metadata>,
     /// Starts the disk writing the temp file while chunks arrive.
     writeback: crate::flush::EarlyWriteback,
+    /// Chunks go to the disk direct, around the page cache.
+    direct: DirectWrites,
 }
 
-/// Copy `len` bytes at `from` in `src` to `to` in `dst`, in the kernel.
-fn copy_range(src: &File, from: u64, dst: &File, to: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (mut off_in, mut off_out, mut left) = (from as libc::loff_t, to as libc::loff_t, len as usize);
-    while left > 0 {
-        // SAFETY: both descriptors are open for the duration of the call and
-        // the offsets are plain integers the kernel updates.
-        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, left, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+/// A stretch of the old version that sits at one distance from its place
+/// in the new one: `len` bytes from `from` go to `to`, carrying the reused
+/// chunks `first..first + count` (indices into the list of copied chunks).
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    from: u64,
+    to: u64,
+    len: u64,
+    first: usize,
+    count: usize,
+}
+
+/// Bytes of the old version read, checked and written at a time.
+const PIECE: u64 = 8 << 20;
+
+/// Copy the reused chunks `chunks` (with their offsets in `old`) from `old`
+/// into `file`, each checked against its hash first; true for each chunk
+/// copied, false for one that no longer matches (the old file changed
+/// behind the index). Reads the old version from the page cache when it is
+/// there and direct otherwise, writes direct ([`crate::direct`]), and works
+/// on two threads when there is much. Returns, beside, the bytes written
+/// through the page cache.
+fn copy_verified(
+    old: (&File, Option<&File>),
+    chunks: &[(u64, crate::chunk::ChunkRef)],
+    runs: &[Run],
+    file: &File,
+    direct: &DirectWrites,
+) -> std::io::Result<(Vec<bool>, u64)> {
+    // Cut the runs into pieces of whole chunks, at most PIECE bytes each
+    // (or one chunk, if larger).
+    let mut pieces: Vec<Run> = Vec::new();
+    for run in runs {
+        let mut piece = Run { from: run.from, to: run.to, len: 0, first: run.first, count: 0 };
+        for (k, (_, c)) in chunks[run.first..run.first + run.count].iter().enumerate() {
+            if piece.count > 0 && piece.len + u64::from(c.len) > PIECE {
+                let next = Run { from: piece.from + piece.len, to: piece.to + piece.len, len: 0, first: run.first + k, count: 0 };
+                pieces.push(std::mem::replace(&mut piece, next));
             }
-            return Err(e);
+            piece.len += u64::from(c.len);
+            piece.count += 1;
         }
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the old version is shorter than its manifest"));
+        if piece.count > 0 {
+            pieces.push(piece);
         }
-        left -= n as usize;
     }
-    Ok(())
+    // One worker: every `step`-th piece from `start`; (chunk, ok) pairs.
+    let work = |start: usize, step: usize| -> std::io::Result<(Vec<(usize, bool)>, u64)> {
+        let mut buf = crate::direct::AlignedBuf::new(PIECE as usize + 2 * crate::direct::BLOCK);
+        let mut out = Vec::new();
+        let mut cached = 0;
+        for piece in pieces.iter().skip(start).step_by(step) {
+            let bytes = crate::direct::read_uncached(old.0, old.1, &mut buf, piece.from, piece.len as usize)?;
+            // Check each chunk, then write each stretch of good ones.
+            let mut good_from: Option<u64> = None;
+            let mut at = 0u64;
+            for (k, (_, chunk)) in chunks.iter().enumerate().skip(piece.first).take(piece.count) {
+                let len = u64::from(chunk.len);
+                let ok = at + len <= bytes.len() as u64 && Hash::of(&bytes[at as usize..(at + len) as usize]) == chunk.hash;
+                out.push((k, ok));
+                match (ok, good_from) {
+                    (true, None) => good_from = Some(at),
+                    (false, Some(s)) => {
+                        cached += direct.write_at(file, &bytes[s as usize..at as usize], piece.to + s)?;
+                        good_from = None;
+                    }
+                    _ => {}
+                }
+                at += len;
+            }
+            if let Some(s) = good_from {
+                cached += direct.write_at(file, &bytes[s as usize..at as usize], piece.to + s)?;
+            }
+        }
+        Ok((out, cached))
+    };
+    let total: u64 = pieces.iter().map(|p| p.len).sum();
+    let parts = if total >= 2 * PIECE {
+        let (a, b) = crate::chunk::on_two_threads(|| work(0, 2), || work(1, 2))?;
+        vec![a?, b?]
+    } else {
+        vec![work(0, 1)?]
+    };
+    let mut ok = vec![false; chunks.len()];
+    let mut cached = 0;
+    for (pairs, c) in parts {
+        cached += c;
+        for (k, good) in pairs {
+            ok[k] = good;
+        }
+    }
+    Ok((ok, cached))
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AssembleError + '_ {
@@ -138,18 +216,22 @@ impl Assembly {
         } else {
             file.set_len(manifest.size).map_err(io(&temp))?;
         }
-        // Delta: copy the chunks the current version already has. Runs of
-        // chunks that sit at the same distance in both files (all of them,
-        // for an edit in place) go in one kernel copy; then each copied
-        // chunk is hashed where it landed (from the page cache, on two
-        // threads when there is much), and one that does not match (the old
-        // file changed behind the index) is simply needed from the sender.
-        if let Some((old, base)) = base.and_then(|(path, m)| Some((File::open(path).ok()?, m))) {
+        // Delta: copy the chunks the current version already has, in runs
+        // of chunks that sit at the same distance in both files (all of
+        // them, for an edit in place). Each is hashed in memory between the
+        // read and the write, and one that does not match (the old file
+        // changed behind the index) is simply needed from the sender.
+        let direct = DirectWrites::open(&temp);
+        if let Some((old, base, old_direct)) =
+            base.and_then(|(path, m)| Some((File::open(path).ok()?, m, crate::direct::open_direct_read(path))))
+        {
             let old_len = old.metadata().map(|m| m.len()).unwrap_or(0);
             let by_hash: HashMap<Hash, (u64, u32)> = base.chunks.iter().map(|c| (c.hash, (c.offset, c.len))).collect();
-            // (from, to, len) runs to copy, and the chunks they carry.
-            let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+            // The runs to copy, and the chunks they carry (index in the new
+            // manifest, offset in the old file).
+            let mut runs: Vec<Run> = Vec::new();
             let mut copied: Vec<usize> = Vec::new();
+            let mut chunks: Vec<(u64, crate::chunk::ChunkRef)> = Vec::new();
             for (i, c) in manifest.chunks.iter().enumerate() {
                 if have[i] {
                     continue;
@@ -159,22 +241,21 @@ impl Assembly {
                     continue;
                 }
                 match runs.last_mut() {
-                    Some((from, to, n)) if *from + *n == offset && *to + *n == c.offset => *n += len as u64,
-                    _ => runs.push((offset, c.offset, len as u64)),
+                    Some(r) if r.from + r.len == offset && r.to + r.len == c.offset => {
+                        r.len += len as u64;
+                        r.count += 1;
+                    }
+                    _ => runs.push(Run { from: offset, to: c.offset, len: len as u64, first: chunks.len(), count: 1 }),
                 }
                 copied.push(i);
+                chunks.push((offset, *c));
             }
-            for &(from, to, len) in &runs {
-                copy_range(&old, from, &file, to, len).map_err(io(&temp))?;
-            }
-            // The copies are dirty pages the final fsync would write all at
-            // once: start writing them now, while they are verified and the
-            // rest arrives.
-            if !runs.is_empty() {
+            let (ok, cached) = copy_verified((&old, old_direct.as_ref()), &chunks, &runs, &file, &direct).map_err(io(&temp))?;
+            if cached > 0 {
+                // The cached edges are dirty pages the final fsync would
+                // write all at once: start writing them now.
                 crate::flush::start_writeback(&file);
             }
-            let chunks: Vec<_> = copied.iter().map(|&i| manifest.chunks[i]).collect();
-            let ok = crate::chunk::verify_chunks(&file, &chunks).map_err(io(&temp))?;
             let stale = ok.iter().filter(|v| !**v).count();
             if stale > 0 {
                 tracing::warn!(path = %target.display(), stale, "chunks of the old version no longer match its index; they are fetched instead");
@@ -198,6 +279,7 @@ impl Assembly {
             reused_bytes: reused,
             finished: Default::default(),
             writeback: Default::default(),
+            direct,
         })
     }
 
@@ -246,9 +328,9 @@ impl Assembly {
         }
         for &i in &todo {
             let offset = self.manifest.chunks[i as usize].offset;
-            self.file.write_all_at(data, offset).map_err(io(&self.temp))?;
+            let cached = self.direct.write_at(&self.file, data, offset).map_err(io(&self.temp))?;
+            self.writeback.wrote(&self.file, cached);
         }
-        self.writeback.wrote(&self.file, (data.len() * todo.len()) as u64);
         let mut have = self.have.lock().unwrap_or_else(|p| p.into_inner());
         let mut newly = 0;
         for &i in &todo {

@@ -1,0 +1,311 @@
+//! Direct I/O for the big sequential writes of a transfer: the blocks a
+//! write covers whole go to the disk without the page cache (`O_DIRECT`),
+//! the partial blocks at its edges through it.
+//!
+//! Why: on a virtual machine, a fresh page-cache page is expensive (the
+//! host takes free pages back and hands them out again), and a transfer
+//! that writes 1 GiB through the page cache then fsyncs it pays for a
+//! quarter of a million of them plus the write-out. Here (`dd`, 1 GiB, the
+//! same disk) that is 3.8 to 4.6 s buffered then fsynced, against 0.64 to
+//! 0.73 s direct. A receiver never reads the bytes it writes back (each
+//! chunk is hashed before it is written), so the page cache buys it
+//! nothing.
+//!
+//! How it stays correct:
+//! - a direct write and a page-cache write of one call never share a
+//!   block: the middle `[align_up(start), align_down(end))` goes direct,
+//!   the head and the tail through the page cache, and the kernel keeps
+//!   the two coherent (a direct write flushes and drops cached pages of
+//!   its range first);
+//! - the file's size is set before the writes ([`crate::transfer`]'s temp
+//!   files are), so no direct write extends the file;
+//! - a file system that refuses `O_DIRECT` (tmpfs on older kernels, some
+//!   network file systems) at open or on the first write switches the file
+//!   to plain writes, with the same result;
+//! - durability is unchanged: the fsync at the end covers both kinds (the
+//!   direct blocks' extents, and the cached edges).
+//!
+//! Reads of a file that is not in the page cache ([`read_uncached`]) go
+//! direct too, for the same reason; one that is cached is read from there.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The alignment of direct I/O: offsets, lengths and memory. 4 KiB covers
+/// the logical block size of every disk and file system in use.
+pub const BLOCK: usize = 4096;
+
+/// Writes whose aligned middle is shorter than this go through the page
+/// cache: a direct write waits for the device, worth it only when large.
+const DIRECT_MIN: usize = 64 * 1024;
+
+fn align_down(x: u64) -> u64 {
+    x & !(BLOCK as u64 - 1)
+}
+
+fn align_up(x: u64) -> u64 {
+    align_down(x + BLOCK as u64 - 1)
+}
+
+/// A zeroed heap buffer whose start is [`BLOCK`]-aligned.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    cap: usize,
+}
+
+// SAFETY: the buffer owns its allocation outright, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only hands out shared slices.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A buffer of at least `len` bytes (rounded up to whole blocks).
+    pub fn new(len: usize) -> AlignedBuf {
+        let cap = len.max(1).div_ceil(BLOCK) * BLOCK;
+        let layout = Self::layout(cap);
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = NonNull::new(ptr) else { std::alloc::handle_alloc_error(layout) };
+        AlignedBuf { ptr, cap }
+    }
+
+    fn layout(cap: usize) -> std::alloc::Layout {
+        // A multiple of BLOCK (a power of two) far below isize::MAX for any
+        // buffer this crate asks for: only a caller bug reaches the panic.
+        std::alloc::Layout::from_size_align(cap, BLOCK).expect("aligned buffer size")
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Make the buffer at least `len` bytes long (its content is lost).
+    pub fn reserve(&mut self, len: usize) {
+        if len > self.cap {
+            *self = AlignedBuf::new(len);
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `cap` initialised (zeroed) bytes live at `ptr`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.cap) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
+    }
+}
+
+thread_local! {
+    /// Where a write whose bytes are not aligned in memory is copied first.
+    static SCRATCH: RefCell<Option<AlignedBuf>> = const { RefCell::new(None) };
+}
+
+/// Open `path` for direct I/O, or `None` where the file system refuses it.
+fn open_direct(path: &Path, write: bool) -> Option<File> {
+    std::fs::OpenOptions::new().read(!write).write(write).custom_flags(libc::O_DIRECT).open(path).ok()
+}
+
+/// The direct side of one file: a second descriptor opened with `O_DIRECT`,
+/// used beside the plain one the caller writes the edges with.
+#[derive(Debug)]
+pub struct DirectWrites {
+    direct: Option<File>,
+    /// Set when the file system refused a direct write: plain from then on.
+    refused: AtomicBool,
+}
+
+impl DirectWrites {
+    /// Direct writes to `path` where its file system allows them.
+    pub fn open(path: &Path) -> DirectWrites {
+        DirectWrites { direct: open_direct(path, true), refused: AtomicBool::new(false) }
+    }
+
+    /// Plain writes only.
+    pub fn plain() -> DirectWrites {
+        DirectWrites { direct: None, refused: AtomicBool::new(false) }
+    }
+
+    fn direct(&self) -> Option<&File> {
+        self.direct.as_ref().filter(|_| !self.refused.load(Ordering::Relaxed))
+    }
+
+    /// Write `data` at `offset`: the whole blocks direct, the edges through
+    /// `file` (a plain descriptor of the same file). Returns the bytes that
+    /// went through the page cache.
+    pub fn write_at(&self, file: &File, data: &[u8], offset: u64) -> io::Result<u64> {
+        let end = offset + data.len() as u64;
+        let (a, b) = (align_up(offset), align_down(end));
+        let Some(direct) = self.direct().filter(|_| b > a && (b - a) as usize >= DIRECT_MIN) else {
+            file.write_all_at(data, offset)?;
+            return Ok(data.len() as u64);
+        };
+        let (head, rest) = data.split_at((a - offset) as usize);
+        let (middle, tail) = rest.split_at((b - a) as usize);
+        file.write_all_at(head, offset)?;
+        file.write_all_at(tail, b)?;
+        match write_direct(direct, middle, a) {
+            Ok(()) => Ok((head.len() + tail.len()) as u64),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!(error = %e, "direct writes refused; writing through the page cache");
+                self.refused.store(true, Ordering::Relaxed);
+                file.write_all_at(middle, a)?;
+                Ok(data.len() as u64)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Write whole blocks `data` at the aligned `offset` through a direct
+/// descriptor, from `data` itself when it is aligned in memory, else from a
+/// per-thread aligned copy.
+fn write_direct(direct: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    if (data.as_ptr() as usize) % BLOCK == 0 {
+        return pwrite_all(direct, data, offset);
+    }
+    SCRATCH.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let buf = slot.get_or_insert_with(|| AlignedBuf::new(data.len()));
+        buf.reserve(data.len());
+        let copy = &mut buf.as_mut_slice()[..data.len()];
+        copy.copy_from_slice(data);
+        pwrite_all(direct, copy, offset)
+    })
+}
+
+/// pwrite until done. A short direct write ends on a block boundary (the
+/// device wrote whole blocks), so the rest stays aligned.
+fn pwrite_all(file: &File, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+    while !data.is_empty() {
+        match file.write_at(data, offset) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the disk took no bytes")),
+            Ok(n) => {
+                data = &data[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Read `len` bytes of `file` at `offset` into `buf`, and return where in
+/// `buf` they start. From the page cache when they are all there (a
+/// non-blocking read proves it), else direct through `direct` (whole
+/// blocks around the range), else plain. Fewer than `len` bytes only at the
+/// end of the file: the slice returned is what exists.
+pub fn read_uncached<'b>(file: &File, direct: Option<&File>, buf: &'b mut AlignedBuf, offset: u64, len: usize) -> io::Result<&'b [u8]> {
+    let (a, b) = (align_down(offset), align_up(offset + len as u64));
+    buf.reserve((b - a) as usize);
+    let skip = (offset - a) as usize;
+    // The cached case: one preadv2(RWF_NOWAIT) that returns everything.
+    {
+        let dst = &mut buf.as_mut_slice()[skip..skip + len];
+        let iov = libc::iovec { iov_base: dst.as_mut_ptr().cast(), iov_len: dst.len() };
+        // SAFETY: the iovec points into `dst`, alive and writable for the
+        // call; the descriptor is open.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
+        if n >= 0 && n as usize == len {
+            return Ok(&buf.as_slice()[skip..skip + len]);
+        }
+    }
+    if let Some(direct) = direct {
+        let span = (b - a) as usize;
+        match pread_full(direct, &mut buf.as_mut_slice()[..span], a) {
+            Ok(got) => {
+                let have = got.saturating_sub(skip).min(len);
+                return Ok(&buf.as_slice()[skip..skip + have]);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let got = pread_full(file, &mut buf.as_mut_slice()[skip..skip + len], offset)?;
+    Ok(&buf.as_slice()[skip..skip + got])
+}
+
+/// pread until `dst` is full or the file ends; the bytes read.
+fn pread_full(file: &File, dst: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut got = 0;
+    while got < dst.len() {
+        match file.read_at(&mut dst[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// A direct read descriptor for `path`, where its file system allows one.
+pub fn open_direct_read(path: &Path) -> Option<File> {
+    open_direct(path, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{random_bytes, TestDir};
+
+    #[test]
+    fn mixed_writes_at_any_offset_give_the_same_bytes_as_plain_ones() {
+        let dir = TestDir::new("direct");
+        let path = dir.path().join("f");
+        let size = 3 << 20;
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(size).unwrap();
+        let dw = DirectWrites::open(&path);
+        let src = random_bytes(size as usize, 3);
+        // Pieces of awkward sizes, written out of order, some from an
+        // unaligned slice and some tiny.
+        let mut cuts = vec![0u64, 1, 4097, 70_000, 200_001, 1 << 20, (1 << 20) + 100, 2_500_000, size];
+        cuts.dedup();
+        let mut pieces: Vec<(u64, u64)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
+        pieces.reverse();
+        let mut cached = 0;
+        for (s, e) in pieces {
+            cached += dw.write_at(&file, &src[s as usize..e as usize], s).unwrap();
+        }
+        file.sync_all().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), src);
+        if dw.direct().is_some() {
+            assert!(cached < size / 4, "{cached} of {size} bytes went through the page cache");
+        }
+    }
+
+    #[test]
+    fn uncached_reads_return_the_range_and_stop_at_the_end() {
+        let dir = TestDir::new("direct-read");
+        let src = random_bytes(1_000_003, 4);
+        let path = dir.file("f", &src);
+        let file = File::open(&path).unwrap();
+        // Out of the page cache, so that the direct path is the one taken.
+        file.sync_all().unwrap();
+        // SAFETY: an open descriptor; advice only.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let direct = open_direct_read(&path);
+        let mut buf = AlignedBuf::new(BLOCK);
+        for (off, len) in [(0usize, 10usize), (4095, 300_000), (999_000, 1003), (999_000, 5000), (12_345, 987_658)] {
+            let got = read_uncached(&file, direct.as_ref(), &mut buf, off as u64, len).unwrap();
+            let want = &src[off..(off + len).min(src.len())];
+            assert_eq!(got, want, "read at {off} of {len}");
+        }
+    }
+}
