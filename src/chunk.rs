@@ -417,6 +417,7 @@ impl Cutter {
 
 /// Accumulates chunks as bytes are consumed; `size` is where the next
 /// chunk starts (0, or the start of a segment cut on its own thread).
+#[derive(Debug, Clone)]
 struct Builder {
     cutter: Cutter,
     size: u64,
@@ -447,8 +448,86 @@ impl Builder {
         pos
     }
 
+    /// Cut and hash the chunks of `data` that are final whatever follows:
+    /// those ended by a cut point (a cut depends only on the bytes before
+    /// it) or by `max`. Returns the bytes consumed; the rest holds no cut.
+    fn consume_final(&mut self, data: &[u8]) -> usize {
+        let max = self.cutter.max_len();
+        let mut pos = 0;
+        while pos < data.len() {
+            let rest = &data[pos..];
+            let len = self.cutter.next_len(rest).clamp(1, rest.len());
+            if len == rest.len() && rest.len() < max {
+                break;
+            }
+            self.chunks.push(ChunkRef { offset: self.size, len: len as u32, hash: Hash::of(&rest[..len]) });
+            self.size += len as u64;
+            pos += len;
+        }
+        pos
+    }
+
     fn finish(self) -> Manifest {
         Manifest::new(self.size, self.chunks)
+    }
+}
+
+/// Cuts and hashes a file while it is written from start to end: bytes
+/// are offered in order, and the manifest is ready when the last one is,
+/// without reading the file back. The chunks are the ones [`chunk_slice`]
+/// gives for the same bytes (a cut only depends on the `max` bytes after
+/// the previous one).
+#[derive(Debug, Clone)]
+pub struct StreamChunker {
+    params: ChunkParams,
+    builder: Builder,
+    /// The bytes after the last final cut: fewer than `max`, none a cut.
+    pending: Vec<u8>,
+}
+
+impl StreamChunker {
+    pub fn new(params: &ChunkParams) -> Result<StreamChunker, ChunkError> {
+        Ok(StreamChunker { params: *params, builder: Builder::new(Cutter::new(params)?), pending: Vec::new() })
+    }
+
+    pub fn params(&self) -> &ChunkParams {
+        &self.params
+    }
+
+    /// How many bytes were offered: where the next ones must start.
+    pub fn position(&self) -> u64 {
+        self.builder.size + self.pending.len() as u64
+    }
+
+    /// The next bytes of the file. Copies only the bytes after the last
+    /// cut, and those of the next chunk that join them.
+    pub fn push(&mut self, mut data: &[u8]) {
+        let max = self.builder.cutter.max_len();
+        let old = self.pending.len();
+        if old > 0 {
+            let take = (max - old).min(data.len());
+            self.pending.extend_from_slice(&data[..take]);
+            let n = self.builder.consume_final(&self.pending);
+            if n < old {
+                // Not reached past the old bytes (too few new ones): keep
+                // everything after the cut for the next write.
+                self.pending.extend_from_slice(&data[take..]);
+                let m = n + self.builder.consume_final(&self.pending[n..]);
+                self.pending.drain(..m);
+                return;
+            }
+            data = &data[n - old..];
+            self.pending.clear();
+        }
+        let n = self.builder.consume_final(data);
+        self.pending.extend_from_slice(&data[n..]);
+    }
+
+    /// The manifest of the bytes offered so far (the stream can go on).
+    pub fn manifest(&self) -> Manifest {
+        let mut tail = Builder { cutter: self.builder.cutter.clone(), size: self.builder.size, chunks: self.builder.chunks.clone() };
+        tail.consume(&self.pending, true);
+        tail.finish()
     }
 }
 
@@ -917,6 +996,41 @@ mod tests {
                 assert_eq!(m, whole, "reads {sizes:?}, buffer {buf_len}");
             }
         }
+    }
+
+    #[test]
+    fn a_stream_of_writes_of_any_size_gives_the_same_manifest() {
+        let data = random_bytes(1 << 20, 5);
+        let whole = chunk_slice(&data, &SMALL).unwrap();
+        // Writes that end just before, at and past cuts, tiny and larger
+        // than `max`; and uniform data, cut at `max` only.
+        for sizes in [
+            vec![1, 2, 3, 4093],
+            vec![SMALL.max as usize],
+            vec![SMALL.max as usize - 1],
+            vec![65536, 1],
+            vec![1 << 20],
+            vec![7777, 300_001, 5],
+        ] {
+            let mut stream = StreamChunker::new(&SMALL).unwrap();
+            let (mut at, mut i) = (0, 0);
+            while at < data.len() {
+                let n = sizes[i % sizes.len()].min(data.len() - at);
+                stream.push(&data[at..at + n]);
+                at += n;
+                i += 1;
+                assert_eq!(stream.position(), at as u64);
+                if i == 7 {
+                    // A manifest midway leaves the stream as it was.
+                    assert_eq!(stream.manifest(), chunk_slice(&data[..at], &SMALL).unwrap());
+                }
+            }
+            assert_eq!(stream.manifest(), whole, "writes of {sizes:?}");
+        }
+        let zeros = vec![0u8; 3 * SMALL.max as usize + 5];
+        let mut stream = StreamChunker::new(&SMALL).unwrap();
+        zeros.chunks(1000).for_each(|w| stream.push(w));
+        assert_eq!(stream.manifest(), chunk_slice(&zeros, &SMALL).unwrap());
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Direct I/O for the big sequential writes of a transfer: the blocks a
-//! write covers whole go to the disk without the page cache (`O_DIRECT`),
-//! the partial blocks at its edges through it.
+//! Direct I/O for the big writes of a transfer and of a mount's staging
+//! files: the blocks a write covers whole go to the disk without the page
+//! cache (`O_DIRECT`), the partial blocks at its edges through it.
 //!
 //! Why: on a virtual machine, a fresh page-cache page is expensive (the
 //! host takes free pages back and hands them out again), and a transfer
@@ -17,8 +17,10 @@
 //!   the head and the tail through the page cache, and the kernel keeps
 //!   the two coherent (a direct write flushes and drops cached pages of
 //!   its range first);
-//! - the file's size is set before the writes ([`crate::transfer`]'s temp
-//!   files are), so no direct write extends the file;
+//! - a direct write may extend the file (a mount's staging file grows as
+//!   it is written): Linux file systems move the size only once the data
+//!   is on the disk, and a staging file's writes are serialised by its
+//!   lock, so no read sees the new size before the bytes;
 //! - a file system that refuses `O_DIRECT` (tmpfs on older kernels, some
 //!   network file systems) at open or on the first write switches the file
 //!   to plain writes, with the same result;
@@ -27,6 +29,9 @@
 //!
 //! Reads of a file that is not in the page cache ([`read_uncached`]) go
 //! direct too, for the same reason; one that is cached is read from there.
+//! A chunk received from the network lands in a [`Landing`] buffer laid
+//! out like the file's blocks, so its direct write needs no copy; a
+//! sender reads its chunks with [`Landing::read`].
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -107,6 +112,51 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this very layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
+    }
+}
+
+/// A buffer for `len` bytes bound for file offset `offset`, placed so that
+/// each of their whole disk blocks starts on a block boundary in memory
+/// too: a direct write of them needs no aligned copy first. What
+/// [`crate::transfer`] receives a chunk into.
+pub struct Landing {
+    buf: AlignedBuf,
+    skip: usize,
+    len: usize,
+}
+
+impl Landing {
+    pub fn new(offset: u64, len: usize) -> Landing {
+        let skip = (offset % BLOCK as u64) as usize;
+        Landing { buf: AlignedBuf::new(align_up((skip + len) as u64) as usize), skip, len }
+    }
+
+    /// The `len` bytes of `file` at `offset`, read as [`read_uncached`]
+    /// does; an `UnexpectedEof` error if the file is shorter.
+    pub fn read(file: &File, direct: Option<&File>, offset: u64, len: usize) -> io::Result<Landing> {
+        let mut landing = Landing::new(offset, len);
+        let got = read_uncached(file, direct, &mut landing.buf, offset, len)?.len();
+        if got != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{got} of {len} bytes at offset {offset}: the file is shorter"),
+            ));
+        }
+        Ok(landing)
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf.as_slice()[self.skip..self.skip + self.len]
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf.as_mut_slice()[self.skip..self.skip + self.len]
+    }
+}
+
+impl AsRef<[u8]> for Landing {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
     }
 }
 
@@ -206,25 +256,15 @@ fn pwrite_all(file: &File, mut data: &[u8], mut offset: u64) -> io::Result<()> {
 }
 
 /// Read `len` bytes of `file` at `offset` into `buf`, and return where in
-/// `buf` they start. From the page cache when they are all there (a
-/// non-blocking read proves it), else direct through `direct` (whole
-/// blocks around the range), else plain. Fewer than `len` bytes only at the
-/// end of the file: the slice returned is what exists.
+/// `buf` they start. From the page cache when they are all there
+/// ([`all_cached`]), else direct through `direct` (whole blocks around the
+/// range), else plain. Fewer than `len` bytes only at the end of the file:
+/// the slice returned is what exists.
 pub fn read_uncached<'b>(file: &File, direct: Option<&File>, buf: &'b mut AlignedBuf, offset: u64, len: usize) -> io::Result<&'b [u8]> {
     let (a, b) = (align_down(offset), align_up(offset + len as u64));
     buf.reserve((b - a) as usize);
     let skip = (offset - a) as usize;
-    // The cached case: one preadv2(RWF_NOWAIT) that returns everything.
-    {
-        let dst = &mut buf.as_mut_slice()[skip..skip + len];
-        let iov = libc::iovec { iov_base: dst.as_mut_ptr().cast(), iov_len: dst.len() };
-        // SAFETY: the iovec points into `dst`, alive and writable for the
-        // call; the descriptor is open.
-        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset as libc::off_t, libc::RWF_NOWAIT) };
-        if n >= 0 && n as usize == len {
-            return Ok(&buf.as_slice()[skip..skip + len]);
-        }
-    }
+    let direct = direct.filter(|_| all_cached(file, offset, len as u64) == Some(false));
     if let Some(direct) = direct {
         let span = (b - a) as usize;
         match pread_full(direct, &mut buf.as_mut_slice()[..span], a) {
@@ -238,6 +278,51 @@ pub fn read_uncached<'b>(file: &File, direct: Option<&File>, buf: &'b mut Aligne
     }
     let got = pread_full(file, &mut buf.as_mut_slice()[skip..skip + len], offset)?;
     Ok(&buf.as_slice()[skip..skip + got])
+}
+
+/// Whether every page of `[offset, offset + len)` of `file` is in the page
+/// cache (the `cachestat` system call, Linux 6.5); `None` where the kernel
+/// cannot tell. A probe that reads (`preadv2` with `RWF_NOWAIT`) would not
+/// do: a miss starts readahead, which fills the cache this module avoids.
+pub fn all_cached(file: &File, offset: u64, len: u64) -> Option<bool> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    /// The same number on every architecture (the unified syscall table).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    static MISSING: AtomicBool = AtomicBool::new(false);
+    if len == 0 || MISSING.load(Ordering::Relaxed) {
+        return None;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as u64,
+        _ => BLOCK as u64,
+    };
+    let range = Range { off: offset, len };
+    let mut stat = Stat::default();
+    // SAFETY: both pointers are to live values of the kernel's layout
+    // (struct cachestat_range, struct cachestat); the descriptor is open.
+    let rc = unsafe { libc::syscall(SYS_CACHESTAT, file.as_raw_fd(), &range as *const Range, &mut stat as *mut Stat, 0u32) };
+    if rc != 0 {
+        if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            MISSING.store(true, Ordering::Relaxed);
+        }
+        return None;
+    }
+    let pages = (offset + len).div_ceil(page) - offset / page;
+    Some(stat.nr_cache >= pages)
 }
 
 /// pread until `dst` is full or the file ends; the bytes read.

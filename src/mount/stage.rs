@@ -12,7 +12,8 @@
 //! the new bytes present: they are zeros); filling never overwrites a
 //! present byte, because it checks under the same lock writes take.
 
-use crate::chunk::{ChunkParams, Manifest};
+use crate::chunk::{ChunkParams, Manifest, StreamChunker};
+use crate::direct::DirectWrites;
 use crate::proto::Base;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -111,6 +112,10 @@ pub struct StageState {
     /// instead of forcing a push of half-written content first.
     pub due_mode: Option<u32>,
     pub due_mtime_ns: Option<i64>,
+    /// While the file has only been written from start to end since it
+    /// was empty: its chunks, cut and hashed as the bytes arrived, so the
+    /// push needs no read of the file to know its manifest.
+    pub stream: Option<StreamChunker>,
 }
 
 pub struct Staged {
@@ -123,6 +128,11 @@ pub struct Staged {
     /// Starts the disk writing a large staging file as it fills, so the
     /// fsync before it is queued has little left to write.
     pub writeback: crate::flush::EarlyWriteback,
+    /// Large writes go to the disk without the page cache (see
+    /// [`crate::direct`]): a write through a mount is read back only once,
+    /// by the push, which reads it direct as well.
+    direct: DirectWrites,
+    params: ChunkParams,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -133,7 +143,7 @@ impl Staged {
     /// A staging file for a version of `size` bytes whose content is
     /// `base` (nothing local yet), or for a new empty file (`base` None).
     /// `data` is a fresh name or a spare file of the write-back folder's.
-    pub fn create(data: PathBuf, base: Option<Arc<Manifest>>, expect: Base, mtime_ns: i64) -> std::io::Result<Staged> {
+    pub fn create(data: PathBuf, base: Option<Arc<Manifest>>, expect: Base, mtime_ns: i64, params: ChunkParams) -> std::io::Result<Staged> {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&data)?;
         let size = base.as_ref().map_or(0, |m| m.size);
         file.set_len(size)?;
@@ -149,13 +159,27 @@ impl Staged {
             written: Ranges::default(),
             due_mode: None,
             due_mtime_ns: None,
+            stream: None,
         };
-        Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()), writeback: Default::default() })
+        let direct = DirectWrites::open(&data);
+        let staged = Staged {
+            data,
+            file,
+            state: Mutex::new(state),
+            gate: tokio::sync::Mutex::new(()),
+            writeback: Default::default(),
+            direct,
+            params,
+        };
+        if size == 0 {
+            staged.state().stream = StreamChunker::new(&params).ok();
+        }
+        Ok(staged)
     }
 
     /// A staging made of `data`, a complete local copy of version
     /// `manifest` (a file this node pushed earlier).
-    pub fn adopt(data: PathBuf, manifest: Arc<Manifest>, mtime_ns: i64) -> std::io::Result<Staged> {
+    pub fn adopt(data: PathBuf, manifest: Arc<Manifest>, mtime_ns: i64, params: ChunkParams) -> std::io::Result<Staged> {
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&data)?;
         if file.metadata()?.len() != manifest.size {
             return Err(std::io::Error::other(format!("{} is not the size of the version it should hold", data.display())));
@@ -174,8 +198,18 @@ impl Staged {
             written: Ranges::default(),
             due_mode: None,
             due_mtime_ns: None,
+            stream: None,
         };
-        Ok(Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()), writeback: Default::default() })
+        let direct = DirectWrites::open(&data);
+        Ok(Staged {
+            data,
+            file,
+            state: Mutex::new(state),
+            gate: tokio::sync::Mutex::new(()),
+            writeback: Default::default(),
+            direct,
+            params,
+        })
     }
 
     /// The manifest of the content, which must be all local (blocking).
@@ -186,6 +220,9 @@ impl Staged {
     pub fn manifest(&self, params: &ChunkParams) -> std::io::Result<Manifest> {
         let (size, base, written) = {
             let st = self.state();
+            if let Some(stream) = st.stream.as_ref().filter(|s| s.position() == st.size && s.params() == params) {
+                return Ok(stream.manifest());
+            }
             (st.size, st.recut_base.clone(), st.written.clone())
         };
         let changed: u64 = written.as_slice().iter().map(|(a, b)| b - a).sum();
@@ -230,8 +267,12 @@ impl Staged {
     /// Store written bytes. Writing past the end leaves zeros in between.
     pub fn write(&self, offset: u64, data: &[u8], now_ns: i64) -> std::io::Result<()> {
         let mut st = self.state();
-        self.file.write_all_at(data, offset)?;
+        let cached = self.direct.write_at(&self.file, data, offset)?;
         let end = offset + data.len() as u64;
+        match st.stream.as_mut() {
+            Some(stream) if stream.position() == offset => stream.push(data),
+            _ => st.stream = None,
+        }
         if offset > st.size {
             let size = st.size;
             st.present.insert(size, offset);
@@ -243,7 +284,7 @@ impl Staged {
         st.dirty = true;
         st.mtime_ns = now_ns;
         drop(st);
-        self.writeback.wrote(&self.file, data.len() as u64);
+        self.writeback.wrote(&self.file, cached);
         Ok(())
     }
 
@@ -251,6 +292,11 @@ impl Staged {
     pub fn set_len(&self, len: u64, now_ns: i64) -> std::io::Result<()> {
         let mut st = self.state();
         self.file.set_len(len)?;
+        if len == 0 {
+            st.stream = StreamChunker::new(&self.params).ok();
+        } else if st.stream.as_ref().is_some_and(|s| s.position() != len) {
+            st.stream = None;
+        }
         if len > st.size {
             let size = st.size;
             st.present.insert(size, len);
@@ -320,7 +366,7 @@ mod tests {
         let dir = crate::testutil::TestDir::new("stage");
         let dir = dir.path();
         let base = crate::chunk::chunk_slice(&[7u8; 100], &crate::chunk::ChunkParams::default()).unwrap();
-        let s = Staged::create(dir.join("a"), Some(Arc::new(base)), Base::Absent, 0).unwrap();
+        let s = Staged::create(dir.join("a"), Some(Arc::new(base)), Base::Absent, 0, ChunkParams::default()).unwrap();
         s.write(10, b"hello", 1).unwrap();
         assert_eq!(s.missing(0, 100), vec![(0, 10), (15, 100)]);
         s.fill(0, &[7u8; 100]).unwrap();
@@ -332,6 +378,38 @@ mod tests {
         s.set_len(20, 3).unwrap();
         assert_eq!(s.read(0, 100).unwrap()[12..], [0u8; 8]);
         assert!(s.state().dirty);
+    }
+
+    #[test]
+    fn a_file_written_in_order_has_its_manifest_without_a_read_back() {
+        let dir = crate::testutil::TestDir::new("stage-stream");
+        let params = ChunkParams::default();
+        let data = crate::testutil::random_bytes(5 << 20, 9);
+        let s = Staged::create(dir.path().join("a"), None, Base::Absent, 0, params).unwrap();
+        // 1 MiB writes (direct where the disk allows), then a short one
+        // that leaves the file unaligned, then more.
+        let mut at = 0;
+        for n in [1 << 20, 1 << 20, 1000, (1 << 20) + 5, 3 << 20] {
+            let n = n.min(data.len() - at);
+            s.write(at as u64, &data[at..at + n], 1).unwrap();
+            at += n;
+        }
+        assert_eq!(at, data.len());
+        assert!(s.state().stream.is_some());
+        let want = crate::chunk::chunk_slice(&data, &params).unwrap();
+        assert_eq!(s.manifest(&params).unwrap(), want);
+        assert_eq!(s.read(0, data.len() as u32).unwrap(), data);
+        // A write elsewhere ends the stream; the manifest is cut from the
+        // file again, and right.
+        s.write(4096, b"changed", 2).unwrap();
+        assert!(s.state().stream.is_none());
+        let mut edited = data.clone();
+        edited[4096..4103].copy_from_slice(b"changed");
+        assert_eq!(s.manifest(&params).unwrap(), crate::chunk::chunk_slice(&edited, &params).unwrap());
+        // Truncated to nothing, it streams again.
+        s.set_len(0, 3).unwrap();
+        s.write(0, &data[..3 << 20], 4).unwrap();
+        assert_eq!(s.manifest(&params).unwrap(), crate::chunk::chunk_slice(&data[..3 << 20], &params).unwrap());
     }
 
     proptest! {

@@ -13,7 +13,6 @@ use crate::node::Node;
 use crate::proto::{self, AckStatus, Capability, DataHeader, Entry, Name, RangeSet, Request, Response, SharePath, ShareRow};
 use crate::time::Timestamp;
 use crate::transport::{read_line, Control, Endpoint, TransportError};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -235,6 +234,8 @@ impl Session {
             storage.max_retries,
         );
         let source = Arc::new(std::fs::File::open(file).map_err(|source| TransferError::Io { path: file.to_path_buf(), source })?);
+        // Chunks not in the page cache are read past it (see crate::direct).
+        let direct = Arc::new(crate::direct::open_direct_read(file));
         let mut senders = tokio::task::JoinSet::new();
         let mut bytes_sent = 0u64;
         let mut chunks_sent = 0u32;
@@ -257,24 +258,24 @@ impl Session {
                 bytes_sent += chunk.len as u64;
                 chunks_sent += 1;
                 let conn = self.conn.clone();
-                let source = source.clone();
+                let (source, direct) = (source.clone(), direct.clone());
                 let header = DataHeader::Put { transfer_id: transfer_id.clone(), index, size: chunk.len, hash: chunk.hash };
                 senders.spawn(async move {
                     let mut data = crate::transfer::blocking_io(u64::from(chunk.len), move || {
-                        let mut buf = vec![0u8; chunk.len as usize];
-                        source.read_exact_at(&mut buf, chunk.offset).map(|_| buf)
+                        crate::direct::Landing::read(&source, direct.as_ref().as_ref(), chunk.offset, chunk.len as usize)
                     })
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| format!("reading chunk {index}: {e}"))?;
                     if corrupt {
-                        if let Some(b) = data.first_mut() {
+                        if let Some(b) = data.bytes_mut().first_mut() {
                             *b ^= 0xff;
                         }
                     }
                     let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
                     stream.write_all(header.encode().as_bytes()).await.map_err(|e| e.to_string())?;
-                    stream.write_all(&data).await.map_err(|e| e.to_string())?;
+                    // Handed over, not copied into the stream's buffer.
+                    stream.write_chunk(bytes::Bytes::from_owner(data)).await.map_err(|e| e.to_string())?;
                     stream.finish().map_err(|e| e.to_string())?;
                     Ok::<(), String>(())
                 });
@@ -498,7 +499,7 @@ async fn receive_chunks(
         tokio::spawn(async move {
             match read_chunk_stream(stream, &assembly, &transfer_id).await {
                 Ok((index, n, data)) => {
-                    let outcome = crate::transfer::blocking_io(data.len() as u64, move || assembly.write_chunk(index, &data)).await;
+                    let outcome = crate::transfer::blocking_io(n, move || assembly.write_chunk(index, data.bytes())).await;
                     let outcome = match outcome {
                         Ok(Ok(w)) => Ok(w),
                         Ok(Err(AssembleError::HashMismatch { .. })) => Err("HASH_MISMATCH".to_string()),
@@ -519,7 +520,7 @@ pub(crate) async fn read_chunk_stream(
     stream: quinn::RecvStream,
     assembly: &Assembly,
     transfer_id: &Name,
-) -> Result<(u32, u64, Vec<u8>), String> {
+) -> Result<(u32, u64, crate::direct::Landing), String> {
     let mut reader = tokio::io::BufReader::with_capacity(4096, stream);
     let mut line = Vec::new();
     let header = match read_line(&mut reader, &mut line).await {
@@ -536,13 +537,12 @@ pub(crate) async fn read_chunk_stream(
     if &id != transfer_id {
         return Err(format!("chunk for unknown transfer {id}"));
     }
-    let expected =
-        assembly.manifest().chunks.get(index as usize).map(|c| c.len).ok_or_else(|| format!("chunk {index} is not part of the file"))?;
-    if size != expected {
-        return Err(format!("chunk {index} announced {size} bytes, the manifest says {expected}"));
+    let chunk = assembly.manifest().chunks.get(index as usize).copied().ok_or_else(|| format!("chunk {index} is not part of the file"))?;
+    if size != chunk.len {
+        return Err(format!("chunk {index} announced {size} bytes, the manifest says {}", chunk.len));
     }
-    let mut data = vec![0u8; size as usize];
-    tokio::io::AsyncReadExt::read_exact(&mut reader, &mut data).await.map_err(|e| format!("chunk {index}: {e}"))?;
+    let mut data = crate::direct::Landing::new(chunk.offset, size as usize);
+    tokio::io::AsyncReadExt::read_exact(&mut reader, data.bytes_mut()).await.map_err(|e| format!("chunk {index}: {e}"))?;
     Ok((index, size as u64, data))
 }
 

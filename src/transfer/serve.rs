@@ -634,7 +634,8 @@ impl Session {
         let header = DataHeader::ChunkData { transfer_id: transfer_id.clone(), index, size: chunk.len, hash: chunk.hash };
         let mut stream = self.conn.open_uni().await.map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
         stream.write_all(header.encode().as_bytes()).await.map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
-        stream.write_all(&data).await.map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        // Handed over, not copied into the stream's buffer.
+        stream.write_chunk(bytes::Bytes::from(data)).await.map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
         let _ = stream.finish();
         outgoing.bytes.fetch_add(chunk.len as u64, Ordering::SeqCst);
         outgoing.chunks.fetch_add(1, Ordering::SeqCst);
@@ -870,22 +871,22 @@ impl Session {
             return;
         };
         let Some(assembly) = lock(&incoming.assembly).clone() else { return };
-        let Some(expected) = assembly.manifest().chunks.get(index as usize).map(|c| c.len) else {
+        let Some(chunk) = assembly.manifest().chunks.get(index as usize).copied() else {
             let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_REQUEST".into()) }).await;
             return;
         };
-        if size != expected {
+        if size != chunk.len {
             let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_LENGTH".into()) }).await;
             return;
         }
-        let mut data = vec![0u8; size as usize];
-        if tokio::io::AsyncReadExt::read_exact(&mut reader, &mut data).await.is_err() {
+        let mut data = crate::direct::Landing::new(chunk.offset, size as usize);
+        if tokio::io::AsyncReadExt::read_exact(&mut reader, data.bytes_mut()).await.is_err() {
             return;
         }
         incoming.bytes.fetch_add(size as u64, Ordering::SeqCst);
         incoming.chunks.fetch_add(1, Ordering::SeqCst);
         let a = assembly.clone();
-        let written = crate::transfer::blocking_io(size as u64, move || a.write_chunk(index, &data)).await;
+        let written = crate::transfer::blocking_io(size as u64, move || a.write_chunk(index, data.bytes())).await;
         drop(assembly);
         let status = match written {
             Ok(Ok(Written::Complete)) => {

@@ -211,7 +211,7 @@ impl Vfs {
         let mtime = lock(&self.inodes).by_ino.get(&ino).map_or(0, |n| n.mtime_ns);
         // A version this node pushed itself may still be here, whole.
         let adopted = match manifest.as_ref().and_then(|m| self.writeback.take_kept(&m.file_hash, &data)) {
-            Some(m) => Staged::adopt(data.clone(), m, mtime)
+            Some(m) => Staged::adopt(data.clone(), m, mtime, self.writeback.chunk_params())
                 .map_err(|e| {
                     tracing::debug!("kept copy unusable: {e}");
                     let _ = std::fs::remove_file(&data);
@@ -221,7 +221,7 @@ impl Vfs {
         };
         let staged = match adopted {
             Some(s) => Arc::new(s),
-            None => Arc::new(Staged::create(data, manifest, expect, mtime).map_err(io_errno)?),
+            None => Arc::new(Staged::create(data, manifest, expect, mtime, self.writeback.chunk_params()).map_err(io_errno)?),
         };
         if truncate {
             staged.set_len(0, now_ns()).map_err(io_errno)?;
@@ -287,7 +287,9 @@ impl Vfs {
         }
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
         self.open_leases(&share, &path, OpenMode { write: true, ..open }, fh).await?;
-        let staged = Arc::new(Staged::create(self.writeback.staging_path(), None, Base::Absent, now_ns()).map_err(io_errno)?);
+        let staged = Arc::new(
+            Staged::create(self.writeback.staging_path(), None, Base::Absent, now_ns(), self.writeback.chunk_params()).map_err(io_errno)?,
+        );
         staged.state().dirty = true;
         staged.state().handles += 1;
         let ino = {
