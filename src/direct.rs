@@ -385,6 +385,8 @@ mod tests {
         file.sync_all().unwrap();
         // SAFETY: an open descriptor; advice only.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        // Where the kernel can tell, it now says the file is not cached.
+        assert_ne!(all_cached(&file, 0, src.len() as u64), Some(true));
         let direct = open_direct_read(&path);
         let mut buf = AlignedBuf::new(BLOCK);
         for (off, len) in [(0usize, 10usize), (4095, 300_000), (999_000, 1003), (999_000, 5000), (12_345, 987_658)] {
@@ -392,5 +394,10 @@ mod tests {
             let want = &src[off..(off + len).min(src.len())];
             assert_eq!(got, want, "read at {off} of {len}");
         }
+        // Read through the page cache, it is cached (where the kernel can
+        // tell), and a range past its end never counts as cached.
+        std::fs::read(&path).unwrap();
+        assert_ne!(all_cached(&file, 0, src.len() as u64), Some(false));
+        assert_ne!(all_cached(&file, 0, 2 * src.len() as u64), Some(true));
     }
 }

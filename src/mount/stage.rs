@@ -161,16 +161,7 @@ impl Staged {
             due_mtime_ns: None,
             stream: None,
         };
-        let direct = DirectWrites::open(&data);
-        let staged = Staged {
-            data,
-            file,
-            state: Mutex::new(state),
-            gate: tokio::sync::Mutex::new(()),
-            writeback: Default::default(),
-            direct,
-            params,
-        };
+        let staged = Staged::new(data, file, state, params);
         if size == 0 {
             staged.state().stream = StreamChunker::new(&params).ok();
         }
@@ -200,16 +191,12 @@ impl Staged {
             due_mtime_ns: None,
             stream: None,
         };
+        Ok(Staged::new(data, file, state, params))
+    }
+
+    fn new(data: PathBuf, file: File, state: StageState, params: ChunkParams) -> Staged {
         let direct = DirectWrites::open(&data);
-        Ok(Staged {
-            data,
-            file,
-            state: Mutex::new(state),
-            gate: tokio::sync::Mutex::new(()),
-            writeback: Default::default(),
-            direct,
-            params,
-        })
+        Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()), writeback: Default::default(), direct, params }
     }
 
     /// The manifest of the content, which must be all local (blocking).

@@ -94,8 +94,7 @@ struct Run {
 /// Bytes of the old version read, checked and written at a time.
 const PIECE: u64 = 8 << 20;
 
-/// Copy the reused chunks `chunks` (with their offsets in `old`) from `old`
-/// into `file`, each checked against its hash first; true for each chunk
+/// Copy the reused chunks `chunks` from `old` into `file` along `runs`, each checked against its hash first; true for each chunk
 /// copied, false for one that no longer matches (the old file changed
 /// behind the index). Reads the old version from the page cache when it is
 /// there and direct otherwise, writes direct ([`crate::direct`]), and works
@@ -103,7 +102,7 @@ const PIECE: u64 = 8 << 20;
 /// through the page cache.
 fn copy_verified(
     old: (&File, Option<&File>),
-    chunks: &[(u64, crate::chunk::ChunkRef)],
+    chunks: &[crate::chunk::ChunkRef],
     runs: &[Run],
     file: &File,
     direct: &DirectWrites,
@@ -113,7 +112,7 @@ fn copy_verified(
     let mut pieces: Vec<Run> = Vec::new();
     for run in runs {
         let mut piece = Run { from: run.from, to: run.to, len: 0, first: run.first, count: 0 };
-        for (k, (_, c)) in chunks[run.first..run.first + run.count].iter().enumerate() {
+        for (k, c) in chunks[run.first..run.first + run.count].iter().enumerate() {
             if piece.count > 0 && piece.len + u64::from(c.len) > PIECE {
                 let next = Run { from: piece.from + piece.len, to: piece.to + piece.len, len: 0, first: run.first + k, count: 0 };
                 pieces.push(std::mem::replace(&mut piece, next));
@@ -135,7 +134,7 @@ fn copy_verified(
             // Check each chunk, then write each stretch of good ones.
             let mut good_from: Option<u64> = None;
             let mut at = 0u64;
-            for (k, (_, chunk)) in chunks.iter().enumerate().skip(piece.first).take(piece.count) {
+            for (k, chunk) in chunks.iter().enumerate().skip(piece.first).take(piece.count) {
                 let len = u64::from(chunk.len);
                 let ok = at + len <= bytes.len() as u64 && Hash::of(&bytes[at as usize..(at + len) as usize]) == chunk.hash;
                 out.push((k, ok));
@@ -227,11 +226,11 @@ impl Assembly {
         {
             let old_len = old.metadata().map(|m| m.len()).unwrap_or(0);
             let by_hash: HashMap<Hash, (u64, u32)> = base.chunks.iter().map(|c| (c.hash, (c.offset, c.len))).collect();
-            // The runs to copy, and the chunks they carry (index in the new
-            // manifest, offset in the old file).
+            // The runs to copy, and the chunks they carry (with their index
+            // in the new manifest).
             let mut runs: Vec<Run> = Vec::new();
             let mut copied: Vec<usize> = Vec::new();
-            let mut chunks: Vec<(u64, crate::chunk::ChunkRef)> = Vec::new();
+            let mut chunks: Vec<crate::chunk::ChunkRef> = Vec::new();
             for (i, c) in manifest.chunks.iter().enumerate() {
                 if have[i] {
                     continue;
@@ -248,7 +247,7 @@ impl Assembly {
                     _ => runs.push(Run { from: offset, to: c.offset, len: len as u64, first: chunks.len(), count: 1 }),
                 }
                 copied.push(i);
-                chunks.push((offset, *c));
+                chunks.push(*c);
             }
             let (ok, cached) = copy_verified((&old, old_direct.as_ref()), &chunks, &runs, &file, &direct).map_err(io(&temp))?;
             if cached > 0 {
