@@ -727,10 +727,12 @@ pub fn recut(
     mut read: impl FnMut(u64, usize) -> io::Result<Vec<u8>>,
 ) -> io::Result<Vec<ChunkRef>> {
     let cutter = Cutter::new(params).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // A base chunk stands as it is when none of its bytes changed and it was
-    // cut by content (not by the end of a file that has grown since).
+    // A base chunk stands as it is when none of its bytes changed, nor the
+    // byte after it (the cut at its end was decided with that byte in the
+    // gear hash, see `Cutter::next_len`), and it was cut by content (not by
+    // the end of a file that has grown since).
     let reusable = |c: &ChunkRef| {
-        let touched = dirty.iter().any(|&(a, b)| a < c.end() && b > c.offset);
+        let touched = dirty.iter().any(|&(a, b)| a <= c.end() && b > c.offset);
         let cut_by_end = c.end() == base.size && size > base.size;
         !touched && !cut_by_end && c.end() <= size
     };
@@ -1180,6 +1182,21 @@ mod tests {
         .unwrap();
         assert_eq!(chunks, chunk_slice(&data, &SMALL).unwrap().chunks);
         assert!(read_bytes < 200_000, "read {read_bytes} bytes to re-cut a 5000-byte edit");
+    }
+
+    #[test]
+    fn recut_of_an_edit_right_after_a_chunk_cuts_that_chunk_again() {
+        // The cut at a chunk's end hashes the byte after it: changing that
+        // byte alone may move the cut (found by the property below).
+        let mut data = random_bytes(300_000, 22);
+        let base = chunk_slice(&data, &SMALL).unwrap();
+        for c in base.chunks.iter().take(base.chunks.len() - 1).step_by(5) {
+            let n = data.len();
+            let dirty = edit(&mut data, &[(c.end() as usize, 1, 0)], n);
+            let chunks = recut(&base, n as u64, &dirty, &SMALL, |at, len| Ok(data[at as usize..at as usize + len].to_vec())).unwrap();
+            assert_eq!(chunks, chunk_slice(&data, &SMALL).unwrap().chunks, "edit at {}", c.end());
+            edit(&mut data, &[(c.end() as usize, 1, 0)], n);
+        }
     }
 
     proptest! {

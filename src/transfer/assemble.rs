@@ -213,7 +213,7 @@ impl Assembly {
                 }
             }
         } else {
-            file.set_len(manifest.size).map_err(io(&temp))?;
+            crate::direct::preallocate(&file, manifest.size).map_err(io(&temp))?;
         }
         // Delta: copy the chunks the current version already has, in runs
         // of chunks that sit at the same distance in both files (all of
