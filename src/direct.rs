@@ -168,7 +168,7 @@ impl Drop for Landing {
 /// in page by page, which cost a receiving daemon 8% of its samples. Holds
 /// at most [`POOL_BYTES`].
 static POOL: std::sync::Mutex<Vec<AlignedBuf>> = std::sync::Mutex::new(Vec::new());
-const POOL_BYTES: usize = 16 << 20;
+const POOL_BYTES: usize = 8 << 20;
 
 /// A buffer of at least `cap` bytes, from the pool when one there is no
 /// more than twice as big.

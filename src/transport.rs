@@ -288,10 +288,13 @@ fn transport_config(loopback: bool) -> quinn::TransportConfig {
     t
 }
 
-/// Datagram size used on loopback. Loopback carries 64 KiB, but with quinn
-/// 0.11 here handshakes fail above about 9 KB and throughput collapses
-/// (packet loss) from about 9 KB; 4000 stays well clear of that and cuts
-/// the per-packet cost by almost three compared with 1452.
+/// Datagram size used on loopback. Loopback carries 64 KiB, but quinn 0.11
+/// sends GSO batches of up to ten datagrams, which must fit the 64 KiB UDP
+/// limit (larger ones are dropped: the handshake fails and throughput
+/// collapses from about 6.5 KB), and quinn-proto asserts that a packet is
+/// under 16 KiB. 4000 cuts the per-packet cost by almost three compared
+/// with 1452; 6400 with GSO, or 12000 to 16000 without, measured the same
+/// within noise (docs/PERFORMANCE.md).
 const LOOPBACK_MTU: u16 = 4000;
 
 /// Initial congestion window on loopback, bytes.
