@@ -1195,6 +1195,7 @@ mod tests {
             let dirty = edit(&mut data, &[(c.end() as usize, 1, 0)], n);
             let chunks = recut(&base, n as u64, &dirty, &SMALL, |at, len| Ok(data[at as usize..at as usize + len].to_vec())).unwrap();
             assert_eq!(chunks, chunk_slice(&data, &SMALL).unwrap().chunks, "edit at {}", c.end());
+            // The same edit again undoes it (it flips the byte's low bit).
             edit(&mut data, &[(c.end() as usize, 1, 0)], n);
         }
     }

@@ -183,9 +183,6 @@ fn pool_take(cap: usize) -> AlignedBuf {
 }
 
 fn pool_give(buf: AlignedBuf) {
-    if buf.cap == 0 {
-        return;
-    }
     if let Ok(mut pool) = POOL.lock() {
         let held: usize = pool.iter().map(|b| b.cap).sum();
         if held + buf.cap <= POOL_BYTES {
@@ -228,6 +225,12 @@ impl DirectWrites {
     /// Plain writes only.
     pub fn plain() -> DirectWrites {
         DirectWrites { direct: None, refused: AtomicBool::new(false) }
+    }
+
+    /// Whether writes still go direct (the file system took `O_DIRECT`
+    /// and has not refused a write since).
+    pub fn is_direct(&self) -> bool {
+        self.direct().is_some()
     }
 
     fn direct(&self) -> Option<&File> {

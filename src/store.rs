@@ -109,7 +109,8 @@ struct Pack {
     /// Direct writes to a pack being appended to ([`crate::direct`]): the
     /// records bypass the page cache, where fresh pages are what a cold
     /// read spent most on (copying into them: 31% of mountd's samples).
-    direct: Option<Arc<DirectWrites>>,
+    /// Plain for the packs found at mount, which are only read.
+    direct: Arc<DirectWrites>,
     path: PathBuf,
     /// Records in it still indexed.
     live: u64,
@@ -183,13 +184,13 @@ fn dec(counts: &mut HashMap<Hash, u32>, h: &Hash) {
     }
 }
 
-/// Write one record (its header, then its data) at `offset`: laid out in an
-/// aligned buffer and padded to its footprint, then direct where the pack
-/// has a direct side, else plainly.
-fn write_record(file: &File, direct: Option<&DirectWrites>, offset: u64, head: &[u8], data: &[u8]) -> std::io::Result<()> {
-    let Some(direct) = direct else {
+/// Write one record (its header, then its data) at `offset`: where the pack
+/// takes direct writes, laid out in an aligned buffer, padded to its
+/// footprint and written direct; else plainly, without the copy.
+fn write_record(file: &File, direct: &DirectWrites, offset: u64, head: &[u8], data: &[u8]) -> std::io::Result<()> {
+    if !direct.is_direct() {
         return file.write_all_at(head, offset).and_then(|()| file.write_all_at(data, offset + HEADER));
-    };
+    }
     let size = footprint(data.len() as u64) as usize;
     // A pooled buffer, not one kept per thread: the blocking pool has many
     // threads, and a buffer each would hold a chunk's size per thread.
@@ -354,7 +355,7 @@ impl ChunkStore {
             let size = file.metadata().map_err(io(&path))?.len();
             scan_pack(&file, size, |offset, hash, len, used| found.push((used, id, offset, hash, len)));
             st.next_id = st.next_id.max(id.wrapping_add(1));
-            st.packs.insert(id, Pack { file: Arc::new(file), direct: None, path, live: 0 });
+            st.packs.insert(id, Pack { file: Arc::new(file), direct: Arc::new(DirectWrites::plain()), path, live: 0 });
         }
         found.sort();
         for (touched, pack, offset, hash, len) in found {
@@ -426,7 +427,7 @@ impl ChunkStore {
         };
         // Written outside the lock. No fsync: `get` verifies, so a record
         // torn by a crash is only a miss.
-        let written = write_record(&file, direct.as_deref(), offset, &header(hash, len, now_secs()), &data);
+        let written = write_record(&file, &direct, offset, &header(hash, len, now_secs()), &data);
         if let Err(source) = written {
             punch(&file, offset, size);
             return Err(StoreError::Io { path: self.pack_path(pack), source });
@@ -470,7 +471,7 @@ impl ChunkStore {
                 }
             }
         }
-        let direct = Some(Arc::new(DirectWrites::open(&path)));
+        let direct = Arc::new(DirectWrites::open(&path));
         st.packs.insert(id, Pack { file: Arc::new(file), direct, path, live: 0 });
         Ok(id)
     }

@@ -94,12 +94,13 @@ struct Run {
 /// Bytes of the old version read, checked and written at a time.
 const PIECE: u64 = 8 << 20;
 
-/// Copy the reused chunks `chunks` from `old` into `file` along `runs`, each checked against its hash first; true for each chunk
-/// copied, false for one that no longer matches (the old file changed
-/// behind the index). Reads the old version from the page cache when it is
-/// there and direct otherwise, writes direct ([`crate::direct`]), and works
-/// on two threads when there is much. Returns, beside, the bytes written
-/// through the page cache.
+/// Copy the reused chunks `chunks` from `old` into `file` along `runs`,
+/// each checked against its hash first; true for each chunk copied, false
+/// for one that no longer matches (the old file changed behind the index).
+/// Reads the old version from the page cache when it is there and direct
+/// otherwise, writes direct ([`crate::direct`]), and works on two threads
+/// when there is much. Returns, beside, the bytes written through the page
+/// cache.
 fn copy_verified(
     old: (&File, Option<&File>),
     chunks: &[crate::chunk::ChunkRef],
