@@ -622,6 +622,35 @@ fn close_waits_for_the_push_even_when_a_forked_child_flushed_the_descriptor_firs
 }
 
 #[test]
+fn a_file_being_written_stays_listed_when_the_partner_changes_its_directory() {
+    // A file created through the mount exists only here until its close
+    // pushes it. A change the serving node announces in the same directory
+    // drops the mount's listing of it; the fresh listing from the partner
+    // lacks the new file, and the mount must still show it (it once lost
+    // it: `ls` missed it and fstat on the open descriptor said ENOENT).
+    let w = World::new("listed", &["alice"], "", |_| {});
+    let a = w.c(0);
+    let mut f = std::fs::File::create(a.at("mine.txt")).unwrap();
+    f.write_all(b"not pushed yet").unwrap();
+    std::fs::write(w.server("theirs.txt"), b"made on the serving node").unwrap();
+    let names = || -> Vec<String> {
+        let mut v: Vec<String> =
+            std::fs::read_dir(a.at("")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || names().contains(&"theirs.txt".to_string())),
+        "the serving node's new file never showed up: {:?}",
+        names()
+    );
+    assert_eq!(names(), ["mine.txt", "theirs.txt"], "the file being written vanished from its directory");
+    assert_eq!(f.metadata().unwrap().len(), 14);
+    drop(f);
+    assert_eq!(std::fs::read(w.server("mine.txt")).unwrap(), b"not pushed yet");
+}
+
+#[test]
 fn mode_and_times_set_on_an_open_descriptor_reach_the_serving_node_with_the_content() {
     // What tar does for each file: write, then fchmod and futimens on the
     // open descriptor, then close. The mount keeps the attributes for the

@@ -216,6 +216,39 @@ struct Inodes {
     by_ino: HashMap<Ino, Inode>,
     by_key: HashMap<(String, SharePath), Ino>,
     next: Ino,
+    /// Files created here and not on the partner yet ([`Inode::local_only`]).
+    /// A directory's cached listing may be dropped at any time (a change
+    /// announced by the partner, a lease view gone stale); these are what a
+    /// fresh listing lacks and must keep showing.
+    local: std::collections::HashSet<Ino>,
+}
+
+impl Inodes {
+    /// Mark `ino` as created here and not pushed yet, or no longer so.
+    fn set_local_only(&mut self, ino: Ino, on: bool) {
+        if let Some(n) = self.by_ino.get_mut(&ino) {
+            n.local_only = on;
+        }
+        if on {
+            self.local.insert(ino);
+        } else {
+            self.local.remove(&ino);
+        }
+    }
+
+    /// (name, inode) of the files created here in directory `dir` and not
+    /// on the partner yet.
+    fn local_children(&self, dir: Ino) -> Vec<(String, Ino)> {
+        self.local
+            .iter()
+            .filter_map(|&i| {
+                let n = self.by_ino.get(&i).filter(|n| n.local_only && n.parent == dir)?;
+                // Still the inode its name leads to (not unlinked or renamed over).
+                (self.by_key.get(&(share_key(&n.share), n.path.clone())) == Some(&i)).then_some(())?;
+                Some((n.path.file_name()?.to_string(), i))
+            })
+            .collect()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -257,7 +290,7 @@ impl Vfs {
             Root::Shares(_) => (None, SharePath::root()),
             Root::Share(s) => (Some(s.clone()), SharePath::root()),
         };
-        let mut inodes = Inodes { by_ino: HashMap::new(), by_key: HashMap::new(), next: ROOT_INO + 1 };
+        let mut inodes = Inodes { by_ino: HashMap::new(), by_key: HashMap::new(), next: ROOT_INO + 1, local: Default::default() };
         inodes.by_key.insert((share_key(&share), path.clone()), ROOT_INO);
         inodes.by_ino.insert(
             ROOT_INO,
@@ -370,12 +403,12 @@ impl Vfs {
                 if n.size != e.size || n.mtime_ns != e.mtime_ns || n.kind != kind {
                     n.manifest = None;
                 }
-                n.local_only = false;
                 n.kind = kind;
                 n.size = e.size;
                 n.mtime_ns = e.mtime_ns;
                 n.mode = e.mode;
                 n.attr_at = Some(now);
+                inodes.set_local_only(ino, false);
                 return ino;
             }
         }
@@ -499,11 +532,10 @@ impl Vfs {
         let now = Instant::now();
         let mut children: Vec<(String, Ino)> =
             rows.iter().map(|(name, s, e)| (name.clone(), Self::upsert(&mut inodes, ino, s.clone(), e, now))).collect();
-        // Files created here and not pushed yet are ours to show.
-        let old = inodes.by_ino.get(&ino).and_then(|n| n.children.as_ref()).map(|(c, _)| c.clone()).unwrap_or_default();
-        for (name, child) in old {
-            let keep = inodes.by_ino.get(&child).is_some_and(|n| n.local_only);
-            if keep && !children.iter().any(|(n, _)| *n == name) {
+        // Files created here and not pushed yet are ours to show, whether
+        // or not the listing we had still names them.
+        for (name, child) in inodes.local_children(ino) {
+            if !children.iter().any(|(n, _)| *n == name) {
                 children.push((name, child));
             }
         }

@@ -298,9 +298,9 @@ impl Vfs {
             let ino = Self::upsert(&mut inodes, parent, Some(share.clone()), &entry, Instant::now());
             if let Some(n) = inodes.by_ino.get_mut(&ino) {
                 n.staged = Some(staged.clone());
-                n.local_only = true;
                 n.manifest = None;
             }
+            inodes.set_local_only(ino, true);
             if let Some((c, _)) = inodes.by_ino.get_mut(&parent).and_then(|p| p.children.as_mut()) {
                 if !c.iter().any(|(n, _)| n == name) {
                     c.push((name.to_string(), ino));
@@ -446,8 +446,8 @@ impl Vfs {
                     let known = (report.file_hash == manifest.file_hash.to_string()).then_some(manifest);
                     let mut inodes = lock(&self.inodes);
                     let mut parent = None;
+                    inodes.set_local_only(ino, false);
                     if let Some(n) = inodes.by_ino.get_mut(&ino) {
-                        n.local_only = false;
                         n.size = report.bytes_total;
                         n.manifest = known;
                         n.cached_version = None;
@@ -719,8 +719,8 @@ impl Vfs {
             }
             if let Some(n) = inodes.by_ino.get_mut(&ino) {
                 n.attr_at = None;
-                n.local_only = false;
             }
+            inodes.set_local_only(ino, false);
         }
     }
 
