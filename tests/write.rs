@@ -674,3 +674,202 @@ fn mode_and_times_set_on_an_open_descriptor_reach_the_serving_node_with_the_cont
     let pushes = a.node.json(&["history", "--limit", "50"]).as_array().unwrap().iter().filter(|r| r["path"] == "t.sh").count();
     assert_eq!(pushes, 1, "one push for the file");
 }
+
+/// The random-operation exerciser (in the manner of fsx): open, write,
+/// append, read back, truncate, fsync, close, rename and unlink on a few
+/// files through the mount, each checked against an in-memory model: every
+/// read through the mount, every size `stat` shows, and the serving node's
+/// copy after every close (close returns when the partner has the change).
+/// `DEFTFS_FSX_SEED` and `DEFTFS_FSX_OPS` replay or lengthen a run.
+#[test]
+fn random_operations_through_the_mount_match_a_model_and_the_serving_node() {
+    let seed: u64 = std::env::var("DEFTFS_FSX_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_f5c0_0001);
+    let ops: usize = std::env::var("DEFTFS_FSX_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
+    let w = World::new("fsx", &["alice"], "", |_| {});
+    let a = w.c(0);
+    const NAMES: [&str; 3] = ["f0.bin", "f1.bin", "f2.bin"];
+    const MAX: usize = 3 << 20;
+    let mut x = seed | 1;
+    let mut rnd = |n: usize| -> usize { (xorshift(&mut x) % n.max(1) as u64) as usize };
+    // Per name: its content (None: absent) and an open handle: (file,
+    // append mode, whether it created, wrote or resized the file).
+    let mut model: [Option<Vec<u8>>; 3] = [None, None, None];
+    let mut open: [Option<(std::fs::File, bool, bool)>; 3] = [None, None, None];
+    let mut trace: Vec<String> = Vec::new();
+    let mut fill = 1u64;
+    let fail = |trace: &[String], what: String| -> ! {
+        let tail = trace.len().saturating_sub(std::env::var("DEFTFS_FSX_TRACE").ok().and_then(|s| s.parse().ok()).unwrap_or(25));
+        panic!("seed {seed}, op {}: {what}\nlast operations:\n  {}", trace.len(), trace[tail..].join("\n  "));
+    };
+    for _ in 0..ops {
+        let i = rnd(3);
+        let name = NAMES[i];
+        let path = a.at(name);
+        let r = rnd(100);
+        match (&mut open[i], r) {
+            (None, 0..=39) => {
+                let (truncate, append) = match rnd(4) {
+                    0 => (true, false),
+                    1 => (false, true),
+                    _ => (false, false),
+                };
+                trace.push(format!("open {name} truncate={truncate} append={append} (exists: {})", model[i].is_some()));
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(truncate)
+                    .append(append)
+                    .open(&path)
+                    .unwrap_or_else(|e| fail(&trace, format!("open: {e}")));
+                let created = model[i].is_none();
+                let m = model[i].get_or_insert_with(Vec::new);
+                if truncate {
+                    m.clear();
+                }
+                open[i] = Some((f, append, created));
+            }
+            (None, 40..=49) if model[i].is_some() => {
+                let j = (i + 1 + rnd(2)) % 3;
+                if open[j].is_some() {
+                    continue;
+                }
+                trace.push(format!("rename {name} -> {}", NAMES[j]));
+                std::fs::rename(&path, a.at(NAMES[j])).unwrap_or_else(|e| fail(&trace, format!("rename: {e}")));
+                model[j] = model[i].take();
+                let got = std::fs::read(w.server(NAMES[j])).unwrap_or_else(|e| fail(&trace, format!("server copy after rename: {e}")));
+                if Some(&got) != model[j].as_ref() {
+                    fail(&trace, format!("serving node's {} differs after the rename", NAMES[j]));
+                }
+                if w.server(name).exists() {
+                    fail(&trace, format!("serving node still has {name} after renaming it away"));
+                }
+            }
+            (None, 50..=54) if model[i].is_some() => {
+                trace.push(format!("unlink {name}"));
+                std::fs::remove_file(&path).unwrap_or_else(|e| fail(&trace, format!("unlink: {e}")));
+                model[i] = None;
+                if w.server(name).exists() {
+                    fail(&trace, format!("serving node still has {name} after unlink"));
+                }
+            }
+            (None, _) => {
+                let want = model[i].as_ref().map(|m| m.len() as u64);
+                let got = std::fs::metadata(&path).ok().map(|m| m.len());
+                trace.push(format!("stat {name}"));
+                if got != want {
+                    fail(&trace, format!("stat size {got:?}, model {want:?}"));
+                }
+            }
+            (Some((f, append, changed)), _) => {
+                let m = model[i].as_mut().unwrap_or_else(|| fail(&trace, "open file without a model".into()));
+                match rnd(100) {
+                    0..=34 => {
+                        let len = 1 + rnd(200 << 10);
+                        let data = random_bytes(len, fill);
+                        fill += 1;
+                        if *append {
+                            trace.push(format!("append {name} {len}"));
+                            f.write_all(&data).unwrap_or_else(|e| fail(&trace, format!("append: {e}")));
+                            *changed = true;
+                            m.extend_from_slice(&data);
+                        } else {
+                            let at = rnd((m.len() + (32 << 10)).min(MAX - len));
+                            trace.push(format!("write {name} at {at} len {len}"));
+                            f.write_all_at(&data, at as u64).unwrap_or_else(|e| fail(&trace, format!("write: {e}")));
+                            *changed = true;
+                            if m.len() < at + len {
+                                m.resize(at + len, 0);
+                            }
+                            m[at..at + len].copy_from_slice(&data);
+                        }
+                    }
+                    35..=59 => {
+                        let at = rnd(m.len() + 1000);
+                        let len = 1 + rnd(300 << 10);
+                        let mut buf = vec![0u8; len];
+                        trace.push(format!("read {name} at {at} len {len}"));
+                        let mut got = 0;
+                        while got < len {
+                            match f.read_at(&mut buf[got..], (at + got) as u64) {
+                                Ok(0) => break,
+                                Ok(n) => got += n,
+                                Err(e) => fail(&trace, format!("read: {e}")),
+                            }
+                        }
+                        let want = if at >= m.len() { &[][..] } else { &m[at..(at + len).min(m.len())] };
+                        if &buf[..got] != want {
+                            let first = buf[..got].iter().zip(want).position(|(p, q)| p != q);
+                            fail(&trace, format!("read {got} bytes, model has {}; first difference at {first:?}", want.len()));
+                        }
+                    }
+                    60..=69 => {
+                        let len = rnd((m.len() + (100 << 10)).min(MAX));
+                        trace.push(format!("ftruncate {name} {len}"));
+                        f.set_len(len as u64).unwrap_or_else(|e| fail(&trace, format!("ftruncate: {e}")));
+                        *changed = true;
+                        m.resize(len, 0);
+                    }
+                    70..=74 => {
+                        trace.push(format!("fsync {name}"));
+                        f.sync_all().unwrap_or_else(|e| fail(&trace, format!("fsync: {e}")));
+                        // fsync returns when the partner has the change.
+                        if std::fs::read(w.server(name)).ok().as_ref() != Some(&*m) {
+                            fail(&trace, format!("serving node's {name} differs from the model after fsync"));
+                        }
+                    }
+                    75..=79 => {
+                        trace.push(format!("fstat {name}"));
+                        let got = f.metadata().unwrap_or_else(|e| fail(&trace, format!("fstat: {e}"))).len();
+                        if got != m.len() as u64 {
+                            fail(&trace, format!("fstat size {got}, model {}", m.len()));
+                        }
+                    }
+                    _ => {
+                        trace.push(format!("close {name} (changed: {changed})"));
+                        let changed = *changed;
+                        open[i] = None;
+                        // A close whose descriptor changed the file returns
+                        // when the partner has it. One that did not (only
+                        // a truncating open, `: > file`) leaves the push to
+                        // the last release, just after (docs/SEMANTICS.md).
+                        if !changed {
+                            wait_until(Duration::from_secs(10), || std::fs::read(w.server(name)).ok().as_ref() == Some(&*m));
+                        }
+                        let got = std::fs::read(w.server(name)).unwrap_or_else(|e| fail(&trace, format!("server copy after close: {e}")));
+                        if got != *m {
+                            let first = got.iter().zip(m.iter()).position(|(p, q)| p != q);
+                            fail(&trace, format!("serving node has {} bytes, model {}; first difference at {first:?}", got.len(), m.len()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    open = [None, None, None];
+    drop(open);
+    for (i, name) in NAMES.iter().enumerate() {
+        // The last closes may have left a truncation to their release.
+        wait_until(Duration::from_secs(10), || std::fs::read(w.server(name)).ok() == model[i]);
+        let mount = std::fs::read(a.at(name)).ok();
+        let server = std::fs::read(w.server(name)).ok();
+        if mount != model[i] || server != model[i] {
+            fail(
+                &trace,
+                format!(
+                    "at the end, {name}: mount {:?} bytes, server {:?}, model {:?}",
+                    mount.map(|v| v.len()),
+                    server.map(|v| v.len()),
+                    model[i].as_ref().map(|v| v.len())
+                ),
+            );
+        }
+    }
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}

@@ -661,7 +661,13 @@ impl Vfs {
         let (virtual_data, staged) = {
             let inodes = lock(&self.inodes);
             let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
-            (n.virtual_data.clone(), n.staged.clone())
+            // The handle is counted while the table is locked, so that a
+            // release elsewhere cannot retire the staging under us.
+            let staged = n.staged.clone().filter(|_| n.virtual_data.is_none());
+            if let Some(s) = &staged {
+                s.state().handles += 1;
+            }
+            (n.virtual_data.clone(), staged)
         };
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
         if let Some(data) = virtual_data {
@@ -669,7 +675,6 @@ impl Vfs {
             return Ok((fh, false));
         }
         if let Some(staged) = staged {
-            staged.state().handles += 1;
             lock(&self.handles)
                 .insert(fh, Handle::Staged(StagedHandle { ino, staged, write: false, append: false, lease: None, changes: 0, flushed: 0 }));
             return Ok((fh, false));

@@ -195,9 +195,21 @@ impl Vfs {
     }
 
     /// The staging of `ino`, created from its current version if needed.
-    async fn stage(&self, ino: Ino, truncate: bool) -> Result<Arc<Staged>, Errno> {
-        if let Some(st) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) {
-            return Ok(st);
+    /// `hold`: count a handle on it, taken in the same step as the staging
+    /// itself, so that the release of another handle cannot retire it in
+    /// between (see [`Vfs::retire`]).
+    async fn stage(&self, ino: Ino, truncate: bool, hold: bool) -> Result<Arc<Staged>, Errno> {
+        let held = |staged: &Arc<Staged>| {
+            if hold {
+                staged.state().handles += 1;
+            }
+        };
+        {
+            let inodes = lock(&self.inodes);
+            if let Some(st) = inodes.by_ino.get(&ino).and_then(|n| n.staged.clone()) {
+                held(&st);
+                return Ok(st);
+            }
         }
         let manifest = match self.manifest(ino).await {
             Ok((_, _, m)) => Some(m),
@@ -229,7 +241,9 @@ impl Vfs {
         let mut inodes = lock(&self.inodes);
         let n = inodes.by_ino.get_mut(&ino).ok_or(Errno::ENOENT)?;
         // Another open may have staged it meanwhile: use that one.
-        Ok(n.staged.get_or_insert(staged).clone())
+        let staged = n.staged.get_or_insert(staged).clone();
+        held(&staged);
+        Ok(staged)
     }
 
     /// Open `ino` as `mode` says.
@@ -250,7 +264,7 @@ impl Vfs {
         }
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
         self.open_leases(&share, &path, mode, fh).await?;
-        let staged = match self.stage(ino, mode.truncate).await {
+        let staged = match self.stage(ino, mode.truncate, true).await {
             Ok(s) => s,
             Err(e) => {
                 self.leases.done(&share, &path, &Need::Handle(fh));
@@ -259,9 +273,12 @@ impl Vfs {
         };
         if mode.truncate && staged.size() > 0 {
             let _gate = staged.gate.lock().await;
-            staged.set_len(0, now_ns()).map_err(io_errno)?;
+            if let Err(e) = staged.set_len(0, now_ns()) {
+                staged.state().handles -= 1;
+                self.leases.done(&share, &path, &Need::Handle(fh));
+                return Err(io_errno(e));
+            }
         }
-        staged.state().handles += 1;
         let handle = StagedHandle { ino, staged, write: true, append: mode.append, lease: Some((share, path)), changes: 0, flushed: 0 };
         lock(&self.handles).insert(fh, Handle::Staged(handle));
         Ok((fh, false))
@@ -387,6 +404,14 @@ impl Vfs {
     }
 
     async fn push_as(&self, ino: Ino, durable: bool) -> Result<(), Errno> {
+        let pushed = self.push_locked(ino, durable).await;
+        // A release that came while this push held the staging could not
+        // retire it (see `retire`): do it now if nothing uses it.
+        self.retire_idle(ino);
+        pushed
+    }
+
+    async fn push_locked(&self, ino: Ino, durable: bool) -> Result<(), Errno> {
         let Some(staged) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) else { return Ok(()) };
         let _gate = staged.gate.lock().await;
         if !staged.state().dirty {
@@ -635,8 +660,21 @@ impl Vfs {
     }
 
     fn retire(&self, ino: Ino, staged: &Arc<Staged>) {
+        // A push in progress reads the staging file by its path: leave it
+        // (the push retires it when done).
+        let Ok(_pushing) = staged.gate.try_lock() else { return };
         {
+            // Decided again under the inode table's lock, where an open
+            // takes a staging and counts its handle in one step: an open
+            // that got in since the caller looked keeps the file.
             let mut inodes = lock(&self.inodes);
+            let idle = {
+                let st = staged.state();
+                st.handles == 0 && !st.dirty
+            };
+            if !idle {
+                return;
+            }
             if let Some(n) = inodes.by_ino.get_mut(&ino) {
                 if n.staged.as_ref().is_some_and(|s| Arc::ptr_eq(s, staged)) {
                     n.staged = None;
@@ -802,6 +840,10 @@ impl Vfs {
             .by_ino
             .iter()
             .filter(|(_, n)| n.share.as_ref() == Some(&share) && (n.path == from || n.path.as_str().starts_with(&prefix)))
+            // Only inodes that still hold their name: one unlinked or
+            // renamed over keeps its old path, and re-keying it too would
+            // let it take the new name from the inode that moved.
+            .filter(|(i, n)| inodes.by_key.get(&(key.clone(), n.path.clone())) == Some(*i))
             .filter_map(|(i, n)| {
                 let rest = &n.path.as_str()[from.as_str().len()..];
                 let new = if rest.is_empty() { to.clone() } else { SharePath::parse(&format!("{}{rest}", to.as_str())).ok()? };
@@ -846,7 +888,7 @@ impl Vfs {
             }
             let open_for_write = fh.is_some_and(|fh| matches!(lock(&self.handles).get(&fh), Some(Handle::Staged(h)) if h.write));
             if open_for_write {
-                let staged = self.stage(ino, false).await?;
+                let staged = self.stage(ino, false, false).await?;
                 let _gate = staged.gate.lock().await;
                 staged.set_len(len, now_ns()).map_err(io_errno)?;
                 self.touch_handles(ino);
@@ -854,7 +896,7 @@ impl Vfs {
                 // truncate(2) by path: open, cut, push, close.
                 let (tfh, _) = self.open(ino, OpenMode { write: true, tid, ..Default::default() }).await?;
                 let cut = async {
-                    let staged = self.stage(ino, false).await?;
+                    let staged = self.stage(ino, false, false).await?;
                     {
                         let _gate = staged.gate.lock().await;
                         staged.set_len(len, now_ns()).map_err(io_errno)?;
