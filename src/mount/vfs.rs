@@ -117,8 +117,6 @@ struct Inode {
     cached_version: Option<Hash>,
     /// Content being written here, not yet (all) on the partner.
     staged: Option<Arc<Staged>>,
-    /// Created here and never pushed: the partner does not know it.
-    local_only: bool,
     /// A `.NAME.lock` entry: its JSON content.
     virtual_data: Option<Arc<Vec<u8>>>,
     /// A directory: bumped by every change made here to its entries, so a
@@ -216,7 +214,8 @@ struct Inodes {
     by_ino: HashMap<Ino, Inode>,
     by_key: HashMap<(String, SharePath), Ino>,
     next: Ino,
-    /// Files created here and not on the partner yet ([`Inode::local_only`]).
+    /// Files created here and not on the partner yet: a close or fsync
+    /// pushes them first, and nothing but this node knows them.
     /// A directory's cached listing may be dropped at any time (a change
     /// announced by the partner, a lease view gone stale); these are what a
     /// fresh listing lacks and must keep showing.
@@ -226,14 +225,15 @@ struct Inodes {
 impl Inodes {
     /// Mark `ino` as created here and not pushed yet, or no longer so.
     fn set_local_only(&mut self, ino: Ino, on: bool) {
-        if let Some(n) = self.by_ino.get_mut(&ino) {
-            n.local_only = on;
-        }
         if on {
             self.local.insert(ino);
         } else {
             self.local.remove(&ino);
         }
+    }
+
+    fn is_local_only(&self, ino: Ino) -> bool {
+        self.local.contains(&ino)
     }
 
     /// (name, inode) of the files created here in directory `dir` and not
@@ -242,7 +242,7 @@ impl Inodes {
         self.local
             .iter()
             .filter_map(|&i| {
-                let n = self.by_ino.get(&i).filter(|n| n.local_only && n.parent == dir)?;
+                let n = self.by_ino.get(&i).filter(|n| n.parent == dir)?;
                 // Still the inode its name leads to (not unlinked or renamed over).
                 (self.by_key.get(&(share_key(&n.share), n.path.clone())) == Some(&i)).then_some(())?;
                 Some((n.path.file_name()?.to_string(), i))
@@ -307,7 +307,6 @@ impl Vfs {
                 manifest: None,
                 cached_version: None,
                 staged: None,
-                local_only: false,
                 virtual_data: None,
                 local_seq: 0,
             },
@@ -430,7 +429,6 @@ impl Vfs {
                 manifest: None,
                 cached_version: None,
                 staged: None,
-                local_only: false,
                 virtual_data: None,
                 local_seq: 0,
             },

@@ -139,15 +139,26 @@ impl Daemon {
         let log = home.join("daemon.log");
         let from = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(bin())
-            .arg("--home")
+        let mut cmd = Command::new(bin());
+        cmd.arg("--home")
             .arg(home)
             .arg("daemon")
             .env("DEFTFS_LOG", std::env::var("DEFTFS_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
-            .stderr(logf)
-            .spawn()
-            .unwrap();
+            .stderr(logf);
+        // A test killed by a signal runs no Drop: the daemon then gets
+        // SIGTERM from the kernel, and on SIGTERM it unmounts every mount
+        // it made, so no daemon and no mount outlive the test process.
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
         let d = Daemon { child, log, from };
         d.wait_for_log("listening", Duration::from_secs(20));
         d

@@ -696,8 +696,10 @@ impl Vfs {
 
     /// Push first if `ino` holds changes the partner lacks.
     async fn settle(&self, ino: Ino) -> Result<(), Errno> {
-        let pending =
-            lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.local_only || n.staged.as_ref().is_some_and(|s| s.state().dirty));
+        let pending = {
+            let inodes = lock(&self.inodes);
+            inodes.is_local_only(ino) || inodes.by_ino.get(&ino).is_some_and(|n| n.staged.as_ref().is_some_and(|s| s.state().dirty))
+        };
         if pending {
             self.push(ino).await?;
         }
@@ -782,7 +784,7 @@ impl Vfs {
         if lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some()) {
             return Err(Errno::EACCES);
         }
-        let local_only = lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.local_only);
+        let local_only = lock(&self.inodes).is_local_only(ino);
         if !local_only {
             self.remote
                 .call_done(Request::Remove { share, path: path.clone(), kind })
