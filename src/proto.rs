@@ -217,8 +217,9 @@ pub enum Request {
     Stat { share: Name, path: SharePath },
     /// `DEFT BEGIN_TRANSFER <transfer_id> <share> <path> SIZE:<n> CHUNKS:<n> HASH:<h>`
     /// followed by CHUNKS `CHUNK` lines: the manifest of the file to push.
-    /// Optional trailing fields: `BASE:<hash>|BASE:-` (see [`Base`]) and
-    /// `FENCE:<token>` (the writer's lease token for the path).
+    /// Optional trailing fields: `BASE:<hash>|BASE:-` (see [`Base`]),
+    /// `FENCE:<token>` (the writer's lease token for the path), then the
+    /// new version's `MODE:<octal>` and `MTIME:<ns>`.
     BeginTransfer {
         transfer_id: Name,
         share: Name,
@@ -227,6 +228,8 @@ pub enum Request {
         file_hash: Hash,
         base: Base,
         fence: Option<u64>,
+        mode: Option<u32>,
+        mtime_ns: Option<i64>,
         chunks: Vec<ChunkLine>,
     },
     /// `DEFT GET <transfer_id> <share> <path> <file_hash> CHUNKS <ranges>`

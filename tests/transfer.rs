@@ -15,6 +15,9 @@ fn push_and_pull_64_mib_arrive_intact_with_receipts_on_both_sides() {
     let src = p.root.path().join("big.bin");
     write_random(&src, 64 * MIB, 1);
     let expected = hash_file(&src);
+    let when = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    std::fs::File::options().write(true).open(&src).unwrap().set_modified(when).unwrap();
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
     // The DEFT/1 file hash: of the chunk list, for the default chunk sizes.
     let deft_hash = deftfs::chunk::chunk_file(&src, &deftfs::chunk::ChunkParams::default()).unwrap().file_hash.to_string();
 
@@ -22,12 +25,14 @@ fn push_and_pull_64_mib_arrive_intact_with_receipts_on_both_sides() {
     assert_eq!(sent["file_hash"], deft_hash.as_str());
     assert_eq!(sent["bytes_total"], 64 * MIB);
     assert_eq!(hash_file(&p.inbox.join("big.bin")), expected);
+    assert_eq!(mtime(&p.inbox.join("big.bin")), when, "a pushed file keeps its mtime");
 
     std::fs::copy(&src, p.outbox.join("out.bin")).unwrap();
     let dest = p.root.path().join("pulled.bin");
     let got = p.a.json(&["receive", "bob", "outbox", "out.bin", dest.to_str().unwrap()]);
     assert_eq!(got["file_hash"], deft_hash.as_str());
     assert_eq!(hash_file(&dest), expected);
+    assert_eq!(mtime(&dest), mtime(&p.outbox.join("out.bin")), "a pulled file keeps the partner's mtime");
 
     // Receipts exist on both sides and verify.
     for receipt in [sent["receipt"].as_str().unwrap(), got["receipt"].as_str().unwrap()] {

@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::world::{Client, World};
 use common::*;
 use std::io::{BufRead, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
@@ -20,89 +21,6 @@ const MIB: usize = 1024 * 1024;
 
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
-}
-
-/// One client node with its daemon and mount of bob:files.
-struct Client {
-    guard: Option<MountGuard>,
-    daemon: Option<Daemon>,
-    node: TestNode,
-    mnt: PathBuf,
-}
-
-impl Client {
-    fn mount(&mut self) {
-        std::fs::create_dir_all(&self.mnt).unwrap();
-        self.guard = Some(MountGuard(self.mnt.clone()));
-        let out = self.node.ok(&["mount", "bob:files", self.mnt.to_str().unwrap()]);
-        assert!(out.contains("mounted bob:files"), "{out}");
-    }
-
-    fn at(&self, rel: &str) -> PathBuf {
-        self.mnt.join(rel)
-    }
-
-    fn log(&self) -> String {
-        self.daemon.as_ref().map(|d| d.log_text()).unwrap_or_default()
-    }
-}
-
-/// Bob serves `files` (read-write) to the clients; fields drop in order:
-/// clients (mounts, then daemons), bob's daemon, directories.
-struct World {
-    clients: Vec<Client>,
-    bob_daemon: Option<Daemon>,
-    bob: TestNode,
-    files: PathBuf,
-    root: TempDir,
-}
-
-impl World {
-    /// `names`: the client nodes; `config`: extra lines for their config.toml.
-    fn new(tag: &str, names: &[&str], config: &str, prepare: impl FnOnce(&Path)) -> World {
-        World::granting("read-write", tag, names, config, prepare)
-    }
-
-    /// Like [`World::new`], with `access` granted to every client.
-    fn granting(access: &str, tag: &str, names: &[&str], config: &str, prepare: impl FnOnce(&Path)) -> World {
-        let root = TempDir::new(tag);
-        let bob = TestNode::init(root.path(), "bob");
-        let files = root.path().join("bob-files");
-        std::fs::create_dir_all(&files).unwrap();
-        prepare(&files);
-        let mut clients = Vec::new();
-        let mut share = vec!["share".to_string(), "add".into(), "files".into(), files.display().to_string()];
-        for name in names {
-            let node = TestNode::init(root.path(), name);
-            node.trust(&bob);
-            bob.trust(&node);
-            if !config.is_empty() {
-                let path = node.home.join("config.toml");
-                let mut text = std::fs::read_to_string(&path).unwrap();
-                text.push_str(config);
-                std::fs::write(&path, text).unwrap();
-            }
-            share.extend(["--partner".into(), name.to_string(), "--access".into(), access.to_string()]);
-            let mnt = root.path().join(format!("mnt-{name}"));
-            clients.push(Client { guard: None, daemon: None, node, mnt });
-        }
-        let args: Vec<&str> = share.iter().map(String::as_str).collect();
-        bob.ok(&args);
-        let bob_daemon = Some(bob.start());
-        for c in &mut clients {
-            c.daemon = Some(c.node.start());
-            c.mount();
-        }
-        World { clients, bob_daemon, bob, files, root }
-    }
-
-    fn c(&self, i: usize) -> &Client {
-        &self.clients[i]
-    }
-
-    fn server(&self, rel: &str) -> PathBuf {
-        self.files.join(rel)
-    }
 }
 
 /// The last push alice recorded for `path`: bytes that crossed the wire.
@@ -654,7 +572,7 @@ fn a_file_being_written_stays_listed_when_the_partner_changes_its_directory() {
 fn mode_and_times_set_on_an_open_descriptor_reach_the_serving_node_with_the_content() {
     // What tar does for each file: write, then fchmod and futimens on the
     // open descriptor, then close. The mount keeps the attributes for the
-    // push the close makes (one push, one SETATTR).
+    // push the close makes, which carries them (one push, no SETATTR).
     let w = World::new("attrs", &["alice"], "", |_| {});
     let a = w.c(0);
     let when = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
@@ -872,4 +790,42 @@ fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x >> 7;
     *x ^= *x << 17;
     *x
+}
+
+/// What `stat` shows of a file written through the mount does not change
+/// once the file is pushed and the mount asks the partner again (vim and
+/// make compare it); a file created private stays private on the serving
+/// node; rewriting an existing file does not move its directory's mtime.
+#[test]
+fn a_written_file_keeps_its_mtime_and_mode_and_its_directory_its_time() {
+    let w = World::new("stable", &["alice"], "", |files| {
+        std::fs::create_dir(files.join("d")).unwrap();
+        std::fs::write(files.join("d/old.txt"), b"old content").unwrap();
+    });
+    let a = w.c(0);
+    let mtime = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+
+    let private = a.at("d/private.txt");
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&private).unwrap();
+    f.write_all(b"secret").unwrap();
+    drop(f);
+    let seen = mtime(&private);
+    assert_eq!(mode(&private), 0o600);
+    assert_eq!(mode(&w.server("d/private.txt")), 0o600, "mode on the serving node");
+    assert_eq!(mtime(&w.server("d/private.txt")), seen, "mtime on the serving node");
+    std::thread::sleep(Duration::from_millis(1600));
+    assert_eq!(mtime(&private), seen, "the mtime shown moved once the attributes came from the partner");
+    assert_eq!(mode(&private), 0o600);
+
+    // Rewrite a file that was there: the file's time moves, the directory's
+    // does not (it would not on a local disk).
+    let dir_before = mtime(&w.server("d"));
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::OpenOptions::new().write(true).open(a.at("d/old.txt")).unwrap().write_all(b"new").unwrap();
+    assert_eq!(std::fs::read(w.server("d/old.txt")).unwrap(), b"new content");
+    assert_eq!(mtime(&w.server("d")), dir_before, "directory mtime on the serving node");
+    std::thread::sleep(Duration::from_millis(1600));
+    assert_eq!(mtime(&a.at("d")), dir_before, "directory mtime through the mount");
+    assert_eq!(mtime(&a.at("d/old.txt")), mtime(&w.server("d/old.txt")));
 }

@@ -122,6 +122,9 @@ struct Inode {
     /// A directory: bumped by every change made here to its entries, so a
     /// listing asked for before the change is known to be stale.
     local_seq: u64,
+    /// When a change made here last dropped these attributes: a listing
+    /// of the parent asked for before then does not bring them back.
+    dropped_at: Option<Instant>,
 }
 
 /// An open file.
@@ -309,6 +312,7 @@ impl Vfs {
                 staged: None,
                 virtual_data: None,
                 local_seq: 0,
+                dropped_at: None,
             },
         );
         Vfs {
@@ -390,8 +394,10 @@ impl Vfs {
         Ok((n.share.clone(), n.path.clone(), n.kind))
     }
 
-    /// The inode for a child entry, created or updated from a listing row.
-    fn upsert(inodes: &mut Inodes, parent: Ino, share: Option<Name>, e: &Entry, now: Instant) -> Ino {
+    /// The inode for a child entry, created or updated from a listing row
+    /// asked for at `asked`.
+    fn upsert(inodes: &mut Inodes, parent: Ino, share: Option<Name>, e: &Entry, asked: Instant) -> Ino {
+        let now = Instant::now();
         let key = (share_key(&share), e.path.clone());
         let kind = match e.kind {
             EntryKind::File => Kind::File,
@@ -399,6 +405,10 @@ impl Vfs {
         };
         if let Some(&ino) = inodes.by_key.get(&key) {
             if let Some(n) = inodes.by_ino.get_mut(&ino) {
+                if n.dropped_at.is_some_and(|d| d > asked) && n.kind == kind {
+                    // Older than a change made here since: keep asking.
+                    return ino;
+                }
                 if n.size != e.size || n.mtime_ns != e.mtime_ns || n.kind != kind {
                     n.manifest = None;
                 }
@@ -431,6 +441,7 @@ impl Vfs {
                 staged: None,
                 virtual_data: None,
                 local_seq: 0,
+                dropped_at: None,
             },
         );
         ino
@@ -513,7 +524,8 @@ impl Vfs {
         // A change made here while the listing was on its way (a create
         // pushed, a rename) may be missing from it: ask again.
         let mut tries = 0;
-        let (rows, locks, mut inodes) = loop {
+        let (rows, locks, mut inodes, asked_at) = loop {
+            let asked_at = Instant::now();
             let asked = self.local_seq(ino);
             let rows = self.fetch_listing(&share, &path).await?;
             let locks = match &share {
@@ -524,12 +536,12 @@ impl Vfs {
             let seq = inodes.by_ino.get(&ino).map_or(0, |n| n.local_seq);
             tries += 1;
             if seq == asked || tries == 3 {
-                break (rows, locks, inodes);
+                break (rows, locks, inodes, asked_at);
             }
         };
         let now = Instant::now();
         let mut children: Vec<(String, Ino)> =
-            rows.iter().map(|(name, s, e)| (name.clone(), Self::upsert(&mut inodes, ino, s.clone(), e, now))).collect();
+            rows.iter().map(|(name, s, e)| (name.clone(), Self::upsert(&mut inodes, ino, s.clone(), e, asked_at))).collect();
         // Files created here and not pushed yet are ours to show, whether
         // or not the listing we had still names them.
         for (name, child) in inodes.local_children(ino) {
@@ -541,7 +553,7 @@ impl Vfs {
             if children.iter().any(|(n, _)| *n == name) {
                 continue;
             }
-            let child = Self::upsert(&mut inodes, ino, share.clone(), &entry, now);
+            let child = Self::upsert(&mut inodes, ino, share.clone(), &entry, asked_at);
             if let Some(n) = inodes.by_ino.get_mut(&child) {
                 n.virtual_data = Some(Arc::new(json));
             }
@@ -558,10 +570,16 @@ impl Vfs {
         lock(&self.inodes).by_ino.get(&dir).map_or(0, |n| n.local_seq)
     }
 
-    /// Record a change made here to the entries of directory `dir`.
+    /// Record a change made here to the entries of directory `dir`. The
+    /// change moved the directory's mtime on the partner too, and the
+    /// watch does not echo our own changes: its attributes are asked for
+    /// again (rsync sets a directory's time after its last rename, then
+    /// stats it to check, and must see the partner's value).
     fn touched(inodes: &mut Inodes, dir: Ino) {
         if let Some(n) = inodes.by_ino.get_mut(&dir) {
             n.local_seq += 1;
+            n.attr_at = None;
+            n.dropped_at = Some(Instant::now());
         }
     }
 
@@ -578,12 +596,34 @@ impl Vfs {
     }
 
     pub async fn getattr(&self, ino: Ino) -> Result<Attr, Errno> {
-        let (fresh, parent) = {
+        let (fresh, parent, parent_listed, share, path) = {
             let inodes = lock(&self.inodes);
             let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
-            (self.fresh(n.attr_at) || ino == ROOT_INO, n.parent)
+            let listed = inodes.by_ino.get(&n.parent).and_then(|p| p.children.as_ref()).is_some_and(|(_, at)| self.fresh(Some(*at)));
+            (self.fresh(n.attr_at) || ino == ROOT_INO, n.parent, listed, n.share.clone(), n.path.clone())
         };
-        if !fresh {
+        if !fresh && parent_listed {
+            // Dropped by a change made here while the parent's listing is
+            // still trusted: ask for this entry alone.
+            if let Some(share) = share.filter(|_| !lock(&self.inodes).is_local_only(ino)) {
+                let asked = Instant::now();
+                match self.remote.stat(&share, &path).await {
+                    Ok(e) => {
+                        let mut inodes = lock(&self.inodes);
+                        // A file being written here keeps what it has, and
+                        // an answer older than a change made here is dropped.
+                        let current = |n: &&mut Inode| n.staged.is_none() && n.dropped_at.is_none_or(|d| d <= asked);
+                        if let Some(n) = inodes.by_ino.get_mut(&ino).filter(current) {
+                            n.mode = e.mode;
+                            n.mtime_ns = e.mtime_ns;
+                            n.size = e.size;
+                            n.attr_at = Some(Instant::now());
+                        }
+                    }
+                    Err(e) => tracing::debug!(ino, "attributes from the last known state: {e:?}"),
+                }
+            }
+        } else if !fresh {
             // Refresh through the parent's listing: one request answers for
             // every sibling `ls -l` will ask about next.
             match self.children(parent).await {

@@ -167,9 +167,12 @@ impl sealed::Grammar for Request {
                 let file_hash = args.parsed(Tagged("HASH"))?;
                 let base = args.base()?;
                 let fence = if args.peek_tag("FENCE") { Some(args.unsigned(Tagged("FENCE"))?) } else { None };
+                let mode = if args.peek_tag("MODE") { Some(args.mode(Tagged("MODE"))?) } else { None };
+                let mtime_ns = if args.peek_tag("MTIME") { Some(args.signed(Tagged("MTIME"))?) } else { None };
                 args.end()?;
                 let chunks = with_capacity_for(count);
-                return Ok((Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, chunks }, count));
+                let begin = Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks };
+                return Ok((begin, count));
             }
             "GET" => Request::Get {
                 transfer_id: args.name("transfer id")?,
@@ -933,6 +936,8 @@ mod tests {
                 file_hash: hash(H),
                 base: Base::Any,
                 fence: None,
+                mode: None,
+                mtime_ns: None,
                 chunks: vec![
                     ChunkLine { index: 0, offset: 0, size: 4, hash: hash(H) },
                     ChunkLine { index: 1, offset: 4, size: 6, hash: hash(H1) },

@@ -31,17 +31,19 @@ impl Request {
             Request::Describe { share, path } => line(&mut out, format_args!("DEFT DESCRIBE {share}{}", OptionalPath(path))),
             Request::List { share, path } => line(&mut out, format_args!("DEFT LIST {share}{}", OptionalPath(path))),
             Request::Stat { share, path } => line(&mut out, format_args!("DEFT STAT {share}{}", OptionalPath(path))),
-            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, chunks } => {
+            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks } => {
                 let base = match base {
                     Base::Any => String::new(),
                     Base::Absent => " BASE:-".to_string(),
                     Base::Version(h) => format!(" BASE:{h}"),
                 };
                 let fence = fence.map(|t| format!(" FENCE:{t}")).unwrap_or_default();
+                let mode = mode.map(|m| format!(" MODE:{:o}", m & MODE_BITS)).unwrap_or_default();
+                let mtime = mtime_ns.map(|t| format!(" MTIME:{t}")).unwrap_or_default();
                 line(
                     &mut out,
                     format_args!(
-                        "DEFT BEGIN_TRANSFER {transfer_id} {share} {} SIZE:{size} CHUNKS:{} HASH:{file_hash}{base}{fence}",
+                        "DEFT BEGIN_TRANSFER {transfer_id} {share} {} SIZE:{size} CHUNKS:{} HASH:{file_hash}{base}{fence}{mode}{mtime}",
                         path.to_wire(),
                         chunks.len()
                     ),
@@ -644,17 +646,32 @@ mod tests {
             (arb_name(), arb_path()).prop_map(|(share, path)| Request::Stat { share, path }),
             (arb_name(), arb_name(), arb_path(), arb_hash(), arb_manifest()).prop_map(
                 |(transfer_id, share, path, file_hash, (size, chunks))| {
-                    Request::BeginTransfer { transfer_id, share, path, size, file_hash, base: Base::Any, fence: None, chunks }
+                    Request::BeginTransfer {
+                        transfer_id,
+                        share,
+                        path,
+                        size,
+                        file_hash,
+                        base: Base::Any,
+                        fence: None,
+                        mode: None,
+                        mtime_ns: None,
+                        chunks,
+                    }
                 }
             ),
-            (arb_name(), arb_file_path(), arb_hash(), prop::option::of(arb_hash()), any::<bool>(), prop::option::of(any::<u64>()))
-                .prop_map(|(share, path, file_hash, base, absent, fence)| {
+            (
+                (arb_name(), arb_file_path(), arb_hash(), prop::option::of(arb_hash()), any::<bool>(), prop::option::of(any::<u64>())),
+                (prop::option::of(0u32..=0o7777), prop::option::of(any::<i64>()))
+            )
+                .prop_map(|((share, path, file_hash, base, absent, fence), (mode, mtime_ns))| {
                     let base = match (base, absent) {
                         (Some(h), _) => Base::Version(h),
                         (None, true) => Base::Absent,
                         (None, false) => Base::Any,
                     };
-                    Request::BeginTransfer { transfer_id: share.clone(), share, path, size: 0, file_hash, base, fence, chunks: vec![] }
+                    let transfer_id = share.clone();
+                    Request::BeginTransfer { transfer_id, share, path, size: 0, file_hash, base, fence, mode, mtime_ns, chunks: vec![] }
                 }),
             (arb_name(), arb_file_path(), 0u32..=0o7777).prop_map(|(share, path, mode)| Request::Mkdir { share, path, mode }),
             (arb_name(), arb_file_path(), any::<bool>()).prop_map(|(share, path, dir)| Request::Remove {

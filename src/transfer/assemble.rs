@@ -32,6 +32,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::SystemTime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AssembleError {
@@ -77,6 +78,9 @@ pub struct Assembly {
     writeback: crate::flush::EarlyWriteback,
     /// Chunks go to the disk direct, around the page cache.
     direct: DirectWrites,
+    /// When replacing a file: its directory's mtime before and after the
+    /// temp file was made (see [`Assembly::finish`]).
+    dir_times: Option<(SystemTime, SystemTime)>,
 }
 
 /// A stretch of the old version that sits at one distance from its place
@@ -177,6 +181,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AssembleError + '_ {
     move |source| AssembleError::Io { path: path.to_path_buf(), source }
 }
 
+/// The mtime of the directory `path` is in.
+fn dir_mtime(path: &Path) -> Option<SystemTime> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::metadata(dir).and_then(|m| m.modified()).ok()
+}
+
 /// The temp file of a transfer of `file_hash` to `target`.
 pub fn temp_path(target: &Path, file_hash: &Hash) -> Result<PathBuf, AssembleError> {
     let name = target.file_name().and_then(|n| n.to_str()).ok_or_else(|| AssembleError::NoFileName(target.to_path_buf()))?;
@@ -196,7 +206,10 @@ impl Assembly {
     /// beside (`x.blend` for `x.blend@`).
     pub fn prepare_from(target: &Path, manifest: Manifest, base: Option<(&Path, &Manifest)>) -> Result<Assembly, AssembleError> {
         let temp = temp_path(target, &manifest.file_hash)?;
+        let replacing = std::fs::symlink_metadata(target).is_ok_and(|m| m.is_file());
+        let before = replacing.then(|| dir_mtime(target)).flatten();
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&temp).map_err(io(&temp))?;
+        let dir_times = before.zip(dir_mtime(target));
         let existing = file.metadata().map_err(io(&temp))?.len();
         let mut have = vec![false; manifest.chunks.len()];
         let mut reused = 0u64;
@@ -277,6 +290,7 @@ impl Assembly {
             missing: AtomicUsize::new(missing),
             same,
             reused_bytes: reused,
+            dir_times,
             finished: Default::default(),
             writeback: Default::default(),
             direct,
@@ -344,24 +358,39 @@ impl Assembly {
     }
 
     /// Make the new version durable and visible. `mode` sets permissions
-    /// (default: keep the old file's, else 0644).
-    pub fn finish(&self, mode: Option<u32>) -> Result<PathBuf, AssembleError> {
+    /// (default: keep the old file's, else 0644), `mtime_ns` the
+    /// modification time (default: now).
+    pub fn finish(&self, mode: Option<u32>, mtime_ns: Option<i64>) -> Result<PathBuf, AssembleError> {
         let missing = self.missing.load(Ordering::SeqCst);
         if missing > 0 {
             return Err(AssembleError::Incomplete { path: self.target.clone(), missing });
         }
         self.file.sync_all().map_err(io(&self.temp))?;
         let mode = mode.or_else(|| std::fs::metadata(&self.target).ok().map(|m| m.permissions().mode() & 0o7777)).unwrap_or(0o644);
-        self.file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io(&self.temp))?;
+        self.file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777)).map_err(io(&self.temp))?;
+        if let Some(ns) = mtime_ns {
+            self.file.set_modified(crate::time::Timestamp(ns).to_system()).map_err(io(&self.temp))?;
+        }
         if let Ok(meta) = self.file.metadata() {
             let _ = self.finished.set(meta);
         }
-        std::fs::rename(&self.temp, &self.target).map_err(io(&self.target))?;
         let dir = match self.target.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        // A new version of an existing file changes the file, not its
+        // directory, as a write in place would. Making the temp file and
+        // renaming it moved the directory's mtime: it is put back, unless
+        // something else changed the directory meanwhile.
+        let restore = self.dir_times.filter(|(_, after)| dir_mtime(&self.target) == Some(*after)).map(|(before, _)| before);
+        std::fs::rename(&self.temp, &self.target).map_err(io(&self.target))?;
+        let d = File::open(dir).map_err(io(dir))?;
+        if let Some(t) = restore {
+            if let Err(e) = d.set_modified(t) {
+                tracing::debug!(dir = %dir.display(), "directory mtime not restored: {e}");
+            }
+        }
+        d.sync_all().map_err(io(dir))?;
         Ok(self.target.clone())
     }
 }
@@ -397,7 +426,7 @@ mod tests {
         let asm = Assembly::prepare(&target, m.clone(), Some(&base)).unwrap();
         let sent = complete(&asm, &new);
         assert!(sent <= 4, "{sent} chunks sent for a 1000-byte edit");
-        asm.finish(None).unwrap();
+        asm.finish(None, None).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), new);
     }
 
@@ -417,10 +446,10 @@ mod tests {
 
         let asm = Assembly::prepare(&target, m.clone(), Some(&base)).unwrap();
         assert!(asm.needed().contains(&0), "the changed first chunk must be asked for: {:?}", asm.needed());
-        assert!(matches!(asm.finish(None), Err(AssembleError::Incomplete { .. })));
+        assert!(matches!(asm.finish(None, None), Err(AssembleError::Incomplete { .. })));
         assert_eq!(std::fs::read(&target).unwrap(), behind, "nothing replaced the target");
         assert!(complete(&asm, &new) <= 6);
-        asm.finish(None).unwrap();
+        asm.finish(None, None).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), new);
     }
 }

@@ -40,11 +40,14 @@ pub struct PushOptions {
     /// The file's manifest, when the caller knows it (a mount's staging
     /// re-cuts only what was written); else the file is indexed.
     pub manifest: Option<Arc<Manifest>>,
+    /// Permissions for the new version (default: the partner keeps the
+    /// old version's, else 0644).
+    pub mode: Option<u32>,
 }
 
 impl Default for PushOptions {
     fn default() -> Self {
-        PushOptions { base: proto::Base::Any, fence: None, manifest: None }
+        PushOptions { base: proto::Base::Any, fence: None, manifest: None, mode: None }
     }
 }
 
@@ -212,6 +215,9 @@ impl Session {
                 .map_err(|e| TransferError::Other(format!("indexing task failed: {e}")))??,
         };
         let transfer_id = new_transfer_id();
+        let source = std::fs::File::open(file).map_err(|source| TransferError::Io { path: file.to_path_buf(), source })?;
+        // The new version keeps the file's mtime, as a local copy would.
+        let mtime_ns = source.metadata().map(|m| crate::share::mtime_ns(&m)).ok();
         let begin = Request::BeginTransfer {
             transfer_id: transfer_id.clone(),
             share: share.clone(),
@@ -220,6 +226,8 @@ impl Session {
             file_hash: manifest.file_hash,
             base: options.base,
             fence: options.fence,
+            mode: options.mode,
+            mtime_ns,
             chunks: manifest_to_lines(&manifest),
         };
         let (window_size, need) = match self.request(&begin).await? {
@@ -233,7 +241,7 @@ impl Session {
             Duration::from_secs(storage.chunk_timeout_secs),
             storage.max_retries,
         );
-        let source = Arc::new(std::fs::File::open(file).map_err(|source| TransferError::Io { path: file.to_path_buf(), source })?);
+        let source = Arc::new(source);
         // Chunks not in the page cache are read past it (see crate::direct).
         let direct = Arc::new(crate::direct::open_direct_read(file));
         let mut senders = tokio::task::JoinSet::new();
@@ -358,8 +366,9 @@ impl Session {
     pub async fn pull(&mut self, share: &Name, path: &SharePath, out: &Path, progress: Option<Progress>) -> Result<Report, TransferError> {
         let started = Timestamp::now();
         let clock = Instant::now();
-        let (size, file_hash, lines) = match self.request(&Request::Describe { share: share.clone(), path: path.clone() }).await? {
-            Response::FileInfo { size, file_hash, chunks, .. } => (size, file_hash, chunks),
+        let (size, file_hash, mtime_ns, lines) = match self.request(&Request::Describe { share: share.clone(), path: path.clone() }).await?
+        {
+            Response::FileInfo { size, file_hash, mtime_ns, chunks, .. } => (size, file_hash, mtime_ns, chunks),
             other => return Err(self.unexpected(&other)),
         };
         let manifest = manifest_from_lines(size, file_hash, &lines, self.partner_id())?;
@@ -445,8 +454,9 @@ impl Session {
         receiver.abort();
         result?;
         tracing::debug!(elapsed = ?clock.elapsed(), "pull: all chunks in");
-        let final_path =
-            tokio::task::spawn_blocking(move || assembly.finish(None)).await.map_err(|e| TransferError::Other(e.to_string()))??;
+        let final_path = tokio::task::spawn_blocking(move || assembly.finish(None, Some(mtime_ns)))
+            .await
+            .map_err(|e| TransferError::Other(e.to_string()))??;
         let facts = Facts {
             transfer_id: &transfer_id,
             direction: "pull",

@@ -40,6 +40,9 @@ struct Incoming {
     path: SharePath,
     /// Checked again just before the new version replaces the old.
     base: proto::Base,
+    /// The new version's permissions and mtime, when the sender gave them.
+    mode: Option<u32>,
+    mtime_ns: Option<i64>,
     assembly: Mutex<Option<Arc<Assembly>>>,
     manifest: Manifest,
     started: Timestamp,
@@ -315,8 +318,8 @@ impl Session {
                     .map(|e| Response::StatOk(self.shown(&share, e)))
                     .unwrap_or_else(|e| e),
             ),
-            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, chunks } => {
-                let push = Push { transfer_id, share, path, size, file_hash, base, fence, chunks };
+            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks } => {
+                let push = Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks };
                 match self.clone().begin(push).await {
                     Ok(r) | Err(r) => Some(r),
                 }
@@ -394,7 +397,7 @@ impl Session {
     }
 
     async fn begin(self: Arc<Self>, push: Push) -> Result<Response, Response> {
-        let Push { transfer_id, share, path, size, file_hash, base, fence, chunks } = push;
+        let Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks } = push;
         let s = self.writable(&share)?;
         self.unleased(&share, &path)?;
         if let Some(token) = fence {
@@ -441,6 +444,8 @@ impl Session {
             share,
             path,
             base,
+            mode,
+            mtime_ns,
             assembly: Mutex::new(Some(Arc::new(prepared))),
             manifest,
             started: Timestamp::now(),
@@ -468,6 +473,7 @@ impl Session {
             return refused;
         }
         let (node, base, share_path) = (self.node.clone(), incoming.base, incoming.path.clone());
+        let (mode, mtime_ns) = (incoming.mode, incoming.mtime_ns);
         let finished = tokio::task::spawn_blocking(move || {
             // A local edit may have landed while the chunks travelled.
             let target = assembly.target().to_path_buf();
@@ -476,7 +482,7 @@ impl Session {
                     if target.is_file() { crate::index::manifest_for(&node.db, &target, &node.config.storage.chunk).ok() } else { None };
                 check_base(&share_path, base, current.map(|c| c.file_hash), target.exists())?;
             }
-            let path = assembly.finish(None).map_err(|e| {
+            let path = assembly.finish(mode, mtime_ns).map_err(|e| {
                 tracing::error!(path = %target.display(), "assembly failed: {e}");
                 err(ErrorCode::Internal, e.to_string())
             })?;
@@ -683,6 +689,8 @@ struct Push {
     file_hash: crate::hash::Hash,
     base: proto::Base,
     fence: Option<u64>,
+    mode: Option<u32>,
+    mtime_ns: Option<i64>,
     chunks: Vec<proto::ChunkLine>,
 }
 

@@ -307,8 +307,13 @@ impl Vfs {
         let staged = Arc::new(
             Staged::create(self.writeback.staging_path(), None, Base::Absent, now_ns(), self.writeback.chunk_params()).map_err(io_errno)?,
         );
-        staged.state().dirty = true;
-        staged.state().handles += 1;
+        {
+            let mut st = staged.state();
+            st.dirty = true;
+            st.handles += 1;
+            // The partner's copy gets the mode asked for, not its default.
+            st.due_mode = Some(mode & 0o7777);
+        }
         let ino = {
             let mut inodes = lock(&self.inodes);
             let entry = Entry { kind: EntryKind::File, size: 0, mtime_ns: now_ns(), mode: mode & 0o7777, path: path.clone() };
@@ -422,6 +427,18 @@ impl Vfs {
         let (share, path) = self.file_key(ino)?;
         let expect = staged.state().expect;
         let fence = self.leases.token(&share, &path);
+        // The new version carries the mtime this mount shows (the push
+        // takes it from the file) and, for a new file or after a chmod, the
+        // mode: the partner's copy then matches without a SETATTR, and a
+        // stat here does not change once the staging is gone.
+        let (mode, mtime_ns) = {
+            let st = staged.state();
+            (st.due_mode, st.mtime_ns)
+        };
+        let stamped = staged.file.set_modified(crate::time::Timestamp(mtime_ns).to_system());
+        if let Err(e) = stamped {
+            tracing::debug!(%path, "staging mtime not set: {e}");
+        }
         let partner = self.remote.partner().to_string();
         // An earlier change of the file waits in the queue: this one goes
         // after it.
@@ -442,7 +459,7 @@ impl Vfs {
             let id = self.enqueue(&staged, &share, &path, expect, fence).await?;
             self.writeback.flush(id, Some(manifest.clone())).await
         } else {
-            let options = PushOptions { base: expect, fence, manifest: Some(manifest.clone()) };
+            let options = PushOptions { base: expect, fence, manifest: Some(manifest.clone()), mode };
             match self.writeback.push_direct(&partner, &share, &path, &staged.data, options).await {
                 o @ (Outcome::Queued(_) | Outcome::Failed { .. }) => {
                     let id = self.enqueue(&staged, &share, &path, expect, fence).await?;
@@ -464,6 +481,13 @@ impl Vfs {
                     if let Ok(h) = report.file_hash.parse() {
                         st.expect = Base::Version(h);
                     }
+                    // What the push carried needs no SETATTR after it.
+                    if st.due_mtime_ns == Some(mtime_ns) {
+                        st.due_mtime_ns = None;
+                    }
+                    if !queue_first && st.due_mode == mode {
+                        st.due_mode = None;
+                    }
                     drop(st);
                     staged.pushed(manifest.clone());
                     // The partner's version is now the one we pushed: its
@@ -474,6 +498,7 @@ impl Vfs {
                     inodes.set_local_only(ino, false);
                     if let Some(n) = inodes.by_ino.get_mut(&ino) {
                         n.size = report.bytes_total;
+                        n.mtime_ns = mtime_ns;
                         n.manifest = known;
                         n.cached_version = None;
                         parent = Some(n.parent);
