@@ -373,34 +373,46 @@ impl Endpoint {
         self.quinn.local_addr()
     }
 
-    /// Accept the next incoming connection, authenticated. Returns None
-    /// when the endpoint is closed. Handshake failures (unknown
-    /// certificates) are logged and skipped.
-    pub async fn accept(&self) -> Option<(quinn::Connection, Name, Vec<u8>)> {
-        loop {
-            let incoming = self.quinn.accept().await?;
-            let remote = incoming.remote_address();
-            let config = match &self.server {
-                Some((_, _, lo)) if remote.ip().is_loopback() => lo.clone(),
-                Some((_, wide, _)) => wide.clone(),
-                None => return None,
-            };
-            let connecting = match incoming.accept_with(config) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(%remote, "incoming connection failed: {e}");
-                    continue;
+    /// The next incoming connection attempt, not authenticated yet; None
+    /// when the endpoint is closed. Cancel-safe. Finish each with
+    /// [`Endpoint::handshake`] on a task of its own: a handshake takes a
+    /// round trip or more, and one that stalls (a peer that sent its first
+    /// packet and nothing else) lasts until the idle timeout, which must
+    /// not hold up every other partner's connection.
+    pub async fn incoming(&self) -> Option<quinn::Incoming> {
+        self.quinn.accept().await
+    }
+
+    /// Complete the handshake of `incoming` and identify the partner.
+    /// Failures (unknown certificates) are logged and give None.
+    pub async fn handshake(&self, incoming: quinn::Incoming) -> Option<(quinn::Connection, Name, Vec<u8>)> {
+        let remote = incoming.remote_address();
+        let config = match &self.server {
+            Some((_, _, lo)) if remote.ip().is_loopback() => lo.clone(),
+            Some((_, wide, _)) => wide.clone(),
+            None => return None,
+        };
+        let connecting = match incoming.accept_with(config) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%remote, "incoming connection failed: {e}");
+                return None;
+            }
+        };
+        match connecting.await {
+            Ok(conn) => match self.peer_of(&conn) {
+                Some((id, der)) => {
+                    tracing::info!(target: "audit", %remote, partner = %id, "partner connected");
+                    Some((conn, id, der))
                 }
-            };
-            match connecting.await {
-                Ok(conn) => match self.peer_of(&conn) {
-                    Some((id, der)) => {
-                        tracing::info!(target: "audit", %remote, partner = %id, "partner connected");
-                        return Some((conn, id, der));
-                    }
-                    None => conn.close(1u32.into(), b"unknown partner"),
-                },
-                Err(e) => tracing::warn!(target: "audit", %remote, "handshake failed: {e}"),
+                None => {
+                    conn.close(1u32.into(), b"unknown partner");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(target: "audit", %remote, "handshake failed: {e}");
+                None
             }
         }
     }
