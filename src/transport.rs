@@ -266,7 +266,10 @@ fn transport_config(loopback: bool) -> quinn::TransportConfig {
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_concurrent_uni_streams(4096u32.into());
-    t.max_concurrent_bidi_streams(16u32.into());
+    // One bidirectional stream, the control stream (PROTOCOL.md 3): a peer
+    // cannot open others, whose unread bytes the server would have to hold
+    // (2 MiB each).
+    t.max_concurrent_bidi_streams(1u32.into());
     // One chunk (<= 1 MiB + header) fits a stream window; a full window of
     // chunks fits the connection window.
     t.stream_receive_window((2u32 * 1024 * 1024).into());
