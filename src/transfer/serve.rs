@@ -109,6 +109,15 @@ struct Session {
     watches: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
+/// Where a session is in its opening (PROTOCOL.md 5.1, 5.2): HELLO once,
+/// then AUTH once, then everything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Greeted,
+    Authed,
+}
+
 /// Pulls a session remembers at most. A mount reads many files with
 /// partial GETs and never signs for them, so the oldest are forgotten
 /// (a later GET for one of them starts it afresh).
@@ -165,7 +174,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection, partner: Name, peer
         watches: Mutex::new(Vec::new()),
     });
     let puts = tokio::spawn(accept_puts(session.clone()));
-    let mut authed = false;
+    let mut phase = Phase::Start;
     loop {
         let req = match reader.recv().await {
             Ok(r) => r,
@@ -177,7 +186,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection, partner: Name, peer
             Err(_) => break,
         };
         let bye = matches!(req, Request::Bye);
-        let answer = session.clone().handle(req, &mut authed).await;
+        let answer = session.clone().handle(req, &mut phase).await;
         if let Some(answer) = answer {
             if session.tx.send(answer).await.is_err() {
                 break;
@@ -278,14 +287,22 @@ impl Session {
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))
     }
 
-    async fn handle(self: Arc<Self>, req: Request, authed: &mut bool) -> Option<Response> {
+    async fn handle(self: Arc<Self>, req: Request, phase: &mut Phase) -> Option<Response> {
         match req {
+            Request::Hello { .. } if *phase != Phase::Start => {
+                Some(err(ErrorCode::BadRequest, "HELLO was already sent on this connection"))
+            }
+            Request::Auth { .. } if *phase == Phase::Start => Some(err(ErrorCode::BadRequest, "send HELLO before AUTH")),
+            Request::Auth { .. } if *phase == Phase::Authed => {
+                Some(err(ErrorCode::BadRequest, "AUTH was already accepted on this connection"))
+            }
             Request::Hello { version, caps, window } => {
                 if version.split('.').next() != proto::VERSION.split('.').next() {
                     return Some(err(ErrorCode::UnsupportedVersion, format!("this node speaks DEFT {}", proto::VERSION)));
                 }
                 let caps = SERVER_CAPS.iter().copied().filter(|c| caps.contains(c)).collect();
                 let session = super::new_transfer_id();
+                *phase = Phase::Greeted;
                 Some(Response::Welcome { version: proto::VERSION.into(), caps, window: window.clamp(1, self.window), session })
             }
             Request::Auth { partner } => {
@@ -293,14 +310,14 @@ impl Session {
                     tracing::warn!(target: "audit", claimed = %partner, proven = %self.partner, "refused AUTH: name does not match the certificate");
                     return Some(err(ErrorCode::AuthFailed, format!("your certificate is partner {}'s, not {partner}'s", self.partner)));
                 }
-                *authed = true;
+                *phase = Phase::Authed;
                 tracing::info!(target: "audit", partner = %self.partner, "authenticated");
                 let shares =
                     self.node.config.shares.iter().filter(|s| s.access.contains_key(&self.partner)).map(|s| s.name.clone()).collect();
                 Some(Response::AuthOk { partner, shares })
             }
             Request::Bye => Some(Response::Bye),
-            _ if !*authed => Some(err(ErrorCode::AuthRequired, "send AUTH first")),
+            _ if *phase != Phase::Authed => Some(err(ErrorCode::AuthRequired, "send AUTH first")),
             Request::Discover => Some(self.discover()),
             Request::Describe { share, path } => Some(self.describe(&share, &path).await.unwrap_or_else(|e| e)),
             Request::List { share, path } => Some(
