@@ -897,7 +897,15 @@ impl Session {
             return;
         }
         let mut data = crate::direct::Landing::new(chunk.offset, size as usize);
-        if tokio::io::AsyncReadExt::read_exact(&mut reader, data.bytes_mut()).await.is_err() {
+        // Exactly SIZE bytes, then the end of the stream (PROTOCOL.md 7):
+        // a stream longer or shorter than it said is refused, not trimmed.
+        let exact = match tokio::io::AsyncReadExt::read_exact(&mut reader, data.bytes_mut()).await {
+            Ok(_) => matches!(tokio::io::AsyncReadExt::read(&mut reader, &mut [0u8; 1]).await, Ok(0)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+            Err(_) => return,
+        };
+        if !exact {
+            let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_LENGTH".into()) }).await;
             return;
         }
         incoming.bytes.fetch_add(size as u64, Ordering::SeqCst);
