@@ -49,6 +49,13 @@ pub enum AssembleError {
     NoFileName(PathBuf),
 }
 
+impl AssembleError {
+    /// The file system has no room for the file.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, AssembleError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull || source.raw_os_error() == Some(libc::ENOSPC))
+    }
+}
+
 /// What writing a chunk achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -213,8 +220,10 @@ impl Assembly {
                     reused += u64::from(manifest.chunks[i].len);
                 }
             }
-        } else {
-            crate::direct::preallocate(&file, manifest.size).map_err(io(&temp))?;
+        } else if let Err(e) = crate::direct::preallocate(&file, manifest.size) {
+            // Nothing in it can be resumed (its size is not the file's).
+            let _ = std::fs::remove_file(&temp);
+            return Err(io(&temp)(e));
         }
         // Delta: copy the chunks the current version already has, in runs
         // of chunks that sit at the same distance in both files (all of

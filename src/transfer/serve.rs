@@ -447,8 +447,11 @@ impl Session {
                 (None, Some(f)) => crate::index::manifest_for(&node.db, &f, params).ok().map(|m| (f, m)),
                 (None, None) => None,
             };
-            Assembly::prepare_from(&t2, m, from.as_ref().map(|(p, m)| (p.as_path(), m)))
-                .map_err(|e| err(ErrorCode::Internal, e.to_string()))
+            Assembly::prepare_from(&t2, m, from.as_ref().map(|(p, m)| (p.as_path(), m))).map_err(|e| {
+                // Disk full is BUSY (PROTOCOL.md 11): the client may retry once space is freed.
+                let code = if e.is_disk_full() { ErrorCode::Busy } else { ErrorCode::Internal };
+                err(code, e.to_string())
+            })
         })
         .await
         .map_err(|e| err(ErrorCode::Internal, e.to_string()))??;
