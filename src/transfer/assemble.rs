@@ -313,6 +313,17 @@ impl Assembly {
         self.manifest.chunks.iter().enumerate().filter(|(i, c)| !have[*i] && seen.insert(c.hash)).map(|(i, _)| i as u32).collect()
     }
 
+    /// The temp file holds no chunk: none was received, reused or kept
+    /// from an earlier attempt, so there is nothing in it to resume.
+    pub fn is_untouched(&self) -> bool {
+        !self.manifest.chunks.is_empty() && self.missing.load(Ordering::SeqCst) == self.manifest.chunks.len()
+    }
+
+    /// Delete the temp file (of a transfer given up while untouched).
+    pub fn discard(&self) {
+        let _ = std::fs::remove_file(&self.temp);
+    }
+
     pub fn is_complete(&self) -> bool {
         self.missing.load(Ordering::SeqCst) == 0
     }

@@ -49,6 +49,31 @@ struct Incoming {
     _busy: BusyGuard,
 }
 
+/// A push abandoned before any chunk reached its temp file (the connection
+/// closed, or the push was aborted) leaves no temp file: there is nothing
+/// in it to resume, and it holds the file's whole size on the disk. Done
+/// under the busy-target lock, and only while no later push of the same
+/// partner took the target over (and may be using the same temp file).
+impl Incoming {
+    /// Give the push up: a chunk still arriving can no longer complete it.
+    fn abandon(&self) {
+        let Some(assembly) = lock(&self.assembly).take() else { return };
+        if !assembly.is_untouched() {
+            return;
+        }
+        let busy = lock(&self._busy.node.busy_targets);
+        if busy.get(&self._busy.target).is_some_and(|(_, g)| *g == self._busy.generation) {
+            assembly.discard();
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.abandon();
+    }
+}
+
 /// A pull being served: what the receipt will be about.
 struct Outgoing {
     share: Name,
@@ -317,6 +342,20 @@ impl Session {
                 Some(Response::AuthOk { partner, shares })
             }
             Request::Bye => Some(Response::Bye),
+            // One transfer at a time (PROTOCOL.md 3): during a push the
+            // client sends nothing on the control stream.
+            _ if !lock(&self.incoming).is_empty() => {
+                let drained: Vec<(Name, Arc<Incoming>)> = lock(&self.incoming).drain().collect();
+                let aborted: Vec<String> = drained.iter().map(|(id, _)| id.to_string()).collect();
+                for (_, incoming) in &drained {
+                    incoming.abandon();
+                }
+                tracing::warn!(partner = %self.partner, ?aborted, "request during a push: the push is aborted");
+                Some(err(
+                    ErrorCode::BadRequest,
+                    format!("push {} was in progress on this connection and is now aborted: send other requests after it ends, or on another connection", aborted.join(",")),
+                ))
+            }
             _ if *phase != Phase::Authed => Some(err(ErrorCode::AuthRequired, "send AUTH first")),
             Request::Discover => Some(self.discover()),
             Request::Describe { share, path } => Some(self.describe(&share, &path).await.unwrap_or_else(|e| e)),
