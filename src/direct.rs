@@ -289,7 +289,23 @@ fn write_direct(direct: &File, data: &[u8], offset: u64) -> io::Result<()> {
 /// spin on that lock (half of a receiving daemon's samples before this).
 /// Running out of space is an error here, before anything is sent; a file
 /// system without `fallocate` just gets the length.
+///
+/// A length the file system cannot hold is refused (`StorageFull`) before
+/// anything is allocated: ext4 keeps the blocks a failed `fallocate` did
+/// get, so a peer announcing a 1 TiB file would otherwise leave the disk
+/// full. If `fallocate` runs out of space anyway (a race with other
+/// writers), the file is truncated to nothing, which gives the blocks back.
 pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let need = len.saturating_sub(file.metadata()?.blocks().saturating_mul(512));
+    if let Some(free) = available_space(file) {
+        if need > free {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!("{len} bytes do not fit: {free} bytes are free on this file system"),
+            ));
+        }
+    }
     file.set_len(len)?;
     if len == 0 {
         return Ok(());
@@ -300,10 +316,24 @@ pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
     if rc != 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::ENOSPC) {
+            let _ = file.set_len(0);
             return Err(e);
         }
     }
     Ok(())
+}
+
+/// Bytes an unprivileged writer may still allocate on the file system
+/// holding `file`; None when it cannot tell or reports no size at all (some
+/// FUSE file systems), so that those are not refused everything.
+fn available_space(file: &File) -> Option<u64> {
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatvfs on a descriptor we own, writing into `st` only.
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) } != 0 || st.f_blocks == 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// pwrite until done. A short direct write ends on a block boundary (the

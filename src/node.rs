@@ -89,7 +89,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<(), NodeError> {
-    let endpoint = Endpoint::server(node.config.node.listen, node.identity.clone(), node.directory.clone())?;
+    let endpoint = Arc::new(Endpoint::server(node.config.node.listen, node.identity.clone(), node.directory.clone())?);
     let addr = endpoint.local_addr().map_err(|source| TransportError::Socket { addr: node.config.node.listen, source })?;
     tracing::info!(node = %node.config.node.name, %addr, fingerprint = %node.identity.fingerprint(), "listening");
     if let Some(tx) = ready {
@@ -128,10 +128,17 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            accepted = endpoint.accept() => {
-                let Some((conn, partner, cert)) = accepted else { break };
-                let node = node.clone();
-                connections.spawn(crate::transfer::serve::serve(node, conn, partner, cert));
+            // Each handshake runs on the connection's own task: a stalled
+            // one must not keep others out, and this select must be able to
+            // drop the accept without dropping a half-made connection.
+            incoming = endpoint.incoming() => {
+                let Some(incoming) = incoming else { break };
+                let (node, endpoint) = (node.clone(), endpoint.clone());
+                connections.spawn(async move {
+                    if let Some((conn, partner, cert)) = endpoint.handshake(incoming).await {
+                        crate::transfer::serve::serve(node, conn, partner, cert).await;
+                    }
+                });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }

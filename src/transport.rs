@@ -266,7 +266,10 @@ fn transport_config(loopback: bool) -> quinn::TransportConfig {
     t.max_idle_timeout(IDLE_TIMEOUT.try_into().ok());
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_concurrent_uni_streams(4096u32.into());
-    t.max_concurrent_bidi_streams(16u32.into());
+    // One bidirectional stream, the control stream (PROTOCOL.md 3): a peer
+    // cannot open others, whose unread bytes the server would have to hold
+    // (2 MiB each).
+    t.max_concurrent_bidi_streams(1u32.into());
     // One chunk (<= 1 MiB + header) fits a stream window; a full window of
     // chunks fits the connection window.
     t.stream_receive_window((2u32 * 1024 * 1024).into());
@@ -373,34 +376,46 @@ impl Endpoint {
         self.quinn.local_addr()
     }
 
-    /// Accept the next incoming connection, authenticated. Returns None
-    /// when the endpoint is closed. Handshake failures (unknown
-    /// certificates) are logged and skipped.
-    pub async fn accept(&self) -> Option<(quinn::Connection, Name, Vec<u8>)> {
-        loop {
-            let incoming = self.quinn.accept().await?;
-            let remote = incoming.remote_address();
-            let config = match &self.server {
-                Some((_, _, lo)) if remote.ip().is_loopback() => lo.clone(),
-                Some((_, wide, _)) => wide.clone(),
-                None => return None,
-            };
-            let connecting = match incoming.accept_with(config) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(%remote, "incoming connection failed: {e}");
-                    continue;
+    /// The next incoming connection attempt, not authenticated yet; None
+    /// when the endpoint is closed. Cancel-safe. Finish each with
+    /// [`Endpoint::handshake`] on a task of its own: a handshake takes a
+    /// round trip or more, and one that stalls (a peer that sent its first
+    /// packet and nothing else) lasts until the idle timeout, which must
+    /// not hold up every other partner's connection.
+    pub async fn incoming(&self) -> Option<quinn::Incoming> {
+        self.quinn.accept().await
+    }
+
+    /// Complete the handshake of `incoming` and identify the partner.
+    /// Failures (unknown certificates) are logged and give None.
+    pub async fn handshake(&self, incoming: quinn::Incoming) -> Option<(quinn::Connection, Name, Vec<u8>)> {
+        let remote = incoming.remote_address();
+        let config = match &self.server {
+            Some((_, _, lo)) if remote.ip().is_loopback() => lo.clone(),
+            Some((_, wide, _)) => wide.clone(),
+            None => return None,
+        };
+        let connecting = match incoming.accept_with(config) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(%remote, "incoming connection failed: {e}");
+                return None;
+            }
+        };
+        match connecting.await {
+            Ok(conn) => match self.peer_of(&conn) {
+                Some((id, der)) => {
+                    tracing::info!(target: "audit", %remote, partner = %id, "partner connected");
+                    Some((conn, id, der))
                 }
-            };
-            match connecting.await {
-                Ok(conn) => match self.peer_of(&conn) {
-                    Some((id, der)) => {
-                        tracing::info!(target: "audit", %remote, partner = %id, "partner connected");
-                        return Some((conn, id, der));
-                    }
-                    None => conn.close(1u32.into(), b"unknown partner"),
-                },
-                Err(e) => tracing::warn!(target: "audit", %remote, "handshake failed: {e}"),
+                None => {
+                    conn.close(1u32.into(), b"unknown partner");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(target: "audit", %remote, "handshake failed: {e}");
+                None
             }
         }
     }

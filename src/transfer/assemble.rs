@@ -50,6 +50,13 @@ pub enum AssembleError {
     NoFileName(PathBuf),
 }
 
+impl AssembleError {
+    /// The file system has no room for the file.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, AssembleError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull || source.raw_os_error() == Some(libc::ENOSPC))
+    }
+}
+
 /// What writing a chunk achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Written {
@@ -226,8 +233,10 @@ impl Assembly {
                     reused += u64::from(manifest.chunks[i].len);
                 }
             }
-        } else {
-            crate::direct::preallocate(&file, manifest.size).map_err(io(&temp))?;
+        } else if let Err(e) = crate::direct::preallocate(&file, manifest.size) {
+            // Nothing in it can be resumed (its size is not the file's).
+            let _ = std::fs::remove_file(&temp);
+            return Err(io(&temp)(e));
         }
         // Delta: copy the chunks the current version already has, in runs
         // of chunks that sit at the same distance in both files (all of
@@ -316,6 +325,17 @@ impl Assembly {
         let have = self.have.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen = std::collections::HashSet::new();
         self.manifest.chunks.iter().enumerate().filter(|(i, c)| !have[*i] && seen.insert(c.hash)).map(|(i, _)| i as u32).collect()
+    }
+
+    /// The temp file holds no chunk: none was received, reused or kept
+    /// from an earlier attempt, so there is nothing in it to resume.
+    pub fn is_untouched(&self) -> bool {
+        !self.manifest.chunks.is_empty() && self.missing.load(Ordering::SeqCst) == self.manifest.chunks.len()
+    }
+
+    /// Delete the temp file (of a transfer given up while untouched).
+    pub fn discard(&self) {
+        let _ = std::fs::remove_file(&self.temp);
     }
 
     pub fn is_complete(&self) -> bool {

@@ -52,6 +52,31 @@ struct Incoming {
     _busy: BusyGuard,
 }
 
+/// A push abandoned before any chunk reached its temp file (the connection
+/// closed, or the push was aborted) leaves no temp file: there is nothing
+/// in it to resume, and it holds the file's whole size on the disk. Done
+/// under the busy-target lock, and only while no later push of the same
+/// partner took the target over (and may be using the same temp file).
+impl Incoming {
+    /// Give the push up: a chunk still arriving can no longer complete it.
+    fn abandon(&self) {
+        let Some(assembly) = lock(&self.assembly).take() else { return };
+        if !assembly.is_untouched() {
+            return;
+        }
+        let busy = lock(&self._busy.node.busy_targets);
+        if busy.get(&self._busy.target).is_some_and(|(_, g)| *g == self._busy.generation) {
+            assembly.discard();
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.abandon();
+    }
+}
+
 /// A pull being served: what the receipt will be about.
 struct Outgoing {
     share: Name,
@@ -112,6 +137,15 @@ struct Session {
     watches: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
+/// Where a session is in its opening (PROTOCOL.md 5.1, 5.2): HELLO once,
+/// then AUTH once, then everything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Greeted,
+    Authed,
+}
+
 /// Pulls a session remembers at most. A mount reads many files with
 /// partial GETs and never signs for them, so the oldest are forgotten
 /// (a later GET for one of them starts it afresh).
@@ -168,7 +202,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection, partner: Name, peer
         watches: Mutex::new(Vec::new()),
     });
     let puts = tokio::spawn(accept_puts(session.clone()));
-    let mut authed = false;
+    let mut phase = Phase::Start;
     loop {
         let req = match reader.recv().await {
             Ok(r) => r,
@@ -180,7 +214,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection, partner: Name, peer
             Err(_) => break,
         };
         let bye = matches!(req, Request::Bye);
-        let answer = session.clone().handle(req, &mut authed).await;
+        let answer = session.clone().handle(req, &mut phase).await;
         if let Some(answer) = answer {
             if session.tx.send(answer).await.is_err() {
                 break;
@@ -281,14 +315,22 @@ impl Session {
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))
     }
 
-    async fn handle(self: Arc<Self>, req: Request, authed: &mut bool) -> Option<Response> {
+    async fn handle(self: Arc<Self>, req: Request, phase: &mut Phase) -> Option<Response> {
         match req {
+            Request::Hello { .. } if *phase != Phase::Start => {
+                Some(err(ErrorCode::BadRequest, "HELLO was already sent on this connection"))
+            }
+            Request::Auth { .. } if *phase == Phase::Start => Some(err(ErrorCode::BadRequest, "send HELLO before AUTH")),
+            Request::Auth { .. } if *phase == Phase::Authed => {
+                Some(err(ErrorCode::BadRequest, "AUTH was already accepted on this connection"))
+            }
             Request::Hello { version, caps, window } => {
                 if version.split('.').next() != proto::VERSION.split('.').next() {
                     return Some(err(ErrorCode::UnsupportedVersion, format!("this node speaks DEFT {}", proto::VERSION)));
                 }
                 let caps = SERVER_CAPS.iter().copied().filter(|c| caps.contains(c)).collect();
                 let session = super::new_transfer_id();
+                *phase = Phase::Greeted;
                 Some(Response::Welcome { version: proto::VERSION.into(), caps, window: window.clamp(1, self.window), session })
             }
             Request::Auth { partner } => {
@@ -296,14 +338,28 @@ impl Session {
                     tracing::warn!(target: "audit", claimed = %partner, proven = %self.partner, "refused AUTH: name does not match the certificate");
                     return Some(err(ErrorCode::AuthFailed, format!("your certificate is partner {}'s, not {partner}'s", self.partner)));
                 }
-                *authed = true;
+                *phase = Phase::Authed;
                 tracing::info!(target: "audit", partner = %self.partner, "authenticated");
                 let shares =
                     self.node.config.shares.iter().filter(|s| s.access.contains_key(&self.partner)).map(|s| s.name.clone()).collect();
                 Some(Response::AuthOk { partner, shares })
             }
             Request::Bye => Some(Response::Bye),
-            _ if !*authed => Some(err(ErrorCode::AuthRequired, "send AUTH first")),
+            // One transfer at a time (PROTOCOL.md 3): during a push the
+            // client sends nothing on the control stream.
+            _ if !lock(&self.incoming).is_empty() => {
+                let drained: Vec<(Name, Arc<Incoming>)> = lock(&self.incoming).drain().collect();
+                let aborted: Vec<String> = drained.iter().map(|(id, _)| id.to_string()).collect();
+                for (_, incoming) in &drained {
+                    incoming.abandon();
+                }
+                tracing::warn!(partner = %self.partner, ?aborted, "request during a push: the push is aborted");
+                Some(err(
+                    ErrorCode::BadRequest,
+                    format!("push {} was in progress on this connection and is now aborted: send other requests after it ends, or on another connection", aborted.join(",")),
+                ))
+            }
+            _ if *phase != Phase::Authed => Some(err(ErrorCode::AuthRequired, "send AUTH first")),
             Request::Discover => Some(self.discover()),
             Request::Describe { share, path } => Some(self.describe(&share, &path).await.unwrap_or_else(|e| e)),
             Request::List { share, path } => Some(
@@ -433,8 +489,11 @@ impl Session {
                 (None, Some(f)) => crate::index::manifest_for(&node.db, &f, params).ok().map(|m| (f, m)),
                 (None, None) => None,
             };
-            Assembly::prepare_from(&t2, m, from.as_ref().map(|(p, m)| (p.as_path(), m)))
-                .map_err(|e| err(ErrorCode::Internal, e.to_string()))
+            Assembly::prepare_from(&t2, m, from.as_ref().map(|(p, m)| (p.as_path(), m))).map_err(|e| {
+                // Disk full is BUSY (PROTOCOL.md 11): the client may retry once space is freed.
+                let code = if e.is_disk_full() { ErrorCode::Busy } else { ErrorCode::Internal };
+                err(code, e.to_string())
+            })
         })
         .await
         .map_err(|e| err(ErrorCode::Internal, e.to_string()))??;
@@ -888,7 +947,15 @@ impl Session {
             return;
         }
         let mut data = crate::direct::Landing::new(chunk.offset, size as usize);
-        if tokio::io::AsyncReadExt::read_exact(&mut reader, data.bytes_mut()).await.is_err() {
+        // Exactly SIZE bytes, then the end of the stream (PROTOCOL.md 7):
+        // a stream longer or shorter than it said is refused, not trimmed.
+        let exact = match tokio::io::AsyncReadExt::read_exact(&mut reader, data.bytes_mut()).await {
+            Ok(_) => matches!(tokio::io::AsyncReadExt::read(&mut reader, &mut [0u8; 1]).await, Ok(0)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+            Err(_) => return,
+        };
+        if !exact {
+            let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_LENGTH".into()) }).await;
             return;
         }
         incoming.bytes.fetch_add(size as u64, Ordering::SeqCst);
