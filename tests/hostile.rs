@@ -252,6 +252,8 @@ impl Upload {
             file_hash,
             base: Base::Any,
             fence: None,
+            mode: None,
+            mtime_ns: None,
             chunks: self
                 .chunks
                 .iter()

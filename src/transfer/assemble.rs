@@ -451,6 +451,29 @@ mod tests {
     }
 
     #[test]
+    fn finish_gives_the_mode_and_mtime_asked_for_and_leaves_the_directory_time() {
+        let dir = TestDir::new("times");
+        let target = dir.path().join("f");
+        std::fs::write(&target, b"old").unwrap();
+        let past = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000);
+        File::open(dir.path()).unwrap().set_modified(past).unwrap();
+        let data = random_bytes(50_000, 3);
+        let asm = Assembly::prepare(&target, chunk_slice(&data, &SMALL).unwrap(), None).unwrap();
+        complete(&asm, &data);
+        asm.finish(Some(0o600), Some(1_600_000_000_123_456_789)).unwrap();
+        let meta = std::fs::metadata(&target).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(crate::share::mtime_ns(&meta), 1_600_000_000_123_456_789);
+        assert_eq!(std::fs::metadata(dir.path()).unwrap().modified().unwrap(), past, "a replacement moved the directory's mtime");
+        // Times no file system keeps are an error, not a panic.
+        for extreme in [i64::MIN, i64::MAX] {
+            let asm = Assembly::prepare(&target, chunk_slice(&data, &SMALL).unwrap(), None).unwrap();
+            complete(&asm, &data);
+            let _ = asm.finish(None, Some(extreme));
+        }
+    }
+
+    #[test]
     fn a_base_that_changed_behind_the_index_is_caught_and_its_chunk_fetched() {
         let dir = TestDir::new("stale");
         let target = dir.path().join("f");
