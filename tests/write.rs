@@ -828,4 +828,5 @@ fn a_written_file_keeps_its_mtime_and_mode_and_its_directory_its_time() {
     std::thread::sleep(Duration::from_millis(1600));
     assert_eq!(mtime(&a.at("d")), dir_before, "directory mtime through the mount");
     assert_eq!(mtime(&a.at("d/old.txt")), mtime(&w.server("d/old.txt")));
+    assert_eq!(mtime(&a.mnt), mtime(&w.files), "the mount's root shows the share's time");
 }

@@ -561,7 +561,6 @@ impl Vfs {
         }
         if let Some(n) = inodes.by_ino.get_mut(&ino) {
             n.children = Some((children.clone(), now));
-            n.attr_at.get_or_insert(now);
         }
         Ok(children)
     }
@@ -600,11 +599,13 @@ impl Vfs {
             let inodes = lock(&self.inodes);
             let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
             let listed = inodes.by_ino.get(&n.parent).and_then(|p| p.children.as_ref()).is_some_and(|(_, at)| self.fresh(Some(*at)));
-            (self.fresh(n.attr_at) || ino == ROOT_INO, n.parent, listed, n.share.clone(), n.path.clone())
+            // The root of an all-shares mount is made up here.
+            let fresh = self.fresh(n.attr_at) || (ino == ROOT_INO && n.share.is_none());
+            (fresh, n.parent, listed || ino == ROOT_INO, n.share.clone(), n.path.clone())
         };
         if !fresh && parent_listed {
             // Dropped by a change made here while the parent's listing is
-            // still trusted: ask for this entry alone.
+            // still trusted, or a share's root: ask for this entry alone.
             if let Some(share) = share.filter(|_| !lock(&self.inodes).is_local_only(ino)) {
                 let asked = Instant::now();
                 match self.remote.stat(&share, &path).await {
