@@ -150,7 +150,14 @@ impl Leases {
         };
         if let Some(token) = release {
             let (me, share, path) = (self.clone(), share.clone(), path.clone());
-            self.rt.spawn(async move { me.unlock(&share, &path, token).await });
+            self.rt.spawn(async move {
+                let req = Request::Unlock { share: share.clone(), path: path.clone(), token };
+                if me.remote.send_later(req).await {
+                    tracing::info!(partner = %me.remote.partner(), %share, %path, "lease released");
+                } else {
+                    tracing::debug!(partner = %me.remote.partner(), %share, %path, "lease not released: no connection (it expires by itself)");
+                }
+            });
         }
     }
 

@@ -65,6 +65,10 @@ struct Link {
     conn: quinn::Connection,
     send: quinn::SendStream,
     reader: ControlReader<Response>,
+    /// Answers still to come to requests sent without waiting (see
+    /// [`Remote::send_later`]): the partner answers in order, so the next
+    /// call reads them first.
+    unread: usize,
 }
 
 impl Link {
@@ -74,6 +78,13 @@ impl Link {
 
     async fn call(&mut self, req: &Request) -> Result<Response, TransportError> {
         self.send(req).await?;
+        while self.unread > 0 {
+            let answer = self.reader.recv().await?;
+            self.unread -= 1;
+            if let Response::Error { code, message } = answer {
+                tracing::debug!(?code, "a request sent without waiting was refused: {message}");
+            }
+        }
         self.reader.recv().await
     }
 }
@@ -209,7 +220,7 @@ impl Remote {
         let (conn, _cert) = self.endpoint.connect(&partner).await.map_err(|e| self.offline(e))?;
         let (send, recv) = conn.open_bi().await.map_err(|e| self.offline(e))?;
         let (send, reader) = Control::<Response>::new(send, recv).split();
-        let mut link = Link { conn, send, reader };
+        let mut link = Link { conn, send, reader, unread: 0 };
         let storage = &self.node.config.storage;
         let hello = Request::Hello {
             version: proto::VERSION.to_string(),
@@ -322,6 +333,26 @@ impl Remote {
         }
     }
 
+    /// Send `req` on the metadata connection without waiting for its
+    /// answer, which the next call reads and drops: for a request whose
+    /// answer changes nothing here (an UNLOCK after a close), so the next
+    /// request (the next file's LOCK) does not wait a round trip behind it.
+    /// Not sent if there is no connection now.
+    pub async fn send_later(&self, req: Request) -> bool {
+        let mut guard = self.meta.lock().await;
+        let Some(link) = guard.as_mut() else { return false };
+        match link.send(&req).await {
+            Ok(()) => {
+                link.unread += 1;
+                true
+            }
+            Err(_) => {
+                *guard = None;
+                false
+            }
+        }
+    }
+
     pub async fn unlock(&self, share: &Name, path: &SharePath, token: u64) -> Result<(), RemoteError> {
         match self.call(Request::Unlock { share: share.clone(), path: path.clone(), token }).await? {
             Response::Unlocked { .. } => Ok(()),
@@ -359,7 +390,7 @@ impl Remote {
         }
         *guard = None;
         let link = self.connect().await?;
-        let Link { conn, send, reader } = link;
+        let Link { conn, send, reader, .. } = link;
         let data = Arc::new(DataLink {
             conn: conn.clone(),
             send: tokio::sync::Mutex::new(send),
