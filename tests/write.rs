@@ -309,6 +309,58 @@ fn fsync_then_sigkill_of_mountd_loses_nothing_the_change_arrives_after_restart()
     );
 }
 
+/// kill -9 of the serving daemon in the middle of a mount's push: the
+/// file's name on the serving node keeps the old version (never a part of
+/// the new one), the fsync that made the change durable here returns, and
+/// once both sides run again the queued change arrives whole, resuming
+/// from the chunks the partner had verified.
+#[test]
+fn sigkill_of_the_serving_daemon_mid_push_leaves_the_old_version_and_the_change_arrives_later() {
+    let old = random_bytes(4 * MIB, 7);
+    let old2 = old.clone();
+    let mut w = World::new("srvkill", &["alice"], "", move |files| std::fs::write(files.join("big.bin"), &old2).unwrap());
+    // Alice's daemon again, with its pushes stalling after 20 chunks.
+    w.clients[0].guard = None;
+    if let Some(d) = w.clients[0].daemon.as_mut() {
+        d.kill();
+    }
+    w.clients[0].daemon = Some(Daemon::start_with(&w.c(0).node.home, &[("DEFTFS_FAULT_STALL_AFTER_CHUNKS", "20")]));
+    w.clients[0].mount();
+    let new = random_bytes(40 * MIB, 8);
+    let path = w.c(0).at("big.bin");
+    let data = new.clone();
+    let writer = std::thread::spawn(move || -> std::io::Result<std::fs::File> {
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        Ok(f)
+    });
+    let alice_log = || w.c(0).log();
+    assert!(wait_until(Duration::from_secs(30), || alice_log().contains("stalled")), "the push never stalled:\n{}", alice_log());
+    assert_eq!(std::fs::read(w.server("big.bin")).unwrap(), old, "the name changed before the push was complete");
+    if let Some(d) = w.bob_daemon.as_mut() {
+        d.kill();
+    }
+    // The change is durable here: fsync returns (the push is queued).
+    let f = writer.join().unwrap().expect("fsync after the serving daemon died");
+    assert_eq!(std::fs::read(w.server("big.bin")).unwrap(), old, "a partial version appeared under the name");
+    // kill -9 of alice's daemon too; both come back, without the fault.
+    if let Some(d) = w.clients[0].daemon.as_mut() {
+        d.kill();
+    }
+    drop(f);
+    w.clients[0].guard = None;
+    w.bob_daemon = Some(w.bob.start());
+    w.clients[0].daemon = Some(w.clients[0].node.start());
+    assert!(
+        wait_until(Duration::from_secs(60), || std::fs::read(w.server("big.bin")).is_ok_and(|d| d == new)),
+        "the queued change never arrived:\n{}",
+        w.c(0).log()
+    );
+    let sent = last_push_bytes(&w.c(0).node, "big.bin");
+    assert!(sent < new.len() as u64, "the retry sent {sent} bytes: nothing of the first attempt was reused");
+}
+
 #[test]
 fn a_local_edit_on_the_serving_node_during_a_mount_write_keeps_both_versions() {
     let w = World::new("conflict", &["alice"], "", |dir| {

@@ -138,6 +138,12 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(home: &Path) -> Daemon {
+        Daemon::start_with(home, &[])
+    }
+
+    /// A daemon with extra environment variables (the fault hooks of
+    /// `deftfs::fault`).
+    pub fn start_with(home: &Path, env: &[(&str, &str)]) -> Daemon {
         let log = home.join("daemon.log");
         let from = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
         let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
@@ -146,6 +152,7 @@ impl Daemon {
             .arg(home)
             .arg("daemon")
             .env("DEFTFS_LOG", std::env::var("DEFTFS_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf);
         // A test killed by a signal runs no Drop: the daemon then gets
