@@ -1,0 +1,209 @@
+//! End-to-end transfers and mounts over a faulty network: real daemons,
+//! real QUIC with mutual TLS, real FUSE, with a fault-injecting UDP relay
+//! ([`common::relay`]) between alice and bob. Alice reaches bob only
+//! through the relay (her partner endpoint for bob is the relay's address);
+//! bob never connects to alice, so nothing bypasses it.
+//!
+//! Each run prints the relay's seed; `DEFTFS_RELAY_SEED=N` replays its
+//! decisions.
+
+mod common;
+
+use common::relay::{lossy, Faults, Relay};
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1024 * 1024;
+
+/// Bob serves `inbox` (alice may push), `outbox` and `files` (alice may
+/// pull and mount); alice reaches him through a relay. Fields drop in
+/// order: the daemon, the relay, then the directories.
+struct Net {
+    _b_daemon: Daemon,
+    relay: Relay,
+    a: TestNode,
+    b: TestNode,
+    inbox: PathBuf,
+    outbox: PathBuf,
+    root: TempDir,
+}
+
+impl Net {
+    /// `alice_config` is appended to alice's config.toml before anything runs.
+    fn new(tag: &str, alice_config: &str, prepare: impl FnOnce(&Path)) -> Net {
+        let root = TempDir::new(tag);
+        let a = TestNode::init(root.path(), "alice");
+        let b = TestNode::init(root.path(), "bob");
+        let relay = Relay::start(b.endpoint().parse().expect("bob's endpoint"));
+        a.trust_at(&b, &relay.addr().to_string());
+        b.trust(&a);
+        if !alice_config.is_empty() {
+            let path = a.home.join("config.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, format!("{text}\n{alice_config}\n")).unwrap();
+        }
+        let [inbox, outbox, files, mnt] = ["bob-inbox", "bob-outbox", "bob-files", "mnt"].map(|d| root.path().join(d));
+        for d in [&inbox, &outbox, &files, &mnt] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        prepare(&files);
+        for (share, dir, access) in [("inbox", &inbox, "write"), ("outbox", &outbox, "read"), ("files", &files, "read")] {
+            b.ok(&["share", "add", share, dir.to_str().unwrap(), "--partner", "alice", "--access", access]);
+        }
+        let b_daemon = b.start();
+        Net { _b_daemon: b_daemon, relay, a, b, inbox, outbox, root }
+    }
+
+    /// Start `deftfs ARGS --json` as alice; its output goes to files in the
+    /// test's directory (read them with [`Net::output`]).
+    fn spawn(&self, name: &str, args: &[&str]) -> Child {
+        let out = std::fs::File::create(self.root.path().join(format!("{name}.stdout"))).unwrap();
+        let err = std::fs::File::create(self.root.path().join(format!("{name}.stderr"))).unwrap();
+        Command::new(bin())
+            .arg("--home")
+            .arg(&self.a.home)
+            .args(args)
+            .arg("--json")
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap()
+    }
+
+    /// (stdout, stderr) of a command started with [`Net::spawn`].
+    fn output(&self, name: &str) -> (String, String) {
+        let read = |ext: &str| std::fs::read_to_string(self.root.path().join(format!("{name}.{ext}"))).unwrap_or_default();
+        (read("stdout"), read("stderr"))
+    }
+}
+
+/// Wait for `child` to exit; kill it and fail if it takes longer than `timeout`.
+fn wait_exit(child: &mut Child, timeout: Duration, what: &str) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not end within {timeout:?}: it hangs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The relay does what it is told: it forwards both ways, drops about the
+/// share asked for, delays, duplicates, and a partition stops everything.
+/// (Without this, a suite on a relay that forwards everything would pass.)
+#[test]
+fn the_relay_drops_delays_duplicates_and_partitions_as_told() {
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let echoer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            echo.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                    let _ = echo.send_to(&buf[..n], from);
+                }
+            }
+        })
+    };
+    let relay = Relay::start(echo_addr);
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 2048];
+    // Delay: a round trip crosses it twice.
+    relay.set(Faults { delay: Duration::from_millis(40), ..Faults::default() });
+    let start = Instant::now();
+    client.send_to(b"ping", relay.addr()).unwrap();
+    let n = client.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"ping");
+    assert!(start.elapsed() >= Duration::from_millis(80), "round trip took {:?}", start.elapsed());
+
+    // 20 % loss each way: about 64 % of 500 round trips come back.
+    relay.set(lossy(0.2, 0, 0));
+    client.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    for i in 0..500u32 {
+        client.send_to(&i.to_le_bytes(), relay.addr()).unwrap();
+    }
+    let mut back = 0;
+    while client.recv(&mut buf).is_ok() {
+        back += 1;
+    }
+    assert!((250..=390).contains(&back), "{back} of 500 came back through 20 % loss each way");
+    let s = relay.stats();
+    assert!(s.to_target.dropped > 50 && s.to_client.dropped > 20, "{s:?}");
+
+    // Duplication.
+    relay.set(Faults { duplicate: 1.0, ..Faults::default() });
+    client.send_to(b"twice", relay.addr()).unwrap();
+    let mut copies = 0;
+    while client.recv(&mut buf).is_ok() {
+        copies += 1;
+    }
+    assert_eq!(copies, 4, "duplicated each way, one datagram comes back four times");
+
+    // A partition drops everything, also what was queued before it.
+    relay.set(Faults { delay: Duration::from_millis(100), ..Faults::default() });
+    client.send_to(b"queued", relay.addr()).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    relay.partition(true);
+    client.send_to(b"cut", relay.addr()).unwrap();
+    client.set_read_timeout(Some(Duration::from_millis(400))).unwrap();
+    assert!(client.recv(&mut buf).is_err(), "a datagram crossed the partition");
+    relay.partition(false);
+    relay.set(Faults::default());
+    client.send_to(b"healed", relay.addr()).unwrap();
+    let n = client.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"healed");
+    stop.store(true, Ordering::SeqCst);
+    echoer.join().unwrap();
+}
+
+/// The link drops 3 % of datagrams each way, delays each by 2 to 5 ms (so
+/// they overtake each other) and duplicates 1 %. A push and a pull of
+/// 32 MiB run at once (in opposite directions, so neither waits on the
+/// other's congestion window) and both arrive intact with their receipts.
+#[test]
+fn push_and_pull_of_32_mib_through_a_lossy_link_arrive_intact() {
+    let net = Net::new("lossy", "", |_| {});
+    net.relay.set(Faults { duplicate: 0.01, ..lossy(0.03, 2, 3) });
+    let src = net.root.path().join("lossy.bin");
+    write_random(&src, 32 * MIB, 101);
+    let expected = hash_file(&src);
+    std::fs::copy(&src, net.outbox.join("out.bin")).unwrap();
+    let dest = net.root.path().join("pulled.bin");
+
+    let start = Instant::now();
+    let mut push = net.spawn("push", &["send", "bob", "inbox", src.to_str().unwrap()]);
+    let mut pull = net.spawn("pull", &["receive", "bob", "outbox", "out.bin", dest.to_str().unwrap()]);
+    for (child, name) in [(&mut push, "push"), (&mut pull, "pull")] {
+        let status = wait_exit(child, Duration::from_secs(100), name);
+        let (out, err) = net.output(name);
+        assert!(status.success(), "{name} failed through the lossy link: {status}\n{err}");
+        let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {out}"));
+        let receipt = report["receipt"].as_str().unwrap();
+        assert!(net.a.ok(&["receipt", "verify", receipt]).contains("valid signature"), "{name}");
+        assert_eq!(report["bytes_total"], 32 * MIB, "{name}: {report}");
+        eprintln!("{name} through the lossy link: {:.1} s (report {report})", start.elapsed().as_secs_f64());
+    }
+    let stats = net.relay.stats();
+    eprintln!("{stats:?}");
+    assert_eq!(hash_file(&net.inbox.join("lossy.bin")), expected, "the pushed file differs");
+    assert_eq!(hash_file(&dest), expected, "the pulled file differs");
+    // Bob keeps his receipts of both, a moment later (his own thread writes them).
+    assert!(wait_until(Duration::from_secs(5), || walk(&net.b.home.join("receipts")).len() == 2), "bob's receipts are missing");
+
+    // The link really was lossy both ways, and duplicated.
+    assert!(stats.to_target.dropped > 100 && stats.to_client.dropped > 100, "{stats:?}");
+    assert!(stats.to_target.duplicated > 0 && stats.to_client.duplicated > 0, "{stats:?}");
+}
