@@ -11,6 +11,7 @@ mod common;
 
 use common::relay::{lossy, Faults, Relay};
 use common::*;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,14 +22,18 @@ const MIB: usize = 1024 * 1024;
 
 /// Bob serves `inbox` (alice may push), `outbox` and `files` (alice may
 /// pull and mount); alice reaches him through a relay. Fields drop in
-/// order: the daemon, the relay, then the directories.
+/// order: the mount, the daemons, the relay, then the directories.
 struct Net {
+    guard: Option<MountGuard>,
+    a_daemon: Option<Daemon>,
     _b_daemon: Daemon,
     relay: Relay,
     a: TestNode,
     b: TestNode,
     inbox: PathBuf,
     outbox: PathBuf,
+    files: PathBuf,
+    mnt: PathBuf,
     root: TempDir,
 }
 
@@ -55,7 +60,28 @@ impl Net {
             b.ok(&["share", "add", share, dir.to_str().unwrap(), "--partner", "alice", "--access", access]);
         }
         let b_daemon = b.start();
-        Net { _b_daemon: b_daemon, relay, a, b, inbox, outbox, root }
+        Net { guard: None, a_daemon: None, _b_daemon: b_daemon, relay, a, b, inbox, outbox, files, mnt, root }
+    }
+
+    /// Alice's daemon mounts `bob:files`.
+    fn mount(&mut self, extra: &[&str]) {
+        self.a_daemon = Some(self.a.start());
+        let mut args = vec!["mount", "bob:files", self.mnt.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.guard = Some(MountGuard(self.mnt.clone()));
+        let out = self.a.ok(&args);
+        assert!(out.contains("mounted bob:files"), "{out}");
+        assert!(mounted(&self.mnt), "the mount is not in /proc/mounts");
+    }
+
+    fn at(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// The mount's state: `online` or `offline`.
+    fn mount_state(&self) -> String {
+        let v = self.a.json(&["mounts"]);
+        v[0]["state"].as_str().unwrap_or_else(|| panic!("no mount listed: {v}")).to_string()
     }
 
     /// Start `deftfs ARGS --json` as alice; its output goes to files in the
@@ -313,4 +339,96 @@ fn a_pull_survives_a_partition_shorter_than_the_idle_timeout() {
     assert!(std::path::Path::new(report["receipt"].as_str().unwrap()).exists());
     assert_eq!(report["chunks_sent"], report["chunks_total"], "chunks were fetched twice: {report}");
     assert_eq!(report["retransmissions"], 0, "{report}");
+}
+
+/// A mount over a lossy link reads a 16 MiB file intact. Then the link is
+/// cut: cached content still reads, a listing seen before still answers, and
+/// an uncached read fails with EIO within the offline wait. When the link
+/// heals, the same mount reads uncached content again, without a remount.
+#[test]
+fn a_mount_over_a_lossy_link_reads_intact_survives_a_partition_and_recovers() {
+    let mut net = Net::new("mountcut", "", |dir| {
+        write_random(&dir.join("big.bin"), 16 * MIB, 104);
+        write_random(&dir.join("far.bin"), 8 * MIB, 105);
+        write_random(&dir.join("other.bin"), 2 * MIB, 106);
+        std::fs::create_dir_all(dir.join("docs")).unwrap();
+        std::fs::write(dir.join("docs/readme.txt"), "read me\n").unwrap();
+    });
+    net.relay.set(Faults { duplicate: 0.01, ..lossy(0.03, 2, 3) });
+    let offline_wait = Duration::from_secs(5);
+    net.mount(&["--offline-wait", "5"]);
+    let big = hash_file(&net.files.join("big.bin"));
+    assert_eq!(hash_file(&net.at("big.bin")), big, "a read through the lossy link differs");
+    assert_eq!(std::fs::read_dir(net.at("docs")).unwrap().count(), 1);
+    // An open handle on a file of which only the start is read.
+    let far = std::fs::File::open(net.at("far.bin")).unwrap();
+    let source = std::fs::File::open(net.files.join("far.bin")).unwrap();
+    let mut head = vec![0u8; 64 * 1024];
+    far.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(std::fs::metadata(net.at("other.bin")).unwrap().len(), 2 * MIB as u64);
+    assert!(net.relay.stats().to_client.dropped > 0);
+
+    net.relay.partition(true);
+    // Cached content, from the chunk cache (the kernel's pages are dropped).
+    drop_kernel_cache(&net.at("big.bin"));
+    let start = Instant::now();
+    assert_eq!(hash_file(&net.at("big.bin")), big, "cached content does not read while the partner is unreachable");
+    eprintln!("cached read during the partition: {:.2} s", start.elapsed().as_secs_f64());
+    // A directory listed before.
+    let start = Instant::now();
+    let names: Vec<_> = std::fs::read_dir(net.at("docs")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(names, ["readme.txt"]);
+    assert!(start.elapsed() <= offline_wait + Duration::from_secs(2), "listing took {:?}", start.elapsed());
+    // An uncached range of the open file: EIO within the offline wait.
+    let start = Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let err = far.read_exact_at(&mut buf, 6 * MIB as u64).expect_err("an uncached read worked through a partition");
+    let waited = start.elapsed();
+    eprintln!("uncached read during the partition: {err} after {:.2} s", waited.as_secs_f64());
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // The kernel asks twice (readahead, then the page itself); the second
+    // ask, known offline, is a short try of 2 s.
+    assert!(waited <= offline_wait + Duration::from_secs(3), "the bounded wait took {waited:?}");
+    assert_eq!(net.mount_state(), "offline");
+
+    net.relay.partition(false);
+    let healed = Instant::now();
+    wait_for(Duration::from_secs(20), "an uncached read after the link healed", || far.read_exact_at(&mut buf, 6 * MIB as u64).is_ok());
+    eprintln!("uncached reads work {:.2} s after the link healed", healed.elapsed().as_secs_f64());
+    let mut want = vec![0u8; 64 * 1024];
+    source.read_exact_at(&mut want, 6 * MIB as u64).unwrap();
+    assert!(buf == want, "the range read after healing differs");
+    drop(far);
+    assert_eq!(hash_file(&net.at("far.bin")), hash_file(&net.files.join("far.bin")));
+    assert_eq!(hash_file(&net.at("other.bin")), hash_file(&net.files.join("other.bin")));
+    wait_for(Duration::from_secs(10), "the mount going online", || net.mount_state() == "online");
+}
+
+/// A link that is slow, not cut: a sequential read through the mount
+/// queues 8 MiB of readahead, which this link (3 % loss, about 2 MB/s)
+/// takes seconds to carry, longer than the offline wait of 1 s. The chunk a
+/// read waits for is late, but chunks keep arriving: the read must not fail
+/// and the partner must not be declared offline.
+#[test]
+fn a_slow_link_is_not_taken_for_an_unreachable_partner() {
+    let mut net = Net::new("slowlink", "", |dir| {
+        write_random(&dir.join("big.bin"), 16 * MIB, 107);
+    });
+    net.relay.set(lossy(0.03, 2, 3));
+    net.mount(&["--offline-wait", "1"]);
+    let start = Instant::now();
+    assert_eq!(hash_file(&net.at("big.bin")), hash_file(&net.files.join("big.bin")));
+    eprintln!("16 MiB through the mount on a slow link: {:.1} s", start.elapsed().as_secs_f64());
+    let log = net.a_daemon.as_ref().unwrap().log_text();
+    assert!(!log.contains("went offline") && !log.contains("read failed"), "a slow link was taken for an offline partner:\n{log}");
+    assert_eq!(net.mount_state(), "online");
+}
+
+/// Drop the kernel's cached pages of a file, so the next read goes to the
+/// mount (FUSE honours POSIX_FADV_DONTNEED on its page cache).
+fn drop_kernel_cache(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: a valid descriptor for the duration of the call.
+    let rc = unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise");
 }
