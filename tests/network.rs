@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::relay::{lossy, Faults, Relay};
+use common::relay::{lossy, Dir, Faults, Relay};
 use common::*;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -271,9 +271,9 @@ fn a_push_cut_by_a_long_partition_fails_clearly_and_resumes_after_it() {
         })
     };
 
+    net.relay.partition_after(Dir::ToTarget, 16 * MIB as u64);
     let mut first = net.spawn("first", &["send", "bob", "inbox", src.to_str().unwrap()]);
-    wait_for(Duration::from_secs(60), "16 MiB of the push crossing the link", || net.relay.stats().to_target.bytes >= 16 * MIB as u64);
-    net.relay.partition(true);
+    wait_for(Duration::from_secs(60), "16 MiB of the push crossing the link", || net.relay.is_partitioned());
     let cut = Instant::now();
     let crossed = net.relay.stats().to_target.bytes;
     let status = wait_exit(&mut first, Duration::from_secs(90), "a push cut by a partition");
@@ -322,9 +322,9 @@ fn a_pull_survives_a_partition_shorter_than_the_idle_timeout() {
     write_random(&src, 32 * MIB, 103);
     let dest = net.root.path().join("pulled.bin");
 
+    net.relay.partition_after(Dir::ToClient, 8 * MIB as u64);
     let mut pull = net.spawn("pull", &["receive", "bob", "outbox", "pull.bin", dest.to_str().unwrap()]);
-    wait_for(Duration::from_secs(60), "8 MiB of the pull crossing the link", || net.relay.stats().to_client.bytes >= 8 * MIB as u64);
-    net.relay.partition(true);
+    wait_for(Duration::from_secs(60), "8 MiB of the pull crossing the link", || net.relay.is_partitioned());
     let before = net.relay.stats();
     std::thread::sleep(Duration::from_secs(5));
     net.relay.partition(false);

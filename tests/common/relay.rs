@@ -100,8 +100,9 @@ impl DirCounters {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Dir {
+/// A direction through the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
     ToTarget,
     ToClient,
 }
@@ -143,6 +144,8 @@ struct Shared {
     front: UdpSocket,
     faults: Mutex<Faults>,
     partitioned: AtomicBool,
+    /// Partition once this many bytes have been delivered this way.
+    cut_after: Mutex<Option<(Dir, u64)>>,
     stop: AtomicBool,
     rng: Mutex<u64>,
     seq: AtomicU64,
@@ -238,7 +241,12 @@ impl Shared {
                 // A full socket buffer or a closed port is loss, as on a network.
                 if sent.is_ok() {
                     counters.datagrams.fetch_add(1, Ordering::SeqCst);
-                    counters.bytes.fetch_add(p.data.len() as u64, Ordering::SeqCst);
+                    let bytes = counters.bytes.fetch_add(p.data.len() as u64, Ordering::SeqCst) + p.data.len() as u64;
+                    let mut cut = lock(&self.cut_after);
+                    if cut.is_some_and(|(d, n)| d == dir && bytes >= n) {
+                        self.partitioned.store(true, Ordering::SeqCst);
+                        *cut = None;
+                    }
                 }
             }
             queue = lock(&self.queue);
@@ -282,6 +290,7 @@ impl Relay {
             front,
             faults: Mutex::new(Faults::default()),
             partitioned: AtomicBool::new(false),
+            cut_after: Mutex::new(None),
             stop: AtomicBool::new(false),
             rng: Mutex::new(seed),
             seq: AtomicU64::new(0),
@@ -319,6 +328,17 @@ impl Relay {
     /// Drop everything, both ways (`true`), or stop doing so (`false`).
     pub fn partition(&self, on: bool) {
         self.shared.partitioned.store(on, Ordering::SeqCst);
+    }
+
+    /// Partition the link (as [`Relay::partition`]) as soon as `bytes`
+    /// have been delivered in direction `dir` since the relay started: the
+    /// cut lands where the test wants it, however fast the transfer runs.
+    pub fn partition_after(&self, dir: Dir, bytes: u64) {
+        *lock(&self.shared.cut_after) = Some((dir, bytes));
+    }
+
+    pub fn is_partitioned(&self) -> bool {
+        self.shared.partitioned.load(Ordering::SeqCst)
     }
 
     pub fn stats(&self) -> Stats {
