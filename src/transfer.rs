@@ -28,6 +28,8 @@ pub enum TransferError {
     UnknownPartner(String),
     #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
+    #[error("partner {partner} is unreachable: nothing heard from it for {secs} s; run the same command again to resume (what it verified is kept)")]
+    Unreachable { partner: String, secs: u64 },
     #[error("{partner} refused: {code}: {message}")]
     Remote { partner: String, code: &'static str, message: String },
     #[error("{partner} sent an unexpected answer: {got}")]

@@ -29,7 +29,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 /// Name sent as SNI. Peers are identified by certificate, never by SNI.
 const SNI: &str = "deft";
 /// How long a connection may stay silent before it is considered dead.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// UDP socket buffers: large enough that a burst of a full window of
 /// chunks is not dropped by the kernel before quinn reads it.

@@ -15,8 +15,10 @@
 //!
 //! Connections are made on demand and remade after a failure, so a partner
 //! that comes back is used again without remounting. Every wait is bounded
-//! by the mount's offline wait: past it, the caller gets
-//! [`RemoteError::Offline`] and decides what to serve instead.
+//! by the mount's offline wait (a short try while the partner is known to be
+//! offline): past it, the caller gets [`RemoteError::Offline`] and decides
+//! what to serve instead. A fetch whose chunks are late while other chunks
+//! keep arriving waits on: the partner is slow, not unreachable.
 //!
 //! Two readers asking for the same chunk share one fetch (`inflight`).
 
@@ -194,10 +196,12 @@ impl Remote {
         }
     }
 
-    /// How long a metadata request may wait: the full offline wait while
-    /// the partner is believed online, a short try while it is known to be
-    /// offline (listings then come from the last known state at once).
-    fn meta_wait(&self) -> Duration {
+    /// How long a request may wait: the full offline wait while the
+    /// partner is believed online, a short try while it is known to be
+    /// offline (listings then come from the last known state at once, and
+    /// the kernel's second attempt at a failed read, right after the
+    /// first, does not wait the whole offline wait again).
+    fn wait(&self) -> Duration {
         if self.is_online() || lock(&self.last_failure).is_none() {
             self.offline_wait
         } else {
@@ -242,7 +246,7 @@ impl Remote {
     /// One request on the metadata connection, reconnecting once if the
     /// connection we had turned out dead.
     async fn call(&self, req: Request) -> Result<Response, RemoteError> {
-        let wait = self.meta_wait();
+        let wait = self.wait();
         let attempt = async {
             let mut guard = self.meta.lock().await;
             for fresh in [false, true] {
@@ -433,27 +437,48 @@ impl Remote {
         if waits.is_empty() {
             return Ok(());
         }
-        let wait = self.offline_wait;
-        let result = tokio::time::timeout(wait, async {
-            if !ask.is_empty() {
-                if let Err(e) = self.request_chunks(share, path, manifest, &ask).await {
-                    self.fail(asked.iter().map(|(_, h)| *h), &e);
-                    return Err(e);
+        let wait = self.wait();
+        // Offline means nothing arrives, not that our chunks are late: on a
+        // slow link they can wait behind readahead longer than the offline
+        // wait, and giving up then would fail a read of a reachable partner
+        // and drop the chunks in flight. So wait again while chunks arrive.
+        // The work is dropped at the end of this block, before a timeout is
+        // handled below: it may hold the data link's lock (connecting).
+        let result = {
+            let work = async {
+                if !ask.is_empty() {
+                    if let Err(e) = self.request_chunks(share, path, manifest, &ask).await {
+                        self.fail(asked.iter().map(|(_, h)| *h), &e);
+                        return Err(e);
+                    }
+                }
+                for rx in waits {
+                    match rx.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => return Err(self.offline("the fetch was abandoned")),
+                    }
+                }
+                Ok(())
+            };
+            tokio::pin!(work);
+            let mut arrived = self.chunks_fetched.load(Ordering::SeqCst);
+            loop {
+                match tokio::time::timeout(wait, &mut work).await {
+                    Ok(r) => break Some(r),
+                    Err(_) => {
+                        let now = self.chunks_fetched.load(Ordering::SeqCst);
+                        if now == arrived {
+                            break None;
+                        }
+                        arrived = now;
+                    }
                 }
             }
-            for rx in waits {
-                match rx.await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(e),
-                    Err(_) => return Err(self.offline("the fetch was abandoned")),
-                }
-            }
-            Ok(())
-        })
-        .await;
+        };
         match result {
-            Ok(r) => r,
-            Err(_) => {
+            Some(r) => r,
+            None => {
                 // Nothing came back in time: the data connection is
                 // probably dead. Drop it so the next read reconnects.
                 let e = self.offline(format!("no data within {} s", wait.as_secs_f32()));

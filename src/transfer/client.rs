@@ -115,9 +115,19 @@ impl Session {
         }
     }
 
+    /// The connection timed out: the partner is unreachable (a partition,
+    /// a dead link, a stopped machine). Said plainly, since the stream
+    /// error that reports it only says "connection lost".
+    fn unreachable(&self) -> Option<TransferError> {
+        matches!(self.conn.close_reason(), Some(quinn::ConnectionError::TimedOut))
+            .then(|| TransferError::Unreachable { partner: self.partner_id().to_string(), secs: crate::transport::IDLE_TIMEOUT.as_secs() })
+    }
+
     /// Send raw text on the control stream (tests use it to play a hostile client).
     pub async fn send_raw(&mut self, text: &str) -> Result<(), TransferError> {
-        self.send.write_all(text.as_bytes()).await.map_err(TransportError::from)?;
+        if let Err(e) = self.send.write_all(text.as_bytes()).await {
+            return Err(self.unreachable().unwrap_or_else(|| TransportError::from(e).into()));
+        }
         Ok(())
     }
 
@@ -129,8 +139,8 @@ impl Session {
     pub async fn next(&mut self) -> Result<Response, TransferError> {
         match self.responses.recv().await {
             Some(Ok(r)) => Ok(r),
-            Some(Err(e)) => Err(e.into()),
-            None => Err(TransportError::Closed.into()),
+            Some(Err(e)) => Err(self.unreachable().unwrap_or_else(|| e.into())),
+            None => Err(self.unreachable().unwrap_or_else(|| TransportError::Closed.into())),
         }
     }
 
@@ -315,7 +325,7 @@ impl Session {
                 },
                 Some(done) = senders.join_next(), if !senders.is_empty() => {
                     if let Ok(Err(e)) = done {
-                        return Err(TransferError::Other(format!("sending to {}: {e}", self.partner.id)));
+                        return Err(self.unreachable().unwrap_or_else(|| TransferError::Other(format!("sending to {}: {e}", self.partner.id))));
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => window.check_timeouts(Instant::now())?,

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod relay;
 pub mod world;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -81,7 +82,12 @@ impl TestNode {
 
     /// Trust `other` (pinned fingerprint) and know where to reach it.
     pub fn trust(&self, other: &TestNode) {
-        run_ok(&self.home, &["partner", "add", &other.name, "--fingerprint", &other.fingerprint, "--endpoint", &other.endpoint()]);
+        self.trust_at(other, &other.endpoint());
+    }
+
+    /// Trust `other`, reaching it at `endpoint` (a relay in front of it).
+    pub fn trust_at(&self, other: &TestNode, endpoint: &str) {
+        run_ok(&self.home, &["partner", "add", &other.name, "--fingerprint", &other.fingerprint, "--endpoint", endpoint]);
     }
 
     pub fn cmd(&self, args: &[&str]) -> Output {
