@@ -106,7 +106,7 @@ pub async fn run(
                 let share = crate::share::Share::new(config);
                 crate::watch::warm(&node, &share, &crate::watch::files(&share), &stop);
             }
-            tracing::debug!("shares indexed in {:.2} s", started.elapsed().as_secs_f64());
+            tracing::info!("shares indexed in {:.2} s", started.elapsed().as_secs_f64());
         });
     }
     // Expired leases: tell watchers, so other mounts drop `.NAME.lock`.

@@ -414,6 +414,10 @@ fn a_slow_link_is_not_taken_for_an_unreachable_partner() {
     let mut net = Net::new("slowlink", "", |dir| {
         write_random(&dir.join("big.bin"), 16 * MIB, 107);
     });
+    // A file the serving node has not indexed yet is cut and hashed by the
+    // DESCRIBE that opens it, which on a busy machine takes longer than
+    // the 1 s wait: this test is about the chunks, so wait for the index.
+    net._b_daemon.wait_for_log("shares indexed", Duration::from_secs(60));
     net.relay.set(lossy(0.03, 2, 3));
     net.mount(&["--offline-wait", "1"]);
     let start = Instant::now();
