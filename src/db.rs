@@ -23,9 +23,25 @@ pub fn path(home: &Path) -> PathBuf {
 /// tasks: WAL journal, a 10 s busy timeout, and `synchronous` as given
 /// (`NORMAL`, or `FULL` where a commit must survive a power loss).
 pub fn open_wal(path: &Path, synchronous: &str) -> rusqlite::Result<Connection> {
+    const BUSY: Duration = Duration::from_secs(10);
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.busy_timeout(BUSY)?;
+    // Turning a new database to WAL takes an exclusive lock, and SQLite
+    // answers BUSY at once there, without the busy handler: two commands
+    // started together on a new node home (a send and a receive) would
+    // fail with "database is locked". Wait for the other, as for any lock.
+    let deadline = std::time::Instant::now() + BUSY;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Ok(()) => break,
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
     conn.pragma_update(None, "synchronous", synchronous)?;
     Ok(conn)
 }

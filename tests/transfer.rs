@@ -290,3 +290,35 @@ fn hostile_names_and_paths_are_refused_by_the_serving_node() {
     let out = p.a.ok(&["receive", "bob", "outbox", "ok.txt", p.root.path().join("ok.out").to_str().unwrap()]);
     assert!(out.contains("received"));
 }
+
+/// Commands started together on a node whose database does not exist yet
+/// (a send and a receive right after init) all run: the first ones used to
+/// fail with "database is locked" while another turned the new database
+/// to WAL.
+#[test]
+fn commands_started_together_on_a_new_node_home_all_open_its_database() {
+    let root = TempDir::new("dbrace");
+    for round in 0..8 {
+        let node = TestNode::init(root.path(), &format!("n{round}"));
+        // As `init` leaves it (`id`, which TestNode::init ran, made it).
+        for f in ["deftfs.db", "deftfs.db-wal", "deftfs.db-shm"] {
+            let _ = std::fs::remove_file(node.home.join(f));
+        }
+        let runs: Vec<_> = (0..4)
+            .map(|_| {
+                Command::new(bin())
+                    .arg("--home")
+                    .arg(&node.home)
+                    .arg("history")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for r in runs {
+            let out = r.wait_with_output().unwrap();
+            assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
