@@ -90,6 +90,9 @@ pub struct StorageConfig {
     /// How often shares that a partner watches are scanned for changes,
     /// in milliseconds; default 1000.
     pub watch_interval_ms: u64,
+    /// Hours after which the partial file of a push nobody resumed is
+    /// deleted from the share; default 24.
+    pub partial_ttl_hours: u64,
 }
 
 /// Defaults of `deftfs mount` (`[mount]`); the command's flags override them.
@@ -140,6 +143,7 @@ impl Default for StorageConfig {
             chunk_timeout_secs: DEFAULT_CHUNK_TIMEOUT_SECS,
             max_retries: DEFAULT_MAX_RETRIES,
             watch_interval_ms: 1000,
+            partial_ttl_hours: 24,
         }
     }
 }
@@ -272,6 +276,7 @@ struct RawStorage {
     chunk_timeout_secs: Option<Spanned<u64>>,
     max_retries: Option<Spanned<u32>>,
     watch_interval_ms: Option<Spanned<u64>>,
+    partial_ttl_hours: Option<Spanned<u64>>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -402,6 +407,7 @@ impl Config {
 #   chunk_timeout_secs = 30    # seconds without an ack before resending a chunk
 #   max_retries = 3            # resends of one chunk before the transfer fails
 #   watch_interval_ms = 1000   # how often watched shares are scanned for changes
+#   partial_ttl_hours = 24     # a push's partial file nobody resumed is deleted after this
 #
 #   [mount]                    # defaults of `deftfs mount`
 #   cache_size = "10G"         # chunk cache per mount (K, M, G, T)
@@ -503,7 +509,15 @@ fn storage(src: &Source, raw: RawStorage) -> Result<StorageConfig, ConfigError> 
         }
         Some(t) => *t.get_ref(),
     };
-    Ok(StorageConfig { chunk, window, chunk_timeout_secs, max_retries: get(&raw.max_retries, defaults.max_retries), watch_interval_ms })
+    let partial_ttl_hours = match &raw.partial_ttl_hours {
+        None => defaults.partial_ttl_hours,
+        Some(t) if !(1..=8760).contains(t.get_ref()) => {
+            return Err(src.invalid(t.span(), "storage.partial_ttl_hours", "must be between 1 and 8760 hours"))
+        }
+        Some(t) => *t.get_ref(),
+    };
+    let max_retries = get(&raw.max_retries, defaults.max_retries);
+    Ok(StorageConfig { chunk, window, chunk_timeout_secs, max_retries, watch_interval_ms, partial_ttl_hours })
 }
 
 fn mount(src: &Source, raw: RawMount) -> Result<MountConfig, ConfigError> {
@@ -1363,6 +1377,9 @@ bob = "write"
         assert!(e.contains("mount.offline_wait_secs"), "{e}");
         let e = parse(&format!("{base}[storage]\nwatch_interval_ms = 1\n")).unwrap_err().to_string();
         assert!(e.contains("storage.watch_interval_ms"), "{e}");
+        let e = parse(&format!("{base}[storage]\npartial_ttl_hours = 0\n")).unwrap_err().to_string();
+        assert!(e.contains("storage.partial_ttl_hours"), "{e}");
+        assert_eq!(parse(&format!("{base}[storage]\npartial_ttl_hours = 2\n")).unwrap().storage.partial_ttl_hours, 2);
     }
 
     /// One share, `lockable` set to `list` (a TOML array), or absent if None.

@@ -109,6 +109,18 @@ pub async fn run(
             tracing::info!("shares indexed in {:.2} s", started.elapsed().as_secs_f64());
         });
     }
+    // Partial files of pushes nobody resumed: deleted once stale, at start
+    // and every hour, so abandoned pushes cannot fill the disk.
+    let partials = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            loop {
+                let node2 = node.clone();
+                let _ = tokio::task::spawn_blocking(move || sweep_partials(&node2)).await;
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            }
+        })
+    };
     // Expired leases: tell watchers, so other mounts drop `.NAME.lock`.
     let sweeper = {
         let node = node.clone();
@@ -145,10 +157,37 @@ pub async fn run(
     }
     tracing::info!("shutting down");
     sweeper.abort();
+    partials.abort();
     stop_indexing.store(true, std::sync::atomic::Ordering::Relaxed);
     endpoint.quinn.close(0u32.into(), b"shutdown");
     connections.abort_all();
     while connections.join_next().await.is_some() {}
     endpoint.quinn.wait_idle().await;
     Ok(())
+}
+
+/// Delete the partial files of pushes older than `storage.partial_ttl_hours`
+/// in every share, except those of transfers running now.
+fn sweep_partials(node: &Node) {
+    let ttl = std::time::Duration::from_secs(node.config.storage.partial_ttl_hours * 3600);
+    let Some(before) = std::time::SystemTime::now().checked_sub(ttl) else { return };
+    let busy: Vec<PathBuf> = node.busy_targets.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+    // A partial is `.NAME<marker>HASH` beside its target NAME.
+    let in_use = |partial: &std::path::Path| {
+        busy.iter().any(|t| {
+            t.parent() == partial.parent()
+                && t.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    partial
+                        .file_name()
+                        .and_then(|p| p.to_str())
+                        .is_some_and(|p| p.starts_with(&format!(".{n}{}", crate::share::TEMP_MARKER)))
+                })
+        })
+    };
+    for config in &node.config.shares {
+        let (gone, bytes) = crate::share::Share::new(config).sweep_partials(before, in_use);
+        if !gone.is_empty() {
+            tracing::info!(share = %config.name, files = gone.len(), bytes, "deleted partial files of pushes nobody resumed");
+        }
+    }
 }

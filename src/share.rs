@@ -169,6 +169,38 @@ impl Share {
         self.stat(path)
     }
 
+    /// Delete the partial files of pushes (kept so an interrupted push can
+    /// resume) last written before `before`, except those `in_use` says a
+    /// transfer holds. Symlinks are not followed. Returns what was deleted
+    /// and the bytes it held on disk.
+    pub fn sweep_partials(&self, before: std::time::SystemTime, in_use: impl Fn(&Path) -> bool) -> (Vec<PathBuf>, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let (mut gone, mut bytes) = (Vec::new(), 0u64);
+        let mut dirs = vec![self.root().to_path_buf()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(read) = std::fs::read_dir(&dir) else { continue };
+            for item in read.flatten() {
+                let Ok(meta) = item.metadata() else { continue };
+                let path = item.path();
+                if meta.is_dir() {
+                    // Only a directory share's tree is the share's: a file
+                    // or glob share lives in a directory that holds more.
+                    if matches!(self.kind, ShareKind::Dir(_)) {
+                        dirs.push(path);
+                    }
+                    continue;
+                }
+                let partial = meta.is_file() && item.file_name().to_str().is_some_and(|n| n.contains(TEMP_MARKER));
+                let stale = meta.modified().is_ok_and(|m| m < before);
+                if partial && stale && !in_use(&path) && std::fs::remove_file(&path).is_ok() {
+                    bytes += meta.blocks() * 512;
+                    gone.push(path);
+                }
+            }
+        }
+        (gone, bytes)
+    }
+
     /// The directory that contains everything of the share.
     fn root(&self) -> &Path {
         match &self.kind {
@@ -377,6 +409,33 @@ pub fn access(share: &ShareConfig, partner: &Name) -> Option<Access> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn stale_partial_files_are_swept_and_nothing_else() {
+        let dir = crate::testutil::TestDir::new("sweep");
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3 * 86_400);
+        let make = |rel: &str, stale: bool| {
+            let p = d.join(rel);
+            std::fs::write(&p, b"x").unwrap();
+            if stale {
+                std::fs::File::options().write(true).open(&p).unwrap().set_modified(old).unwrap();
+            }
+            p
+        };
+        let stale = make(&format!(".a{TEMP_MARKER}1"), true);
+        let nested = make(&format!("sub/.b{TEMP_MARKER}2"), true);
+        let fresh = make(&format!(".c{TEMP_MARKER}3"), false);
+        let busy = make(&format!(".d{TEMP_MARKER}4"), true);
+        let user = make("old-user-file", true);
+        let before = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+        let (gone, _) = share(d.to_path_buf()).sweep_partials(before, |p| p == busy);
+        assert_eq!(gone.len(), 2, "{gone:?}");
+        assert!(!stale.exists() && !nested.exists());
+        assert!(fresh.exists() && busy.exists() && user.exists());
+    }
+
     use super::*;
     use std::collections::BTreeMap;
 

@@ -322,3 +322,26 @@ fn commands_started_together_on_a_new_node_home_all_open_its_database() {
         }
     }
 }
+
+/// The partial file of a push nobody came back for is deleted once stale
+/// (`[storage] partial_ttl_hours`), when the daemon starts and every hour;
+/// a fresh one stays for the push to resume.
+#[test]
+fn stale_partial_files_of_abandoned_pushes_are_deleted() {
+    let root = TempDir::new("partials");
+    let (a, b) = TestNode::pair(root.path());
+    let inbox = root.path().join("bob-inbox");
+    std::fs::create_dir_all(inbox.join("sub")).unwrap();
+    b.ok(&["share", "add", "inbox", inbox.to_str().unwrap(), "--partner", &a.name, "--access", "write"]);
+    let stale = inbox.join("sub/.big.bin.deftpart-0123456789abcdef");
+    let fresh = inbox.join(".other.bin.deftpart-fedcba9876543210");
+    for p in [&stale, &fresh] {
+        std::fs::write(p, vec![0u8; 1 << 20]).unwrap();
+    }
+    let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+    std::fs::File::options().write(true).open(&stale).unwrap().set_modified(two_days_ago).unwrap();
+    let d = b.start();
+    d.wait_for_log("deleted partial files", Duration::from_secs(20));
+    assert!(!stale.exists(), "the stale partial file is still there");
+    assert!(fresh.exists(), "a fresh partial file was deleted");
+}
