@@ -133,6 +133,10 @@ struct Session {
     incoming: Mutex<HashMap<Name, Arc<Incoming>>>,
     outgoing: Mutex<HashMap<Name, Arc<Outgoing>>>,
     send_permits: Arc<Semaphore>,
+    /// Bytes of chunks being received at once, in [`RECEIVE_UNIT`]s: a
+    /// chunk stream waits for its share of [`RECEIVE_BUDGET`] before its
+    /// buffer is allocated.
+    receive_permits: Arc<Semaphore>,
     /// Tasks forwarding CHANGED lines of watched shares.
     watches: Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -150,6 +154,17 @@ enum Phase {
 /// partial GETs and never signs for them, so the oldest are forgotten
 /// (a later GET for one of them starts it afresh).
 const MAX_OUTGOING: usize = 256;
+
+/// Bytes of chunk data a session receives at once, at most: without a
+/// bound, a partner opening thousands of chunk streams that each declare a
+/// large chunk would make the daemon allocate them all. A window of 64
+/// chunks of the default 1 MiB maximum fits; larger chunks take turns.
+const RECEIVE_BUDGET: usize = 64 << 20;
+const RECEIVE_UNIT: usize = 4096;
+
+/// A chunk stream that sends nothing for this long is dropped (its
+/// buffer freed) and its chunk NACKed: the sender sends it again.
+const STREAM_IDLE: Duration = Duration::from_secs(30);
 
 fn err(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::error(code, message)
@@ -199,6 +214,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection, partner: Name, peer
         incoming: Mutex::new(HashMap::new()),
         outgoing: Mutex::new(HashMap::new()),
         send_permits: Arc::new(Semaphore::new(window as usize)),
+        receive_permits: Arc::new(Semaphore::new(RECEIVE_BUDGET / RECEIVE_UNIT)),
         watches: Mutex::new(Vec::new()),
     });
     let puts = tokio::spawn(accept_puts(session.clone()));
@@ -946,13 +962,29 @@ impl Session {
             let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_LENGTH".into()) }).await;
             return;
         }
+        // Its share of the session's receive budget, before any allocation.
+        let units = (size as usize).div_ceil(RECEIVE_UNIT).clamp(1, RECEIVE_BUDGET / RECEIVE_UNIT) as u32;
+        let Ok(_permit) = self.receive_permits.clone().acquire_many_owned(units).await else { return };
         let mut data = crate::direct::Landing::new(chunk.offset, size as usize);
         // Exactly SIZE bytes, then the end of the stream (PROTOCOL.md 7):
         // a stream longer or shorter than it said is refused, not trimmed.
-        let exact = match tokio::io::AsyncReadExt::read_exact(&mut reader, data.bytes_mut()).await {
-            Ok(_) => matches!(tokio::io::AsyncReadExt::read(&mut reader, &mut [0u8; 1]).await, Ok(0)),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
-            Err(_) => return,
+        let mut got = 0;
+        let exact = loop {
+            let buf = data.bytes_mut();
+            if got == buf.len() {
+                let mut probe = [0u8; 1];
+                break matches!(tokio::time::timeout(STREAM_IDLE, tokio::io::AsyncReadExt::read(&mut reader, &mut probe)).await, Ok(Ok(0)));
+            }
+            match tokio::time::timeout(STREAM_IDLE, tokio::io::AsyncReadExt::read(&mut reader, &mut buf[got..])).await {
+                Ok(Ok(0)) => break false,
+                Ok(Ok(n)) => got += n,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::warn!(partner = %self.partner, %transfer_id, index, "chunk stream idle for {} s: dropped", STREAM_IDLE.as_secs());
+                    let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("TIMEOUT".into()) }).await;
+                    return;
+                }
+            }
         };
         if !exact {
             let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_LENGTH".into()) }).await;
