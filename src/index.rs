@@ -68,6 +68,23 @@ pub fn manifest_for(db: &Mutex<Connection>, path: &Path, params: &ChunkParams) -
     })
 }
 
+/// [`manifest_for`], answered from the few manifests this process looked up
+/// last when the file's size, mtime and inode are those they were found
+/// for: the serving side's DESCRIBE of a file and the GET that follows ask
+/// for the same manifest, which decoding from SQLite each time took most of
+/// a millisecond for a large file.
+pub fn manifest_for_recent(db: &Mutex<Connection>, path: &Path, params: &ChunkParams) -> Result<Manifest, IndexError> {
+    let io_err = |source| IndexError::Io { path: path.display().to_string(), source };
+    let stamp = Stamp::of(&std::fs::metadata(path).map_err(io_err)?);
+    let key = params.key();
+    if let Some(m) = recent::get(path, &stamp, &key) {
+        return Ok(m);
+    }
+    let manifest = manifest_for(db, path, params)?;
+    recent::put(path, stamp, &key, &manifest);
+    Ok(manifest)
+}
+
 /// Record `manifest` as the index entry of the file now at `path`, which
 /// the caller just wrote with that content (a received transfer): the next
 /// [`manifest_for`] of it needs no re-read. A manifest cut with other
@@ -108,6 +125,46 @@ fn manifest_with(
         }
     }
     Err(IndexError::KeepsChanging { path: path.display().to_string(), tries: MAX_TRIES })
+}
+
+/// The manifests looked up last, in memory: the DESCRIBE that opens a file
+/// through a mount and the GET of its first chunks right after ask for the
+/// same one, and decoding a large manifest from SQLite each time took most
+/// of a millisecond. An entry is used only for the same path, size, mtime,
+/// inode and chunk parameters as in the index.
+mod recent {
+    use super::{Manifest, Stamp};
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    /// Entries kept, and the largest manifest kept (chunks): at most about
+    /// 8 x 65,536 x 48 bytes.
+    const ENTRIES: usize = 8;
+    const MAX_CHUNKS: usize = 65_536;
+
+    type Entry = (PathBuf, Stamp, String, Manifest);
+    static RECENT: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+
+    pub fn get(path: &Path, stamp: &Stamp, key: &str) -> Option<Manifest> {
+        let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+        let i = recent.iter().position(|(p, s, k, _)| p == path && s == stamp && k == key)?;
+        let entry = recent.remove(i);
+        let manifest = entry.3.clone();
+        recent.push(entry);
+        Some(manifest)
+    }
+
+    pub fn put(path: &Path, stamp: Stamp, key: &str, manifest: &Manifest) {
+        if manifest.chunks.len() > MAX_CHUNKS {
+            return;
+        }
+        let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+        recent.retain(|(p, _, _, _)| p != path);
+        if recent.len() >= ENTRIES {
+            recent.remove(0);
+        }
+        recent.push((path.to_path_buf(), stamp, key.to_string(), manifest.clone()));
+    }
 }
 
 /// What identifies a file version without reading it.
@@ -342,6 +399,21 @@ mod tests {
         assert_eq!(calls.get(), 2);
         assert_ne!(new.chunks, small.chunks);
         assert_eq!(new, chunk::chunk_slice(&data, &other).unwrap());
+    }
+
+    #[test]
+    fn recent_manifests_are_used_only_for_the_same_file_version() {
+        let dir = TestDir::new("recent");
+        let path = dir.file("r.bin", &content(40_000, 3));
+        let db = db();
+        let first = manifest_for_recent(&db, &path, &SMALL).unwrap();
+        assert_eq!(manifest_for_recent(&db, &path, &SMALL).unwrap(), first);
+        // Same size, other bytes, later mtime: the new version's manifest.
+        let other = content(40_000, 4);
+        std::fs::write(&path, &other).unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(later).unwrap();
+        assert_eq!(manifest_for_recent(&db, &path, &SMALL).unwrap(), chunk::chunk_slice(&other, &SMALL).unwrap());
     }
 
     #[test]

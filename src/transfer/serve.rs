@@ -325,7 +325,7 @@ impl Session {
 
     async fn manifest_of(&self, path: PathBuf) -> Result<Manifest, Response> {
         let node = self.node.clone();
-        tokio::task::spawn_blocking(move || crate::index::manifest_for(&node.db, &path, &node.config.storage.chunk))
+        tokio::task::spawn_blocking(move || crate::index::manifest_for_recent(&node.db, &path, &node.config.storage.chunk))
             .await
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))
@@ -714,6 +714,10 @@ impl Session {
         }
         let header = DataHeader::ChunkData { transfer_id: transfer_id.clone(), index, size: chunk.len, hash: chunk.hash };
         let mut stream = self.conn.open_uni().await.map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        // Earlier chunks first: the streams of a GET would otherwise share
+        // the link, and the read waiting for the first chunk of a file
+        // would wait for all the readahead asked with it.
+        let _ = stream.set_priority(-(index.min(i32::MAX as u32) as i32));
         stream.write_all(header.encode().as_bytes()).await.map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
         // Handed over, not copied into the stream's buffer.
         stream.write_chunk(bytes::Bytes::from(data)).await.map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
