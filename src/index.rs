@@ -211,7 +211,8 @@ fn int(v: u64) -> i64 {
 
 fn lookup(conn: &Connection, path: &Path, stamp: &Stamp, key: &str, params: &ChunkParams) -> Result<Option<Manifest>, IndexError> {
     let row = conn
-        .query_row("SELECT size, mtime_ns, inode, params, manifest FROM file_index WHERE path = ?1", [PathKey(path)], |row| {
+        .prepare_cached("SELECT size, mtime_ns, inode, params, manifest FROM file_index WHERE path = ?1")?
+        .query_row([PathKey(path)], |row| {
             Ok((
                 row.get::<_, Value>(0)?,
                 row.get::<_, Value>(1)?,
@@ -237,14 +238,14 @@ fn lookup(conn: &Connection, path: &Path, stamp: &Stamp, key: &str, params: &Chu
 }
 
 fn store(conn: &Connection, path: &Path, stamp: &Stamp, key: &str, manifest: &Manifest) -> Result<(), IndexError> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO file_index (path, size, mtime_ns, inode, params, manifest)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (path) DO UPDATE SET
             size = excluded.size, mtime_ns = excluded.mtime_ns, inode = excluded.inode,
             params = excluded.params, manifest = excluded.manifest",
-        rusqlite::params![PathKey(path), int(stamp.size), stamp.mtime_ns, int(stamp.inode), key, manifest.encode(),],
-    )?;
+    )?
+    .execute(rusqlite::params![PathKey(path), int(stamp.size), stamp.mtime_ns, int(stamp.inode), key, manifest.encode()])?;
     Ok(())
 }
 

@@ -531,20 +531,20 @@ impl Leases {
 fn store(conn: &Connection, grant: &Grant) -> rusqlite::Result<()> {
     let l = &grant.lease;
     let token = i64::try_from(l.token).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    conn.execute(
+    conn.prepare_cached(
         "INSERT OR REPLACE INTO leases (share, path, holder, owner, token, since_ns, expires_ns, state)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
-            l.share.as_str(),
-            l.path.as_str(),
-            l.holder.as_str(),
-            l.owner.as_str(),
-            token,
-            l.since_ns,
-            l.expires_ns,
-            grant.state.as_str()
-        ],
-    )?;
+    )?
+    .execute(params![
+        l.share.as_str(),
+        l.path.as_str(),
+        l.holder.as_str(),
+        l.owner.as_str(),
+        token,
+        l.since_ns,
+        l.expires_ns,
+        grant.state.as_str()
+    ])?;
     Ok(())
 }
 
