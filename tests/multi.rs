@@ -328,7 +328,9 @@ fn allowed_through_mount(op: &Op, step: &str, e: i32) -> bool {
         // In place: the base of the written range may be a version gone.
         Op::Write { inplace: true, .. } if step == "write" || step == "ftruncate" => e == ESTALE,
         Op::Write { .. } => false,
-        Op::Read { .. } => (step == "open" && e == ENOENT) || (step == "read" && e == ESTALE),
+        // A handle whose file changed (ESTALE) or was removed or renamed
+        // (ENOENT) on the partner.
+        Op::Read { .. } => (step == "open" && e == ENOENT) || (step == "read" && [ESTALE, ENOENT].contains(&e)),
         Op::Unlink { .. } => [ENOENT, EBUSY].contains(&e),
         // Renames of files and directories: gone, leased, or over a
         // directory that has entries.
