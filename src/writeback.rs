@@ -102,6 +102,11 @@ struct Kept {
 const KEPT_BYTES: u64 = 4 << 30;
 const KEPT_FILES: usize = 16;
 
+/// Conflict-copy names tried for one conflict before giving up (each taken
+/// one costs a round trip; more than a few conflicts of one file by one node
+/// in one second is already unlikely).
+const CONFLICT_NAME_TRIES: u32 = 20;
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -122,8 +127,10 @@ fn parse_base(text: &str) -> Base {
     }
 }
 
-/// `NAME (conflict NODE YYYY-MM-DD HHMMSS).EXT` beside `path`. Pure.
-pub fn conflict_name(path: &SharePath, node: &str, at: Timestamp) -> Option<SharePath> {
+/// `NAME (conflict NODE YYYY-MM-DD HHMMSS).EXT` beside `path`; the `n`th
+/// try (from 2 on, when the names before were taken: two conflicts of one
+/// file in one second) ends in ` N` before the parenthesis. Pure.
+pub fn conflict_name(path: &SharePath, node: &str, at: Timestamp, n: u32) -> Option<SharePath> {
     let name = path.file_name()?;
     let stamp = at.rfc3339();
     // 2026-12-03T10:15:00.123Z -> "2026-12-03 101500"
@@ -133,7 +140,8 @@ pub fn conflict_name(path: &SharePath, node: &str, at: Timestamp) -> Option<Shar
         Some(i) if i > 0 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
-    let copy = format!("{stem} (conflict {node} {date} {hms}){ext}");
+    let nth = if n > 1 { format!(" {n}") } else { String::new() };
+    let copy = format!("{stem} (conflict {node} {date} {hms}{nth}){ext}");
     match path.parent() {
         Some(dir) => dir.join(&copy).ok(),
         None => SharePath::parse(&copy).ok(),
@@ -499,18 +507,25 @@ impl Writeback {
             }
             Err(TransferError::Remote { code: "CONFLICT", message, .. }) | Err(TransferError::Remote { code: "BUSY", message, .. }) => {
                 let node = self.node.config.node.name.to_string();
-                let Some(copy) = conflict_name(&path, &node, Timestamp::now()) else {
-                    return Outcome::Failed { code: "CONFLICT", message };
-                };
-                let options = PushOptions { base: Base::Absent, fence: None, manifest, mode };
-                match self.push(&entry.partner, &share, &copy, &entry.data, options).await {
-                    Ok(report) => {
-                        tracing::warn!(partner = %entry.partner, %share, %path, %copy, "conflict: {message}; your version was saved as {copy}");
-                        Outcome::Conflict { copy, report: Box::new(report) }
+                let at = Timestamp::now();
+                // A copy is pushed as new (BASE absent), so a name taken by an
+                // earlier conflict is refused as CONFLICT: take the next one.
+                for n in 1..=CONFLICT_NAME_TRIES {
+                    let Some(copy) = conflict_name(&path, &node, at, n) else {
+                        return Outcome::Failed { code: "CONFLICT", message };
+                    };
+                    let options = PushOptions { base: Base::Absent, fence: None, manifest: manifest.clone(), mode };
+                    match self.push(&entry.partner, &share, &copy, &entry.data, options).await {
+                        Ok(report) => {
+                            tracing::warn!(partner = %entry.partner, %share, %path, %copy, "conflict: {message}; your version was saved as {copy}");
+                            return Outcome::Conflict { copy, report: Box::new(report) };
+                        }
+                        Err(TransferError::Remote { code: "CONFLICT", .. }) if n < CONFLICT_NAME_TRIES => continue,
+                        Err(TransferError::Remote { code, message, .. }) => return Outcome::Failed { code, message },
+                        Err(e) => return Outcome::Queued(e.to_string()),
                     }
-                    Err(TransferError::Remote { code, message, .. }) => Outcome::Failed { code, message },
-                    Err(e) => Outcome::Queued(e.to_string()),
                 }
+                Outcome::Failed { code: "CONFLICT", message }
             }
             Err(TransferError::Remote { code: "HASH_MISMATCH" | "INTERNAL", message, .. }) => {
                 // The partner could not finish this time (its disk, or an
@@ -571,11 +586,13 @@ mod tests {
     fn conflict_names_keep_the_extension_and_the_directory() {
         let at = Timestamp::parse_rfc3339("2026-12-03T10:15:07.5Z").unwrap();
         let p = SharePath::parse("d/scene.blend").unwrap();
-        assert_eq!(conflict_name(&p, "bob", at).unwrap().as_str(), "d/scene (conflict bob 2026-12-03 101507).blend");
+        assert_eq!(conflict_name(&p, "bob", at, 1).unwrap().as_str(), "d/scene (conflict bob 2026-12-03 101507).blend");
         let p = SharePath::parse("README").unwrap();
-        assert_eq!(conflict_name(&p, "bob", at).unwrap().as_str(), "README (conflict bob 2026-12-03 101507)");
+        assert_eq!(conflict_name(&p, "bob", at, 1).unwrap().as_str(), "README (conflict bob 2026-12-03 101507)");
         let p = SharePath::parse(".bashrc").unwrap();
-        assert_eq!(conflict_name(&p, "bob", at).unwrap().as_str(), ".bashrc (conflict bob 2026-12-03 101507)");
+        assert_eq!(conflict_name(&p, "bob", at, 1).unwrap().as_str(), ".bashrc (conflict bob 2026-12-03 101507)");
+        let p = SharePath::parse("d/notes.txt").unwrap();
+        assert_eq!(conflict_name(&p, "bob", at, 2).unwrap().as_str(), "d/notes (conflict bob 2026-12-03 101507 2).txt");
     }
 
     #[test]

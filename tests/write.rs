@@ -388,6 +388,38 @@ fn a_local_edit_on_the_serving_node_during_a_mount_write_keeps_both_versions() {
     assert!(a.log().contains("conflict"), "the log reports the conflict");
 }
 
+/// Two conflicts of one file from one node in the same second once wanted
+/// the same conflict-copy name: the second copy was refused (the name was
+/// taken) and its fsync failed with EIO, the partner up (found by
+/// tests/multi.rs). Three in a row, well within two seconds: at least two
+/// share a second, and every version must land in a copy of its own.
+#[test]
+fn conflicts_of_one_file_in_the_same_second_each_get_a_copy() {
+    let w = World::new("conflict-same-second", &["alice"], "", |dir| {
+        std::fs::write(dir.join("notes.txt"), b"base\n").unwrap();
+    });
+    let a = w.c(0);
+    assert_eq!(std::fs::read(a.at("notes.txt")).unwrap(), b"base\n");
+    let versions: Vec<Vec<u8>> = (0..3).map(|i| format!("alice's version {i}\n").into_bytes()).collect();
+    for (i, v) in versions.iter().enumerate() {
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(a.at("notes.txt")).unwrap();
+        f.write_all(v).unwrap();
+        // Meanwhile, on bob's own disk:
+        std::fs::write(w.server("notes.txt"), format!("bob's local edit {i}\n")).unwrap();
+        f.sync_all().unwrap_or_else(|e| panic!("fsync of version {i}: {e}\n{}", a.log()));
+        drop(f);
+    }
+    let mut copies: Vec<Vec<u8>> = std::fs::read_dir(&w.files)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("notes (conflict alice "))
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    copies.sort();
+    assert_eq!(copies, versions);
+    assert_eq!(std::fs::read(w.server("notes.txt")).unwrap(), b"bob's local edit 2\n");
+}
+
 /// The claims of docs/SEMANTICS.md, one by one.
 #[test]
 fn posix_semantics_hold_as_documented() {
