@@ -397,9 +397,15 @@ pub fn invalidator(notifier: fuser::Notifier) -> Box<dyn Fn(Inval) + Send + Sync
     let spawned = std::thread::Builder::new().name("fuse-inval".into()).spawn(move || {
         for inval in rx {
             tracing::trace!("invalidate {inval:?}");
-            let r = match &inval {
-                Inval::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
-                Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(*parent), OsStr::new(name)),
+            let r = match inval {
+                Inval::Inode(ino) => notifier.inval_inode(INodeNo(ino), 0, 0),
+                Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(parent), OsStr::new(&name)),
+                // A negative offset: the attributes, not the pages.
+                Inval::Attrs(ino, done) => {
+                    let r = notifier.inval_inode(INodeNo(ino), -1, 0);
+                    let _ = done.send(());
+                    r
+                }
             };
             if let Err(e) = r {
                 tracing::debug!("kernel cache invalidation: {e}");

@@ -98,6 +98,9 @@ pub struct VfsConfig {
 pub enum Inval {
     Inode(Ino),
     Entry(Ino, String),
+    /// The inode's attributes only; `done` is told once the kernel has
+    /// dropped them.
+    Attrs(Ino, tokio::sync::oneshot::Sender<()>),
 }
 
 struct Inode {
@@ -565,6 +568,17 @@ impl Vfs {
         Ok(children)
     }
 
+    /// Make the kernel forget inode `ino`'s attributes, and wait (a
+    /// moment at most) until it has.
+    async fn drop_kernel_attrs(&self, ino: Ino) {
+        let Some(f) = self.invalidate.get() else { return };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        f(Inval::Attrs(ino, tx));
+        if tokio::time::timeout(Duration::from_secs(1), rx).await.is_err() {
+            tracing::debug!(ino, "the kernel's attributes were not dropped within 1 s");
+        }
+    }
+
     fn local_seq(&self, dir: Ino) -> u64 {
         lock(&self.inodes).by_ino.get(&dir).map_or(0, |n| n.local_seq)
     }
@@ -683,12 +697,25 @@ impl Vfs {
             },
             Err(e) => return Err(Errno::from_remote(&e)),
         };
-        let mut inodes = lock(&self.inodes);
-        if let Some(n) = inodes.by_ino.get_mut(&ino) {
-            n.size = manifest.size;
-            n.mtime_ns = mtime_ns;
-            n.mode = mode;
-            n.manifest = Some(manifest.clone());
+        let moved = {
+            let mut inodes = lock(&self.inodes);
+            let n = inodes.by_ino.get_mut(&ino);
+            let moved = n.as_ref().is_some_and(|n| n.staged.is_none() && (n.size != manifest.size || n.mtime_ns != mtime_ns));
+            if let Some(n) = n {
+                n.size = manifest.size;
+                n.mtime_ns = mtime_ns;
+                n.mode = mode;
+                n.manifest = Some(manifest.clone());
+            }
+            moved
+        };
+        if moved {
+            // The kernel may hold the size we showed before this version
+            // (a stat just before the change reached us), and it ends
+            // reads there: a read of the new version would stop short.
+            // Its attributes are dropped before the open returns, so the
+            // first read asks for them again.
+            self.drop_kernel_attrs(ino).await;
         }
         Ok((share, path, manifest))
     }
