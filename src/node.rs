@@ -172,18 +172,7 @@ fn sweep_partials(node: &Node) {
     let ttl = std::time::Duration::from_secs(node.config.storage.partial_ttl_hours * 3600);
     let Some(before) = std::time::SystemTime::now().checked_sub(ttl) else { return };
     let busy: Vec<PathBuf> = node.busy_targets.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
-    // A partial is `.NAME<marker>HASH` beside its target NAME.
-    let in_use = |partial: &std::path::Path| {
-        busy.iter().any(|t| {
-            t.parent() == partial.parent()
-                && t.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                    partial
-                        .file_name()
-                        .and_then(|p| p.to_str())
-                        .is_some_and(|p| p.starts_with(&format!(".{n}{}", crate::share::TEMP_MARKER)))
-                })
-        })
-    };
+    let in_use = |partial: &Path| busy.iter().any(|target| crate::transfer::assemble::is_temp_of(partial, target));
     for config in &node.config.shares {
         let (gone, bytes) = crate::share::Share::new(config).sweep_partials(before, in_use);
         if !gone.is_empty() {

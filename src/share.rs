@@ -409,6 +409,19 @@ pub fn access(share: &ShareConfig, partner: &Name) -> Option<Access> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("deftfs-share-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn share(path: PathBuf) -> Share {
+        Share::new(&ShareConfig { name: Name::new("s").unwrap(), path, access: BTreeMap::new(), lockable: Vec::new() })
+    }
 
     #[test]
     fn stale_partial_files_are_swept_and_nothing_else() {
@@ -434,20 +447,6 @@ mod tests {
         assert_eq!(gone.len(), 2, "{gone:?}");
         assert!(!stale.exists() && !nested.exists());
         assert!(fresh.exists() && busy.exists() && user.exists());
-    }
-
-    use super::*;
-    use std::collections::BTreeMap;
-
-    fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("deftfs-share-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    fn share(path: PathBuf) -> Share {
-        Share::new(&ShareConfig { name: Name::new("s").unwrap(), path, access: BTreeMap::new(), lockable: Vec::new() })
     }
 
     #[test]

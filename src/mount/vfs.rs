@@ -130,6 +130,19 @@ struct Inode {
     dropped_at: Option<Instant>,
 }
 
+impl Inode {
+    /// Take the attributes the partner answered for this entry (a file
+    /// being written here keeps its own size).
+    fn take_attrs(&mut self, e: &Entry) {
+        self.mode = e.mode;
+        self.mtime_ns = e.mtime_ns;
+        if self.staged.is_none() {
+            self.size = e.size;
+        }
+        self.attr_at = Some(Instant::now());
+    }
+}
+
 /// An open file.
 enum Handle {
     Read(ReadHandle),
@@ -629,10 +642,7 @@ impl Vfs {
                         // an answer older than a change made here is dropped.
                         let current = |n: &&mut Inode| n.staged.is_none() && n.dropped_at.is_none_or(|d| d <= asked);
                         if let Some(n) = inodes.by_ino.get_mut(&ino).filter(current) {
-                            n.mode = e.mode;
-                            n.mtime_ns = e.mtime_ns;
-                            n.size = e.size;
-                            n.attr_at = Some(Instant::now());
+                            n.take_attrs(&e);
                         }
                     }
                     Err(e) => tracing::debug!(ino, "attributes from the last known state: {e:?}"),

@@ -188,16 +188,33 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AssembleError + '_ {
     move |source| AssembleError::Io { path: path.to_path_buf(), source }
 }
 
+/// The directory `path` is in.
+fn dir_of(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
 /// The mtime of the directory `path` is in.
 fn dir_mtime(path: &Path) -> Option<SystemTime> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::metadata(dir).and_then(|m| m.modified()).ok()
+    std::fs::metadata(dir_of(path)).and_then(|m| m.modified()).ok()
+}
+
+/// The name every temp file of a transfer to a file named `name` starts with.
+fn temp_prefix(name: &str) -> String {
+    format!(".{name}{TEMP_MARKER}")
 }
 
 /// The temp file of a transfer of `file_hash` to `target`.
 pub fn temp_path(target: &Path, file_hash: &Hash) -> Result<PathBuf, AssembleError> {
     let name = target.file_name().and_then(|n| n.to_str()).ok_or_else(|| AssembleError::NoFileName(target.to_path_buf()))?;
-    Ok(target.with_file_name(format!(".{name}{TEMP_MARKER}{}", file_hash.short())))
+    Ok(target.with_file_name(format!("{}{}", temp_prefix(name), file_hash.short())))
+}
+
+/// Whether `temp` is a temp file of a transfer to `target` (of any version).
+pub fn is_temp_of(temp: &Path, target: &Path) -> bool {
+    let (Some(t), Some(name)) = (temp.file_name().and_then(|n| n.to_str()), target.file_name().and_then(|n| n.to_str())) else {
+        return false;
+    };
+    temp.parent() == target.parent() && t.starts_with(&temp_prefix(name))
 }
 
 impl Assembly {
@@ -394,10 +411,7 @@ impl Assembly {
         if let Ok(meta) = self.file.metadata() {
             let _ = self.finished.set(meta);
         }
-        let dir = match self.target.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
+        let dir = dir_of(&self.target);
         // A new version of an existing file changes the file, not its
         // directory, as a write in place would. Making the temp file and
         // renaming it moved the directory's mtime: it is put back, unless
@@ -448,6 +462,16 @@ mod tests {
         assert!(sent <= 4, "{sent} chunks sent for a 1000-byte edit");
         asm.finish(None, None).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), new);
+    }
+
+    #[test]
+    fn temp_files_are_known_by_their_target() {
+        let target = Path::new("/s/d/f.bin");
+        let temp = temp_path(target, &Hash::of(b"v1")).unwrap();
+        assert!(is_temp_of(&temp, target));
+        assert!(!is_temp_of(&temp, Path::new("/s/d/f")), "a name that is a prefix of another");
+        assert!(!is_temp_of(&temp, Path::new("/s/e/f.bin")), "another directory");
+        assert!(!is_temp_of(target, target));
     }
 
     #[test]

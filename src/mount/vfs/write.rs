@@ -573,12 +573,7 @@ impl Vfs {
             .map_err(|e| self.remote_errno("setattr", path, e))?;
         let mut inodes = lock(&self.inodes);
         if let Some(n) = inodes.by_ino.get_mut(&ino) {
-            n.mode = entry.mode;
-            n.mtime_ns = entry.mtime_ns;
-            if n.staged.is_none() {
-                n.size = entry.size;
-            }
-            n.attr_at = Some(Instant::now());
+            n.take_attrs(&entry);
         }
         if let (Some(t), Some(st)) = (mtime_ns, inodes.by_ino.get(&ino).and_then(|n| n.staged.clone())) {
             st.state().mtime_ns = t;
