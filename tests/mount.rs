@@ -41,12 +41,7 @@ impl Setup {
     }
 
     fn mount(&mut self, extra: &[&str]) {
-        let mut args = vec!["mount", "bob:files", self.mnt.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        self.guard = Some(MountGuard(self.mnt.clone()));
-        let out = self.a.ok(&args);
-        assert!(out.contains("mounted bob:files"), "{out}");
-        assert!(mounted(&self.mnt), "the mount is not in /proc/mounts");
+        self.guard = Some(mount_at(&self.a, "bob:files", &self.mnt, extra));
     }
 
     fn at(&self, rel: &str) -> PathBuf {
@@ -62,13 +57,6 @@ impl Setup {
     fn status(&self, rel: &str) -> serde_json::Value {
         self.a.json(&["status", self.at(rel).to_str().unwrap()])
     }
-}
-
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
 }
 
 #[test]

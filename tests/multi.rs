@@ -215,7 +215,7 @@ impl Shared {
     }
 
     fn report(&self, seed: u64, what: &str) -> String {
-        let keep = std::env::var("DEFTFS_MULTI_TRACE").ok().and_then(|s| s.parse().ok()).unwrap_or(25);
+        let keep = env_or("DEFTFS_MULTI_TRACE", 25);
         let mut s = format!("seed {seed}: {what}\n");
         for f in self.failures.lock().unwrap().iter() {
             s += &format!("  {f}\n");
@@ -389,8 +389,8 @@ fn pick(actor: &str, rnd: &mut dyn FnMut(usize) -> usize, seq: &mut u64) -> Op {
 #[test]
 #[ignore = "finds a known bug (a read can stop at another version's size, docs/SEMANTICS.md) in about one run of three"]
 fn concurrent_operations_from_two_mounts_and_the_serving_node_keep_every_version_whole() {
-    let seed: u64 = std::env::var("DEFTFS_MULTI_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x3417_0001);
-    let ops: usize = std::env::var("DEFTFS_MULTI_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let seed: u64 = env_or("DEFTFS_MULTI_SEED", 0x3417_0001);
+    let ops: usize = env_or("DEFTFS_MULTI_OPS", 300);
     eprintln!("seed {seed}, {ops} operations per actor (DEFTFS_MULTI_SEED, DEFTFS_MULTI_OPS)");
     let w = World::new("multi", &["alice", "carol"], "", |files| {
         for d in ["d0", "d1", "d2"] {
@@ -414,12 +414,7 @@ fn concurrent_operations_from_two_mounts_and_the_serving_node_keep_every_version
         let tmp = (actor == "bob").then(|| bob_tmp.clone());
         std::thread::spawn(move || {
             let mut x = (seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
-            let mut rnd = move |n: usize| -> usize {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x % n.max(1) as u64) as usize
-            };
+            let mut rnd = move |n: usize| -> usize { (xorshift(&mut x) % n.max(1) as u64) as usize };
             let mut seq = 0;
             for _ in 0..ops {
                 if shared.stop.load(Ordering::SeqCst) {

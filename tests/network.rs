@@ -66,12 +66,7 @@ impl Net {
     /// Alice's daemon mounts `bob:files`.
     fn mount(&mut self, extra: &[&str]) {
         self.a_daemon = Some(self.a.start());
-        let mut args = vec!["mount", "bob:files", self.mnt.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        self.guard = Some(MountGuard(self.mnt.clone()));
-        let out = self.a.ok(&args);
-        assert!(out.contains("mounted bob:files"), "{out}");
-        assert!(mounted(&self.mnt), "the mount is not in /proc/mounts");
+        self.guard = Some(mount_at(&self.a, "bob:files", &self.mnt, extra));
     }
 
     fn at(&self, rel: &str) -> PathBuf {

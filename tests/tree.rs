@@ -62,8 +62,8 @@ fn outcome<T: std::fmt::Debug>(r: std::io::Result<T>) -> Result<String, i32> {
 
 #[test]
 fn random_namespace_operations_through_the_mount_match_a_local_directory() {
-    let seed: u64 = std::env::var("DEFTFS_TREE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x7ee5_0001);
-    let ops: usize = std::env::var("DEFTFS_TREE_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let seed: u64 = env_or("DEFTFS_TREE_SEED", 0x7ee5_0001);
+    let ops: usize = env_or("DEFTFS_TREE_OPS", 300);
     let w = World::new("tree", &["alice"], "", |_| {});
     let a = w.c(0);
     let oracle = w.root.path().join("oracle");
@@ -71,18 +71,13 @@ fn random_namespace_operations_through_the_mount_match_a_local_directory() {
     // Names a, b, c, at most three deep.
     let names = ["a", "b", "c"];
     let mut x = seed.wrapping_mul(2).wrapping_add(1);
-    let mut rnd = move |n: usize| -> usize {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % n.max(1) as u64) as usize
-    };
+    let mut rnd = move |n: usize| -> usize { (xorshift(&mut x) % n.max(1) as u64) as usize };
     let mut trace: Vec<String> = Vec::new();
     // What the run covered: changes that succeeded, refusals, and renames
     // of directories that held files.
     let (mut changes, mut refusals, mut tree_moves) = (0, 0, 0);
     let fail = |trace: &[String], what: String| -> ! {
-        let keep = std::env::var("DEFTFS_TREE_TRACE").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+        let keep = env_or("DEFTFS_TREE_TRACE", 30);
         let tail = trace.len().saturating_sub(keep);
         panic!("seed {seed}, op {}: {what}\nlast operations:\n  {}", trace.len(), trace[tail..].join("\n  "));
     };

@@ -685,8 +685,8 @@ fn mode_and_times_set_on_an_open_descriptor_reach_the_serving_node_with_the_cont
 /// `DEFTFS_FSX_SEED` and `DEFTFS_FSX_OPS` replay or lengthen a run.
 #[test]
 fn random_operations_through_the_mount_match_a_model_and_the_serving_node() {
-    let seed: u64 = std::env::var("DEFTFS_FSX_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_f5c0_0001);
-    let ops: usize = std::env::var("DEFTFS_FSX_OPS").ok().and_then(|s| s.parse().ok()).unwrap_or(400);
+    let seed: u64 = env_or("DEFTFS_FSX_SEED", 0x5eed_f5c0_0001);
+    let ops: usize = env_or("DEFTFS_FSX_OPS", 400);
     let w = World::new("fsx", &["alice"], "", |_| {});
     let a = w.c(0);
     const NAMES: [&str; 3] = ["f0.bin", "f1.bin", "f2.bin"];
@@ -700,7 +700,7 @@ fn random_operations_through_the_mount_match_a_model_and_the_serving_node() {
     let mut trace: Vec<String> = Vec::new();
     let mut fill = 1u64;
     let fail = |trace: &[String], what: String| -> ! {
-        let tail = trace.len().saturating_sub(std::env::var("DEFTFS_FSX_TRACE").ok().and_then(|s| s.parse().ok()).unwrap_or(25));
+        let tail = trace.len().saturating_sub(env_or("DEFTFS_FSX_TRACE", 25));
         panic!("seed {seed}, op {}: {what}\nlast operations:\n  {}", trace.len(), trace[tail..].join("\n  "));
     };
     for _ in 0..ops {
@@ -867,13 +867,6 @@ fn random_operations_through_the_mount_match_a_model_and_the_serving_node() {
             );
         }
     }
-}
-
-fn xorshift(x: &mut u64) -> u64 {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
-    *x
 }
 
 /// What `stat` shows of a file written through the mount does not change

@@ -209,15 +209,39 @@ impl Drop for Daemon {
     }
 }
 
+/// One step of the xorshift generator every test uses (`x` must not be 0).
+pub fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// The value of environment variable `name` (a seed, a count), or `default`
+/// when it is unset or does not parse.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// Mount `spec` (`PARTNER:SHARE`) at `mnt` through `node`'s daemon, with
+/// `extra` flags; the guard detaches it on drop.
+pub fn mount_at(node: &TestNode, spec: &str, mnt: &Path, extra: &[&str]) -> MountGuard {
+    std::fs::create_dir_all(mnt).unwrap();
+    let guard = MountGuard(mnt.to_path_buf());
+    let mut args = vec!["mount", spec, mnt.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = node.ok(&args);
+    assert!(out.contains(&format!("mounted {spec}")), "{out}");
+    assert!(mounted(mnt), "the mount is not in /proc/mounts");
+    guard
+}
+
 /// Deterministic pseudo-random bytes (xorshift), fast and incompressible.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
+        out.extend_from_slice(&xorshift(&mut x).to_le_bytes());
     }
     out.truncate(len);
     out

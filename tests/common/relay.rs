@@ -171,11 +171,7 @@ impl Shared {
 
     /// Uniform in [0, 1).
     fn random(&self) -> f64 {
-        let mut x = lock(&self.rng);
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        (*x >> 11) as f64 / (1u64 << 53) as f64
+        (super::xorshift(&mut lock(&self.rng)) >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Apply the faults to one datagram that just arrived, and queue what

@@ -16,10 +16,7 @@ pub struct Client {
 
 impl Client {
     pub fn mount(&mut self) {
-        std::fs::create_dir_all(&self.mnt).unwrap();
-        self.guard = Some(MountGuard(self.mnt.clone()));
-        let out = self.node.ok(&["mount", "bob:files", self.mnt.to_str().unwrap()]);
-        assert!(out.contains("mounted bob:files"), "{out}");
+        self.guard = Some(mount_at(&self.node, "bob:files", &self.mnt, &[]));
     }
 
     pub fn at(&self, rel: &str) -> PathBuf {
