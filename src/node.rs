@@ -7,6 +7,7 @@ use crate::db::{self, DbError};
 use crate::identity::{Identity, IdentityError};
 use crate::transport::{DirectoryError, Endpoint, PartnerDirectory, TransportError};
 use rusqlite::Connection;
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -136,6 +137,7 @@ pub async fn run(
         })
     };
     let mut connections = tokio::task::JoinSet::new();
+    let per_partner: Arc<Mutex<HashMap<String, usize>>> = Default::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -145,11 +147,15 @@ pub async fn run(
             // drop the accept without dropping a half-made connection.
             incoming = endpoint.incoming() => {
                 let Some(incoming) = incoming else { break };
-                let (node, endpoint) = (node.clone(), endpoint.clone());
+                let (node, endpoint, per_partner) = (node.clone(), endpoint.clone(), per_partner.clone());
                 connections.spawn(async move {
-                    if let Some((conn, partner, cert)) = endpoint.handshake(incoming).await {
-                        crate::transfer::serve::serve(node, conn, partner, cert).await;
-                    }
+                    let Some((conn, partner, cert)) = endpoint.handshake(incoming).await else { return };
+                    let Some(_slot) = ConnectionSlot::take(&per_partner, partner.as_str()) else {
+                        tracing::warn!(target: "audit", %partner, remote = %conn.remote_address(), "connection refused: {MAX_CONNECTIONS_PER_PARTNER} already open");
+                        conn.close(TOO_MANY_CONNECTIONS.into(), TOO_MANY_REASON.as_bytes());
+                        return;
+                    };
+                    crate::transfer::serve::serve(node, conn, partner, cert).await;
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -164,6 +170,45 @@ pub async fn run(
     while connections.join_next().await.is_some() {}
     endpoint.quinn.wait_idle().await;
     Ok(())
+}
+
+/// Connections one partner may hold open at once. A node's mounts, sends
+/// and receives each take one or two; a partner that opens more (a bug,
+/// or a hostile peer) is refused rather than let grow the daemon.
+pub const MAX_CONNECTIONS_PER_PARTNER: usize = 64;
+/// QUIC application close code of a connection refused for that reason.
+pub const TOO_MANY_CONNECTIONS: u32 = 0x4445_0001;
+const TOO_MANY_REASON: &str = "too many connections from this node (64 at once): close some, or wait for them to end";
+
+/// One of a partner's [`MAX_CONNECTIONS_PER_PARTNER`] places, given back
+/// when dropped.
+struct ConnectionSlot {
+    table: Arc<Mutex<HashMap<String, usize>>>,
+    partner: String,
+}
+
+impl ConnectionSlot {
+    fn take(table: &Arc<Mutex<HashMap<String, usize>>>, partner: &str) -> Option<ConnectionSlot> {
+        let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(partner.to_string()).or_default();
+        if *n >= MAX_CONNECTIONS_PER_PARTNER {
+            return None;
+        }
+        *n += 1;
+        Some(ConnectionSlot { table: table.clone(), partner: partner.to_string() })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.partner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                t.remove(&self.partner);
+            }
+        }
+    }
 }
 
 /// Delete the partial files of pushes older than `storage.partial_ttl_hours`

@@ -698,3 +698,39 @@ fn streams_and_connections_left_hanging_do_not_stop_the_daemon_or_grow_it_withou
     assert!(!lab.inbox.read_dir().unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("park-")));
     lab.still_serves("the attackers left");
 }
+
+#[test]
+fn a_partner_is_held_to_a_bounded_number_of_connections_and_others_are_served() {
+    let mut lab = Lab::new("hostile-conns");
+    let limit = deftfs::node::MAX_CONNECTIONS_PER_PARTNER;
+    let mut held: Vec<Raw> = (0..limit).map(|_| lab.connect()).collect();
+    for raw in held.iter_mut().step_by(8) {
+        lab.rt.block_on(raw.handshake());
+    }
+    // One more: its handshake succeeds (the partner is trusted), then bob
+    // closes it, saying why.
+    let home = lab.mallory.home.clone();
+    let refused = lab.rt.block_on(async move {
+        let node = deftfs::node::Node::open(&home).unwrap();
+        let endpoint = Endpoint::client(node.identity.clone(), node.directory.clone()).unwrap();
+        let partner = node.config.partner("bob").cloned().unwrap();
+        let (conn, _) = endpoint.connect(&partner).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("bob did not close the extra connection")
+    });
+    match &refused {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, quinn::VarInt::from_u32(deftfs::node::TOO_MANY_CONNECTIONS), "{refused}");
+            assert!(String::from_utf8_lossy(&c.reason).contains("too many connections"), "{refused}");
+        }
+        other => panic!("expected an application close, got {other}"),
+    }
+    // Another partner is not affected, and the limit counts only open
+    // connections: once some close, mallory may connect again.
+    lab.still_serves(&format!("{limit} connections of mallory's"));
+    held.truncate(limit - 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut again = lab.connect();
+    lab.rt.block_on(again.handshake());
+    let log = lab.daemon.log_text();
+    assert!(log.contains("connection refused"), "the refusal is logged:\n{log}");
+}
