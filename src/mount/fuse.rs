@@ -344,6 +344,9 @@ impl Filesystem for Fuse {
             if reply.add(INodeNo(a.ino), i as u64 + 1, &name, &TTL, &Fuse::file_attr(self.uid, self.gid, &a), Generation(0)) {
                 break;
             }
+            if a.kind == Kind::File {
+                self.vfs.shown(a.ino, a.size);
+            }
         }
         reply.ok();
     }

@@ -128,7 +128,15 @@ struct Inode {
     /// When a change made here last dropped these attributes: a listing
     /// of the parent asked for before then does not bring them back.
     dropped_at: Option<Instant>,
+    /// The size last handed to the kernel ([`NOT_SHOWN`] if none since
+    /// the kernel last dropped its attributes). The kernel ends reads at
+    /// the size it holds, which a listing that reached only this table
+    /// does not move.
+    shown_size: AtomicU64,
 }
+
+/// [`Inode::shown_size`] when the kernel holds no size of ours.
+const NOT_SHOWN: u64 = u64::MAX;
 
 impl Inode {
     /// Take the attributes the partner answered for this entry (a file
@@ -329,6 +337,7 @@ impl Vfs {
                 virtual_data: None,
                 local_seq: 0,
                 dropped_at: None,
+                shown_size: AtomicU64::new(NOT_SHOWN),
             },
         );
         Vfs {
@@ -458,6 +467,7 @@ impl Vfs {
                 virtual_data: None,
                 local_seq: 0,
                 dropped_at: None,
+                shown_size: AtomicU64::new(NOT_SHOWN),
             },
         );
         ino
@@ -537,6 +547,11 @@ impl Vfs {
                 }
             }
         }
+        // Files created here whose push is neither under way nor queued
+        // (it ended as a conflict copy): once a listing asked for after
+        // now lacks them, they are gone. Judged before asking, so a push
+        // that completes meanwhile is in the listing.
+        let orphans = self.orphans(ino);
         // A change made here while the listing was on its way (a create
         // pushed, a rename) may be missing from it: ask again.
         let mut tries = 0;
@@ -561,9 +576,14 @@ impl Vfs {
         // Files created here and not pushed yet are ours to show, whether
         // or not the listing we had still names them.
         for (name, child) in inodes.local_children(ino) {
-            if !children.iter().any(|(n, _)| *n == name) {
-                children.push((name, child));
+            if children.iter().any(|(n, _)| *n == name) {
+                continue;
             }
+            if orphans.contains(&child) {
+                inodes.set_local_only(child, false);
+                continue;
+            }
+            children.push((name, child));
         }
         for (name, entry, json) in locks {
             if children.iter().any(|(n, _)| *n == name) {
@@ -579,6 +599,25 @@ impl Vfs {
             n.children = Some((children.clone(), now));
         }
         Ok(children)
+    }
+
+    /// The files of directory `dir` created here that nothing will push
+    /// any more: no staging, no queue entry.
+    fn orphans(&self, dir: Ino) -> HashSet<Ino> {
+        let candidates: Vec<(Ino, Option<Name>, SharePath)> = {
+            let inodes = lock(&self.inodes);
+            inodes
+                .local_children(dir)
+                .into_iter()
+                .filter_map(|(_, i)| inodes.by_ino.get(&i).filter(|n| n.staged.is_none()).map(|n| (i, n.share.clone(), n.path.clone())))
+                .collect()
+        };
+        let partner = self.remote.partner().to_string();
+        candidates
+            .into_iter()
+            .filter(|(_, share, path)| share.as_ref().is_some_and(|s| !self.writeback.pending(&partner, s, path)))
+            .map(|(i, _, _)| i)
+            .collect()
     }
 
     /// Make the kernel forget inode `ino`'s attributes, and wait (a
@@ -615,10 +654,21 @@ impl Vfs {
         self.cached_attr(ino)
     }
 
+    /// The attributes of `ino` as they go to the kernel (recorded as
+    /// shown: see [`Inode::shown_size`]).
     fn cached_attr(&self, ino: Ino) -> Result<Attr, Errno> {
         let inodes = lock(&self.inodes);
         let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
-        Ok(self.attr_of(ino, n))
+        let a = self.attr_of(ino, n);
+        n.shown_size.store(a.size, Ordering::SeqCst);
+        Ok(a)
+    }
+
+    /// The kernel was handed `size` for `ino` (a READDIRPLUS entry).
+    pub fn shown(&self, ino: Ino, size: u64) {
+        if let Some(n) = lock(&self.inodes).by_ino.get(&ino) {
+            n.shown_size.store(size, Ordering::SeqCst);
+        }
     }
 
     pub async fn getattr(&self, ino: Ino) -> Result<Attr, Errno> {
@@ -710,7 +760,12 @@ impl Vfs {
         let moved = {
             let mut inodes = lock(&self.inodes);
             let n = inodes.by_ino.get_mut(&ino);
-            let moved = n.as_ref().is_some_and(|n| n.staged.is_none() && (n.size != manifest.size || n.mtime_ns != mtime_ns));
+            // Against what the kernel was shown, too: a listing since may
+            // have brought the new size into this table alone.
+            let moved = n.as_ref().is_some_and(|n| {
+                let shown = n.shown_size.load(Ordering::SeqCst);
+                n.staged.is_none() && (n.size != manifest.size || n.mtime_ns != mtime_ns || (shown != NOT_SHOWN && shown != manifest.size))
+            });
             if let Some(n) = n {
                 n.size = manifest.size;
                 n.mtime_ns = mtime_ns;
@@ -726,6 +781,9 @@ impl Vfs {
             // Its attributes are dropped before the open returns, so the
             // first read asks for them again.
             self.drop_kernel_attrs(ino).await;
+            if let Some(n) = lock(&self.inodes).by_ino.get(&ino) {
+                let _ = n.shown_size.compare_exchange(manifest.size, NOT_SHOWN, Ordering::SeqCst, Ordering::SeqCst);
+            }
         }
         Ok((share, path, manifest))
     }

@@ -513,9 +513,21 @@ impl Vfs {
                     // This file now shows the partner's version again.
                     st.expect = Base::Any;
                     drop(st);
-                    if let Some(n) = lock(&self.inodes).by_ino.get_mut(&ino) {
+                    // A file created here is no longer ours to show: the
+                    // partner's listing says whether the name exists.
+                    let mut inodes = lock(&self.inodes);
+                    inodes.set_local_only(ino, false);
+                    let mut parent = None;
+                    if let Some(n) = inodes.by_ino.get_mut(&ino) {
                         n.manifest = None;
                         n.attr_at = None;
+                        parent = Some(n.parent);
+                    }
+                    if let Some(p) = parent {
+                        Self::touched(&mut inodes, p);
+                        if let Some(d) = inodes.by_ino.get_mut(&p) {
+                            d.children = None;
+                        }
                     }
                     Ok(())
                 }
