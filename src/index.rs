@@ -58,6 +58,16 @@ pub enum IndexError {
     KeepsChanging { path: String, tries: u32 },
 }
 
+impl IndexError {
+    /// The file was not there (removed or renamed while it was looked at).
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            IndexError::Io { source, .. } | IndexError::Chunk(ChunkError::Io { source, .. }) => source.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        }
+    }
+}
+
 /// The manifest of the file at `path` (absolute), reused from the cache
 /// when size, mtime, inode and params are unchanged, else computed and
 /// stored. Blocking. The lock is held only for the lookup and the store,
@@ -506,10 +516,12 @@ mod tests {
         let err = manifest_for(&db, &dir.path().join("nope"), &SMALL).unwrap_err();
         assert!(matches!(err, IndexError::Io { .. }), "{err}");
         assert!(err.to_string().starts_with("stat "), "{err}");
+        assert!(err.is_not_found(), "a missing file is NOT_FOUND to the partner, not INTERNAL");
         let path = dir.file("a.bin", b"abc");
         let bad = ChunkParams { min: 10, avg: 20, max: 30 };
         let err = manifest_for(&db, &path, &bad).unwrap_err();
         assert!(matches!(err, IndexError::Chunk(ChunkError::BadParams { .. })), "{err}");
+        assert!(!err.is_not_found());
     }
 
     #[test]

@@ -108,7 +108,10 @@ impl Filesystem for Fuse {
         let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::ENOENT) };
         self.rt.spawn(async move {
             match vfs.lookup(parent.0, &name).await {
-                Ok(a) => reply.entry(&TTL, &Fuse::file_attr(uid, gid, &a), Generation(0)),
+                Ok(a) => {
+                    vfs.shown(a.ino, a.size);
+                    reply.entry(&TTL, &Fuse::file_attr(uid, gid, &a), Generation(0))
+                }
                 Err(e) => {
                     tracing::trace!(parent = parent.0, name, "lookup: {e:?}");
                     reply.error(errno(e))
@@ -121,7 +124,10 @@ impl Filesystem for Fuse {
         let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
         self.rt.spawn(async move {
             match vfs.getattr(ino.0).await {
-                Ok(a) => reply.attr(&TTL, &Fuse::file_attr(uid, gid, &a)),
+                Ok(a) => {
+                    vfs.shown(a.ino, a.size);
+                    reply.attr(&TTL, &Fuse::file_attr(uid, gid, &a))
+                }
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -220,7 +226,10 @@ impl Filesystem for Fuse {
         let open = open_mode(req, flags, true);
         self.rt.spawn(async move {
             match vfs.create(parent.0, &name, mode & !umask, open).await {
-                Ok((a, fh)) => reply.created(&TTL, &Fuse::file_attr(uid, gid, &a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+                Ok((a, fh)) => {
+                    vfs.shown(a.ino, a.size);
+                    reply.created(&TTL, &Fuse::file_attr(uid, gid, &a), Generation(0), FileHandle(fh), FopenFlags::empty())
+                }
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -231,7 +240,10 @@ impl Filesystem for Fuse {
         let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::EINVAL) };
         self.rt.spawn(async move {
             match vfs.mkdir(parent.0, &name, mode & !umask).await {
-                Ok(a) => reply.entry(&TTL, &Fuse::file_attr(uid, gid, &a), Generation(0)),
+                Ok(a) => {
+                    vfs.shown(a.ino, a.size);
+                    reply.entry(&TTL, &Fuse::file_attr(uid, gid, &a), Generation(0))
+                }
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -299,7 +311,10 @@ impl Filesystem for Fuse {
         let tid = req.pid();
         self.rt.spawn(async move {
             match vfs.setattr(ino.0, mode.map(|m| m & 0o7777), size, mtime_ns, fh.map(|f| f.0), tid).await {
-                Ok(a) => reply.attr(&TTL, &Fuse::file_attr(uid, gid, &a)),
+                Ok(a) => {
+                    vfs.shown(a.ino, a.size);
+                    reply.attr(&TTL, &Fuse::file_attr(uid, gid, &a))
+                }
                 Err(e) => reply.error(errno(e)),
             }
         });

@@ -654,17 +654,14 @@ impl Vfs {
         self.cached_attr(ino)
     }
 
-    /// The attributes of `ino` as they go to the kernel (recorded as
-    /// shown: see [`Inode::shown_size`]).
     fn cached_attr(&self, ino: Ino) -> Result<Attr, Errno> {
         let inodes = lock(&self.inodes);
         let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
-        let a = self.attr_of(ino, n);
-        n.shown_size.store(a.size, Ordering::SeqCst);
-        Ok(a)
+        Ok(self.attr_of(ino, n))
     }
 
-    /// The kernel was handed `size` for `ino` (a READDIRPLUS entry).
+    /// The kernel was handed `size` for `ino` (the FUSE adapter tells,
+    /// for every reply that carries attributes): see [`Inode::shown_size`].
     pub fn shown(&self, ino: Ino, size: u64) {
         if let Some(n) = lock(&self.inodes).by_ino.get(&ino) {
             n.shown_size.store(size, Ordering::SeqCst);

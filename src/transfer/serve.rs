@@ -328,7 +328,12 @@ impl Session {
         tokio::task::spawn_blocking(move || crate::index::manifest_for_recent(&node.db, &path, &node.config.storage.chunk))
             .await
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
-            .map_err(|e| err(ErrorCode::Internal, e.to_string()))
+            .map_err(|e| match e {
+                // Removed or renamed between the lookup and the hashing.
+                e if e.is_not_found() => err(ErrorCode::NotFound, "no such file (it was removed or renamed just now)"),
+                crate::index::IndexError::KeepsChanging { .. } => err(ErrorCode::Busy, format!("{e}: try again")),
+                e => err(ErrorCode::Internal, e.to_string()),
+            })
     }
 
     async fn handle(self: Arc<Self>, req: Request, phase: &mut Phase) -> Option<Response> {
