@@ -333,8 +333,8 @@ print("saved", flush=True)
 "#;
 
 /// Blender with a .blend file open, kept alive on stdin: `rename OLD NEW`
-/// renames an object and saves (answers `saved` or `failed: ...`), `quit`
-/// ends it. Blender reads the whole file at load and closes it: from then
+/// renames an object and saves, `saveas PATH` saves under a new name
+/// (each answers `saved` or `failed: ...`), `quit` ends it. Blender reads the whole file at load and closes it: from then
 /// on only the process's lease protects the file.
 const HOLD: &str = r#"
 import bpy, sys
@@ -345,6 +345,12 @@ for line in sys.stdin:
         bpy.data.objects[words[1]].name = words[2]
         try:
             bpy.ops.wm.save_mainfile()
+            print("saved", flush=True)
+        except RuntimeError as e:
+            print("failed:", str(e).replace("\n", " "), flush=True)
+    elif words[:1] == ["saveas"]:
+        try:
+            bpy.ops.wm.save_as_mainfile(filepath=line.split(maxsplit=1)[1].strip())
             print("saved", flush=True)
         except RuntimeError as e:
             print("failed:", str(e).replace("\n", " "), flush=True)
@@ -522,6 +528,14 @@ fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
     assert_eq!(std::fs::read(w.server("scene.blend1")).unwrap(), saved, "scene.blend1 after alice's second save");
     let saved = std::fs::read(w.server("scene.blend")).unwrap();
 
+    // "Save As": Blender writes copy.blend@ and renames it to copy.blend,
+    // which it never opens but now has open. It is leased all the same.
+    held.say(&format!("saveas {}", alice.at("copy.blend").display()));
+    assert_eq!(held.line_of(&["saved", "failed: "]), "saved", "alice's blender could not save as copy.blend");
+    assert_eq!(std::fs::read(w.server("copy.blend")).unwrap(), saved, "copy.blend on the serving node");
+    let open_copy = || std::fs::OpenOptions::new().write(true).open(carol.at("copy.blend"));
+    assert_eq!(errno_of(open_copy()), Some(libc::EBUSY), "carol could write the scene alice's blender saved as copy.blend");
+
     // Alice's Blender exits: carol may write within the lease's release.
     held.quit();
     let exited = std::time::Instant::now();
@@ -535,6 +549,7 @@ fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
     // Released at the next lease tick (ttl/3), seen by carol once her view
     // of the share's leases is fresh again (1 s).
     assert!(released < TTL, "carol could write only {released:?} after alice's blender exited");
+    assert!(wait_until(Duration::from_secs(5), || open_copy().is_ok()), "carol cannot write copy.blend after alice's blender exited");
     let mut edit = blender(&home("carol2"));
     edit.arg(carol.at("scene.blend")).arg("--python-expr").arg(RENAME_AND_SAVE).args(["--", "Camera", "CarolCamera"]);
     ok(run_blender(edit, &home("carol2"), "carol's second save"), "carol's blender saving after alice's exited");
@@ -544,7 +559,7 @@ fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
         "the serving node's scene.blend after carol saved"
     );
     assert_eq!(std::fs::read(w.server("scene.blend1")).unwrap(), saved, "scene.blend1 after carol saved");
-    assert_eq!(names(&w.files), ["scene.blend", "scene.blend1"], "files on the serving node");
+    assert_eq!(names(&w.files), ["copy.blend", "scene.blend", "scene.blend1"], "files on the serving node");
     eprintln!("lease released {released:?} after alice's blender exited; test took {:?}", start.elapsed());
 
     // Nothing left mounted.
