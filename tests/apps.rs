@@ -452,7 +452,10 @@ fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
     // The shortest lease ttl (renewed every second): the test outlasts it.
     let w = World::new("blender", &["alice", "carol"], &format!("[mount]\nlease_ttl_secs = {}\n", TTL.as_secs()), |dir| {
         let mut make = blender(&home("make"));
-        make.arg("--python-expr").arg("import bpy, sys; bpy.ops.wm.save_as_mainfile(filepath=sys.argv[-1])");
+        // A 250 x 250 grid makes it 8 MB, big enough for saves to be deltas.
+        let script = "import bpy, sys; bpy.ops.mesh.primitive_grid_add(x_subdivisions=250, y_subdivisions=250); \
+                      bpy.ops.wm.save_as_mainfile(filepath=sys.argv[-1])";
+        make.arg("--python-expr").arg(script);
         make.arg("--").arg(dir.join("scene.blend"));
         ok(run_blender(make, &home("make"), "make scene.blend"), "blender making scene.blend");
     });
@@ -462,7 +465,7 @@ fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
 
     // Alice's Blender opens the scene and stays.
     let (mut held, loaded) = HeldBlend::open(&alice.at("scene.blend"), &home("alice"));
-    assert_eq!(loaded, "Camera,Cube,Light", "the scene alice's blender loaded");
+    assert_eq!(loaded, "Camera,Cube,Grid,Light", "the scene alice's blender loaded");
 
     // Carol: every change refused, the lock shown, reads work.
     let check_refused = |when: &str| {
@@ -486,7 +489,7 @@ fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
     assert_eq!(held.line_of(&["saved", "failed: "]), "saved", "alice's blender could not save");
     assert_eq!(
         objects_in(&w.server("scene.blend"), &home("check1")),
-        "AliceCube,Camera,Light",
+        "AliceCube,Camera,Grid,Light",
         "the serving node's scene.blend after alice saved"
     );
     assert_eq!(std::fs::read(w.server("scene.blend1")).unwrap(), original, "scene.blend1 is not the scene as it was");
@@ -507,7 +510,7 @@ fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
     clobber.arg(carol.at("scene.blend")).arg("--python-expr").arg(RENAME_AND_SAVE).args(["--", "Camera", "CarolCamera"]);
     let refused = run_blender(clobber, &home("carol1"), "carol's save");
     let (stdout, stderr) = (String::from_utf8_lossy(&refused.stdout), String::from_utf8_lossy(&refused.stderr));
-    assert_eq!(objects_of(&stdout), "AliceCube,Camera,Light", "the scene carol's blender loaded");
+    assert_eq!(objects_of(&stdout), "AliceCube,Camera,Grid,Light", "the scene carol's blender loaded");
     assert!(!refused.status.success() && !stdout.lines().any(|l| l == "saved"), "carol's blender saved:\n{stdout}\n{stderr}");
     assert!(stdout.contains("Cannot") || stderr.contains("Cannot"), "carol's blender failed without saying so:\n{stdout}\n{stderr}");
     assert_eq!(std::fs::read(w.server("scene.blend")).unwrap(), saved, "carol's blender overwrote alice's scene");
@@ -524,9 +527,12 @@ fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
     // current scene to it.
     held.say("rename Light AliceLight");
     assert_eq!(held.line_of(&["saved", "failed: "]), "saved", "alice's blender could not save again");
-    assert_eq!(objects_in(&w.server("scene.blend"), &home("check2")), "AliceCube,AliceLight,Camera", "after alice's second save");
+    assert_eq!(objects_in(&w.server("scene.blend"), &home("check2")), "AliceCube,AliceLight,Camera,Grid", "after alice's second save");
     assert_eq!(std::fs::read(w.server("scene.blend1")).unwrap(), saved, "scene.blend1 after alice's second save");
     let saved = std::fs::read(w.server("scene.blend")).unwrap();
+    // The new scene.blend@ went back as a delta of the scene beside it.
+    let sent = last_push_bytes(&alice.node, "scene.blend@");
+    assert!(sent < saved.len() as u64 / 2, "a save that renamed one object sent {sent} of {} bytes", saved.len());
 
     // "Save As": Blender writes copy.blend@ and renames it to copy.blend,
     // which it never opens but now has open. It is leased all the same.
@@ -555,12 +561,16 @@ fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
     ok(run_blender(edit, &home("carol2"), "carol's second save"), "carol's blender saving after alice's exited");
     assert_eq!(
         objects_in(&w.server("scene.blend"), &home("check3")),
-        "AliceCube,AliceLight,CarolCamera",
+        "AliceCube,AliceLight,CarolCamera,Grid",
         "the serving node's scene.blend after carol saved"
     );
     assert_eq!(std::fs::read(w.server("scene.blend1")).unwrap(), saved, "scene.blend1 after carol saved");
     assert_eq!(names(&w.files), ["copy.blend", "scene.blend", "scene.blend1"], "files on the serving node");
-    eprintln!("lease released {released:?} after alice's blender exited; test took {:?}", start.elapsed());
+    eprintln!(
+        "alice's second save sent {sent} of {} bytes; lease released {released:?} after alice's blender exited; test took {:?}",
+        saved.len(),
+        start.elapsed()
+    );
 
     // Nothing left mounted.
     let mounts: Vec<PathBuf> = w.clients.iter().map(|c| c.mnt.clone()).collect();

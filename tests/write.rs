@@ -23,18 +23,6 @@ fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
 }
 
-/// The last push alice recorded for `path`: bytes that crossed the wire.
-fn last_push_bytes(node: &TestNode, path: &str) -> u64 {
-    let rows = node.json(&["history", "--limit", "50"]);
-    let row = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["path"] == path && r["direction"] == "push" && r["role"] == "client")
-        .unwrap_or_else(|| panic!("no push of {path} in history: {rows}"));
-    row["bytes_sent"].as_u64().unwrap()
-}
-
 #[test]
 fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends_little() {
     let w = World::new("w64", &["alice"], "", |_| {});
