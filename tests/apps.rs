@@ -452,7 +452,7 @@ fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
     // The shortest lease ttl (renewed every second): the test outlasts it.
     let w = World::new("blender", &["alice", "carol"], &format!("[mount]\nlease_ttl_secs = {}\n", TTL.as_secs()), |dir| {
         let mut make = blender(&home("make"));
-        // A 250 x 250 grid makes it 8 MB, big enough for saves to be deltas.
+        // A 250 x 250 grid makes it 9 MB, big enough for saves to be deltas.
         let script = "import bpy, sys; bpy.ops.mesh.primitive_grid_add(x_subdivisions=250, y_subdivisions=250); \
                       bpy.ops.wm.save_as_mainfile(filepath=sys.argv[-1])";
         make.arg("--python-expr").arg(script);
