@@ -1,14 +1,14 @@
 //! Real applications working inside a mount, end to end: rsync, vim, make
-//! with a C compiler, and SQLite, each doing what it does on a local disk
-//! and checked on the serving node. Bob serves `files` read-write to alice,
-//! who mounts it (see [`World`]).
+//! with a C compiler, SQLite and Blender, each doing what it does on a local
+//! disk and checked on the serving node. Bob serves `files` read-write to
+//! alice (and carol, for Blender's lease), who mount it (see [`World`]).
 //!
 //! These programs notice what a simple copy does not: a directory mtime
 //! that moves after it was set (rsync copies again), a file mtime that
 //! changes after a write (vim refuses to save: "file changed since
 //! reading"; make rebuilds), a mode the partner does not keep.
 //!
-//! The tools must be installed (`.ci/run` installs rsync and vim); a missing
+//! The tools must be installed (`.ci/run` installs rsync, vim and blender); a missing
 //! one fails its test with the package to install, rather than pass.
 
 mod common;
@@ -258,4 +258,324 @@ print(db.execute("PRAGMA integrity_check").fetchone()[0], db.execute("SELECT cou
     }
     let journals: Vec<_> = walk(&w.files).into_iter().filter(|p| p.to_string_lossy().ends_with("-journal")).collect();
     assert!(journals.is_empty(), "journal left behind: {journals:?}");
+}
+
+/// Blender, headless, with factory settings, its user directories
+/// (config, scripts, thumbnails, autosave) under `home`, and exit code 3
+/// when its Python script raises. Blender passes what follows `--` to the
+/// script as `sys.argv`.
+fn blender(home: &Path) -> Command {
+    let exe = tool(&["blender"], "blender");
+    std::fs::create_dir_all(home).unwrap();
+    let mut cmd = Command::new(exe);
+    cmd.env("HOME", home)
+        .env("TMPDIR", home)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("BLENDER_USER_CONFIG", home.join("blender/config"))
+        .env("BLENDER_USER_SCRIPTS", home.join("blender/scripts"))
+        .env("BLENDER_USER_DATAFILES", home.join("blender/datafiles"))
+        .args(["-b", "--factory-startup", "--python-exit-code", "3"])
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// Run a Blender command to its end (killed after a minute: a mount that
+/// hangs it must fail the test, not stall it). Its output goes to files
+/// beside `home`, so a full pipe cannot block it either.
+fn run_blender(mut cmd: Command, home: &Path, what: &str) -> Output {
+    let (out, err) = (home.join("stdout"), home.join("stderr"));
+    cmd.stdout(std::fs::File::create(&out).unwrap()).stderr(std::fs::File::create(&err).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: blender still running after 60 s:\n{}", std::fs::read_to_string(&out).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output { status, stdout: std::fs::read(&out).unwrap(), stderr: std::fs::read(&err).unwrap() }
+}
+
+/// Print the scene's object names on one line: `objects: A,B,C`.
+const LIST_OBJECTS: &str = r#"
+import bpy
+print("objects:", ",".join(sorted(o.name for o in bpy.data.objects)), flush=True)
+"#;
+
+/// The objects line of a Blender run's output.
+fn objects_of(out: &str) -> &str {
+    out.lines().find_map(|l| l.strip_prefix("objects: ")).unwrap_or_else(|| panic!("no objects line in:\n{out}"))
+}
+
+/// The object names of the .blend file at `file`, as Blender loads it.
+fn objects_in(file: &Path, home: &Path) -> String {
+    let mut cmd = blender(home);
+    cmd.arg(file).arg("--python-expr").arg(LIST_OBJECTS);
+    let out = ok(run_blender(cmd, home, "listing objects"), &format!("blender loading {}", file.display()));
+    objects_of(&out).to_string()
+}
+
+/// Rename object `argv[-2]` to `argv[-1]` and save the file in place
+/// (`wm.save_mainfile`: `NAME@`, rename NAME to NAME1, rename NAME@ to
+/// NAME). A failed save raises: exit code 3.
+const RENAME_AND_SAVE: &str = r#"
+import bpy, sys
+print("objects:", ",".join(sorted(o.name for o in bpy.data.objects)), flush=True)
+bpy.data.objects[sys.argv[-2]].name = sys.argv[-1]
+bpy.ops.wm.save_mainfile()
+print("saved", flush=True)
+"#;
+
+/// Blender with a .blend file open, kept alive on stdin: `rename OLD NEW`
+/// renames an object and saves, `saveas PATH` saves under a new name
+/// (each answers `saved` or `failed: ...`), `quit` ends it. Blender reads the whole file at load and closes it: from then
+/// on only the process's lease protects the file.
+const HOLD: &str = r#"
+import bpy, sys
+print("holding:", ",".join(sorted(o.name for o in bpy.data.objects)), flush=True)
+for line in sys.stdin:
+    words = line.split()
+    if words[:1] == ["rename"]:
+        bpy.data.objects[words[1]].name = words[2]
+        try:
+            bpy.ops.wm.save_mainfile()
+            print("saved", flush=True)
+        except RuntimeError as e:
+            print("failed:", str(e).replace("\n", " "), flush=True)
+    elif words[:1] == ["saveas"]:
+        try:
+            bpy.ops.wm.save_as_mainfile(filepath=line.split(maxsplit=1)[1].strip())
+            print("saved", flush=True)
+        except RuntimeError as e:
+            print("failed:", str(e).replace("\n", " "), flush=True)
+    elif words[:1] == ["quit"]:
+        break
+"#;
+
+/// A Blender process holding a file open, driven over stdin; killed on drop.
+struct HeldBlend {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: PathBuf,
+}
+
+impl HeldBlend {
+    fn open(file: &Path, home: &Path) -> (HeldBlend, String) {
+        let stderr = home.join("held-stderr");
+        let mut cmd = blender(home);
+        cmd.arg(file).arg("--python-expr").arg(HOLD);
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+        cmd.stderr(std::fs::File::create(&stderr).unwrap());
+        let mut child = cmd.spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut held = HeldBlend { child, stdin, lines, stderr };
+        let loaded = held.answer("holding: ");
+        (held, loaded)
+    }
+
+    /// The first output line that starts with one of `prefixes`.
+    fn line_of(&mut self, prefixes: &[&str]) -> String {
+        let mut seen = String::new();
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) if prefixes.iter().any(|p| line.starts_with(p)) => return line,
+                Ok(line) => {
+                    seen.push_str(&line);
+                    seen.push('\n');
+                }
+                Err(e) => panic!(
+                    "blender holding the file: no {prefixes:?} ({e}); stdout:\n{seen}stderr:\n{}",
+                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
+                ),
+            }
+        }
+    }
+
+    fn answer(&mut self, prefix: &str) -> String {
+        self.line_of(&[prefix])[prefix.len()..].to_string()
+    }
+
+    fn say(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").unwrap();
+    }
+
+    fn quit(&mut self) {
+        self.say("quit");
+        let start = std::time::Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(30), "blender did not quit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for HeldBlend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+/// The lease ttl of the Blender test's mounts.
+const TTL: Duration = Duration::from_secs(3);
+
+/// The product's promise with the real Blender: a scene open in Blender on
+/// one node cannot be overwritten from another, through the holder's save
+/// and until the holder exits.
+#[test]
+fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
+    let start = std::time::Instant::now();
+    let root = TempDir::new("blender-homes");
+    let home = |name: &str| root.path().join(name);
+    // The shortest lease ttl (renewed every second): the test outlasts it.
+    let w = World::new("blender", &["alice", "carol"], &format!("[mount]\nlease_ttl_secs = {}\n", TTL.as_secs()), |dir| {
+        let mut make = blender(&home("make"));
+        // A 250 x 250 grid makes it 9 MB, big enough for saves to be deltas.
+        let script = "import bpy, sys; bpy.ops.mesh.primitive_grid_add(x_subdivisions=250, y_subdivisions=250); \
+                      bpy.ops.wm.save_as_mainfile(filepath=sys.argv[-1])";
+        make.arg("--python-expr").arg(script);
+        make.arg("--").arg(dir.join("scene.blend"));
+        ok(run_blender(make, &home("make"), "make scene.blend"), "blender making scene.blend");
+    });
+    let (alice, carol) = (w.c(0), w.c(1));
+    let original = std::fs::read(w.server("scene.blend")).unwrap();
+    assert!(original.starts_with(b"BLENDER"), "not a .blend file");
+
+    // Alice's Blender opens the scene and stays.
+    let (mut held, loaded) = HeldBlend::open(&alice.at("scene.blend"), &home("alice"));
+    assert_eq!(loaded, "Camera,Cube,Grid,Light", "the scene alice's blender loaded");
+
+    // Carol: every change refused, the lock shown, reads work.
+    let check_refused = |when: &str| {
+        let open_w = std::fs::OpenOptions::new().write(true).open(carol.at("scene.blend"));
+        assert_eq!(errno_of(open_w), Some(libc::EBUSY), "{when}: open for write");
+        let rename = std::fs::rename(carol.at("scene.blend"), carol.at("other.blend"));
+        assert_eq!(errno_of(rename), Some(libc::EBUSY), "{when}: rename");
+        assert_eq!(errno_of(std::fs::remove_file(carol.at("scene.blend"))), Some(libc::EBUSY), "{when}: unlink");
+        assert!(wait_until(Duration::from_secs(5), || carol.at(".scene.blend.lock").exists()), "{when}: no .scene.blend.lock");
+        let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(carol.at(".scene.blend.lock")).unwrap()).unwrap();
+        assert_eq!(lock["holder"], "alice", "{when}: {lock}");
+        assert_eq!(lock["process"], "blender", "{when}: {lock}");
+        assert_eq!(std::fs::read(carol.at("scene.blend")).unwrap(), std::fs::read(w.server("scene.blend")).unwrap(), "{when}: read");
+    };
+    check_refused("while alice's blender has the scene open");
+    assert_eq!(std::fs::read(w.server("scene.blend")).unwrap(), original);
+
+    // Alice's Blender saves a change: the new scene in place, the old one
+    // as scene.blend1, no scene.blend@ left.
+    held.say("rename Cube AliceCube");
+    assert_eq!(held.line_of(&["saved", "failed: "]), "saved", "alice's blender could not save");
+    assert_eq!(
+        objects_in(&w.server("scene.blend"), &home("check1")),
+        "AliceCube,Camera,Grid,Light",
+        "the serving node's scene.blend after alice saved"
+    );
+    assert_eq!(std::fs::read(w.server("scene.blend1")).unwrap(), original, "scene.blend1 is not the scene as it was");
+    assert!(!w.server("scene.blend@").exists(), "scene.blend@ left behind");
+    // Blender closed the file long ago: the lease lives on, renewed, for
+    // as long as the process does.
+    std::thread::sleep(TTL + Duration::from_secs(1));
+    check_refused("after alice's blender saved, one lease ttl later");
+
+    // Carol's Blender reads alice's version, and its save fails visibly:
+    // nothing of alice's is overwritten.
+    let saved = std::fs::read(w.server("scene.blend")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read(carol.at("scene.blend")).ok().as_ref() == Some(&saved)),
+        "carol does not see alice's save"
+    );
+    let mut clobber = blender(&home("carol1"));
+    clobber.arg(carol.at("scene.blend")).arg("--python-expr").arg(RENAME_AND_SAVE).args(["--", "Camera", "CarolCamera"]);
+    let refused = run_blender(clobber, &home("carol1"), "carol's save");
+    let (stdout, stderr) = (String::from_utf8_lossy(&refused.stdout), String::from_utf8_lossy(&refused.stderr));
+    assert_eq!(objects_of(&stdout), "AliceCube,Camera,Grid,Light", "the scene carol's blender loaded");
+    assert!(!refused.status.success() && !stdout.lines().any(|l| l == "saved"), "carol's blender saved:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("Cannot") || stderr.contains("Cannot"), "carol's blender failed without saying so:\n{stdout}\n{stderr}");
+    assert_eq!(std::fs::read(w.server("scene.blend")).unwrap(), saved, "carol's blender overwrote alice's scene");
+    assert_eq!(std::fs::read(w.server("scene.blend1")).unwrap(), original, "carol's blender replaced scene.blend1");
+    check_refused("after carol's blender tried to save");
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&w.files), ["scene.blend", "scene.blend1"], "files on the serving node");
+
+    // Alice saves again: Blender removes scene.blend1 and renames the
+    // current scene to it.
+    held.say("rename Light AliceLight");
+    assert_eq!(held.line_of(&["saved", "failed: "]), "saved", "alice's blender could not save again");
+    assert_eq!(objects_in(&w.server("scene.blend"), &home("check2")), "AliceCube,AliceLight,Camera,Grid", "after alice's second save");
+    assert_eq!(std::fs::read(w.server("scene.blend1")).unwrap(), saved, "scene.blend1 after alice's second save");
+    let saved = std::fs::read(w.server("scene.blend")).unwrap();
+    // The new scene.blend@ went back as a delta of the scene beside it.
+    let sent = last_push_bytes(&alice.node, "scene.blend@");
+    assert!(sent < saved.len() as u64 / 2, "a save that renamed one object sent {sent} of {} bytes", saved.len());
+
+    // "Save As": Blender writes copy.blend@ and renames it to copy.blend,
+    // which it never opens but now has open. It is leased all the same.
+    held.say(&format!("saveas {}", alice.at("copy.blend").display()));
+    assert_eq!(held.line_of(&["saved", "failed: "]), "saved", "alice's blender could not save as copy.blend");
+    assert_eq!(std::fs::read(w.server("copy.blend")).unwrap(), saved, "copy.blend on the serving node");
+    let open_copy = || std::fs::OpenOptions::new().write(true).open(carol.at("copy.blend"));
+    assert_eq!(errno_of(open_copy()), Some(libc::EBUSY), "carol could write the scene alice's blender saved as copy.blend");
+
+    // Alice's Blender exits: carol may write within the lease's release.
+    held.quit();
+    let exited = std::time::Instant::now();
+    let open_w = || std::fs::OpenOptions::new().write(true).open(carol.at("scene.blend"));
+    assert!(
+        wait_until(Duration::from_secs(15), || open_w().is_ok()),
+        "carol still cannot write after alice's blender exited:\n{}",
+        alice.log()
+    );
+    let released = exited.elapsed();
+    // Released at the next lease tick (ttl/3), seen by carol once her view
+    // of the share's leases is fresh again (1 s).
+    assert!(released < TTL, "carol could write only {released:?} after alice's blender exited");
+    assert!(wait_until(Duration::from_secs(5), || open_copy().is_ok()), "carol cannot write copy.blend after alice's blender exited");
+    let mut edit = blender(&home("carol2"));
+    edit.arg(carol.at("scene.blend")).arg("--python-expr").arg(RENAME_AND_SAVE).args(["--", "Camera", "CarolCamera"]);
+    ok(run_blender(edit, &home("carol2"), "carol's second save"), "carol's blender saving after alice's exited");
+    assert_eq!(
+        objects_in(&w.server("scene.blend"), &home("check3")),
+        "AliceCube,AliceLight,CarolCamera,Grid",
+        "the serving node's scene.blend after carol saved"
+    );
+    assert_eq!(std::fs::read(w.server("scene.blend1")).unwrap(), saved, "scene.blend1 after carol saved");
+    assert_eq!(names(&w.files), ["copy.blend", "scene.blend", "scene.blend1"], "files on the serving node");
+    eprintln!(
+        "alice's second save sent {sent} of {} bytes; lease released {released:?} after alice's blender exited; test took {:?}",
+        saved.len(),
+        start.elapsed()
+    );
+
+    // Nothing left mounted.
+    let mounts: Vec<PathBuf> = w.clients.iter().map(|c| c.mnt.clone()).collect();
+    drop(w);
+    for m in mounts {
+        assert!(!mounted(&m), "{} still mounted", m.display());
+    }
 }

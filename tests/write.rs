@@ -23,18 +23,6 @@ fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
 }
 
-/// The last push alice recorded for `path`: bytes that crossed the wire.
-fn last_push_bytes(node: &TestNode, path: &str) -> u64 {
-    let rows = node.json(&["history", "--limit", "50"]);
-    let row = rows
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["path"] == path && r["direction"] == "push" && r["role"] == "client")
-        .unwrap_or_else(|| panic!("no push of {path} in history: {rows}"));
-    row["bytes_sent"].as_u64().unwrap()
-}
-
 #[test]
 fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends_little() {
     let w = World::new("w64", &["alice"], "", |_| {});
@@ -132,7 +120,8 @@ impl Drop for App {
 
 /// The "application" of the lease tests: `open PATH` (read it, close it),
 /// `save PATH DATA` (Blender's save: write PATH@, rename PATH to PATH1,
-/// rename PATH@ to PATH), `exit`.
+/// rename PATH@ to PATH), `saveas PATH DATA` (Blender's save under a new
+/// name: write PATH@, rename it to PATH), `exit`.
 #[test]
 #[ignore]
 fn helper_process() {
@@ -151,6 +140,11 @@ fn helper_process() {
                 f.write_all(data.as_bytes())?;
                 drop(f);
                 std::fs::rename(p, format!("{p}1"))?;
+                std::fs::rename(&tmp, p)
+            })(),
+            (Some("saveas"), Some(p), Some(data)) => (|| {
+                let tmp = format!("{p}@");
+                std::fs::write(&tmp, data)?;
                 std::fs::rename(&tmp, p)
             })(),
             (Some("exit"), _, _) => return,
@@ -206,6 +200,28 @@ fn an_app_that_opened_a_blend_file_keeps_others_out_until_it_exits_and_saves_the
     assert!(wait_until(Duration::from_secs(15), || open_w().is_ok()), "carol still cannot write after the holder exited:\n{}", alice.log());
     std::fs::write(carol.at("x.blend"), b"version 3").unwrap();
     assert_eq!(std::fs::read(w.server("x.blend")).unwrap(), b"version 3");
+}
+
+/// Blender's "Save As" (and the first save of a new scene) writes `NAME@`
+/// and renames it to NAME, which the application then has open without
+/// ever having opened it: NAME used to be unleased, and another node could
+/// overwrite the scene under it.
+#[test]
+fn a_file_an_app_saved_under_a_lockable_name_is_leased_until_it_exits() {
+    let w = World::new("saveas", &["alice", "carol"], "[mount]\nlease_ttl_secs = 3\n", |_| {});
+    let (alice, carol) = (w.c(0), w.c(1));
+    let mut app = App::start();
+    assert_eq!(app.say(&format!("saveas {} version 1", alice.at("new.blend").display())), "ok");
+    assert_eq!(std::fs::read(w.server("new.blend")).unwrap(), b"version 1");
+    let open_w = || std::fs::OpenOptions::new().write(true).open(carol.at("new.blend"));
+    assert_eq!(errno_of(open_w()), Some(libc::EBUSY), "carol may write a scene alice's app has open");
+    assert_eq!(errno_of(std::fs::remove_file(carol.at("new.blend"))), Some(libc::EBUSY));
+    assert!(wait_until(Duration::from_secs(5), || carol.at(".new.blend.lock").exists()), "no .new.blend.lock on carol's mount");
+    // A rename into a name that is not lockable takes no lease.
+    assert_eq!(app.say(&format!("saveas {} notes", alice.at("notes.txt").display())), "ok");
+    std::fs::write(carol.at("notes.txt"), b"carol's").unwrap();
+    app.quit();
+    assert!(wait_until(Duration::from_secs(5), || open_w().is_ok()), "carol still cannot write after the app exited:\n{}", alice.log());
 }
 
 #[test]

@@ -263,7 +263,7 @@ impl Filesystem for Fuse {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -279,7 +279,8 @@ impl Filesystem for Fuse {
             return reply.error(Errno::EINVAL);
         }
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
-        self.rt.spawn(async move { empty(reply, vfs.rename(parent.0, &name, newparent.0, &newname, noreplace).await) });
+        let tid = req.pid();
+        self.rt.spawn(async move { empty(reply, vfs.rename(parent.0, &name, newparent.0, &newname, noreplace, tid).await) });
     }
 
     fn setattr(

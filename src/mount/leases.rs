@@ -3,7 +3,8 @@
 //!
 //! A lease is held on this node's behalf for as long as something needs
 //! it, each need being a [`Need`]:
-//! - a **process** that opened a lockable file, in any mode, for as long as
+//! - a **process** that opened a lockable file, in any mode, or renamed a
+//!   file to a lockable name (an application's "Save As"), for as long as
 //!   that process lives (checked by pid and start time, so a reused pid is
 //!   not mistaken for it);
 //! - an open **write handle**, until it is released;
@@ -122,6 +123,11 @@ impl Leases {
         }
         tracing::info!(partner = %self.remote.partner(), %share, %path, %owner, token, "lease taken");
         Ok(h.row.token)
+    }
+
+    /// Whether `need` already holds the lease on `path`.
+    pub fn holds(&self, share: &Name, path: &SharePath, need: &Need) -> bool {
+        lock(&self.held).get(&(share.clone(), path.clone())).is_some_and(|h| h.needs.contains(need))
     }
 
     /// The token of a lease this node holds that covers `path` (the path

@@ -236,6 +236,19 @@ pub fn mount_at(node: &TestNode, spec: &str, mnt: &Path, extra: &[&str]) -> Moun
     guard
 }
 
+/// Bytes that crossed the wire in the last push `node` recorded for
+/// `path` (its history, as the client).
+pub fn last_push_bytes(node: &TestNode, path: &str) -> u64 {
+    let rows = node.json(&["history", "--limit", "50"]);
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["path"] == path && r["direction"] == "push" && r["role"] == "client")
+        .unwrap_or_else(|| panic!("no push of {path} in history: {rows}"));
+    row["bytes_sent"].as_u64().unwrap()
+}
+
 /// Deterministic pseudo-random bytes (xorshift), fast and incompressible.
 pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;

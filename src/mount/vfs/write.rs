@@ -2,9 +2,10 @@
 //! and fsync, namespace changes, and the leases that protect them.
 //!
 //! - Opening a file of a share granted `write` for write takes a lease on
-//!   it for the handle's life; opening a *lockable* file in any mode takes
-//!   one for the opening process's life. A lease held by another node
-//!   makes the open fail with `EBUSY` (reads are not refused).
+//!   it for the handle's life; opening a *lockable* file in any mode, or
+//!   renaming a file to a lockable name, takes one for the process's life.
+//!   A lease held by another node makes the open fail with `EBUSY` (reads
+//!   are not refused).
 //! - Writes go to a [`Staged`] file. `flush` (every close) and `fsync`
 //!   push it: the base chunks still missing are filled in, the staging is
 //!   fsynced, committed to the write-back queue, and pushed as a delta;
@@ -154,6 +155,23 @@ impl Vfs {
             }
         }
         Ok(token)
+    }
+
+    /// Lease `path` for the life of the process of thread `tid`, as its
+    /// open of a lockable file would. Returns the need when this call added
+    /// it (to undo it if what it was for fails); None when that process
+    /// held it already or is gone.
+    async fn process_lease(&self, share: &Name, path: &SharePath, tid: u32) -> Result<Option<Need>, Errno> {
+        let pid = process_of(tid);
+        let Some(start) = process_start(pid) else { return Ok(None) };
+        let need = Need::Process { pid, start };
+        if self.leases.holds(share, path, &need) {
+            return Ok(None);
+        }
+        let owner = crate::lease::owner_name(&process_name(pid));
+        self.leases.take(share, path, &owner, need.clone()).await.map_err(|e| self.lease_errno(path, &e))?;
+        self.took_lease(share, path);
+        Ok(Some(need))
     }
 
     /// We now hold `path`: a lease another node held on it in our cached
@@ -831,9 +849,12 @@ impl Vfs {
         Ok(())
     }
 
-    pub async fn rename(&self, parent: Ino, name: &str, newparent: Ino, newname: &str, noreplace: bool) -> Result<(), Errno> {
+    /// Rename `name` to `newname`. `tid`: the calling thread; a file given
+    /// a lockable name is leased for its process's life, as if that process
+    /// had opened it.
+    pub async fn rename(&self, parent: Ino, name: &str, newparent: Ino, newname: &str, noreplace: bool, tid: u32) -> Result<(), Errno> {
         let ino = self.lookup(parent, name).await?.ino;
-        let (share, from, _) = self.node_key(ino)?;
+        let (share, from, kind) = self.node_key(ino)?;
         let share = self.check_writable(&share)?;
         let (nshare, nppath, nkind) = self.node_key(newparent)?;
         if nkind != Kind::Dir {
@@ -854,10 +875,20 @@ impl Vfs {
             }
             self.settle(target.ino).await?;
         }
-        self.remote
-            .call_done(Request::Rename { share: share.clone(), from: from.clone(), to: to.clone(), replace: !noreplace })
-            .await
-            .map_err(|e| self.remote_errno("rename", &from, e))?;
+        // Saving under a new name (Blender's "Save As", the first save of a
+        // new scene: `x.blend@` renamed to `x.blend`) leaves the saving
+        // process with a file it never opened: without this it would be
+        // unleased while the application has it open. Taken before the
+        // rename, so no other node can lease the new name in between.
+        let lease = if kind == Kind::File && self.lockable(&share, &to).await { self.process_lease(&share, &to, tid).await? } else { None };
+        if let Err(e) =
+            self.remote.call_done(Request::Rename { share: share.clone(), from: from.clone(), to: to.clone(), replace: !noreplace }).await
+        {
+            if let Some(need) = lease {
+                self.leases.done(&share, &to, &need);
+            }
+            return Err(self.remote_errno("rename", &from, e));
+        }
         if let Err(e) = self.writeback.rename(self.remote.partner(), &share, &from, &to) {
             tracing::warn!("{e}");
         }
