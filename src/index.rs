@@ -62,7 +62,9 @@ impl IndexError {
     /// The file was not there (removed or renamed while it was looked at).
     pub fn is_not_found(&self) -> bool {
         match self {
-            IndexError::Io { source, .. } | IndexError::Chunk(ChunkError::Io { source, .. }) => source.kind() == std::io::ErrorKind::NotFound,
+            IndexError::Io { source, .. } | IndexError::Chunk(ChunkError::Io { source, .. }) => {
+                source.kind() == std::io::ErrorKind::NotFound
+            }
             _ => false,
         }
     }

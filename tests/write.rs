@@ -436,6 +436,34 @@ fn conflicts_of_one_file_in_the_same_second_each_get_a_copy() {
     assert_eq!(std::fs::read(w.server("notes.txt")).unwrap(), b"bob's local edit 2\n");
 }
 
+/// After a conflict, more writes through the same descriptor went back
+/// with no base, and replaced the partner's version without a word; so
+/// did an open that came before the conflicting handle's release was done.
+#[test]
+fn writes_after_a_conflict_through_the_same_descriptor_never_replace_the_partners_version() {
+    let w = World::new("conflict-after", &["alice"], "", |dir| {
+        std::fs::write(dir.join("notes.txt"), b"base\n").unwrap();
+    });
+    let a = w.c(0);
+    assert_eq!(std::fs::read(a.at("notes.txt")).unwrap(), b"base\n");
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(a.at("notes.txt")).unwrap();
+    f.write_all(b"alice 1\n").unwrap();
+    std::fs::write(w.server("notes.txt"), b"bob's local edit\n").unwrap();
+    f.sync_all().unwrap();
+    f.write_all(b"alice 2\n").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(w.server("notes.txt")).unwrap(), b"bob's local edit\n", "bob's version was replaced\n{}", a.log());
+    let mut copies: Vec<Vec<u8>> = std::fs::read_dir(&w.files)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("notes (conflict alice "))
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    copies.sort();
+    assert_eq!(copies, vec![b"alice 1\n".to_vec(), b"alice 1\nalice 2\n".to_vec()]);
+}
+
 /// A file created through the mount whose push ended as a conflict copy
 /// (the partner made the same name meanwhile) stayed listed in the mount
 /// for good once the partner removed the name: it was still marked as

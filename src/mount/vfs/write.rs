@@ -528,8 +528,13 @@ impl Vfs {
                 }
                 Outcome::Conflict { copy, .. } => {
                     tracing::warn!(partner = %self.remote.partner(), %share, %path, %copy, "the partner's version changed meanwhile: this change was saved as {copy}");
-                    // This file now shows the partner's version again.
-                    st.expect = Base::Any;
+                    // This staging's content is the conflict copy's now,
+                    // not a change of the partner's version: a later push
+                    // of it (a handle still open, or an open that comes
+                    // before this handle's release is done) must not
+                    // replace the partner's version either, so its base is
+                    // what it holds, which the partner's file is not.
+                    st.expect = Base::Version(manifest.file_hash);
                     drop(st);
                     // A file created here is no longer ours to show: the
                     // partner's listing says whether the name exists.
