@@ -19,6 +19,14 @@ use std::time::{Duration, Instant};
 
 const MIB: usize = 1024 * 1024;
 
+/// access(path, W_OK): None when allowed, else the errno.
+fn access_w(path: &Path) -> Option<i32> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; access(2) only reads it.
+    let r = unsafe { libc::access(c.as_ptr(), libc::W_OK) };
+    (r != 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
 }
@@ -183,6 +191,11 @@ fn an_app_that_opened_a_blend_file_keeps_others_out_until_it_exits_and_saves_the
         "x.blend is shown writable on carol's mount: {:?}",
         std::fs::metadata(carol.at("x.blend")).map(|m| m.permissions().mode())
     );
+    // access(W_OK), which applications check before they save, agrees.
+    assert_eq!(access_w(&carol.at("x.blend")), Some(libc::EACCES));
+    assert_eq!(access_w(&carol.at(".x.blend.lock")), Some(libc::EACCES));
+    assert_eq!(access_w(&alice.at("x.blend")), None, "the holder may write");
+    assert_eq!(access_w(&carol.mnt), None, "the share's root");
     // Carol cannot clobber the holder's temp file or backup either.
     let tmp = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(carol.at("x.blend@"));
     assert_eq!(errno_of(tmp), Some(libc::EBUSY));
@@ -194,10 +207,15 @@ fn an_app_that_opened_a_blend_file_keeps_others_out_until_it_exits_and_saves_the
     assert_eq!(std::fs::read(w.server("x.blend")).unwrap(), b"version 2");
     assert_eq!(std::fs::read(w.server("x.blend1")).unwrap(), b"version 1");
     assert!(!w.server("x.blend@").exists());
+    assert!(
+        wait_until(Duration::from_secs(5), || access_w(&carol.at("x.blend1")) == Some(libc::EACCES)),
+        "the backup beside it is covered too"
+    );
 
     // The process exits: carol may write.
     app.quit();
     assert!(wait_until(Duration::from_secs(15), || open_w().is_ok()), "carol still cannot write after the holder exited:\n{}", alice.log());
+    assert_eq!(access_w(&carol.at("x.blend")), None);
     std::fs::write(carol.at("x.blend"), b"version 3").unwrap();
     assert_eq!(std::fs::read(w.server("x.blend")).unwrap(), b"version 3");
 }

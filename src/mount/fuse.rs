@@ -380,11 +380,15 @@ impl Filesystem for Fuse {
         reply.statfs(blocks, free, free, 0, 0, bsize as u32, 255, bsize as u32);
     }
 
-    fn access(&self, _req: &Request, _ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        if mask.contains(fuser::AccessFlags::W_OK) && self.vfs.read_only() {
+    fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        if !mask.contains(fuser::AccessFlags::W_OK) {
+            return reply.ok();
+        }
+        if self.vfs.read_only() {
             return reply.error(Errno::EROFS);
         }
-        reply.ok();
+        let vfs = self.vfs.clone();
+        self.rt.spawn(async move { empty(reply, vfs.may_write(ino.0).await) });
     }
 }
 

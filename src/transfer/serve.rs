@@ -681,7 +681,10 @@ impl Session {
         if chunks.iter().any(|i| i as usize >= count) {
             return Err(err(ErrorCode::BadRequest, format!("the file has {count} chunks")));
         }
-        let file = Arc::new(std::fs::File::open(&real).map_err(|e| err(ErrorCode::Internal, e.to_string()))?);
+        let file = Arc::new(std::fs::File::open(&real).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => err(ErrorCode::NotFound, format!("{} was removed or renamed just now", outgoing.path)),
+            _ => err(ErrorCode::Internal, e.to_string()),
+        })?);
         let session = self.clone();
         tokio::spawn(async move {
             for index in chunks.iter() {
@@ -707,7 +710,13 @@ impl Session {
         })
         .await
         .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?;
+        .map_err(|e| match e.kind() {
+            // Shortened in place since the manifest was made.
+            std::io::ErrorKind::UnexpectedEof => {
+                err(ErrorCode::Stale, format!("{} changed during the transfer (it is shorter now); run it again", outgoing.path))
+            }
+            _ => err(ErrorCode::Internal, e.to_string()),
+        })?;
         let mut data = data;
         if crate::hash::Hash::of(&data) != chunk.hash {
             return Err(err(ErrorCode::Stale, format!("{} changed during the transfer (chunk {index}); run it again", outgoing.path)));

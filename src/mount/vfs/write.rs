@@ -56,6 +56,34 @@ impl Vfs {
         }
     }
 
+    /// access(2) with W_OK: whether a write open of `ino` could succeed
+    /// now. EROFS on a share we may not write, EACCES on a `.NAME.lock`
+    /// entry or a path another node holds a lease on (applications check
+    /// this before they save, and say so, rather than fail midway).
+    pub async fn may_write(&self, ino: Ino) -> Result<(), Errno> {
+        let (share, path, kind) = self.node_key(ino)?;
+        let share = match (share, kind) {
+            // An all-shares root: nothing can be made in it.
+            (None, _) => return Err(Errno::EACCES),
+            (s, _) => self.check_writable(&s)?,
+        };
+        if lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some()) {
+            return Err(Errno::EACCES);
+        }
+        if kind == Kind::Dir {
+            return Ok(());
+        }
+        let names = crate::lease::covering_names(&path);
+        let held_elsewhere = match self.share_leases(&share).await {
+            Some((_, leases)) => leases.iter().any(|l| l.holder != self.config.me && names.contains(&l.path)),
+            None => false,
+        };
+        if held_elsewhere {
+            return Err(Errno::EACCES);
+        }
+        Ok(())
+    }
+
     /// The share's leases and lockable patterns, refreshed like listings.
     async fn share_leases(&self, share: &Name) -> Option<(Vec<crate::glob::Glob>, Vec<crate::proto::LeaseRow>)> {
         if let Some(sl) = lock(&self.share_leases).get(share) {
