@@ -525,7 +525,12 @@ impl Session {
         let node = self.node.clone();
         let m = manifest.clone();
         let (p2, t2) = (path.clone(), target.clone());
-        let prepared = tokio::task::spawn_blocking(move || {
+        // A small push, next to a small or no current version, is made
+        // ready here: a hand-off to the blocking pool and back costs more
+        // than creating its temp file (tar x pushes thousands in a row).
+        let len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let touched = size.saturating_add(len(&target)).saturating_add(sibling.as_deref().map_or(0, len));
+        let prepared = crate::transfer::blocking_io(touched, move || {
             let params = &node.config.storage.chunk;
             let current = if t2.is_file() { crate::index::manifest_for(&node.db, &t2, params).ok() } else { None };
             check_base(&p2, base, current.as_ref().map(|c| c.file_hash), t2.exists())?;
