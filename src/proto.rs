@@ -63,6 +63,9 @@ pub enum Capability {
     Compress,
     Lock,
     Sync,
+    /// A small push's chunks may follow BEGIN_TRANSFER without waiting for
+    /// TRANSFER_ACCEPTED (PROTOCOL.md 8.3).
+    Eager,
 }
 
 /// One manifest line: `CHUNK <index> <offset> <size> <hash>`.

@@ -69,9 +69,12 @@ pub enum Outcome {
 
 /// Names of the spare staging files (see `Writeback::spare`): made again
 /// in batches of `SPARE_BATCH` when fewer than `SPARE_LOW` are left.
+/// Staging files done with go back to the pool ([`Writeback::recycle`])
+/// while it holds fewer than `SPARE_MAX`.
 const SPARE_PREFIX: &str = "spare-";
 const SPARE_LOW: usize = 8;
 const SPARE_BATCH: usize = 32;
+const SPARE_MAX: usize = 64;
 
 pub struct Writeback {
     node: Arc<Node>,
@@ -210,7 +213,7 @@ impl Writeback {
         let hex: String = manifest.file_hash.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
         let kept = self.dir.join(format!("kept-{hex}.data"));
         if std::fs::rename(data, &kept).is_err() {
-            let _ = std::fs::remove_file(data);
+            self.recycle(data);
             return;
         }
         let mut all = lock(&self.kept);
@@ -218,7 +221,24 @@ impl Writeback {
         all.push_back(Kept { data: kept, manifest });
         while all.len() > KEPT_FILES || all.iter().map(|k| k.manifest.size).sum::<u64>() > KEPT_BYTES {
             let Some(old) = all.pop_front() else { break };
-            let _ = std::fs::remove_file(&old.data);
+            self.recycle(&old.data);
+        }
+    }
+
+    /// Done with staging file `data`: emptied and put back in the spare
+    /// pool rather than deleted, while the pool has room. A `tar x` into a
+    /// mount stages one file per file it makes; deleting each and creating
+    /// the next costs more than the file's push on ext4 without a journal,
+    /// which skips every inode freed in the last minute when it allocates
+    /// one (PERFORMANCE.md, "What limits deftfs (write path)").
+    pub fn recycle(&self, data: &Path) {
+        let room = lock(&self.spare).len() < SPARE_MAX;
+        let spare = self.fresh_path(SPARE_PREFIX);
+        let emptied = room && std::fs::OpenOptions::new().write(true).open(data).and_then(|f| f.set_len(0)).is_ok();
+        if emptied && std::fs::rename(data, &spare).is_ok() {
+            lock(&self.spare).push(spare);
+        } else {
+            let _ = std::fs::remove_file(data);
         }
     }
 

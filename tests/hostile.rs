@@ -547,6 +547,67 @@ fn lying_pushes_are_refused_or_nacked_and_never_assembled() {
     lab.still_serves("pushes left open");
 }
 
+/// EAGER (PROTOCOL.md 8.3): chunks sent before their BEGIN_TRANSFER is
+/// even read wait for it, and their acknowledgements never overtake its
+/// answer; chunks of a push that is refused, that needed nothing, or that
+/// never begins are dropped without a word on the control stream.
+#[test]
+fn eager_chunks_wait_for_their_push_and_stray_ones_are_dropped_silently() {
+    let mut lab = Lab::new("hostile-eager");
+    let up = Upload::new(&[3000, 2000], 11);
+    let mut raw = lab.connect();
+    lab.rt.block_on(async {
+        raw.send("DEFT HELLO 1.0 CHUNKED,PARALLEL,RESUME,EAGER WINDOW_SIZE:64\r\n").await;
+        match raw.next().await {
+            Response::Welcome { caps, .. } => assert!(caps.contains(&deftfs::proto::Capability::Eager), "{caps:?}"),
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+        raw.send("DEFT AUTH mallory\r\n").await;
+        assert!(matches!(raw.next().await, Response::AuthOk { .. }));
+        // The chunks first, then, a moment later, their BEGIN_TRANSFER.
+        for i in 0..2u32 {
+            raw.put("t-eager", i, up.chunks[i as usize].len, up.chunks[i as usize].hash, up.bytes(i as usize), true).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        raw.send(&up.begin("t-eager", "inbox", "eager.bin")).await;
+        match raw.next().await {
+            Response::TransferAccepted { need, .. } => assert_eq!(need.len(), 2),
+            other => panic!("the answer to BEGIN_TRANSFER must come first, got {other:?}"),
+        }
+        let mut acked = 0;
+        loop {
+            match raw.next().await {
+                Response::ChunkAck { status: AckStatus::Ok, .. } => acked += 1,
+                Response::ChunkAckBatch { chunks, .. } => acked += chunks.len(),
+                Response::TransferComplete(c) => {
+                    assert_eq!(c.file_hash, up.file_hash());
+                    break;
+                }
+                other => panic!("completing t-eager: {other:?}"),
+            }
+        }
+        assert_eq!(acked, 2);
+        // The same file again: nothing is needed, the chunks are stray.
+        raw.send(&up.begin("t-again", "inbox", "eager.bin")).await;
+        for i in 0..2u32 {
+            raw.put("t-again", i, up.chunks[i as usize].len, up.chunks[i as usize].hash, up.bytes(i as usize), true).await;
+        }
+        assert!(matches!(raw.next().await, Response::TransferAccepted { need, .. } if need.is_empty()));
+        assert!(matches!(raw.next().await, Response::TransferComplete(_)));
+        // A refused push, and chunks of a push that never begins.
+        raw.send(&up.begin("t-refused", "nosuch", "eager.bin")).await;
+        raw.put("t-refused", 0, up.chunks[0].len, up.chunks[0].hash, up.bytes(0), true).await;
+        assert!(matches!(raw.next().await, Response::Error { code: ErrorCode::UnknownShare, .. }));
+        raw.put("t-never", 0, up.chunks[0].len, up.chunks[0].hash, up.bytes(0), true).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        raw.send("DEFT DISCOVER\r\n").await;
+        assert!(matches!(raw.next().await, Response::Files(_)), "no word about the stray chunks");
+    });
+    assert_eq!(std::fs::read(lab.inbox.join("eager.bin")).unwrap(), up.data);
+    assert!(temp_files(&lab.inbox).is_empty(), "{:?}", temp_files(&lab.inbox));
+    lab.still_serves("eager chunks");
+}
+
 #[test]
 fn symlinks_out_of_a_share_are_never_followed_for_reading_or_writing() {
     let mut lab = Lab::new("hostile-links");

@@ -3,6 +3,13 @@
 //! read waiting on the network never blocks `ls`, `stat` or a read of a
 //! cached file. No policy lives here: attributes, errors and content all
 //! come from the vfs.
+//!
+//! The calls of the write path ([`Fuse::run`]) are first tried on the FUSE
+//! thread itself and go to the runtime only if they have to wait: a write
+//! to a staged file, a cached lookup or a `utimens` kept for the push
+//! answer without waking a worker (a `tar x` makes about six calls a file,
+//! and on a busy machine each hand-off between threads costs more than
+//! the call).
 
 use super::vfs::{Attr, Inval, Kind, OpenMode, Vfs};
 use fuser::{
@@ -34,6 +41,22 @@ pub struct Fuse {
     gid: u32,
     dirs: DirHandles,
     next_dir: AtomicU64,
+}
+
+impl Fuse {
+    /// Poll `call` once here, on the FUSE thread, within the runtime's
+    /// context; if it has to wait (the network, a lock, the blocking
+    /// pool), the runtime polls it from then on. Every future polled with
+    /// a waker keeps the latest one, so the first poll's no-op waker is
+    /// never the one woken.
+    fn run(&self, call: impl std::future::Future<Output = ()> + Send + 'static) {
+        let _runtime = self.rt.enter();
+        let mut call = Box::pin(call);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if call.as_mut().poll(&mut cx).is_pending() {
+            self.rt.spawn(call);
+        }
+    }
 }
 
 fn errno(e: super::errno::Errno) -> Errno {
@@ -106,7 +129,7 @@ impl Filesystem for Fuse {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
         let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::ENOENT) };
-        self.rt.spawn(async move {
+        self.run(async move {
             match vfs.lookup(parent.0, &name).await {
                 Ok(a) => {
                     vfs.shown(a.ino, a.size);
@@ -122,7 +145,7 @@ impl Filesystem for Fuse {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
-        self.rt.spawn(async move {
+        self.run(async move {
             match vfs.getattr(ino.0).await {
                 Ok(a) => {
                     vfs.shown(a.ino, a.size);
@@ -177,7 +200,7 @@ impl Filesystem for Fuse {
         if let Some(ino) = self.vfs.release(fh.0) {
             // Changes no close pushed (a truncating open, nothing written).
             let vfs = self.vfs.clone();
-            self.rt.spawn(async move {
+            self.run(async move {
                 // close() has returned: make it durable before it goes.
                 if let Err(e) = vfs.push_durable(ino).await {
                     tracing::warn!(ino, "write-back at release failed: {e:?}");
@@ -190,12 +213,12 @@ impl Filesystem for Fuse {
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         let vfs = self.vfs.clone();
-        self.rt.spawn(async move { empty(reply, vfs.flush(fh.0).await) });
+        self.run(async move { empty(reply, vfs.flush(fh.0).await) });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let vfs = self.vfs.clone();
-        self.rt.spawn(async move { empty(reply, vfs.fsync(fh.0).await) });
+        self.run(async move { empty(reply, vfs.fsync(fh.0).await) });
     }
 
     fn write(
@@ -212,7 +235,7 @@ impl Filesystem for Fuse {
     ) {
         let vfs = self.vfs.clone();
         let data = data.to_vec();
-        self.rt.spawn(async move {
+        self.run(async move {
             match vfs.write(fh.0, offset, &data).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(e)),
@@ -224,7 +247,7 @@ impl Filesystem for Fuse {
         let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
         let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::EINVAL) };
         let open = open_mode(req, flags, true);
-        self.rt.spawn(async move {
+        self.run(async move {
             match vfs.create(parent.0, &name, mode & !umask, open).await {
                 Ok((a, fh)) => {
                     vfs.shown(a.ino, a.size);
@@ -238,7 +261,7 @@ impl Filesystem for Fuse {
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
         let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::EINVAL) };
-        self.rt.spawn(async move {
+        self.run(async move {
             match vfs.mkdir(parent.0, &name, mode & !umask).await {
                 Ok(a) => {
                     vfs.shown(a.ino, a.size);
@@ -252,13 +275,13 @@ impl Filesystem for Fuse {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let vfs = self.vfs.clone();
         let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::ENOENT) };
-        self.rt.spawn(async move { empty(reply, vfs.unlink(parent.0, &name).await) });
+        self.run(async move { empty(reply, vfs.unlink(parent.0, &name).await) });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let vfs = self.vfs.clone();
         let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::ENOENT) };
-        self.rt.spawn(async move { empty(reply, vfs.rmdir(parent.0, &name).await) });
+        self.run(async move { empty(reply, vfs.rmdir(parent.0, &name).await) });
     }
 
     fn rename(
@@ -280,7 +303,7 @@ impl Filesystem for Fuse {
         }
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         let tid = req.pid();
-        self.rt.spawn(async move { empty(reply, vfs.rename(parent.0, &name, newparent.0, &newname, noreplace, tid).await) });
+        self.run(async move { empty(reply, vfs.rename(parent.0, &name, newparent.0, &newname, noreplace, tid).await) });
     }
 
     fn setattr(
@@ -310,7 +333,7 @@ impl Filesystem for Fuse {
             crate::time::Timestamp::from_system(t).0
         });
         let tid = req.pid();
-        self.rt.spawn(async move {
+        self.run(async move {
             match vfs.setattr(ino.0, mode.map(|m| m & 0o7777), size, mtime_ns, fh.map(|f| f.0), tid).await {
                 Ok(a) => {
                     vfs.shown(a.ino, a.size);
@@ -388,7 +411,7 @@ impl Filesystem for Fuse {
             return reply.error(Errno::EROFS);
         }
         let vfs = self.vfs.clone();
-        self.rt.spawn(async move { empty(reply, vfs.may_write(ino.0).await) });
+        self.run(async move { empty(reply, vfs.may_write(ino.0).await) });
     }
 }
 

@@ -362,8 +362,15 @@ impl std::str::FromStr for ErrorCode {
 }
 
 impl Capability {
-    pub const ALL: [Capability; 6] =
-        [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Compress, Capability::Lock, Capability::Sync];
+    pub const ALL: [Capability; 7] = [
+        Capability::Chunked,
+        Capability::Parallel,
+        Capability::Resume,
+        Capability::Compress,
+        Capability::Lock,
+        Capability::Sync,
+        Capability::Eager,
+    ];
 
     /// Upper-case wire form, e.g. `CHUNKED`.
     pub fn as_str(&self) -> &'static str {
@@ -374,6 +381,7 @@ impl Capability {
             Capability::Compress => "COMPRESS",
             Capability::Lock => "LOCK",
             Capability::Sync => "SYNC",
+            Capability::Eager => "EAGER",
         }
     }
 }

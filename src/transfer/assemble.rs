@@ -402,12 +402,14 @@ impl Assembly {
         if missing > 0 {
             return Err(AssembleError::Incomplete { path: self.target.clone(), missing });
         }
-        self.file.sync_all().map_err(io(&self.temp))?;
+        // Mode and mtime first: the one fsync then makes them durable with
+        // the content (set after it, they could be lost with the power).
         let mode = mode.or_else(|| std::fs::metadata(&self.target).ok().map(|m| m.permissions().mode() & 0o7777)).unwrap_or(0o644);
         self.file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777)).map_err(io(&self.temp))?;
         if let Some(ns) = mtime_ns {
             self.file.set_modified(crate::time::Timestamp(ns).to_system()).map_err(io(&self.temp))?;
         }
+        self.file.sync_all().map_err(io(&self.temp))?;
         if let Ok(meta) = self.file.metadata() {
             let _ = self.finished.set(meta);
         }

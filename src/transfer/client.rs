@@ -27,6 +27,9 @@ pub struct Session {
     responses: mpsc::Receiver<Result<Response, TransportError>>,
     peer_cert: Vec<u8>,
     window: u32,
+    /// Both sides named EAGER: a small push's chunks may go with its
+    /// BEGIN_TRANSFER (PROTOCOL.md 8.3).
+    eager: bool,
     /// Shares the partner grants us, from AUTH_OK.
     pub shares: Vec<Name>,
     _endpoint: Endpoint,
@@ -51,7 +54,14 @@ impl Default for PushOptions {
     }
 }
 
-const OUR_CAPS: [Capability; 3] = [Capability::Chunked, Capability::Parallel, Capability::Resume];
+const OUR_CAPS: [Capability; 4] = [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Eager];
+
+/// A file this small has its chunks sent right behind its BEGIN_TRANSFER
+/// (when the partner named EAGER): a `tar x` pushes thousands of such
+/// files one after the other, and waiting for NEED cost each a round
+/// trip. The limit is PROTOCOL.md 8.3's: what the partner turns out to
+/// have already, or a push it refuses, wastes at most this much.
+pub const EAGER_MAX_BYTES: u64 = 256 * 1024;
 
 impl Session {
     pub async fn open(node: Arc<Node>, partner_id: &str) -> Result<Session, TransferError> {
@@ -70,7 +80,8 @@ impl Session {
                 }
             }
         });
-        let mut session = Session { node, partner, conn, send, responses, peer_cert, window: 1, shares: Vec::new(), _endpoint: endpoint };
+        let mut session =
+            Session { node, partner, conn, send, responses, peer_cert, window: 1, eager: false, shares: Vec::new(), _endpoint: endpoint };
         match session.handshake().await {
             Ok(()) => Ok(session),
             // TLS 1.3 lets the client finish its handshake before the server
@@ -89,7 +100,10 @@ impl Session {
         let hello =
             Request::Hello { version: proto::VERSION.to_string(), caps: OUR_CAPS.to_vec(), window: session.node.config.storage.window };
         match session.request(&hello).await? {
-            Response::Welcome { window, .. } => session.window = window.clamp(1, session.node.config.storage.window.max(1)),
+            Response::Welcome { window, caps, .. } => {
+                session.window = window.clamp(1, session.node.config.storage.window.max(1));
+                session.eager = caps.contains(&Capability::Eager);
+            }
             other => return Err(session.unexpected(&other)),
         }
         let auth = Request::Auth { partner: session.node.config.node.name.clone() };
@@ -240,7 +254,59 @@ impl Session {
             mtime_ns,
             chunks: manifest_to_lines(&manifest),
         };
-        let (window_size, need) = match self.request(&begin).await? {
+        let source = Arc::new(source);
+        // Chunks not in the page cache are read past it (see crate::direct).
+        let direct = Arc::new(crate::direct::open_direct_read(file));
+        let mut senders = tokio::task::JoinSet::new();
+        let mut bytes_sent = 0u64;
+        let mut chunks_sent = 0u32;
+        let mut corrupted_once = false;
+        let mut stalled = false;
+        let conn = self.conn.clone();
+        let mut send_chunk = |senders: &mut tokio::task::JoinSet<Result<(), String>>, index: u32| {
+            let Some(chunk) = manifest.chunks.get(index as usize).copied() else { return false };
+            let corrupt = fault::corrupt_chunk() == Some(index) && !corrupted_once;
+            corrupted_once |= corrupt;
+            bytes_sent += chunk.len as u64;
+            chunks_sent += 1;
+            let conn = conn.clone();
+            let (source, direct) = (source.clone(), direct.clone());
+            let header = DataHeader::Put { transfer_id: transfer_id.clone(), index, size: chunk.len, hash: chunk.hash };
+            senders.spawn(async move {
+                let mut data = crate::transfer::blocking_io(u64::from(chunk.len), move || {
+                    crate::direct::Landing::read(&source, direct.as_ref().as_ref(), chunk.offset, chunk.len as usize)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("reading chunk {index}: {e}"))?;
+                if corrupt {
+                    if let Some(b) = data.bytes_mut().first_mut() {
+                        *b ^= 0xff;
+                    }
+                }
+                let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+                stream.write_all(header.encode().as_bytes()).await.map_err(|e| e.to_string())?;
+                // Handed over, not copied into the stream's buffer.
+                stream.write_chunk(bytes::Bytes::from_owner(data)).await.map_err(|e| e.to_string())?;
+                stream.finish().map_err(|e| e.to_string())?;
+                Ok::<(), String>(())
+            });
+            true
+        };
+        // A small file's chunks go right behind BEGIN_TRANSFER (EAGER),
+        // within the session's window: its NEED is then only a formality.
+        let eager = self.eager
+            && manifest.size <= EAGER_MAX_BYTES
+            && manifest.chunks.len() <= self.window as usize
+            && fault::stall_after_chunks().is_none();
+        self.send(&begin).await?;
+        let early_at = Instant::now();
+        let early: Vec<u32> =
+            if eager { (0..manifest.chunks.len() as u32).filter(|&i| send_chunk(&mut senders, i)).collect() } else { Vec::new() };
+        let accepted = tokio::time::timeout(Duration::from_secs(60), self.next())
+            .await
+            .map_err(|_| TransferError::from(TransportError::Timeout))??;
+        let (window_size, need) = match accepted {
             Response::TransferAccepted { window, need, .. } => (window, need),
             other => return Err(self.unexpected(&other)),
         };
@@ -251,14 +317,9 @@ impl Session {
             Duration::from_secs(storage.chunk_timeout_secs),
             storage.max_retries,
         );
-        let source = Arc::new(source);
-        // Chunks not in the page cache are read past it (see crate::direct).
-        let direct = Arc::new(crate::direct::open_direct_read(file));
-        let mut senders = tokio::task::JoinSet::new();
-        let mut bytes_sent = 0u64;
-        let mut chunks_sent = 0u32;
-        let mut corrupted_once = false;
-        let mut stalled = false;
+        for index in early {
+            window.sent_early(index, early_at);
+        }
         let need_bytes: u64 = need.iter().filter_map(|i| manifest.chunks.get(i as usize)).map(|c| c.len as u64).sum();
         let already = manifest.size.saturating_sub(need_bytes);
         let mut acked_bytes = 0u64;
@@ -270,33 +331,9 @@ impl Session {
                 eprintln!("stalled");
             }
             while let Some(index) = if stall { None } else { window.next_to_send(Instant::now()) } {
-                let Some(chunk) = manifest.chunks.get(index as usize).copied() else { break };
-                let corrupt = fault::corrupt_chunk() == Some(index) && !corrupted_once;
-                corrupted_once |= corrupt;
-                bytes_sent += chunk.len as u64;
-                chunks_sent += 1;
-                let conn = self.conn.clone();
-                let (source, direct) = (source.clone(), direct.clone());
-                let header = DataHeader::Put { transfer_id: transfer_id.clone(), index, size: chunk.len, hash: chunk.hash };
-                senders.spawn(async move {
-                    let mut data = crate::transfer::blocking_io(u64::from(chunk.len), move || {
-                        crate::direct::Landing::read(&source, direct.as_ref().as_ref(), chunk.offset, chunk.len as usize)
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("reading chunk {index}: {e}"))?;
-                    if corrupt {
-                        if let Some(b) = data.bytes_mut().first_mut() {
-                            *b ^= 0xff;
-                        }
-                    }
-                    let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
-                    stream.write_all(header.encode().as_bytes()).await.map_err(|e| e.to_string())?;
-                    // Handed over, not copied into the stream's buffer.
-                    stream.write_chunk(bytes::Bytes::from_owner(data)).await.map_err(|e| e.to_string())?;
-                    stream.finish().map_err(|e| e.to_string())?;
-                    Ok::<(), String>(())
-                });
+                if !send_chunk(&mut senders, index) {
+                    break;
+                }
             }
             let deadline = window
                 .next_deadline()

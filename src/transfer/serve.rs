@@ -32,7 +32,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
-const SERVER_CAPS: [Capability; 3] = [Capability::Chunked, Capability::Parallel, Capability::Resume];
+const SERVER_CAPS: [Capability; 4] = [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Eager];
+
+/// How long a chunk stream that names a push not begun yet waits for its
+/// BEGIN_TRANSFER (EAGER, PROTOCOL.md 8.3): the two travel on different
+/// streams and may be read in either order.
+const EAGER_WAIT: Duration = Duration::from_secs(10);
+
+/// Transfer ids whose BEGIN_TRANSFER a session remembers having answered.
+const SETTLED_IDS: usize = 256;
 
 /// A push being received.
 struct Incoming {
@@ -139,6 +147,13 @@ struct Session {
     receive_permits: Arc<Semaphore>,
     /// Tasks forwarding CHANGED lines of watched shares.
     watches: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Both sides named EAGER in HELLO and WELCOME.
+    eager: std::sync::atomic::AtomicBool,
+    /// With EAGER: the latest pushes whose BEGIN_TRANSFER was answered
+    /// (accepted, refused or completed at once), and a wake-up for chunk
+    /// streams that arrived first (see [`Session::settled`]).
+    settled: Mutex<std::collections::VecDeque<Name>>,
+    settled_now: tokio::sync::Notify,
 }
 
 /// Where a session is in its opening (PROTOCOL.md 5.1, 5.2): HELLO once,
@@ -216,6 +231,9 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection, partner: Name, peer
         send_permits: Arc::new(Semaphore::new(window as usize)),
         receive_permits: Arc::new(Semaphore::new(RECEIVE_BUDGET / RECEIVE_UNIT)),
         watches: Mutex::new(Vec::new()),
+        eager: Default::default(),
+        settled: Default::default(),
+        settled_now: tokio::sync::Notify::new(),
     });
     let puts = tokio::spawn(accept_puts(session.clone()));
     let mut phase = Phase::Start;
@@ -349,7 +367,8 @@ impl Session {
                 if version.split('.').next() != proto::VERSION.split('.').next() {
                     return Some(err(ErrorCode::UnsupportedVersion, format!("this node speaks DEFT {}", proto::VERSION)));
                 }
-                let caps = SERVER_CAPS.iter().copied().filter(|c| caps.contains(c)).collect();
+                let caps: Vec<Capability> = SERVER_CAPS.iter().copied().filter(|c| caps.contains(c)).collect();
+                self.eager.store(caps.contains(&Capability::Eager), Ordering::SeqCst);
                 let session = super::new_transfer_id();
                 *phase = Phase::Greeted;
                 Some(Response::Welcome { version: proto::VERSION.into(), caps, window: window.clamp(1, self.window), session })
@@ -396,10 +415,20 @@ impl Session {
                     .unwrap_or_else(|e| e),
             ),
             Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks } => {
+                let id = transfer_id.clone();
                 let push = Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks };
-                match self.clone().begin(push).await {
-                    Ok(r) | Err(r) => Some(r),
+                let answer = match self.clone().begin(push).await {
+                    Ok(r) | Err(r) => r,
+                };
+                if !self.eager.load(Ordering::SeqCst) {
+                    return Some(answer);
                 }
+                // Chunks that came with the BEGIN_TRANSFER wait until its
+                // answer is on its way: their acknowledgements must not
+                // overtake it.
+                let _ = self.tx.send(answer).await;
+                self.settle(id);
+                None
             }
             Request::Mkdir { share, path, mode } => Some(self.mkdir(&share, &path, mode).unwrap_or_else(|e| e)),
             Request::Remove { share, path, kind } => Some(self.remove(&share, &path, kind).unwrap_or_else(|e| e)),
@@ -501,7 +530,12 @@ impl Session {
         let node = self.node.clone();
         let m = manifest.clone();
         let (p2, t2) = (path.clone(), target.clone());
-        let prepared = tokio::task::spawn_blocking(move || {
+        // A small push, next to a small or no current version, is made
+        // ready here: a hand-off to the blocking pool and back costs more
+        // than creating its temp file (tar x pushes thousands in a row).
+        let len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let touched = size.saturating_add(len(&target)).saturating_add(sibling.as_deref().map_or(0, len));
+        let prepared = crate::transfer::blocking_io(touched, move || {
             let params = &node.config.storage.chunk;
             let current = if t2.is_file() { crate::index::manifest_for(&node.db, &t2, params).ok() } else { None };
             check_base(&p2, base, current.as_ref().map(|c| c.file_hash), t2.exists())?;
@@ -542,6 +576,35 @@ impl Session {
             return Ok(self.complete_push(&transfer_id, &incoming).await);
         }
         Ok(accepted)
+    }
+
+    /// The BEGIN_TRANSFER of push `id` is answered: its chunks that came
+    /// first may go on.
+    fn settle(&self, id: Name) {
+        let mut settled = lock(&self.settled);
+        if settled.len() >= SETTLED_IDS {
+            settled.pop_front();
+        }
+        settled.push_back(id);
+        drop(settled);
+        self.settled_now.notify_waiters();
+    }
+
+    /// With EAGER, wait (at most [`EAGER_WAIT`]) until the BEGIN_TRANSFER
+    /// of push `id` is answered. False if it never was.
+    async fn settled(&self, id: &Name) -> bool {
+        let deadline = tokio::time::Instant::now() + EAGER_WAIT;
+        loop {
+            let wake = self.settled_now.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if lock(&self.settled).contains(id) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, wake).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// All chunks of a push are in: make the file durable, sign, record.
@@ -967,7 +1030,17 @@ impl Session {
             let _ = self.tx.send(err(ErrorCode::BadRequest, "expected a PUT chunk stream")).await;
             return;
         };
+        let eager = self.eager.load(Ordering::SeqCst);
+        if eager && !self.settled(&transfer_id).await {
+            tracing::debug!(partner = %self.partner, %transfer_id, "chunk of a push never begun: dropped");
+            return;
+        }
         let Some(incoming) = lock(&self.incoming).get(&transfer_id).cloned() else {
+            if eager {
+                // Sent before NEED said it was not needed: the push was
+                // refused, or completed without it (PROTOCOL.md 8.3).
+                return;
+            }
             let _ = self.tx.send(err(ErrorCode::UnknownTransfer, format!("no push {transfer_id} in this session"))).await;
             return;
         };

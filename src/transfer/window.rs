@@ -78,6 +78,17 @@ impl Window {
         Some(index)
     }
 
+    /// `index` was put on the wire at `at`, before the receiver said which
+    /// chunks it needs (PROTOCOL.md 8.3, EAGER): in flight from then on if
+    /// it is still to send, else ignored (returns false). It may take the
+    /// window over its limit; no new chunk goes out until it is back under.
+    pub fn sent_early(&mut self, index: u32, at: Instant) -> bool {
+        let Some(i) = self.fresh.iter().position(|&f| f == index) else { return false };
+        self.fresh.remove(i);
+        self.in_flight.insert(index, Flight { sent_at: at, failures: 0 });
+        true
+    }
+
     /// The receiver has the chunk. Unknown or repeated acks are ignored
     /// (returns false).
     pub fn on_ack(&mut self, index: u32) -> bool {
@@ -210,6 +221,26 @@ mod tests {
         }
         assert!(w.is_done());
         assert_eq!(w.next_to_send(t0), None);
+    }
+
+    #[test]
+    fn chunks_sent_early_are_in_flight_and_the_rest_waits_for_room() {
+        let t0 = Instant::now();
+        let mut w = Window::new([0, 2], 1, Duration::from_secs(30), 3);
+        // Sent 0, 1 and 2 before NEED said 0 and 2: 1 is not tracked.
+        assert!(w.sent_early(0, t0));
+        assert!(!w.sent_early(1, t0));
+        assert!(w.sent_early(2, t0));
+        assert_eq!(w.in_flight(), 2);
+        assert_eq!(w.next_to_send(t0), None, "nothing is left to send, and the window is over its limit");
+        assert_eq!(w.next_deadline(), Some(t0 + Duration::from_secs(30)));
+        w.on_nack(2, "HASH_MISMATCH").unwrap();
+        assert_eq!(w.next_to_send(t0), None, "the window is still full");
+        assert!(w.on_ack(0));
+        assert_eq!(w.next_to_send(t0), Some(2));
+        assert!(w.on_ack(2));
+        assert!(w.is_done());
+        assert_eq!(w.retransmissions, 1);
     }
 
     #[test]

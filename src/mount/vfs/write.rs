@@ -771,9 +771,7 @@ impl Vfs {
         };
         match keep {
             Some(m) if staged.complete() => self.writeback.keep(&staged.data, m),
-            _ => {
-                let _ = std::fs::remove_file(&staged.data);
-            }
+            _ => self.writeback.recycle(&staged.data),
         }
     }
 
