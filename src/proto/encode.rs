@@ -184,10 +184,40 @@ fn line(out: &mut String, args: fmt::Arguments<'_>) {
     out.push_str("\r\n");
 }
 
+/// CHUNK lines, written without the formatting machinery: a manifest of a
+/// large file is thousands of them, and `format_args!` took most of the
+/// encoding time.
 fn chunk_lines(out: &mut String, chunks: &[ChunkLine]) {
+    // "CHUNK " + three numbers and their spaces + the hash + CRLF.
+    out.reserve(chunks.len() * (6 + 10 + 1 + 20 + 1 + 10 + 1 + 71 + 2));
     for c in chunks {
-        line(out, format_args!("CHUNK {} {} {} {}", c.index, c.offset, c.size, c.hash));
+        out.push_str("CHUNK ");
+        push_decimal(out, u64::from(c.index));
+        out.push(' ');
+        push_decimal(out, c.offset);
+        out.push(' ');
+        push_decimal(out, u64::from(c.size));
+        out.push(' ');
+        let hash = c.hash.to_text();
+        // `to_text` writes ASCII only.
+        out.push_str(std::str::from_utf8(&hash).unwrap_or_default());
+        out.push_str("\r\n");
     }
+}
+
+/// `n` in decimal, without leading zeros.
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 fn completion_line(out: &mut String, c: &Completion) {
