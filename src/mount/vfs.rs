@@ -693,9 +693,7 @@ impl Vfs {
         let (manifest, mtime_ns, mode) = match self.remote.describe(&share, &path).await {
             Ok(d) => {
                 let known = KnownFile { manifest: (*d.manifest).clone(), mtime_ns: d.mtime_ns, mode: d.mode };
-                if let Err(e) = self.meta.save_manifest(&share, &path, &known) {
-                    tracing::warn!("{e}");
-                }
+                self.meta.save_manifest_later(&share, &path, known);
                 (d.manifest, d.mtime_ns, d.mode)
             }
             Err(e @ RemoteError::Offline { .. }) => match self.meta.manifest(&share, &path) {
