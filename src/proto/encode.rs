@@ -12,8 +12,8 @@
 //! fits [`MAX_LINE`].
 
 use super::{
-    Access, AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode, LeaseRow, Name, Request, Response,
-    SharePath, Signature, MAX_LINE,
+    Access, AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode, FilePart, LeaseRow, Name, Request,
+    Response, SharePath, Signature, MAX_LINE,
 };
 use base64::Engine as _;
 use std::fmt::{self, Write as _};
@@ -29,6 +29,9 @@ impl Request {
             Request::Auth { partner } => line(&mut out, format_args!("DEFT AUTH {partner}")),
             Request::Discover => line(&mut out, format_args!("DEFT DISCOVER")),
             Request::Describe { share, path } => line(&mut out, format_args!("DEFT DESCRIBE {share}{}", OptionalPath(path))),
+            Request::DescribePart { share, path, offset, length } => {
+                line(&mut out, format_args!("DEFT DESCRIBE_PART {share} {} OFFSET:{offset} LENGTH:{length}", path.to_wire()))
+            }
             Request::List { share, path } => line(&mut out, format_args!("DEFT LIST {share}{}", OptionalPath(path))),
             Request::Stat { share, path } => line(&mut out, format_args!("DEFT STAT {share}{}", OptionalPath(path))),
             Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks } => {
@@ -112,6 +115,18 @@ impl Response {
                         path.to_wire(),
                         chunks.len(),
                         mode & MODE_BITS
+                    ),
+                );
+                chunk_lines(&mut out, chunks);
+            }
+            Response::FilePart(FilePart { share, path, size, total, file_hash, mtime_ns, mode, first, chunks }) => {
+                line(
+                    &mut out,
+                    format_args!(
+                        "DEFT FILE_PART {share} {} SIZE:{size} CHUNKS:{total} HASH:{file_hash} MTIME:{mtime_ns} MODE:{:o} FIRST:{first} LINES:{}",
+                        path.to_wire(),
+                        mode & MODE_BITS,
+                        chunks.len(),
                     ),
                 );
                 chunk_lines(&mut out, chunks);
@@ -392,8 +407,15 @@ impl std::str::FromStr for ErrorCode {
 }
 
 impl Capability {
-    pub const ALL: [Capability; 6] =
-        [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Compress, Capability::Lock, Capability::Sync];
+    pub const ALL: [Capability; 7] = [
+        Capability::Chunked,
+        Capability::Parallel,
+        Capability::Resume,
+        Capability::Compress,
+        Capability::Lock,
+        Capability::Sync,
+        Capability::Part,
+    ];
 
     /// Upper-case wire form, e.g. `CHUNKED`.
     pub fn as_str(&self) -> &'static str {
@@ -404,6 +426,7 @@ impl Capability {
             Capability::Compress => "COMPRESS",
             Capability::Lock => "LOCK",
             Capability::Sync => "SYNC",
+            Capability::Part => "PART",
         }
     }
 }
@@ -536,6 +559,23 @@ mod tests {
             chunks: vec![ChunkLine { index: 0, offset: 0, size: 2, hash: h }],
         };
         assert_eq!(info.encode(), format!("DEFT FILE_INFO s f SIZE:2 CHUNKS:1 HASH:{h} MTIME:5 MODE:644\r\nCHUNK 0 0 2 {h}\r\n"));
+        let part = Response::FilePart(FilePart {
+            share: name("s"),
+            path: SharePath::parse("f").unwrap(),
+            size: 9,
+            total: 3,
+            file_hash: h,
+            mtime_ns: 5,
+            mode: 0o644,
+            first: 1,
+            chunks: vec![ChunkLine { index: 1, offset: 2, size: 3, hash: h }],
+        });
+        assert_eq!(
+            part.encode(),
+            format!("DEFT FILE_PART s f SIZE:9 CHUNKS:3 HASH:{h} MTIME:5 MODE:644 FIRST:1 LINES:1\r\nCHUNK 1 2 3 {h}\r\n")
+        );
+        let describe = Request::DescribePart { share: name("s"), path: SharePath::root(), offset: 0, length: 7 };
+        assert_eq!(describe.encode(), "DEFT DESCRIBE_PART s . OFFSET:0 LENGTH:7\r\n");
         let nack = Response::ChunkAck { transfer_id: name("t"), index: 4, status: AckStatus::Error("HASH_MISMATCH".into()) };
         assert_eq!(nack.encode(), "DEFT CHUNK_ACK t 4 ERROR HASH_MISMATCH\r\n");
         let put = DataHeader::Put { transfer_id: name("t"), index: 1, size: 9, hash: h };
@@ -655,6 +695,28 @@ mod tests {
         })
     }
 
+    /// A valid FILE_PART: any run of the lines of a valid manifest.
+    fn arb_file_part() -> impl Strategy<Value = FilePart> {
+        (arb_name(), arb_path(), arb_hash(), any::<i64>(), 0u32..=0o7777, arb_manifest(), any::<(usize, usize)>()).prop_map(
+            |(share, path, file_hash, mtime_ns, mode, (size, chunks), (a, b))| {
+                let total = chunks.len();
+                let (from, to) = (a % (total + 1), b % (total + 1));
+                let (from, to) = (from.min(to), from.max(to));
+                FilePart {
+                    share,
+                    path,
+                    size,
+                    total: total as u32,
+                    file_hash,
+                    mtime_ns,
+                    mode,
+                    first: from as u32,
+                    chunks: chunks[from..to].to_vec(),
+                }
+            },
+        )
+    }
+
     fn arb_entry() -> impl Strategy<Value = Entry> {
         (prop::sample::select(vec![EntryKind::File, EntryKind::Dir]), any::<u64>(), any::<i64>(), 0u32..=0o7777, arb_path())
             .prop_map(|(kind, size, mtime_ns, mode, path)| Entry { kind, size, mtime_ns, mode, path })
@@ -672,6 +734,12 @@ mod tests {
             arb_name().prop_map(|partner| Request::Auth { partner }),
             Just(Request::Discover),
             (arb_name(), arb_path()).prop_map(|(share, path)| Request::Describe { share, path }),
+            (arb_name(), arb_path(), any::<u64>(), any::<u64>()).prop_map(|(share, path, offset, length)| Request::DescribePart {
+                share,
+                path,
+                offset,
+                length
+            }),
             (arb_name(), arb_path()).prop_map(|(share, path)| Request::List { share, path }),
             (arb_name(), arb_path()).prop_map(|(share, path)| Request::Stat { share, path }),
             (arb_name(), arb_name(), arb_path(), arb_hash(), arb_manifest()).prop_map(
@@ -768,6 +836,7 @@ mod tests {
                     chunks
                 }
             ),
+            arb_file_part().prop_map(Response::FilePart),
             prop::collection::vec(arb_entry(), 0..5).prop_map(Response::Entries),
             arb_entry().prop_map(Response::StatOk),
             (arb_name(), 1u32.., arb_ranges())
