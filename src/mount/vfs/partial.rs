@@ -157,7 +157,10 @@ impl Vfs {
         };
         let started = match self.remote.describe_start(&share, &path, START_BYTES).await {
             Ok(Some(started)) => started,
-            Ok(None) => return self.manifest(ino).await.map(|(s, p, m)| (s, p, m, None)),
+            // No PART (or a partner that lost it since it said so).
+            Ok(None) | Err(RemoteError::Refused { code: "BAD_REQUEST", .. }) => {
+                return self.manifest(ino).await.map(|(s, p, m)| (s, p, m, None));
+            }
             Err(e @ RemoteError::Offline { .. }) => {
                 let Some(k) = self.meta.manifest(&share, &path) else {
                     tracing::warn!(partner = %self.remote.partner(), %path, "cannot open: {e}");
