@@ -37,9 +37,52 @@ impl From<blake3::Hash> for Hash {
     }
 }
 
+/// Lower-case hex digits by value.
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// Value of a hex digit (either case) by byte, or `INVALID`: one table
+/// look-up per digit. A manifest of a 1 GiB file has 4,096 hashes to read
+/// or write on every DESCRIBE, and the `hex` crate's per-digit branches
+/// and allocating encoder were most of the cost of a CHUNK line.
+const INVALID: u8 = 0xff;
+const HEX_VALUES: [u8; 256] = {
+    let mut t = [INVALID; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Length of `blake3:<64 hex digits>`.
+const TEXT_LEN: usize = Hash::PREFIX.len() + 64;
+
+impl Hash {
+    /// The wire form, `blake3:<64 lower-case hex digits>`, without
+    /// allocating.
+    pub fn to_text(&self) -> [u8; TEXT_LEN] {
+        let mut out = [0u8; TEXT_LEN];
+        out[..Self::PREFIX.len()].copy_from_slice(Self::PREFIX.as_bytes());
+        for (pair, b) in out[Self::PREFIX.len()..].chunks_exact_mut(2).zip(self.0) {
+            pair[0] = HEX_DIGITS[usize::from(b >> 4)];
+            pair[1] = HEX_DIGITS[usize::from(b & 0x0f)];
+        }
+        out
+    }
+}
+
 impl fmt::Display for Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}{}", Self::PREFIX, hex::encode(self.0))
+        let text = self.to_text();
+        // Only ASCII was written.
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -54,12 +97,21 @@ impl FromStr for Hash {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || HashParseError(s.chars().take(80).collect());
-        let hex_part = s.strip_prefix(Self::PREFIX).ok_or_else(err)?;
+        let hex_part = s.strip_prefix(Self::PREFIX).ok_or_else(err)?.as_bytes();
         if hex_part.len() != 64 {
             return Err(err());
         }
         let mut out = [0u8; 32];
-        hex::decode_to_slice(hex_part, &mut out).map_err(|_| err())?;
+        // Any invalid digit sets the high bits of `bad`: one test at the end.
+        let mut bad = 0u8;
+        for (o, pair) in out.iter_mut().zip(hex_part.chunks_exact(2)) {
+            let (hi, lo) = (HEX_VALUES[usize::from(pair[0])], HEX_VALUES[usize::from(pair[1])]);
+            bad |= hi | lo;
+            *o = (hi << 4) | (lo & 0x0f);
+        }
+        if bad & 0xf0 != 0 {
+            return Err(err());
+        }
         Ok(Hash(out))
     }
 }
@@ -78,8 +130,51 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        for bad in ["", "blake3:", "sha256:00", "blake3:zz", &format!("blake3:{}", "0".repeat(63))] {
+        let digits = "0123456789abcdef".repeat(4);
+        for bad in [
+            "".to_string(),
+            "blake3:".into(),
+            "sha256:00".into(),
+            "blake3:zz".into(),
+            format!("blake3:{}", "0".repeat(63)),
+            format!("blake3:{}", "0".repeat(65)),
+            format!("blake3:{}g", &digits[1..]),
+            format!("blake3:{}:", &digits[1..]),
+            format!("blake3:{}/", &digits[..63]),
+            format!("blake3: {}", &digits[1..]),
+            format!("blake3:{}\u{e9}", &digits[..62]),
+        ] {
             assert!(bad.parse::<Hash>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reads_upper_case_and_writes_lower_case() {
+        let h = Hash::of(b"case");
+        let upper = format!("blake3:{}", hex::encode_upper(h.0));
+        assert_eq!(upper.parse::<Hash>(), Ok(h));
+        assert_eq!(h.to_string(), format!("blake3:{}", hex::encode(h.0)));
+    }
+
+    proptest::proptest! {
+        /// The table-driven hex agrees with the `hex` crate on every
+        /// digest, and on every string: same values accepted, same bytes.
+        #[test]
+        fn prop_text_matches_the_hex_crate(bytes in proptest::array::uniform32(proptest::prelude::any::<u8>())) {
+            let h = Hash(bytes);
+            proptest::prop_assert_eq!(h.to_string(), format!("blake3:{}", hex::encode(bytes)));
+            proptest::prop_assert_eq!(h.to_string().parse::<Hash>(), Ok(h));
+        }
+
+        #[test]
+        fn prop_parse_matches_the_hex_crate(text in "[0-9a-fA-FgG:z ]{64}") {
+            let mut want = [0u8; 32];
+            let ok = hex::decode_to_slice(&text, &mut want).is_ok();
+            let got = format!("blake3:{text}").parse::<Hash>();
+            proptest::prop_assert_eq!(got.is_ok(), ok);
+            if ok {
+                proptest::prop_assert_eq!(got.map(|h| h.0), Ok(want));
+            }
         }
     }
 }

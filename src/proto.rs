@@ -66,6 +66,25 @@ pub enum Capability {
     /// A small push's chunks may follow BEGIN_TRANSFER without waiting for
     /// TRANSFER_ACCEPTED (PROTOCOL.md 8.3).
     Eager,
+    /// DESCRIBE_PART and FILE_PART: a range of a manifest.
+    Part,
+}
+
+/// A FILE_PART: the head of a FILE_INFO (the whole manifest's chunk count
+/// and file hash) with only the chunk lines `first..first + chunks.len()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilePart {
+    pub share: Name,
+    pub path: SharePath,
+    pub size: u64,
+    /// Chunks in the whole manifest.
+    pub total: u32,
+    pub file_hash: Hash,
+    pub mtime_ns: i64,
+    pub mode: u32,
+    /// Index of the first chunk line.
+    pub first: u32,
+    pub chunks: Vec<ChunkLine>,
 }
 
 /// One manifest line: `CHUNK <index> <offset> <size> <hash>`.
@@ -214,6 +233,9 @@ pub enum Request {
     Discover,
     /// `DEFT DESCRIBE <share> [<path>]`
     Describe { share: Name, path: SharePath },
+    /// `DEFT DESCRIBE_PART <share> <path> OFFSET:<n> LENGTH:<n>`: the
+    /// manifest's chunks that hold any of those bytes (capability PART).
+    DescribePart { share: Name, path: SharePath, offset: u64, length: u64 },
     /// `DEFT LIST <share> [<path>]`
     List { share: Name, path: SharePath },
     /// `DEFT STAT <share> [<path>]`
@@ -276,6 +298,10 @@ pub enum Response {
     /// `DEFT FILE_INFO <share> <path> SIZE:<n> CHUNKS:<n> HASH:<h> MTIME:<ns> MODE:<octal>`
     /// then CHUNKS `CHUNK` lines.
     FileInfo { share: Name, path: SharePath, size: u64, file_hash: Hash, mtime_ns: i64, mode: u32, chunks: Vec<ChunkLine> },
+    /// `DEFT FILE_PART <share> <path> SIZE:<n> CHUNKS:<n> HASH:<h> MTIME:<ns> MODE:<octal> FIRST:<i> LINES:<n>`
+    /// then LINES `CHUNK` lines, indices FIRST, FIRST+1, ...: part of the
+    /// manifest FILE_INFO would give, whose CHUNKS and HASH it names.
+    FilePart(FilePart),
     /// `DEFT ENTRIES <count>` then count rows `<kind> <size> <mtime_ns> <mode> <path>`
     Entries(Vec<Entry>),
     /// `DEFT STAT_OK <kind> <size> <mtime_ns> <mode> <path>`

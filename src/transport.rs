@@ -514,18 +514,7 @@ where
     /// Next complete message. A malformed line yields `Err(Protocol)` and
     /// the stream stays usable.
     pub async fn recv(&mut self) -> Result<In, TransportError> {
-        loop {
-            let line = read_line(&mut self.recv, &mut self.line).await?;
-            match line {
-                None => return Err(TransportError::Closed),
-                Some(Err(e)) => return Err(TransportError::Protocol(e)),
-                Some(Ok(text)) => {
-                    if let Some(msg) = self.decoder.push(&text)? {
-                        return Ok(msg);
-                    }
-                }
-            }
-        }
+        recv_message(&mut self.recv, &mut self.line, &mut self.decoder).await
     }
 
     pub async fn finish(&mut self) {
@@ -549,14 +538,25 @@ where
     Decoder<In>: PushLine<In>,
 {
     pub async fn recv(&mut self) -> Result<In, TransportError> {
-        loop {
-            match read_line(&mut self.recv, &mut self.line).await? {
-                None => return Err(TransportError::Closed),
-                Some(Err(e)) => return Err(TransportError::Protocol(e)),
-                Some(Ok(text)) => {
-                    if let Some(msg) = self.decoder.push(&text)? {
-                        return Ok(msg);
-                    }
+        recv_message(&mut self.recv, &mut self.line, &mut self.decoder).await
+    }
+}
+
+/// The next complete message: lines are read into `line`, reused, and
+/// decoded in place (a manifest is thousands of lines; a String for each
+/// was a good part of reading one).
+async fn recv_message<In: proto::decode::Message>(
+    recv: &mut BufReader<quinn::RecvStream>,
+    line: &mut Vec<u8>,
+    decoder: &mut Decoder<In>,
+) -> Result<In, TransportError> {
+    loop {
+        match read_line_bytes(recv, line).await? {
+            None => return Err(TransportError::Closed),
+            Some(Err(e)) => return Err(TransportError::Protocol(e)),
+            Some(Ok(())) => {
+                if let Some(msg) = decoder.push_bytes(line)? {
+                    return Ok(msg);
                 }
             }
         }
@@ -587,6 +587,16 @@ pub async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<Result<String, proto::ProtoError>>, TransportError> {
+    Ok(read_line_bytes(reader, buf)
+        .await?
+        .map(|line| line.and_then(|()| String::from_utf8(std::mem::take(buf)).map_err(|_| proto::ProtoError::NotUtf8))))
+}
+
+/// [`read_line`] into `buf`, without its CR LF, and not checked for UTF-8.
+pub async fn read_line_bytes<R: tokio::io::AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Result<(), proto::ProtoError>>, TransportError> {
     buf.clear();
     let mut too_long = false;
     loop {
@@ -614,7 +624,7 @@ pub async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
             while matches!(buf.last(), Some(b'\n') | Some(b'\r')) {
                 buf.pop();
             }
-            return Ok(Some(String::from_utf8(std::mem::take(buf)).map_err(|_| proto::ProtoError::NotUtf8)));
+            return Ok(Some(Ok(())));
         }
     }
 }

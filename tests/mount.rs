@@ -224,6 +224,37 @@ fn walk_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// An open of a file whose manifest the mount does not have reads by the
+/// start of it (DESCRIBE_PART); a change on the partner after that open
+/// must not make the handle serve the new version past the start.
+#[test]
+fn a_file_changed_after_an_open_on_its_start_never_serves_a_mix_of_versions() {
+    let mut s = Setup::new("partchange", |dir| {
+        write_random(&dir.join("data.bin"), 32 * MIB, 40);
+    });
+    s.mount(&[]);
+    let old = std::fs::read(s.files.join("data.bin")).unwrap();
+    let f = std::fs::File::open(s.at("data.bin")).unwrap();
+    let mut buf = vec![0u8; 128 * 1024];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert!(buf[..] == old[..buf.len()]);
+
+    write_random(&s.files.join("data.bin"), 32 * MIB, 41);
+    let new = std::fs::read(s.files.join("data.bin")).unwrap();
+    let at = 20 * MIB;
+    match f.read_exact_at(&mut buf, at as u64) {
+        Ok(()) => assert!(buf[..] == old[at..at + buf.len()], "a handle of the old version read new bytes"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
+    }
+    drop(f);
+    // Opened again, the file is the new version.
+    let seen = wait_until(Duration::from_secs(10), || {
+        let f = std::fs::File::open(s.at("data.bin")).unwrap();
+        f.read_exact_at(&mut buf, at as u64).is_ok() && buf[..] == new[at..at + buf.len()]
+    });
+    assert!(seen, "the new version did not show through a new open");
+}
+
 #[test]
 fn a_remote_change_becomes_visible_within_seconds() {
     let mut s = Setup::new("change", |dir| {

@@ -22,7 +22,7 @@
 //!
 //! Two readers asking for the same chunk share one fetch (`inflight`).
 
-use crate::chunk::Manifest;
+use crate::chunk::{ChunkRef, Manifest};
 use crate::hash::Hash;
 use crate::node::Node;
 use crate::proto::{self, Capability, DataHeader, Entry, ErrorCode, Name, RangeSet, Request, Response, SharePath, ShareRow};
@@ -99,6 +99,13 @@ pub struct Described {
     pub mode: u32,
 }
 
+/// What [`Remote::describe_start`] learnt: a whole manifest, or its start.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub described: Described,
+    pub complete: bool,
+}
+
 /// What the mount's status shows about the link.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct LinkStats {
@@ -135,6 +142,8 @@ pub struct Remote {
     online: AtomicBool,
     /// Set by [`Remote::close`]: links ending now are our doing.
     closing: AtomicBool,
+    /// The partner named PART in its last WELCOME: it answers DESCRIBE_PART.
+    parts: AtomicBool,
     last_failure: Mutex<Option<Instant>>,
     chunks_fetched: AtomicU64,
     bytes_fetched: AtomicU64,
@@ -155,6 +164,7 @@ impl Remote {
             inflight: Default::default(),
             online: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            parts: AtomicBool::new(false),
             last_failure: Mutex::new(None),
             chunks_fetched: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
@@ -228,11 +238,11 @@ impl Remote {
         let storage = &self.node.config.storage;
         let hello = Request::Hello {
             version: proto::VERSION.to_string(),
-            caps: vec![Capability::Chunked, Capability::Parallel],
+            caps: vec![Capability::Chunked, Capability::Parallel, Capability::Part],
             window: storage.window,
         };
         match link.call(&hello).await.map_err(|e| self.offline(e))? {
-            Response::Welcome { .. } => {}
+            Response::Welcome { caps, .. } => self.parts.store(caps.contains(&Capability::Part), Ordering::SeqCst),
             other => return Err(self.refusal(other)),
         }
         match link.call(&Request::Auth { partner: self.node.config.node.name.clone() }).await.map_err(|e| self.offline(e))? {
@@ -311,6 +321,47 @@ impl Remote {
             }
             other => Err(self.refusal(other)),
         }
+    }
+
+    /// The start of the manifest of the current version of a file: its
+    /// chunks from offset 0 through at least `length` bytes (DESCRIBE_PART),
+    /// so that a first read need not wait for a whole large manifest.
+    /// `None` when the partner does not answer DESCRIBE_PART (no PART in
+    /// its WELCOME, or no metadata connection yet): ask [`Remote::describe`].
+    ///
+    /// The manifest returned is complete when the part held every chunk,
+    /// and then checked like a DESCRIBE's. Otherwise it holds only the
+    /// first chunks: its `size` and `file_hash` are the whole version's,
+    /// its chunks cover less than `size`, and the file hash cannot be
+    /// checked against them; [`Started::complete`] is false.
+    pub async fn describe_start(&self, share: &Name, path: &SharePath, length: u64) -> Result<Option<Started>, RemoteError> {
+        if !self.parts.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let req = Request::DescribePart { share: share.clone(), path: path.clone(), offset: 0, length };
+        let part = match self.call(req).await? {
+            Response::FilePart(part) => part,
+            other => return Err(self.refusal(other)),
+        };
+        let unexpected = |got: String| RemoteError::Unexpected { partner: self.partner.clone(), got };
+        let described = |manifest: Manifest| Described { manifest: Arc::new(manifest), mtime_ns: part.mtime_ns, mode: part.mode };
+        if part.first != 0 {
+            return Err(unexpected(format!("FILE_PART from chunk {} for a part from offset 0", part.first)));
+        }
+        if part.chunks.len() as u64 == u64::from(part.total) {
+            let manifest = crate::transfer::manifest_from_lines(part.size, part.file_hash, &part.chunks, &self.partner)
+                .map_err(|e| unexpected(e.to_string()))?;
+            return Ok(Some(Started { described: described(manifest), complete: true }));
+        }
+        // The decoder checked that the lines are numbered from 0, contiguous
+        // from offset 0, non-empty and within SIZE; the chunk size bound is
+        // the one a whole manifest is checked against.
+        if let Some(c) = part.chunks.iter().find(|c| c.size > crate::transfer::MAX_CHUNK) {
+            return Err(unexpected(format!("FILE_PART chunk {} of {} bytes", c.index, c.size)));
+        }
+        let chunks = part.chunks.iter().map(|l| ChunkRef { offset: l.offset, len: l.size, hash: l.hash }).collect();
+        let start = Manifest { size: part.size, file_hash: part.file_hash, chunks };
+        Ok(Some(Started { described: described(start), complete: false }))
     }
 
     /// A metadata request whose answer is STAT_OK (MKDIR, SETATTR).

@@ -25,6 +25,7 @@
 //! held across an await (a staging's `gate` is an async lock, taken before
 //! any of them).
 
+mod partial;
 mod write;
 
 pub use write::OpenMode;
@@ -183,7 +184,11 @@ struct StagedHandle {
 struct ReadHandle {
     share: Name,
     path: SharePath,
+    /// While `rest` is pending, only the start of the version's manifest
+    /// (its first chunks; size and file hash are the whole version's).
     manifest: Arc<Manifest>,
+    /// The whole manifest, when the handle was opened on its start.
+    rest: Option<Arc<partial::Rest>>,
     _hold: Hold,
     /// End of the last read, to detect sequential reading.
     last_end: u64,
@@ -740,9 +745,7 @@ impl Vfs {
         let (manifest, mtime_ns, mode) = match self.remote.describe(&share, &path).await {
             Ok(d) => {
                 let known = KnownFile { manifest: (*d.manifest).clone(), mtime_ns: d.mtime_ns, mode: d.mode };
-                if let Err(e) = self.meta.save_manifest(&share, &path, &known) {
-                    tracing::warn!("{e}");
-                }
+                self.meta.save_manifest_later(&share, &path, known);
                 (d.manifest, d.mtime_ns, d.mode)
             }
             Err(e @ RemoteError::Offline { .. }) => match self.meta.manifest(&share, &path) {
@@ -754,6 +757,13 @@ impl Vfs {
             },
             Err(e) => return Err(Errno::from_remote(&e)),
         };
+        self.take_version(ino, &manifest, mtime_ns, mode, true).await;
+        Ok((share, path, manifest))
+    }
+
+    /// Show the version `manifest` names as file `ino`'s; keep the manifest
+    /// as the inode's if it is `whole` (not only its start).
+    async fn take_version(&self, ino: Ino, manifest: &Arc<Manifest>, mtime_ns: i64, mode: u32, whole: bool) {
         let moved = {
             let mut inodes = lock(&self.inodes);
             let n = inodes.by_ino.get_mut(&ino);
@@ -767,7 +777,7 @@ impl Vfs {
                 n.size = manifest.size;
                 n.mtime_ns = mtime_ns;
                 n.mode = mode;
-                n.manifest = Some(manifest.clone());
+                n.manifest = whole.then(|| manifest.clone());
             }
             moved
         };
@@ -782,7 +792,6 @@ impl Vfs {
                 let _ = n.shown_size.compare_exchange(manifest.size, NOT_SHOWN, Ordering::SeqCst, Ordering::SeqCst);
             }
         }
-        Ok((share, path, manifest))
     }
 
     /// Open file `ino` for reading. Returns the handle and whether the
@@ -810,7 +819,7 @@ impl Vfs {
                 .insert(fh, Handle::Staged(StagedHandle { ino, staged, write: false, append: false, lease: None, changes: 0, flushed: 0 }));
             return Ok((fh, false));
         }
-        let (share, path, manifest) = self.manifest(ino).await?;
+        let (share, path, manifest, rest) = self.manifest_to_open(ino).await?;
         let hold = self.store.hold(manifest.chunks.iter().map(|c| c.hash));
         let keep = {
             let mut inodes = lock(&self.inodes);
@@ -820,7 +829,7 @@ impl Vfs {
             }
         };
         lock(&self.handles)
-            .insert(fh, Handle::Read(ReadHandle { share, path, manifest, _hold: hold, last_end: 0, run: 0, ahead_until: 0 }));
+            .insert(fh, Handle::Read(ReadHandle { share, path, manifest, rest, _hold: hold, last_end: 0, run: 0, ahead_until: 0 }));
         Ok((fh, keep))
     }
 
@@ -847,7 +856,21 @@ impl Vfs {
         if let Some((ino, staged)) = staged {
             return self.read_staged(ino, &staged, offset, size).await;
         }
-        let (share, path, manifest, ahead) = {
+        // Opened on the start of its manifest: past it, wait for the whole.
+        let rest = match lock(&self.handles).get(&fh) {
+            Some(Handle::Read(h)) => h.rest.clone().map(|r| {
+                let past = offset.saturating_add(size as u64).min(h.manifest.size) > r.known_end();
+                (r, past)
+            }),
+            _ => None,
+        };
+        if let Some((rest, past)) = rest {
+            if rest.is_poisoned() {
+                return Err(Errno::EIO);
+            }
+            self.take_rest(fh, &rest, past).await?;
+        }
+        let (share, path, manifest, ahead, rest) = {
             let mut handles = lock(&self.handles);
             let Some(Handle::Read(h)) = handles.get_mut(&fh) else { return Err(Errno::EBADF) };
             let end = offset.saturating_add(size as u64).min(h.manifest.size);
@@ -861,14 +884,17 @@ impl Vfs {
             // least FIRST_AHEAD, up to the configured window), asking for
             // the next stretch when it has used half of what was asked.
             let window = if sequential { h.run.max(FIRST_AHEAD).min(self.config.readahead) } else { 0 };
+            // Not past the chunks known yet: the rest is read ahead once
+            // the whole manifest is here.
+            let known = h.rest.as_ref().map_or(u64::MAX, |r| r.known_end().max(end));
             let ahead = if window > 0 && end.saturating_add(window / 2) > h.ahead_until {
                 let from = h.ahead_until.max(end);
-                h.ahead_until = end.saturating_add(window);
+                h.ahead_until = end.saturating_add(window).min(known);
                 Some((from, h.ahead_until))
             } else {
                 None
             };
-            (h.share.clone(), h.path.clone(), h.manifest.clone(), ahead)
+            (h.share.clone(), h.path.clone(), h.manifest.clone(), ahead, h.rest.clone())
         };
         let end = offset.saturating_add(size as u64).min(manifest.size);
         if offset >= end {
@@ -892,6 +918,13 @@ impl Vfs {
                     RemoteError::Stale { .. } => Errno::ESTALE,
                     other => Errno::from_remote(&other),
                 });
+            }
+            // Past half the start, a sequential reader will soon need the
+            // rest: ask for it while the second half is read. Earlier, it
+            // would slow the first reads, which most often are all there is
+            // (`file`, `head`, a thumbnailer).
+            if let Some(rest) = rest.as_ref().filter(|r| end > r.known_end() / 2) {
+                rest.start();
             }
             let mut missing = false;
             for c in &manifest.chunks[range.clone()] {

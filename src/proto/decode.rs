@@ -18,8 +18,8 @@
 //! decode to the same message.
 
 use super::{
-    AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, ErrorCode, LeaseRow, Name, NameError, PathError, Request,
-    Response, SharePath, ShareRow, MAX_BODY_LINES, MAX_LINE,
+    AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, ErrorCode, FilePart, LeaseRow, Name, NameError, PathError,
+    Request, Response, SharePath, ShareRow, MAX_BODY_LINES, MAX_LINE,
 };
 use Field::{Bare, Tagged};
 
@@ -108,16 +108,25 @@ impl<M: Message> Decoder<M> {
     /// Feed one line. `Ok(None)`: a head or body line was taken and the
     /// message still awaits body lines.
     pub fn push_line(&mut self, line: &str) -> Result<Option<M>, ProtoError> {
-        // Taken out, the partial message is dropped by any `?` below: that
-        // is the reset after an error.
-        let pending = self.pending.take();
-        check_len(line.len())?;
-        let (msg, remaining) = match pending {
-            Some(Pending { mut msg, remaining }) => {
-                msg.push_body(line)?;
-                (msg, remaining - 1)
+        // A body line is added in place (a message can be thousands of
+        // lines); any error drops the partial message: that is the reset.
+        if let Some(pending) = self.pending.as_mut() {
+            let added = check_len(line.len()).and_then(|()| pending.msg.push_body(line));
+            if let Err(e) = added {
+                self.pending = None;
+                return Err(e);
             }
-            None => M::parse_head(line)?,
+            pending.remaining -= 1;
+            if pending.remaining > 0 {
+                return Ok(None);
+            }
+        }
+        let (msg, remaining) = match self.pending.take() {
+            Some(Pending { msg, .. }) => (msg, 0),
+            None => {
+                check_len(line.len())?;
+                M::parse_head(line)?
+            }
         };
         if remaining > 0 {
             self.pending = Some(Pending { msg, remaining });
@@ -156,6 +165,12 @@ impl sealed::Grammar for Request {
             "AUTH" => Request::Auth { partner: args.name("partner id")? },
             "DISCOVER" => Request::Discover,
             "DESCRIBE" => Request::Describe { share: args.name("share")?, path: args.optional_path()? },
+            "DESCRIBE_PART" => Request::DescribePart {
+                share: args.name("share")?,
+                path: args.path()?,
+                offset: args.unsigned(Tagged("OFFSET"))?,
+                length: args.unsigned(Tagged("LENGTH"))?,
+            },
             "LIST" => Request::List { share: args.name("share")?, path: args.optional_path()? },
             "STAT" => Request::Stat { share: args.name("share")?, path: args.optional_path()? },
             "BEGIN_TRANSFER" => {
@@ -227,7 +242,7 @@ impl sealed::Grammar for Request {
 
     fn push_body(&mut self, line: &str) -> Result<(), ProtoError> {
         match self {
-            Request::BeginTransfer { size, chunks, .. } => push_chunk(chunks, *size, line),
+            Request::BeginTransfer { size, chunks, .. } => push_chunk(chunks, 0, *size, line),
             // Only BEGIN_TRANSFER announces body lines.
             _ => Err(ProtoError::BadBodyLine(excerpt(line))),
         }
@@ -268,6 +283,27 @@ impl sealed::Grammar for Response {
                 args.end()?;
                 let chunks = with_capacity_for(count);
                 return Ok((Response::FileInfo { share, path, size, file_hash, mtime_ns, mode, chunks }, count));
+            }
+            "FILE_PART" => {
+                let share = args.name("share")?;
+                let path = args.path()?;
+                let size = args.unsigned(Tagged("SIZE"))?;
+                let total: u32 = args.unsigned(Tagged("CHUNKS"))?;
+                if u64::from(total) > MAX_BODY_LINES {
+                    return Err(ProtoError::TooManyLines);
+                }
+                let file_hash = args.parsed(Tagged("HASH"))?;
+                let mtime_ns = args.signed(Tagged("MTIME"))?;
+                let mode = args.mode(Tagged("MODE"))?;
+                let first: u32 = args.unsigned(Tagged("FIRST"))?;
+                let count = args.line_count(Tagged("LINES"))?;
+                args.end()?;
+                if u64::from(first) + count > u64::from(total) {
+                    return Err(args.bad(format!("lines {first} to {} of a manifest of {total} chunks", u64::from(first) + count)));
+                }
+                let chunks = with_capacity_for(count);
+                let part = FilePart { share, path, size, total, file_hash, mtime_ns, mode, first, chunks };
+                return Ok((Response::FilePart(part), count));
             }
             "ENTRIES" => {
                 let count = args.line_count(Bare("count"))?;
@@ -310,7 +346,8 @@ impl sealed::Grammar for Response {
 
     fn push_body(&mut self, line: &str) -> Result<(), ProtoError> {
         match self {
-            Response::FileInfo { size, chunks, .. } => push_chunk(chunks, *size, line),
+            Response::FileInfo { size, chunks, .. } => push_chunk(chunks, 0, *size, line),
+            Response::FilePart(part) => push_chunk(&mut part.chunks, part.first, part.size, line),
             Response::Files(rows) => {
                 let mut args = Args::body("FILES row", line);
                 let row = ShareRow {
@@ -338,7 +375,7 @@ impl sealed::Grammar for Response {
                 leases.push(lease);
                 Ok(())
             }
-            // Only FILES, FILE_INFO, ENTRIES and LEASES announce body lines.
+            // Only FILES, FILE_INFO, FILE_PART, ENTRIES and LEASES announce body lines.
             _ => Err(ProtoError::BadBodyLine(excerpt(line))),
         }
     }
@@ -346,6 +383,13 @@ impl sealed::Grammar for Response {
     fn finish(&self) -> Result<(), ProtoError> {
         match self {
             Response::FileInfo { size, chunks, .. } => check_coverage("FILE_INFO", chunks, *size),
+            // The last chunk of the manifest ends the file.
+            Response::FilePart(p) if u64::from(p.first) + p.chunks.len() as u64 == u64::from(p.total) && !p.chunks.is_empty() => {
+                check_coverage("FILE_PART", &p.chunks, p.size)
+            }
+            Response::FilePart(p) if p.total == 0 && p.size != 0 => {
+                Err(ProtoError::BadArgs { verb: "FILE_PART".to_string(), detail: format!("no chunks but SIZE is {}", p.size) })
+            }
             _ => Ok(()),
         }
     }
@@ -405,10 +449,44 @@ fn with_capacity_for<T>(count: u64) -> Vec<T> {
     Vec::with_capacity(usize::try_from(count.min(PREALLOCATE)).unwrap_or(0))
 }
 
-/// Add `CHUNK <index> <offset> <size> <hash>` to a manifest of a `file_size`
-/// bytes file: the next index, at the offset where the previous chunk
-/// ended, non-empty, within the file.
-fn push_chunk(chunks: &mut Vec<ChunkLine>, file_size: u64, line: &str) -> Result<(), ProtoError> {
+/// Add `CHUNK <index> <offset> <size> <hash>` to the lines, from index
+/// `first`, of a manifest of a `file_size` bytes file: the next index, at
+/// the offset where the previous chunk ended (0 for chunk 0; any for the
+/// first line of a part that starts later), non-empty, within the file.
+fn push_chunk(chunks: &mut Vec<ChunkLine>, first: u32, file_size: u64, line: &str) -> Result<(), ProtoError> {
+    // A manifest of a large file is thousands of these lines: a well-formed
+    // one is read by `chunk_fields`, anything else by the general parser,
+    // which also words the error.
+    let chunk = match chunk_fields(line) {
+        Some(chunk) => chunk,
+        None => parse_chunk(line)?,
+    };
+    let bad = |detail: String| ProtoError::BadArgs { verb: "CHUNK".to_string(), detail };
+    let expected_index = u64::from(first) + chunks.len() as u64;
+    let expected_offset = match chunks.last() {
+        Some(c) => c.offset + u64::from(c.size),
+        None if first == 0 => 0,
+        // Chunk `first` starts after `first` non-empty chunks.
+        None => chunk.offset.max(u64::from(first)),
+    };
+    if u64::from(chunk.index) != expected_index {
+        return Err(bad(format!("index {}, expected {expected_index}", chunk.index)));
+    }
+    if chunk.offset != expected_offset {
+        return Err(bad(format!("offset {}, expected {expected_offset}", chunk.offset)));
+    }
+    if chunk.size == 0 {
+        return Err(bad("chunk of 0 bytes".to_string()));
+    }
+    if chunk.offset.checked_add(u64::from(chunk.size)).is_none_or(|end| end > file_size) {
+        return Err(bad(format!("chunk {} ends past SIZE {file_size}", chunk.index)));
+    }
+    chunks.push(chunk);
+    Ok(())
+}
+
+/// A CHUNK line's fields, by the general token parser.
+fn parse_chunk(line: &str) -> Result<ChunkLine, ProtoError> {
     let rest = line.strip_prefix("CHUNK ").ok_or_else(|| ProtoError::BadBodyLine(excerpt(line)))?;
     let mut args = Args::body("CHUNK", rest);
     let chunk = ChunkLine {
@@ -418,21 +496,35 @@ fn push_chunk(chunks: &mut Vec<ChunkLine>, file_size: u64, line: &str) -> Result
         hash: args.parsed(Bare("hash"))?,
     };
     args.end()?;
-    let expected_offset = chunks.last().map_or(0, |c| c.offset + u64::from(c.size));
-    if usize::try_from(chunk.index).ok() != Some(chunks.len()) {
-        return Err(args.bad(format!("index {}, expected {}", chunk.index, chunks.len())));
+    Ok(chunk)
+}
+
+/// A well-formed CHUNK line's fields in one pass over its bytes, or None
+/// for any line [`parse_chunk`] might refuse (it then decides). Accepts
+/// exactly what `parse_chunk` accepts, with the same values (a property
+/// test checks it), at a fraction of the cost.
+fn chunk_fields(line: &str) -> Option<ChunkLine> {
+    let rest = line.strip_prefix("CHUNK ")?;
+    let (index, rest) = decimal_then_space(rest)?;
+    let (offset, rest) = decimal_then_space(rest)?;
+    let (size, rest) = decimal_then_space(rest)?;
+    Some(ChunkLine { index: u32::try_from(index).ok()?, offset, size: u32::try_from(size).ok()?, hash: rest.parse().ok()? })
+}
+
+/// Leading decimal digits (at least one, no overflow) and the single space
+/// after them: the number and what follows the space.
+fn decimal_then_space(text: &str) -> Option<(u64, &str)> {
+    let bytes = text.as_bytes();
+    let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || bytes.get(digits) != Some(&b' ') {
+        return None;
     }
-    if chunk.offset != expected_offset {
-        return Err(args.bad(format!("offset {}, expected {expected_offset}", chunk.offset)));
+    let mut n = 0u64;
+    for &b in &bytes[..digits] {
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
     }
-    if chunk.size == 0 {
-        return Err(args.bad("chunk of 0 bytes"));
-    }
-    if chunk.offset.checked_add(u64::from(chunk.size)).is_none_or(|end| end > file_size) {
-        return Err(args.bad(format!("chunk {} ends past SIZE {file_size}", chunk.index)));
-    }
-    chunks.push(chunk);
-    Ok(())
+    // The digits and the space are ASCII, so this is a char boundary.
+    Some((n, text.get(digits + 1..)?))
 }
 
 /// The chunks of a complete manifest cover exactly `size` bytes.
@@ -902,6 +994,65 @@ mod tests {
     }
 
     #[test]
+    fn file_part_is_a_checked_run_of_manifest_lines() {
+        let part = |head: &str, lines: &[&str]| {
+            let mut all = vec![head];
+            all.extend_from_slice(lines);
+            resp(&all)
+        };
+        let head = format!("DEFT FILE_PART docs a.bin SIZE:600 CHUNKS:4 HASH:{H} MTIME:-1 MODE:644 FIRST:1 LINES:2");
+        let c1 = format!("CHUNK 1 100 200 {H1}");
+        let c2 = format!("CHUNK 2 300 100 {H}");
+        assert_eq!(
+            part(&head, &[&c1, &c2]).unwrap(),
+            Response::FilePart(FilePart {
+                share: name("docs"),
+                path: path("a.bin"),
+                size: 600,
+                total: 4,
+                file_hash: hash(H),
+                mtime_ns: -1,
+                mode: 0o644,
+                first: 1,
+                chunks: vec![
+                    ChunkLine { index: 1, offset: 100, size: 200, hash: hash(H1) },
+                    ChunkLine { index: 2, offset: 300, size: 100, hash: hash(H) },
+                ],
+            })
+        );
+        // Not contiguous, not numbered from FIRST, past SIZE, more lines
+        // than the manifest has, a last chunk that does not end the file,
+        // a first chunk not at 0.
+        let bad_cases = [
+            (head.clone(), vec![c1.clone(), format!("CHUNK 2 301 100 {H}")]),
+            (head.clone(), vec![format!("CHUNK 2 300 100 {H}"), c2.clone()]),
+            (head.clone(), vec![c1.clone(), format!("CHUNK 2 300 301 {H}")]),
+            (format!("DEFT FILE_PART docs a SIZE:600 CHUNKS:2 HASH:{H} MTIME:0 MODE:0 FIRST:1 LINES:2"), vec![c1.clone(), c2.clone()]),
+            (format!("DEFT FILE_PART docs a SIZE:600 CHUNKS:3 HASH:{H} MTIME:0 MODE:0 FIRST:1 LINES:2"), vec![c1.clone(), c2.clone()]),
+            (format!("DEFT FILE_PART docs a SIZE:600 CHUNKS:3 HASH:{H} MTIME:0 MODE:0 FIRST:0 LINES:1"), vec![format!("CHUNK 0 5 10 {H}")]),
+            (format!("DEFT FILE_PART docs a SIZE:600 CHUNKS:3 HASH:{H} MTIME:0 MODE:0 FIRST:2 LINES:1"), vec![format!("CHUNK 2 1 10 {H}")]),
+        ];
+        for (head, lines) in &bad_cases {
+            let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+            assert!(is_bad_args(part(head, &lines)), "{head} {lines:?}");
+        }
+        // An empty run (a range past the end), and the empty file.
+        let past = format!("DEFT FILE_PART docs a SIZE:600 CHUNKS:4 HASH:{H} MTIME:0 MODE:0 FIRST:4 LINES:0");
+        assert!(matches!(part(&past, &[]), Ok(Response::FilePart(FilePart { first: 4, .. }))));
+        let empty = format!("DEFT FILE_PART docs e SIZE:0 CHUNKS:0 HASH:{H} MTIME:0 MODE:0 FIRST:0 LINES:0");
+        assert!(matches!(part(&empty, &[]), Ok(Response::FilePart(FilePart { size: 0, .. }))));
+        let nothing = format!("DEFT FILE_PART docs e SIZE:5 CHUNKS:0 HASH:{H} MTIME:0 MODE:0 FIRST:0 LINES:0");
+        assert!(is_bad_args(part(&nothing, &[])));
+        let huge = format!("DEFT FILE_PART docs e SIZE:5 CHUNKS:4194305 HASH:{H} MTIME:0 MODE:0 FIRST:0 LINES:0");
+        assert_eq!(part(&huge, &[]), Err(ProtoError::TooManyLines));
+        assert_eq!(
+            req(&["DEFT DESCRIBE_PART docs a.bin OFFSET:0 LENGTH:4194304"]).unwrap(),
+            Request::DescribePart { share: name("docs"), path: path("a.bin"), offset: 0, length: 4 << 20 }
+        );
+        assert!(is_bad_args(req(&["DEFT DESCRIBE_PART docs OFFSET:0 LENGTH:1"])));
+    }
+
+    #[test]
     fn entries_and_stat_ok() {
         let entries = resp(&["DEFT ENTRIES 2", "dir 0 10 755 sub", "file 5 -10 600 sub/n%C3%A9%20e"]).unwrap();
         assert_eq!(
@@ -1218,7 +1369,9 @@ mod tests {
             "DISCOVER",
             "FILES",
             "DESCRIBE",
+            "DESCRIBE_PART",
             "FILE_INFO",
+            "FILE_PART",
             "LIST",
             "ENTRIES",
             "STAT",
@@ -1240,7 +1393,7 @@ mod tests {
         ]);
         let token = prop_oneof![
             "[a-z0-9.%/-]{1,6}",
-            "(SIZE|CHUNKS|HASH|MTIME|MODE|WINDOW_SIZE|NEED|VF|TIME):[0-9a-f,-]{0,6}",
+            "(SIZE|CHUNKS|HASH|MTIME|MODE|WINDOW_SIZE|NEED|VF|TIME|FIRST|LINES|OFFSET|LENGTH):[0-9a-f,-]{0,6}",
             Just(format!("HASH:{H}")),
             Just(H.to_string()),
             "[0-9]{1,20}",
@@ -1256,7 +1409,49 @@ mod tests {
         prop_oneof![head, body, "dir [0-9]{1,3} [0-9]{1,3} [0-7]{3} [a-z.%]{1,5}"]
     }
 
+    /// CHUNK lines near the grammar: numbers at the edges of u32 and u64,
+    /// leading zeros, hashes in either case or malformed, stray spaces.
+    fn chunkish_line() -> impl Strategy<Value = String> {
+        let number = prop_oneof![
+            "[0-9]{1,3}",
+            "0[0-9]{1,25}",
+            Just(u32::MAX.to_string()),
+            Just((u64::from(u32::MAX) + 1).to_string()),
+            Just(u64::MAX.to_string()),
+            Just("18446744073709551616".to_string()),
+            "-?[0-9a-f]{0,3}",
+        ];
+        let hash = prop_oneof![
+            Just(H.to_string()),
+            Just(format!("blake3:{}", "0123456789abcdef".repeat(4))),
+            Just(format!("blake3:{}", "0123456789ABCDEF".repeat(4))),
+            Just(format!("BLAKE3:{}", "0123456789abcdef".repeat(4))),
+            "blake3:[0-9a-fA-Fg ]{62,66}",
+            "\\PC{0,8}",
+        ];
+        let sep = prop_oneof![8 => Just(" ".to_string()), 1 => Just("  ".to_string()), 1 => Just(String::new())];
+        (number.clone(), sep.clone(), number.clone(), sep.clone(), number, sep, hash, prop_oneof![Just(""), Just(" "), Just(" x")])
+            .prop_map(|(i, s1, o, s2, n, s3, h, tail)| format!("CHUNK {i}{s1}{o}{s2}{n}{s3}{h}{tail}"))
+    }
+
     proptest! {
+        /// The fast CHUNK reader never disagrees with the general parser:
+        /// where it reads a line, the parser reads the same fields.
+        #[test]
+        fn chunk_fields_agree_with_the_parser(line in chunkish_line()) {
+            if let Some(fast) = chunk_fields(&line) {
+                prop_assert_eq!(parse_chunk(&line), Ok(fast));
+            }
+        }
+
+        /// And where the parser reads a line, so does the fast reader.
+        #[test]
+        fn chunk_fields_read_every_line_the_parser_reads(line in chunkish_line()) {
+            if let Ok(slow) = parse_chunk(&line) {
+                prop_assert_eq!(chunk_fields(&line), Some(slow));
+            }
+        }
+
         #[test]
         fn arbitrary_lines_never_panic(lines in prop::collection::vec("\\PC{0,60}|DEFT \\PC{0,60}", 0..8)) {
             let mut requests = Decoder::<Request>::default();

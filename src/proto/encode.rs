@@ -12,8 +12,8 @@
 //! fits [`MAX_LINE`].
 
 use super::{
-    Access, AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode, LeaseRow, Name, Request, Response,
-    SharePath, Signature, MAX_LINE,
+    Access, AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode, FilePart, LeaseRow, Name, Request,
+    Response, SharePath, Signature, MAX_LINE,
 };
 use base64::Engine as _;
 use std::fmt::{self, Write as _};
@@ -29,6 +29,9 @@ impl Request {
             Request::Auth { partner } => line(&mut out, format_args!("DEFT AUTH {partner}")),
             Request::Discover => line(&mut out, format_args!("DEFT DISCOVER")),
             Request::Describe { share, path } => line(&mut out, format_args!("DEFT DESCRIBE {share}{}", OptionalPath(path))),
+            Request::DescribePart { share, path, offset, length } => {
+                line(&mut out, format_args!("DEFT DESCRIBE_PART {share} {} OFFSET:{offset} LENGTH:{length}", path.to_wire()))
+            }
             Request::List { share, path } => line(&mut out, format_args!("DEFT LIST {share}{}", OptionalPath(path))),
             Request::Stat { share, path } => line(&mut out, format_args!("DEFT STAT {share}{}", OptionalPath(path))),
             Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks } => {
@@ -116,6 +119,18 @@ impl Response {
                 );
                 chunk_lines(&mut out, chunks);
             }
+            Response::FilePart(FilePart { share, path, size, total, file_hash, mtime_ns, mode, first, chunks }) => {
+                line(
+                    &mut out,
+                    format_args!(
+                        "DEFT FILE_PART {share} {} SIZE:{size} CHUNKS:{total} HASH:{file_hash} MTIME:{mtime_ns} MODE:{:o} FIRST:{first} LINES:{}",
+                        path.to_wire(),
+                        mode & MODE_BITS,
+                        chunks.len(),
+                    ),
+                );
+                chunk_lines(&mut out, chunks);
+            }
             Response::Entries(entries) => {
                 line(&mut out, format_args!("DEFT ENTRIES {}", entries.len()));
                 for entry in entries {
@@ -184,10 +199,40 @@ fn line(out: &mut String, args: fmt::Arguments<'_>) {
     out.push_str("\r\n");
 }
 
+/// CHUNK lines, written without the formatting machinery: a manifest of a
+/// large file is thousands of them, and `format_args!` took most of the
+/// encoding time.
 fn chunk_lines(out: &mut String, chunks: &[ChunkLine]) {
+    // "CHUNK " + three numbers and their spaces + the hash + CRLF.
+    out.reserve(chunks.len() * (6 + 10 + 1 + 20 + 1 + 10 + 1 + 71 + 2));
     for c in chunks {
-        line(out, format_args!("CHUNK {} {} {} {}", c.index, c.offset, c.size, c.hash));
+        out.push_str("CHUNK ");
+        push_decimal(out, u64::from(c.index));
+        out.push(' ');
+        push_decimal(out, c.offset);
+        out.push(' ');
+        push_decimal(out, u64::from(c.size));
+        out.push(' ');
+        let hash = c.hash.to_text();
+        // `to_text` writes ASCII only.
+        out.push_str(std::str::from_utf8(&hash).unwrap_or_default());
+        out.push_str("\r\n");
     }
+}
+
+/// `n` in decimal, without leading zeros.
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
 }
 
 fn completion_line(out: &mut String, c: &Completion) {
@@ -362,7 +407,7 @@ impl std::str::FromStr for ErrorCode {
 }
 
 impl Capability {
-    pub const ALL: [Capability; 7] = [
+    pub const ALL: [Capability; 8] = [
         Capability::Chunked,
         Capability::Parallel,
         Capability::Resume,
@@ -370,6 +415,7 @@ impl Capability {
         Capability::Lock,
         Capability::Sync,
         Capability::Eager,
+        Capability::Part,
     ];
 
     /// Upper-case wire form, e.g. `CHUNKED`.
@@ -382,6 +428,7 @@ impl Capability {
             Capability::Lock => "LOCK",
             Capability::Sync => "SYNC",
             Capability::Eager => "EAGER",
+            Capability::Part => "PART",
         }
     }
 }
@@ -514,6 +561,23 @@ mod tests {
             chunks: vec![ChunkLine { index: 0, offset: 0, size: 2, hash: h }],
         };
         assert_eq!(info.encode(), format!("DEFT FILE_INFO s f SIZE:2 CHUNKS:1 HASH:{h} MTIME:5 MODE:644\r\nCHUNK 0 0 2 {h}\r\n"));
+        let part = Response::FilePart(FilePart {
+            share: name("s"),
+            path: SharePath::parse("f").unwrap(),
+            size: 9,
+            total: 3,
+            file_hash: h,
+            mtime_ns: 5,
+            mode: 0o644,
+            first: 1,
+            chunks: vec![ChunkLine { index: 1, offset: 2, size: 3, hash: h }],
+        });
+        assert_eq!(
+            part.encode(),
+            format!("DEFT FILE_PART s f SIZE:9 CHUNKS:3 HASH:{h} MTIME:5 MODE:644 FIRST:1 LINES:1\r\nCHUNK 1 2 3 {h}\r\n")
+        );
+        let describe = Request::DescribePart { share: name("s"), path: SharePath::root(), offset: 0, length: 7 };
+        assert_eq!(describe.encode(), "DEFT DESCRIBE_PART s . OFFSET:0 LENGTH:7\r\n");
         let nack = Response::ChunkAck { transfer_id: name("t"), index: 4, status: AckStatus::Error("HASH_MISMATCH".into()) };
         assert_eq!(nack.encode(), "DEFT CHUNK_ACK t 4 ERROR HASH_MISMATCH\r\n");
         let put = DataHeader::Put { transfer_id: name("t"), index: 1, size: 9, hash: h };
@@ -633,6 +697,28 @@ mod tests {
         })
     }
 
+    /// A valid FILE_PART: any run of the lines of a valid manifest.
+    fn arb_file_part() -> impl Strategy<Value = FilePart> {
+        (arb_name(), arb_path(), arb_hash(), any::<i64>(), 0u32..=0o7777, arb_manifest(), any::<(usize, usize)>()).prop_map(
+            |(share, path, file_hash, mtime_ns, mode, (size, chunks), (a, b))| {
+                let total = chunks.len();
+                let (from, to) = (a % (total + 1), b % (total + 1));
+                let (from, to) = (from.min(to), from.max(to));
+                FilePart {
+                    share,
+                    path,
+                    size,
+                    total: total as u32,
+                    file_hash,
+                    mtime_ns,
+                    mode,
+                    first: from as u32,
+                    chunks: chunks[from..to].to_vec(),
+                }
+            },
+        )
+    }
+
     fn arb_entry() -> impl Strategy<Value = Entry> {
         (prop::sample::select(vec![EntryKind::File, EntryKind::Dir]), any::<u64>(), any::<i64>(), 0u32..=0o7777, arb_path())
             .prop_map(|(kind, size, mtime_ns, mode, path)| Entry { kind, size, mtime_ns, mode, path })
@@ -650,6 +736,12 @@ mod tests {
             arb_name().prop_map(|partner| Request::Auth { partner }),
             Just(Request::Discover),
             (arb_name(), arb_path()).prop_map(|(share, path)| Request::Describe { share, path }),
+            (arb_name(), arb_path(), any::<u64>(), any::<u64>()).prop_map(|(share, path, offset, length)| Request::DescribePart {
+                share,
+                path,
+                offset,
+                length
+            }),
             (arb_name(), arb_path()).prop_map(|(share, path)| Request::List { share, path }),
             (arb_name(), arb_path()).prop_map(|(share, path)| Request::Stat { share, path }),
             (arb_name(), arb_name(), arb_path(), arb_hash(), arb_manifest()).prop_map(
@@ -746,6 +838,7 @@ mod tests {
                     chunks
                 }
             ),
+            arb_file_part().prop_map(Response::FilePart),
             prop::collection::vec(arb_entry(), 0..5).prop_map(Response::Entries),
             arb_entry().prop_map(Response::StatOk),
             (arb_name(), 1u32.., arb_ranges())

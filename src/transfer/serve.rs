@@ -19,7 +19,8 @@ use crate::db::TransferRecord;
 use crate::fault;
 use crate::node::Node;
 use crate::proto::{
-    self, AckStatus, Capability, Completion, DataHeader, ErrorCode, Name, RangeSet, Request, Response, SharePath, ShareRow,
+    self, AckStatus, Capability, ChunkLine, Completion, DataHeader, ErrorCode, FilePart, Name, RangeSet, Request, Response, SharePath,
+    ShareRow,
 };
 use crate::share::{Share, ShareError};
 use crate::time::Timestamp;
@@ -32,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
-const SERVER_CAPS: [Capability; 4] = [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Eager];
+const SERVER_CAPS: [Capability; 5] = [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Eager, Capability::Part];
 
 /// How long a chunk stream that names a push not begun yet waits for its
 /// BEGIN_TRANSFER (EAGER, PROTOCOL.md 8.3): the two travel on different
@@ -402,6 +403,9 @@ impl Session {
             _ if *phase != Phase::Authed => Some(err(ErrorCode::AuthRequired, "send AUTH first")),
             Request::Discover => Some(self.discover()),
             Request::Describe { share, path } => Some(self.describe(&share, &path).await.unwrap_or_else(|e| e)),
+            Request::DescribePart { share, path, offset, length } => {
+                Some(self.describe_part(&share, &path, offset, length).await.unwrap_or_else(|e| e))
+            }
             Request::List { share, path } => Some(
                 self.share(&share)
                     .and_then(|(s, _)| s.list(&path).map_err(share_err))
@@ -500,6 +504,32 @@ impl Session {
             mode: entry.mode,
             chunks: manifest_to_lines(&manifest),
         })
+    }
+
+    /// DESCRIBE_PART: the chunk lines of the manifest that hold any byte
+    /// of `[offset, offset + length)`, with the whole manifest's head.
+    async fn describe_part(&self, share: &Name, path: &SharePath, offset: u64, length: u64) -> Result<Response, Response> {
+        tracing::debug!(partner = %self.partner, %share, %path, offset, length, "describe part");
+        let s = self.readable(share)?;
+        let real = s.resolve_file(path).map_err(share_err)?;
+        let manifest = self.manifest_of(real).await?;
+        let entry = self.shown(share, s.stat(path).map_err(share_err)?);
+        let end = offset.saturating_add(length);
+        let first = manifest.chunks.partition_point(|c| c.end() <= offset);
+        let last = manifest.chunks.partition_point(|c| c.offset < end).max(first);
+        let last = if length == 0 { first } else { last };
+        let lines = (first..last).zip(&manifest.chunks[first..last]);
+        Ok(Response::FilePart(FilePart {
+            share: share.clone(),
+            path: path.clone(),
+            size: manifest.size,
+            total: manifest.chunks.len() as u32,
+            file_hash: manifest.file_hash,
+            mtime_ns: entry.mtime_ns,
+            mode: entry.mode,
+            first: first as u32,
+            chunks: lines.map(|(i, c)| ChunkLine { index: i as u32, offset: c.offset, size: c.len, hash: c.hash }).collect(),
+        }))
     }
 
     async fn begin(self: Arc<Self>, push: Push) -> Result<Response, Response> {
