@@ -387,7 +387,6 @@ fn pick(actor: &str, rnd: &mut dyn FnMut(usize) -> usize, seq: &mut u64) -> Op {
 }
 
 #[test]
-#[ignore = "finds a known bug (a read can stop at another version's size, docs/SEMANTICS.md) in about one run of three"]
 fn concurrent_operations_from_two_mounts_and_the_serving_node_keep_every_version_whole() {
     let seed: u64 = env_or("DEFTFS_MULTI_SEED", 0x3417_0001);
     let ops: usize = env_or("DEFTFS_MULTI_OPS", 300);
