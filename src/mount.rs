@@ -456,7 +456,16 @@ async fn watch_loop(vfs: Arc<Vfs>, root: Root) {
             let started = std::time::Instant::now();
             let v1 = vfs.clone();
             let v2 = vfs.clone();
-            let why = vfs.remote.watch(&shares, &move || v1.set_watching(true), &move |share, path| v2.changed(share, path)).await;
+            let ready = move || {
+                v1.set_watching(true);
+                // The watch start dropped every listing; the root's is the
+                // first any path through the mount needs (a lookup lists
+                // the parent): ask for it now rather than in the user's
+                // first `stat`, a round trip or two (LIST, LOCKS) later.
+                let v = v1.clone();
+                tokio::spawn(async move { v.warm_root().await });
+            };
+            let why = vfs.remote.watch(&shares, &ready, &move |share, path| v2.changed(share, path)).await;
             vfs.set_watching(false);
             // Whatever changed while the watch was down is not known.
             for s in &shares {

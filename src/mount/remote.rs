@@ -682,8 +682,9 @@ impl Remote {
         }
     }
 
-    /// Open a watch connection for `shares`, call `on_ready` once the
-    /// partner watches them all, then `on_change(share, path)` for every
+    /// Open a watch connection for `shares`; once the partner watches them
+    /// all, call `on_change(share, root)` for each (what changed before is
+    /// not known), then `on_ready`, then `on_change(share, path)` for every
     /// CHANGED line, until the connection fails. Returns why it stopped.
     pub async fn watch(
         &self,
@@ -702,11 +703,12 @@ impl Remote {
                 Err(e) => return self.offline(e),
             }
         }
-        on_ready();
-        // Whatever changed while we were not watching.
+        // Whatever changed while we were not watching; dropped before
+        // `on_ready`, so that what is asked for from there on is kept.
         for share in shares {
             on_change(share, &SharePath::root());
         }
+        on_ready();
         loop {
             match link.reader.recv().await {
                 Ok(Response::Changed { share, path }) => on_change(&share, &path),

@@ -712,6 +712,14 @@ impl Vfs {
         self.cached_attr(ino)
     }
 
+    /// List the root now, so that the first lookup through the mount finds
+    /// it listed (see the watch loop in [`super`]).
+    pub async fn warm_root(&self) {
+        if let Err(e) = self.children(ROOT_INO).await {
+            tracing::debug!(partner = %self.remote.partner(), "root not listed ahead of use: {e:?}");
+        }
+    }
+
     /// (name, attr) of every child, for readdir.
     pub async fn readdir(&self, ino: Ino) -> Result<Vec<(String, Attr)>, Errno> {
         let children = self.children(ino).await?;
