@@ -56,6 +56,9 @@ const HOT_CHUNKS: usize = 16;
 /// handle included): the chunks of the next MiB are asked for at once, in
 /// parallel, rather than one or two at a time while the window grows.
 const FIRST_AHEAD: u64 = 1 << 20;
+/// The kernel's first read of a file read from its start: FUSE asks for
+/// 128 KiB at most per read (its readahead window).
+const FIRST_READ: u64 = 128 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -836,6 +839,18 @@ impl Vfs {
                 None => false,
             }
         };
+        if !keep {
+            // A fresh open is most often followed by a read at offset 0
+            // (`cat`, `cp`, `head`, `file`): ask for the chunk(s) of the
+            // kernel's first read now, a round trip before that read
+            // reaches us, which then waits on this fetch instead of asking.
+            // Only those: a random reader fetches one chunk it may not touch,
+            // not the first read's whole readahead.
+            let first: Vec<u32> = Self::covering(&manifest, 0, FIRST_READ.min(manifest.size)).map(|i| i as u32).collect();
+            if !first.is_empty() {
+                self.remote.prefetch(share.clone(), path.clone(), manifest.clone(), first);
+            }
+        }
         lock(&self.handles)
             .insert(fh, Handle::Read(ReadHandle { share, path, manifest, rest, _hold: hold, last_end: 0, run: 0, ahead_until: 0 }));
         Ok((fh, keep))
