@@ -490,4 +490,27 @@ fn a_resave_through_a_mount_sends_its_manifest_relative_to_the_base() {
     // under the ~750 KB of a whole manifest each way.
     assert!(to < 200_000, "{to} bytes went to the serving node for a 4 KiB edit ({sent} of them chunks)");
     assert!(from < 100_000, "{from} bytes came back for a 4 KiB edit");
+
+    // A change of the file's mode on the serving node makes the mount drop
+    // what it knew of the file; the content is the same, so the next edit
+    // learns that from the file hash alone (DESCRIBE_PART of no bytes), not
+    // from a DESCRIBE of ~750 KB.
+    use std::os::unix::fs::PermissionsExt;
+    // After the serving node's watch (every second) has seen the push, so
+    // that it tells the change apart from the push it made itself.
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::set_permissions(files.join("big.bin"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The serving node's watch looks every second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = relay.stats();
+    let f = std::fs::OpenOptions::new().write(true).open(mnt.join("big.bin")).unwrap();
+    f.write_all_at(&patch, 2 * MIB as u64).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let after = relay.stats();
+    data[2 * MIB..2 * MIB + 4096].copy_from_slice(&patch);
+    assert_eq!(std::fs::read(files.join("big.bin")).unwrap(), data, "the serving node has the second edit");
+    let (to, from) = (after.to_target.bytes - before.to_target.bytes, after.to_client.bytes - before.to_client.bytes);
+    assert!(to < 200_000, "{to} bytes went to the serving node for the second edit");
+    assert!(from < 100_000, "{from} bytes came back for the second edit: the manifest was described again");
 }

@@ -554,6 +554,7 @@ impl Vfs {
                     if let Some(n) = inodes.by_ino.get_mut(&ino) {
                         n.size = report.bytes_total;
                         n.mtime_ns = mtime_ns;
+                        n.known = known.clone().or(n.known.take());
                         n.manifest = known;
                         n.cached_version = None;
                         parent = Some(n.parent);
