@@ -68,6 +68,54 @@ pub enum Capability {
     Eager,
     /// DESCRIBE_PART and FILE_PART: a range of a manifest.
     Part,
+    /// BEGIN_TRANSFER with `BASE:<hash>` may give its manifest relative to
+    /// the base version's, runs of its chunks as SAME lines (PROTOCOL.md 8.1).
+    Same,
+}
+
+/// The manifest a BEGIN_TRANSFER carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushManifest {
+    /// One CHUNK line per chunk, checked as FILE_INFO's are.
+    Whole(Vec<ChunkLine>),
+    /// `LINES:<n>` (capability SAME): CHUNK lines and SAME lines, which
+    /// stand for runs of chunks of the BASE version's manifest. `chunks` is
+    /// the number of chunks of the manifest they describe. Only the receiver,
+    /// which knows the base's manifest, can expand it (and check the sizes
+    /// and HASH); the decoder checks that the lines number the chunks 0, 1,
+    /// 2, ... up to `chunks`.
+    Relative { chunks: u32, lines: Vec<RelativeLine> },
+}
+
+impl PushManifest {
+    /// Chunks in the manifest described.
+    pub fn chunk_count(&self) -> u32 {
+        match self {
+            PushManifest::Whole(lines) => lines.len() as u32,
+            PushManifest::Relative { chunks, .. } => *chunks,
+        }
+    }
+}
+
+/// A body line of a relative manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelativeLine {
+    /// `CHUNK <index> <offset> <size> <hash>`: a chunk given in full.
+    Chunk(ChunkLine),
+    /// `SAME <index> <base_index> <count>`: chunks `index..index + count`
+    /// have the sizes and hashes of the base manifest's chunks
+    /// `base_index..base_index + count`, and follow each other.
+    Same { index: u32, base_index: u32, count: u32 },
+}
+
+impl RelativeLine {
+    /// The index of the chunk after the ones this line gives.
+    pub fn end(&self) -> u64 {
+        match self {
+            RelativeLine::Chunk(c) => u64::from(c.index) + 1,
+            RelativeLine::Same { index, count, .. } => u64::from(*index) + u64::from(*count),
+        }
+    }
 }
 
 /// A FILE_PART: the head of a FILE_INFO (the whole manifest's chunk count
@@ -244,7 +292,8 @@ pub enum Request {
     /// followed by CHUNKS `CHUNK` lines: the manifest of the file to push.
     /// Optional trailing fields: `BASE:<hash>|BASE:-` (see [`Base`]),
     /// `FENCE:<token>` (the writer's lease token for the path), then the
-    /// new version's `MODE:<octal>` and `MTIME:<ns>`.
+    /// new version's `MODE:<octal>` and `MTIME:<ns>`, then `LINES:<n>` for
+    /// a manifest relative to the base's ([`PushManifest::Relative`]).
     BeginTransfer {
         transfer_id: Name,
         share: Name,
@@ -255,7 +304,7 @@ pub enum Request {
         fence: Option<u64>,
         mode: Option<u32>,
         mtime_ns: Option<i64>,
-        chunks: Vec<ChunkLine>,
+        manifest: PushManifest,
     },
     /// `DEFT GET <transfer_id> <share> <path> <file_hash> CHUNKS <ranges>`
     Get { transfer_id: Name, share: Name, path: SharePath, file_hash: Hash, chunks: RangeSet },

@@ -8,6 +8,7 @@
 
 pub mod assemble;
 pub mod client;
+pub mod relative;
 pub mod serve;
 pub mod window;
 
@@ -120,6 +121,20 @@ pub fn manifest_from_lines(size: u64, file_hash: crate::hash::Hash, lines: &[Chu
     let m = Manifest { size, file_hash, chunks: lines.iter().map(|l| ChunkRef { offset: l.offset, len: l.size, hash: l.hash }).collect() };
     m.validate(MAX_CHUNK).map_err(|e| TransferError::BadManifest { partner: partner.to_string(), detail: e.to_string() })?;
     Ok(m)
+}
+
+/// Rebuild and check a manifest a peer sent relative to `base`, the
+/// manifest of the version its BASE names ([`relative::expand`]).
+pub fn manifest_from_relative(
+    size: u64,
+    file_hash: crate::hash::Hash,
+    chunks: u32,
+    lines: &[crate::proto::RelativeLine],
+    base: &Manifest,
+    partner: &str,
+) -> Result<Manifest, TransferError> {
+    relative::expand(size, file_hash, chunks, lines, base, MAX_CHUNK)
+        .map_err(|e| TransferError::BadManifest { partner: partner.to_string(), detail: e.to_string() })
 }
 
 /// The facts both sides know about a finished transfer, to sign or check.

@@ -356,7 +356,7 @@ impl Writeback {
             error: None,
             queued_ns: Timestamp::now().0,
         };
-        let outcome = self.push_entry(&entry, options.manifest, options.mode).await;
+        let outcome = self.push_entry(&entry, options.manifest, options.mode, options.base_manifest).await;
         if let Outcome::Conflict { .. } = outcome {
             self.finish(&entry, &outcome);
         }
@@ -506,7 +506,7 @@ impl Writeback {
             lock(&self.busy).remove(&id);
             return Outcome::Queued("not in the queue".into());
         };
-        let outcome = self.push_entry(&entry, manifest, None).await;
+        let outcome = self.push_entry(&entry, manifest, None, None).await;
         lock(&self.busy).remove(&id);
         self.finish(&entry, &outcome);
         if matches!(outcome, Outcome::Pushed(_) | Outcome::Conflict { .. }) {
@@ -515,11 +515,17 @@ impl Writeback {
         outcome
     }
 
-    async fn push_entry(&self, entry: &Entry, manifest: Option<Arc<Manifest>>, mode: Option<u32>) -> Outcome {
+    async fn push_entry(
+        &self,
+        entry: &Entry,
+        manifest: Option<Arc<Manifest>>,
+        mode: Option<u32>,
+        base_manifest: Option<Arc<Manifest>>,
+    ) -> Outcome {
         let (Ok(share), Ok(path)) = (Name::new(&entry.share), SharePath::parse(&entry.path)) else {
             return Outcome::Failed { code: "BAD_PATH", message: format!("{}:{} is not a valid share path", entry.share, entry.path) };
         };
-        let options = PushOptions { base: parse_base(&entry.base), fence: entry.fence, manifest: manifest.clone(), mode };
+        let options = PushOptions { base: parse_base(&entry.base), fence: entry.fence, manifest: manifest.clone(), mode, base_manifest };
         match self.push(&entry.partner, &share, &path, &entry.data, options).await {
             Ok(report) => {
                 tracing::info!(partner = %entry.partner, %share, %path, bytes_sent = report.bytes_sent, "write-back pushed");
@@ -534,7 +540,7 @@ impl Writeback {
                     let Some(copy) = conflict_name(&path, &node, at, n) else {
                         return Outcome::Failed { code: "CONFLICT", message };
                     };
-                    let options = PushOptions { base: Base::Absent, fence: None, manifest: manifest.clone(), mode };
+                    let options = PushOptions { base: Base::Absent, fence: None, manifest: manifest.clone(), mode, base_manifest: None };
                     match self.push(&entry.partner, &share, &copy, &entry.data, options).await {
                         Ok(report) => {
                             tracing::warn!(partner = %entry.partner, %share, %path, %copy, "conflict: {message}; your version was saved as {copy}");

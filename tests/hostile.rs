@@ -13,7 +13,7 @@ mod common;
 use common::*;
 use deftfs::chunk::ChunkRef;
 use deftfs::hash::Hash;
-use deftfs::proto::{AckStatus, Base, ChunkLine, ErrorCode, Name, Request, Response, SharePath};
+use deftfs::proto::{AckStatus, Base, ChunkLine, ErrorCode, Name, PushManifest, Request, Response, SharePath};
 use deftfs::transport::{Control, Endpoint};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -254,12 +254,13 @@ impl Upload {
             fence: None,
             mode: None,
             mtime_ns: None,
-            chunks: self
-                .chunks
-                .iter()
-                .enumerate()
-                .map(|(i, c)| ChunkLine { index: i as u32, offset: c.offset, size: c.len, hash: c.hash })
-                .collect(),
+            manifest: PushManifest::Whole(
+                self.chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| ChunkLine { index: i as u32, offset: c.offset, size: c.len, hash: c.hash })
+                    .collect(),
+            ),
         }
         .encode()
     }
@@ -545,6 +546,89 @@ fn lying_pushes_are_refused_or_nacked_and_never_assembled() {
         temp_files(&lab.inbox).len()
     );
     lab.still_serves("pushes left open");
+}
+
+/// SAME (PROTOCOL.md 8.1): a push may give its manifest relative to the
+/// base version's, only if both sides named SAME, only against the version
+/// the target has, and only if the expanded manifest is the one HASH names.
+#[test]
+fn relative_manifests_that_lie_are_refused_and_an_honest_one_is_a_delta() {
+    let mut lab = Lab::new("hostile-same");
+    let old = Upload::new(&[100_000, 100_000, 50_000], 9);
+    let mut new = Upload { data: old.data.clone(), chunks: old.chunks.clone() };
+    for b in &mut new.data[100_000..200_000] {
+        *b ^= 0x5a;
+    }
+    new.chunks[1].hash = Hash::of(&new.data[100_000..200_000]);
+    let (base, h) = (old.file_hash(), new.file_hash());
+    let begin = |id: &str, base: Hash, hash: Hash, chunks: u32, lines: &[String]| {
+        let mut text =
+            format!("DEFT BEGIN_TRANSFER {id} inbox rel.bin SIZE:250000 CHUNKS:{chunks} HASH:{hash} BASE:{base} LINES:{}\r\n", lines.len());
+        for l in lines {
+            text.push_str(l);
+            text.push_str("\r\n");
+        }
+        text
+    };
+    let honest = ["SAME 0 0 1".to_string(), format!("CHUNK 1 100000 100000 {}", new.chunks[1].hash), "SAME 2 2 1".to_string()];
+    let mut raw = lab.connect();
+    lab.rt.block_on(async {
+        raw.handshake().await;
+        raw.send(&old.begin("t-old", "inbox", "rel.bin")).await;
+        assert!(matches!(raw.next().await, Response::TransferAccepted { .. }));
+        for i in 0..3u32 {
+            raw.put("t-old", i, old.chunks[i as usize].len, old.chunks[i as usize].hash, old.bytes(i as usize), true).await;
+        }
+        while !matches!(raw.next().await, Response::TransferComplete(_)) {}
+        // This connection did not name SAME in its HELLO.
+        raw.refused(&begin("t-unasked", base, h, 3, &honest), ErrorCode::BadRequest).await;
+    });
+    assert_eq!(std::fs::read(lab.inbox.join("rel.bin")).unwrap(), old.data);
+    lab.still_serves("a relative manifest on a session without SAME");
+
+    let mut raw = lab.connect();
+    lab.rt.block_on(async {
+        raw.send("DEFT HELLO 1.0 CHUNKED,PARALLEL,RESUME,SAME WINDOW_SIZE:64\r\n").await;
+        match raw.next().await {
+            Response::Welcome { caps, .. } => assert!(caps.contains(&deftfs::proto::Capability::Same), "{caps:?}"),
+            other => panic!("HELLO: {other:?}"),
+        }
+        raw.send("DEFT AUTH mallory\r\n").await;
+        assert!(matches!(raw.next().await, Response::AuthOk { .. }));
+        // Runs the base does not have, up to the largest count a head may
+        // announce.
+        raw.refused(&begin("t-past", base, h, 4, &["SAME 0 0 4".to_string()]), ErrorCode::BadRequest).await;
+        raw.refused(&begin("t-far", base, h, 3, &["SAME 0 4000000000 3".to_string()]), ErrorCode::BadRequest).await;
+        raw.refused(&begin("t-huge", base, h, 4_194_304, &["SAME 0 0 4194304".to_string()]), ErrorCode::BadRequest).await;
+        // Lines that expand to another manifest than HASH names (the base
+        // itself, claimed to be the new version).
+        raw.refused(&begin("t-hash", base, h, 3, &["SAME 0 0 3".to_string()]), ErrorCode::BadRequest).await;
+        // Sizes that do not add up to SIZE once expanded.
+        let short = ["SAME 0 0 1".to_string(), format!("CHUNK 1 100000 99999 {}", new.chunks[1].hash), "SAME 2 2 1".to_string()];
+        raw.refused(&begin("t-short", base, h, 3, &short), ErrorCode::BadRequest).await;
+        // A base that is not the target's version.
+        raw.refused(&begin("t-base", h, h, 3, &honest), ErrorCode::Conflict).await;
+        // The honest one: only the changed chunk is needed.
+        raw.send(&begin("t-new", base, h, 3, &honest)).await;
+        match raw.next().await {
+            Response::TransferAccepted { need, .. } => assert_eq!(need.iter().collect::<Vec<_>>(), vec![1]),
+            other => panic!("an honest relative manifest: {other:?}"),
+        }
+        raw.put("t-new", 1, 100_000, new.chunks[1].hash, new.bytes(1), true).await;
+        loop {
+            match raw.next().await {
+                Response::TransferComplete(c) => {
+                    assert_eq!(c.file_hash, h);
+                    break;
+                }
+                Response::ChunkAck { status: AckStatus::Ok, .. } | Response::ChunkAckBatch { .. } => {}
+                other => panic!("completing t-new: {other:?}"),
+            }
+        }
+    });
+    assert_eq!(std::fs::read(lab.inbox.join("rel.bin")).unwrap(), new.data);
+    assert!(temp_files(&lab.inbox).is_empty(), "refused pushes left {:?}", temp_files(&lab.inbox));
+    lab.still_serves("relative manifests");
 }
 
 /// EAGER (PROTOCOL.md 8.3): chunks sent before their BEGIN_TRANSFER is

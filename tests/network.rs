@@ -440,3 +440,77 @@ fn drop_kernel_cache(path: &Path) {
     let rc = unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
     assert_eq!(rc, 0, "posix_fadvise");
 }
+
+/// A re-save through a mount sends its manifest relative to the version it
+/// replaces (capability SAME, PROTOCOL.md 8.1): runs of unchanged chunks as
+/// SAME lines, not one CHUNK line per chunk. Small chunks make the manifest
+/// of an 8 MiB file about 8,000 lines (~750 KB); a 4 KiB edit changes a few
+/// chunks of ~1 KiB. Everything that crosses the relay during the edit is
+/// counted, both ways: the whole manifest alone would be over the bound.
+#[test]
+fn a_resave_through_a_mount_sends_its_manifest_relative_to_the_base() {
+    let root = TempDir::new("net-same");
+    let a = TestNode::init(root.path(), "alice");
+    let b = TestNode::init(root.path(), "bob");
+    let relay = Relay::start(b.endpoint().parse().expect("bob's endpoint"));
+    a.trust_at(&b, &relay.addr().to_string());
+    b.trust(&a);
+    for node in [&a, &b] {
+        let path = node.home.join("config.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{text}\n[storage]\nchunk_min = 256\nchunk_avg = 1024\nchunk_max = 4096\n")).unwrap();
+    }
+    let files = root.path().join("bob-files");
+    std::fs::create_dir_all(&files).unwrap();
+    b.ok(&["share", "add", "files", files.to_str().unwrap(), "--partner", "alice", "--access", "read-write"]);
+    let _b_daemon = b.start();
+    let _a_daemon = a.start();
+    let mnt = root.path().join("mnt");
+    let _guard = mount_at(&a, "bob:files", &mnt, &[]);
+
+    let mut data = random_bytes(8 * MIB, 41);
+    std::fs::write(mnt.join("big.bin"), &data).unwrap();
+    assert_eq!(std::fs::read(files.join("big.bin")).unwrap(), data);
+    let chunks = a.json(&["history", "--limit", "5"])[0]["chunks_total"].as_u64().unwrap();
+    assert!(chunks > 5000, "the file has {chunks} chunks: not enough for the manifest to show");
+
+    let before = relay.stats();
+    let patch = random_bytes(4096, 42);
+    let f = std::fs::OpenOptions::new().write(true).open(mnt.join("big.bin")).unwrap();
+    f.write_all_at(&patch, 4 * MIB as u64).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let after = relay.stats();
+    data[4 * MIB..4 * MIB + 4096].copy_from_slice(&patch);
+    assert_eq!(std::fs::read(files.join("big.bin")).unwrap(), data, "the serving node has the edit");
+    let sent = last_push_bytes(&a, "big.bin");
+    assert!(sent < 64 * 1024, "the edit sent {sent} bytes of chunks");
+    let (to, from) = (after.to_target.bytes - before.to_target.bytes, after.to_client.bytes - before.to_client.bytes);
+    // Chunks, the lease, the push's lines and QUIC's own packets: well
+    // under the ~750 KB of a whole manifest each way.
+    assert!(to < 200_000, "{to} bytes went to the serving node for a 4 KiB edit ({sent} of them chunks)");
+    assert!(from < 100_000, "{from} bytes came back for a 4 KiB edit");
+
+    // A change of the file's mode on the serving node makes the mount drop
+    // what it knew of the file; the content is the same, so the next edit
+    // learns that from the file hash alone (DESCRIBE_PART of no bytes), not
+    // from a DESCRIBE of ~750 KB.
+    use std::os::unix::fs::PermissionsExt;
+    // After the serving node's watch (every second) has seen the push, so
+    // that it tells the change apart from the push it made itself.
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::set_permissions(files.join("big.bin"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The serving node's watch looks every second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = relay.stats();
+    let f = std::fs::OpenOptions::new().write(true).open(mnt.join("big.bin")).unwrap();
+    f.write_all_at(&patch, 2 * MIB as u64).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let after = relay.stats();
+    data[2 * MIB..2 * MIB + 4096].copy_from_slice(&patch);
+    assert_eq!(std::fs::read(files.join("big.bin")).unwrap(), data, "the serving node has the second edit");
+    let (to, from) = (after.to_target.bytes - before.to_target.bytes, after.to_client.bytes - before.to_client.bytes);
+    assert!(to < 200_000, "{to} bytes went to the serving node for the second edit");
+    assert!(from < 100_000, "{from} bytes came back for the second edit: the manifest was described again");
+}

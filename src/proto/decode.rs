@@ -19,7 +19,7 @@
 
 use super::{
     AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, ErrorCode, FilePart, LeaseRow, Name, NameError, PathError,
-    Request, Response, SharePath, ShareRow, MAX_BODY_LINES, MAX_LINE,
+    PushManifest, RelativeLine, Request, Response, SharePath, ShareRow, MAX_BODY_LINES, MAX_LINE,
 };
 use Field::{Bare, Tagged};
 
@@ -184,10 +184,21 @@ impl sealed::Grammar for Request {
                 let fence = if args.peek_tag("FENCE") { Some(args.unsigned(Tagged("FENCE"))?) } else { None };
                 let mode = if args.peek_tag("MODE") { Some(args.mode(Tagged("MODE"))?) } else { None };
                 let mtime_ns = if args.peek_tag("MTIME") { Some(args.signed(Tagged("MTIME"))?) } else { None };
+                let relative = if args.peek_tag("LINES") { Some(args.line_count(Tagged("LINES"))?) } else { None };
                 args.end()?;
-                let chunks = with_capacity_for(count);
-                let begin = Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks };
-                return Ok((begin, count));
+                let (manifest, lines) = match relative {
+                    None => (PushManifest::Whole(with_capacity_for(count)), count),
+                    // A relative manifest names runs of the base's chunks:
+                    // there must be a base version to name.
+                    Some(_) if !matches!(base, Base::Version(_)) => return Err(args.bad("LINES without BASE:<hash>")),
+                    // `count` is at most MAX_BODY_LINES, so it fits a u32.
+                    Some(lines) => {
+                        let chunks = u32::try_from(count).map_err(|_| ProtoError::TooManyLines)?;
+                        (PushManifest::Relative { chunks, lines: with_capacity_for(lines) }, lines)
+                    }
+                };
+                let begin = Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest };
+                return Ok((begin, lines));
             }
             "GET" => Request::Get {
                 transfer_id: args.name("transfer id")?,
@@ -242,7 +253,10 @@ impl sealed::Grammar for Request {
 
     fn push_body(&mut self, line: &str) -> Result<(), ProtoError> {
         match self {
-            Request::BeginTransfer { size, chunks, .. } => push_chunk(chunks, 0, *size, line),
+            Request::BeginTransfer { size, manifest: PushManifest::Whole(chunks), .. } => push_chunk(chunks, 0, *size, line),
+            Request::BeginTransfer { size, manifest: PushManifest::Relative { chunks, lines }, .. } => {
+                push_relative(lines, *chunks, *size, line)
+            }
             // Only BEGIN_TRANSFER announces body lines.
             _ => Err(ProtoError::BadBodyLine(excerpt(line))),
         }
@@ -250,7 +264,23 @@ impl sealed::Grammar for Request {
 
     fn finish(&self) -> Result<(), ProtoError> {
         match self {
-            Request::BeginTransfer { size, chunks, .. } => check_coverage("BEGIN_TRANSFER", chunks, *size),
+            Request::BeginTransfer { size, manifest: PushManifest::Whole(chunks), .. } => check_coverage("BEGIN_TRANSFER", chunks, *size),
+            Request::BeginTransfer { size, manifest: PushManifest::Relative { chunks, lines }, .. } => {
+                let bad = |detail: String| Err(ProtoError::BadArgs { verb: "BEGIN_TRANSFER".to_string(), detail });
+                let given = lines.last().map_or(0, RelativeLine::end);
+                if given != u64::from(*chunks) {
+                    return bad(format!("lines give {given} chunks but CHUNKS is {chunks}"));
+                }
+                // Where the last chunk ends is known only if a CHUNK line
+                // gives it; after a SAME, the receiver checks it.
+                match lines.last() {
+                    Some(RelativeLine::Chunk(c)) if c.offset + u64::from(c.size) != *size => {
+                        bad(format!("chunks cover {} bytes but SIZE is {size}", c.offset + u64::from(c.size)))
+                    }
+                    None if *size != 0 => bad(format!("chunks cover 0 bytes but SIZE is {size}")),
+                    _ => Ok(()),
+                }
+            }
             _ => Ok(()),
         }
     }
@@ -482,6 +512,61 @@ fn push_chunk(chunks: &mut Vec<ChunkLine>, first: u32, file_size: u64, line: &st
         return Err(bad(format!("chunk {} ends past SIZE {file_size}", chunk.index)));
     }
     chunks.push(chunk);
+    Ok(())
+}
+
+/// Add a body line of a relative manifest of `total` chunks and
+/// `file_size` bytes: a CHUNK line as [`push_chunk`] takes it (its offset
+/// is checked when the line before it gives where it starts: nothing or a
+/// CHUNK line), or `SAME <index> <base_index> <count>`. Either must give the
+/// next chunk, and none may give a chunk past `total`. What a SAME stands
+/// for is only known to the receiver, which expands and checks it.
+fn push_relative(lines: &mut Vec<RelativeLine>, total: u32, file_size: u64, line: &str) -> Result<(), ProtoError> {
+    let expected_index = lines.last().map_or(0, RelativeLine::end);
+    let bad = |verb: &str, detail: String| ProtoError::BadArgs { verb: verb.to_string(), detail };
+    let next = if let Some(rest) = line.strip_prefix("SAME ") {
+        let mut args = Args::body("SAME", rest);
+        let (index, base_index, count): (u32, u32, u32) =
+            (args.unsigned(Bare("index"))?, args.unsigned(Bare("base index"))?, args.unsigned(Bare("count"))?);
+        args.end()?;
+        if u64::from(index) != expected_index {
+            return Err(bad("SAME", format!("index {index}, expected {expected_index}")));
+        }
+        if count == 0 {
+            return Err(bad("SAME", "a run of 0 chunks".to_string()));
+        }
+        if u64::from(base_index) + u64::from(count) > u64::from(u32::MAX) {
+            return Err(bad("SAME", format!("base chunks {base_index} + {count} past the last index a manifest can have")));
+        }
+        RelativeLine::Same { index, base_index, count }
+    } else {
+        let chunk = match chunk_fields(line) {
+            Some(chunk) => chunk,
+            None => parse_chunk(line)?,
+        };
+        if u64::from(chunk.index) != expected_index {
+            return Err(bad("CHUNK", format!("index {}, expected {expected_index}", chunk.index)));
+        }
+        let expected_offset = match lines.last() {
+            None => Some(0),
+            Some(RelativeLine::Chunk(c)) => Some(c.offset + u64::from(c.size)),
+            Some(RelativeLine::Same { .. }) => None,
+        };
+        if let Some(expected) = expected_offset.filter(|o| *o != chunk.offset) {
+            return Err(bad("CHUNK", format!("offset {}, expected {expected}", chunk.offset)));
+        }
+        if chunk.size == 0 {
+            return Err(bad("CHUNK", "chunk of 0 bytes".to_string()));
+        }
+        if chunk.offset.checked_add(u64::from(chunk.size)).is_none_or(|end| end > file_size) {
+            return Err(bad("CHUNK", format!("chunk {} ends past SIZE {file_size}", chunk.index)));
+        }
+        RelativeLine::Chunk(chunk)
+    };
+    if next.end() > u64::from(total) {
+        return Err(bad("BEGIN_TRANSFER", format!("lines give more than CHUNKS ({total}) chunks")));
+    }
+    lines.push(next);
     Ok(())
 }
 
@@ -1089,12 +1174,82 @@ mod tests {
                 fence: None,
                 mode: None,
                 mtime_ns: None,
-                chunks: vec![
+                manifest: PushManifest::Whole(vec![
                     ChunkLine { index: 0, offset: 0, size: 4, hash: hash(H) },
                     ChunkLine { index: 1, offset: 4, size: 6, hash: hash(H1) },
+                ]),
+            }
+        );
+    }
+
+    #[test]
+    fn begin_transfer_with_a_manifest_relative_to_its_base() {
+        let head = format!("DEFT BEGIN_TRANSFER t s f SIZE:20 CHUNKS:5 HASH:{H} BASE:{H1} MTIME:7 LINES:3");
+        let lines = ["SAME 0 0 2".to_string(), format!("CHUNK 2 14 3 {H}"), "SAME 3 9 2".to_string()];
+        let begin = req(&[&head, &lines[0], &lines[1], &lines[2]]).unwrap();
+        let Request::BeginTransfer { base, mtime_ns, manifest, .. } = &begin else { panic!("{begin:?}") };
+        assert_eq!((*base, *mtime_ns), (Base::Version(hash(H1)), Some(7)));
+        assert_eq!(
+            *manifest,
+            PushManifest::Relative {
+                chunks: 5,
+                lines: vec![
+                    RelativeLine::Same { index: 0, base_index: 0, count: 2 },
+                    RelativeLine::Chunk(ChunkLine { index: 2, offset: 14, size: 3, hash: hash(H) }),
+                    RelativeLine::Same { index: 3, base_index: 9, count: 2 },
                 ],
             }
         );
+        assert_eq!(begin.encode(), format!("{head}\r\n{}\r\n", lines.join("\r\n")));
+        // No lines for a file whose chunks are all the base's in one run.
+        let one = format!("DEFT BEGIN_TRANSFER t s f SIZE:20 CHUNKS:4 HASH:{H} BASE:{H1} LINES:1");
+        assert!(req(&[&one, "SAME 0 3 4"]).is_ok());
+        let empty = format!("DEFT BEGIN_TRANSFER t s f SIZE:0 CHUNKS:0 HASH:{H} BASE:{H1} LINES:0");
+        assert!(req(&[&empty]).is_ok());
+    }
+
+    #[test]
+    fn relative_manifest_refusals() {
+        let head = |lines: usize| format!("DEFT BEGIN_TRANSFER t s f SIZE:10 CHUNKS:3 HASH:{H} BASE:{H1} LINES:{lines}");
+        let cases: Vec<Vec<String>> = vec![
+            vec!["SAME 1 0 3".into()],                                                         // does not start at chunk 0
+            vec!["SAME 0 0 2".into(), "SAME 1 0 2".into()],                                    // overlaps
+            vec!["SAME 0 0 2".into(), "SAME 3 0 1".into()],                                    // skips a chunk
+            vec!["SAME 0 0 4".into()],                                                         // past CHUNKS
+            vec!["SAME 0 0 2".into()],                                                         // short of CHUNKS
+            vec!["SAME 0 0 0".into(), "SAME 0 0 3".into()],                                    // empty run
+            vec!["SAME 0 4294967295 3".into()],                                                // base index overflows
+            vec!["SAME 0 0 3 4".into()],                                                       // extra token
+            vec!["SAME 0 0".into()],                                                           // missing count
+            vec!["SAME 0 -1 3".into()],                                                        // signed
+            vec![format!("CHUNK 0 1 4 {H}"), "SAME 1 0 2".into()],                             // first chunk not at 0
+            vec![format!("CHUNK 0 0 4 {H}"), format!("CHUNK 1 5 6 {H}"), "SAME 2 0 1".into()], // gap
+            vec!["SAME 0 0 2".into(), format!("CHUNK 2 4 7 {H}")],                             // past SIZE
+            vec!["SAME 0 0 2".into(), format!("CHUNK 2 4 5 {H}")],                             // ends short of SIZE
+            vec!["SAME 0 0 2".into(), format!("CHUNK 2 4 0 {H}")],                             // empty chunk
+        ];
+        for lines in &cases {
+            let mut all = vec![head(lines.len())];
+            all.extend(lines.iter().cloned());
+            let got = req(&all.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(is_bad_args(got.clone()), "{lines:?}: {got:?}");
+        }
+        // A relative manifest needs a base version to be relative to.
+        for base in ["", " BASE:-"] {
+            let head = format!("DEFT BEGIN_TRANSFER t s f SIZE:10 CHUNKS:1 HASH:{H}{base} LINES:1");
+            assert!(is_bad_args(req(&[&head, "SAME 0 0 1"])), "{head}");
+        }
+        // SAME is no line of a whole manifest, nor of any response.
+        let whole = format!("DEFT BEGIN_TRANSFER t s f SIZE:10 CHUNKS:1 HASH:{H} BASE:{H1}");
+        assert!(req(&[&whole, "SAME 0 0 1"]).is_err());
+        let info = format!("DEFT FILE_INFO s f SIZE:10 CHUNKS:1 HASH:{H} MTIME:0 MODE:0");
+        assert!(resp(&[&info, "SAME 0 0 1"]).is_err());
+        // Counts past the limit are refused before any line is read.
+        let over = MAX_BODY_LINES + 1;
+        let many = format!("DEFT BEGIN_TRANSFER t s f SIZE:10 CHUNKS:3 HASH:{H} BASE:{H1} LINES:{over}");
+        assert_eq!(req(&[&many]), Err(ProtoError::TooManyLines));
+        let many = format!("DEFT BEGIN_TRANSFER t s f SIZE:10 CHUNKS:{over} HASH:{H} BASE:{H1} LINES:1");
+        assert_eq!(req(&[&many]), Err(ProtoError::TooManyLines));
     }
 
     #[test]
@@ -1322,6 +1477,7 @@ mod tests {
             &["DEFT LIST docs a%41/%20b"],
             &["DEFT GET t s f%2fg %H CHUNKS 9,1-3,2"],
             &["DEFT BEGIN_TRANSFER t s f SIZE:05 CHUNKS:2 HASH:%H", "CHUNK 0 0 2 %H", "CHUNK 01 2 3 %H"],
+            &["DEFT BEGIN_TRANSFER t s f SIZE:05 CHUNKS:3 HASH:%H BASE:%H LINES:02", "SAME 00 07 02", "CHUNK 2 03 2 %H"],
             &["DEFT TRANSFER_COMPLETE t HASH:%H SIZE:1 CHUNKS:1 TIME:x %S"],
         ];
         let responses: &[&[&str]] = &[
@@ -1393,8 +1549,9 @@ mod tests {
         ]);
         let token = prop_oneof![
             "[a-z0-9.%/-]{1,6}",
-            "(SIZE|CHUNKS|HASH|MTIME|MODE|WINDOW_SIZE|NEED|VF|TIME|FIRST|LINES|OFFSET|LENGTH):[0-9a-f,-]{0,6}",
+            "(SIZE|CHUNKS|HASH|MTIME|MODE|WINDOW_SIZE|NEED|VF|TIME|FIRST|LINES|OFFSET|LENGTH|BASE):[0-9a-f,-]{0,6}",
             Just(format!("HASH:{H}")),
+            Just(format!("BASE:{H}")),
             Just(H.to_string()),
             "[0-9]{1,20}",
             "-?[0-7]{1,5}",
@@ -1405,7 +1562,8 @@ mod tests {
             "\\PC{0,4}",
         ];
         let head = (verb, prop::collection::vec(token.clone(), 0..9)).prop_map(|(verb, args)| format!("DEFT {verb} {}", args.join(" ")));
-        let body = prop::collection::vec(token, 0..7).prop_map(|args| format!("CHUNK {}", args.join(" ")));
+        let body = (prop::sample::select(vec!["CHUNK", "SAME"]), prop::collection::vec(token, 0..7))
+            .prop_map(|(kind, args)| format!("{kind} {}", args.join(" ")));
         prop_oneof![head, body, "dir [0-9]{1,3} [0-9]{1,3} [0-7]{3} [a-z.%]{1,5}"]
     }
 
@@ -1473,6 +1631,47 @@ mod tests {
                 if let Ok(line) = std::str::from_utf8(line) {
                     let _ = DataHeader::parse(line);
                 }
+            }
+        }
+
+        /// Relative manifests near the grammar: the head of one, then CHUNK
+        /// and SAME lines with numbers at the edges. Never a panic, and a
+        /// manifest that is accepted numbers its chunks 0 to CHUNKS - 1
+        /// and stays within SIZE where its CHUNK lines say where they are.
+        #[test]
+        fn relative_manifests_never_panic_and_stay_in_bounds(
+            size in prop_oneof![0u64..64, Just(u64::MAX)],
+            chunks in prop_oneof![0u64..8, Just(MAX_BODY_LINES), Just(u64::from(u32::MAX))],
+            lines in prop::collection::vec(prop_oneof![
+                chunkish_line(),
+                (0u64..8, prop_oneof![0u64..8, Just(u64::from(u32::MAX))], prop_oneof![0u64..8, Just(u64::from(u32::MAX)), Just(u64::MAX)])
+                    .prop_map(|(i, b, n)| format!("SAME {i} {b} {n}")),
+                "SAME \\PC{0,20}",
+            ], 0..8),
+        ) {
+            let mut d = Decoder::<Request>::default();
+            let head = format!("DEFT BEGIN_TRANSFER t s f SIZE:{size} CHUNKS:{chunks} HASH:{H} BASE:{H1} LINES:{}", lines.len());
+            let mut got = d.push_line(&head);
+            for line in &lines {
+                got = d.push_line(line);
+            }
+            if let Ok(Some(Request::BeginTransfer { manifest: PushManifest::Relative { chunks: n, lines: body }, .. })) = got {
+                prop_assert_eq!(u64::from(n), chunks);
+                let mut next = 0u64;
+                for l in &body {
+                    match l {
+                        RelativeLine::Chunk(c) => {
+                            prop_assert_eq!(u64::from(c.index), next);
+                            prop_assert!(c.size > 0 && c.offset + u64::from(c.size) <= size);
+                        }
+                        RelativeLine::Same { index, count, .. } => {
+                            prop_assert_eq!(u64::from(*index), next);
+                            prop_assert!(*count > 0);
+                        }
+                    }
+                    next = l.end();
+                }
+                prop_assert_eq!(next, chunks);
             }
         }
 

@@ -12,8 +12,8 @@
 //! fits [`MAX_LINE`].
 
 use super::{
-    Access, AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode, FilePart, LeaseRow, Name, Request,
-    Response, SharePath, Signature, MAX_LINE,
+    Access, AckStatus, Base, Capability, ChunkLine, Completion, DataHeader, Entry, EntryKind, ErrorCode, FilePart, LeaseRow, Name,
+    PushManifest, RelativeLine, Request, Response, SharePath, Signature, MAX_LINE,
 };
 use base64::Engine as _;
 use std::fmt::{self, Write as _};
@@ -34,7 +34,7 @@ impl Request {
             }
             Request::List { share, path } => line(&mut out, format_args!("DEFT LIST {share}{}", OptionalPath(path))),
             Request::Stat { share, path } => line(&mut out, format_args!("DEFT STAT {share}{}", OptionalPath(path))),
-            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks } => {
+            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest } => {
                 let base = match base {
                     Base::Any => String::new(),
                     Base::Absent => " BASE:-".to_string(),
@@ -43,15 +43,22 @@ impl Request {
                 let fence = fence.map(|t| format!(" FENCE:{t}")).unwrap_or_default();
                 let mode = mode.map(|m| format!(" MODE:{:o}", m & MODE_BITS)).unwrap_or_default();
                 let mtime = mtime_ns.map(|t| format!(" MTIME:{t}")).unwrap_or_default();
+                let lines = match manifest {
+                    PushManifest::Whole(_) => String::new(),
+                    PushManifest::Relative { lines, .. } => format!(" LINES:{}", lines.len()),
+                };
                 line(
                     &mut out,
                     format_args!(
-                        "DEFT BEGIN_TRANSFER {transfer_id} {share} {} SIZE:{size} CHUNKS:{} HASH:{file_hash}{base}{fence}{mode}{mtime}",
+                        "DEFT BEGIN_TRANSFER {transfer_id} {share} {} SIZE:{size} CHUNKS:{} HASH:{file_hash}{base}{fence}{mode}{mtime}{lines}",
                         path.to_wire(),
-                        chunks.len()
+                        manifest.chunk_count()
                     ),
                 );
-                chunk_lines(&mut out, chunks);
+                match manifest {
+                    PushManifest::Whole(chunks) => chunk_lines(&mut out, chunks),
+                    PushManifest::Relative { lines, .. } => relative_lines(&mut out, lines),
+                }
             }
             Request::Get { transfer_id, share, path, file_hash, chunks } => {
                 line(&mut out, format_args!("DEFT GET {transfer_id} {share} {} {file_hash} CHUNKS {chunks}", path.to_wire()))
@@ -206,18 +213,40 @@ fn chunk_lines(out: &mut String, chunks: &[ChunkLine]) {
     // "CHUNK " + three numbers and their spaces + the hash + CRLF.
     out.reserve(chunks.len() * (6 + 10 + 1 + 20 + 1 + 10 + 1 + 71 + 2));
     for c in chunks {
-        out.push_str("CHUNK ");
-        push_decimal(out, u64::from(c.index));
-        out.push(' ');
-        push_decimal(out, c.offset);
-        out.push(' ');
-        push_decimal(out, u64::from(c.size));
-        out.push(' ');
-        let hash = c.hash.to_text();
-        // `to_text` writes ASCII only.
-        out.push_str(std::str::from_utf8(&hash).unwrap_or_default());
-        out.push_str("\r\n");
+        chunk_line(out, c);
     }
+}
+
+/// The body of a relative manifest: CHUNK and SAME lines.
+fn relative_lines(out: &mut String, lines: &[RelativeLine]) {
+    for l in lines {
+        match l {
+            RelativeLine::Chunk(c) => chunk_line(out, c),
+            RelativeLine::Same { index, base_index, count } => {
+                out.push_str("SAME ");
+                push_decimal(out, u64::from(*index));
+                out.push(' ');
+                push_decimal(out, u64::from(*base_index));
+                out.push(' ');
+                push_decimal(out, u64::from(*count));
+                out.push_str("\r\n");
+            }
+        }
+    }
+}
+
+fn chunk_line(out: &mut String, c: &ChunkLine) {
+    out.push_str("CHUNK ");
+    push_decimal(out, u64::from(c.index));
+    out.push(' ');
+    push_decimal(out, c.offset);
+    out.push(' ');
+    push_decimal(out, u64::from(c.size));
+    out.push(' ');
+    let hash = c.hash.to_text();
+    // `to_text` writes ASCII only.
+    out.push_str(std::str::from_utf8(&hash).unwrap_or_default());
+    out.push_str("\r\n");
 }
 
 /// `n` in decimal, without leading zeros.
@@ -407,7 +436,7 @@ impl std::str::FromStr for ErrorCode {
 }
 
 impl Capability {
-    pub const ALL: [Capability; 8] = [
+    pub const ALL: [Capability; 9] = [
         Capability::Chunked,
         Capability::Parallel,
         Capability::Resume,
@@ -416,6 +445,7 @@ impl Capability {
         Capability::Sync,
         Capability::Eager,
         Capability::Part,
+        Capability::Same,
     ];
 
     /// Upper-case wire form, e.g. `CHUNKED`.
@@ -429,6 +459,7 @@ impl Capability {
             Capability::Sync => "SYNC",
             Capability::Eager => "EAGER",
             Capability::Part => "PART",
+            Capability::Same => "SAME",
         }
     }
 }
@@ -697,6 +728,31 @@ mod tests {
         })
     }
 
+    /// A relative manifest the decoder takes: (SIZE, CHUNKS, lines). Runs
+    /// of base chunks stand for chunks of 1 to 3 bytes each, so that SIZE
+    /// can be right; the decoder cannot check that, the receiver does.
+    fn arb_relative() -> impl Strategy<Value = (u64, u32, Vec<RelativeLine>)> {
+        let piece = prop_oneof![
+            (1u32..1000, arb_hash()).prop_map(|(size, hash)| (true, size, hash, 0u32)),
+            (1u32..5, any::<u32>()).prop_map(|(count, base)| (false, count, Hash([0u8; 32]), base % (u32::MAX - 5))),
+        ];
+        prop::collection::vec(piece, 0..6).prop_map(|pieces| {
+            let (mut offset, mut index, mut lines) = (0u64, 0u32, Vec::new());
+            for (chunk, n, hash, base_index) in pieces {
+                if chunk {
+                    lines.push(RelativeLine::Chunk(ChunkLine { index, offset, size: n, hash }));
+                    offset += u64::from(n);
+                    index += 1;
+                } else {
+                    lines.push(RelativeLine::Same { index, base_index, count: n });
+                    offset += 2 * u64::from(n);
+                    index += n;
+                }
+            }
+            (offset, index, lines)
+        })
+    }
+
     /// A valid FILE_PART: any run of the lines of a valid manifest.
     fn arb_file_part() -> impl Strategy<Value = FilePart> {
         (arb_name(), arb_path(), arb_hash(), any::<i64>(), 0u32..=0o7777, arb_manifest(), any::<(usize, usize)>()).prop_map(
@@ -756,8 +812,22 @@ mod tests {
                         fence: None,
                         mode: None,
                         mtime_ns: None,
-                        chunks,
+                        manifest: PushManifest::Whole(chunks),
                     }
+                }
+            ),
+            (arb_name(), arb_file_path(), arb_hash(), arb_hash(), arb_relative()).prop_map(
+                |(share, path, file_hash, base, (size, chunks, lines))| Request::BeginTransfer {
+                    transfer_id: share.clone(),
+                    share,
+                    path,
+                    size,
+                    file_hash,
+                    base: Base::Version(base),
+                    fence: None,
+                    mode: None,
+                    mtime_ns: Some(1),
+                    manifest: PushManifest::Relative { chunks, lines },
                 }
             ),
             (
@@ -771,7 +841,8 @@ mod tests {
                         (None, false) => Base::Any,
                     };
                     let transfer_id = share.clone();
-                    Request::BeginTransfer { transfer_id, share, path, size: 0, file_hash, base, fence, mode, mtime_ns, chunks: vec![] }
+                    let manifest = PushManifest::Whole(vec![]);
+                    Request::BeginTransfer { transfer_id, share, path, size: 0, file_hash, base, fence, mode, mtime_ns, manifest }
                 }),
             (arb_name(), arb_file_path(), 0u32..=0o7777).prop_map(|(share, path, mode)| Request::Mkdir { share, path, mode }),
             (arb_name(), arb_file_path(), any::<bool>()).prop_map(|(share, path, dir)| Request::Remove {

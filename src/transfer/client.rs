@@ -30,6 +30,9 @@ pub struct Session {
     /// Both sides named EAGER: a small push's chunks may go with its
     /// BEGIN_TRANSFER (PROTOCOL.md 8.3).
     eager: bool,
+    /// Both sides named SAME: a push with a known base may give its
+    /// manifest relative to the base's (PROTOCOL.md 8.1).
+    same: bool,
     /// Shares the partner grants us, from AUTH_OK.
     pub shares: Vec<Name>,
     _endpoint: Endpoint,
@@ -46,15 +49,20 @@ pub struct PushOptions {
     /// Permissions for the new version (default: the partner keeps the
     /// old version's, else 0644).
     pub mode: Option<u32>,
+    /// The manifest of the version `base` names, when the caller has it:
+    /// the push then describes its manifest relative to it, if the partner
+    /// named SAME (a re-save of a large file sends a few lines instead of
+    /// one per chunk). Ignored unless its file hash is `base`'s.
+    pub base_manifest: Option<Arc<Manifest>>,
 }
 
 impl Default for PushOptions {
     fn default() -> Self {
-        PushOptions { base: proto::Base::Any, fence: None, manifest: None, mode: None }
+        PushOptions { base: proto::Base::Any, fence: None, manifest: None, mode: None, base_manifest: None }
     }
 }
 
-const OUR_CAPS: [Capability; 4] = [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Eager];
+const OUR_CAPS: [Capability; 5] = [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Eager, Capability::Same];
 
 /// A file this small has its chunks sent right behind its BEGIN_TRANSFER
 /// (when the partner named EAGER): a `tar x` pushes thousands of such
@@ -80,8 +88,19 @@ impl Session {
                 }
             }
         });
-        let mut session =
-            Session { node, partner, conn, send, responses, peer_cert, window: 1, eager: false, shares: Vec::new(), _endpoint: endpoint };
+        let mut session = Session {
+            node,
+            partner,
+            conn,
+            send,
+            responses,
+            peer_cert,
+            window: 1,
+            eager: false,
+            same: false,
+            shares: Vec::new(),
+            _endpoint: endpoint,
+        };
         match session.handshake().await {
             Ok(()) => Ok(session),
             // TLS 1.3 lets the client finish its handshake before the server
@@ -103,6 +122,7 @@ impl Session {
             Response::Welcome { window, caps, .. } => {
                 session.window = window.clamp(1, session.node.config.storage.window.max(1));
                 session.eager = caps.contains(&Capability::Eager);
+                session.same = caps.contains(&Capability::Same);
             }
             other => return Err(session.unexpected(&other)),
         }
@@ -252,7 +272,7 @@ impl Session {
             fence: options.fence,
             mode: options.mode,
             mtime_ns,
-            chunks: manifest_to_lines(&manifest),
+            manifest: self.manifest_lines(&manifest, &options),
         };
         let source = Arc::new(source);
         // Chunks not in the page cache are read past it (see crate::direct).
@@ -406,6 +426,22 @@ impl Session {
         };
         self.record(&report, started, "ok", None);
         Ok(report)
+    }
+
+    /// The manifest as BEGIN_TRANSFER carries it: relative to the base
+    /// version's when both sides named SAME and the caller gave the base's
+    /// manifest, else whole.
+    fn manifest_lines(&self, manifest: &Manifest, options: &PushOptions) -> proto::PushManifest {
+        let base = match (&options.base, &options.base_manifest) {
+            (proto::Base::Version(h), Some(m)) if self.same && m.file_hash == *h => m,
+            _ => return proto::PushManifest::Whole(manifest_to_lines(manifest)),
+        };
+        let lines = super::relative::relative_lines(manifest, base);
+        if lines.len() >= manifest.chunks.len() {
+            // Nothing in common with the base: the whole form says as much.
+            return proto::PushManifest::Whole(manifest_to_lines(manifest));
+        }
+        proto::PushManifest::Relative { chunks: manifest.chunks.len() as u32, lines }
     }
 
     /// Pull `share`/`path` from the partner into `out` (a file path, or an

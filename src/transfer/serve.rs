@@ -13,14 +13,14 @@
 #![allow(clippy::result_large_err)]
 
 use super::assemble::{AssembleError, Assembly, Written};
-use super::{manifest_from_lines, manifest_to_lines, party, Facts};
+use super::{manifest_from_lines, manifest_from_relative, manifest_to_lines, party, Facts};
 use crate::chunk::Manifest;
 use crate::db::TransferRecord;
 use crate::fault;
 use crate::node::Node;
 use crate::proto::{
-    self, AckStatus, Capability, ChunkLine, Completion, DataHeader, ErrorCode, FilePart, Name, RangeSet, Request, Response, SharePath,
-    ShareRow,
+    self, AckStatus, Capability, ChunkLine, Completion, DataHeader, ErrorCode, FilePart, Name, PushManifest, RangeSet, Request, Response,
+    SharePath, ShareRow,
 };
 use crate::share::{Share, ShareError};
 use crate::time::Timestamp;
@@ -33,7 +33,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
-const SERVER_CAPS: [Capability; 5] = [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Eager, Capability::Part];
+const SERVER_CAPS: [Capability; 6] =
+    [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Eager, Capability::Part, Capability::Same];
 
 /// How long a chunk stream that names a push not begun yet waits for its
 /// BEGIN_TRANSFER (EAGER, PROTOCOL.md 8.3): the two travel on different
@@ -150,6 +151,9 @@ struct Session {
     watches: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Both sides named EAGER in HELLO and WELCOME.
     eager: std::sync::atomic::AtomicBool,
+    /// Both sides named SAME: a push may give its manifest relative to its
+    /// base version's.
+    same: std::sync::atomic::AtomicBool,
     /// With EAGER: the latest pushes whose BEGIN_TRANSFER was answered
     /// (accepted, refused or completed at once), and a wake-up for chunk
     /// streams that arrived first (see [`Session::settled`]).
@@ -233,6 +237,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection, partner: Name, peer
         receive_permits: Arc::new(Semaphore::new(RECEIVE_BUDGET / RECEIVE_UNIT)),
         watches: Mutex::new(Vec::new()),
         eager: Default::default(),
+        same: Default::default(),
         settled: Default::default(),
         settled_now: tokio::sync::Notify::new(),
     });
@@ -370,6 +375,7 @@ impl Session {
                 }
                 let caps: Vec<Capability> = SERVER_CAPS.iter().copied().filter(|c| caps.contains(c)).collect();
                 self.eager.store(caps.contains(&Capability::Eager), Ordering::SeqCst);
+                self.same.store(caps.contains(&Capability::Same), Ordering::SeqCst);
                 let session = super::new_transfer_id();
                 *phase = Phase::Greeted;
                 Some(Response::Welcome { version: proto::VERSION.into(), caps, window: window.clamp(1, self.window), session })
@@ -418,9 +424,9 @@ impl Session {
                     .map(|e| Response::StatOk(self.shown(&share, e)))
                     .unwrap_or_else(|e| e),
             ),
-            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks } => {
+            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest } => {
                 let id = transfer_id.clone();
-                let push = Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks };
+                let push = Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest };
                 let answer = match self.clone().begin(push).await {
                     Ok(r) | Err(r) => r,
                 };
@@ -533,7 +539,7 @@ impl Session {
     }
 
     async fn begin(self: Arc<Self>, push: Push) -> Result<Response, Response> {
-        let Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, chunks } = push;
+        let Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest } = push;
         let s = self.writable(&share)?;
         self.unleased(&share, &path)?;
         if let Some(token) = fence {
@@ -545,8 +551,19 @@ impl Session {
                 ));
             }
         }
-        let manifest =
-            manifest_from_lines(size, file_hash, &chunks, self.partner.as_str()).map_err(|e| err(ErrorCode::BadRequest, e.to_string()))?;
+        let bad_manifest = |e: super::TransferError| err(ErrorCode::BadRequest, e.to_string());
+        // A whole manifest is checked now; one relative to the base version
+        // once that version's manifest is at hand, below.
+        let manifest = match manifest {
+            PushManifest::Whole(chunks) => Ok(manifest_from_lines(size, file_hash, &chunks, self.partner.as_str()).map_err(bad_manifest)?),
+            PushManifest::Relative { .. } if !self.same.load(Ordering::SeqCst) => {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    "LINES (a manifest relative to the base) needs capability SAME, which you did not name",
+                ));
+            }
+            PushManifest::Relative { chunks, lines } => Err((chunks, lines)),
+        };
         if lock(&self.incoming).contains_key(&transfer_id) {
             return Err(err(ErrorCode::BadRequest, format!("transfer {transfer_id} already started")));
         }
@@ -558,8 +575,8 @@ impl Session {
         // new name saved beside a file (`x.blend@`), from that file.
         let sibling = crate::lease::covering_names(&path).into_iter().skip(1).find_map(|p| s.resolve_file(&p).ok());
         let node = self.node.clone();
-        let m = manifest.clone();
         let (p2, t2) = (path.clone(), target.clone());
+        let partner = self.partner.clone();
         // A small push, next to a small or no current version, is made
         // ready here: a hand-off to the blocking pool and back costs more
         // than creating its temp file (tar x pushes thousands in a row).
@@ -569,19 +586,33 @@ impl Session {
             let params = &node.config.storage.chunk;
             let current = if t2.is_file() { crate::index::manifest_for(&node.db, &t2, params).ok() } else { None };
             check_base(&p2, base, current.as_ref().map(|c| c.file_hash), t2.exists())?;
+            let m = match manifest {
+                Ok(m) => m,
+                // BASE named the current version, whose manifest this is:
+                // the relative lines expand against it, and the result must
+                // hash to HASH like any manifest.
+                Err((chunks, lines)) => {
+                    let Some(base) = current.as_ref() else {
+                        return Err(err(ErrorCode::Conflict, format!("{p2}: no current version to give the manifest relative to")));
+                    };
+                    manifest_from_relative(size, file_hash, chunks, &lines, base, partner.as_str()).map_err(bad_manifest)?
+                }
+            };
             let from = match (&current, sibling) {
                 (Some(c), _) => Some((t2.clone(), c.clone())),
                 (None, Some(f)) => crate::index::manifest_for(&node.db, &f, params).ok().map(|m| (f, m)),
                 (None, None) => None,
             };
-            Assembly::prepare_from(&t2, m, from.as_ref().map(|(p, m)| (p.as_path(), m))).map_err(|e| {
+            let prepared = Assembly::prepare_from(&t2, m.clone(), from.as_ref().map(|(p, m)| (p.as_path(), m))).map_err(|e| {
                 // Disk full is BUSY (PROTOCOL.md 11): the client may retry once space is freed.
                 let code = if e.is_disk_full() { ErrorCode::Busy } else { ErrorCode::Internal };
                 err(code, e.to_string())
-            })
+            })?;
+            Ok((prepared, m))
         })
         .await
         .map_err(|e| err(ErrorCode::Internal, e.to_string()))??;
+        let (prepared, manifest) = prepared;
         let need: RangeSet = prepared.needed().into_iter().collect();
         tracing::info!(partner = %self.partner, %share, %path, %transfer_id, chunks = manifest.chunks.len(), need = need.len(), reused = prepared.reused_bytes, "push accepted");
         let incoming = Arc::new(Incoming {
@@ -877,7 +908,7 @@ struct Push {
     fence: Option<u64>,
     mode: Option<u32>,
     mtime_ns: Option<i64>,
-    chunks: Vec<proto::ChunkLine>,
+    manifest: PushManifest,
 }
 
 /// BUSY for a change refused because `lease` is held by another node.

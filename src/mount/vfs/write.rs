@@ -495,17 +495,26 @@ impl Vfs {
             .await
             .map_err(|_| Errno::EIO)?
             .map_err(io_errno)?;
-        {
+        // The manifest of the version this push replaces, if at hand: the
+        // push then describes its own relative to it (a few lines for a
+        // re-save, instead of one per chunk).
+        let shown = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.manifest.clone());
+        let base_manifest = {
             let mut st = staged.state();
+            let base_manifest = match expect {
+                Base::Version(h) => [st.recut_base.clone(), st.base.clone(), shown].into_iter().flatten().find(|m| m.file_hash == h),
+                Base::Any | Base::Absent => None,
+            };
             st.dirty = false;
             // Everything is local now: later reads need no base.
             st.base = None;
-        }
+            base_manifest
+        };
         let outcome = if queue_first {
             let id = self.enqueue(&staged, &share, &path, expect, fence).await?;
             self.writeback.flush(id, Some(manifest.clone())).await
         } else {
-            let options = PushOptions { base: expect, fence, manifest: Some(manifest.clone()), mode };
+            let options = PushOptions { base: expect, fence, manifest: Some(manifest.clone()), mode, base_manifest };
             match self.writeback.push_direct(&partner, &share, &path, &staged.data, options).await {
                 o @ (Outcome::Queued(_) | Outcome::Failed { .. }) => {
                     let id = self.enqueue(&staged, &share, &path, expect, fence).await?;
@@ -545,6 +554,7 @@ impl Vfs {
                     if let Some(n) = inodes.by_ino.get_mut(&ino) {
                         n.size = report.bytes_total;
                         n.mtime_ns = mtime_ns;
+                        n.known = known.clone().or(n.known.take());
                         n.manifest = known;
                         n.cached_version = None;
                         parent = Some(n.parent);
