@@ -255,6 +255,45 @@ fn a_file_changed_after_an_open_on_its_start_never_serves_a_mix_of_versions() {
     assert!(seen, "the new version did not show through a new open");
 }
 
+/// The kernel keeps one size per inode and ends reads there. A descriptor
+/// reading a file that the partner replaces with a shorter version must
+/// not end at the new size once the mount knows it: it reads the version
+/// it opened to its end, or fails with `ESTALE`, never a cut file without
+/// an error (tests/multi.rs found this: `cp` would have made a short copy).
+/// A fresh open meanwhile reads the new version whole.
+#[test]
+fn a_descriptor_never_ends_at_the_size_of_a_newer_shorter_version() {
+    let mut s = Setup::new("shorter", |dir| {
+        write_random(&dir.join("data.bin"), 4 * MIB, 50);
+    });
+    s.mount(&[]);
+    let old = std::fs::read(s.files.join("data.bin")).unwrap();
+    let mut f = std::fs::File::open(s.at("data.bin")).unwrap();
+    let mut head = vec![0u8; 64 * 1024];
+    f.read_exact(&mut head).unwrap();
+    assert!(head[..] == old[..head.len()]);
+
+    // Replaced on the partner, atomically, by a version of 100,000 bytes.
+    let new = random_bytes(100_000, 51);
+    std::fs::write(s.files.join("data.bin.tmp"), &new).unwrap();
+    std::fs::rename(s.files.join("data.bin.tmp"), s.files.join("data.bin")).unwrap();
+    let seen = wait_until(Duration::from_secs(10), || std::fs::metadata(s.at("data.bin")).is_ok_and(|m| m.len() == new.len() as u64));
+    assert!(seen, "the new size did not show through the mount within 10 s");
+    // The old descriptor still has the old version's size...
+    assert_eq!(f.metadata().unwrap().len(), old.len() as u64, "fstat of the old descriptor");
+    // ...and reads it to its end, or fails; never stops at the new size.
+    let mut rest = Vec::new();
+    match f.read_to_end(&mut rest) {
+        Ok(_) => {
+            assert_eq!(head.len() + rest.len(), old.len(), "the old descriptor's read ended at another version's size");
+            assert!(rest[..] == old[head.len()..], "the old descriptor read bytes of another version");
+        }
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
+    }
+    drop(f);
+    assert_eq!(std::fs::read(s.at("data.bin")).unwrap(), new, "a fresh open reads the new version");
+}
+
 #[test]
 fn a_remote_change_becomes_visible_within_seconds() {
     let mut s = Setup::new("change", |dir| {

@@ -142,6 +142,12 @@ struct Inode {
     /// the size it holds, which a listing that reached only this table
     /// does not move.
     shown_size: AtomicU64,
+    /// Read handles open on this inode.
+    readers: u32,
+    /// A version replaced on the partner while read handles were open on
+    /// it: the name now leads to a new inode, and this one stays as it was
+    /// (size, pages) for those handles. See [`Vfs::detach`].
+    detached: bool,
 }
 
 /// [`Inode::shown_size`] when the kernel holds no size of ours.
@@ -190,6 +196,8 @@ struct StagedHandle {
 }
 
 struct ReadHandle {
+    /// Counted in its [`Inode::readers`].
+    ino: Ino,
     share: Name,
     path: SharePath,
     /// While `rest` is pending, only the start of the version's manifest
@@ -260,9 +268,41 @@ struct Inodes {
     /// announced by the partner, a lease view gone stale); these are what a
     /// fresh listing lacks and must keep showing.
     local: std::collections::HashSet<Ino>,
+    /// Names whose kernel entry must go: they lead to a new inode since
+    /// their old one was detached (sent once the table is unlocked).
+    stale_entries: Vec<(Ino, String)>,
 }
 
 impl Inodes {
+    /// Leave file `ino` to the read handles open on it, if there are any,
+    /// when its name now stands for another version: the kernel keeps one
+    /// size per inode and ends reads there, so a descriptor reading the old
+    /// version would stop at the new one's size. The name is unbound (the
+    /// next lookup makes a new inode for it), the inode keeps the size,
+    /// attributes and kernel pages of the version its handles read, and
+    /// anything else asked of it by name fails with `ESTALE` (an `open`
+    /// through a stale kernel entry is then retried by the kernel with a
+    /// fresh lookup). Returns whether it was detached.
+    fn detach(&mut self, ino: Ino) -> bool {
+        let Some(n) = self.by_ino.get_mut(&ino) else { return false };
+        if n.kind != Kind::File || n.readers == 0 || n.staged.is_some() || n.virtual_data.is_some() || n.detached {
+            return false;
+        }
+        let Some(name) = n.path.file_name().map(str::to_string) else { return false };
+        n.detached = true;
+        let key = (share_key(&n.share), n.path.clone());
+        let parent = n.parent;
+        if self.by_key.get(&key) == Some(&ino) {
+            self.by_key.remove(&key);
+        }
+        self.local.remove(&ino);
+        if let Some(p) = self.by_ino.get_mut(&parent) {
+            p.children = None;
+        }
+        self.stale_entries.push((parent, name));
+        true
+    }
+
     /// Mark `ino` as created here and not pushed yet, or no longer so.
     fn set_local_only(&mut self, ino: Ino, on: bool) {
         if on {
@@ -330,7 +370,13 @@ impl Vfs {
             Root::Shares(_) => (None, SharePath::root()),
             Root::Share(s) => (Some(s.clone()), SharePath::root()),
         };
-        let mut inodes = Inodes { by_ino: HashMap::new(), by_key: HashMap::new(), next: ROOT_INO + 1, local: Default::default() };
+        let mut inodes = Inodes {
+            by_ino: HashMap::new(),
+            by_key: HashMap::new(),
+            next: ROOT_INO + 1,
+            local: Default::default(),
+            stale_entries: Vec::new(),
+        };
         inodes.by_key.insert((share_key(&share), path.clone()), ROOT_INO);
         inodes.by_ino.insert(
             ROOT_INO,
@@ -352,6 +398,8 @@ impl Vfs {
                 local_seq: 0,
                 dropped_at: None,
                 shown_size: AtomicU64::new(NOT_SHOWN),
+                readers: 0,
+                detached: false,
             },
         );
         Vfs {
@@ -430,6 +478,9 @@ impl Vfs {
     fn node_key(&self, ino: Ino) -> Result<(Option<Name>, SharePath, Kind), Errno> {
         let inodes = lock(&self.inodes);
         let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
+        if n.detached {
+            return Err(Errno::ESTALE);
+        }
         Ok((n.share.clone(), n.path.clone(), n.kind))
     }
 
@@ -448,7 +499,12 @@ impl Vfs {
                     // Older than a change made here since: keep asking.
                     return ino;
                 }
-                if n.size != e.size || n.mtime_ns != e.mtime_ns || n.kind != kind {
+                let moved = n.size != e.size || n.mtime_ns != e.mtime_ns || n.kind != kind;
+                if moved && inodes.detach(ino) {
+                    return Self::upsert(inodes, parent, share, e, asked);
+                }
+                let Some(n) = inodes.by_ino.get_mut(&ino) else { return ino };
+                if moved {
                     n.manifest = None;
                 }
                 n.kind = kind;
@@ -483,6 +539,8 @@ impl Vfs {
                 local_seq: 0,
                 dropped_at: None,
                 shown_size: AtomicU64::new(NOT_SHOWN),
+                readers: 0,
+                detached: false,
             },
         );
         ino
@@ -613,6 +671,8 @@ impl Vfs {
         if let Some(n) = inodes.by_ino.get_mut(&ino) {
             n.children = Some((children.clone(), now));
         }
+        drop(inodes);
+        self.drop_stale_entries();
         Ok(children)
     }
 
@@ -643,6 +703,17 @@ impl Vfs {
         f(Inval::Attrs(ino, tx));
         if tokio::time::timeout(Duration::from_secs(1), rx).await.is_err() {
             tracing::debug!(ino, "the kernel's attributes were not dropped within 1 s");
+        }
+    }
+
+    /// Make the kernel drop the entries of names whose inode was detached
+    /// ([`Inodes::detach`]).
+    fn drop_stale_entries(&self) {
+        let stale = std::mem::take(&mut lock(&self.inodes).stale_entries);
+        if let Some(f) = self.invalidate.get() {
+            for (parent, name) in stale {
+                f(Inval::Entry(parent, name));
+            }
         }
     }
 
@@ -687,6 +758,10 @@ impl Vfs {
         let (fresh, parent, parent_listed, share, path) = {
             let inodes = lock(&self.inodes);
             let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
+            if n.detached {
+                // The version its open handles read.
+                return Ok(self.attr_of(ino, n));
+            }
             let listed = inodes.by_ino.get(&n.parent).and_then(|p| p.children.as_ref()).is_some_and(|(_, at)| self.fresh(Some(*at)));
             // The root of an all-shares mount is made up here.
             let fresh = self.fresh(n.attr_at) || (ino == ROOT_INO && n.share.is_none());
@@ -703,8 +778,11 @@ impl Vfs {
                         // A file being written here keeps what it has, and
                         // an answer older than a change made here is dropped.
                         let current = |n: &&mut Inode| n.staged.is_none() && n.dropped_at.is_none_or(|d| d <= asked);
-                        if let Some(n) = inodes.by_ino.get_mut(&ino).filter(current) {
-                            n.take_attrs(&e);
+                        let moved = inodes.by_ino.get(&ino).is_some_and(|n| n.size != e.size || n.mtime_ns != e.mtime_ns);
+                        if !(moved && inodes.detach(ino)) {
+                            if let Some(n) = inodes.by_ino.get_mut(&ino).filter(current) {
+                                n.take_attrs(&e);
+                            }
                         }
                     }
                     Err(e) => tracing::debug!(ino, "attributes from the last known state: {e:?}"),
@@ -719,6 +797,7 @@ impl Vfs {
                 Err(e) => tracing::debug!(ino, "attributes from the last known state: {e:?}"),
             }
         }
+        self.drop_stale_entries();
         self.cached_attr(ino)
     }
 
@@ -773,7 +852,7 @@ impl Vfs {
         if let Some(known) = known.filter(|k| k.size > 0) {
             match self.remote.describe_start(&share, &path, 0).await {
                 Ok(Some(s)) if s.described.manifest.file_hash == known.file_hash && s.described.manifest.size == known.size => {
-                    self.take_version(ino, &known, s.described.mtime_ns, s.described.mode, true).await;
+                    self.take_version(ino, &known, s.described.mtime_ns, s.described.mode, true).await?;
                     return Ok((share, path, known));
                 }
                 // Changed, offline, or no PART: as if nothing were known.
@@ -796,15 +875,24 @@ impl Vfs {
             },
             Err(e) => return Err(Errno::from_remote(&e)),
         };
-        self.take_version(ino, &manifest, mtime_ns, mode, true).await;
+        self.take_version(ino, &manifest, mtime_ns, mode, true).await?;
         Ok((share, path, manifest))
     }
 
     /// Show the version `manifest` names as file `ino`'s; keep the manifest
-    /// as the inode's if it is `whole` (not only its start).
-    async fn take_version(&self, ino: Ino, manifest: &Arc<Manifest>, mtime_ns: i64, mode: u32, whole: bool) {
+    /// as the inode's if it is `whole` (not only its start). Fails with
+    /// `ESTALE` if read handles open on `ino` read another version: the
+    /// inode stays theirs ([`Inodes::detach`]), and the kernel retries the
+    /// open with a fresh lookup, which finds a new inode.
+    async fn take_version(&self, ino: Ino, manifest: &Arc<Manifest>, mtime_ns: i64, mode: u32, whole: bool) -> Result<(), Errno> {
         let moved = {
             let mut inodes = lock(&self.inodes);
+            let other = inodes.by_ino.get(&ino).is_some_and(|n| n.size != manifest.size || n.mtime_ns != mtime_ns);
+            if other && inodes.detach(ino) {
+                drop(inodes);
+                self.drop_stale_entries();
+                return Err(Errno::ESTALE);
+            }
             let n = inodes.by_ino.get_mut(&ino);
             // Against what the kernel was shown, too: a listing since may
             // have brought the new size into this table alone.
@@ -834,6 +922,7 @@ impl Vfs {
                 let _ = n.shown_size.compare_exchange(manifest.size, NOT_SHOWN, Ordering::SeqCst, Ordering::SeqCst);
             }
         }
+        Ok(())
     }
 
     /// Open file `ino` for reading. Returns the handle and whether the
@@ -866,7 +955,12 @@ impl Vfs {
         let keep = {
             let mut inodes = lock(&self.inodes);
             match inodes.by_ino.get_mut(&ino) {
-                Some(n) => n.cached_version.replace(manifest.file_hash) == Some(manifest.file_hash),
+                // Detached while this open asked: its name is another inode's.
+                Some(n) if n.detached => return Err(Errno::ESTALE),
+                Some(n) => {
+                    n.readers += 1;
+                    n.cached_version.replace(manifest.file_hash) == Some(manifest.file_hash)
+                }
                 None => false,
             }
         };
@@ -883,7 +977,7 @@ impl Vfs {
             }
         }
         lock(&self.handles)
-            .insert(fh, Handle::Read(ReadHandle { share, path, manifest, rest, _hold: hold, last_end: 0, run: 0, ahead_until: 0 }));
+            .insert(fh, Handle::Read(ReadHandle { ino, share, path, manifest, rest, _hold: hold, last_end: 0, run: 0, ahead_until: 0 }));
         Ok((fh, keep))
     }
 
@@ -1031,6 +1125,10 @@ impl Vfs {
             // root, still takes the scan for what lies under it.
             let known = inodes.by_key.get(&(key.clone(), path.clone())).copied();
             let is_dir = known.and_then(|i| inodes.by_ino.get(&i)).is_some_and(|n| n.kind == Kind::Dir);
+            // A file read by open handles stays theirs; its name gets a new inode.
+            if let Some(ino) = known.filter(|_| !is_dir) {
+                inodes.detach(ino);
+            }
             let candidates: Vec<Ino> = if !path.is_root() && !is_dir {
                 let parent = path.parent().unwrap_or_else(SharePath::root);
                 let mut c: Vec<Ino> = known.into_iter().chain(inodes.by_key.get(&(key.clone(), parent)).copied()).collect();
@@ -1043,6 +1141,9 @@ impl Vfs {
             };
             for ino in candidates {
                 let Some(n) = inodes.by_ino.get_mut(&ino) else { continue };
+                if n.detached {
+                    continue;
+                }
                 let same_share = n.share.as_ref() == Some(share) || (n.share.is_none() && ino == ROOT_INO);
                 if !same_share {
                     continue;
@@ -1073,6 +1174,7 @@ impl Vfs {
                 }
             }
         }
+        self.drop_stale_entries();
         lock(&self.hot).clear();
         lock(&self.share_leases).remove(share);
         if let Some(f) = self.invalidate.get() {

@@ -167,13 +167,13 @@ impl Vfs {
                     return Err(Errno::EIO);
                 };
                 let manifest = Arc::new(k.manifest);
-                self.take_version(ino, &manifest, k.mtime_ns, k.mode, true).await;
+                self.take_version(ino, &manifest, k.mtime_ns, k.mode, true).await?;
                 return Ok((share, path, manifest, None));
             }
             Err(e) => return Err(Errno::from_remote(&e)),
         };
         let Described { manifest, mtime_ns, mode } = started.described;
-        self.take_version(ino, &manifest, mtime_ns, mode, started.complete).await;
+        self.take_version(ino, &manifest, mtime_ns, mode, started.complete).await?;
         if started.complete {
             let known = KnownFile { manifest: (*manifest).clone(), mtime_ns, mode };
             self.meta.save_manifest_later(&share, &path, known);

@@ -721,7 +721,16 @@ impl Vfs {
     /// the caller pushes them, then calls [`Vfs::retire`].
     pub fn release(&self, fh: u64) -> Option<Ino> {
         let handle = lock(&self.handles).remove(&fh)?;
-        let Handle::Staged(h) = handle else { return None };
+        let h = match handle {
+            Handle::Staged(h) => h,
+            Handle::Read(r) => {
+                if let Some(n) = lock(&self.inodes).by_ino.get_mut(&r.ino) {
+                    n.readers = n.readers.saturating_sub(1);
+                }
+                return None;
+            }
+            Handle::Virtual(_) => return None,
+        };
         if let Some((share, path)) = &h.lease {
             self.leases.done(share, path, &Need::Handle(fh));
         }
