@@ -51,6 +51,12 @@ pub enum AssembleError {
 }
 
 impl AssembleError {
+    /// A file or directory it works in is gone: the target's directory was
+    /// removed or moved while the file was assembled.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, AssembleError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+
     /// The file system has no room for the file.
     pub fn is_disk_full(&self) -> bool {
         matches!(self, AssembleError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull || source.raw_os_error() == Some(libc::ENOSPC))
@@ -474,6 +480,20 @@ mod tests {
         assert!(!is_temp_of(&temp, Path::new("/s/d/f")), "a name that is a prefix of another");
         assert!(!is_temp_of(&temp, Path::new("/s/e/f.bin")), "another directory");
         assert!(!is_temp_of(target, target));
+    }
+
+    #[test]
+    fn a_directory_moved_away_during_assembly_is_reported_as_not_found() {
+        let dir = TestDir::new("moved");
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let target = dir.path().join("d/f");
+        let data = random_bytes(50_000, 4);
+        let asm = Assembly::prepare(&target, chunk_slice(&data, &SMALL).unwrap(), None).unwrap();
+        complete(&asm, &data);
+        std::fs::rename(dir.path().join("d"), dir.path().join("e")).unwrap();
+        let e = asm.finish(None, None).unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        assert!(!target.exists() && !dir.path().join("e/f").exists(), "nothing placed under either name");
     }
 
     #[test]

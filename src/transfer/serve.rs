@@ -687,6 +687,17 @@ impl Session {
                 check_base(&share_path, base, current.map(|c| c.file_hash), target.exists())?;
             }
             let path = assembly.finish(mode, mtime_ns).map_err(|e| {
+                if e.is_not_found() {
+                    // Someone here moved or removed the directory while the
+                    // chunks travelled: nothing was replaced, and a push
+                    // again (a write-back makes a conflict copy) recreates
+                    // the directory.
+                    tracing::warn!(path = %target.display(), "push not placed: its directory was moved or removed meanwhile ({e})");
+                    return err(
+                        ErrorCode::Conflict,
+                        format!("the directory of {share_path} was moved or removed here while the push arrived; nothing was replaced"),
+                    );
+                }
                 tracing::error!(path = %target.display(), "assembly failed: {e}");
                 err(ErrorCode::Internal, e.to_string())
             })?;
