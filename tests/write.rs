@@ -100,7 +100,17 @@ impl App {
 
     /// Send a command, wait for its `ok` or `err ...` line.
     fn say(&mut self, cmd: &str) -> String {
+        self.send(cmd);
+        self.reply()
+    }
+
+    /// Send a command without waiting for its reply.
+    fn send(&mut self, cmd: &str) {
         writeln!(self.stdin, "{cmd}").unwrap();
+    }
+
+    /// The next reply line.
+    fn reply(&mut self) -> String {
         let mut line = String::new();
         loop {
             line.clear();
@@ -129,7 +139,9 @@ impl Drop for App {
 /// The "application" of the lease tests: `open PATH` (read it, close it),
 /// `save PATH DATA` (Blender's save: write PATH@, rename PATH to PATH1,
 /// rename PATH@ to PATH), `saveas PATH DATA` (Blender's save under a new
-/// name: write PATH@, rename it to PATH), `exit`.
+/// name: write PATH@, rename it to PATH), `writesync PATH SRC` (open PATH
+/// truncated, write SRC's content, fsync, and keep it open until exit),
+/// `exit`.
 #[test]
 #[ignore]
 fn helper_process() {
@@ -137,6 +149,7 @@ fn helper_process() {
         return;
     }
     let stdin = std::io::stdin();
+    let mut kept = Vec::new();
     for line in stdin.lock().lines() {
         let line = line.unwrap();
         let mut words = line.splitn(3, ' ');
@@ -154,6 +167,13 @@ fn helper_process() {
                 let tmp = format!("{p}@");
                 std::fs::write(&tmp, data)?;
                 std::fs::rename(&tmp, p)
+            })(),
+            (Some("writesync"), Some(p), Some(src)) => (|| {
+                let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(p)?;
+                f.write_all(&std::fs::read(src)?)?;
+                f.sync_all()?;
+                kept.push(f);
+                Ok(())
             })(),
             (Some("exit"), _, _) => return,
             _ => Err(std::io::Error::other("bad command")),
@@ -361,14 +381,15 @@ fn sigkill_of_the_serving_daemon_mid_push_leaves_the_old_version_and_the_change_
     w.clients[0].daemon = Some(Daemon::start_with(&w.c(0).node.home, &[("DEFTFS_FAULT_STALL_AFTER_CHUNKS", "20")]));
     w.clients[0].mount();
     let new = random_bytes(40 * MIB, 8);
-    let path = w.c(0).at("big.bin");
-    let data = new.clone();
-    let writer = std::thread::spawn(move || -> std::io::Result<std::fs::File> {
-        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
-        f.write_all(&data)?;
-        f.sync_all()?;
-        Ok(f)
-    });
+    let src = w.root.path().join("new.bin");
+    std::fs::write(&src, &new).unwrap();
+    // The writer is a process of its own: a descriptor of this test
+    // process would be inherited by every child another test forks, and
+    // closed by its exec, and each such close (a FUSE FLUSH) pushes what
+    // was written so far (seen: four pushes of the growing file before
+    // the fsync, under load).
+    let mut writer = App::start();
+    writer.send(&format!("writesync {} {}", w.c(0).at("big.bin").display(), src.display()));
     let alice_log = || w.c(0).log();
     assert!(wait_until(Duration::from_secs(30), || alice_log().contains("stalled")), "the push never stalled:\n{}", alice_log());
     assert!(std::fs::read(w.server("big.bin")).unwrap() == old, "the name changed before the push was complete:\n{}", w.c(0).log());
@@ -376,13 +397,13 @@ fn sigkill_of_the_serving_daemon_mid_push_leaves_the_old_version_and_the_change_
         d.kill();
     }
     // The change is durable here: fsync returns (the push is queued).
-    let f = writer.join().unwrap().expect("fsync after the serving daemon died");
+    assert_eq!(writer.reply(), "ok", "fsync after the serving daemon died");
     assert!(std::fs::read(w.server("big.bin")).unwrap() == old, "a partial version appeared under the name:\n{}", w.c(0).log());
     // kill -9 of alice's daemon too; both come back, without the fault.
     if let Some(d) = w.clients[0].daemon.as_mut() {
         d.kill();
     }
-    drop(f);
+    writer.quit();
     w.clients[0].guard = None;
     w.bob_daemon = Some(w.bob.start());
     w.clients[0].daemon = Some(w.clients[0].node.start());
