@@ -701,6 +701,30 @@ fn a_local_edit_right_after_a_mount_push_still_shows_through_the_mount() {
     assert!(shown, "the owner's edit never showed: {:?}", String::from_utf8_lossy(&std::fs::read(a.at("n.txt")).unwrap_or_default()));
 }
 
+/// A child forked while a file is half written inherits the descriptor,
+/// and its exec closes it (a FLUSH of the same handle). That close is not
+/// the writer's: it must not push the half-written file to the partner
+/// (issue 4: nothing half-written ever appears on the serving node).
+#[test]
+fn a_forked_childs_exec_does_not_push_a_half_written_file() {
+    let w = World::new("forkhalf", &["alice"], "", |_| {});
+    let a = w.c(0);
+    let data = random_bytes(4 * MIB, 33);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(a.at("half.bin")).unwrap();
+    f.write_all(&data[..data.len() / 2]).unwrap();
+    for _ in 0..3 {
+        assert!(Command::new("true").status().unwrap().success());
+    }
+    // What a push would have put there by now.
+    std::thread::sleep(Duration::from_millis(300));
+    let there = std::fs::read(w.server("half.bin")).ok();
+    let len = there.as_ref().map_or(0, |d| d.len());
+    assert!(len == 0, "the serving node has {len} bytes of a file still being written");
+    f.write_all(&data[data.len() / 2..]).unwrap();
+    drop(f);
+    assert!(std::fs::read(w.server("half.bin")).unwrap() == data, "the writer's close pushed the whole file");
+}
+
 #[test]
 fn close_waits_for_the_push_even_when_a_forked_child_flushed_the_descriptor_first() {
     // A multi-threaded program forks while a file is open: the child's exec

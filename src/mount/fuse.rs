@@ -211,9 +211,9 @@ impl Filesystem for Fuse {
         reply.ok();
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        let vfs = self.vfs.clone();
-        self.run(async move { empty(reply, vfs.flush(fh.0).await) });
+    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let (vfs, tid) = (self.vfs.clone(), req.pid());
+        self.run(async move { empty(reply, vfs.flush(fh.0, tid).await) });
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -223,7 +223,7 @@ impl Filesystem for Fuse {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -233,10 +233,10 @@ impl Filesystem for Fuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let vfs = self.vfs.clone();
+        let (vfs, tid) = (self.vfs.clone(), req.pid());
         let data = data.to_vec();
         self.run(async move {
-            match vfs.write(fh.0, offset, &data).await {
+            match vfs.write(fh.0, offset, &data, tid).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(errno(e)),
             }

@@ -188,6 +188,9 @@ struct StagedHandle {
     /// `cmd` writes a byte, and pushing that empty version would leave the
     /// partner nothing to take a delta from.
     changes: u64,
+    /// Threads (FUSE request tids) that wrote through it, the first few:
+    /// see [`Vfs::flush`].
+    writers: Vec<u32>,
     /// `changes` as the last completed close push found it. Counted, not a
     /// flag cleared when a push starts: a forked child's exec closes its
     /// copy of the descriptor (a FLUSH of the same handle) while the owner
@@ -946,8 +949,19 @@ impl Vfs {
             return Ok((fh, false));
         }
         if let Some(staged) = staged {
-            lock(&self.handles)
-                .insert(fh, Handle::Staged(StagedHandle { ino, staged, write: false, append: false, lease: None, changes: 0, flushed: 0 }));
+            lock(&self.handles).insert(
+                fh,
+                Handle::Staged(StagedHandle {
+                    ino,
+                    staged,
+                    write: false,
+                    append: false,
+                    lease: None,
+                    changes: 0,
+                    writers: Vec::new(),
+                    flushed: 0,
+                }),
+            );
             return Ok((fh, false));
         }
         let (share, path, manifest, rest) = self.manifest_to_open(ino).await?;

@@ -40,6 +40,27 @@ fn io_errno(e: std::io::Error) -> Errno {
     Errno(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
+/// How many writing threads a handle remembers; past them, any close
+/// pushes (as when none is known).
+const MAX_WRITERS: usize = 16;
+
+/// The process (thread group) thread `tid` belongs to, from /proc.
+fn tgid_of(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether thread `tid` belongs to the process of one of `writers`. When
+/// a process cannot be told (a thread gone, a full list), it counts as
+/// the same: a push too many is safe, a missing one is not.
+fn wrote_from_same_process(tid: u32, writers: &[u32]) -> bool {
+    if writers.len() >= MAX_WRITERS {
+        return true;
+    }
+    let Some(closer) = tgid_of(tid) else { return true };
+    writers.iter().any(|&w| tgid_of(w).is_none_or(|g| g == closer))
+}
+
 impl Vfs {
     fn file_key(&self, ino: Ino) -> Result<(Name, SharePath), Errno> {
         let (share, path, kind) = self.node_key(ino)?;
@@ -325,7 +346,16 @@ impl Vfs {
                 return Err(io_errno(e));
             }
         }
-        let handle = StagedHandle { ino, staged, write: true, append: mode.append, lease: Some((share, path)), changes: 0, flushed: 0 };
+        let handle = StagedHandle {
+            ino,
+            staged,
+            write: true,
+            append: mode.append,
+            lease: Some((share, path)),
+            changes: 0,
+            writers: Vec::new(),
+            flushed: 0,
+        };
         lock(&self.handles).insert(fh, Handle::Staged(handle));
         Ok((fh, false))
     }
@@ -377,15 +407,28 @@ impl Vfs {
             Self::touched(&mut inodes, parent);
             ino
         };
-        let handle = StagedHandle { ino, staged, write: true, append: open.append, lease: Some((share, path)), changes: 1, flushed: 0 };
+        let handle = StagedHandle {
+            ino,
+            staged,
+            write: true,
+            append: open.append,
+            lease: Some((share, path)),
+            changes: 1,
+            writers: Vec::new(),
+            flushed: 0,
+        };
         lock(&self.handles).insert(fh, Handle::Staged(handle));
         Ok((self.cached_attr(ino)?, fh))
     }
 
-    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+    /// Write through handle `fh`, for thread `tid` of the writing process.
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8], tid: u32) -> Result<u32, Errno> {
         let (staged, append) = match lock(&self.handles).get_mut(&fh) {
             Some(Handle::Staged(h)) if h.write => {
                 h.changes += 1;
+                if h.writers.len() < MAX_WRITERS && !h.writers.contains(&tid) {
+                    h.writers.push(tid);
+                }
                 (h.staged.clone(), h.append)
             }
             Some(_) => return Err(Errno::EBADF),
@@ -682,11 +725,22 @@ impl Vfs {
 
     /// A close: push what this handle wrote (see [`StagedHandle::changes`];
     /// the last release pushes the rest).
-    pub async fn flush(&self, fh: u64) -> Result<(), Errno> {
-        let (ino, changes) = match lock(&self.handles).get(&fh) {
-            Some(Handle::Staged(h)) if h.write && h.changes > h.flushed => (h.ino, h.changes),
+    /// A close of a descriptor of `fh` by thread `tid`: pushes what was
+    /// written since the last push, so that it is on the partner when
+    /// close returns. Not when the closing process wrote nothing through
+    /// the handle while others did: every child a process forks inherits
+    /// its descriptors, and its exec closes them (a FLUSH each), which
+    /// would push the file half-written. The writer's own close, and the
+    /// release after the last one, push it.
+    pub async fn flush(&self, fh: u64, tid: u32) -> Result<(), Errno> {
+        let (ino, changes, writers) = match lock(&self.handles).get(&fh) {
+            Some(Handle::Staged(h)) if h.write && h.changes > h.flushed => (h.ino, h.changes, h.writers.clone()),
             _ => return Ok(()),
         };
+        if !writers.is_empty() && !writers.contains(&tid) && !wrote_from_same_process(tid, &writers) {
+            tracing::debug!(ino, tid, "close by a process that did not write through the handle: no push");
+            return Ok(());
+        }
         self.push(ino).await?;
         if let Some(Handle::Staged(h)) = lock(&self.handles).get_mut(&fh) {
             h.flushed = h.flushed.max(changes);
