@@ -76,6 +76,10 @@ const SPARE_LOW: usize = 8;
 const SPARE_BATCH: usize = 32;
 const SPARE_MAX: usize = 64;
 
+/// How soon a push through a pooled session must fail for the failure to
+/// be taken for a stale session and retried on a fresh one.
+const STALE_SESSION_FAILS_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct Writeback {
     node: Arc<Node>,
     dir: PathBuf,
@@ -480,6 +484,7 @@ impl Writeback {
     ) -> Result<Report, TransferError> {
         for attempt in 0..2 {
             let mut session = self.session(partner).await?;
+            let started = std::time::Instant::now();
             match session.push_with(share, path, data, options.clone(), None).await {
                 Ok(report) => {
                     self.give_back(partner, session).await;
@@ -490,6 +495,13 @@ impl Writeback {
                     return Err(e);
                 }
                 Err(e) if attempt == 1 => return Err(e),
+                // A pooled session whose connection died while idle fails at
+                // once: a fresh one may work. One that failed after a long
+                // silence (the partner died mid-push: the idle timeout) has
+                // said the partner is unreachable, and a fresh connection
+                // would only add the connect timeout before an fsync
+                // returns with the change queued.
+                Err(e) if started.elapsed() > STALE_SESSION_FAILS_WITHIN => return Err(e),
                 Err(e) => tracing::debug!(partner, "write-back session failed ({e}); trying a fresh one"),
             }
         }
