@@ -248,6 +248,10 @@ pub struct Vfs {
     /// it says they changed.
     watching: std::sync::atomic::AtomicBool,
     invalidate: OnceLock<Box<dyn Fn(Inval) + Send + Sync>>,
+    /// READ requests the kernel sent, and the bytes they asked for: a read
+    /// served from the kernel's page cache counts in neither.
+    kernel_reads: AtomicU64,
+    kernel_read_bytes: AtomicU64,
 }
 
 struct Inodes {
@@ -369,7 +373,15 @@ impl Vfs {
             hot: Mutex::new(VecDeque::new()),
             watching: Default::default(),
             invalidate: OnceLock::new(),
+            kernel_reads: AtomicU64::new(0),
+            kernel_read_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// (READ requests, bytes they asked for) since the mount: what the
+    /// kernel's page cache did not answer.
+    pub fn kernel_reads(&self) -> (u64, u64) {
+        (self.kernel_reads.load(Ordering::Relaxed), self.kernel_read_bytes.load(Ordering::Relaxed))
     }
 
     pub fn set_invalidator(&self, f: Box<dyn Fn(Inval) + Send + Sync>) {
@@ -898,6 +910,8 @@ impl Vfs {
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        self.kernel_reads.fetch_add(1, Ordering::Relaxed);
+        self.kernel_read_bytes.fetch_add(u64::from(size), Ordering::Relaxed);
         let staged = match lock(&self.handles).get(&fh).ok_or(Errno::EBADF)? {
             Handle::Virtual(data) => {
                 let start = (offset as usize).min(data.len());
