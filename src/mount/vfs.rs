@@ -996,12 +996,26 @@ impl Vfs {
             }
             let mut missing = false;
             for c in &manifest.chunks[range.clone()] {
+                let from = offset.max(c.offset) - c.offset;
+                let to = end.min(c.end()) - c.offset;
+                // Part of a chunk not in the hot set: read only that part
+                // (a page the kernel dropped and a re-read asks for alone).
+                if (from > 0 || to < u64::from(c.len)) && !self.is_hot(&c.hash) {
+                    match self.store.get_range(&c.hash, from, to) {
+                        Ok(Some(part)) => {
+                            out.extend_from_slice(&part);
+                            continue;
+                        }
+                        Ok(None) | Err(_) => {
+                            missing = true;
+                            break;
+                        }
+                    }
+                }
                 let Some(data) = self.chunk(&c.hash) else {
                     missing = true;
                     break;
                 };
-                let from = offset.max(c.offset) - c.offset;
-                let to = end.min(c.end()) - c.offset;
                 out.extend_from_slice(data.get(from as usize..to as usize).ok_or(Errno::EIO)?);
             }
             if !missing {
@@ -1014,6 +1028,10 @@ impl Vfs {
             }
         }
         Err(Errno::EIO)
+    }
+
+    fn is_hot(&self, hash: &Hash) -> bool {
+        lock(&self.hot).iter().any(|(h, _)| h == hash)
     }
 
     /// A chunk's bytes, from the hot set or the store.
