@@ -285,7 +285,7 @@ fn a_reread_of_an_unchanged_file_comes_from_the_page_cache_and_a_change_still_sh
     let f = std::fs::File::open(s.at("data.bin")).unwrap();
     for i in 0..16i64 {
         // SAFETY: a valid descriptor; the advice only drops clean pages.
-        let r = unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), i * 500_000 + 4096, 4096, libc::POSIX_FADV_DONTNEED) };
+        let r = unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), i * 524_288 + 4096, 4096, libc::POSIX_FADV_DONTNEED) };
         assert_eq!(r, 0);
     }
     assert_eq!(hash_file(&s.at("data.bin")), want, "a re-read after the kernel dropped pages differs");
