@@ -121,6 +121,12 @@ pub struct MountInfo {
     /// Leases this mount holds.
     #[serde(default)]
     pub leases: usize,
+    /// READ requests the kernel sent this mount, and the bytes they asked
+    /// for. A read the kernel's page cache answers counts in neither.
+    #[serde(default)]
+    pub kernel_reads: u64,
+    #[serde(default)]
+    pub kernel_read_bytes: u64,
 }
 
 struct Mounted {
@@ -136,6 +142,7 @@ impl Mounted {
     fn info(&self) -> MountInfo {
         let link = self.vfs.remote.stats();
         let pending = self.vfs.writeback.entries(Some(self.vfs.remote.partner())).len();
+        let (kernel_reads, kernel_read_bytes) = self.vfs.kernel_reads();
         MountInfo {
             spec: self.spec.to_string(),
             mountpoint: self.mountpoint.clone(),
@@ -148,6 +155,8 @@ impl Mounted {
             bytes_fetched: link.bytes_fetched,
             pending_writebacks: pending,
             leases: self.vfs.leases.mine().len(),
+            kernel_reads,
+            kernel_read_bytes,
         }
     }
 }

@@ -95,6 +95,11 @@ struct Entry {
     used: u64,
     /// Wall time of the record's last recorded use, unix seconds.
     touched: u64,
+    /// This process checked the record's bytes against the hash: it wrote
+    /// them after checking them (`put`), or read them back whole (`get`).
+    /// Parts of such a record are read without hashing it again
+    /// ([`ChunkStore::get_range`]). Records found on disk at start are not.
+    verified: bool,
 }
 
 /// A pack being appended to, and where its next record goes.
@@ -274,6 +279,24 @@ impl State {
         self.clock
     }
 
+    /// Mark `hash`'s record as used now: (the record, whether its last-use
+    /// stamp on disk is due for a rewrite, which is then counted as done).
+    fn use_entry(&mut self, hash: &Hash) -> Option<(Entry, bool)> {
+        let used = self.tick();
+        let e = self.entries.get_mut(hash)?;
+        let old = e.used;
+        e.used = used;
+        let now = now_secs();
+        let touch = now.saturating_sub(e.touched) >= 60;
+        if touch {
+            e.touched = now;
+        }
+        let e = *e;
+        self.order.remove(&(old, *hash));
+        self.order.insert((used, *hash));
+        Some((e, touch))
+    }
+
     fn insert(&mut self, hash: Hash, e: Entry) {
         self.entries.insert(hash, e);
         self.order.insert((e.used, hash));
@@ -367,7 +390,7 @@ impl ChunkStore {
                 continue;
             }
             let used = st.tick();
-            st.insert(hash, Entry { pack, offset, len, size: footprint(len), used, touched });
+            st.insert(hash, Entry { pack, offset, len, size: footprint(len), used, touched, verified: false });
         }
         let empty: Vec<u32> = st.packs.iter().filter(|(_, p)| p.live == 0).map(|(id, _)| *id).collect();
         for id in empty {
@@ -440,7 +463,7 @@ impl ChunkStore {
             return Ok(());
         }
         let used = st.tick();
-        st.insert(*hash, Entry { pack, offset, len, size, used, touched: now_secs() });
+        st.insert(*hash, Entry { pack, offset, len, size, used, touched: now_secs(), verified: true });
         st.remember(*hash, Arc::new(data));
         drop(st);
         self.evict();
@@ -481,21 +504,10 @@ impl ChunkStore {
     pub fn get(&self, hash: &Hash) -> Result<Option<Arc<Vec<u8>>>, StoreError> {
         let (e, file, touch) = {
             let mut st = lock(&self.state);
-            let used = st.tick();
-            let Some(e) = st.entries.get_mut(hash) else {
+            let Some((e, touch)) = st.use_entry(hash) else {
                 st.misses += 1;
                 return Ok(None);
             };
-            let old = e.used;
-            e.used = used;
-            let now = now_secs();
-            let touch = now.saturating_sub(e.touched) >= 60;
-            if touch {
-                e.touched = now;
-            }
-            let e = *e;
-            st.order.remove(&(old, *hash));
-            st.order.insert((used, *hash));
             if let Some(d) = st.recent.iter().rev().find(|(h, _)| h == hash).map(|(_, d)| d.clone()) {
                 st.hits += 1;
                 return Ok(Some(d));
@@ -525,8 +537,61 @@ impl ChunkStore {
         if let (true, Some(f)) = (touch, &file) {
             let _ = f.write_all_at(&now_secs().to_le_bytes(), e.offset + 16);
         }
-        lock(&self.state).hits += 1;
+        let mut st = lock(&self.state);
+        st.hits += 1;
+        if let Some(x) = st.entries.get_mut(hash).filter(|x| x.pack == e.pack && x.offset == e.offset) {
+            x.verified = true;
+        }
         Ok(Some(Arc::new(data)))
+    }
+
+    /// Bytes `from..to` of a chunk (`None` if it is not cached, or `to` is
+    /// past its end). A record this process has checked against its hash
+    /// ([`Entry::verified`]) is read in part and not hashed again: a re-read
+    /// that finds a few pages missing from the kernel's page cache asks for
+    /// each one alone, and reading and hashing its whole chunk each time
+    /// cost more than the rest of the re-read. Any other record is read
+    /// whole and checked, as [`ChunkStore::get`] does.
+    pub fn get_range(&self, hash: &Hash, from: u64, to: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let whole = |s: &Self| s.get(hash).map(|d| d.and_then(|d| d.get(from as usize..to as usize).map(<[u8]>::to_vec)));
+        let (e, file, touch) = {
+            let mut st = lock(&self.state);
+            match st.entries.get(hash) {
+                Some(e) if e.verified && from <= to && to <= e.len => {}
+                _ => {
+                    drop(st);
+                    return whole(self);
+                }
+            }
+            let Some((e, touch)) = st.use_entry(hash) else { return Ok(None) };
+            if let Some(d) = st.recent.iter().rev().find(|(h, _)| h == hash).map(|(_, d)| d.clone()) {
+                st.hits += 1;
+                return Ok(d.get(from as usize..to as usize).map(<[u8]>::to_vec));
+            }
+            let Some(file) = st.packs.get(&e.pack).map(|p| p.file.clone()) else {
+                drop(st);
+                return whole(self);
+            };
+            (e, file, touch)
+        };
+        let mut data = vec![0u8; (to - from) as usize];
+        match file.read_exact_at(&mut data, e.offset + HEADER + from) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return whole(self),
+            Err(source) => return Err(StoreError::Io { path: self.pack_path(e.pack), source }),
+        }
+        if touch {
+            let _ = file.write_all_at(&now_secs().to_le_bytes(), e.offset + 16);
+        }
+        let mut st = lock(&self.state);
+        // An evicted record is dropped from the table before its blocks
+        // are punched: still listed now, it was whole while it was read.
+        if !st.entries.get(hash).is_some_and(|x| x.pack == e.pack && x.offset == e.offset) {
+            drop(st);
+            return whole(self);
+        }
+        st.hits += 1;
+        Ok(Some(data))
     }
 
     /// Keep `hashes` (those cached now) from eviction while the returned
@@ -751,6 +816,41 @@ mod tests {
         assert!(!s.contains(&h));
         let st = s.stats();
         assert_eq!((st.hits, st.misses, st.chunks, st.used_bytes), (0, 1, 0, 0));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn get_range_reads_parts_and_checks_records_this_process_did_not() {
+        let dir = tmp();
+        let (h, d) = chunk(3, 10_000);
+        // Unlike `chunk`'s, whose bytes one of another `chunk` repeats.
+        let e: Vec<u8> = (0..10_000u32).map(|j| (j * 7 % 251) as u8).collect();
+        let g = Hash::of(&e);
+        {
+            let s = ChunkStore::open(&dir, 1 << 20).unwrap();
+            s.put(&h, d.clone()).unwrap();
+            s.put(&g, e.clone()).unwrap();
+            assert_eq!(s.get_range(&h, 100, 5000).unwrap().as_deref(), Some(&d[100..5000]));
+        }
+        // Found on disk at start: checked whole on the first part asked
+        // for, then read in part.
+        let s = ChunkStore::open(&dir, 1 << 20).unwrap();
+        for (from, to) in [(0, 4096), (4096, 8192), (9000, 10_000), (0, 10_000), (7, 7)] {
+            assert_eq!(s.get_range(&h, from, to).unwrap().as_deref(), Some(&d[from as usize..to as usize]), "{from}..{to}");
+        }
+        assert_eq!(s.get_range(&h, 9000, 10_001).unwrap(), None, "past the end");
+        // A record damaged before this process checked it is a miss.
+        drop(s);
+        let (pack, at) = fs::read_dir(dir.join("packs"))
+            .unwrap()
+            .map(|p| p.unwrap().path())
+            .find_map(|p| fs::read(&p).unwrap().windows(64).position(|w| w == &e[..64]).map(|at| (p, at as u64)))
+            .unwrap();
+        fs::File::options().write(true).open(&pack).unwrap().write_all_at(b"garbage", at + 5000).unwrap();
+        let s = ChunkStore::open(&dir, 1 << 20).unwrap();
+        assert_eq!(s.get_range(&g, 0, 4096).unwrap(), None);
+        assert!(!s.contains(&g));
+        assert_eq!(s.get_range(&h, 0, 4096).unwrap().as_deref(), Some(&d[..4096]));
         fs::remove_dir_all(dir).unwrap();
     }
 

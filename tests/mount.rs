@@ -294,6 +294,51 @@ fn a_descriptor_never_ends_at_the_size_of_a_newer_shorter_version() {
     assert_eq!(std::fs::read(s.at("data.bin")).unwrap(), new, "a fresh open reads the new version");
 }
 
+/// A file read once is read again from the kernel's page cache while its
+/// version is unchanged: the opens after the first keep the pages
+/// (`FOPEN_KEEP_CACHE`), so re-reads send (almost) no READ to the mount.
+/// After a change on the partner the next read shows the new content.
+#[test]
+fn a_reread_of_an_unchanged_file_comes_from_the_page_cache_and_a_change_still_shows() {
+    let mut s = Setup::new("reread", |dir| {
+        write_random(&dir.join("data.bin"), 8 * MIB, 50);
+    });
+    s.mount(&[]);
+    let want = hash_file(&s.files.join("data.bin"));
+    assert_eq!(hash_file(&s.at("data.bin")), want);
+    let reads = |s: &Setup| (s.info()["kernel_reads"].as_u64().unwrap(), s.info()["kernel_read_bytes"].as_u64().unwrap());
+    let (cold_reads, cold_bytes) = reads(&s);
+    assert!(cold_reads > 0 && cold_bytes >= 8 * MIB as u64, "the first read sent {cold_reads} READs of {cold_bytes} bytes");
+    for _ in 0..3 {
+        assert_eq!(hash_file(&s.at("data.bin")), want);
+    }
+    let (n, bytes) = reads(&s);
+    // The kernel may reclaim a few pages at any time (memory pressure, or
+    // a VM's proactive reclaim); reading them again is the only READ
+    // allowed. Without the kept cache every re-read would ask for all 8 MiB.
+    eprintln!("three re-reads of 8 MiB: {} READs, {} bytes", n - cold_reads, bytes - cold_bytes);
+    assert!(bytes - cold_bytes <= MIB as u64, "three re-reads sent {} READs of {} bytes", n - cold_reads, bytes - cold_bytes);
+
+    // Pages the kernel dropped are asked for alone, and come back right
+    // (from part of their chunk in the cache).
+    let f = std::fs::File::open(s.at("data.bin")).unwrap();
+    for i in 0..16i64 {
+        // SAFETY: a valid descriptor; the advice only drops clean pages.
+        let r = unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), i * 524_288 + 4096, 4096, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+    }
+    assert_eq!(hash_file(&s.at("data.bin")), want, "a re-read after the kernel dropped pages differs");
+    let (n2, bytes2) = reads(&s);
+    eprintln!("after dropping 16 pages: {} READs, {} bytes", n2 - n, bytes2 - bytes);
+    assert!(n2 > n, "the dropped pages were not asked for");
+    drop(f);
+
+    write_random(&s.files.join("data.bin"), 8 * MIB, 51);
+    let after = hash_file(&s.files.join("data.bin"));
+    let seen = wait_until(Duration::from_secs(10), || hash_file(&s.at("data.bin")) == after);
+    assert!(seen, "the changed file did not show through the mount within 10 s");
+}
+
 #[test]
 fn a_remote_change_becomes_visible_within_seconds() {
     let mut s = Setup::new("change", |dir| {

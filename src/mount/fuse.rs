@@ -158,13 +158,21 @@ impl Filesystem for Fuse {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let mode = open_mode(req, flags.0, flags.acc_mode() != OpenAccMode::O_RDONLY);
-        let vfs = self.vfs.clone();
-        self.rt.spawn(async move {
+        let (vfs, write) = (self.vfs.clone(), mode.write);
+        let call = async move {
             match vfs.open(ino.0, mode).await {
                 Ok((fh, keep)) => reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }),
                 Err(e) => reply.error(errno(e)),
             }
-        });
+        };
+        // An open for reading of a version already here answers at once
+        // (no hand-off to a worker: a re-read's `cat` opens and waits);
+        // one for writing may stage the file first, on the runtime.
+        if write {
+            self.rt.spawn(call);
+        } else {
+            self.run(call);
+        }
     }
 
     fn read(
@@ -179,7 +187,12 @@ impl Filesystem for Fuse {
         reply: ReplyData,
     ) {
         let vfs = self.vfs.clone();
-        self.rt.spawn(async move {
+        // A read of chunks in the cache answers here, without waking a
+        // worker: after the kernel dropped a few pages of a file it keeps
+        // (memory reclaim), a re-read asks for each missing page alone and
+        // waits for it, so every hand-off shows in the re-read's time. A
+        // read that waits on the network goes on on the runtime.
+        self.run(async move {
             match vfs.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(e)),

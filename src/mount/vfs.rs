@@ -259,6 +259,10 @@ pub struct Vfs {
     /// it says they changed.
     watching: std::sync::atomic::AtomicBool,
     invalidate: OnceLock<Box<dyn Fn(Inval) + Send + Sync>>,
+    /// READ requests the kernel sent, and the bytes they asked for: a read
+    /// served from the kernel's page cache counts in neither.
+    kernel_reads: AtomicU64,
+    kernel_read_bytes: AtomicU64,
 }
 
 struct Inodes {
@@ -420,7 +424,15 @@ impl Vfs {
             hot: Mutex::new(VecDeque::new()),
             watching: Default::default(),
             invalidate: OnceLock::new(),
+            kernel_reads: AtomicU64::new(0),
+            kernel_read_bytes: AtomicU64::new(0),
         }
+    }
+
+    /// (READ requests, bytes they asked for) since the mount: what the
+    /// kernel's page cache did not answer.
+    pub fn kernel_reads(&self) -> (u64, u64) {
+        (self.kernel_reads.load(Ordering::Relaxed), self.kernel_read_bytes.load(Ordering::Relaxed))
     }
 
     pub fn set_invalidator(&self, f: Box<dyn Fn(Inval) + Send + Sync>) {
@@ -1006,6 +1018,8 @@ impl Vfs {
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        self.kernel_reads.fetch_add(1, Ordering::Relaxed);
+        self.kernel_read_bytes.fetch_add(u64::from(size), Ordering::Relaxed);
         let staged = match lock(&self.handles).get(&fh).ok_or(Errno::EBADF)? {
             Handle::Virtual(data) => {
                 let start = (offset as usize).min(data.len());
@@ -1090,12 +1104,26 @@ impl Vfs {
             }
             let mut missing = false;
             for c in &manifest.chunks[range.clone()] {
+                let from = offset.max(c.offset) - c.offset;
+                let to = end.min(c.end()) - c.offset;
+                // Part of a chunk not in the hot set: read only that part
+                // (a page the kernel dropped and a re-read asks for alone).
+                if (from > 0 || to < u64::from(c.len)) && !self.is_hot(&c.hash) {
+                    match self.store.get_range(&c.hash, from, to) {
+                        Ok(Some(part)) => {
+                            out.extend_from_slice(&part);
+                            continue;
+                        }
+                        Ok(None) | Err(_) => {
+                            missing = true;
+                            break;
+                        }
+                    }
+                }
                 let Some(data) = self.chunk(&c.hash) else {
                     missing = true;
                     break;
                 };
-                let from = offset.max(c.offset) - c.offset;
-                let to = end.min(c.end()) - c.offset;
                 out.extend_from_slice(data.get(from as usize..to as usize).ok_or(Errno::EIO)?);
             }
             if !missing {
@@ -1108,6 +1136,10 @@ impl Vfs {
             }
         }
         Err(Errno::EIO)
+    }
+
+    fn is_hot(&self, hash: &Hash) -> bool {
+        lock(&self.hot).iter().any(|(h, _)| h == hash)
     }
 
     /// A chunk's bytes, from the hot set or the store.
