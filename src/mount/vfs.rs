@@ -248,7 +248,17 @@ pub struct Vfs {
     /// it says they changed.
     watching: std::sync::atomic::AtomicBool,
     invalidate: OnceLock<Box<dyn Fn(Inval) + Send + Sync>>,
+    /// Pushes behind a close (see [`write`]): one permit each while it is
+    /// in flight, so at most [`WRITE_BEHIND`] run at once and taking them
+    /// all waits for every one of them.
+    behind: Arc<tokio::sync::Semaphore>,
+    next_behind: AtomicU64,
 }
+
+/// Pushes a close may leave in flight at once. A close past the bound waits
+/// for a permit. Enough that the serving node's fsyncs overlap while a
+/// `tar x` goes on (PERFORMANCE.md, "Session of 2026-12-06, night").
+pub const WRITE_BEHIND: u32 = 16;
 
 struct Inodes {
     by_ino: HashMap<Ino, Inode>,
@@ -369,6 +379,8 @@ impl Vfs {
             hot: Mutex::new(VecDeque::new()),
             watching: Default::default(),
             invalidate: OnceLock::new(),
+            behind: Arc::new(tokio::sync::Semaphore::new(WRITE_BEHIND as usize)),
+            next_behind: AtomicU64::new(1),
         }
     }
 
