@@ -537,6 +537,9 @@ impl Vfs {
         let leased = self.leases.extend(&p.share, &p.path, need.clone());
         let me = self.clone();
         tokio::spawn(async move {
+            if let Some(ms) = crate::fault::push_behind_delay_ms() {
+                tokio::time::sleep(Duration::from_millis(ms.into())).await;
+            }
             let outcome = me.writeback.flush(id, Some(p.manifest.clone()), p.mode, p.base_manifest.clone()).await;
             if let Err(e) = me.take_outcome(ino, &staged, &p, outcome).await {
                 tracing::warn!(partner = %me.remote.partner(), share = %p.share, path = %p.path, "write-back behind a close: {e:?}");
