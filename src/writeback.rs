@@ -552,7 +552,13 @@ impl Writeback {
     /// `mode` and `base_manifest` as in [`PushOptions`].
     /// An entry that stays queued (partner unreachable) is made durable
     /// here first: its data fsynced, the queue's update committed FULL.
-    pub async fn flush(&self, id: i64, manifest: Option<Arc<Manifest>>, mode: Option<u32>, base_manifest: Option<Arc<Manifest>>) -> Outcome {
+    pub async fn flush(
+        &self,
+        id: i64,
+        manifest: Option<Arc<Manifest>>,
+        mode: Option<u32>,
+        base_manifest: Option<Arc<Manifest>>,
+    ) -> Outcome {
         let Some(entry) = self.get(id) else {
             lock(&self.busy).remove(&id);
             return Outcome::Queued("not in the queue".into());

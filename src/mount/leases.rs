@@ -28,9 +28,14 @@ use std::time::{Duration, Instant};
 /// Something that needs a lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Need {
-    Process { pid: i32, start: u64 },
+    Process {
+        pid: i32,
+        start: u64,
+    },
     Handle(u64),
-    Manual { until: Option<Instant> },
+    Manual {
+        until: Option<Instant>,
+    },
     /// A push behind a close, by its sequence number.
     Push(u64),
 }

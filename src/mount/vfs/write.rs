@@ -6,20 +6,25 @@
 //!   renaming a file to a lockable name, takes one for the process's life.
 //!   A lease held by another node makes the open fail with `EBUSY` (reads
 //!   are not refused).
-//! - Writes go to a [`Staged`] file. `flush` (every close) and `fsync`
-//!   push it: the base chunks still missing are filled in, the staging is
-//!   fsynced, committed to the write-back queue, and pushed as a delta;
-//!   the call returns when the partner has it, when it was saved as a
-//!   conflict copy, or, partner unreachable, once it is durably queued.
+//! - Writes go to a [`Staged`] file. `fsync` pushes it: the base chunks
+//!   still missing are filled in and it is pushed as a delta; the call
+//!   returns when the partner has it, when it was saved as a conflict
+//!   copy, or, partner unreachable, once it is durably queued.
+//! - `flush` (every close) does the same behind the close
+//!   ([`Vfs::push_behind`]): filled, cut and committed to the queue
+//!   unsynced before it returns, pushed by a task that keeps the file's
+//!   staging gate and lease until the receipt is in. Namespace changes and
+//!   unmount wait for those pushes ([`Vfs::drain_behind`]), so the partner
+//!   sees changes in the order they were made.
 //! - Namespace changes (mkdir, unlink, rmdir, rename, chmod, utimens) are
 //!   made on the partner at once; a file not pushed yet is pushed first,
 //!   so the partner never sees a rename of something it does not have.
 
 use super::*;
+use crate::chunk::Manifest;
 use crate::mount::leases::{process_name, process_of, process_start, Need};
 use crate::proto::{Base, Request};
 use crate::transfer::client::PushOptions;
-use crate::chunk::Manifest;
 use crate::writeback::{Commit, Outcome};
 
 /// How a file is opened.
@@ -489,8 +494,13 @@ impl Vfs {
             let id = self.enqueue(&staged, &p.share, &p.path, p.expect, p.fence, Commit::Durable).await?;
             self.writeback.flush(id, Some(p.manifest.clone()), p.mode, p.base_manifest.clone()).await
         } else {
-            let options =
-                PushOptions { base: p.expect, fence: p.fence, manifest: Some(p.manifest.clone()), mode: p.mode, base_manifest: p.base_manifest.clone() };
+            let options = PushOptions {
+                base: p.expect,
+                fence: p.fence,
+                manifest: Some(p.manifest.clone()),
+                mode: p.mode,
+                base_manifest: p.base_manifest.clone(),
+            };
             match self.writeback.push_direct(self.remote.partner(), &p.share, &p.path, &staged.data, options).await {
                 o @ (Outcome::Queued(_) | Outcome::Failed { .. }) => {
                     let id = self.enqueue(&staged, &p.share, &p.path, p.expect, p.fence, Commit::Durable).await?;
