@@ -923,6 +923,11 @@ impl Vfs {
         };
         if pending {
             self.push(ino).await?;
+        } else {
+            // A push behind a close still in flight would land after what
+            // the caller sends (a utimens by path right after the close,
+            // as `rsync --inplace` does, would lose its time).
+            self.wait_pushed(ino).await;
         }
         Ok(())
     }
