@@ -110,6 +110,12 @@ struct Kept {
     manifest: Arc<Manifest>,
 }
 
+/// Idle push sessions kept per partner: as many as a mount runs pushes
+/// behind closes at once ([`crate::mount::vfs::WRITE_BEHIND`]), so that a
+/// `tar x` does not open (TLS handshake, HELLO) and close a connection for
+/// most of its files.
+const IDLE_SESSIONS: usize = crate::mount::vfs::WRITE_BEHIND as usize;
+
 /// At most this many bytes of kept copies (and [`KEPT_FILES`] files).
 const KEPT_BYTES: u64 = 4 << 30;
 const KEPT_FILES: usize = 16;
@@ -508,7 +514,7 @@ impl Writeback {
     async fn give_back(&self, partner: &str, session: Session) {
         let mut sessions = self.sessions.lock().await;
         let idle = sessions.entry(partner.to_string()).or_default();
-        if idle.len() < 4 {
+        if idle.len() < IDLE_SESSIONS {
             idle.push(session);
         } else {
             drop(sessions);
