@@ -28,13 +28,6 @@ pub async fn run(
             }
         });
     }
-    // The pushes the mounts' last closes left in flight need the node's
-    // connections: they end (for a while) before the node stops.
-    let draining = mounts.clone();
-    let shutdown = async move {
-        shutdown.await;
-        draining.drain_writes().await;
-    };
     let served = node::run(node.clone(), shutdown, Some(listening_tx)).await;
     mounts.unmount_all().await;
     mounts.writeback.close().await;

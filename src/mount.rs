@@ -258,17 +258,6 @@ impl Mounts {
         Ok(())
     }
 
-    /// Wait (at most [`DRAIN_WAIT`]) for the pushes behind closes of every
-    /// mount (daemon shutdown, before the node's connections close).
-    pub async fn drain_writes(&self) {
-        let all: Vec<_> = lock(&self.active).clone();
-        for m in all {
-            if tokio::time::timeout(DRAIN_WAIT, m.vfs.drain_behind()).await.is_err() {
-                tracing::warn!(mountpoint = %m.mountpoint.display(), "write-backs still in flight after {DRAIN_WAIT:?}; they stay queued");
-            }
-        }
-    }
-
     pub async fn unmount_all(&self) {
         let all: Vec<_> = lock(&self.active).drain(..).collect();
         for m in all {

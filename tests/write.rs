@@ -1114,3 +1114,29 @@ fn changes_closed_but_not_pushed_yet_survive_sigkill_unmount_rename_and_unlink()
     std::thread::sleep(Duration::from_millis(500));
     assert!(!w.server("gone.txt").exists(), "a file removed right after its close reached the partner");
 }
+
+/// SIGTERM to the daemon right after closes: it lets the pushes behind
+/// them end before its connections close and it exits, so the serving
+/// node has every file once the daemon is gone.
+#[test]
+fn sigterm_right_after_closes_lets_their_pushes_end_first() {
+    let mut w = World::new("behind-term", &["alice"], "", |_| {});
+    slow_pushes(&mut w, 0, 800);
+    for i in 0..4 {
+        std::fs::write(w.c(0).at(&format!("t{i}.txt")), format!("closed before SIGTERM {i}")).unwrap();
+    }
+    let d = w.clients[0].daemon.as_mut().expect("alice's daemon");
+    // SAFETY: kill(2) with a pid of our own child and a signal number.
+    assert_eq!(unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) }, 0);
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "the daemon's exit after SIGTERM: {status:?}\n{}", w.c(0).log());
+    for i in 0..4 {
+        assert_eq!(
+            std::fs::read_to_string(w.server(&format!("t{i}.txt"))).ok(),
+            Some(format!("closed before SIGTERM {i}")),
+            "t{i}.txt once the daemon had exited:\n{}",
+            w.c(0).log()
+        );
+    }
+    w.clients[0].guard = None;
+}
