@@ -85,6 +85,9 @@
 #   SIZE_MIB     size of the big file in MiB (default 1024, at least 4)
 #   NFILES       files in the tar (default 10000); NDIRS directories (100)
 #   TOOLS        which tools, in order (default "deftfs sshfs rclone rsync")
+#   STEPS        which steps, in order (default "write edit insert ins-1fd
+#                tar"); edit, insert and ins-1fd start from the result of the
+#                steps before them, tar from nothing (STEPS=tar: only tar x)
 #   SHARE_ACCESS what alice grants bob: read-write (default) or write. With
 #                write only (a drop box), new files can be written through
 #                the mount, but opening an existing file, for any purpose,
@@ -129,6 +132,7 @@ SIZE_MIB=${SIZE_MIB:-1024}
 NFILES=${NFILES:-10000}
 NDIRS=${NDIRS:-100}
 TOOLS=${TOOLS:-deftfs sshfs rclone rsync}
+STEPS=${STEPS:-write edit insert ins-1fd tar}
 SHARE_ACCESS=${SHARE_ACCESS:-read-write}
 RCLONE_WRITE_BACK=${RCLONE_WRITE_BACK:-5s}
 WAIT_S=${WAIT_S:-300}
@@ -146,6 +150,12 @@ source "$REPO/benches/lib.sh"
 for v in SIZE_MIB NFILES NDIRS WAIT_S TAR_WAIT_S HASH_WAIT_S; do
     # shellcheck disable=SC2015 # die exits
     [[ ${!v} =~ ^[0-9]+$ ]] && ((${!v} >= 1)) || die "$v=${!v}: need a whole number >= 1"
+done
+for st in $STEPS; do
+    case $st in
+    write | edit | insert | ins-1fd | tar) ;;
+    *) die "STEPS: no step $st (write edit insert ins-1fd tar)" ;;
+    esac
 done
 ((SIZE_MIB >= 4)) || die "SIZE_MIB=$SIZE_MIB: need at least 4"
 [[ $(id -u) == 0 ]] || die "needs root (FUSE mounts, a throwaway sshd, iptables counters)"
@@ -891,7 +901,7 @@ run_tool() {
         cp "$V1" "$SRV/$BIGNAME"
         sync
     fi
-    for st in write edit insert ins-1fd tar; do
+    for st in $STEPS; do
         [[ $tool == rsync && ($st == write || $st == tar) ]] && continue
         if ! step "$tool" "$st"; then
             detail "$tool: $st failed; its later steps are skipped"
@@ -918,7 +928,7 @@ echo "($(mb "$TREE_BYTES") MB), loopback, $NPROC cpus; times from the start of t
 echo
 printf '%-7s %-7s %7s %9s %9s %9s %11s %7s %7s %7s %6s %5s  %s\n' step tool "cmd s" "server s" "to srv" "from srv" "reported" "cpu cmd" "cpu cli" "cpu srv" "rest" busy note
 printf '%-7s %-7s %7s %9s %9s %9s %11s %7s %7s %7s %6s %5s\n' "" "" "" "complete" "MB" "MB" "payload MB" s s s s ""
-for st in write edit insert ins-1fd tar; do
+for st in $STEPS; do
     for tool in $TOOLS; do
         [[ $tool == rsync && ($st == write || $st == tar) ]] && continue
         rep=$(rget "$tool" "$st" reported)

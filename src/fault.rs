@@ -6,7 +6,10 @@
 //!   first transmission of that chunk (the receiver must NACK it);
 //! - `DEFTFS_FAULT_STALL_AFTER_CHUNKS=<n>`: a sender stops sending new
 //!   chunks once n chunks are acknowledged, prints `stalled` on stderr, and
-//!   waits (a test then kills it to interrupt the transfer).
+//!   waits (a test then kills it to interrupt the transfer);
+//! - `DEFTFS_FAULT_PUSH_BEHIND_DELAY_MS=<n>`: a mount's push behind a close
+//!   starts n ms late (a slow partner), so that tests can look at the
+//!   state between a close and its push.
 
 use std::sync::OnceLock;
 
@@ -22,4 +25,9 @@ pub fn corrupt_chunk() -> Option<u32> {
 pub fn stall_after_chunks() -> Option<u32> {
     static V: OnceLock<Option<u32>> = OnceLock::new();
     *V.get_or_init(|| env_u32("DEFTFS_FAULT_STALL_AFTER_CHUNKS"))
+}
+
+pub fn push_behind_delay_ms() -> Option<u32> {
+    static V: OnceLock<Option<u32>> = OnceLock::new();
+    *V.get_or_init(|| env_u32("DEFTFS_FAULT_PUSH_BEHIND_DELAY_MS"))
 }

@@ -422,6 +422,9 @@ pub fn lazy_unmount(path: &Path) -> bool {
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) == 0 }
 }
 
+/// How long an unmount waits for the pushes its last closes left in flight.
+const DRAIN_WAIT: Duration = Duration::from_secs(30);
+
 async fn stop(m: &Arc<Mounted>) {
     m.watch.abort();
     m.renew.abort();
@@ -441,6 +444,13 @@ async fn stop(m: &Arc<Mounted>) {
             tracing::error!("unmount task: {e}");
         }
     }
+    // Pushes behind the last closes: let them end (their leases with
+    // them), for a while; what is still in flight then stays in the queue,
+    // made durable, and goes back when the daemon runs again.
+    if tokio::time::timeout(DRAIN_WAIT, m.vfs.drain_behind()).await.is_err() {
+        tracing::warn!(mountpoint = %m.mountpoint.display(), "unmount: write-backs still in flight after {DRAIN_WAIT:?}; they stay queued");
+    }
+    m.vfs.writeback.make_durable().await;
     m.vfs.leases.release_all().await;
     m.vfs.remote.close().await;
     tracing::info!(spec = %m.spec, mountpoint = %m.mountpoint.display(), "unmounted");

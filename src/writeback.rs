@@ -54,6 +54,15 @@ pub struct Entry {
     pub queued_ns: i64,
 }
 
+/// How far [`Writeback::enqueue`] makes an entry durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// fsynced (SQLite `synchronous=FULL`): survives a power loss.
+    Durable,
+    /// Written, not synced: survives the death of the process.
+    Lazy,
+}
+
 /// How a write-back ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -105,6 +114,12 @@ struct Kept {
     manifest: Arc<Manifest>,
 }
 
+/// Idle push sessions kept per partner: as many as a mount runs pushes
+/// behind closes at once ([`crate::mount::vfs::WRITE_BEHIND`]), so that a
+/// `tar x` does not open (TLS handshake, HELLO) and close a connection for
+/// most of its files.
+const IDLE_SESSIONS: usize = crate::mount::vfs::WRITE_BEHIND as usize;
+
 /// At most this many bytes of kept copies (and [`KEPT_FILES`] files).
 const KEPT_BYTES: u64 = 4 << 30;
 const KEPT_FILES: usize = 16;
@@ -153,6 +168,12 @@ pub fn conflict_name(path: &SharePath, node: &str, at: Timestamp, n: u32) -> Opt
         Some(dir) => dir.join(&copy).ok(),
         None => SharePath::parse(&copy).ok(),
     }
+}
+
+/// Whether the file at `path` has another name (a queue entry's hard link).
+fn shared(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).is_ok_and(|m| m.nlink() > 1)
 }
 
 impl Writeback {
@@ -214,6 +235,11 @@ impl Writeback {
     /// for a later edit of that version ([`Writeback::take_kept`]); the
     /// oldest copies go beyond the bounds.
     pub fn keep(&self, data: &Path, manifest: Arc<Manifest>) {
+        if shared(data) {
+            // Its content is a queued entry's too: not ours to edit again.
+            let _ = std::fs::remove_file(data);
+            return;
+        }
         let hex: String = manifest.file_hash.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
         let kept = self.dir.join(format!("kept-{hex}.data"));
         if std::fs::rename(data, &kept).is_err() {
@@ -236,6 +262,12 @@ impl Writeback {
     /// which skips every inode freed in the last minute when it allocates
     /// one (PERFORMANCE.md, "What limits deftfs (write path)").
     pub fn recycle(&self, data: &Path) {
+        if shared(data) {
+            // A queued entry links the same file (a change queued while the
+            // partner was unreachable): emptying it would empty the entry.
+            let _ = std::fs::remove_file(data);
+            return;
+        }
         let room = lock(&self.spare).len() < SPARE_MAX;
         let spare = self.fresh_path(SPARE_PREFIX);
         let emptied = room && std::fs::OpenOptions::new().write(true).open(data).and_then(|f| f.set_len(0)).is_ok();
@@ -296,8 +328,14 @@ impl Writeback {
         self.dir.join(format!("{prefix}{}-{}-{n}.data", std::process::id(), Timestamp::now().0))
     }
 
-    /// Commit a staged file (already fsynced by the caller) as a change to
-    /// push. Returns its id.
+    /// Commit a staged file as a change to push. Returns its id.
+    /// [`Commit::Durable`]: the caller fsynced `data`, and the entry is on
+    /// disk when this returns (it survives a power loss).
+    /// [`Commit::Lazy`]: neither is synced (it survives a `kill -9` of this
+    /// process, not a power loss); a push behind a close, made durable if
+    /// it has to wait ([`Writeback::flush`]) or at unmount
+    /// ([`Writeback::make_durable`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn enqueue(
         &self,
         partner: &str,
@@ -306,9 +344,14 @@ impl Writeback {
         data: &Path,
         base: Base,
         fence: Option<u64>,
+        commit: Commit,
     ) -> Result<i64, WritebackError> {
         let db = lock(&self.db);
-        db.execute(
+        let lazy = commit == Commit::Lazy;
+        if lazy {
+            db.execute_batch("PRAGMA synchronous = OFF").map_err(|e| self.wrap(e))?;
+        }
+        let inserted = db.execute(
             "INSERT INTO queue (partner, share, path, data, base, fence, state, queued_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7)",
             params![
                 partner,
@@ -319,8 +362,12 @@ impl Writeback {
                 fence.map(|f| f as i64),
                 Timestamp::now().0
             ],
-        )
-        .map_err(|e| self.wrap(e))?;
+        );
+        if lazy {
+            // Back to FULL before anything else commits on this connection.
+            db.execute_batch("PRAGMA synchronous = FULL").map_err(|e| self.wrap(e))?;
+        }
+        inserted.map_err(|e| self.wrap(e))?;
         let id = db.last_insert_rowid();
         // Reserved for the caller's flush (see there).
         lock(&self.busy).insert(id);
@@ -437,7 +484,14 @@ impl Writeback {
     fn finish(&self, entry: &Entry, outcome: &Outcome) {
         let db = lock(&self.db);
         let r = match outcome {
-            Outcome::Pushed(_) | Outcome::Conflict { .. } => db.execute("DELETE FROM queue WHERE id = ?1", params![entry.id]),
+            // Not synced: should a power loss undo the delete, the entry is
+            // pushed again and its base check refuses it (a conflict copy
+            // at worst); fsyncing here would cost every push behind a close
+            // an fsync on this node.
+            Outcome::Pushed(_) | Outcome::Conflict { .. } => db
+                .execute_batch("PRAGMA synchronous = OFF")
+                .and_then(|()| db.execute("DELETE FROM queue WHERE id = ?1", params![entry.id]))
+                .and_then(|n| db.execute_batch("PRAGMA synchronous = FULL").map(|()| n)),
             Outcome::Queued(why) => db.execute("UPDATE queue SET error = ?2 WHERE id = ?1", params![entry.id, why]),
             Outcome::Failed { code, message } => {
                 db.execute("UPDATE queue SET state = 'failed', error = ?2 WHERE id = ?1", params![entry.id, format!("{code}: {message}")])
@@ -464,7 +518,7 @@ impl Writeback {
     async fn give_back(&self, partner: &str, session: Session) {
         let mut sessions = self.sessions.lock().await;
         let idle = sessions.entry(partner.to_string()).or_default();
-        if idle.len() < 4 {
+        if idle.len() < IDLE_SESSIONS {
             idle.push(session);
         } else {
             drop(sessions);
@@ -513,14 +567,33 @@ impl Writeback {
     /// the retry loop. So two pushes of one entry never run at once, and
     /// the retry loop cannot take an entry whose close is waiting for it.
     /// `manifest`: the entry's data's manifest, when the caller knows it.
-    pub async fn flush(&self, id: i64, manifest: Option<Arc<Manifest>>) -> Outcome {
+    /// `mode` and `base_manifest` as in [`PushOptions`].
+    /// An entry that stays queued (partner unreachable) is made durable
+    /// here first: its data fsynced, the queue's update committed FULL.
+    pub async fn flush(
+        &self,
+        id: i64,
+        manifest: Option<Arc<Manifest>>,
+        mode: Option<u32>,
+        base_manifest: Option<Arc<Manifest>>,
+    ) -> Outcome {
         let Some(entry) = self.get(id) else {
             lock(&self.busy).remove(&id);
             return Outcome::Queued("not in the queue".into());
         };
-        let outcome = self.push_entry(&entry, manifest, None, None).await;
-        lock(&self.busy).remove(&id);
+        let outcome = self.push_entry(&entry, manifest, mode, base_manifest).await;
+        if matches!(outcome, Outcome::Queued(_) | Outcome::Failed { .. }) {
+            let data = entry.data.clone();
+            let synced = tokio::task::spawn_blocking(move || std::fs::File::open(&data).and_then(|f| f.sync_all())).await;
+            if let Ok(Err(e)) = synced {
+                tracing::warn!(path = %entry.path, "write-back staging not synced: {e}");
+            }
+        }
+        // Finished before it is let go: the retry loop, which may have
+        // listed it, then finds it gone (or updated) rather than pushing
+        // it a second time.
         self.finish(&entry, &outcome);
+        lock(&self.busy).remove(&id);
         if matches!(outcome, Outcome::Pushed(_) | Outcome::Conflict { .. }) {
             let _ = std::fs::remove_file(&entry.data);
         }
@@ -595,7 +668,7 @@ impl Writeback {
                     if !lock(&me.busy).insert(e.id) {
                         continue;
                     }
-                    if let Outcome::Queued(_) = me.flush(e.id, None).await {
+                    if let Outcome::Queued(_) = me.flush(e.id, None, None, None).await {
                         queued = true;
                     }
                 }
@@ -604,6 +677,25 @@ impl Writeback {
             }
         })
         .abort_handle()
+    }
+
+    /// Make every queued entry durable: its data fsynced, the queue
+    /// checkpointed with fsyncs. For entries committed [`Commit::Lazy`]
+    /// whose push did not finish before an unmount.
+    pub async fn make_durable(self: &Arc<Self>) {
+        let me = self.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            for e in me.entries(None) {
+                if let Err(err) = std::fs::File::open(&e.data).and_then(|f| f.sync_all()) {
+                    tracing::warn!(path = %e.path, "queued staging not synced: {err}");
+                }
+            }
+            lock(&me.db).query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))
+        })
+        .await;
+        if let Ok(Err(e)) = done {
+            tracing::warn!("write-back queue not checkpointed: {e}");
+        }
     }
 
     pub async fn close(&self) {

@@ -113,6 +113,7 @@ fn rsync_into_the_mount_keeps_times_and_a_second_run_copies_nothing() {
         ok(cmd.output().unwrap(), &format!("rsync {args:?}"))
     };
     run(&["-a"]);
+    a.settle();
     assert_same_tree(&src, &w.server("proj"));
     // rsync compares size and mtime: nothing to do, now and once what the
     // mount shows comes from the partner again. A directory whose time it
@@ -128,10 +129,12 @@ fn rsync_into_the_mount_keeps_times_and_a_second_run_copies_nothing() {
     std::fs::write(src.join("d/new"), random_bytes(300_000, 99)).unwrap();
     age(&src);
     run(&["-a", "--delete"]);
+    a.settle();
     assert_same_tree(&src, &w.server("proj"));
     std::fs::write(src.join("top.txt"), random_bytes(50_000, 7)).unwrap();
     age(&src);
     run(&["-a", "--inplace"]);
+    a.settle();
     assert_same_tree(&src, &w.server("proj"));
     std::thread::sleep(PAST_TTL);
     assert_eq!(run(&["-ain", "--delete"]), "", "rsync still sees differences");
@@ -170,6 +173,7 @@ fn vim_saves_back_to_back_through_the_mount() {
         edit(&file, &["%s/one/ONE/"]);
         edit(&file, &["set backup backupcopy=no backupskip=", "%s/two/TWO/"]);
         let name = format!("notes{round}.txt");
+        a.settle();
         assert_eq!(std::fs::read_to_string(w.server(&name)).unwrap(), format!("round {round} ONE\nline TWO\n"), "round {round}");
         assert_eq!(std::fs::read_to_string(w.server(&format!("{name}~"))).unwrap(), format!("round {round} ONE\nline two\n"), "backup");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("round {round} ONE\nline TWO\n"), "through the mount");
@@ -211,6 +215,7 @@ fn make_builds_in_the_mount_and_rebuilds_only_what_changed() {
     assert!(rebuilt.contains("cc -c add.c") && !rebuilt.contains("main.c"), "{rebuilt}");
     assert_eq!(ok(Command::new(dir.join("app")).output().unwrap(), "app"), "6\n");
     // The serving node has a program that runs, with its execute bits.
+    a.settle();
     let served = w.server("proj/app");
     assert_eq!(ok(Command::new(&served).output().unwrap(), "the served app"), "6\n");
     use std::os::unix::fs::PermissionsExt;
@@ -251,6 +256,7 @@ import sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
 print(db.execute("PRAGMA integrity_check").fetchone()[0], db.execute("SELECT count(*), sum(length(v)) FROM t").fetchone())
 "#;
+    a.settle();
     for name in ["journal.db", "wal.db"] {
         let served = w.server(&format!("db/{name}"));
         let got = ok(Command::new(&python).arg("-c").arg(check).arg(&served).output().unwrap(), "sqlite on the serving node");

@@ -453,8 +453,12 @@ fn concurrent_operations_from_two_mounts_and_the_serving_node_keep_every_version
     }
     let run_time = shared.t0.elapsed();
 
-    // Quiescent: every handle is closed. The mounts must come to show the
-    // serving node's tree within a few watch intervals.
+    // Quiescent: every handle is closed, and (closes push behind them)
+    // every push is in. The mounts must come to show the serving node's
+    // tree within a few watch intervals.
+    for c in &w.clients {
+        c.settle();
+    }
     let mut last = String::new();
     let converged = wait_until(Duration::from_secs(15), || {
         let server = match snapshot(&w.files) {

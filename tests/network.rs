@@ -470,6 +470,7 @@ fn a_resave_through_a_mount_sends_its_manifest_relative_to_the_base() {
 
     let mut data = random_bytes(8 * MIB, 41);
     std::fs::write(mnt.join("big.bin"), &data).unwrap();
+    settle(&a);
     assert_eq!(std::fs::read(files.join("big.bin")).unwrap(), data);
     let chunks = a.json(&["history", "--limit", "5"])[0]["chunks_total"].as_u64().unwrap();
     assert!(chunks > 5000, "the file has {chunks} chunks: not enough for the manifest to show");

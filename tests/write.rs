@@ -37,7 +37,8 @@ fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends
     let a = w.c(0);
     let data = random_bytes(64 * MIB, 11);
     std::fs::write(a.at("big.bin"), &data).unwrap();
-    assert_eq!(std::fs::read(w.server("big.bin")).unwrap(), data, "the serving node has the file after close");
+    a.settle();
+    assert_eq!(std::fs::read(w.server("big.bin")).unwrap(), data, "the serving node has the file once its push is in");
 
     let fetched = |a: &Client| a.node.json(&["mounts"])[0]["bytes_fetched"].as_u64().unwrap();
     let before = fetched(a);
@@ -47,6 +48,7 @@ fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends
     let f = std::fs::OpenOptions::new().write(true).open(a.at("big.bin")).unwrap();
     f.write_all_at(&patch, 32 * MIB as u64).unwrap();
     drop(f);
+    a.settle();
     let mut expected = data;
     expected[32 * MIB..33 * MIB].copy_from_slice(&patch);
     assert_eq!(std::fs::read(w.server("big.bin")).unwrap(), expected);
@@ -64,6 +66,7 @@ fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends
     std::fs::write(&local, &inserted).unwrap();
     let ok = Command::new("sh").args(["-c", "cat \"$1\" > \"$2\"", "sh"]).arg(&local).arg(a.at("big.bin")).status().unwrap();
     assert!(ok.success());
+    a.settle();
     assert_eq!(hash_file(&w.server("big.bin")), hash_file(&local));
     let sent = last_push_bytes(&a.node, "big.bin");
     assert!(sent < 4 * MIB as u64, "a 100-byte insert sent {sent} bytes");
@@ -237,6 +240,7 @@ fn an_app_that_opened_a_blend_file_keeps_others_out_until_it_exits_and_saves_the
     assert!(wait_until(Duration::from_secs(15), || open_w().is_ok()), "carol still cannot write after the holder exited:\n{}", alice.log());
     assert_eq!(access_w(&carol.at("x.blend")), None);
     std::fs::write(carol.at("x.blend"), b"version 3").unwrap();
+    carol.settle();
     assert_eq!(std::fs::read(w.server("x.blend")).unwrap(), b"version 3");
 }
 
@@ -304,9 +308,11 @@ fn a_write_only_share_takes_new_files_and_replacements() {
     });
     let a = w.c(0);
     std::fs::write(a.at("new.txt"), b"fresh").unwrap();
+    a.settle();
     assert_eq!(std::fs::read(w.server("new.txt")).unwrap(), b"fresh");
     // Replacing needs none of the old content.
     std::fs::write(a.at("report.txt"), b"replaced").unwrap();
+    a.settle();
     assert_eq!(std::fs::read(w.server("report.txt")).unwrap(), b"replaced");
     // Reading stays refused.
     assert_eq!(errno_of(std::fs::read(a.at("report.txt"))), Some(libc::EACCES));
@@ -428,6 +434,7 @@ fn a_local_edit_on_the_serving_node_during_a_mount_write_keeps_both_versions() {
     // Meanwhile, on bob's own disk:
     std::fs::write(w.server("notes.txt"), b"bob's local edit\n").unwrap();
     drop(f);
+    a.settle();
     assert_eq!(std::fs::read(w.server("notes.txt")).unwrap(), b"bob's local edit\n");
     let copies: Vec<PathBuf> = std::fs::read_dir(&w.files)
         .unwrap()
@@ -516,6 +523,7 @@ fn a_new_file_that_became_a_conflict_copy_is_not_listed_once_the_partner_removes
     // Meanwhile, on bob's own disk, the same name:
     std::fs::write(w.server("fresh.txt"), b"bob's file\n").unwrap();
     drop(f);
+    a.settle();
     let copy = |dir: &Path| {
         std::fs::read_dir(dir).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("fresh (conflict alice "))
     };
@@ -547,22 +555,26 @@ fn posix_semantics_hold_as_documented() {
     // create + write + read back; O_EXCL on an existing name.
     std::fs::write(at("new.txt"), b"hello").unwrap();
     assert_eq!(std::fs::read(at("new.txt")).unwrap(), b"hello");
+    a.settle();
     assert_eq!(std::fs::read(w.server("new.txt")).unwrap(), b"hello");
     let excl = std::fs::OpenOptions::new().write(true).create_new(true).open(at("new.txt"));
     assert_eq!(errno_of(excl), Some(libc::EEXIST));
-    // An empty file exists on the server after close.
+    // An empty file exists on the server once its push is in.
     std::fs::File::create(at("empty")).unwrap();
+    a.settle();
     assert_eq!(std::fs::metadata(w.server("empty")).unwrap().len(), 0);
 
     // O_APPEND appends; O_TRUNC truncates.
     let mut f = std::fs::OpenOptions::new().append(true).open(at("existing.txt")).unwrap();
     f.write_all(b"AB").unwrap();
     drop(f);
+    a.settle();
     assert_eq!(std::fs::read(w.server("existing.txt")).unwrap(), b"0123456789AB");
     let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(at("existing.txt")).unwrap();
     f.write_all(b"new").unwrap();
     drop(f);
     assert_eq!(std::fs::read(at("existing.txt")).unwrap(), b"new");
+    a.settle();
     assert_eq!(std::fs::read(w.server("existing.txt")).unwrap(), b"new");
 
     // truncate(2): shrink, then grow with zeros.
@@ -570,6 +582,7 @@ fn posix_semantics_hold_as_documented() {
     f.set_len(2).unwrap();
     f.set_len(6).unwrap();
     drop(f);
+    a.settle();
     assert_eq!(std::fs::read(w.server("new.txt")).unwrap(), b"he\0\0\0\0");
 
     // mkdir, EEXIST; rmdir of a non-empty directory: ENOTEMPTY; of a file: ENOTDIR.
@@ -602,6 +615,7 @@ fn posix_semantics_hold_as_documented() {
     assert_eq!(std::fs::metadata(w.server("d2/moved.txt")).unwrap().permissions().mode() & 0o777, 0o600);
     let when = std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
     std::fs::File::options().write(true).open(at("d2/moved.txt")).unwrap().set_modified(when).unwrap();
+    a.settle();
     assert_eq!(std::fs::metadata(w.server("d2/moved.txt")).unwrap().modified().unwrap(), when);
 
     // unlink, rmdir.
@@ -633,12 +647,14 @@ fn tar_and_cp_work_inside_the_mount() {
     assert!(ok.success());
     let out = Command::new("tar").arg("xf").arg(&tarball).arg("-C").arg(a.at("")).output().unwrap();
     assert!(out.status.success(), "tar x: {}", String::from_utf8_lossy(&out.stderr));
+    a.settle();
     for i in 0..50 {
         let rel = format!("d{}/f{i}.txt", i % 5);
         assert_eq!(std::fs::read(w.server(&rel)).unwrap(), std::fs::read(src.join(&rel)).unwrap(), "{rel}");
     }
     let out = Command::new("cp").arg("-r").arg(a.at("d1")).arg(a.at("copy")).output().unwrap();
     assert!(out.status.success(), "cp -r: {}", String::from_utf8_lossy(&out.stderr));
+    a.settle();
     assert_eq!(std::fs::read(w.server("copy/f1.txt")).unwrap(), std::fs::read(src.join("d1/f1.txt")).unwrap());
 }
 
@@ -679,6 +695,7 @@ fn git_works_inside_the_mount_and_the_serving_node_gets_a_sound_repository() {
     assert_eq!(git(&repo, &["log", "--format=%s"]), "third\nsecond\nfirst\n");
 
     // The serving node holds the same repository, whole.
+    a.settle();
     let served = w.server("repo");
     git(&served, &["fsck", "--strict"]);
     assert_eq!(git(&served, &["log", "--format=%s", "topic"]), "third\nsecond\nfirst\n");
@@ -692,6 +709,7 @@ fn a_local_edit_right_after_a_mount_push_still_shows_through_the_mount() {
     let w = World::new("echo", &["alice"], "", |_| {});
     let a = w.c(0);
     std::fs::write(a.at("n.txt"), b"from the mount").unwrap();
+    a.settle();
     assert_eq!(std::fs::read(w.server("n.txt")).unwrap(), b"from the mount");
     // Same size, written on the serving node at once: the poller must not
     // take it for the push it already announced.
@@ -722,15 +740,18 @@ fn a_forked_childs_exec_does_not_push_a_half_written_file() {
     assert!(len == 0, "the serving node has {len} bytes of a file still being written");
     f.write_all(&data[data.len() / 2..]).unwrap();
     drop(f);
+    a.settle();
     assert!(std::fs::read(w.server("half.bin")).unwrap() == data, "the writer's close pushed the whole file");
 }
 
 #[test]
-fn close_waits_for_the_push_even_when_a_forked_child_flushed_the_descriptor_first() {
+fn a_close_after_a_forked_child_flushed_the_descriptor_first_still_sends_every_write() {
     // A multi-threaded program forks while a file is open: the child's exec
     // closes its copy of the descriptor, a FLUSH of the same handle, which
-    // pushes. The owner's own close must still wait until its writes are on
-    // the serving node.
+    // pushes. The owner's own close must still push the writes made after
+    // that: once `sync FILE` (fsync on a descriptor that only reads) has
+    // returned, they are on the serving node. (This test once checked that
+    // close waited for its push; closes push behind them now.)
     let w = World::new("fork", &["alice"], "", |_| {});
     let a = w.c(0);
     let mut expected = random_bytes(8 * MIB, 31);
@@ -753,8 +774,9 @@ fn close_waits_for_the_push_even_when_a_forked_child_flushed_the_descriptor_firs
         }
         drop(f);
         expected[at..at + patch.len()].copy_from_slice(&patch);
+        std::fs::File::open(a.at("f.bin")).unwrap().sync_all().unwrap();
         let got = std::fs::read(w.server("f.bin")).unwrap();
-        assert!(got == expected, "round {round}: close returned before its change reached the serving node");
+        assert!(got == expected, "round {round}: `sync FILE` returned before the close's change reached the serving node");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     forker.join().unwrap();
@@ -786,6 +808,7 @@ fn a_file_being_written_stays_listed_when_the_partner_changes_its_directory() {
     assert_eq!(names(), ["mine.txt", "theirs.txt"], "the file being written vanished from its directory");
     assert_eq!(f.metadata().unwrap().len(), 14);
     drop(f);
+    a.settle();
     assert_eq!(std::fs::read(w.server("mine.txt")).unwrap(), b"not pushed yet");
 }
 
@@ -806,6 +829,7 @@ fn mode_and_times_set_on_an_open_descriptor_reach_the_serving_node_with_the_cont
     assert_eq!(meta.permissions().mode() & 0o777, 0o750);
     assert_eq!(meta.modified().unwrap(), when);
     drop(f);
+    a.settle();
     let server = std::fs::metadata(w.server("t.sh")).unwrap();
     assert_eq!(std::fs::read(w.server("t.sh")).unwrap(), b"#!/bin/sh\necho hi\n");
     assert_eq!(server.permissions().mode() & 0o777, 0o750, "mode on the serving node");
@@ -818,7 +842,8 @@ fn mode_and_times_set_on_an_open_descriptor_reach_the_serving_node_with_the_cont
 /// append, read back, truncate, fsync, close, rename and unlink on a few
 /// files through the mount, each checked against an in-memory model: every
 /// read through the mount, every size `stat` shows, and the serving node's
-/// copy after every close (close returns when the partner has the change).
+/// copy after every close, once `sync FILE` has waited for the push behind
+/// it.
 /// `DEFTFS_FSX_SEED` and `DEFTFS_FSX_OPS` replay or lengthen a run.
 #[test]
 fn random_operations_through_the_mount_match_a_model_and_the_serving_node() {
@@ -968,11 +993,16 @@ fn random_operations_through_the_mount_match_a_model_and_the_serving_node() {
                         trace.push(format!("close {name} (changed: {changed})"));
                         let changed = *changed;
                         open[i] = None;
-                        // A close whose descriptor changed the file returns
-                        // when the partner has it. One that did not (only
-                        // a truncating open, `: > file`) leaves the push to
-                        // the last release, just after (docs/SEMANTICS.md).
-                        if !changed {
+                        // A close whose descriptor changed the file pushes
+                        // behind it: `sync FILE` (fsync of a descriptor that
+                        // only reads) returns once the partner has it. One
+                        // that did not (only a truncating open, `: > file`)
+                        // leaves the push to the last release, just after
+                        // (docs/SEMANTICS.md).
+                        if changed {
+                            let synced = std::fs::File::open(&path).and_then(|f| f.sync_all());
+                            synced.unwrap_or_else(|e| fail(&trace, format!("sync after close: {e}")));
+                        } else {
                             wait_until(Duration::from_secs(10), || std::fs::read(w.server(name)).ok().as_ref() == Some(&*m));
                         }
                         let got = std::fs::read(w.server(name)).unwrap_or_else(|e| fail(&trace, format!("server copy after close: {e}")));
@@ -1024,6 +1054,7 @@ fn a_written_file_keeps_its_mtime_and_mode_and_its_directory_its_time() {
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&private).unwrap();
     f.write_all(b"secret").unwrap();
     drop(f);
+    a.settle();
     let seen = mtime(&private);
     assert_eq!(mode(&private), 0o600);
     assert_eq!(mode(&w.server("d/private.txt")), 0o600, "mode on the serving node");
@@ -1037,10 +1068,121 @@ fn a_written_file_keeps_its_mtime_and_mode_and_its_directory_its_time() {
     let dir_before = mtime(&w.server("d"));
     std::thread::sleep(Duration::from_millis(20));
     std::fs::OpenOptions::new().write(true).open(a.at("d/old.txt")).unwrap().write_all(b"new").unwrap();
+    a.settle();
     assert_eq!(std::fs::read(w.server("d/old.txt")).unwrap(), b"new content");
     assert_eq!(mtime(&w.server("d")), dir_before, "directory mtime on the serving node");
     std::thread::sleep(Duration::from_millis(1600));
     assert_eq!(mtime(&a.at("d")), dir_before, "directory mtime through the mount");
     assert_eq!(mtime(&a.at("d/old.txt")), mtime(&w.server("d/old.txt")));
     assert_eq!(mtime(&a.mnt), mtime(&w.files), "the mount's root shows the share's time");
+}
+
+/// Restart client `i`'s daemon with its pushes behind closes starting `ms`
+/// late (`DEFTFS_FAULT_PUSH_BEHIND_DELAY_MS`), and mount again.
+fn slow_pushes(w: &mut World, i: usize, ms: u32) {
+    w.clients[i].guard = None;
+    if let Some(d) = w.clients[i].daemon.as_mut() {
+        d.kill();
+    }
+    let delay = ms.to_string();
+    w.clients[i].daemon = Some(Daemon::start_with(&w.clients[i].node.home, &[("DEFTFS_FAULT_PUSH_BEHIND_DELAY_MS", delay.as_str())]));
+    w.clients[i].mount();
+}
+
+/// A close returns before its push is in (write-behind). Until the push
+/// is in, the file stays leased: another node's open for write gets
+/// EBUSY, as it would while the file was open, and reads and `stat`
+/// through the writer's mount show the new content. `sync FILE` waits for
+/// the push; then the lease goes.
+#[test]
+fn a_closed_file_stays_leased_until_its_push_is_in_and_its_mount_shows_the_new_content() {
+    let mut w = World::new("behind", &["alice", "carol"], "", |dir| std::fs::write(dir.join("notes.txt"), b"version 1").unwrap());
+    slow_pushes(&mut w, 0, 2500);
+    let (a, carol) = (w.c(0), w.c(1));
+    assert_eq!(std::fs::read(carol.at("notes.txt")).unwrap(), b"version 1");
+    let started = Instant::now();
+    std::fs::write(a.at("notes.txt"), b"version 2, longer").unwrap();
+    assert!(started.elapsed() < Duration::from_millis(2000), "close waited for the push: {:?}", started.elapsed());
+    assert_eq!(std::fs::read(a.at("notes.txt")).unwrap(), b"version 2, longer", "the writer's mount shows what was closed");
+    assert_eq!(std::fs::metadata(a.at("notes.txt")).unwrap().len(), 17);
+    assert_eq!(std::fs::read(w.server("notes.txt")).unwrap(), b"version 1", "the push was to start later");
+    let open_w = || std::fs::OpenOptions::new().write(true).open(carol.at("notes.txt"));
+    assert_eq!(errno_of(open_w()), Some(libc::EBUSY), "another node may write the file before the push behind its close is in");
+    assert_eq!(errno_of(std::fs::remove_file(carol.at("notes.txt"))), Some(libc::EBUSY));
+    std::fs::File::open(a.at("notes.txt")).unwrap().sync_all().unwrap();
+    assert_eq!(std::fs::read(w.server("notes.txt")).unwrap(), b"version 2, longer", "sync FILE returned before the push was in");
+    assert!(wait_until(Duration::from_secs(10), || open_w().is_ok()), "the lease outlived the push:\n{}", a.log());
+    assert!(wait_until(Duration::from_secs(10), || std::fs::read(carol.at("notes.txt")).is_ok_and(|d| d == b"version 2, longer")));
+}
+
+/// A closed file whose push had not started: a `kill -9` of mountd then
+/// loses nothing (the change was committed to the write-back queue before
+/// close returned), and it arrives after a restart. An unmount waits for
+/// the pushes behind the last closes; a rename or unlink right after a
+/// close reaches the partner after that close's push.
+#[test]
+fn changes_closed_but_not_pushed_yet_survive_sigkill_unmount_rename_and_unlink() {
+    let mut w = World::new("behind-kill", &["alice"], "", |_| {});
+    slow_pushes(&mut w, 0, 5000);
+    std::fs::write(w.c(0).at("k.txt"), b"closed, then mountd was killed").unwrap();
+    if let Some(d) = w.clients[0].daemon.as_mut() {
+        d.kill();
+    }
+    w.clients[0].guard = None;
+    assert!(!w.server("k.txt").exists(), "the push was to start later");
+    w.clients[0].daemon = Some(w.clients[0].node.start());
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read(w.server("k.txt")).is_ok_and(|d| d == b"closed, then mountd was killed")),
+        "a change closed before a kill -9 was lost:\n{}",
+        w.c(0).log()
+    );
+
+    slow_pushes(&mut w, 0, 300);
+    let a = w.c(0);
+    // Renamed and removed right after their closes.
+    std::fs::create_dir(a.at("d")).unwrap();
+    std::fs::write(a.at("d/one.txt"), b"one").unwrap();
+    std::fs::write(a.at("d/two.txt"), b"two").unwrap();
+    std::fs::rename(a.at("d"), a.at("e")).unwrap();
+    std::fs::write(a.at("gone.txt"), b"removed at once").unwrap();
+    std::fs::remove_file(a.at("gone.txt")).unwrap();
+    // Unmounted right after the closes.
+    for i in 0..5 {
+        std::fs::write(a.at(&format!("u{i}.txt")), format!("file {i}")).unwrap();
+    }
+    a.node.ok(&["unmount", a.mnt.to_str().unwrap()]);
+    for i in 0..5 {
+        assert_eq!(std::fs::read_to_string(w.server(&format!("u{i}.txt"))).ok(), Some(format!("file {i}")), "u{i}.txt after unmount");
+    }
+    assert_eq!(std::fs::read(w.server("e/one.txt")).unwrap(), b"one");
+    assert_eq!(std::fs::read(w.server("e/two.txt")).unwrap(), b"two");
+    assert!(!w.server("d").exists(), "the directory came back under its old name");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!w.server("gone.txt").exists(), "a file removed right after its close reached the partner");
+}
+
+/// SIGTERM to the daemon right after closes: it lets the pushes behind
+/// them end before its connections close and it exits, so the serving
+/// node has every file once the daemon is gone.
+#[test]
+fn sigterm_right_after_closes_lets_their_pushes_end_first() {
+    let mut w = World::new("behind-term", &["alice"], "", |_| {});
+    slow_pushes(&mut w, 0, 800);
+    for i in 0..4 {
+        std::fs::write(w.c(0).at(&format!("t{i}.txt")), format!("closed before SIGTERM {i}")).unwrap();
+    }
+    let d = w.clients[0].daemon.as_mut().expect("alice's daemon");
+    // SAFETY: kill(2) with a pid of our own child and a signal number.
+    assert_eq!(unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) }, 0);
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "the daemon's exit after SIGTERM: {status:?}\n{}", w.c(0).log());
+    for i in 0..4 {
+        assert_eq!(
+            std::fs::read_to_string(w.server(&format!("t{i}.txt"))).ok(),
+            Some(format!("closed before SIGTERM {i}")),
+            "t{i}.txt once the daemon had exited:\n{}",
+            w.c(0).log()
+        );
+    }
+    w.clients[0].guard = None;
 }

@@ -8,7 +8,10 @@
 //!   that process lives (checked by pid and start time, so a reused pid is
 //!   not mistaken for it);
 //! - an open **write handle**, until it is released;
-//! - a **manual** `deftfs lock`, until `deftfs unlock` or its own ttl.
+//! - a **manual** `deftfs lock`, until `deftfs unlock` or its own ttl;
+//! - a **push** a close left in flight, until its receipt (or its failure)
+//!   is in: the file stays leased between the close and the partner having
+//!   its new version, so no other node writes it in between.
 //!
 //! [`Leases::tick`] runs every ttl/3: it drops needs that ended, releases
 //! leases nothing needs any more, and renews the rest. A lease the partner
@@ -25,16 +28,23 @@ use std::time::{Duration, Instant};
 /// Something that needs a lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Need {
-    Process { pid: i32, start: u64 },
+    Process {
+        pid: i32,
+        start: u64,
+    },
     Handle(u64),
-    Manual { until: Option<Instant> },
+    Manual {
+        until: Option<Instant>,
+    },
+    /// A push behind a close, by its sequence number.
+    Push(u64),
 }
 
 impl Need {
     fn alive(&self, now: Instant) -> bool {
         match self {
             Need::Process { pid, start } => process_start(*pid) == Some(*start),
-            Need::Handle(_) => true,
+            Need::Handle(_) | Need::Push(_) => true,
             Need::Manual { until } => until.is_none_or(|u| now < u),
         }
     }
@@ -123,6 +133,20 @@ impl Leases {
         }
         tracing::info!(partner = %self.remote.partner(), %share, %path, %owner, token, "lease taken");
         Ok(h.row.token)
+    }
+
+    /// Add `need` to the lease this node holds on `path`, without asking
+    /// the partner. False when no lease on `path` is held.
+    pub fn extend(&self, share: &Name, path: &SharePath, need: Need) -> bool {
+        match lock(&self.held).get_mut(&(share.clone(), path.clone())) {
+            Some(h) => {
+                if !h.needs.contains(&need) {
+                    h.needs.push(need);
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether `need` already holds the lease on `path`.

@@ -123,8 +123,10 @@ pub struct Staged {
     pub file: File,
     pub state: Mutex<StageState>,
     /// Held by a push from fill to the end of the transfer, and by each
-    /// write: a file is never pushed while a write is half done.
-    pub gate: tokio::sync::Mutex<()>,
+    /// write: a file is never pushed while a write is half done. Shared so
+    /// that a push behind a close ([`crate::mount::vfs`]) can keep holding
+    /// it after the close has returned.
+    pub gate: Arc<tokio::sync::Mutex<()>>,
     /// Starts the disk writing a large staging file as it fills, so the
     /// fsync before it is queued has little left to write.
     pub writeback: crate::flush::EarlyWriteback,
@@ -196,7 +198,7 @@ impl Staged {
 
     fn new(data: PathBuf, file: File, state: StageState, params: ChunkParams) -> Staged {
         let direct = DirectWrites::open(&data);
-        Staged { data, file, state: Mutex::new(state), gate: tokio::sync::Mutex::new(()), writeback: Default::default(), direct, params }
+        Staged { data, file, state: Mutex::new(state), gate: Default::default(), writeback: Default::default(), direct, params }
     }
 
     /// The manifest of the content, which must be all local (blocking).

@@ -225,6 +225,18 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// Mount `spec` (`PARTNER:SHARE`) at `mnt` through `node`'s daemon, with
 /// `extra` flags; the guard detaches it on drop.
+/// Wait (at most 30 s) until no write-back of `node`'s mounts is pending:
+/// the pushes behind its closes are in. Closes return before their push
+/// ends (docs/SEMANTICS.md, "Writes").
+pub fn settle(node: &TestNode) {
+    let idle = || {
+        let out = node.cmd(&["mounts", "--json"]);
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return false };
+        v.as_array().is_some_and(|ms| ms.iter().all(|m| m["pending_writebacks"].as_u64() == Some(0)))
+    };
+    wait_until(Duration::from_secs(30), idle);
+}
+
 pub fn mount_at(node: &TestNode, spec: &str, mnt: &Path, extra: &[&str]) -> MountGuard {
     std::fs::create_dir_all(mnt).unwrap();
     let guard = MountGuard(mnt.to_path_buf());

@@ -26,6 +26,12 @@ impl Client {
     pub fn log(&self) -> String {
         self.daemon.as_ref().map(|d| d.log_text()).unwrap_or_default()
     }
+
+    /// Wait until this client's pushes are all in: a close returns before
+    /// its push ends (write-behind, docs/SEMANTICS.md).
+    pub fn settle(&self) {
+        settle(&self.node);
+    }
 }
 
 /// Bob serves `files` (read-write) to the clients; fields drop in order:

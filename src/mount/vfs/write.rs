@@ -6,20 +6,26 @@
 //!   renaming a file to a lockable name, takes one for the process's life.
 //!   A lease held by another node makes the open fail with `EBUSY` (reads
 //!   are not refused).
-//! - Writes go to a [`Staged`] file. `flush` (every close) and `fsync`
-//!   push it: the base chunks still missing are filled in, the staging is
-//!   fsynced, committed to the write-back queue, and pushed as a delta;
-//!   the call returns when the partner has it, when it was saved as a
-//!   conflict copy, or, partner unreachable, once it is durably queued.
+//! - Writes go to a [`Staged`] file. `fsync` pushes it: the base chunks
+//!   still missing are filled in and it is pushed as a delta; the call
+//!   returns when the partner has it, when it was saved as a conflict
+//!   copy, or, partner unreachable, once it is durably queued.
+//! - `flush` (every close) does the same behind the close
+//!   ([`Vfs::push_behind`]): filled, cut and committed to the queue
+//!   unsynced before it returns, pushed by a task that keeps the file's
+//!   staging gate and lease until the receipt is in. Namespace changes and
+//!   unmount wait for those pushes ([`Vfs::drain_behind`]), so the partner
+//!   sees changes in the order they were made.
 //! - Namespace changes (mkdir, unlink, rmdir, rename, chmod, utimens) are
 //!   made on the partner at once; a file not pushed yet is pushed first,
 //!   so the partner never sees a rename of something it does not have.
 
 use super::*;
+use crate::chunk::Manifest;
 use crate::mount::leases::{process_name, process_of, process_start, Need};
 use crate::proto::{Base, Request};
 use crate::transfer::client::PushOptions;
-use crate::writeback::Outcome;
+use crate::writeback::{Commit, Outcome};
 
 /// How a file is opened.
 #[derive(Debug, Clone, Copy, Default)]
@@ -29,6 +35,24 @@ pub struct OpenMode {
     pub append: bool,
     /// The calling thread (FUSE request pid).
     pub tid: u32,
+}
+
+/// A push decided under its staging's gate ([`Vfs::prepare`]).
+struct Prepared {
+    share: Name,
+    path: SharePath,
+    /// The version the change was made on (BASE).
+    expect: Base,
+    /// The lease token it was made under (FENCE).
+    fence: Option<u64>,
+    /// A chmod (or a new file's mode) the push carries.
+    mode: Option<u32>,
+    mtime_ns: i64,
+    manifest: Arc<Manifest>,
+    /// The replaced version's manifest, when at hand.
+    base_manifest: Option<Arc<Manifest>>,
+    /// An earlier change of the file waits in the queue: go after it.
+    queue_first: bool,
 }
 
 fn now_ns() -> i64 {
@@ -508,11 +532,99 @@ impl Vfs {
     async fn push_locked(&self, ino: Ino, durable: bool) -> Result<(), Errno> {
         let Some(staged) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) else { return Ok(()) };
         let _gate = staged.gate.lock().await;
+        let Some(p) = self.prepare(ino, &staged, durable).await? else { return Ok(()) };
+        let outcome = if p.queue_first {
+            let id = self.enqueue(&staged, &p.share, &p.path, p.expect, p.fence, Commit::Durable).await?;
+            self.writeback.flush(id, Some(p.manifest.clone()), p.mode, p.base_manifest.clone()).await
+        } else {
+            let options = PushOptions {
+                base: p.expect,
+                fence: p.fence,
+                manifest: Some(p.manifest.clone()),
+                mode: p.mode,
+                base_manifest: p.base_manifest.clone(),
+            };
+            match self.writeback.push_direct(self.remote.partner(), &p.share, &p.path, &staged.data, options).await {
+                o @ (Outcome::Queued(_) | Outcome::Failed { .. }) => {
+                    let id = self.enqueue(&staged, &p.share, &p.path, p.expect, p.fence, Commit::Durable).await?;
+                    if let Outcome::Failed { code, message } = &o {
+                        self.writeback.fail(id, code, message);
+                    }
+                    // The retry loop takes it from here.
+                    self.writeback.unhold(id);
+                    o
+                }
+                o => o,
+            }
+        };
+        self.take_outcome(ino, &staged, &p, outcome).await
+    }
+
+    /// A close: the push of `ino`'s change goes on behind it. The change is
+    /// filled in, cut and committed to the write-back queue (not synced:
+    /// it survives a `kill -9` of mountd, not a power loss, as a closed
+    /// file on a local disk does until its fsync), then pushed by a task
+    /// that keeps holding the staging's gate (a later write, push, or
+    /// fsync of the file waits for it; reads and `stat` here see the
+    /// staged content meanwhile) and the file's lease (other nodes still
+    /// get `EBUSY`, and the partner refuses their writes, until the new
+    /// version is there). At most [`WRITE_BEHIND`] such pushes run at
+    /// once: a close past that waits for one to end. A refusal found
+    /// behind a close is logged and kept in the queue (`deftfs status`),
+    /// a conflict becomes a conflict copy as it would have at the close.
+    async fn push_behind(self: &Arc<Self>, ino: Ino) -> Result<(), Errno> {
+        let Some(staged) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) else { return Ok(()) };
+        let permit = self.behind.clone().acquire_owned().await.map_err(|_| Errno::EIO)?;
+        let gate = staged.gate.clone().lock_owned().await;
+        let Some(p) = self.prepare(ino, &staged, false).await? else { return Ok(()) };
+        if p.queue_first {
+            // An earlier change of the file waits (the partner was
+            // unreachable): this one goes after it, at once, as before.
+            drop(gate);
+            drop(permit);
+            staged.state().dirty = true;
+            return self.push(ino).await;
+        }
+        let id = self.enqueue(&staged, &p.share, &p.path, p.expect, p.fence, Commit::Lazy).await?;
+        let need = Need::Push(self.next_behind.fetch_add(1, Ordering::SeqCst));
+        let leased = self.leases.extend(&p.share, &p.path, need.clone());
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Some(ms) = crate::fault::push_behind_delay_ms() {
+                tokio::time::sleep(Duration::from_millis(ms.into())).await;
+            }
+            let outcome = me.writeback.flush(id, Some(p.manifest.clone()), p.mode, p.base_manifest.clone()).await;
+            if let Err(e) = me.take_outcome(ino, &staged, &p, outcome).await {
+                tracing::warn!(partner = %me.remote.partner(), share = %p.share, path = %p.path, "write-back behind a close: {e:?}");
+            }
+            drop(gate);
+            me.retire_idle(ino);
+            if leased {
+                me.leases.done(&p.share, &p.path, &need);
+            }
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    /// Wait until no push behind a close is in flight: a namespace change
+    /// (rename, unlink, rmdir, a directory's SETATTR) must reach the
+    /// partner after the pushes the closes before it started, as it did
+    /// when each close waited for its push.
+    pub async fn drain_behind(&self) {
+        if let Ok(all) = self.behind.acquire_many(WRITE_BEHIND).await {
+            drop(all);
+        }
+    }
+
+    /// Decide what a push of `ino` sends: fill the missing base ranges, cut
+    /// the manifest. None when nothing changed. The caller holds the gate.
+    async fn prepare(&self, ino: Ino, staged: &Arc<Staged>, durable: bool) -> Result<Option<Prepared>, Errno> {
         if !staged.state().dirty {
-            return Ok(());
+            return Ok(None);
         }
         let size = staged.size();
-        self.fill(ino, &staged, 0, size).await?;
+        self.fill(ino, staged, 0, size).await?;
         let (share, path) = self.file_key(ino)?;
         let expect = staged.state().expect;
         let fence = self.leases.token(&share, &path);
@@ -553,24 +665,12 @@ impl Vfs {
             st.base = None;
             base_manifest
         };
-        let outcome = if queue_first {
-            let id = self.enqueue(&staged, &share, &path, expect, fence).await?;
-            self.writeback.flush(id, Some(manifest.clone())).await
-        } else {
-            let options = PushOptions { base: expect, fence, manifest: Some(manifest.clone()), mode, base_manifest };
-            match self.writeback.push_direct(&partner, &share, &path, &staged.data, options).await {
-                o @ (Outcome::Queued(_) | Outcome::Failed { .. }) => {
-                    let id = self.enqueue(&staged, &share, &path, expect, fence).await?;
-                    if let Outcome::Failed { code, message } = &o {
-                        self.writeback.fail(id, code, message);
-                    }
-                    // The retry loop takes it from here.
-                    self.writeback.unhold(id);
-                    o
-                }
-                o => o,
-            }
-        };
+        Ok(Some(Prepared { share, path, expect, fence, mode, mtime_ns, manifest, base_manifest, queue_first }))
+    }
+
+    /// What a push's outcome means for the inode and its staging.
+    async fn take_outcome(&self, ino: Ino, staged: &Arc<Staged>, p: &Prepared, outcome: Outcome) -> Result<(), Errno> {
+        let (share, path, mode, mtime_ns, manifest) = (&p.share, &p.path, p.mode, p.mtime_ns, p.manifest.clone());
         let pushed = matches!(outcome, Outcome::Pushed(_));
         let result = {
             let mut st = staged.state();
@@ -583,7 +683,7 @@ impl Vfs {
                     if st.due_mtime_ns == Some(mtime_ns) {
                         st.due_mtime_ns = None;
                     }
-                    if !queue_first && st.due_mode == mode {
+                    if st.due_mode == mode {
                         st.due_mode = None;
                     }
                     drop(st);
@@ -650,7 +750,7 @@ impl Vfs {
         };
         result?;
         if pushed {
-            self.send_due_attrs(ino, &staged, &share, &path).await?;
+            self.send_due_attrs(ino, staged, share, path).await?;
         }
         Ok(())
     }
@@ -702,19 +802,33 @@ impl Vfs {
     /// queue, under its own name (a hard link: the staging may live on
     /// under this inode after the push). On failure the change is marked
     /// dirty again.
-    async fn enqueue(&self, staged: &Arc<Staged>, share: &Name, path: &SharePath, expect: Base, fence: Option<u64>) -> Result<i64, Errno> {
+    async fn enqueue(
+        &self,
+        staged: &Arc<Staged>,
+        share: &Name,
+        path: &SharePath,
+        expect: Base,
+        fence: Option<u64>,
+        commit: Commit,
+    ) -> Result<i64, Errno> {
         let queued = self.writeback.fresh_path("");
-        let (st, q) = (staged.clone(), queued.clone());
-        let linked = tokio::task::spawn_blocking(move || {
-            st.file.sync_all()?;
-            std::fs::hard_link(&st.data, &q)
-        })
-        .await
-        .map_err(|_| std::io::Error::other("the fsync task failed"))
-        .and_then(|r| r);
-        let id = linked
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.writeback.enqueue(self.remote.partner(), share, path, &queued, expect, fence).map_err(|e| e.to_string()));
+        let linked = match commit {
+            Commit::Durable => {
+                let (st, q) = (staged.clone(), queued.clone());
+                tokio::task::spawn_blocking(move || {
+                    st.file.sync_all()?;
+                    std::fs::hard_link(&st.data, &q)
+                })
+                .await
+                .map_err(|_| std::io::Error::other("the fsync task failed"))
+                .and_then(|r| r)
+            }
+            // No fsync: a link is one directory entry, done here.
+            Commit::Lazy => std::fs::hard_link(&staged.data, &queued),
+        };
+        let id = linked.map_err(|e| e.to_string()).and_then(|()| {
+            self.writeback.enqueue(self.remote.partner(), share, path, &queued, expect, fence, commit).map_err(|e| e.to_string())
+        });
         id.map_err(|e| {
             tracing::error!(%path, "the change could not be queued: {e}");
             let _ = std::fs::remove_file(&queued);
@@ -723,16 +837,14 @@ impl Vfs {
         })
     }
 
-    /// A close: push what this handle wrote (see [`StagedHandle::changes`];
-    /// the last release pushes the rest).
-    /// A close of a descriptor of `fh` by thread `tid`: pushes what was
-    /// written since the last push, so that it is on the partner when
-    /// close returns. Not when the closing process wrote nothing through
-    /// the handle while others did: every child a process forks inherits
-    /// its descriptors, and its exec closes them (a FLUSH each), which
-    /// would push the file half-written. The writer's own close, and the
-    /// release after the last one, push it.
-    pub async fn flush(&self, fh: u64, tid: u32) -> Result<(), Errno> {
+    /// A close of a descriptor of `fh` by thread `tid`: push what this
+    /// handle wrote (see [`StagedHandle::changes`]) behind the close; the
+    /// last release pushes the rest. Not when the closing process wrote
+    /// nothing through the handle while others did: every child a process
+    /// forks inherits its descriptors, and its exec closes them (a FLUSH
+    /// each), which would push the file half-written. The writer's own
+    /// close, and the release after the last one, push it.
+    pub async fn flush(self: &Arc<Self>, fh: u64, tid: u32) -> Result<(), Errno> {
         let (ino, changes, writers) = match lock(&self.handles).get(&fh) {
             Some(Handle::Staged(h)) if h.write && h.changes > h.flushed => (h.ino, h.changes, h.writers.clone()),
             _ => return Ok(()),
@@ -741,7 +853,7 @@ impl Vfs {
             tracing::debug!(ino, tid, "close by a process that did not write through the handle: no push");
             return Ok(());
         }
-        self.push(ino).await?;
+        self.push_behind(ino).await?;
         if let Some(Handle::Staged(h)) = lock(&self.handles).get_mut(&fh) {
             h.flushed = h.flushed.max(changes);
         }
@@ -751,12 +863,28 @@ impl Vfs {
     /// fsync: like a close, the change is durable when this returns: on
     /// the partner if the push went through (it fsyncs before renaming),
     /// else here, fsynced and queued.
+    /// On a descriptor that does not write (`sync FILE`), it waits for a
+    /// push a close of the file left in flight.
     pub async fn fsync(&self, fh: u64) -> Result<(), Errno> {
-        let ino = match lock(&self.handles).get(&fh) {
-            Some(Handle::Staged(h)) if h.write => h.ino,
+        let (ino, write) = match lock(&self.handles).get(&fh) {
+            Some(Handle::Staged(h)) => (h.ino, h.write),
             _ => return Ok(()),
         };
-        self.push(ino).await
+        if write {
+            // A push in flight holds the gate: this one waits for it, then
+            // sends what was written since, if anything.
+            return self.push(ino).await;
+        }
+        self.wait_pushed(ino).await;
+        Ok(())
+    }
+
+    /// Wait for a push of `ino` in flight (it holds the staging's gate).
+    async fn wait_pushed(&self, ino: Ino) {
+        let staged = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone());
+        if let Some(st) = staged {
+            drop(st.gate.lock().await);
+        }
     }
 
     /// Mark the write handles of `ino` as having changed it.
@@ -856,6 +984,11 @@ impl Vfs {
         };
         if pending {
             self.push(ino).await?;
+        } else {
+            // A push behind a close still in flight would land after what
+            // the caller sends (a utimens by path right after the close,
+            // as `rsync --inplace` does, would lose its time).
+            self.wait_pushed(ino).await;
         }
         Ok(())
     }
@@ -938,6 +1071,9 @@ impl Vfs {
         if lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some()) {
             return Err(Errno::EACCES);
         }
+        // A file whose push is in flight is on the partner once that ends
+        // (and a directory's files once theirs do): remove it after.
+        self.drain_behind().await;
         let local_only = lock(&self.inodes).is_local_only(ino);
         if !local_only {
             self.remote
@@ -971,6 +1107,9 @@ impl Vfs {
         if lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some()) {
             return Err(Errno::EACCES);
         }
+        // Pushes behind closes reach the partner before the rename does
+        // (files under a renamed directory included).
+        self.drain_behind().await;
         self.settle(ino).await?;
         // A target created here and not pushed yet is only ours to replace.
         if let Ok(target) = self.lookup(newparent, newname).await {
@@ -1101,6 +1240,11 @@ impl Vfs {
                     n.mode = m & 0o7777;
                 }
                 return self.cached_attr(ino);
+            }
+            if kind == Kind::Dir {
+                // A push in flight into the directory would move its time
+                // again after this (tar sets its directories' times last).
+                self.drain_behind().await;
             }
             self.settle(ino).await?;
             self.set_attr_remote(ino, share, &path, mode, mtime_ns).await?;
