@@ -272,74 +272,23 @@ fn transport_config(loopback: bool) -> quinn::TransportConfig {
     t.max_concurrent_bidi_streams(1u32.into());
     // One chunk (<= 1 MiB + header) fits a stream window; a full window of
     // chunks fits the connection window.
-    t.stream_receive_window(exp_u64("DEFTFS_EXP_STREAM_WIN").unwrap_or(2 * 1024 * 1024).try_into().unwrap());
-    t.receive_window(exp_u64("DEFTFS_EXP_RECV_WIN").unwrap_or(128 * 1024 * 1024).try_into().unwrap());
-    t.send_window(exp_u64("DEFTFS_EXP_SEND_WIN").unwrap_or(128 * 1024 * 1024));
+    t.stream_receive_window((2u32 * 1024 * 1024).into());
+    t.receive_window((128u32 * 1024 * 1024).into());
+    t.send_window(128 * 1024 * 1024);
     t.send_fairness(false);
-    // EXPERIMENT (not to be committed as is): ACK frequency, GSO.
-    if let Some(n) = exp_u64("DEFTFS_EXP_ACK_THRESH") {
-        let mut af = quinn::AckFrequencyConfig::default();
-        af.ack_eliciting_threshold(n.try_into().unwrap());
-        if let Some(us) = exp_u64("DEFTFS_EXP_ACK_DELAY_US") {
-            af.max_ack_delay(Some(Duration::from_micros(us)));
-        }
-        if let Some(r) = exp_u64("DEFTFS_EXP_REORDER") {
-            af.reordering_threshold(r.try_into().unwrap());
-        }
-        t.ack_frequency_config(Some(af));
-    }
-    if exp_u64("DEFTFS_EXP_GSO") == Some(0) {
-        t.enable_segmentation_offload(false);
-    }
     if loopback {
-        let mtu = exp_u64("DEFTFS_EXP_MTU").map(|m| m as u16).unwrap_or(LOOPBACK_MTU);
-        t.initial_mtu(mtu);
-        t.min_mtu(mtu);
+        t.initial_mtu(LOOPBACK_MTU);
+        t.min_mtu(LOOPBACK_MTU);
         t.mtu_discovery_config(None);
         // Start with a congestion window of LOOPBACK_WINDOW instead of ten
         // packets: a fresh connection then sends a 300 KB manifest or the
         // first MiB of chunks at once instead of over seven round trips of
         // slow start. TCP gets the same on loopback from its 64 KiB MTU.
-        if std::env::var("DEFTFS_EXP_CC").as_deref() == Ok("bbr") {
-            let mut bbr = quinn::congestion::BbrConfig::default();
-            bbr.initial_window(LOOPBACK_WINDOW);
-            t.congestion_controller_factory(Arc::new(bbr));
-        } else {
-            let mut cubic = quinn::congestion::CubicConfig::default();
-            cubic.initial_window(LOOPBACK_WINDOW);
-            t.congestion_controller_factory(Arc::new(cubic));
-        }
+        let mut cubic = quinn::congestion::CubicConfig::default();
+        cubic.initial_window(LOOPBACK_WINDOW);
+        t.congestion_controller_factory(Arc::new(cubic));
     }
     t
-}
-
-/// EXPERIMENT: a numeric knob from the environment.
-fn exp_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok()?.trim().parse().ok()
-}
-
-/// EXPERIMENT: append a connection's statistics to $DEFTFS_EXP_STATS when it closes.
-pub fn exp_stats(conn: &quinn::Connection, role: &'static str) {
-    let Ok(path) = std::env::var("DEFTFS_EXP_STATS") else { return };
-    let conn = conn.clone();
-    tokio::spawn(async move {
-        conn.closed().await;
-        let s = conn.stats();
-        let line = format!(
-            "{role} pid={} udp_tx dg={} bytes={} ios={} | udp_rx dg={} bytes={} ios={} | acks tx={} rx={} ackfreq tx={} rx={} | lost={} cong={} rtt={:?} cwnd={} sent_pk={} | blocked tx data={} stream={} rx data={} stream={} | max_data tx={} max_stream_data tx={}\n",
-            std::process::id(),
-            s.udp_tx.datagrams, s.udp_tx.bytes, s.udp_tx.ios,
-            s.udp_rx.datagrams, s.udp_rx.bytes, s.udp_rx.ios,
-            s.frame_tx.acks, s.frame_rx.acks, s.frame_tx.ack_frequency, s.frame_rx.ack_frequency,
-            s.path.lost_packets, s.path.congestion_events, s.path.rtt, s.path.cwnd, s.path.sent_packets,
-            s.frame_tx.data_blocked, s.frame_tx.stream_data_blocked, s.frame_rx.data_blocked, s.frame_rx.stream_data_blocked,
-            s.frame_tx.max_data, s.frame_tx.max_stream_data,
-        );
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = f.write_all(line.as_bytes());
-        }
-    });
 }
 
 /// Datagram size used on loopback. Loopback carries 64 KiB, but quinn 0.11
@@ -373,29 +322,6 @@ fn bind_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, TransportError> 
     // Best effort: the kernel caps these at net.core.*mem_max.
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
-    // EXPERIMENT: forced (root) socket buffers past net.core.*mem_max.
-    if let Some(n) = exp_u64("DEFTFS_EXP_SOCKBUF_FORCE") {
-        use std::os::fd::AsRawFd;
-        let v = n as libc::c_int;
-        for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
-            // SAFETY: a valid socket and a c_int option value.
-            let rc = unsafe {
-                libc::setsockopt(
-                    socket.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    &v as *const _ as *const libc::c_void,
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                eprintln!("setsockopt force {opt}: {}", std::io::Error::last_os_error());
-            }
-        }
-    }
-    if std::env::var_os("DEFTFS_EXP_STATS").is_some() {
-        eprintln!("socket buffers: rcv {:?} snd {:?}", socket.recv_buffer_size(), socket.send_buffer_size());
-    }
     socket.bind(&addr.into()).map_err(err)?;
     Ok(socket.into())
 }
@@ -479,7 +405,6 @@ impl Endpoint {
         match connecting.await {
             Ok(conn) => match self.peer_of(&conn) {
                 Some((id, der)) => {
-                    exp_stats(&conn, "server");
                     tracing::info!(target: "audit", %remote, partner = %id, "partner connected");
                     Some((conn, id, der))
                 }
@@ -535,7 +460,6 @@ impl Endpoint {
                 };
                 match tokio::time::timeout(Duration::from_secs(10), attempt).await {
                     Ok(Ok(conn)) => {
-                        exp_stats(&conn, "client");
                         let der = self.peer_of(&conn).map(|(_, d)| d).unwrap_or_default();
                         return Ok((conn, der));
                     }
