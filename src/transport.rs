@@ -32,7 +32,12 @@ const SNI: &str = "deft";
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// UDP socket buffers: large enough that a burst of a full window of
-/// chunks is not dropped by the kernel before quinn reads it.
+/// chunks is not dropped by the kernel before quinn reads it. The kernel
+/// caps the request at net.core.rmem_max/wmem_max (4 MiB on the bench
+/// machine), and a 1 GiB transfer on loopback then loses 0.3 to 1.2 % of its
+/// packets to receive-buffer overflow; forcing 32 MiB (SO_RCVBUFFORCE, as
+/// root) removed the losses but made neither a push nor a pull faster
+/// (docs/PERFORMANCE.md, session of 2026-12-06, night).
 const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +281,11 @@ fn transport_config(loopback: bool) -> quinn::TransportConfig {
     t.receive_window((128u32 * 1024 * 1024).into());
     t.send_window(128 * 1024 * 1024);
     t.send_fairness(false);
+    // No ACK frequency extension (`ack_frequency_config`): quinn already
+    // acknowledges once per batch of received datagrams, one ACK per 50 to
+    // 120 packets of a bulk transfer on loopback, and asking for fewer
+    // (threshold 16) changed neither the ACK count nor the time
+    // (docs/PERFORMANCE.md, session of 2026-12-06, night).
     if loopback {
         t.initial_mtu(LOOPBACK_MTU);
         t.min_mtu(LOOPBACK_MTU);
