@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    deftfs::daemon::limit_malloc_arenas();
     let cli = deftfs::cli::Cli::parse();
     match deftfs::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

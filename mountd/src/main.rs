@@ -15,6 +15,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    deftfs::daemon::limit_malloc_arenas();
     let args = Args::parse();
     deftfs::cli::init_logging("info");
     let home = args.home.unwrap_or_else(deftfs::config::default_home);
