@@ -412,13 +412,6 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn tmp(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("deftfs-share-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
     fn share(path: PathBuf) -> Share {
         Share::new(&ShareConfig { name: Name::new("s").unwrap(), path, access: BTreeMap::new(), lockable: Vec::new() })
     }
@@ -451,7 +444,8 @@ mod tests {
 
     #[test]
     fn symlink_out_of_the_share_is_refused() {
-        let d = tmp("symlink");
+        let dir = crate::testutil::TestDir::new("symlink");
+        let d = dir.path().to_path_buf();
         let root = d.join("root");
         std::fs::create_dir(&root).unwrap();
         std::fs::write(d.join("secret"), b"x").unwrap();
@@ -466,7 +460,8 @@ mod tests {
 
     #[test]
     fn glob_share_only_exposes_matching_names() {
-        let d = tmp("glob");
+        let dir = crate::testutil::TestDir::new("glob");
+        let d = dir.path().to_path_buf();
         std::fs::write(d.join("a.xml"), b"1").unwrap();
         std::fs::write(d.join("b.txt"), b"2").unwrap();
         let s = share(d.join("*.xml"));
@@ -478,7 +473,8 @@ mod tests {
 
     #[test]
     fn target_creates_parents_inside_and_hides_temp_files() {
-        let d = tmp("target");
+        let dir = crate::testutil::TestDir::new("target");
+        let d = dir.path().to_path_buf();
         let s = share(d.clone());
         let t = s.resolve_target(&SharePath::parse("x/y/z.bin").unwrap()).unwrap();
         assert_eq!(t, d.join("x/y/z.bin"));
@@ -490,7 +486,8 @@ mod tests {
 
     #[test]
     fn file_share_has_no_inner_paths() {
-        let d = tmp("file");
+        let dir = crate::testutil::TestDir::new("file");
+        let d = dir.path().to_path_buf();
         std::fs::write(d.join("f"), b"abc").unwrap();
         let s = share(d.join("f"));
         assert_eq!(s.resolve_file(&SharePath::root()).unwrap(), d.join("f"));
