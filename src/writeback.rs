@@ -170,10 +170,32 @@ pub fn conflict_name(path: &SharePath, node: &str, at: Timestamp, n: u32) -> Opt
     }
 }
 
-/// Whether the file at `path` has another name (a queue entry's hard link).
-fn shared(path: &Path) -> bool {
+/// Remove staging file `path` if it has another name, a queue entry's
+/// hard link (a change queued while the partner was unreachable): its
+/// content is the entry's, not to be edited or emptied. Whether it did.
+fn unlink_if_queued(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).is_ok_and(|m| m.nlink() > 1)
+    let queued = std::fs::metadata(path).is_ok_and(|m| m.nlink() > 1);
+    if queued {
+        let _ = std::fs::remove_file(path);
+    }
+    queued
+}
+
+/// Run `f` on `db` with `PRAGMA synchronous = OFF` (committed, not
+/// synced), and set it back to FULL whatever `f` gave, before anything
+/// else commits on this connection.
+fn unsynced<T>(db: &rusqlite::Connection, f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    db.execute_batch("PRAGMA synchronous = OFF")?;
+    let r = f(db);
+    let back = db.execute_batch("PRAGMA synchronous = FULL");
+    let r = r?;
+    back.map(|()| r)
+}
+
+/// fsync the file at `path`.
+fn sync_file(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all())
 }
 
 impl Writeback {
@@ -235,9 +257,7 @@ impl Writeback {
     /// for a later edit of that version ([`Writeback::take_kept`]); the
     /// oldest copies go beyond the bounds.
     pub fn keep(&self, data: &Path, manifest: Arc<Manifest>) {
-        if shared(data) {
-            // Its content is a queued entry's too: not ours to edit again.
-            let _ = std::fs::remove_file(data);
+        if unlink_if_queued(data) {
             return;
         }
         let hex: String = manifest.file_hash.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
@@ -262,10 +282,7 @@ impl Writeback {
     /// which skips every inode freed in the last minute when it allocates
     /// one (PERFORMANCE.md, "What limits deftfs (write path)").
     pub fn recycle(&self, data: &Path) {
-        if shared(data) {
-            // A queued entry links the same file (a change queued while the
-            // partner was unreachable): emptying it would empty the entry.
-            let _ = std::fs::remove_file(data);
+        if unlink_if_queued(data) {
             return;
         }
         let room = lock(&self.spare).len() < SPARE_MAX;
@@ -347,27 +364,25 @@ impl Writeback {
         commit: Commit,
     ) -> Result<i64, WritebackError> {
         let db = lock(&self.db);
-        let lazy = commit == Commit::Lazy;
-        if lazy {
-            db.execute_batch("PRAGMA synchronous = OFF").map_err(|e| self.wrap(e))?;
+        let insert = |db: &rusqlite::Connection| {
+            db.execute(
+                "INSERT INTO queue (partner, share, path, data, base, fence, state, queued_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7)",
+                params![
+                    partner,
+                    share.as_str(),
+                    path.as_str(),
+                    data.display().to_string(),
+                    base_text(base),
+                    fence.map(|f| f as i64),
+                    Timestamp::now().0
+                ],
+            )
+        };
+        match commit {
+            Commit::Durable => insert(&db),
+            Commit::Lazy => unsynced(&db, insert),
         }
-        let inserted = db.execute(
-            "INSERT INTO queue (partner, share, path, data, base, fence, state, queued_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7)",
-            params![
-                partner,
-                share.as_str(),
-                path.as_str(),
-                data.display().to_string(),
-                base_text(base),
-                fence.map(|f| f as i64),
-                Timestamp::now().0
-            ],
-        );
-        if lazy {
-            // Back to FULL before anything else commits on this connection.
-            db.execute_batch("PRAGMA synchronous = FULL").map_err(|e| self.wrap(e))?;
-        }
-        inserted.map_err(|e| self.wrap(e))?;
+        .map_err(|e| self.wrap(e))?;
         let id = db.last_insert_rowid();
         // Reserved for the caller's flush (see there).
         lock(&self.busy).insert(id);
@@ -488,10 +503,9 @@ impl Writeback {
             // pushed again and its base check refuses it (a conflict copy
             // at worst); fsyncing here would cost every push behind a close
             // an fsync on this node.
-            Outcome::Pushed(_) | Outcome::Conflict { .. } => db
-                .execute_batch("PRAGMA synchronous = OFF")
-                .and_then(|()| db.execute("DELETE FROM queue WHERE id = ?1", params![entry.id]))
-                .and_then(|n| db.execute_batch("PRAGMA synchronous = FULL").map(|()| n)),
+            Outcome::Pushed(_) | Outcome::Conflict { .. } => {
+                unsynced(&db, |db| db.execute("DELETE FROM queue WHERE id = ?1", params![entry.id]))
+            }
             Outcome::Queued(why) => db.execute("UPDATE queue SET error = ?2 WHERE id = ?1", params![entry.id, why]),
             Outcome::Failed { code, message } => {
                 db.execute("UPDATE queue SET state = 'failed', error = ?2 WHERE id = ?1", params![entry.id, format!("{code}: {message}")])
@@ -584,7 +598,7 @@ impl Writeback {
         let outcome = self.push_entry(&entry, manifest, mode, base_manifest).await;
         if matches!(outcome, Outcome::Queued(_) | Outcome::Failed { .. }) {
             let data = entry.data.clone();
-            let synced = tokio::task::spawn_blocking(move || std::fs::File::open(&data).and_then(|f| f.sync_all())).await;
+            let synced = tokio::task::spawn_blocking(move || sync_file(&data)).await;
             if let Ok(Err(e)) = synced {
                 tracing::warn!(path = %entry.path, "write-back staging not synced: {e}");
             }
@@ -686,7 +700,7 @@ impl Writeback {
         let me = self.clone();
         let done = tokio::task::spawn_blocking(move || {
             for e in me.entries(None) {
-                if let Err(err) = std::fs::File::open(&e.data).and_then(|f| f.sync_all()) {
+                if let Err(err) = sync_file(&e.data) {
                     tracing::warn!(path = %e.path, "queued staging not synced: {err}");
                 }
             }
@@ -723,6 +737,17 @@ mod tests {
         assert_eq!(conflict_name(&p, "bob", at, 1).unwrap().as_str(), ".bashrc (conflict bob 2026-12-03 101507)");
         let p = SharePath::parse("d/notes.txt").unwrap();
         assert_eq!(conflict_name(&p, "bob", at, 2).unwrap().as_str(), "d/notes (conflict bob 2026-12-03 101507 2).txt");
+    }
+
+    #[test]
+    fn unsynced_sets_synchronous_back_to_full_even_when_its_statement_fails() {
+        let db = rusqlite::Connection::open_in_memory().unwrap();
+        db.execute_batch("PRAGMA synchronous = FULL; CREATE TABLE t (x INTEGER NOT NULL)").unwrap();
+        let mode = |db: &rusqlite::Connection| db.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0)).unwrap();
+        assert!(unsynced(&db, |db| db.execute("INSERT INTO t VALUES (NULL)", [])).is_err());
+        assert_eq!(mode(&db), 2, "synchronous left off after a failed statement");
+        assert_eq!(unsynced(&db, |db| db.execute("INSERT INTO t VALUES (1)", [])).unwrap(), 1);
+        assert_eq!(mode(&db), 2);
     }
 
     #[test]

@@ -3,14 +3,7 @@
 # (right after the previous one) and a re-read after dropping 1000 scattered
 # pages (fadvise DONTNEED); GiB/s of each, READ requests and their mean latency.
 set -uo pipefail
-label=$1 bin=$2 W=$3 N=$4 SRC=$5
-S=$(cd "$(dirname "$0")" && pwd)
-gibs() { awk '/copied/ { for (i=1;i<=NF;i++) if ($i=="s,") { printf "%.2f", 1/$(i-1) } }'; }
-$S/setup.sh $bin $W >/dev/null || exit 1
-cat $SRC/data.bin >/dev/null
-load=$(cut -d' ' -f1 /proc/loadavg)
-cold=$(dd if=$W/mnt/data.bin of=/dev/null bs=1M 2>&1 | gibs)
-dev=$(stat -c %d $W/mnt/data.bin); conn=$(( (dev & 0xff) | ((dev >> 12) & ~0xff) ))
+source "$(dirname "$0")/round-start.sh"
 clean='' holed=''
 for i in $(seq $N); do
   dd if=$W/mnt/data.bin of=/dev/null bs=1M status=none

@@ -1,15 +1,8 @@
 #!/usr/bin/env bash
 # rr-round.sh LABEL BIN W N SRC: one build, one round (see rr-bench.sh)
 set -uo pipefail
-label=$1 bin=$2 W=$3 N=$4 SRC=$5
-S=$(cd "$(dirname "$0")" && pwd)
-gibs() { awk '/copied/ { for (i=1;i<=NF;i++) if ($i=="s,") { printf "%.2f", 1/$(i-1) } }'; }
-$S/setup.sh $bin $W >/dev/null || exit 1
-cat $SRC/data.bin >/dev/null
-load=$(cut -d' ' -f1 /proc/loadavg)
-cold=$(dd if=$W/mnt/data.bin of=/dev/null bs=1M 2>&1 | gibs)
+source "$(dirname "$0")/round-start.sh"
 sleep ${GAP:-2}
-dev=$(stat -c %d $W/mnt/data.bin); conn=$(( (dev & 0xff) | ((dev >> 12) & ~0xff) ))
 reread() { for i in $(seq $N); do dd if=$W/mnt/data.bin of=/dev/null bs=1M 2>&1 | gibs; echo -n " "; done; }
 perf record -q -o $W/req.perf -e fuse:fuse_request_send -a -- bash -c "$(declare -f gibs reread); W=$W N=$N reread" > $W/re.txt 2>/dev/null
 reqs=$(perf script -i $W/req.perf 2>/dev/null | awk -v c="connection $conn " 'index($0, c) { for (i=1;i<=NF;i++) if ($i ~ /^\(FUSE_/) n[$i]++ } END { for (k in n) printf "%s=%d ", k, n[k] }')

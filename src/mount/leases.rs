@@ -81,10 +81,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The thread group (process) of a thread id: FUSE names the calling thread.
+/// The thread group (process) of a thread id, None once the thread is
+/// gone: FUSE names the calling thread.
+pub fn tgid_of(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// The process of a thread id ([`tgid_of`]), the id itself if it is gone.
 pub fn process_of(tid: u32) -> i32 {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok()).unwrap_or(tid as i32)
+    tgid_of(tid).unwrap_or(tid) as i32
 }
 
 /// A process's start time (clock ticks since boot), None once it is gone.

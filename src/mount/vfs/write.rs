@@ -22,7 +22,7 @@
 
 use super::*;
 use crate::chunk::Manifest;
-use crate::mount::leases::{process_name, process_of, process_start, Need};
+use crate::mount::leases::{process_name, process_of, process_start, tgid_of, Need};
 use crate::proto::{Base, Request};
 use crate::transfer::client::PushOptions;
 use crate::writeback::{Commit, Outcome};
@@ -67,12 +67,6 @@ fn io_errno(e: std::io::Error) -> Errno {
 /// How many writing threads a handle remembers; past them, any close
 /// pushes (as when none is known).
 const MAX_WRITERS: usize = 16;
-
-/// The process (thread group) thread `tid` belongs to, from /proc.
-fn tgid_of(tid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
-}
 
 /// Whether thread `tid` belongs to the process of one of `writers`. When
 /// a process cannot be told (a thread gone, a full list), it counts as
