@@ -104,11 +104,14 @@ pub struct MountConfig {
     pub offline_wait_secs: u64,
     /// The ttl a mount asks for when it takes a lease; default 30 s, 3 to 3600.
     pub lease_ttl_secs: u64,
+    /// Let the kernel read whole copies of files read before, itself (FUSE
+    /// passthrough, Linux 6.9+); default true.
+    pub passthrough: bool,
 }
 
 impl Default for MountConfig {
     fn default() -> Self {
-        MountConfig { cache_size: 10 << 30, offline_wait_secs: 10, lease_ttl_secs: 30 }
+        MountConfig { cache_size: 10 << 30, offline_wait_secs: 10, lease_ttl_secs: 30, passthrough: true }
     }
 }
 
@@ -285,6 +288,7 @@ struct RawMount {
     cache_size: Option<Spanned<String>>,
     offline_wait_secs: Option<Spanned<u64>>,
     lease_ttl_secs: Option<Spanned<u64>>,
+    passthrough: Option<bool>,
 }
 
 #[derive(serde::Deserialize)]
@@ -413,6 +417,7 @@ impl Config {
 #   cache_size = "10G"         # chunk cache per mount (K, M, G, T)
 #   offline_wait_secs = 10     # an uncached read of an unreachable partner fails after this
 #   lease_ttl_secs = 30        # lease ttl a mount asks for, 3 to 3600
+#   passthrough = true         # re-reads of a file read before go to a whole local copy (Linux 6.9+)
 #
 # A partner is another node, bound to its certificate by a pinned
 # fingerprint, certificate files, and/or a CA (whose certificate for the
@@ -544,7 +549,8 @@ fn mount(src: &Source, raw: RawMount) -> Result<MountConfig, ConfigError> {
         }
         Some(t) => *t.get_ref(),
     };
-    Ok(MountConfig { cache_size, offline_wait_secs, lease_ttl_secs })
+    let passthrough = raw.passthrough.unwrap_or(defaults.passthrough);
+    Ok(MountConfig { cache_size, offline_wait_secs, lease_ttl_secs, passthrough })
 }
 
 fn partners(src: &Source, raw: &[RawPartner]) -> Result<Vec<PartnerConfig>, ConfigError> {

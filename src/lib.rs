@@ -23,6 +23,7 @@ pub mod daemon;
 pub mod db;
 pub mod direct;
 pub mod fault;
+pub mod flat;
 pub mod flush;
 pub mod glob;
 pub mod hash;

@@ -127,6 +127,14 @@ pub struct MountInfo {
     pub kernel_reads: u64,
     #[serde(default)]
     pub kernel_read_bytes: u64,
+    /// Opens the kernel serves from a whole local copy of the file itself
+    /// (FUSE passthrough), and the copies ready (count, bytes).
+    #[serde(default)]
+    pub passthrough_opens: u64,
+    #[serde(default)]
+    pub whole_copies: usize,
+    #[serde(default)]
+    pub whole_copy_bytes: u64,
 }
 
 struct Mounted {
@@ -143,6 +151,7 @@ impl Mounted {
         let link = self.vfs.remote.stats();
         let pending = self.vfs.writeback.entries(Some(self.vfs.remote.partner())).len();
         let (kernel_reads, kernel_read_bytes) = self.vfs.kernel_reads();
+        let (passthrough_opens, whole_copies, whole_copy_bytes) = self.vfs.passthrough_stats();
         MountInfo {
             spec: self.spec.to_string(),
             mountpoint: self.mountpoint.clone(),
@@ -157,6 +166,9 @@ impl Mounted {
             leases: self.vfs.leases.mine().len(),
             kernel_reads,
             kernel_read_bytes,
+            passthrough_opens,
+            whole_copies,
+            whole_copy_bytes,
         }
     }
 }
@@ -220,7 +232,17 @@ impl Mounts {
         let leases = leases::Leases::new(remote.clone(), self.node.config.mount.lease_ttl_secs as u32);
         let config =
             VfsConfig { root: root.clone(), read_only: opts.read_only, me: self.node.config.node.name.clone(), readahead: READAHEAD };
-        let vfs = Arc::new(Vfs::new(remote.clone(), store, meta, config, self.writeback.clone(), leases.clone()));
+        // Whole copies for passthrough: only a speed-up, so a mount goes on
+        // without them.
+        let flats = if self.node.config.mount.passthrough {
+            let dir = cache_dir.join("flat");
+            crate::flat::Flats::open(&dir, store.clone())
+                .map_err(|e| tracing::warn!(dir = %dir.display(), "no whole copies, re-reads go through the page cache: {e}"))
+                .ok()
+        } else {
+            None
+        };
+        let vfs = Arc::new(Vfs::new(remote.clone(), store, meta, config, self.writeback.clone(), leases.clone(), flats));
         if let Some(rows) = rows {
             vfs.set_access(&rows);
         }
@@ -358,7 +380,7 @@ impl Mounts {
         lock(&self.active)
             .iter()
             .map(|m| {
-                let freed = if clear { m.vfs.store.clear() } else { 0 };
+                let freed = if clear { m.vfs.clear_flats() + m.vfs.store.clear() } else { 0 };
                 (m.mountpoint.clone(), m.vfs.store.stats(), freed)
             })
             .collect()

@@ -79,6 +79,10 @@ pub struct CacheStats {
     pub hits: u64,
     pub misses: u64,
     pub evicted_bytes: u64,
+    /// Bytes of whole-file copies kept beside the chunks (see
+    /// `crate::flat`), counted against the same limit.
+    #[serde(default)]
+    pub flat_bytes: u64,
 }
 
 /// Where a record is, and what it costs.
@@ -143,6 +147,8 @@ struct State {
     clock: u64,
     used_bytes: u64,
     limit: u64,
+    /// Bytes the limit also covers outside the packs (whole-file copies).
+    reserved: u64,
     hits: u64,
     misses: u64,
     evicted_bytes: u64,
@@ -656,6 +662,17 @@ impl ChunkStore {
         self.evict();
     }
 
+    pub fn limit(&self) -> u64 {
+        lock(&self.state).limit
+    }
+
+    /// Count `bytes` kept outside the packs against the limit, and evict
+    /// chunks to make room for them.
+    pub fn set_reserved(&self, bytes: u64) {
+        lock(&self.state).reserved = bytes;
+        self.evict();
+    }
+
     /// Evict everything that may be evicted: what no open file holds and
     /// nothing pins. Returns the bytes freed.
     pub fn clear(&self) -> u64 {
@@ -676,6 +693,7 @@ impl ChunkStore {
             hits: st.hits,
             misses: st.misses,
             evicted_bytes: st.evicted_bytes,
+            flat_bytes: st.reserved,
         }
     }
 
@@ -689,10 +707,11 @@ impl ChunkStore {
     fn evict(&self) {
         let victims: Vec<Hash> = {
             let st = lock(&self.state);
-            if st.used_bytes <= st.limit {
+            let used = st.used_bytes + st.reserved;
+            if used <= st.limit {
                 return;
             }
-            let mut over = st.used_bytes - st.limit;
+            let mut over = used - st.limit;
             let mut victims = Vec::new();
             // First pass: nothing holds it; second: open files' chunks.
             for pass in 0..2 {

@@ -339,6 +339,50 @@ fn a_reread_of_an_unchanged_file_comes_from_the_page_cache_and_a_change_still_sh
     assert!(seen, "the changed file did not show through the mount within 10 s");
 }
 
+/// A file read whole once is read again by the kernel itself from a whole
+/// local copy (FUSE passthrough): the re-reads send no READ to the mount and
+/// come back right, at any offset; a change on the partner still shows,
+/// while a descriptor opened before it keeps reading the version it opened.
+#[test]
+fn a_file_read_whole_is_read_again_by_the_kernel_from_a_local_copy() {
+    let mut s = Setup::new("passthrough", |dir| {
+        write_random(&dir.join("big.bin"), 32 * MIB, 60);
+    });
+    s.mount(&[]);
+    let source = std::fs::read(s.files.join("big.bin")).unwrap();
+    let want = hash_file(&s.files.join("big.bin"));
+    assert_eq!(hash_file(&s.at("big.bin")), want);
+    let info = s.info();
+    assert_eq!(info["whole_copies"], 1, "the read made no whole copy: {info}");
+    assert_eq!(info["whole_copy_bytes"], 32 * MIB as u64);
+    assert_eq!(info["cache"]["flat_bytes"], 32 * MIB as u64, "the copy is not counted in the cache");
+    let reads = info["kernel_reads"].as_u64().unwrap();
+    for _ in 0..2 {
+        assert_eq!(hash_file(&s.at("big.bin")), want);
+    }
+    let f = std::fs::File::open(s.at("big.bin")).unwrap();
+    let mut x = 60u64;
+    for _ in 0..200 {
+        let off = (xorshift(&mut x) % (32 * MIB as u64 - 70_000)) as usize;
+        let len = 1 + (xorshift(&mut x) % 65_536) as usize;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, off as u64).unwrap();
+        assert!(buf == source[off..off + len], "bytes at {off}+{len} differ");
+    }
+    let info = s.info();
+    assert!(info["passthrough_opens"].as_u64().unwrap() >= 3, "re-reads did not use the copy: {info}");
+    assert_eq!(info["kernel_reads"].as_u64().unwrap(), reads, "re-reads through the copy asked the mount: {info}");
+
+    // `f` stays open on the old version while the partner's file changes.
+    write_random(&s.files.join("big.bin"), 32 * MIB, 61);
+    let after = hash_file(&s.files.join("big.bin"));
+    let seen = wait_until(Duration::from_secs(10), || hash_file(&s.at("big.bin")) == after);
+    assert!(seen, "the changed file did not show through the mount within 10 s");
+    let mut head = vec![0u8; 65_536];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert!(head == source[..65_536], "a descriptor opened before the change reads another version");
+}
+
 #[test]
 fn a_remote_change_becomes_visible_within_seconds() {
     let mut s = Setup::new("change", |dir| {

@@ -704,6 +704,47 @@ fn git_works_inside_the_mount_and_the_serving_node_gets_a_sound_repository() {
     assert!(!served.join("file4.txt").exists() && served.join("moved.txt").exists());
 }
 
+/// While the kernel reads a file from a whole local copy (passthrough, see
+/// tests/mount.rs), the kernel refuses cached opens of it: an open for
+/// write then still works (past the page cache), its change reaches the
+/// serving node, the reader keeps the version it opened, and a new open
+/// reads the change.
+#[test]
+fn a_write_while_the_kernel_reads_a_local_copy_of_the_file_goes_through() {
+    let w = World::new("ptw", &["alice"], "", |dir| {
+        write_random(&dir.join("big.bin"), 32 * MIB, 70);
+    });
+    let a = w.c(0);
+    let old = std::fs::read(w.server("big.bin")).unwrap();
+    assert_eq!(hash_file(&a.at("big.bin")), hash_file(&w.server("big.bin")));
+    let reader = std::fs::File::open(a.at("big.bin")).unwrap();
+    let info = a.node.json(&["mounts"])[0].clone();
+    assert!(info["passthrough_opens"].as_u64().unwrap() >= 1, "the re-open did not use the whole copy: {info}");
+
+    let patch = random_bytes(MIB, 71);
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(a.at("big.bin"))
+            .expect("an open for write beside a passthrough reader");
+        f.write_all_at(&patch, 8 * MIB as u64).unwrap();
+        let mut back = vec![0u8; MIB];
+        f.read_exact_at(&mut back, 8 * MIB as u64).unwrap_or_else(|e| panic!("read through the write descriptor: {e}"));
+        assert!(back == patch, "the write descriptor reads back another content");
+    }
+    a.settle();
+    let mut expected = old.clone();
+    expected[8 * MIB..9 * MIB].copy_from_slice(&patch);
+    assert!(std::fs::read(w.server("big.bin")).unwrap() == expected, "the serving node lacks the write");
+    let mut head = vec![0u8; MIB];
+    reader.read_exact_at(&mut head, 8 * MIB as u64).unwrap();
+    assert!(head == old[8 * MIB..9 * MIB], "the reader opened before the write reads another version");
+    assert!(std::fs::read(a.at("big.bin")).unwrap() == expected, "a new open does not read the write");
+    drop(reader);
+    assert!(std::fs::read(a.at("big.bin")).unwrap() == expected, "an open after the reader closed does not read the write");
+}
+
 #[test]
 fn a_local_edit_right_after_a_mount_push_still_shows_through_the_mount() {
     let w = World::new("echo", &["alice"], "", |_| {});

@@ -11,11 +11,11 @@
 //! and on a busy machine each hand-off between threads costs more than
 //! the call).
 
-use super::vfs::{Attr, Inval, Kind, OpenMode, Vfs};
+use super::vfs::{Attr, BackingToken, Inval, Io, Kind, OpenMode, Vfs};
 use fuser::{
-    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -117,6 +117,12 @@ impl Filesystem for Fuse {
             // Older kernels lack some: run without them.
             let _ = config.add_capabilities(flag);
         }
+        // Reads of whole local copies by the kernel itself. A depth of 2
+        // lets the copies sit on a stacked filesystem (a container's
+        // overlayfs); the mount then cannot be a lower layer of one.
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(2).is_ok() {
+            self.vfs.enable_passthrough();
+        }
         if let Err(max) = config.set_max_readahead(1 << 20) {
             let _ = config.set_max_readahead(max);
         }
@@ -160,8 +166,9 @@ impl Filesystem for Fuse {
         let mode = open_mode(req, flags.0, flags.acc_mode() != OpenAccMode::O_RDONLY);
         let (vfs, write) = (self.vfs.clone(), mode.write);
         let call = async move {
-            match vfs.open(ino.0, mode).await {
-                Ok((fh, keep)) => reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }),
+            let backing = |f: &std::fs::File| -> std::io::Result<BackingToken> { Ok(Arc::new(reply.open_backing(f)?)) };
+            match vfs.open(ino.0, mode, &backing).await {
+                Ok((fh, keep, io)) => opened(reply, fh, keep, io),
                 Err(e) => reply.error(errno(e)),
             }
         };
@@ -425,6 +432,18 @@ impl Filesystem for Fuse {
         }
         let vfs = self.vfs.clone();
         self.run(async move { empty(reply, vfs.may_write(ino.0).await) });
+    }
+}
+
+/// Answer an open as the vfs decided.
+fn opened(reply: ReplyOpen, fh: u64, keep: bool, io: Io) {
+    match io {
+        Io::Cached => reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }),
+        Io::Passthrough(token) => match token.downcast_ref::<BackingId>() {
+            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id),
+            // Only this adapter makes tokens, always of this type.
+            None => reply.error(Errno::EIO),
+        },
     }
 }
 

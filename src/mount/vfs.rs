@@ -36,12 +36,14 @@ use super::meta::{KnownFile, Meta, ROOT_SHARE};
 use super::remote::{Remote, RemoteError};
 use super::stage::Staged;
 use crate::chunk::Manifest;
+use crate::flat::{Builder, Flats};
 use crate::hash::Hash;
 use crate::proto::{Entry, EntryKind, Name, SharePath};
 use crate::store::{ChunkStore, Hold};
 use crate::writeback::Writeback;
+use std::any::Any;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -97,6 +99,39 @@ pub struct VfsConfig {
     pub readahead: u64,
 }
 
+/// How the kernel is to do the I/O of an open file.
+pub enum Io {
+    /// Through its page cache and this process.
+    Cached,
+    /// From a backing file the kernel reads itself (FUSE passthrough):
+    /// what [`MakeBacking`] made of a whole copy of the version.
+    Passthrough(BackingToken),
+}
+
+/// A whole copy's registration with the kernel, made by the FUSE adapter;
+/// the kernel drops it when the last clone goes.
+pub type BackingToken = Arc<dyn Any + Send + Sync>;
+
+/// Registers a file with the kernel as a backing file.
+pub type MakeBacking<'a> = &'a (dyn Fn(&std::fs::File) -> std::io::Result<BackingToken> + Sync);
+
+/// For opens made here, not by the kernel: they get no backing file.
+pub fn no_backing(_: &std::fs::File) -> std::io::Result<BackingToken> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// The backing file of an inode's passthrough opens. While such opens
+/// last, the kernel wants every open of the inode to use this one backing
+/// file; an open that cannot (for write, or of another version) goes to a
+/// new inode for the name instead ([`Vfs::leave_backed`]).
+struct Backing {
+    token: BackingToken,
+    /// File hash of the version it holds.
+    version: Hash,
+    /// Passthrough handles open with it.
+    handles: u32,
+}
+
 /// A kernel cache entry to drop: set by the FUSE adapter.
 #[derive(Debug)]
 pub enum Inval {
@@ -148,6 +183,8 @@ struct Inode {
     /// it: the name now leads to a new inode, and this one stays as it was
     /// (size, pages) for those handles. See [`Vfs::detach`].
     detached: bool,
+    /// Set while passthrough handles are open on this inode.
+    backing: Option<Backing>,
 }
 
 /// [`Inode::shown_size`] when the kernel holds no size of ours.
@@ -216,6 +253,10 @@ struct ReadHandle {
     run: u64,
     /// Readahead has been asked up to here.
     ahead_until: u64,
+    /// The whole copy of the version its reads feed.
+    flat: Option<Arc<Builder>>,
+    /// Opened with the inode's [`Backing`]: the kernel reads it alone.
+    passthrough: bool,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -268,6 +309,13 @@ pub struct Vfs {
     /// all waits for every one of them.
     behind: Arc<tokio::sync::Semaphore>,
     next_behind: AtomicU64,
+    /// Whole copies of versions read here, for passthrough opens; None
+    /// when the mount makes none.
+    flats: Option<Arc<Flats>>,
+    /// The kernel accepted passthrough and registering a backing file has
+    /// not failed.
+    passthrough: AtomicBool,
+    passthrough_opens: AtomicU64,
 }
 
 /// Pushes a close may leave in flight at once. A close past the bound waits
@@ -384,6 +432,7 @@ impl Vfs {
         config: VfsConfig,
         writeback: Arc<Writeback>,
         leases: Arc<Leases>,
+        flats: Option<Arc<Flats>>,
     ) -> Vfs {
         let (share, path) = match &config.root {
             Root::Shares(_) => (None, SharePath::root()),
@@ -419,6 +468,7 @@ impl Vfs {
                 shown_size: AtomicU64::new(NOT_SHOWN),
                 readers: 0,
                 detached: false,
+                backing: None,
             },
         );
         Vfs {
@@ -440,7 +490,30 @@ impl Vfs {
             kernel_read_bytes: AtomicU64::new(0),
             behind: Arc::new(tokio::sync::Semaphore::new(WRITE_BEHIND as usize)),
             next_behind: AtomicU64::new(1),
+            flats,
+            passthrough: AtomicBool::new(false),
+            passthrough_opens: AtomicU64::new(0),
         }
+    }
+
+    /// The kernel accepted passthrough (FUSE_PASSTHROUGH at init): opens of
+    /// versions with a whole copy may use it.
+    pub fn enable_passthrough(&self) {
+        if self.flats.is_some() {
+            self.passthrough.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Opens answered with a backing file, and the whole copies ready
+    /// (count, bytes).
+    pub fn passthrough_stats(&self) -> (u64, usize, u64) {
+        let (copies, bytes) = self.flats.as_ref().map_or((0, 0), |f| f.stats());
+        (self.passthrough_opens.load(Ordering::Relaxed), copies, bytes)
+    }
+
+    /// Drop the whole copies; returns the bytes freed.
+    pub fn clear_flats(&self) -> u64 {
+        self.flats.as_ref().map_or(0, |f| f.clear())
     }
 
     /// (READ requests, bytes they asked for) since the mount: what the
@@ -570,6 +643,7 @@ impl Vfs {
                 shown_size: AtomicU64::new(NOT_SHOWN),
                 readers: 0,
                 detached: false,
+                backing: None,
             },
         );
         ino
@@ -954,10 +1028,15 @@ impl Vfs {
         Ok(())
     }
 
-    /// Open file `ino` for reading. Returns the handle and whether the
-    /// kernel may keep the pages it cached of this file (same version as
-    /// last time).
-    async fn open_read(&self, ino: Ino) -> Result<(u64, bool), Errno> {
+    /// Open file `ino` for reading. Returns the handle, whether the kernel
+    /// may keep the pages it cached of this file (same version as last
+    /// time), and how the kernel is to read it: `backing` registers a whole
+    /// copy of the version for passthrough ([`crate::flat`]).
+    async fn open_read(&self, ino: Ino, backing: MakeBacking<'_>) -> Result<(u64, bool, Io), Errno> {
+        // Written here since the kernel started reading it from a copy.
+        if self.is_backed(ino) && lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.staged.is_some()) {
+            return self.leave_backed(ino);
+        }
         let (virtual_data, staged) = {
             let inodes = lock(&self.inodes);
             let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
@@ -972,7 +1051,7 @@ impl Vfs {
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
         if let Some(data) = virtual_data {
             lock(&self.handles).insert(fh, Handle::Virtual(data));
-            return Ok((fh, false));
+            return Ok((fh, false, Io::Cached));
         }
         if let Some(staged) = staged {
             lock(&self.handles).insert(
@@ -988,21 +1067,39 @@ impl Vfs {
                     flushed: 0,
                 }),
             );
-            return Ok((fh, false));
+            return Ok((fh, false, Io::Cached));
         }
         let (share, path, manifest, rest) = self.manifest_to_open(ino).await?;
         let hold = self.store.hold(manifest.chunks.iter().map(|c| c.hash));
-        let keep = {
+        let pass = self.passthrough.load(Ordering::SeqCst);
+        let copy = self.flats.as_ref().filter(|_| pass && rest.is_none()).and_then(|f| f.open_copy(&manifest.file_hash));
+        let (keep, io) = {
             let mut inodes = lock(&self.inodes);
             match inodes.by_ino.get_mut(&ino) {
                 // Detached while this open asked: its name is another inode's.
                 Some(n) if n.detached => return Err(Errno::ESTALE),
+                // Read from a copy of another version (the open raced a
+                // change): the name goes to a new inode.
+                Some(n) if n.backing.as_ref().is_some_and(|b| b.version != manifest.file_hash) => {
+                    drop(inodes);
+                    return self.leave_backed(ino);
+                }
                 Some(n) => {
                     n.readers += 1;
-                    n.cached_version.replace(manifest.file_hash) == Some(manifest.file_hash)
+                    let io = self.read_io(n, manifest.file_hash, copy, backing);
+                    (n.cached_version.replace(manifest.file_hash) == Some(manifest.file_hash), io)
                 }
-                None => false,
+                None => (false, Io::Cached),
             }
+        };
+        let passthrough = matches!(io, Io::Passthrough(_));
+        if passthrough {
+            self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+        }
+        // Not read through here: make a whole copy from what is read.
+        let flat = match &self.flats {
+            Some(f) if pass && !passthrough => f.builder(manifest.file_hash, manifest.size),
+            _ => None,
         };
         if !keep {
             // A fresh open is most often followed by a read at offset 0
@@ -1016,9 +1113,50 @@ impl Vfs {
                 self.remote.prefetch(share.clone(), path.clone(), manifest.clone(), first);
             }
         }
-        lock(&self.handles)
-            .insert(fh, Handle::Read(ReadHandle { ino, share, path, manifest, rest, _hold: hold, last_end: 0, run: 0, ahead_until: 0 }));
-        Ok((fh, keep))
+        let handle = ReadHandle { ino, share, path, manifest, rest, _hold: hold, last_end: 0, run: 0, ahead_until: 0, flat, passthrough };
+        lock(&self.handles).insert(fh, Handle::Read(handle));
+        Ok((fh, keep, io))
+    }
+
+    /// How the kernel is to read a new read handle of inode `n` (already
+    /// counted in its readers) on version `version`, given a whole `copy`
+    /// of it if there is one.
+    fn read_io(&self, n: &mut Inode, version: Hash, copy: Option<std::fs::File>, backing: MakeBacking<'_>) -> Io {
+        if let Some(b) = &mut n.backing {
+            b.handles += 1;
+            return Io::Passthrough(b.token.clone());
+        }
+        // A cached open is still there (the kernel would refuse), or no copy.
+        let Some(copy) = copy.filter(|_| n.readers == 1 && n.staged.is_none()) else { return Io::Cached };
+        match backing(&copy) {
+            Ok(token) => {
+                n.backing = Some(Backing { token: token.clone(), version, handles: 1 });
+                Io::Passthrough(token)
+            }
+            Err(e) => {
+                if self.passthrough.swap(false, Ordering::SeqCst) {
+                    tracing::info!(partner = %self.remote.partner(), "passthrough unavailable ({e}): re-reads go through the page cache");
+                }
+                Io::Cached
+            }
+        }
+    }
+
+    /// Fail an open of `ino` that cannot share the backing file the kernel
+    /// reads it from (an open for write, or of another version), if it has
+    /// one: the inode is left to its passthrough handles ([`Inodes::detach`],
+    /// as for a change on the partner) and the open fails with `ESTALE`,
+    /// which the kernel retries with a fresh lookup, on a new inode.
+    pub(crate) fn leave_backed<T>(&self, ino: Ino) -> Result<T, Errno> {
+        let detached = lock(&self.inodes).detach(ino);
+        if detached {
+            self.drop_stale_entries();
+        }
+        Err(Errno::ESTALE)
+    }
+
+    fn is_backed(&self, ino: Ino) -> bool {
+        lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.backing.is_some())
     }
 
     /// Indices of the chunks covering [start, end).
@@ -1060,7 +1198,7 @@ impl Vfs {
             }
             self.take_rest(fh, &rest, past).await?;
         }
-        let (share, path, manifest, ahead, rest) = {
+        let (share, path, manifest, ahead, rest, flat) = {
             let mut handles = lock(&self.handles);
             let Some(Handle::Read(h)) = handles.get_mut(&fh) else { return Err(Errno::EBADF) };
             let end = offset.saturating_add(size as u64).min(h.manifest.size);
@@ -1084,7 +1222,7 @@ impl Vfs {
             } else {
                 None
             };
-            (h.share.clone(), h.path.clone(), h.manifest.clone(), ahead, h.rest.clone())
+            (h.share.clone(), h.path.clone(), h.manifest.clone(), ahead, h.rest.clone(), h.flat.clone())
         };
         let end = offset.saturating_add(size as u64).min(manifest.size);
         if offset >= end {
@@ -1141,6 +1279,9 @@ impl Vfs {
                 out.extend_from_slice(data.get(from as usize..to as usize).ok_or(Errno::EIO)?);
             }
             if !missing {
+                if let Some(flat) = &flat {
+                    flat.write(offset, &out);
+                }
                 return Ok(out);
             }
             // Evicted between fetch and read (a tiny cache under pressure):

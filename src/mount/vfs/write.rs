@@ -331,21 +331,26 @@ impl Vfs {
         Ok(staged)
     }
 
-    /// Open `ino` as `mode` says.
-    pub async fn open(&self, ino: Ino, mode: OpenMode) -> Result<(u64, bool), Errno> {
+    /// Open `ino` as `mode` says. Returns the handle, whether the kernel
+    /// may keep its cached pages, and how it is to do the I/O (`backing`
+    /// registers a backing file for passthrough: see [`Vfs::open_read`]).
+    pub async fn open(&self, ino: Ino, mode: OpenMode, backing: MakeBacking<'_>) -> Result<(u64, bool, Io), Errno> {
         let (share, path) = self.file_key(ino)?;
         if !mode.write {
-            let (rfh, keep) = self.open_read(ino).await?;
+            let (rfh, keep, io) = self.open_read(ino, backing).await?;
             // A lockable file is leased for the opening process's life.
             let is_virtual = lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some());
             if !is_virtual && self.share_writable(&share) {
                 let _ = self.open_leases(&share, &path, mode, rfh).await;
             }
-            return Ok((rfh, keep));
+            return Ok((rfh, keep, io));
         }
         self.check_writable(&Some(share.clone()))?;
         if lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some()) {
             return Err(Errno::EACCES);
+        }
+        if self.is_backed(ino) {
+            return self.leave_backed(ino);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
         self.open_leases(&share, &path, mode, fh).await?;
@@ -375,7 +380,7 @@ impl Vfs {
             flushed: 0,
         };
         lock(&self.handles).insert(fh, Handle::Staged(handle));
-        Ok((fh, false))
+        Ok((fh, false, Io::Cached))
     }
 
     /// Create and open a new file.
@@ -393,7 +398,7 @@ impl Vfs {
         let children = self.children(parent).await.unwrap_or_default();
         if let Some((_, existing)) = children.iter().find(|(n, _)| n == name) {
             // O_CREAT without O_EXCL on an existing name: open it.
-            let (fh, _) = self.open(*existing, OpenMode { write: true, ..open }).await?;
+            let (fh, _, _) = self.open(*existing, OpenMode { write: true, ..open }, &no_backing).await?;
             return Ok((self.cached_attr(*existing)?, fh));
         }
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
@@ -902,6 +907,14 @@ impl Vfs {
             Handle::Read(r) => {
                 if let Some(n) = lock(&self.inodes).by_ino.get_mut(&r.ino) {
                     n.readers = n.readers.saturating_sub(1);
+                    if r.passthrough {
+                        if let Some(b) = &mut n.backing {
+                            b.handles = b.handles.saturating_sub(1);
+                            if b.handles == 0 {
+                                n.backing = None;
+                            }
+                        }
+                    }
                 }
                 return None;
             }
@@ -1196,7 +1209,7 @@ impl Vfs {
                 self.touch_handles(ino);
             } else {
                 // truncate(2) by path: open, cut, push, close.
-                let (tfh, _) = self.open(ino, OpenMode { write: true, tid, ..Default::default() }).await?;
+                let (tfh, _, _) = self.open(ino, OpenMode { write: true, tid, ..Default::default() }, &no_backing).await?;
                 let cut = async {
                     let staged = self.stage(ino, false, false).await?;
                     {

@@ -1,0 +1,355 @@
+//! Whole copies of file versions ("flats"), which the kernel reads itself.
+//!
+//! This kernel keeps a FUSE file's page cache in 4 KiB pages, and a re-read
+//! through it runs well below what a local file gives (PERFORMANCE.md,
+//! "re-reads"). With FUSE passthrough (Linux 6.9 and later), an open may
+//! instead name a local "backing" file: the kernel then serves that
+//! descriptor's reads and maps from the backing file and its page cache,
+//! without asking the daemon. The chunk cache keeps chunks in packs, not
+//! files, so a version read through a mount is also written, as its bytes
+//! are served, to a whole copy under `<cache>/flat/`; once every byte of
+//! the version is in it, later opens of that version read the copy.
+//!
+//! - Only bytes a read served go in, and those come from chunks checked
+//!   against the version's manifest: a copy holds nothing unverified when
+//!   it is made. A copy is used only once it is whole.
+//! - Copies count against the cache's limit ([`ChunkStore::set_reserved`]),
+//!   at most a quarter of it; the least recently opened goes first. Files
+//!   under [`FLAT_MIN`] get none: their re-reads are short anyway.
+//! - Copies are derived data: those of an earlier run are dropped at start
+//!   (nothing checked them since), and `deftfs cache clear` drops them. A
+//!   copy dropped while open stays readable through the descriptors the
+//!   kernel holds.
+
+use crate::hash::Hash;
+use crate::store::ChunkStore;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+/// Files smaller than this get no whole copy.
+pub const FLAT_MIN: u64 = 16 << 20;
+/// Whole copies may take up to 1/SHARE of the cache's limit.
+const SHARE: u64 = 4;
+
+pub struct Flats {
+    dir: PathBuf,
+    store: Arc<ChunkStore>,
+    state: Mutex<State>,
+    next_part: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    done: HashMap<Hash, Done>,
+    building: HashMap<Hash, Weak<Builder>>,
+    /// Bytes of the copies done and of those being made.
+    bytes: u64,
+    clock: u64,
+}
+
+struct Done {
+    size: u64,
+    /// Recency of the last open: larger is more recent.
+    used: u64,
+}
+
+/// A copy being made: fed by reads of its version.
+pub struct Builder {
+    flats: Arc<Flats>,
+    hash: Hash,
+    size: u64,
+    file: File,
+    part: PathBuf,
+    /// Byte ranges written: start -> end, disjoint, not touching.
+    written: Mutex<BTreeMap<u64, u64>>,
+    /// Whole and renamed into place (or given up): no more writes.
+    closed: AtomicBool,
+    done: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Flats {
+    /// Whole copies in `dir` (emptied: see the module's documentation),
+    /// counted against `store`'s limit.
+    pub fn open(dir: &Path, store: Arc<ChunkStore>) -> std::io::Result<Arc<Flats>> {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::create_dir_all(dir)?;
+        store.set_reserved(0);
+        Ok(Arc::new(Flats { dir: dir.to_path_buf(), store, state: Mutex::default(), next_part: AtomicU64::new(1) }))
+    }
+
+    fn path(&self, hash: &Hash) -> PathBuf {
+        self.dir.join(hash.to_string())
+    }
+
+    /// The whole copy of version `hash`, opened for reading, if there is one.
+    pub fn open_copy(&self, hash: &Hash) -> Option<File> {
+        let mut st = lock(&self.state);
+        st.clock += 1;
+        let clock = st.clock;
+        let d = st.done.get_mut(hash)?;
+        d.used = clock;
+        match File::open(self.path(hash)) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::debug!(%hash, "whole copy gone: {e}");
+                if let Some(d) = st.done.remove(hash) {
+                    st.bytes -= d.size;
+                }
+                None
+            }
+        }
+    }
+
+    /// A copy of version `hash` (`size` bytes) to feed, unless there is
+    /// one already, the file is small, or the copies' share of the cache
+    /// cannot hold it.
+    pub fn builder(self: &Arc<Self>, hash: Hash, size: u64) -> Option<Arc<Builder>> {
+        if size < FLAT_MIN {
+            return None;
+        }
+        let budget = self.store.limit() / SHARE;
+        let (builder, bytes) = {
+            let mut st = lock(&self.state);
+            if st.done.contains_key(&hash) {
+                return None;
+            }
+            if let Some(b) = st.building.get(&hash).and_then(Weak::upgrade) {
+                return Some(b);
+            }
+            if size > budget {
+                return None;
+            }
+            while st.bytes + size > budget {
+                // Only copies being made are left: no room now.
+                let victim = st.done.iter().min_by_key(|(_, d)| d.used).map(|(h, _)| *h)?;
+                self.drop_copy(&mut st, &victim);
+            }
+            let part = self.dir.join(format!("{hash}.{}.part", self.next_part.fetch_add(1, Ordering::Relaxed)));
+            let file = match File::options().read(true).write(true).create_new(true).open(&part) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::debug!(path = %part.display(), "cannot start a whole copy: {e}");
+                    return None;
+                }
+            };
+            st.bytes += size;
+            let b = Arc::new(Builder {
+                flats: self.clone(),
+                hash,
+                size,
+                file,
+                part,
+                written: Mutex::default(),
+                closed: AtomicBool::new(false),
+                done: AtomicBool::new(false),
+            });
+            st.building.insert(hash, Arc::downgrade(&b));
+            (b, st.bytes)
+        };
+        self.store.set_reserved(bytes);
+        Some(builder)
+    }
+
+    fn drop_copy(&self, st: &mut State, hash: &Hash) {
+        if let Some(d) = st.done.remove(hash) {
+            st.bytes -= d.size;
+            if let Err(e) = std::fs::remove_file(self.path(hash)) {
+                tracing::debug!(%hash, "cannot remove a whole copy: {e}");
+            }
+        }
+    }
+
+    /// Drop every whole copy (open descriptors keep theirs); returns the
+    /// bytes freed.
+    pub fn clear(&self) -> u64 {
+        let (freed, bytes) = {
+            let mut st = lock(&self.state);
+            let before = st.bytes;
+            let all: Vec<Hash> = st.done.keys().copied().collect();
+            for h in all {
+                self.drop_copy(&mut st, &h);
+            }
+            (before - st.bytes, st.bytes)
+        };
+        self.store.set_reserved(bytes);
+        freed
+    }
+
+    /// (copies, bytes) of the whole copies ready.
+    pub fn stats(&self) -> (usize, u64) {
+        let st = lock(&self.state);
+        (st.done.len(), st.done.values().map(|d| d.size).sum())
+    }
+
+    /// `b` is whole: put it in place.
+    fn finish(&self, b: &Builder) {
+        let path = self.path(&b.hash);
+        if let Err(e) = std::fs::rename(&b.part, &path) {
+            tracing::debug!(path = %path.display(), "cannot finish a whole copy: {e}");
+            return;
+        }
+        b.done.store(true, Ordering::SeqCst);
+        let mut st = lock(&self.state);
+        st.clock += 1;
+        let used = st.clock;
+        st.done.insert(b.hash, Done { size: b.size, used });
+        tracing::debug!(hash = %b.hash, size = b.size, "whole copy made");
+    }
+}
+
+impl Builder {
+    /// Bytes `data` of the version, at `offset`, as a read served them.
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        let end = offset.saturating_add(data.len() as u64);
+        if data.is_empty() || end > self.size || self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = self.file.write_all_at(data, offset) {
+            tracing::debug!(path = %self.part.display(), "whole copy given up: {e}");
+            self.closed.store(true, Ordering::SeqCst);
+            return;
+        }
+        let whole = {
+            let mut w = lock(&self.written);
+            add_range(&mut w, offset, end);
+            w.get(&0) == Some(&self.size)
+        };
+        if whole && !self.closed.swap(true, Ordering::SeqCst) {
+            self.flats.finish(self);
+        }
+    }
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        let me: *const Builder = self;
+        let bytes = {
+            let mut st = lock(&self.flats.state);
+            if st.building.get(&self.hash).is_some_and(|w| std::ptr::eq(w.as_ptr(), me)) {
+                st.building.remove(&self.hash);
+            }
+            if self.done.load(Ordering::SeqCst) {
+                return;
+            }
+            st.bytes -= self.size;
+            st.bytes
+        };
+        let _ = std::fs::remove_file(&self.part);
+        self.flats.store.set_reserved(bytes);
+    }
+}
+
+/// Add [start, end) to `ranges`, merging what it overlaps or touches.
+fn add_range(ranges: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
+    if let Some((&s, &e)) = ranges.range(..=start).next_back() {
+        if e >= start {
+            start = s;
+            end = end.max(e);
+            ranges.remove(&s);
+        }
+    }
+    while let Some((&s, &e)) = ranges.range(start..).next() {
+        if s > end {
+            break;
+        }
+        end = end.max(e);
+        ranges.remove(&s);
+    }
+    ranges.insert(start, end);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TestDir;
+
+    fn hash_of(data: &[u8]) -> Hash {
+        Hash(*blake3::hash(data).as_bytes())
+    }
+
+    #[test]
+    fn ranges_merge_when_they_overlap_or_touch() {
+        let mut r = BTreeMap::new();
+        add_range(&mut r, 10, 20);
+        add_range(&mut r, 30, 40);
+        assert_eq!(r.len(), 2);
+        add_range(&mut r, 20, 30);
+        assert_eq!(r.into_iter().collect::<Vec<_>>(), vec![(10, 40)]);
+        let mut r = BTreeMap::new();
+        add_range(&mut r, 5, 8);
+        add_range(&mut r, 0, 100);
+        add_range(&mut r, 50, 60);
+        assert_eq!(r.into_iter().collect::<Vec<_>>(), vec![(0, 100)]);
+    }
+
+    #[test]
+    fn a_copy_is_used_only_once_whole_and_counts_against_the_cache() {
+        let dir = TestDir::new("flat");
+        let store = ChunkStore::open(&dir.path().join("cache"), 1 << 30).unwrap();
+        let flats = Flats::open(&dir.path().join("flat"), store.clone()).unwrap();
+        let data: Vec<u8> = (0..FLAT_MIN as usize).map(|i| (i * 7 % 251) as u8).collect();
+        let h = hash_of(&data);
+        let b = flats.builder(h, data.len() as u64).expect("a builder");
+        assert_eq!(store.stats().flat_bytes, FLAT_MIN);
+        // Two readers of one version share one copy.
+        assert!(Arc::ptr_eq(&b, &flats.builder(h, data.len() as u64).unwrap()));
+        let half = data.len() / 2;
+        b.write(half as u64, &data[half..]);
+        assert!(flats.open_copy(&h).is_none(), "half a copy is not used");
+        b.write(0, &data[..half]);
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut flats.open_copy(&h).expect("whole"), &mut back).unwrap();
+        assert!(back == data);
+        drop(b);
+        assert_eq!(flats.stats(), (1, FLAT_MIN));
+        assert_eq!(flats.clear(), FLAT_MIN);
+        assert_eq!(store.stats().flat_bytes, 0);
+        assert!(flats.open_copy(&h).is_none());
+    }
+
+    #[test]
+    fn an_unfinished_copy_is_removed_and_small_files_or_a_small_cache_get_none() {
+        let dir = TestDir::new("flat");
+        let store = ChunkStore::open(&dir.path().join("cache"), 1 << 30).unwrap();
+        let flats = Flats::open(&dir.path().join("flat"), store.clone()).unwrap();
+        assert!(flats.builder(hash_of(b"small"), FLAT_MIN - 1).is_none());
+        let b = flats.builder(hash_of(b"big"), FLAT_MIN).unwrap();
+        b.write(0, &[1; 4096]);
+        drop(b);
+        assert_eq!(store.stats().flat_bytes, 0);
+        assert_eq!(std::fs::read_dir(dir.path().join("flat")).unwrap().count(), 0, "the part file is gone");
+        store.set_limit(3 * FLAT_MIN);
+        assert!(flats.builder(hash_of(b"big"), FLAT_MIN).is_none(), "over a quarter of the cache");
+    }
+
+    #[test]
+    fn the_least_recently_opened_copy_makes_room() {
+        let dir = TestDir::new("flat");
+        let store = ChunkStore::open(&dir.path().join("cache"), 8 * FLAT_MIN).unwrap();
+        let flats = Flats::open(&dir.path().join("flat"), store.clone()).unwrap();
+        let data = vec![9u8; FLAT_MIN as usize];
+        let (a, b, c) = (hash_of(b"a"), hash_of(b"b"), hash_of(b"c"));
+        for h in [a, b] {
+            flats.builder(h, FLAT_MIN).unwrap().write(0, &data);
+        }
+        assert!(flats.open_copy(&a).is_some());
+        // The budget (2 copies) is full: b, opened last before a, goes.
+        flats.builder(c, FLAT_MIN).unwrap().write(0, &data);
+        assert!(flats.open_copy(&a).is_some());
+        assert!(flats.open_copy(&b).is_none());
+        assert!(flats.open_copy(&c).is_some());
+        assert_eq!(store.stats().flat_bytes, 2 * FLAT_MIN);
+    }
+}
