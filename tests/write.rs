@@ -717,6 +717,8 @@ fn a_write_while_the_kernel_reads_a_local_copy_of_the_file_goes_through() {
     let a = w.c(0);
     let old = std::fs::read(w.server("big.bin")).unwrap();
     assert_eq!(hash_file(&a.at("big.bin")), hash_file(&w.server("big.bin")));
+    let copied = wait_until(Duration::from_secs(20), || a.node.json(&["mounts"])[0]["whole_copies"] == 1);
+    assert!(copied, "no whole copy made: {}", a.node.json(&["mounts"]));
     let reader = std::fs::File::open(a.at("big.bin")).unwrap();
     let info = a.node.json(&["mounts"])[0].clone();
     assert!(info["passthrough_opens"].as_u64().unwrap() >= 1, "the re-open did not use the whole copy: {info}");

@@ -439,6 +439,9 @@ impl Filesystem for Fuse {
 fn opened(reply: ReplyOpen, fh: u64, keep: bool, io: Io) {
     match io {
         Io::Cached => reply.opened(FileHandle(fh), if keep { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() }),
+        // The kernel refuses FOPEN_KEEP_CACHE here (EINVAL): it drops the
+        // pages it cached of the file at a passthrough open, which the
+        // vfs had it do as soon as the copy was made.
         Io::Passthrough(token) => match token.downcast_ref::<BackingId>() {
             Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id),
             // Only this adapter makes tokens, always of this type.
@@ -479,6 +482,11 @@ pub fn invalidator(notifier: fuser::Notifier) -> Box<dyn Fn(Inval) + Send + Sync
                 Inval::Inode(ino) => notifier.inval_inode(INodeNo(ino), 0, 0),
                 Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(parent), OsStr::new(&name)),
                 // A negative offset: the attributes, not the pages.
+                Inval::Pages(ino, done) => {
+                    let r = notifier.inval_inode(INodeNo(ino), 0, 0);
+                    let _ = done.send(());
+                    r
+                }
                 Inval::Attrs(ino, done) => {
                     let r = notifier.inval_inode(INodeNo(ino), -1, 0);
                     let _ = done.send(());

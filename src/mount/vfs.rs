@@ -36,7 +36,7 @@ use super::meta::{KnownFile, Meta, ROOT_SHARE};
 use super::remote::{Remote, RemoteError};
 use super::stage::Staged;
 use crate::chunk::Manifest;
-use crate::flat::{Builder, Flats};
+use crate::flat::{Flats, FLAT_MIN};
 use crate::hash::Hash;
 use crate::proto::{Entry, EntryKind, Name, SharePath};
 use crate::store::{ChunkStore, Hold};
@@ -140,6 +140,9 @@ pub enum Inval {
     /// The inode's attributes only; `done` is told once the kernel has
     /// dropped them.
     Attrs(Ino, tokio::sync::oneshot::Sender<()>),
+    /// The inode's attributes and pages; `done` is told once the kernel
+    /// has dropped them.
+    Pages(Ino, std::sync::mpsc::Sender<()>),
 }
 
 struct Inode {
@@ -253,8 +256,6 @@ struct ReadHandle {
     run: u64,
     /// Readahead has been asked up to here.
     ahead_until: u64,
-    /// The whole copy of the version its reads feed.
-    flat: Option<Arc<Builder>>,
     /// Opened with the inode's [`Backing`]: the kernel reads it alone.
     passthrough: bool,
 }
@@ -299,7 +300,7 @@ pub struct Vfs {
     /// Set while a watch connection is up: listings are then trusted until
     /// it says they changed.
     watching: std::sync::atomic::AtomicBool,
-    invalidate: OnceLock<Box<dyn Fn(Inval) + Send + Sync>>,
+    invalidate: OnceLock<Arc<dyn Fn(Inval) + Send + Sync>>,
     /// READ requests the kernel sent, and the bytes they asked for: a read
     /// served from the kernel's page cache counts in neither.
     kernel_reads: AtomicU64,
@@ -523,7 +524,7 @@ impl Vfs {
     }
 
     pub fn set_invalidator(&self, f: Box<dyn Fn(Inval) + Send + Sync>) {
-        let _ = self.invalidate.set(f);
+        let _ = self.invalidate.set(Arc::from(f));
     }
 
     pub fn read_only(&self) -> bool {
@@ -1096,11 +1097,7 @@ impl Vfs {
         if passthrough {
             self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
         }
-        // Not read through here: make a whole copy from what is read.
-        let flat = match &self.flats {
-            Some(f) if pass && !passthrough => f.builder(manifest.file_hash, manifest.size),
-            _ => None,
-        };
+
         if !keep {
             // A fresh open is most often followed by a read at offset 0
             // (`cat`, `cp`, `head`, `file`): ask for the chunk(s) of the
@@ -1113,7 +1110,7 @@ impl Vfs {
                 self.remote.prefetch(share.clone(), path.clone(), manifest.clone(), first);
             }
         }
-        let handle = ReadHandle { ino, share, path, manifest, rest, _hold: hold, last_end: 0, run: 0, ahead_until: 0, flat, passthrough };
+        let handle = ReadHandle { ino, share, path, manifest, rest, _hold: hold, last_end: 0, run: 0, ahead_until: 0, passthrough };
         lock(&self.handles).insert(fh, Handle::Read(handle));
         Ok((fh, keep, io))
     }
@@ -1140,6 +1137,31 @@ impl Vfs {
                 Io::Cached
             }
         }
+    }
+
+    /// A read handle of `manifest`'s version closed: have a whole copy of
+    /// the version made if it is all in the cache ([`crate::flat`]).
+    pub(crate) fn make_flat(&self, ino: Ino, manifest: &Arc<Manifest>) {
+        let Some(flats) = self.flats.as_ref().filter(|_| self.passthrough.load(Ordering::SeqCst)) else { return };
+        if manifest.size < FLAT_MIN || flats.has(&manifest.file_hash) {
+            return;
+        }
+        let chunks: Vec<(Hash, u32)> = manifest.chunks.iter().map(|c| (c.hash, c.len)).collect();
+        if self.store.bytes_present(&chunks) < manifest.size {
+            return;
+        }
+        // The kernel drops the pages it cached of the file at the first
+        // passthrough open (it refuses to keep them then): for a GiB of
+        // them, that open took 0.1 s, a re-read's whole time. So they go
+        // here, in the background, before the copy can be used.
+        let invalidate = self.invalidate.get().cloned();
+        flats.make(manifest.clone(), self.store.hold(manifest.chunks.iter().map(|c| c.hash)), move || {
+            if let Some(f) = invalidate {
+                let (tx, rx) = std::sync::mpsc::channel();
+                f(Inval::Pages(ino, tx));
+                let _ = rx.recv_timeout(Duration::from_secs(10));
+            }
+        });
     }
 
     /// Fail an open of `ino` that cannot share the backing file the kernel
@@ -1198,7 +1220,7 @@ impl Vfs {
             }
             self.take_rest(fh, &rest, past).await?;
         }
-        let (share, path, manifest, ahead, rest, flat) = {
+        let (share, path, manifest, ahead, rest) = {
             let mut handles = lock(&self.handles);
             let Some(Handle::Read(h)) = handles.get_mut(&fh) else { return Err(Errno::EBADF) };
             let end = offset.saturating_add(size as u64).min(h.manifest.size);
@@ -1222,7 +1244,7 @@ impl Vfs {
             } else {
                 None
             };
-            (h.share.clone(), h.path.clone(), h.manifest.clone(), ahead, h.rest.clone(), h.flat.clone())
+            (h.share.clone(), h.path.clone(), h.manifest.clone(), ahead, h.rest.clone())
         };
         let end = offset.saturating_add(size as u64).min(manifest.size);
         if offset >= end {
@@ -1279,9 +1301,6 @@ impl Vfs {
                 out.extend_from_slice(data.get(from as usize..to as usize).ok_or(Errno::EIO)?);
             }
             if !missing {
-                if let Some(flat) = &flat {
-                    flat.write(offset, &out);
-                }
                 return Ok(out);
             }
             // Evicted between fetch and read (a tiny cache under pressure):

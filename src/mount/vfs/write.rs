@@ -916,6 +916,9 @@ impl Vfs {
                         }
                     }
                 }
+                if !r.passthrough && r.rest.is_none() {
+                    self.make_flat(r.ino, &r.manifest);
+                }
                 return None;
             }
             Handle::Virtual(_) => return None,
