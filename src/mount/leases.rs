@@ -136,7 +136,13 @@ pub fn process_name(pid: i32) -> String {
 
 impl Leases {
     pub fn new(remote: Arc<Remote>, ttl_s: u32) -> Arc<Leases> {
-        Arc::new(Leases { remote, ttl_s: ttl_s.max(3), held: Mutex::new(HashMap::new()), asked: Mutex::new(HashMap::new()), rt: tokio::runtime::Handle::current() })
+        Arc::new(Leases {
+            remote,
+            ttl_s: ttl_s.max(3),
+            held: Mutex::new(HashMap::new()),
+            asked: Mutex::new(HashMap::new()),
+            rt: tokio::runtime::Handle::current(),
+        })
     }
 
     pub fn ttl(&self) -> Duration {
