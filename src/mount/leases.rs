@@ -346,7 +346,7 @@ impl Leases {
             let req = Request::Renew { share: share.clone(), path: path.clone(), token, ttl_s: self.ttl_s };
             match self.remote.call_lock(req).await {
                 Ok(row) => {
-                    if let Some(h) = lock(&self.held).get_mut(&(share.clone(), path.clone())) {
+                    if let Some(h) = lock(&self.held).get_mut(&(share.clone(), path.clone())).filter(|h| h.row.token == token) {
                         h.row = row;
                     }
                 }
@@ -354,8 +354,16 @@ impl Leases {
                     tracing::debug!(%share, %path, "cannot renew lease: partner offline");
                 }
                 Err(e) => {
-                    tracing::warn!(partner = %self.remote.partner(), %share, %path, "lease lost: {e}; changes made now go back as conflict copies");
-                    lock(&self.held).remove(&(share, path));
+                    // Released while the renewals went out (its last need
+                    // ended): nothing was lost. Taken again since: that
+                    // grant is another.
+                    let mut held = lock(&self.held);
+                    let key = (share, path);
+                    if held.get(&key).is_some_and(|h| h.row.token == token) {
+                        held.remove(&key);
+                        let (share, path) = key;
+                        tracing::warn!(partner = %self.remote.partner(), %share, %path, "lease lost: {e}; changes made now go back as conflict copies");
+                    }
                 }
             }
         }
