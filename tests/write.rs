@@ -1254,3 +1254,54 @@ fn a_new_name_taken_elsewhere_before_the_creates_lock_arrives_ends_as_a_conflict
     assert_eq!(errno_of(create), Some(libc::EBUSY));
     drop(kept);
 }
+
+/// Files created while their LOCKs are still on the way (alice's LOCKs go
+/// out 1.5 s late): a `kill -9` of mountd loses no closed change; a rename
+/// or unlink right after the close, and an unmount, wait for the LOCK and
+/// the push, so the serving node sees them in order; and no lease is left
+/// once the answers are in.
+#[test]
+fn files_created_before_their_lock_is_answered_survive_sigkill_rename_unlink_and_unmount() {
+    let mut w = World::new("lockbehind-order", &["alice"], "", |_| {});
+    restart_with_delay(&mut w, 0, "DEFTFS_FAULT_LOCK_BEHIND_DELAY_MS", 1500);
+    wait_watching(w.c(0));
+    assert_eq!(std::fs::read_dir(&w.c(0).mnt).unwrap().count(), 0);
+    std::fs::write(w.c(0).at("k.txt"), b"closed, then mountd was killed").unwrap();
+    if let Some(d) = w.clients[0].daemon.as_mut() {
+        d.kill();
+    }
+    w.clients[0].guard = None;
+    w.clients[0].daemon = Some(w.clients[0].node.start());
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read(w.server("k.txt")).is_ok_and(|d| d == b"closed, then mountd was killed")),
+        "a change closed before its LOCK was answered was lost to a kill -9:\n{}",
+        w.c(0).log()
+    );
+
+    restart_with_delay(&mut w, 0, "DEFTFS_FAULT_LOCK_BEHIND_DELAY_MS", 1500);
+    let a = w.c(0);
+    wait_watching(a);
+    assert_eq!(std::fs::read_dir(&a.mnt).unwrap().count(), 1);
+    std::fs::write(a.at("r.txt"), b"renamed at once").unwrap();
+    std::fs::rename(a.at("r.txt"), a.at("s.txt")).unwrap();
+    assert_eq!(std::fs::read(w.server("s.txt")).unwrap(), b"renamed at once");
+    assert!(!w.server("r.txt").exists());
+    std::fs::write(a.at("gone.txt"), b"removed at once").unwrap();
+    std::fs::remove_file(a.at("gone.txt")).unwrap();
+    // `deftfs locks` lists every lease on the mounted share, asked of bob.
+    assert!(
+        wait_until(Duration::from_secs(10), || !a.node.ok(&["locks"]).contains(".txt")),
+        "leases outlived their files' pushes: {}\n{}",
+        a.node.ok(&["locks"]),
+        a.log()
+    );
+    for i in 0..3 {
+        std::fs::write(a.at(&format!("u{i}.txt")), format!("file {i}")).unwrap();
+    }
+    a.node.ok(&["unmount", a.mnt.to_str().unwrap()]);
+    for i in 0..3 {
+        assert_eq!(std::fs::read_to_string(w.server(&format!("u{i}.txt"))).ok(), Some(format!("file {i}")), "u{i}.txt after unmount");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!w.server("gone.txt").exists(), "a file removed right after its close reached the partner");
+}
