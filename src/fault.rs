@@ -9,7 +9,10 @@
 //!   waits (a test then kills it to interrupt the transfer);
 //! - `DEFTFS_FAULT_PUSH_BEHIND_DELAY_MS=<n>`: a mount's push behind a close
 //!   starts n ms late (a slow partner), so that tests can look at the
-//!   state between a close and its push.
+//!   state between a close and its push;
+//! - `DEFTFS_FAULT_LOCK_BEHIND_DELAY_MS=<n>`: the LOCK a mount sends
+//!   behind a create goes out n ms late, so that tests can take the name
+//!   elsewhere in between (the race two creates of one new name run).
 
 use std::sync::OnceLock;
 
@@ -30,4 +33,9 @@ pub fn stall_after_chunks() -> Option<u32> {
 pub fn push_behind_delay_ms() -> Option<u32> {
     static V: OnceLock<Option<u32>> = OnceLock::new();
     *V.get_or_init(|| env_u32("DEFTFS_FAULT_PUSH_BEHIND_DELAY_MS"))
+}
+
+pub fn lock_behind_delay_ms() -> Option<u32> {
+    static V: OnceLock<Option<u32>> = OnceLock::new();
+    *V.get_or_init(|| env_u32("DEFTFS_FAULT_LOCK_BEHIND_DELAY_MS"))
 }

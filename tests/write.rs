@@ -1123,13 +1123,30 @@ fn a_written_file_keeps_its_mtime_and_mode_and_its_directory_its_time() {
 /// Restart client `i`'s daemon with its pushes behind closes starting `ms`
 /// late (`DEFTFS_FAULT_PUSH_BEHIND_DELAY_MS`), and mount again.
 fn slow_pushes(w: &mut World, i: usize, ms: u32) {
+    restart_with_delay(w, i, "DEFTFS_FAULT_PUSH_BEHIND_DELAY_MS", ms);
+}
+
+/// Restart client `i`'s daemon with fault variable `var` set to `ms`, and
+/// mount again.
+fn restart_with_delay(w: &mut World, i: usize, var: &str, ms: u32) {
     w.clients[i].guard = None;
     if let Some(d) = w.clients[i].daemon.as_mut() {
         d.kill();
     }
     let delay = ms.to_string();
-    w.clients[i].daemon = Some(Daemon::start_with(&w.clients[i].node.home, &[("DEFTFS_FAULT_PUSH_BEHIND_DELAY_MS", delay.as_str())]));
+    w.clients[i].daemon = Some(Daemon::start_with(&w.clients[i].node.home, &[(var, delay.as_str())]));
     w.clients[i].mount();
+}
+
+/// Wait until every mount of `c` has its watch up: its view of the
+/// partner's leases is then kept current.
+fn wait_watching(c: &Client) {
+    let watching = || {
+        let out = c.node.cmd(&["mounts", "--json"]);
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return false };
+        v.as_array().is_some_and(|ms| !ms.is_empty() && ms.iter().all(|m| m["watching"].as_bool() == Some(true)))
+    };
+    assert!(wait_until(Duration::from_secs(10), watching), "{}'s watch never came up:\n{}", c.mnt.display(), c.log());
 }
 
 /// A close returns before its push is in (write-behind). Until the push
@@ -1228,4 +1245,106 @@ fn sigterm_right_after_closes_lets_their_pushes_end_first() {
         );
     }
     w.clients[0].guard = None;
+}
+
+/// A create of a new name returns without waiting for its LOCK when the
+/// mount's lease view (kept current by the watch) says no other node holds
+/// the name. Another node that takes the name before that LOCK arrives
+/// (here: alice's LOCKs go out 2 s late) keeps it: alice's LOCK is
+/// refused, her push with it, and her file lands as a conflict copy; both
+/// contents survive. A name whose lease the view knows is held elsewhere
+/// still gets EBUSY at the create.
+#[test]
+fn a_new_name_taken_elsewhere_before_the_creates_lock_arrives_ends_as_a_conflict_copy() {
+    let mut w = World::new("lockbehind", &["alice", "carol"], "", |_| {});
+    restart_with_delay(&mut w, 0, "DEFTFS_FAULT_LOCK_BEHIND_DELAY_MS", 2000);
+    let (a, carol) = (w.c(0), w.c(1));
+    wait_watching(a);
+    wait_watching(carol);
+    // Both views of the share's leases are asked for (a listing shows the
+    // `.NAME.lock` entries).
+    assert_eq!(std::fs::read_dir(&a.mnt).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(&carol.mnt).unwrap().count(), 0);
+
+    std::fs::write(a.at("new.txt"), b"alice's").unwrap();
+    // Carol creates the same name while alice's LOCK is on its way, and
+    // holds it open.
+    let mut held = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(carol.at("new.txt")).unwrap();
+    held.write_all(b"carol's").unwrap();
+    a.settle();
+    assert!(a.log().contains("no lease for a file created ahead of its LOCK"), "alice's LOCK was not refused:\n{}", a.log());
+    drop(held);
+    carol.settle();
+    assert_eq!(std::fs::read(w.server("new.txt")).unwrap(), b"carol's", "alice's push replaced carol's file");
+    let copies: Vec<PathBuf> = std::fs::read_dir(&w.files)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("new (conflict alice "))
+        .collect();
+    assert_eq!(copies.len(), 1, "{copies:?}\n{}", a.log());
+    assert_eq!(std::fs::read(&copies[0]).unwrap(), b"alice's");
+    assert!(copies[0].extension().is_some_and(|e| e == "txt"), "{copies:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || std::fs::read(a.at("new.txt")).is_ok_and(|d| d == b"carol's")),
+        "alice's mount does not show carol's file"
+    );
+
+    // A lease alice's view knows of: the create waits for its LOCK, which
+    // is refused.
+    let kept = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(carol.at("held.txt")).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || a.at(".held.txt.lock").exists()), "no .held.txt.lock on alice's mount");
+    let create = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(a.at("held.txt"));
+    assert_eq!(errno_of(create), Some(libc::EBUSY));
+    drop(kept);
+}
+
+/// Files created while their LOCKs are still on the way (alice's LOCKs go
+/// out 1.5 s late): a `kill -9` of mountd loses no closed change; a rename
+/// or unlink right after the close, and an unmount, wait for the LOCK and
+/// the push, so the serving node sees them in order; and no lease is left
+/// once the answers are in.
+#[test]
+fn files_created_before_their_lock_is_answered_survive_sigkill_rename_unlink_and_unmount() {
+    let mut w = World::new("lockbehind-order", &["alice"], "", |_| {});
+    restart_with_delay(&mut w, 0, "DEFTFS_FAULT_LOCK_BEHIND_DELAY_MS", 1500);
+    wait_watching(w.c(0));
+    assert_eq!(std::fs::read_dir(&w.c(0).mnt).unwrap().count(), 0);
+    std::fs::write(w.c(0).at("k.txt"), b"closed, then mountd was killed").unwrap();
+    if let Some(d) = w.clients[0].daemon.as_mut() {
+        d.kill();
+    }
+    w.clients[0].guard = None;
+    w.clients[0].daemon = Some(w.clients[0].node.start());
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read(w.server("k.txt")).is_ok_and(|d| d == b"closed, then mountd was killed")),
+        "a change closed before its LOCK was answered was lost to a kill -9:\n{}",
+        w.c(0).log()
+    );
+
+    restart_with_delay(&mut w, 0, "DEFTFS_FAULT_LOCK_BEHIND_DELAY_MS", 1500);
+    let a = w.c(0);
+    wait_watching(a);
+    assert_eq!(std::fs::read_dir(&a.mnt).unwrap().count(), 1);
+    std::fs::write(a.at("r.txt"), b"renamed at once").unwrap();
+    std::fs::rename(a.at("r.txt"), a.at("s.txt")).unwrap();
+    assert_eq!(std::fs::read(w.server("s.txt")).unwrap(), b"renamed at once");
+    assert!(!w.server("r.txt").exists());
+    std::fs::write(a.at("gone.txt"), b"removed at once").unwrap();
+    std::fs::remove_file(a.at("gone.txt")).unwrap();
+    // `deftfs locks` lists every lease on the mounted share, asked of bob.
+    assert!(
+        wait_until(Duration::from_secs(10), || !a.node.ok(&["locks"]).contains(".txt")),
+        "leases outlived their files' pushes: {}\n{}",
+        a.node.ok(&["locks"]),
+        a.log()
+    );
+    for i in 0..3 {
+        std::fs::write(a.at(&format!("u{i}.txt")), format!("file {i}")).unwrap();
+    }
+    a.node.ok(&["unmount", a.mnt.to_str().unwrap()]);
+    for i in 0..3 {
+        assert_eq!(std::fs::read_to_string(w.server(&format!("u{i}.txt"))).ok(), Some(format!("file {i}")), "u{i}.txt after unmount");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!w.server("gone.txt").exists(), "a file removed right after its close reached the partner");
 }

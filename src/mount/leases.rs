@@ -18,6 +18,17 @@
 //! no longer grants (expired while this node was cut off, and taken by
 //! another) is dropped with a warning; its writes then go back as conflict
 //! copies, because the partner refuses their old fencing token.
+//!
+//! A lease on a name that does not exist yet may be *asked* for without
+//! waiting ([`Leases::take_behind`], for a create): until the LOCK is
+//! answered the lease is neither held nor free. Needs that come meanwhile
+//! are kept for the grant, [`Leases::answered`] waits for the answer (a
+//! push does before it goes), and the release of a lease whose needs all
+//! ended meanwhile is sent after the answer, never before the LOCK. A
+//! refusal leaves the name unleased; the partner then refuses this node's
+//! push of it and the change becomes a conflict copy.
+//!
+//! Lock order: `held`, then `asked`.
 
 use super::remote::{Remote, RemoteError};
 use crate::proto::{LeaseRow, Name, Request, SharePath};
@@ -69,10 +80,26 @@ struct Held {
     needs: Vec<Need>,
 }
 
+/// A LOCK sent behind a create and not answered yet.
+struct Asked {
+    needs: Vec<Need>,
+    /// Its sender is dropped once the answer is taken in.
+    answered: tokio::sync::watch::Receiver<()>,
+}
+
+type Key = (Name, SharePath);
+
+fn add(needs: &mut Vec<Need>, need: Need) {
+    if !needs.contains(&need) {
+        needs.push(need);
+    }
+}
+
 pub struct Leases {
     remote: Arc<Remote>,
     ttl_s: u32,
-    held: Mutex<HashMap<(Name, SharePath), Held>>,
+    held: Mutex<HashMap<Key, Held>>,
+    asked: Mutex<HashMap<Key, Asked>>,
     /// Releases start from FUSE threads, outside the runtime.
     rt: tokio::runtime::Handle,
 }
@@ -109,7 +136,13 @@ pub fn process_name(pid: i32) -> String {
 
 impl Leases {
     pub fn new(remote: Arc<Remote>, ttl_s: u32) -> Arc<Leases> {
-        Arc::new(Leases { remote, ttl_s: ttl_s.max(3), held: Mutex::new(HashMap::new()), rt: tokio::runtime::Handle::current() })
+        Arc::new(Leases {
+            remote,
+            ttl_s: ttl_s.max(3),
+            held: Mutex::new(HashMap::new()),
+            asked: Mutex::new(HashMap::new()),
+            rt: tokio::runtime::Handle::current(),
+        })
     }
 
     pub fn ttl(&self) -> Duration {
@@ -120,12 +153,11 @@ impl Leases {
     /// already holds it. Returns the fencing token. A lease held by another
     /// node fails with the partner's BUSY refusal.
     pub async fn take(&self, share: &Name, path: &SharePath, owner: &Name, need: Need) -> Result<u64, RemoteError> {
+        self.answered(share, path).await;
         {
             let mut held = lock(&self.held);
             if let Some(h) = held.get_mut(&(share.clone(), path.clone())) {
-                if !h.needs.contains(&need) {
-                    h.needs.push(need);
-                }
+                add(&mut h.needs, need);
                 return Ok(h.row.token);
             }
         }
@@ -134,30 +166,99 @@ impl Leases {
         let token = row.token;
         let mut held = lock(&self.held);
         let h = held.entry((share.clone(), path.clone())).or_insert(Held { row, needs: Vec::new() });
-        if !h.needs.contains(&need) {
-            h.needs.push(need);
-        }
+        add(&mut h.needs, need);
         tracing::info!(partner = %self.remote.partner(), %share, %path, %owner, token, "lease taken");
         Ok(h.row.token)
     }
 
-    /// Add `need` to the lease this node holds on `path`, without asking
-    /// the partner. False when no lease on `path` is held.
-    pub fn extend(&self, share: &Name, path: &SharePath, need: Need) -> bool {
-        match lock(&self.held).get_mut(&(share.clone(), path.clone())) {
-            Some(h) => {
-                if !h.needs.contains(&need) {
-                    h.needs.push(need);
+    /// Like [`Leases::take`], without waiting for the partner: `path` is
+    /// asked for from now on (see the module's comment), and the LOCK goes
+    /// out when the returned future runs. None when the lease is held or
+    /// asked for already (`need` is added to it).
+    pub fn take_behind(
+        self: &Arc<Self>,
+        share: &Name,
+        path: &SharePath,
+        owner: &Name,
+        need: Need,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let key = (share.clone(), path.clone());
+        let (answer, answered) = tokio::sync::watch::channel(());
+        {
+            let mut held = lock(&self.held);
+            if let Some(h) = held.get_mut(&key) {
+                add(&mut h.needs, need);
+                return None;
+            }
+            let mut asked = lock(&self.asked);
+            if let Some(a) = asked.get_mut(&key) {
+                add(&mut a.needs, need);
+                return None;
+            }
+            asked.insert(key.clone(), Asked { needs: vec![need], answered });
+        }
+        let me = self.clone();
+        let req = Request::Lock { share: share.clone(), path: path.clone(), ttl_s: self.ttl_s, owner: owner.clone() };
+        Some(async move {
+            let reply = me.remote.call_lock(req).await;
+            let (share, path) = &key;
+            let unneeded = {
+                let mut held = lock(&me.held);
+                let needs = lock(&me.asked).remove(&key).map(|a| a.needs).unwrap_or_default();
+                match reply {
+                    Ok(row) if needs.is_empty() => Some(row.token),
+                    Ok(row) => {
+                        tracing::info!(partner = %me.remote.partner(), %share, %path, token = row.token, "lease taken (asked at create)");
+                        held.insert(key.clone(), Held { row, needs });
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(partner = %me.remote.partner(), %share, %path, "no lease for a file created ahead of its LOCK: {e}; if another node writes the name, this node's change goes back as a conflict copy");
+                        None
+                    }
                 }
+            };
+            // Everything that needed it ended before the answer came.
+            if let Some(token) = unneeded {
+                me.unlock(share, path, token).await;
+            }
+            drop(answer);
+        })
+    }
+
+    /// Wait until a LOCK asked for `path` without waiting is answered (at
+    /// once if none is in flight).
+    pub async fn answered(&self, share: &Name, path: &SharePath) {
+        let asked = lock(&self.asked).get(&(share.clone(), path.clone())).map(|a| a.answered.clone());
+        if let Some(mut answered) = asked {
+            // Err once the sender is dropped: the answer is in.
+            while answered.changed().await.is_ok() {}
+        }
+    }
+
+    /// Add `need` to the lease this node holds or asked for on `path`,
+    /// without asking the partner. False when neither.
+    pub fn extend(&self, share: &Name, path: &SharePath, need: Need) -> bool {
+        let key = (share.clone(), path.clone());
+        let mut held = lock(&self.held);
+        if let Some(h) = held.get_mut(&key) {
+            add(&mut h.needs, need);
+            return true;
+        }
+        match lock(&self.asked).get_mut(&key) {
+            Some(a) => {
+                add(&mut a.needs, need);
                 true
             }
             None => false,
         }
     }
 
-    /// Whether `need` already holds the lease on `path`.
+    /// Whether `need` already holds (or asked for) the lease on `path`.
     pub fn holds(&self, share: &Name, path: &SharePath, need: &Need) -> bool {
-        lock(&self.held).get(&(share.clone(), path.clone())).is_some_and(|h| h.needs.contains(need))
+        let key = (share.clone(), path.clone());
+        let held = lock(&self.held);
+        held.get(&key).is_some_and(|h| h.needs.contains(need)) || lock(&self.asked).get(&key).is_some_and(|a| a.needs.contains(need))
     }
 
     /// The token of a lease this node holds that covers `path` (the path
@@ -167,7 +268,8 @@ impl Leases {
         crate::lease::covering_names(path).into_iter().find_map(|p| held.get(&(share.clone(), p)).map(|h| h.row.token))
     }
 
-    /// `need` no longer needs the lease on `path`; released if nothing else does.
+    /// `need` no longer needs the lease on `path`; released if nothing else
+    /// does (a lease still asked for: once the partner has answered).
     pub fn done(self: &Arc<Self>, share: &Name, path: &SharePath, need: &Need) {
         let release = {
             let mut held = lock(&self.held);
@@ -181,7 +283,12 @@ impl Leases {
                         None
                     }
                 }
-                None => None,
+                None => {
+                    if let Some(a) = lock(&self.asked).get_mut(&key) {
+                        a.needs.retain(|n| n != need);
+                    }
+                    None
+                }
             }
         };
         if let Some(token) = release {
@@ -199,6 +306,7 @@ impl Leases {
 
     /// Release a lease whatever needs it (`deftfs unlock`). False if not held.
     pub async fn release(&self, share: &Name, path: &SharePath) -> bool {
+        self.answered(share, path).await;
         let removed = lock(&self.held).remove(&(share.clone(), path.clone()));
         match removed {
             Some(h) => {
@@ -238,7 +346,7 @@ impl Leases {
             let req = Request::Renew { share: share.clone(), path: path.clone(), token, ttl_s: self.ttl_s };
             match self.remote.call_lock(req).await {
                 Ok(row) => {
-                    if let Some(h) = lock(&self.held).get_mut(&(share.clone(), path.clone())) {
+                    if let Some(h) = lock(&self.held).get_mut(&(share.clone(), path.clone())).filter(|h| h.row.token == token) {
                         h.row = row;
                     }
                 }
@@ -246,8 +354,16 @@ impl Leases {
                     tracing::debug!(%share, %path, "cannot renew lease: partner offline");
                 }
                 Err(e) => {
-                    tracing::warn!(partner = %self.remote.partner(), %share, %path, "lease lost: {e}; changes made now go back as conflict copies");
-                    lock(&self.held).remove(&(share, path));
+                    // Released while the renewals went out (its last need
+                    // ended): nothing was lost. Taken again since: that
+                    // grant is another.
+                    let mut held = lock(&self.held);
+                    let key = (share, path);
+                    if held.get(&key).is_some_and(|h| h.row.token == token) {
+                        held.remove(&key);
+                        let (share, path) = key;
+                        tracing::warn!(partner = %self.remote.partner(), %share, %path, "lease lost: {e}; changes made now go back as conflict copies");
+                    }
                 }
             }
         }

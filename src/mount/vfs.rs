@@ -291,6 +291,9 @@ pub struct Vfs {
     /// Shares the partner grants us `write` on (from DISCOVER).
     writable: Mutex<HashSet<Name>>,
     share_leases: Mutex<HashMap<Name, ShareLeases>>,
+    /// Bumped whenever `share_leases` is dropped for a change: a view asked
+    /// for before is not kept (it may predate a LOCK elsewhere).
+    leases_epoch: AtomicU64,
     meta: Meta,
     config: VfsConfig,
     inodes: Mutex<Inodes>,
@@ -479,6 +482,7 @@ impl Vfs {
             leases,
             writable: Default::default(),
             share_leases: Default::default(),
+            leases_epoch: AtomicU64::new(0),
             meta,
             config,
             inodes: Mutex::new(inodes),
@@ -1396,6 +1400,7 @@ impl Vfs {
         }
         self.drop_stale_entries();
         lock(&self.hot).clear();
+        self.leases_epoch.fetch_add(1, Ordering::SeqCst);
         lock(&self.share_leases).remove(share);
         if let Some(f) = self.invalidate.get() {
             for d in drops {

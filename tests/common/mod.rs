@@ -118,6 +118,7 @@ pub fn run(home: &Path, args: &[&str]) -> Output {
         .args(args)
         .env_remove("DEFTFS_FAULT_CORRUPT_CHUNK")
         .env_remove("DEFTFS_FAULT_STALL_AFTER_CHUNKS")
+        .env_remove("DEFTFS_FAULT_LOCK_BEHIND_DELAY_MS")
         .output()
         .unwrap()
 }

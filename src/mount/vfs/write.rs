@@ -112,15 +112,30 @@ impl Vfs {
         if kind == Kind::Dir {
             return Ok(());
         }
-        let names = crate::lease::covering_names(&path);
         let held_elsewhere = match self.share_leases(&share).await {
-            Some((_, leases)) => leases.iter().any(|l| l.holder != self.config.me && names.contains(&l.path)),
+            Some((_, leases)) => self.leased_elsewhere(&leases, &path),
             None => false,
         };
         if held_elsewhere {
             return Err(Errno::EACCES);
         }
         Ok(())
+    }
+
+    /// Whether one of `leases` is another node's on `path` or on a name
+    /// whose lease covers it.
+    fn leased_elsewhere(&self, leases: &[crate::proto::LeaseRow], path: &SharePath) -> bool {
+        let names = crate::lease::covering_names(path);
+        leases.iter().any(|l| l.holder != self.config.me && names.contains(&l.path))
+    }
+
+    /// Whether this mount's view of the share's leases vouches that no
+    /// other node holds `path` now: a view the watch keeps current (a LOCK
+    /// elsewhere announces a change, which drops it), so it lags the
+    /// partner by the watch's latency at most. Not without a watch, nor
+    /// without a view ([`Vfs::share_leases`] asks for one).
+    fn free_here(&self, share: &Name, path: &SharePath) -> bool {
+        self.is_watching() && lock(&self.share_leases).get(share).is_some_and(|sl| !self.leased_elsewhere(&sl.leases, path))
     }
 
     /// The share's leases and lockable patterns, refreshed like listings.
@@ -130,11 +145,17 @@ impl Vfs {
                 return Some((sl.lockable.clone(), sl.leases.clone()));
             }
         }
+        let epoch = self.leases_epoch.load(Ordering::SeqCst);
         match self.remote.locks(share).await {
             Ok((patterns, leases)) => {
                 let lockable: Vec<crate::glob::Glob> = patterns.iter().filter_map(|p| crate::glob::Glob::new(p).ok()).collect();
                 let out = (lockable.clone(), leases.clone());
-                lock(&self.share_leases).insert(share.clone(), ShareLeases { lockable, leases, at: Instant::now() });
+                // Kept only if no change was announced while it was asked
+                // for: it may not show a lease taken meanwhile.
+                let mut cached = lock(&self.share_leases);
+                if self.leases_epoch.load(Ordering::SeqCst) == epoch {
+                    cached.insert(share.clone(), ShareLeases { lockable, leases, at: Instant::now() });
+                }
                 Some(out)
             }
             Err(e) => {
@@ -222,6 +243,26 @@ impl Vfs {
             }
         }
         Ok(token)
+    }
+
+    /// Write handle `fh`'s lease on the new file `path`, asked for without
+    /// waiting ([`Leases::take_behind`]). While in flight the LOCK holds a
+    /// permit of the pushes behind closes, so what waits for those
+    /// (namespace changes, unmount, daemon shutdown) waits for it too; a
+    /// push of the file waits for its answer ([`Leases::answered`]).
+    async fn lease_behind(&self, share: &Name, path: &SharePath, tid: u32, fh: u64) -> Result<(), Errno> {
+        let permit = self.behind.clone().acquire_owned().await.map_err(|_| Errno::EIO)?;
+        let owner = crate::lease::owner_name(&process_name(process_of(tid)));
+        if let Some(lock) = self.leases.take_behind(share, path, &owner, Need::Handle(fh)) {
+            tokio::spawn(async move {
+                if let Some(ms) = crate::fault::lock_behind_delay_ms() {
+                    tokio::time::sleep(Duration::from_millis(ms.into())).await;
+                }
+                lock.await;
+                drop(permit);
+            });
+        }
+        Ok(())
     }
 
     /// Lease `path` for the life of the process of thread `tid`, as its
@@ -402,10 +443,22 @@ impl Vfs {
             return Ok((self.cached_attr(*existing)?, fh));
         }
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
-        self.open_leases(&share, &path, OpenMode { write: true, ..open }, fh).await?;
-        let staged = Arc::new(
-            Staged::create(self.writeback.staging_path(), None, Base::Absent, now_ns(), self.writeback.chunk_params()).map_err(io_errno)?,
-        );
+        let open = OpenMode { write: true, ..open };
+        // A new name that no other node holds, as far as the watch says:
+        // the create does not wait for its LOCK. Should another node take
+        // the name in the watch's latency, the LOCK is refused and this
+        // file's push then becomes a conflict copy (docs/SEMANTICS.md).
+        if !self.lockable(&share, &path).await && self.free_here(&share, &path) {
+            self.lease_behind(&share, &path, open.tid, fh).await?;
+        } else {
+            self.open_leases(&share, &path, open, fh).await?;
+        }
+        let staged =
+            Staged::create(self.writeback.staging_path(), None, Base::Absent, now_ns(), self.writeback.chunk_params()).map_err(|e| {
+                self.leases.done(&share, &path, &Need::Handle(fh));
+                io_errno(e)
+            });
+        let staged = Arc::new(staged?);
         {
             let mut st = staged.state();
             st.dirty = true;
@@ -531,6 +584,9 @@ impl Vfs {
     async fn push_locked(&self, ino: Ino, durable: bool) -> Result<(), Errno> {
         let Some(staged) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) else { return Ok(()) };
         let _gate = staged.gate.lock().await;
+        // A new file's LOCK still in flight: the push goes under its answer.
+        let (share, path) = self.file_key(ino)?;
+        self.leases.answered(&share, &path).await;
         let Some(p) = self.prepare(ino, &staged, durable).await? else { return Ok(()) };
         let outcome = if p.queue_first {
             let id = self.enqueue(&staged, &p.share, &p.path, p.expect, p.fence, Commit::Durable).await?;
@@ -592,6 +648,12 @@ impl Vfs {
             if let Some(ms) = crate::fault::push_behind_delay_ms() {
                 tokio::time::sleep(Duration::from_millis(ms.into())).await;
             }
+            // A new file's LOCK still in flight (the close above found no
+            // token to fence with; a new file's push needs none: its BASE
+            // absent is refused once another node has written the name, and
+            // the partner refuses it while another node holds the name):
+            // the push goes after the answer, under the lease if granted.
+            me.leases.answered(&p.share, &p.path).await;
             let outcome = me.writeback.flush(id, Some(p.manifest.clone()), p.mode, p.base_manifest.clone()).await;
             if let Err(e) = me.take_outcome(ino, &staged, &p, outcome).await {
                 tracing::warn!(partner = %me.remote.partner(), share = %p.share, path = %p.path, "write-back behind a close: {e:?}");
