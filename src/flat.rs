@@ -31,8 +31,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-/// Files smaller than this get no whole copy.
+/// Files smaller than this get no whole copy. Tests lower it with
+/// `DEFTFS_FLAT_MIN=<bytes>`, to give every file one.
 pub const FLAT_MIN: u64 = 16 << 20;
+
+/// [`FLAT_MIN`], or what `DEFTFS_FLAT_MIN` says.
+pub fn flat_min() -> u64 {
+    static V: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("DEFTFS_FLAT_MIN").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(FLAT_MIN))
+}
 /// A copy is written in pieces of about this size (small writes cost much
 /// more CPU per byte).
 const WRITE_BYTES: usize = 4 << 20;
@@ -164,7 +171,7 @@ impl Flats {
     /// one (or one being made), the file is small, or the copies' share of
     /// the cache cannot hold it.
     fn builder(self: &Arc<Self>, hash: Hash, size: u64) -> Option<Arc<Builder>> {
-        if size < FLAT_MIN {
+        if size < flat_min() {
             return None;
         }
         let budget = self.store.limit() / SHARE;

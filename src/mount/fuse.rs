@@ -382,11 +382,19 @@ impl Filesystem for Fuse {
         let dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
         let Some(entries) = dirs.get(&fh.0) else { return reply.error(Errno::EBADF) };
         let parent = self.vfs.parent_of(ino.0);
-        let dots = [(".".to_string(), ino.0, FileType::Directory), ("..".to_string(), parent, FileType::Directory)];
-        let rest =
-            entries.iter().map(|(n, a)| (n.clone(), a.ino, if a.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile }));
-        for (i, (name, child, kind)) in dots.into_iter().chain(rest).enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(child), i as u64 + 1, kind, &name) {
+        // Entry i of the listing: the dots, then the snapshot. Indexed, so a
+        // call that starts at `offset` skips nothing it has to walk: the
+        // kernel lists a large directory in many calls.
+        for i in offset as usize..entries.len() + 2 {
+            let (name, child, kind) = match i {
+                0 => (".", ino.0, FileType::Directory),
+                1 => ("..", parent, FileType::Directory),
+                _ => {
+                    let (n, a) = &entries[i - 2];
+                    (n.as_str(), a.ino, if a.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile })
+                }
+            };
+            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
                 break;
             }
         }
@@ -398,15 +406,25 @@ impl Filesystem for Fuse {
         let Some(entries) = dirs.get(&fh.0) else { return reply.error(Errno::EBADF) };
         let me = Attr { ino: ino.0, kind: Kind::Dir, size: 0, mtime_ns: 0, perm: 0o555 };
         let parent = Attr { ino: self.vfs.parent_of(ino.0), ..me };
-        let all = [(".".to_string(), me), ("..".to_string(), parent)].into_iter().chain(entries.iter().cloned());
-        for (i, (name, a)) in all.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(a.ino), i as u64 + 1, &name, &TTL, &Fuse::file_attr(self.uid, self.gid, &a), Generation(0)) {
+        // As in readdir: indexed, nothing cloned to be skipped.
+        let mut shown = Vec::new();
+        for i in offset as usize..entries.len() + 2 {
+            let (name, a) = match i {
+                0 => (".", me),
+                1 => ("..", parent),
+                _ => {
+                    let (n, a) = &entries[i - 2];
+                    (n.as_str(), *a)
+                }
+            };
+            if reply.add(INodeNo(a.ino), i as u64 + 1, name, &TTL, &Fuse::file_attr(self.uid, self.gid, &a), Generation(0)) {
                 break;
             }
             if a.kind == Kind::File {
-                self.vfs.shown(a.ino, a.size);
+                shown.push((a.ino, a.size));
             }
         }
+        self.vfs.shown_all(&shown);
         reply.ok();
     }
 

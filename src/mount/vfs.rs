@@ -36,7 +36,7 @@ use super::meta::{KnownFile, Meta, ROOT_SHARE};
 use super::remote::{Remote, RemoteError};
 use super::stage::Staged;
 use crate::chunk::Manifest;
-use crate::flat::{Flats, FLAT_MIN};
+use crate::flat::{flat_min, Flats};
 use crate::hash::Hash;
 use crate::proto::{Entry, EntryKind, Name, SharePath};
 use crate::store::{ChunkStore, Hold};
@@ -857,8 +857,16 @@ impl Vfs {
     /// The kernel was handed `size` for `ino` (the FUSE adapter tells,
     /// for every reply that carries attributes): see [`Inode::shown_size`].
     pub fn shown(&self, ino: Ino, size: u64) {
-        if let Some(n) = lock(&self.inodes).by_ino.get(&ino) {
-            n.shown_size.store(size, Ordering::SeqCst);
+        self.shown_all(&[(ino, size)]);
+    }
+
+    /// [`Vfs::shown`] of many (inode, size): a listing's, under one lock.
+    pub fn shown_all(&self, shown: &[(Ino, u64)]) {
+        let inodes = lock(&self.inodes);
+        for (ino, size) in shown {
+            if let Some(n) = inodes.by_ino.get(ino) {
+                n.shown_size.store(*size, Ordering::SeqCst);
+            }
         }
     }
 
@@ -1131,6 +1139,7 @@ impl Vfs {
         let Some(copy) = copy.filter(|_| n.readers == 1 && n.staged.is_none()) else { return Io::Cached };
         match backing(&copy) {
             Ok(token) => {
+                tracing::debug!(path = %n.path, "reads of this version go to its whole copy (passthrough)");
                 n.backing = Some(Backing { token: token.clone(), version, handles: 1 });
                 Io::Passthrough(token)
             }
@@ -1147,7 +1156,7 @@ impl Vfs {
     /// the version made if it is all in the cache ([`crate::flat`]).
     pub(crate) fn make_flat(&self, ino: Ino, manifest: &Arc<Manifest>) {
         let Some(flats) = self.flats.as_ref().filter(|_| self.passthrough.load(Ordering::SeqCst)) else { return };
-        if manifest.size < FLAT_MIN || flats.has(&manifest.file_hash) {
+        if manifest.size < flat_min() || flats.has(&manifest.file_hash) {
             return;
         }
         let chunks: Vec<(Hash, u32)> = manifest.chunks.iter().map(|c| (c.hash, c.len)).collect();
@@ -1174,6 +1183,7 @@ impl Vfs {
     /// as for a change on the partner) and the open fails with `ESTALE`,
     /// which the kernel retries with a fresh lookup, on a new inode.
     pub(crate) fn leave_backed<T>(&self, ino: Ino) -> Result<T, Errno> {
+        tracing::debug!(ino, "an open the kernel cannot serve beside a passthrough one: to a new inode");
         let detached = lock(&self.inodes).detach(ino);
         if detached {
             self.drop_stale_entries();
