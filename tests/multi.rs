@@ -388,10 +388,21 @@ fn pick(actor: &str, rnd: &mut dyn FnMut(usize) -> usize, seq: &mut u64) -> Op {
 
 #[test]
 fn concurrent_operations_from_two_mounts_and_the_serving_node_keep_every_version_whole() {
-    let seed: u64 = env_or("DEFTFS_MULTI_SEED", 0x3417_0001);
+    exercise("multi", env_or("DEFTFS_MULTI_SEED", 0x3417_0001), &[]);
+}
+
+/// The same with a whole local copy for every file read whole, so that
+/// re-opens go through FUSE passthrough while files change under them
+/// (the copies otherwise need files of 16 MiB).
+#[test]
+fn the_same_through_whole_copies_read_by_the_kernel() {
+    exercise("multi-flat", env_or("DEFTFS_MULTI_SEED", 0x3417_0002), &[("DEFTFS_FLAT_MIN", "1")]);
+}
+
+fn exercise(tag: &str, seed: u64, env: &[(&str, &str)]) {
     let ops: usize = env_or("DEFTFS_MULTI_OPS", 300);
-    eprintln!("seed {seed}, {ops} operations per actor (DEFTFS_MULTI_SEED, DEFTFS_MULTI_OPS)");
-    let w = World::new("multi", &["alice", "carol"], "", |files| {
+    eprintln!("{tag}: seed {seed}, {ops} operations per actor (DEFTFS_MULTI_SEED, DEFTFS_MULTI_OPS), env {env:?}");
+    let w = World::granting_with_env("read-write", tag, &["alice", "carol"], "", env, |files| {
         for d in ["d0", "d1", "d2"] {
             std::fs::create_dir(files.join(d)).unwrap();
         }

@@ -52,6 +52,18 @@ impl World {
 
     /// Like [`World::new`], with `access` granted to every client.
     pub fn granting(access: &str, tag: &str, names: &[&str], config: &str, prepare: impl FnOnce(&Path)) -> World {
+        World::granting_with_env(access, tag, names, config, &[], prepare)
+    }
+
+    /// Like [`World::granting`], the clients' daemons started with `env`.
+    pub fn granting_with_env(
+        access: &str,
+        tag: &str,
+        names: &[&str],
+        config: &str,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&Path),
+    ) -> World {
         let root = TempDir::new(tag);
         let bob = TestNode::init(root.path(), "bob");
         let files = root.path().join("bob-files");
@@ -77,7 +89,7 @@ impl World {
         bob.ok(&args);
         let bob_daemon = Some(bob.start());
         for c in &mut clients {
-            c.daemon = Some(c.node.start());
+            c.daemon = Some(Daemon::start_with(&c.node.home, env));
             c.mount();
         }
         World { clients, bob_daemon, bob, files, root }
