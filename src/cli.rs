@@ -411,6 +411,9 @@ fn cache(home: &Path, clear: bool, json: bool) -> Result<()> {
             stats.chunks,
             human(stats.pinned_bytes)
         );
+        if stats.flat_bytes > 0 {
+            print!(", whole copies {}", human(stats.flat_bytes));
+        }
         if clear {
             print!(", freed {}", human(row["freed_bytes"].as_u64().unwrap_or(0)));
         }

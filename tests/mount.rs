@@ -383,6 +383,19 @@ fn a_file_read_whole_is_read_again_by_the_kernel_from_a_local_copy() {
     let mut head = vec![0u8; 65_536];
     f.read_exact_at(&mut head, 0).unwrap();
     assert!(head == source[..65_536], "a descriptor opened before the change reads another version");
+
+    // The new version, read whole above, gets its copy too; `cache clear`
+    // drops both, and the open descriptor still reads its own.
+    assert!(wait_until(Duration::from_secs(20), || s.info()["whole_copies"] == 2), "{}", s.info());
+    let text = s.a.ok(&["cache"]);
+    assert!(text.contains("whole copies 64"), "deftfs cache does not show the copies: {text}");
+    s.a.ok(&["cache", "clear"]);
+    let info = s.info();
+    assert_eq!(info["whole_copies"], 0, "{info}");
+    assert_eq!(info["cache"]["flat_bytes"], 0, "{info}");
+    f.read_exact_at(&mut head, 4 * MIB as u64).unwrap();
+    assert!(head == source[4 * MIB..4 * MIB + 65_536], "a cleared copy broke a descriptor reading it");
+    assert_eq!(hash_file(&s.at("big.bin")), after);
 }
 
 #[test]
