@@ -585,7 +585,7 @@ impl Session {
         let prepared = crate::transfer::blocking_io(touched, move || {
             let params = &node.config.storage.chunk;
             let current = if t2.is_file() { crate::index::manifest_for(&node.db, &t2, params).ok() } else { None };
-            check_base(&p2, base, current.as_ref().map(|c| c.file_hash), t2.exists())?;
+            check_base(&p2, base, file_hash, current.as_ref().map(|c| c.file_hash), t2.exists())?;
             let m = match manifest {
                 Ok(m) => m,
                 // BASE named the current version, whose manifest this is:
@@ -677,14 +677,14 @@ impl Session {
             return refused;
         }
         let (node, base, share_path) = (self.node.clone(), incoming.base, incoming.path.clone());
-        let (mode, mtime_ns) = (incoming.mode, incoming.mtime_ns);
+        let (mode, mtime_ns, version) = (incoming.mode, incoming.mtime_ns, incoming.manifest.file_hash);
         let finished = tokio::task::spawn_blocking(move || {
             // A local edit may have landed while the chunks travelled.
             let target = assembly.target().to_path_buf();
             if base != proto::Base::Any {
                 let current =
                     if target.is_file() { crate::index::manifest_for(&node.db, &target, &node.config.storage.chunk).ok() } else { None };
-                check_base(&share_path, base, current.map(|c| c.file_hash), target.exists())?;
+                check_base(&share_path, base, version, current.map(|c| c.file_hash), target.exists())?;
             }
             let path = assembly.finish(mode, mtime_ns).map_err(|e| {
                 if e.is_not_found() {
@@ -936,9 +936,21 @@ fn held(lease: &crate::lease::Lease) -> Response {
     )
 }
 
-/// Refuse a push whose base is no longer the target's version.
-fn check_base(path: &SharePath, base: proto::Base, current: Option<crate::hash::Hash>, exists: bool) -> Result<(), Response> {
+/// Refuse a push whose base is no longer the target's version, unless the
+/// target already is the version pushed (`incoming`): a push sent again
+/// after it landed (its sender was killed before it saw the receipt) then
+/// replaces nothing that differs, and must not become a conflict copy.
+fn check_base(
+    path: &SharePath,
+    base: proto::Base,
+    incoming: crate::hash::Hash,
+    current: Option<crate::hash::Hash>,
+    exists: bool,
+) -> Result<(), Response> {
     let conflict = |why: String| Err(err(ErrorCode::Conflict, format!("{path}: {why}; nothing was replaced")));
+    if current == Some(incoming) {
+        return Ok(());
+    }
     match base {
         proto::Base::Any => Ok(()),
         proto::Base::Absent if exists => conflict("it was created here meanwhile".into()),
@@ -1178,5 +1190,26 @@ impl Session {
             Err(_) => AckStatus::Error("INTERNAL".into()),
         };
         let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status }).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::Hash;
+
+    #[test]
+    fn a_push_of_the_version_already_there_is_no_conflict() {
+        let path = SharePath::parse("k.txt").unwrap();
+        let (mine, theirs) = (Hash([1; 32]), Hash([2; 32]));
+        // A new file's push sent again after it landed.
+        assert!(check_base(&path, proto::Base::Absent, mine, Some(mine), true).is_ok());
+        // Another version there: refused, whatever the base.
+        assert!(check_base(&path, proto::Base::Absent, mine, Some(theirs), true).is_err());
+        assert!(check_base(&path, proto::Base::Version(theirs), mine, Some(theirs), true).is_ok());
+        assert!(check_base(&path, proto::Base::Version(Hash([3; 32])), mine, Some(theirs), true).is_err());
+        assert!(check_base(&path, proto::Base::Version(theirs), mine, None, false).is_err());
+        // An edit whose result someone else already made.
+        assert!(check_base(&path, proto::Base::Version(Hash([3; 32])), mine, Some(mine), true).is_ok());
     }
 }
