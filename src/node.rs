@@ -47,6 +47,8 @@ pub struct Node {
     pub leases: crate::lease::Leases,
     /// Where receipts are written (in the background in the daemon).
     pub receipts: crate::receipt::Receipts,
+    /// Directory fsyncs shared between transfers landing at once.
+    pub dir_sync: crate::dirsync::DirSync,
 }
 
 impl Node {
@@ -74,6 +76,7 @@ impl Node {
             watchers: Default::default(),
             leases,
             receipts: Default::default(),
+            dir_sync: Default::default(),
         }))
     }
 

@@ -537,7 +537,8 @@ impl Session {
         receiver.abort();
         result?;
         tracing::debug!(elapsed = ?clock.elapsed(), "pull: all chunks in");
-        let final_path = tokio::task::spawn_blocking(move || assembly.finish(None, Some(mtime_ns)))
+        let node = self.node.clone();
+        let final_path = tokio::task::spawn_blocking(move || assembly.finish(None, Some(mtime_ns), &node.dir_sync))
             .await
             .map_err(|e| TransferError::Other(e.to_string()))??;
         let facts = Facts {
