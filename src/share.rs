@@ -259,6 +259,9 @@ impl Share {
     /// missing, and must be a regular file if present.
     pub fn resolve_target(&self, path: &SharePath) -> Result<PathBuf, ShareError> {
         let target = self.physical(path)?;
+        // Whether a directory on the way is a symlink: else the parent is
+        // the root or a real directory under it, inside by construction.
+        let mut via_link = false;
         if let ShareKind::Dir(_) = self.kind {
             if path.is_root() {
                 return Err(ShareError::NotAFile(path.to_string()));
@@ -273,6 +276,7 @@ impl Share {
                     Ok(m) if m.is_dir() => {}
                     Ok(m) if m.file_type().is_symlink() => {
                         self.contain(&so_far, &dir)?;
+                        via_link = true;
                     }
                     Ok(_) => return Err(ShareError::NotADir(so_far.to_string())),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -294,7 +298,10 @@ impl Share {
             Ok(_) => Ok(target),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let parent = target.parent().ok_or_else(|| ShareError::Outside(path.to_string()))?;
-                self.contain(path, parent)?;
+                let top = path.parent().is_none_or(|p| p.is_root());
+                if via_link || !matches!(self.kind, ShareKind::Dir(_)) || (top && !self.root().is_dir()) {
+                    self.contain(path, parent)?;
+                }
                 Ok(target)
             }
             Err(e) => Err(self.io(path, e)),
