@@ -22,7 +22,6 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod direct;
-pub mod dirsync;
 pub mod fault;
 pub mod flat;
 pub mod flush;

@@ -47,8 +47,6 @@ pub struct Node {
     pub leases: crate::lease::Leases,
     /// Where receipts are written (in the background in the daemon).
     pub receipts: crate::receipt::Receipts,
-    /// Directory fsyncs shared between transfers landing at once.
-    pub dir_sync: crate::dirsync::DirSync,
 }
 
 impl Node {
@@ -76,7 +74,6 @@ impl Node {
             watchers: Default::default(),
             leases,
             receipts: Default::default(),
-            dir_sync: Default::default(),
         }))
     }
 

@@ -403,9 +403,7 @@ impl Assembly {
     /// Make the new version durable and visible. `mode` sets permissions
     /// (default: keep the old file's, else 0644), `mtime_ns` the
     /// modification time (default: now).
-    /// The directory's fsync after the rename is shared with the other
-    /// renames into it at the time (`dirs`, [`crate::dirsync`]).
-    pub fn finish(&self, mode: Option<u32>, mtime_ns: Option<i64>, dirs: &crate::dirsync::DirSync) -> Result<PathBuf, AssembleError> {
+    pub fn finish(&self, mode: Option<u32>, mtime_ns: Option<i64>) -> Result<PathBuf, AssembleError> {
         let missing = self.missing.load(Ordering::SeqCst);
         if missing > 0 {
             return Err(AssembleError::Incomplete { path: self.target.clone(), missing });
@@ -428,12 +426,13 @@ impl Assembly {
         // something else changed the directory meanwhile.
         let restore = self.dir_times.filter(|(_, after)| dir_mtime(&self.target) == Some(*after)).map(|(before, _)| before);
         std::fs::rename(&self.temp, &self.target).map_err(io(&self.target))?;
+        let d = File::open(dir).map_err(io(dir))?;
         if let Some(t) = restore {
-            if let Err(e) = File::open(dir).and_then(|d| d.set_modified(t)) {
+            if let Err(e) = d.set_modified(t) {
                 tracing::debug!(dir = %dir.display(), "directory mtime not restored: {e}");
             }
         }
-        dirs.sync_dir(dir).map_err(io(dir))?;
+        d.sync_all().map_err(io(dir))?;
         Ok(self.target.clone())
     }
 }
@@ -469,7 +468,7 @@ mod tests {
         let asm = Assembly::prepare(&target, m.clone(), Some(&base)).unwrap();
         let sent = complete(&asm, &new);
         assert!(sent <= 4, "{sent} chunks sent for a 1000-byte edit");
-        asm.finish(None, None, &Default::default()).unwrap();
+        asm.finish(None, None).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), new);
     }
 
@@ -492,7 +491,7 @@ mod tests {
         let asm = Assembly::prepare(&target, chunk_slice(&data, &SMALL).unwrap(), None).unwrap();
         complete(&asm, &data);
         std::fs::rename(dir.path().join("d"), dir.path().join("e")).unwrap();
-        let e = asm.finish(None, None, &Default::default()).unwrap_err();
+        let e = asm.finish(None, None).unwrap_err();
         assert!(e.is_not_found(), "{e}");
         assert!(!target.exists() && !dir.path().join("e/f").exists(), "nothing placed under either name");
     }
@@ -507,7 +506,7 @@ mod tests {
         let data = random_bytes(50_000, 3);
         let asm = Assembly::prepare(&target, chunk_slice(&data, &SMALL).unwrap(), None).unwrap();
         complete(&asm, &data);
-        asm.finish(Some(0o600), Some(1_600_000_000_123_456_789), &Default::default()).unwrap();
+        asm.finish(Some(0o600), Some(1_600_000_000_123_456_789)).unwrap();
         let meta = std::fs::metadata(&target).unwrap();
         assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
         assert_eq!(crate::share::mtime_ns(&meta), 1_600_000_000_123_456_789);
@@ -516,7 +515,7 @@ mod tests {
         for extreme in [i64::MIN, i64::MAX] {
             let asm = Assembly::prepare(&target, chunk_slice(&data, &SMALL).unwrap(), None).unwrap();
             complete(&asm, &data);
-            let _ = asm.finish(None, Some(extreme), &Default::default());
+            let _ = asm.finish(None, Some(extreme));
         }
     }
 
@@ -536,10 +535,10 @@ mod tests {
 
         let asm = Assembly::prepare(&target, m.clone(), Some(&base)).unwrap();
         assert!(asm.needed().contains(&0), "the changed first chunk must be asked for: {:?}", asm.needed());
-        assert!(matches!(asm.finish(None, None, &Default::default()), Err(AssembleError::Incomplete { .. })));
+        assert!(matches!(asm.finish(None, None), Err(AssembleError::Incomplete { .. })));
         assert_eq!(std::fs::read(&target).unwrap(), behind, "nothing replaced the target");
         assert!(complete(&asm, &new) <= 6);
-        asm.finish(None, None, &Default::default()).unwrap();
+        asm.finish(None, None).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), new);
     }
 }

@@ -537,8 +537,7 @@ impl Session {
         receiver.abort();
         result?;
         tracing::debug!(elapsed = ?clock.elapsed(), "pull: all chunks in");
-        let node = self.node.clone();
-        let final_path = tokio::task::spawn_blocking(move || assembly.finish(None, Some(mtime_ns), &node.dir_sync))
+        let final_path = tokio::task::spawn_blocking(move || assembly.finish(None, Some(mtime_ns)))
             .await
             .map_err(|e| TransferError::Other(e.to_string()))??;
         let facts = Facts {

@@ -686,7 +686,7 @@ impl Session {
                     if target.is_file() { crate::index::manifest_for(&node.db, &target, &node.config.storage.chunk).ok() } else { None };
                 check_base(&share_path, base, current.map(|c| c.file_hash), target.exists())?;
             }
-            let path = assembly.finish(mode, mtime_ns, &node.dir_sync).map_err(|e| {
+            let path = assembly.finish(mode, mtime_ns).map_err(|e| {
                 if e.is_not_found() {
                     // Someone here moved or removed the directory while the
                     // chunks travelled: nothing was replaced, and a push
