@@ -287,7 +287,7 @@ impl Writeback {
         }
         let room = lock(&self.spare).len() < SPARE_MAX;
         let spare = self.fresh_path(SPARE_PREFIX);
-        let emptied = room && std::fs::OpenOptions::new().write(true).open(data).and_then(|f| f.set_len(0)).is_ok();
+        let emptied = room && std::fs::OpenOptions::new().write(true).truncate(true).open(data).is_ok();
         if emptied && std::fs::rename(data, &spare).is_ok() {
             lock(&self.spare).push(spare);
         } else {
