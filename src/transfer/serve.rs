@@ -713,13 +713,9 @@ impl Session {
         // announce it anyway. As the poller's listing will show it (see
         // Watchers::notify_file).
         match &meta {
-            Some(m) => self.node.watchers.notify_file(
-                &incoming.share,
-                &incoming.path,
-                Some(&self.partner),
-                m.len(),
-                crate::share::mtime_ns(m),
-            ),
+            Some(m) => {
+                self.node.watchers.notify_file(&incoming.share, &incoming.path, Some(&self.partner), m.len(), crate::share::mtime_ns(m))
+            }
             None => self.node.watchers.notify(&incoming.share, &incoming.path, Some(&self.partner)),
         }
         let facts = Facts {
