@@ -105,11 +105,16 @@ pub fn manifest_for_recent(db: &Mutex<Connection>, path: &Path, params: &ChunkPa
 /// `meta` is the file's, taken before it was renamed into place, so that
 /// a change made there since makes the entry miss.
 pub fn record(db: &Mutex<Connection>, path: &Path, meta: &Metadata, params: &ChunkParams, manifest: &Manifest) -> Result<(), IndexError> {
+    record_in(&lock(db), path, meta, params, manifest)
+}
+
+/// [`record`] on a connection the caller holds (in its transaction).
+pub fn record_in(conn: &Connection, path: &Path, meta: &Metadata, params: &ChunkParams, manifest: &Manifest) -> Result<(), IndexError> {
     let stamp = Stamp::of(meta);
     if stamp.size != manifest.size {
         return Ok(());
     }
-    store(&lock(db), path, &stamp, &params.key(), manifest)
+    store(conn, path, &stamp, &params.key(), manifest)
 }
 
 /// [`manifest_for`] with the chunking step as a parameter, so tests can

@@ -219,11 +219,15 @@ impl Receipt {
     }
 
     fn write_at(&self, path: &Path) -> Result<(), ReceiptError> {
-        let path = path.to_path_buf();
         if let Some(day) = path.parent() {
             fs::create_dir_all(day).map_err(io_error(day))?;
         }
+        self.write_in_place(path)
+    }
 
+    /// [`Receipt::write_at`] into a directory that exists.
+    fn write_in_place(&self, path: &Path) -> Result<(), ReceiptError> {
+        let path = path.to_path_buf();
         let mut json = serde_json::to_vec_pretty(self).map_err(|e| self.malformed(format!("cannot serialize: {e}")))?;
         json.push(b'\n');
         let mut file = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&path).map_err(|e| match e.kind() {
@@ -290,11 +294,26 @@ impl Receipts {
         }
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let spawned = std::thread::Builder::new().name("receipts".into()).spawn(move || {
+            // The day's folder made last: receipts of one day go there
+            // without a `mkdir` each (a `tar x` into a mount writes one a
+            // file).
+            let mut made: Option<PathBuf> = None;
             for job in rx {
                 match job {
                     Job::Write(receipt, path) => {
-                        if let Err(e) = receipt.write_at(&path) {
-                            tracing::error!("storing receipt {}: {e}", path.display());
+                        let written = match path.parent() {
+                            Some(day) if made.as_deref() == Some(day) => match receipt.write_in_place(&path) {
+                                // The folder went away meanwhile: make it again.
+                                Err(ReceiptError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                                    receipt.write_at(&path)
+                                }
+                                other => other,
+                            },
+                            _ => receipt.write_at(&path),
+                        };
+                        match written {
+                            Ok(()) => made = path.parent().map(Path::to_path_buf),
+                            Err(e) => tracing::error!("storing receipt {}: {e}", path.display()),
                         }
                     }
                     Job::Drained(done) => {
@@ -504,6 +523,27 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(Receipt::load(&home.join("none.json")), Err(ReceiptError::Io { .. })));
+        fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn receipts_written_in_the_background_land_even_when_their_folder_goes_meanwhile() {
+        let home = temp_home("background");
+        let receipts = Receipts::default();
+        receipts.in_background();
+        let (r, _, _) = signed();
+        let mut second = r.clone();
+        second.transfer_id = "second".into();
+        let mut third = r.clone();
+        third.transfer_id = "third".into();
+        let first = receipts.store(r, &home).unwrap();
+        let second = receipts.store(second, &home).unwrap();
+        receipts.drain();
+        assert!(first.is_file() && second.is_file());
+        fs::remove_dir_all(home.join("receipts")).unwrap();
+        let third = receipts.store(third, &home).unwrap();
+        receipts.drain();
+        assert!(third.is_file(), "the day's folder is made again");
         fs::remove_dir_all(&home).unwrap();
     }
 

@@ -259,6 +259,9 @@ impl Share {
     /// missing, and must be a regular file if present.
     pub fn resolve_target(&self, path: &SharePath) -> Result<PathBuf, ShareError> {
         let target = self.physical(path)?;
+        // Whether a directory on the way is a symlink: else the parent is
+        // the root or a real directory under it, inside by construction.
+        let mut via_link = false;
         if let ShareKind::Dir(_) = self.kind {
             if path.is_root() {
                 return Err(ShareError::NotAFile(path.to_string()));
@@ -273,6 +276,7 @@ impl Share {
                     Ok(m) if m.is_dir() => {}
                     Ok(m) if m.file_type().is_symlink() => {
                         self.contain(&so_far, &dir)?;
+                        via_link = true;
                     }
                     Ok(_) => return Err(ShareError::NotADir(so_far.to_string())),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -294,7 +298,10 @@ impl Share {
             Ok(_) => Ok(target),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let parent = target.parent().ok_or_else(|| ShareError::Outside(path.to_string()))?;
-                self.contain(path, parent)?;
+                let top = path.parent().is_none_or(|p| p.is_root());
+                if via_link || !matches!(self.kind, ShareKind::Dir(_)) || (top && !self.root().is_dir()) {
+                    self.contain(path, parent)?;
+                }
                 Ok(target)
             }
             Err(e) => Err(self.io(path, e)),
@@ -335,8 +342,16 @@ impl Share {
             }
             let Ok(child) = path.join(&name) else { continue };
             // Follow symlinks; skip entries that dangle or leave the share.
-            let Ok(canon) = self.contain(&child, &item.path()) else { continue };
-            let Ok(meta) = std::fs::metadata(&canon) else { continue };
+            // Anything else is inside, as its directory is: no need to
+            // resolve its path (two `realpath`s, a `readlink` per component,
+            // for every entry of every scan of a watched share).
+            let meta = if item.file_type().is_ok_and(|t| !t.is_symlink()) {
+                item.metadata()
+            } else {
+                let Ok(canon) = self.contain(&child, &item.path()) else { continue };
+                std::fs::metadata(&canon)
+            };
+            let Ok(meta) = meta else { continue };
             if meta.is_file() || meta.is_dir() {
                 out.push(entry(child, &meta));
             }
@@ -456,6 +471,23 @@ mod tests {
         assert!(matches!(s.resolve_file(&p), Err(ShareError::Outside(_))));
         assert!(matches!(s.resolve_target(&SharePath::parse("up/new").unwrap()), Err(ShareError::Outside(_))));
         assert!(s.list(&SharePath::root()).unwrap().is_empty(), "escaping links are not listed");
+    }
+
+    #[test]
+    fn a_listing_follows_links_inside_the_share_and_a_linked_root() {
+        let dir = crate::testutil::TestDir::new("inner-link");
+        let d = dir.path().to_path_buf();
+        let root = d.join("root");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/f"), b"12345").unwrap();
+        std::fs::write(root.join("plain"), b"1").unwrap();
+        std::os::unix::fs::symlink(root.join("sub/f"), root.join("link")).unwrap();
+        std::os::unix::fs::symlink(root.join("gone"), root.join("dangling")).unwrap();
+        std::os::unix::fs::symlink(&root, d.join("via")).unwrap();
+        for s in [share(root.clone()), share(d.join("via"))] {
+            let rows: Vec<(String, u64)> = s.list(&SharePath::root()).unwrap().into_iter().map(|e| (e.path.to_string(), e.size)).collect();
+            assert_eq!(rows, vec![("link".into(), 5), ("plain".into(), 1), ("sub".into(), 0)]);
+        }
     }
 
     #[test]

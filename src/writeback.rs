@@ -287,7 +287,7 @@ impl Writeback {
         }
         let room = lock(&self.spare).len() < SPARE_MAX;
         let spare = self.fresh_path(SPARE_PREFIX);
-        let emptied = room && std::fs::OpenOptions::new().write(true).open(data).and_then(|f| f.set_len(0)).is_ok();
+        let emptied = room && std::fs::OpenOptions::new().write(true).truncate(true).open(data).is_ok();
         if emptied && std::fs::rename(data, &spare).is_ok() {
             lock(&self.spare).push(spare);
         } else {
@@ -365,9 +365,12 @@ impl Writeback {
     ) -> Result<i64, WritebackError> {
         let db = lock(&self.db);
         let insert = |db: &rusqlite::Connection| {
-            db.execute(
+            // Statements prepared once per connection, here and below: a `tar
+            // x` into a mount queues, looks up and deletes an entry per file.
+            db.prepare_cached(
                 "INSERT INTO queue (partner, share, path, data, base, fence, state, queued_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7)",
-                params![
+            )?
+            .execute(params![
                     partner,
                     share.as_str(),
                     path.as_str(),
@@ -392,16 +395,11 @@ impl Writeback {
     /// Whether an entry for `path` waits in the queue (a later change of it
     /// must go after it, through the queue).
     pub fn pending(&self, partner: &str, share: &Name, path: &SharePath) -> bool {
-        lock(&self.db)
-            .query_row(
-                "SELECT 1 FROM queue WHERE partner = ?1 AND share = ?2 AND path = ?3 LIMIT 1",
-                params![partner, share.as_str(), path.as_str()],
-                |_| Ok(()),
-            )
-            .optional()
-            .ok()
-            .flatten()
-            .is_some()
+        let db = lock(&self.db);
+        let Ok(mut stmt) = db.prepare_cached("SELECT 1 FROM queue WHERE partner = ?1 AND share = ?2 AND path = ?3 LIMIT 1") else {
+            return false;
+        };
+        stmt.exists(params![partner, share.as_str(), path.as_str()]).unwrap_or(false)
     }
 
     /// Push `data` now, without a queue entry: for a close, whose caller
@@ -473,7 +471,10 @@ impl Writeback {
 
     pub fn get(&self, id: i64) -> Option<Entry> {
         let db = lock(&self.db);
-        db.query_row(&format!("SELECT {} FROM queue WHERE id = ?1", Self::COLUMNS), params![id], Self::row).optional().ok().flatten()
+        // The columns of `COLUMNS`, spelled out: one text to prepare once.
+        const GET: &str = "SELECT id, partner, share, path, data, base, fence, state, error, queued_ns FROM queue WHERE id = ?1";
+        let Ok(mut stmt) = db.prepare_cached(GET) else { return None };
+        stmt.query_row(params![id], Self::row).optional().ok().flatten()
     }
 
     /// Every entry, oldest first; `partner` filters.
@@ -504,7 +505,7 @@ impl Writeback {
             // at worst); fsyncing here would cost every push behind a close
             // an fsync on this node.
             Outcome::Pushed(_) | Outcome::Conflict { .. } => {
-                unsynced(&db, |db| db.execute("DELETE FROM queue WHERE id = ?1", params![entry.id]))
+                unsynced(&db, |db| db.prepare_cached("DELETE FROM queue WHERE id = ?1")?.execute(params![entry.id]))
             }
             Outcome::Queued(why) => db.execute("UPDATE queue SET error = ?2 WHERE id = ?1", params![entry.id, why]),
             Outcome::Failed { code, message } => {

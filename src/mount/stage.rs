@@ -148,7 +148,11 @@ impl Staged {
     pub fn create(data: PathBuf, base: Option<Arc<Manifest>>, expect: Base, mtime_ns: i64, params: ChunkParams) -> std::io::Result<Staged> {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&data)?;
         let size = base.as_ref().map_or(0, |m| m.size);
-        file.set_len(size)?;
+        // Opened truncated: a new file (a `tar x` makes thousands) is at
+        // its size already.
+        if size > 0 {
+            file.set_len(size)?;
+        }
         let state = StageState {
             size,
             present: Ranges::default(),

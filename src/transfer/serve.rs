@@ -701,28 +701,21 @@ impl Session {
                 tracing::error!(path = %target.display(), "assembly failed: {e}");
                 err(ErrorCode::Internal, e.to_string())
             })?;
-            // Every chunk checked against its hash: the next look at the file
-            // (a DESCRIBE, the base of the next push) need not cut it again.
-            let mut stamp = None;
-            if let Some(meta) = assembly.finished_meta() {
-                if let Err(e) = crate::index::record(&node.db, &path, meta, &node.config.storage.chunk, assembly.manifest()) {
-                    tracing::debug!(path = %path.display(), "not indexed: {e}");
-                }
-                // As the poller's listing will show it (see Watchers::notify_file).
-                stamp = Some((meta.len(), crate::share::mtime_ns(meta)));
-            }
-            Ok((path, stamp))
+            Ok((path, assembly.finished_meta().cloned()))
         })
         .await;
-        let (path, stamp) = match finished {
+        let (path, meta) = match finished {
             Ok(Ok(p)) => p,
             Ok(Err(refused)) => return refused,
             Err(e) => return err(ErrorCode::Internal, e.to_string()),
         };
         // Stamped before the rename: a local change since makes the poller
-        // announce it anyway.
-        match stamp {
-            Some((size, mtime_ns)) => self.node.watchers.notify_file(&incoming.share, &incoming.path, Some(&self.partner), size, mtime_ns),
+        // announce it anyway. As the poller's listing will show it (see
+        // Watchers::notify_file).
+        match &meta {
+            Some(m) => {
+                self.node.watchers.notify_file(&incoming.share, &incoming.path, Some(&self.partner), m.len(), crate::share::mtime_ns(m))
+            }
             None => self.node.watchers.notify(&incoming.share, &incoming.path, Some(&self.partner)),
         }
         let facts = Facts {
@@ -744,11 +737,23 @@ impl Session {
             tracing::error!("storing receipt of {transfer_id}: {e}");
         }
         tracing::info!(target: "audit", partner = %self.partner, share = %incoming.share, path = %incoming.path, %transfer_id, file = %path.display(), "push complete");
-        self.record(&facts, "push", stored.ok());
+        // Every chunk checked against its hash: the next look at the file
+        // (a DESCRIBE, the base of the next push) need not cut it again.
+        // Indexed in the history row's transaction: one commit a push.
+        let indexed = meta.as_ref().map(|m| (path.as_path(), m, &incoming.manifest));
+        self.record(&facts, "push", stored.ok(), indexed);
         Response::TransferComplete(completion)
     }
 
-    fn record(&self, facts: &Facts<'_>, direction: &str, receipt: Option<PathBuf>) {
+    /// The history row of a transfer, and (`indexed`) the index row of the
+    /// file it placed, in one transaction.
+    fn record(
+        &self,
+        facts: &Facts<'_>,
+        direction: &str,
+        receipt: Option<PathBuf>,
+        indexed: Option<(&std::path::Path, &std::fs::Metadata, &Manifest)>,
+    ) {
         let rec = TransferRecord {
             id: facts.transfer_id.to_string(),
             direction: direction.into(),
@@ -768,8 +773,22 @@ impl Session {
             error: None,
             receipt: receipt.map(|p| p.display().to_string()),
         };
-        if let Err(e) = crate::db::record_transfer(&self.node.db(), &rec) {
+        let db = self.node.db();
+        // Without the transaction each row would commit on its own: still
+        // recorded, one commit more.
+        let tx = db.unchecked_transaction();
+        if let Some((path, meta, manifest)) = indexed {
+            if let Err(e) = crate::index::record_in(&db, path, meta, &self.node.config.storage.chunk, manifest) {
+                tracing::debug!(path = %path.display(), "not indexed: {e}");
+            }
+        }
+        if let Err(e) = crate::db::record_transfer(&db, &rec) {
             tracing::warn!("recording transfer {}: {e}", rec.id);
+        }
+        if let Ok(tx) = tx {
+            if let Err(e) = tx.commit() {
+                tracing::warn!("recording transfer {}: {e}", rec.id);
+            }
         }
     }
 
@@ -903,7 +922,7 @@ impl Session {
             tracing::error!("storing receipt of {}: {e}", c.transfer_id);
         }
         tracing::info!(target: "audit", partner = %self.partner, share = %outgoing.share, path = %outgoing.path, transfer_id = %c.transfer_id, "pull complete");
-        self.record(&facts, "pull", stored.ok());
+        self.record(&facts, "pull", stored.ok(), None);
         Response::ReceiptOk { transfer_id: c.transfer_id }
     }
 }
