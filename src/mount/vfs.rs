@@ -169,8 +169,9 @@ struct Inode {
     staged: Option<Arc<Staged>>,
     /// A `.NAME.lock` entry: its JSON content.
     virtual_data: Option<Arc<Vec<u8>>>,
-    /// A directory: bumped by every change made here to its entries, so a
-    /// listing asked for before the change is known to be stale.
+    /// A directory: bumped by every change to its entries made here or
+    /// announced by the partner (WATCH), so a listing asked for before the
+    /// change is known to be stale.
     local_seq: u64,
     /// When a change made here last dropped these attributes: a listing
     /// of the parent asked for before then does not bring them back.
@@ -734,7 +735,9 @@ impl Vfs {
         // that completes meanwhile is in the listing.
         let orphans = self.orphans(ino);
         // A change made here while the listing was on its way (a create
-        // pushed, a rename) may be missing from it: ask again.
+        // pushed, a rename), or one the partner announced meanwhile (a
+        // lease taken, which the listing's `.NAME.lock` entries may lack),
+        // may be missing from it: ask again.
         let mut tries = 0;
         let (rows, locks, mut inodes, asked_at) = loop {
             let asked_at = Instant::now();
@@ -1388,6 +1391,9 @@ impl Vfs {
                     n.attr_at = None;
                     n.children = None;
                     n.manifest = None;
+                    // A listing on its way now may predate the change: it
+                    // is asked again rather than kept (see `children`).
+                    n.local_seq += 1;
                     drops.push(Inval::Inode(ino));
                 }
             }
