@@ -24,19 +24,19 @@
 
 use crate::hash::Hash;
 use crate::store::ChunkStore;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Files smaller than this get no whole copy. Tests lower it with
 /// `DEFTFS_FLAT_MIN=<bytes>`, to give every file one.
 pub const FLAT_MIN: u64 = 16 << 20;
 
 /// [`FLAT_MIN`], or what `DEFTFS_FLAT_MIN` says.
-pub fn flat_min() -> u64 {
+fn flat_min() -> u64 {
     static V: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *V.get_or_init(|| std::env::var("DEFTFS_FLAT_MIN").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(FLAT_MIN))
 }
@@ -56,10 +56,17 @@ pub struct Flats {
 #[derive(Default)]
 struct State {
     done: HashMap<Hash, Done>,
-    building: HashMap<Hash, Weak<Builder>>,
+    /// Versions whose copy a thread is writing.
+    building: HashSet<Hash>,
     /// Bytes of the copies done and of those being made.
     bytes: u64,
     clock: u64,
+}
+
+impl State {
+    fn wants(&self, hash: &Hash, size: u64) -> bool {
+        size >= flat_min() && !self.done.contains_key(hash) && !self.building.contains(hash)
+    }
 }
 
 struct Done {
@@ -68,20 +75,14 @@ struct Done {
     used: u64,
 }
 
-/// A copy being made.
-pub struct Builder {
+/// A copy being made, by one thread: dropped unfinished, it is removed.
+struct Builder {
     flats: Arc<Flats>,
     hash: Hash,
     size: u64,
     file: File,
     part: PathBuf,
-    /// Byte ranges written: start -> end, disjoint, not touching.
-    written: Mutex<BTreeMap<u64, u64>>,
-    /// Whole and renamed into place (or given up): no more writes.
-    closed: AtomicBool,
-    done: AtomicBool,
-    /// Called once the copy is whole, before it is used.
-    ready: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    done: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -125,20 +126,19 @@ impl Flats {
         }
     }
 
-    /// Whether version `hash` has a copy, or one being made.
-    pub fn has(&self, hash: &Hash) -> bool {
-        let st = lock(&self.state);
-        st.done.contains_key(hash) || st.building.get(hash).is_some_and(|w| w.strong_count() > 0)
+    /// Whether a version of `size` bytes, `hash`, would get a copy it
+    /// has not got (one being made counts as got).
+    pub fn wants(&self, hash: &Hash, size: u64) -> bool {
+        lock(&self.state).wants(hash, size)
     }
 
     /// Write a whole copy of `manifest`'s version from the cache, on a
-    /// thread of its own at low priority, unless it has one (or one being
-    /// made), or is small. `hold` keeps its chunks meanwhile. A chunk
-    /// missing from the cache gives the copy up. `ready` is called once
-    /// the copy is whole, before any open can use it.
+    /// thread of its own at low priority, unless [`Flats::wants`] says no
+    /// or the copies' share of the cache cannot hold it. `hold` keeps its
+    /// chunks meanwhile. A chunk missing from the cache gives the copy up.
+    /// `ready` is called once the copy is whole, before any open can use it.
     pub fn make(self: &Arc<Self>, manifest: Arc<crate::chunk::Manifest>, hold: crate::store::Hold, ready: impl FnOnce() + Send + 'static) {
         let Some(b) = self.builder(manifest.file_hash, manifest.size) else { return };
-        *lock(&b.ready) = Some(Box::new(ready));
         let store = self.store.clone();
         let spawned = std::thread::Builder::new().name("flat-copy".into()).spawn(move || {
             // SAFETY: setpriority on this thread (who = 0) touches no memory.
@@ -146,21 +146,24 @@ impl Flats {
             let _hold = hold;
             let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BYTES + (1 << 20));
             let mut at = 0;
-            for c in &manifest.chunks {
-                match store.get_range(&c.hash, 0, u64::from(c.len)) {
-                    Ok(Some(d)) => buf.extend_from_slice(&d),
-                    _ => {
-                        tracing::debug!(hash = %manifest.file_hash, "whole copy given up: a chunk left the cache");
+            for (i, c) in manifest.chunks.iter().enumerate() {
+                let Ok(Some(d)) = store.get_range(&c.hash, 0, u64::from(c.len)) else {
+                    tracing::debug!(hash = %manifest.file_hash, "whole copy given up: a chunk left the cache");
+                    return;
+                };
+                buf.extend_from_slice(&d);
+                if buf.len() >= WRITE_BYTES || i + 1 == manifest.chunks.len() {
+                    if let Err(e) = b.file.write_all_at(&buf, at) {
+                        tracing::debug!(path = %b.part.display(), "whole copy given up: {e}");
                         return;
                     }
-                }
-                if buf.len() >= WRITE_BYTES {
-                    b.write(at, &buf);
                     at += buf.len() as u64;
                     buf.clear();
                 }
             }
-            b.write(at, &buf);
+            if at == b.size {
+                b.finish(ready);
+            }
         });
         if let Err(e) = spawned {
             tracing::debug!("cannot start a whole copy: {e}");
@@ -170,17 +173,11 @@ impl Flats {
     /// A copy of version `hash` (`size` bytes) to write, unless there is
     /// one (or one being made), the file is small, or the copies' share of
     /// the cache cannot hold it.
-    fn builder(self: &Arc<Self>, hash: Hash, size: u64) -> Option<Arc<Builder>> {
-        if size < flat_min() {
-            return None;
-        }
+    fn builder(self: &Arc<Self>, hash: Hash, size: u64) -> Option<Builder> {
         let budget = self.store.limit() / SHARE;
         let (builder, bytes) = {
             let mut st = lock(&self.state);
-            if st.done.contains_key(&hash) || st.building.get(&hash).is_some_and(|w| w.strong_count() > 0) {
-                return None;
-            }
-            if size > budget {
+            if !st.wants(&hash, size) || size > budget {
                 return None;
             }
             while st.bytes + size > budget {
@@ -197,19 +194,8 @@ impl Flats {
                 }
             };
             st.bytes += size;
-            let b = Arc::new(Builder {
-                flats: self.clone(),
-                hash,
-                size,
-                file,
-                part,
-                written: Mutex::default(),
-                closed: AtomicBool::new(false),
-                ready: Mutex::new(None),
-                done: AtomicBool::new(false),
-            });
-            st.building.insert(hash, Arc::downgrade(&b));
-            (b, st.bytes)
+            st.building.insert(hash);
+            (Builder { flats: self.clone(), hash, size, file, part, done: false }, st.bytes)
         };
         self.store.set_reserved(bytes);
         Some(builder)
@@ -245,58 +231,32 @@ impl Flats {
         let st = lock(&self.state);
         (st.done.len(), st.done.values().map(|d| d.size).sum())
     }
-
-    /// `b` is whole: put it in place.
-    fn finish(&self, b: &Builder) {
-        if let Some(ready) = lock(&b.ready).take() {
-            ready();
-        }
-        let path = self.path(&b.hash);
-        if let Err(e) = std::fs::rename(&b.part, &path) {
-            tracing::debug!(path = %path.display(), "cannot finish a whole copy: {e}");
-            return;
-        }
-        b.done.store(true, Ordering::SeqCst);
-        let mut st = lock(&self.state);
-        st.clock += 1;
-        let used = st.clock;
-        st.done.insert(b.hash, Done { size: b.size, used });
-        tracing::debug!(hash = %b.hash, size = b.size, "whole copy made");
-    }
 }
 
 impl Builder {
-    /// Bytes `data` of the version, at `offset`.
-    fn write(&self, offset: u64, data: &[u8]) {
-        let end = offset.saturating_add(data.len() as u64);
-        if data.is_empty() || end > self.size || self.closed.load(Ordering::SeqCst) {
+    /// The copy is whole: call `ready`, then put it in place for opens.
+    fn finish(mut self, ready: impl FnOnce()) {
+        ready();
+        let path = self.flats.path(&self.hash);
+        if let Err(e) = std::fs::rename(&self.part, &path) {
+            tracing::debug!(path = %path.display(), "cannot finish a whole copy: {e}");
             return;
         }
-        if let Err(e) = self.file.write_all_at(data, offset) {
-            tracing::debug!(path = %self.part.display(), "whole copy given up: {e}");
-            self.closed.store(true, Ordering::SeqCst);
-            return;
-        }
-        let whole = {
-            let mut w = lock(&self.written);
-            add_range(&mut w, offset, end);
-            w.get(&0) == Some(&self.size)
-        };
-        if whole && !self.closed.swap(true, Ordering::SeqCst) {
-            self.flats.finish(self);
-        }
+        self.done = true;
+        let mut st = lock(&self.flats.state);
+        st.clock += 1;
+        let used = st.clock;
+        st.done.insert(self.hash, Done { size: self.size, used });
+        tracing::debug!(hash = %self.hash, size = self.size, "whole copy made");
     }
 }
 
 impl Drop for Builder {
     fn drop(&mut self) {
-        let me: *const Builder = self;
         let bytes = {
             let mut st = lock(&self.flats.state);
-            if st.building.get(&self.hash).is_some_and(|w| std::ptr::eq(w.as_ptr(), me)) {
-                st.building.remove(&self.hash);
-            }
-            if self.done.load(Ordering::SeqCst) {
+            st.building.remove(&self.hash);
+            if self.done {
                 return;
             }
             st.bytes -= self.size;
@@ -305,25 +265,6 @@ impl Drop for Builder {
         let _ = std::fs::remove_file(&self.part);
         self.flats.store.set_reserved(bytes);
     }
-}
-
-/// Add [start, end) to `ranges`, merging what it overlaps or touches.
-fn add_range(ranges: &mut BTreeMap<u64, u64>, mut start: u64, mut end: u64) {
-    if let Some((&s, &e)) = ranges.range(..=start).next_back() {
-        if e >= start {
-            start = s;
-            end = end.max(e);
-            ranges.remove(&s);
-        }
-    }
-    while let Some((&s, &e)) = ranges.range(start..).next() {
-        if s > end {
-            break;
-        }
-        end = end.max(e);
-        ranges.remove(&s);
-    }
-    ranges.insert(start, end);
 }
 
 #[cfg(test)]
@@ -335,19 +276,10 @@ mod tests {
         Hash(*blake3::hash(data).as_bytes())
     }
 
-    #[test]
-    fn ranges_merge_when_they_overlap_or_touch() {
-        let mut r = BTreeMap::new();
-        add_range(&mut r, 10, 20);
-        add_range(&mut r, 30, 40);
-        assert_eq!(r.len(), 2);
-        add_range(&mut r, 20, 30);
-        assert_eq!(r.into_iter().collect::<Vec<_>>(), vec![(10, 40)]);
-        let mut r = BTreeMap::new();
-        add_range(&mut r, 5, 8);
-        add_range(&mut r, 0, 100);
-        add_range(&mut r, 50, 60);
-        assert_eq!(r.into_iter().collect::<Vec<_>>(), vec![(0, 100)]);
+    /// Write `data` as the whole copy `b` stands for, and finish it.
+    fn fill(b: Builder, data: &[u8]) {
+        b.file.write_all_at(data, 0).unwrap();
+        b.finish(|| ());
     }
 
     #[test]
@@ -361,15 +293,15 @@ mod tests {
         assert_eq!(store.stats().flat_bytes, FLAT_MIN);
         // One copy of a version at a time.
         assert!(flats.builder(h, data.len() as u64).is_none());
-        assert!(flats.has(&h));
+        assert!(!flats.wants(&h, data.len() as u64));
         let half = data.len() / 2;
-        b.write(half as u64, &data[half..]);
+        b.file.write_all_at(&data[..half], 0).unwrap();
         assert!(flats.open_copy(&h).is_none(), "half a copy is not used");
-        b.write(0, &data[..half]);
+        b.file.write_all_at(&data[half..], half as u64).unwrap();
+        b.finish(|| ());
         let mut back = Vec::new();
         std::io::Read::read_to_end(&mut flats.open_copy(&h).expect("whole"), &mut back).unwrap();
         assert!(back == data);
-        drop(b);
         assert_eq!(flats.stats(), (1, FLAT_MIN));
         assert_eq!(flats.clear(), FLAT_MIN);
         assert_eq!(store.stats().flat_bytes, 0);
@@ -412,7 +344,7 @@ mod tests {
         let other = Arc::new(other);
         flats.make(other.clone(), store.hold(other.chunks.iter().map(|c| c.hash)), || panic!("made a copy of a version not all cached"));
         let start = std::time::Instant::now();
-        while flats.has(&other.file_hash) {
+        while !flats.wants(&other.file_hash, other.size) {
             assert!(start.elapsed() < std::time::Duration::from_secs(20), "the copy was never given up");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
@@ -427,7 +359,7 @@ mod tests {
         let flats = Flats::open(&dir.path().join("flat"), store.clone()).unwrap();
         assert!(flats.builder(hash_of(b"small"), FLAT_MIN - 1).is_none());
         let b = flats.builder(hash_of(b"big"), FLAT_MIN).unwrap();
-        b.write(0, &[1; 4096]);
+        b.file.write_all_at(&[1; 4096], 0).unwrap();
         drop(b);
         assert_eq!(store.stats().flat_bytes, 0);
         assert_eq!(std::fs::read_dir(dir.path().join("flat")).unwrap().count(), 0, "the part file is gone");
@@ -443,11 +375,11 @@ mod tests {
         let data = vec![9u8; FLAT_MIN as usize];
         let (a, b, c) = (hash_of(b"a"), hash_of(b"b"), hash_of(b"c"));
         for h in [a, b] {
-            flats.builder(h, FLAT_MIN).unwrap().write(0, &data);
+            fill(flats.builder(h, FLAT_MIN).unwrap(), &data);
         }
         assert!(flats.open_copy(&a).is_some());
         // The budget (2 copies) is full: b, opened last before a, goes.
-        flats.builder(c, FLAT_MIN).unwrap().write(0, &data);
+        fill(flats.builder(c, FLAT_MIN).unwrap(), &data);
         assert!(flats.open_copy(&a).is_some());
         assert!(flats.open_copy(&b).is_none());
         assert!(flats.open_copy(&c).is_some());

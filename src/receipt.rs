@@ -218,11 +218,19 @@ impl Receipt {
         Ok(day.join(format!("{id}.json")))
     }
 
+    /// Write the receipt as `path`, making its day's folder only when it
+    /// is missing: a `tar x` into a mount writes one receipt a file, and a
+    /// `mkdir` each (failing with EEXIST) showed in its profile.
     fn write_at(&self, path: &Path) -> Result<(), ReceiptError> {
-        if let Some(day) = path.parent() {
-            fs::create_dir_all(day).map_err(io_error(day))?;
+        match self.write_in_place(path) {
+            Err(ReceiptError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(day) = path.parent() {
+                    fs::create_dir_all(day).map_err(io_error(day))?;
+                }
+                self.write_in_place(path)
+            }
+            other => other,
         }
-        self.write_in_place(path)
     }
 
     /// [`Receipt::write_at`] into a directory that exists.
@@ -294,26 +302,11 @@ impl Receipts {
         }
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let spawned = std::thread::Builder::new().name("receipts".into()).spawn(move || {
-            // The day's folder made last: receipts of one day go there
-            // without a `mkdir` each (a `tar x` into a mount writes one a
-            // file).
-            let mut made: Option<PathBuf> = None;
             for job in rx {
                 match job {
                     Job::Write(receipt, path) => {
-                        let written = match path.parent() {
-                            Some(day) if made.as_deref() == Some(day) => match receipt.write_in_place(&path) {
-                                // The folder went away meanwhile: make it again.
-                                Err(ReceiptError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                                    receipt.write_at(&path)
-                                }
-                                other => other,
-                            },
-                            _ => receipt.write_at(&path),
-                        };
-                        match written {
-                            Ok(()) => made = path.parent().map(Path::to_path_buf),
-                            Err(e) => tracing::error!("storing receipt {}: {e}", path.display()),
+                        if let Err(e) = receipt.write_at(&path) {
+                            tracing::error!("storing receipt {}: {e}", path.display());
                         }
                     }
                     Job::Drained(done) => {

@@ -54,6 +54,16 @@ impl Setup {
         v.as_array().and_then(|a| a.first()).cloned().unwrap_or_else(|| panic!("no mount listed: {v}"))
     }
 
+    /// Replace `rel` on bob's side with `len` random bytes and wait until
+    /// the mount shows the new content; returns its hash.
+    fn replace_and_see(&self, rel: &str, len: usize, seed: u64) -> String {
+        write_random(&self.files.join(rel), len, seed);
+        let after = hash_file(&self.files.join(rel));
+        let seen = wait_until(Duration::from_secs(10), || hash_file(&self.at(rel)) == after);
+        assert!(seen, "the changed {rel} did not show through the mount within 10 s");
+        after
+    }
+
     fn status(&self, rel: &str) -> serde_json::Value {
         self.a.json(&["status", self.at(rel).to_str().unwrap()])
     }
@@ -333,16 +343,14 @@ fn a_reread_of_an_unchanged_file_comes_from_the_page_cache_and_a_change_still_sh
     assert!(n2 > n, "the dropped pages were not asked for");
     drop(f);
 
-    write_random(&s.files.join("data.bin"), 8 * MIB, 51);
-    let after = hash_file(&s.files.join("data.bin"));
-    let seen = wait_until(Duration::from_secs(10), || hash_file(&s.at("data.bin")) == after);
-    assert!(seen, "the changed file did not show through the mount within 10 s");
+    s.replace_and_see("data.bin", 8 * MIB, 51);
 }
 
 /// A file read whole once is read again by the kernel itself from a whole
-/// local copy (FUSE passthrough), written once the first read closed: the re-reads send no READ to the mount and
-/// come back right, at any offset; a change on the partner still shows,
-/// while a descriptor opened before it keeps reading the version it opened.
+/// local copy (FUSE passthrough), written once the first read closed: the
+/// re-reads send no READ to the mount and come back right, at any offset;
+/// a change on the partner still shows, while a descriptor opened before
+/// it keeps reading the version it opened.
 #[test]
 fn a_file_read_whole_is_read_again_by_the_kernel_from_a_local_copy() {
     let mut s = Setup::new("passthrough", |dir| {
@@ -376,10 +384,7 @@ fn a_file_read_whole_is_read_again_by_the_kernel_from_a_local_copy() {
     assert_eq!(info["kernel_reads"].as_u64().unwrap(), reads, "re-reads through the copy asked the mount: {info}");
 
     // `f` stays open on the old version while the partner's file changes.
-    write_random(&s.files.join("big.bin"), 32 * MIB, 61);
-    let after = hash_file(&s.files.join("big.bin"));
-    let seen = wait_until(Duration::from_secs(10), || hash_file(&s.at("big.bin")) == after);
-    assert!(seen, "the changed file did not show through the mount within 10 s");
+    let after = s.replace_and_see("big.bin", 32 * MIB, 61);
     let mut head = vec![0u8; 65_536];
     f.read_exact_at(&mut head, 0).unwrap();
     assert!(head == source[..65_536], "a descriptor opened before the change reads another version");

@@ -72,6 +72,12 @@ fn time(ns: i64) -> SystemTime {
 }
 
 impl Fuse {
+    /// The attributes shown for `.` and `..` of directory `ino`.
+    fn dots(&self, ino: u64) -> [Attr; 2] {
+        let me = Attr { ino, kind: Kind::Dir, size: 0, mtime_ns: 0, perm: 0o555 };
+        [me, Attr { ino: self.vfs.parent_of(ino), ..me }]
+    }
+
     pub fn new(vfs: Arc<Vfs>, rt: tokio::runtime::Handle) -> Fuse {
         // SAFETY: geteuid and getegid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
@@ -381,20 +387,11 @@ impl Filesystem for Fuse {
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
         let Some(entries) = dirs.get(&fh.0) else { return reply.error(Errno::EBADF) };
-        let parent = self.vfs.parent_of(ino.0);
-        // Entry i of the listing: the dots, then the snapshot. Indexed, so a
-        // call that starts at `offset` skips nothing it has to walk: the
-        // kernel lists a large directory in many calls.
+        let dots = self.dots(ino.0);
         for i in offset as usize..entries.len() + 2 {
-            let (name, child, kind) = match i {
-                0 => (".", ino.0, FileType::Directory),
-                1 => ("..", parent, FileType::Directory),
-                _ => {
-                    let (n, a) = &entries[i - 2];
-                    (n.as_str(), a.ino, if a.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile })
-                }
-            };
-            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+            let (name, a) = listing_entry(entries, &dots, i);
+            let kind = if a.kind == Kind::Dir { FileType::Directory } else { FileType::RegularFile };
+            if reply.add(INodeNo(a.ino), i as u64 + 1, kind, name) {
                 break;
             }
         }
@@ -404,19 +401,10 @@ impl Filesystem for Fuse {
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
         let Some(entries) = dirs.get(&fh.0) else { return reply.error(Errno::EBADF) };
-        let me = Attr { ino: ino.0, kind: Kind::Dir, size: 0, mtime_ns: 0, perm: 0o555 };
-        let parent = Attr { ino: self.vfs.parent_of(ino.0), ..me };
-        // As in readdir: indexed, nothing cloned to be skipped.
+        let dots = self.dots(ino.0);
         let mut shown = Vec::new();
         for i in offset as usize..entries.len() + 2 {
-            let (name, a) = match i {
-                0 => (".", me),
-                1 => ("..", parent),
-                _ => {
-                    let (n, a) = &entries[i - 2];
-                    (n.as_str(), *a)
-                }
-            };
+            let (name, a) = listing_entry(entries, &dots, i);
             if reply.add(INodeNo(a.ino), i as u64 + 1, name, &TTL, &Fuse::file_attr(self.uid, self.gid, &a), Generation(0)) {
                 break;
             }
@@ -450,6 +438,20 @@ impl Filesystem for Fuse {
         }
         let vfs = self.vfs.clone();
         self.run(async move { empty(reply, vfs.may_write(ino.0).await) });
+    }
+}
+
+/// Entry `i` of a directory listing: the dots, then the snapshot.
+/// Indexed, so a call that starts at the kernel's offset walks nothing
+/// before it (the kernel lists a large directory in many calls).
+fn listing_entry<'a>(entries: &'a [(String, Attr)], dots: &[Attr; 2], i: usize) -> (&'a str, Attr) {
+    match i {
+        0 => (".", dots[0]),
+        1 => ("..", dots[1]),
+        _ => {
+            let (n, a) = &entries[i - 2];
+            (n.as_str(), *a)
+        }
     }
 }
 
@@ -499,12 +501,12 @@ pub fn invalidator(notifier: fuser::Notifier) -> Box<dyn Fn(Inval) + Send + Sync
             let r = match inval {
                 Inval::Inode(ino) => notifier.inval_inode(INodeNo(ino), 0, 0),
                 Inval::Entry(parent, name) => notifier.inval_entry(INodeNo(parent), OsStr::new(&name)),
-                // A negative offset: the attributes, not the pages.
                 Inval::Pages(ino, done) => {
                     let r = notifier.inval_inode(INodeNo(ino), 0, 0);
                     let _ = done.send(());
                     r
                 }
+                // A negative offset: the attributes, not the pages.
                 Inval::Attrs(ino, done) => {
                     let r = notifier.inval_inode(INodeNo(ino), -1, 0);
                     let _ = done.send(());

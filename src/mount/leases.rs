@@ -95,6 +95,17 @@ fn add(needs: &mut Vec<Need>, need: Need) {
     }
 }
 
+/// Add `need` to the lease held, or else asked for, on `key`; gives it
+/// back when there is neither.
+fn add_to(held: &mut HashMap<Key, Held>, asked: &mut HashMap<Key, Asked>, key: &Key, need: Need) -> Result<(), Need> {
+    match (held.get_mut(key), asked.get_mut(key)) {
+        (Some(h), _) => add(&mut h.needs, need),
+        (None, Some(a)) => add(&mut a.needs, need),
+        (None, None) => return Err(need),
+    }
+    Ok(())
+}
+
 pub struct Leases {
     remote: Arc<Remote>,
     ttl_s: u32,
@@ -186,15 +197,8 @@ impl Leases {
         let (answer, answered) = tokio::sync::watch::channel(());
         {
             let mut held = lock(&self.held);
-            if let Some(h) = held.get_mut(&key) {
-                add(&mut h.needs, need);
-                return None;
-            }
             let mut asked = lock(&self.asked);
-            if let Some(a) = asked.get_mut(&key) {
-                add(&mut a.needs, need);
-                return None;
-            }
+            let need = add_to(&mut held, &mut asked, &key, need).err()?;
             asked.insert(key.clone(), Asked { needs: vec![need], answered });
         }
         let me = self.clone();
@@ -239,19 +243,8 @@ impl Leases {
     /// Add `need` to the lease this node holds or asked for on `path`,
     /// without asking the partner. False when neither.
     pub fn extend(&self, share: &Name, path: &SharePath, need: Need) -> bool {
-        let key = (share.clone(), path.clone());
         let mut held = lock(&self.held);
-        if let Some(h) = held.get_mut(&key) {
-            add(&mut h.needs, need);
-            return true;
-        }
-        match lock(&self.asked).get_mut(&key) {
-            Some(a) => {
-                add(&mut a.needs, need);
-                true
-            }
-            None => false,
-        }
+        add_to(&mut held, &mut lock(&self.asked), &(share.clone(), path.clone()), need).is_ok()
     }
 
     /// Whether `need` already holds (or asked for) the lease on `path`.

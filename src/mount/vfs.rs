@@ -36,7 +36,7 @@ use super::meta::{KnownFile, Meta, ROOT_SHARE};
 use super::remote::{Remote, RemoteError};
 use super::stage::Staged;
 use crate::chunk::Manifest;
-use crate::flat::{flat_min, Flats};
+use crate::flat::Flats;
 use crate::hash::Hash;
 use crate::proto::{Entry, EntryKind, Name, SharePath};
 use crate::store::{ChunkStore, Hold};
@@ -1049,13 +1049,14 @@ impl Vfs {
     /// time), and how the kernel is to read it: `backing` registers a whole
     /// copy of the version for passthrough ([`crate::flat`]).
     async fn open_read(&self, ino: Ino, backing: MakeBacking<'_>) -> Result<(u64, bool, Io), Errno> {
-        // Written here since the kernel started reading it from a copy.
-        if self.is_backed(ino) && lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.staged.is_some()) {
-            return self.leave_backed(ino);
-        }
         let (virtual_data, staged) = {
             let inodes = lock(&self.inodes);
             let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
+            // Written here since the kernel started reading it from a copy.
+            if n.backing.is_some() && n.staged.is_some() {
+                drop(inodes);
+                return self.leave_backed(ino);
+            }
             // The handle is counted while the table is locked, so that a
             // release elsewhere cannot retire the staging under us.
             let staged = n.staged.clone().filter(|_| n.virtual_data.is_none());
@@ -1159,7 +1160,7 @@ impl Vfs {
     /// the version made if it is all in the cache ([`crate::flat`]).
     pub(crate) fn make_flat(&self, ino: Ino, manifest: &Arc<Manifest>) {
         let Some(flats) = self.flats.as_ref().filter(|_| self.passthrough.load(Ordering::SeqCst)) else { return };
-        if manifest.size < flat_min() || flats.has(&manifest.file_hash) {
+        if !flats.wants(&manifest.file_hash, manifest.size) {
             return;
         }
         let chunks: Vec<(Hash, u32)> = manifest.chunks.iter().map(|c| (c.hash, c.len)).collect();
@@ -1297,21 +1298,18 @@ impl Vfs {
             for c in &manifest.chunks[range.clone()] {
                 let from = offset.max(c.offset) - c.offset;
                 let to = end.min(c.end()) - c.offset;
+                let hot = self.hot(&c.hash);
                 // Part of a chunk not in the hot set: read only that part
                 // (a page the kernel dropped and a re-read asks for alone).
-                if (from > 0 || to < u64::from(c.len)) && !self.is_hot(&c.hash) {
-                    match self.store.get_range(&c.hash, from, to) {
-                        Ok(Some(part)) => {
-                            out.extend_from_slice(&part);
-                            continue;
-                        }
-                        Ok(None) | Err(_) => {
-                            missing = true;
-                            break;
-                        }
-                    }
+                if hot.is_none() && (from > 0 || to < u64::from(c.len)) {
+                    let Ok(Some(part)) = self.store.get_range(&c.hash, from, to) else {
+                        missing = true;
+                        break;
+                    };
+                    out.extend_from_slice(&part);
+                    continue;
                 }
-                let Some(data) = self.chunk(&c.hash) else {
+                let Some(data) = hot.or_else(|| self.chunk(&c.hash)) else {
                     missing = true;
                     break;
                 };
@@ -1329,14 +1327,15 @@ impl Vfs {
         Err(Errno::EIO)
     }
 
-    fn is_hot(&self, hash: &Hash) -> bool {
-        lock(&self.hot).iter().any(|(h, _)| h == hash)
+    /// A chunk's bytes if it is in the hot set.
+    fn hot(&self, hash: &Hash) -> Option<Arc<Vec<u8>>> {
+        lock(&self.hot).iter().find(|(h, _)| h == hash).map(|(_, d)| d.clone())
     }
 
     /// A chunk's bytes, from the hot set or the store.
     fn chunk(&self, hash: &Hash) -> Option<Arc<Vec<u8>>> {
-        if let Some((_, d)) = lock(&self.hot).iter().find(|(h, _)| h == hash) {
-            return Some(d.clone());
+        if let Some(d) = self.hot(hash) {
+            return Some(d);
         }
         let data = self.store.get(hash).ok().flatten()?;
         let mut hot = lock(&self.hot);
