@@ -93,6 +93,12 @@ pub struct StorageConfig {
     /// Hours after which the partial file of a push nobody resumed is
     /// deleted from the share; default 24.
     pub partial_ttl_hours: u64,
+    /// A pushed version of a large file that keeps most of its chunks in
+    /// place is written into the file (under a journal) rather than into a
+    /// copy renamed over it; default true.
+    pub patch_in_place: bool,
+    /// Smallest file patched in place, bytes; default 16 MiB.
+    pub patch_min: u64,
 }
 
 /// Defaults of `deftfs mount` (`[mount]`); the command's flags override them.
@@ -147,6 +153,8 @@ impl Default for StorageConfig {
             max_retries: DEFAULT_MAX_RETRIES,
             watch_interval_ms: 1000,
             partial_ttl_hours: 24,
+            patch_in_place: true,
+            patch_min: 16 << 20,
         }
     }
 }
@@ -280,6 +288,8 @@ struct RawStorage {
     max_retries: Option<Spanned<u32>>,
     watch_interval_ms: Option<Spanned<u64>>,
     partial_ttl_hours: Option<Spanned<u64>>,
+    patch_in_place: Option<bool>,
+    patch_min: Option<Spanned<String>>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -412,6 +422,8 @@ impl Config {
 #   max_retries = 3            # resends of one chunk before the transfer fails
 #   watch_interval_ms = 1000   # how often watched shares are scanned for changes
 #   partial_ttl_hours = 24     # a push's partial file nobody resumed is deleted after this
+#   patch_in_place = true      # a large file edited in place is patched, not copied whole
+#   patch_min = "16M"          # smallest file patched in place (K, M, G, T)
 #
 #   [mount]                    # defaults of `deftfs mount`
 #   cache_size = "10G"         # chunk cache per mount (K, M, G, T)
@@ -522,7 +534,12 @@ fn storage(src: &Source, raw: RawStorage) -> Result<StorageConfig, ConfigError> 
         Some(t) => *t.get_ref(),
     };
     let max_retries = get(&raw.max_retries, defaults.max_retries);
-    Ok(StorageConfig { chunk, window, chunk_timeout_secs, max_retries, watch_interval_ms, partial_ttl_hours })
+    let patch_in_place = raw.patch_in_place.unwrap_or(defaults.patch_in_place);
+    let patch_min = match &raw.patch_min {
+        None => defaults.patch_min,
+        Some(v) => parse_size(v.get_ref()).map_err(|m| src.invalid(v.span(), "storage.patch_min", m))?,
+    };
+    Ok(StorageConfig { chunk, window, chunk_timeout_secs, max_retries, watch_interval_ms, partial_ttl_hours, patch_in_place, patch_min })
 }
 
 fn mount(src: &Source, raw: RawMount) -> Result<MountConfig, ConfigError> {

@@ -12,7 +12,11 @@
 //!   state between a close and its push;
 //! - `DEFTFS_FAULT_LOCK_BEHIND_DELAY_MS=<n>`: the LOCK a mount sends
 //!   behind a create goes out n ms late, so that tests can take the name
-//!   elsewhere in between (the race two creates of one new name run).
+//!   elsewhere in between (the race two creates of one new name run);
+//! - `DEFTFS_FAULT_CRASH_IN_PATCH=1`: a serving node patching a file in
+//!   place ([`crate::transfer::patch`]) kills itself (`abort`) after the
+//!   first range is written, as a power loss would stop it: the next start
+//!   must finish the patch from its journal.
 
 use std::sync::OnceLock;
 
@@ -38,4 +42,9 @@ pub fn push_behind_delay_ms() -> Option<u32> {
 pub fn lock_behind_delay_ms() -> Option<u32> {
     static V: OnceLock<Option<u32>> = OnceLock::new();
     *V.get_or_init(|| env_u32("DEFTFS_FAULT_LOCK_BEHIND_DELAY_MS"))
+}
+
+pub fn crash_in_patch() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| env_u32("DEFTFS_FAULT_CRASH_IN_PATCH").is_some_and(|v| v > 0))
 }

@@ -117,6 +117,16 @@ pub fn record_in(conn: &Connection, path: &Path, meta: &Metadata, params: &Chunk
     store(conn, path, &stamp, &params.key(), manifest)
 }
 
+/// Drop the index entry of `path` (about to change in ways its size, mtime
+/// and inode may not show). Errors are logged: a missing row is harmless.
+pub fn forget(db: &Mutex<Connection>, path: &Path) {
+    recent::forget(path);
+    let conn = lock(db);
+    if let Err(e) = conn.execute("DELETE FROM file_index WHERE path = ?1", [PathKey(path)]) {
+        tracing::warn!(path = %path.display(), "dropping its index entry: {e}");
+    }
+}
+
 /// [`manifest_for`] with the chunking step as a parameter, so tests can
 /// count it or change the file while it runs.
 fn manifest_with(
@@ -169,6 +179,10 @@ mod recent {
         let manifest = entry.3.clone();
         recent.push(entry);
         Some(manifest)
+    }
+
+    pub fn forget(path: &Path) {
+        RECENT.lock().unwrap_or_else(|p| p.into_inner()).retain(|(p, _, _, _)| p != path);
     }
 
     pub fn put(path: &Path, stamp: Stamp, key: &str, manifest: &Manifest) {

@@ -90,6 +90,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
 ) -> Result<(), NodeError> {
+    // Patches a crash interrupted are finished before anything is served.
+    {
+        let node = node.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for target in crate::transfer::patch::recover(&crate::transfer::patch::journal_dir(&node.home)) {
+                crate::index::forget(&node.db, &target);
+            }
+        })
+        .await;
+    }
     let endpoint = Arc::new(Endpoint::server(node.config.node.listen, node.identity.clone(), node.directory.clone())?);
     let addr = endpoint.local_addr().map_err(|source| TransportError::Socket { addr: node.config.node.listen, source })?;
     tracing::info!(node = %node.config.node.name, %addr, fingerprint = %node.identity.fingerprint(), "listening");

@@ -8,6 +8,7 @@
 
 pub mod assemble;
 pub mod client;
+pub mod patch;
 pub mod relative;
 pub mod serve;
 pub mod window;

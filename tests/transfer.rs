@@ -106,6 +106,38 @@ fn killed_receiver_daemon_resumes_after_restart() {
 }
 
 #[test]
+fn a_receiver_killed_in_the_middle_of_a_patch_finishes_it_when_it_starts_again() {
+    let mut p = Pair::new("patch-crash");
+    let src = p.root.path().join("p.bin");
+    let old = write_random(&src, 48 * MIB, 11);
+    p.a.json(&["send", "bob", "inbox", src.to_str().unwrap()]);
+    // Two edits far apart: two ranges to patch, and the crash between them.
+    let mut new = old.clone();
+    for at in [8 * MIB, 40 * MIB] {
+        for b in &mut new[at..at + 100_000] {
+            *b = b.wrapping_add(1);
+        }
+    }
+    std::fs::write(&src, &new).unwrap();
+    p.b_daemon.kill();
+    p.b_daemon = Daemon::start_with(&p.b.home, &[("DEFTFS_FAULT_CRASH_IN_PATCH", "1")]);
+    let out = p.a.cmd(&["send", "bob", "inbox", src.to_str().unwrap()]);
+    assert!(!out.status.success(), "the receiver aborted, the push cannot have completed");
+    assert!(wait_until(Duration::from_secs(20), || p.b_daemon.child.try_wait().unwrap().is_some()), "the daemon did not abort");
+    let target = p.inbox.join("p.bin");
+    let torn = std::fs::read(&target).unwrap();
+    assert!(torn != old && torn != new, "the crash must come between the two ranges");
+    assert_eq!(std::fs::read_dir(p.b.home.join("patches")).unwrap().count(), 1, "the journal");
+
+    p.b_daemon = p.b.start();
+    assert_eq!(std::fs::read(&target).unwrap(), new, "the journal is applied again before the daemon serves");
+    assert_eq!(std::fs::read_dir(p.b.home.join("patches")).unwrap().count(), 0);
+    let v = p.a.json(&["send", "bob", "inbox", src.to_str().unwrap()]);
+    assert_eq!(v["chunks_sent"].as_u64(), Some(0), "the version is there already: {v}");
+    assert_eq!(std::fs::read(&target).unwrap(), new);
+}
+
+#[test]
 fn chunk_corrupted_in_flight_is_nacked_and_resent() {
     let p = Pair::new("corrupt");
     let src = p.root.path().join("c.bin");
@@ -161,10 +193,13 @@ fn delta_push_sends_only_changed_chunks() {
         *b = b.wrapping_add(1);
     }
     std::fs::write(&src, &data).unwrap();
+    let inode = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let before = inode(&p.inbox.join("d.bin"));
     let v = p.a.json(&["send", "bob", "inbox", src.to_str().unwrap()]);
     let sent = v["bytes_sent"].as_u64().unwrap();
     assert!(sent < 4 * MIB as u64, "1 MiB edit sent {sent} bytes");
     assert_eq!(hash_file(&p.inbox.join("d.bin")), hash_file(&src));
+    assert_eq!(inode(&p.inbox.join("d.bin")), before, "an edit in place of a large file is patched into it, not copied whole");
 
     // 100 bytes inserted at the start.
     let mut shifted = vec![7u8; 100];

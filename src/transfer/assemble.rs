@@ -20,7 +20,11 @@
 //!   and a crash never leaves a partial file under the final name. Every
 //!   chunk was checked against the manifest, whose file hash commits to the
 //!   chunk list ([`crate::chunk::file_hash`]): there is no second pass over
-//!   the whole file.
+//!   the whole file;
+//! - except on a serving node, for a large file whose new version keeps
+//!   most chunks at their offsets ([`Patching`]): there the temp file holds
+//!   only the changed ranges, and `finish` patches the target in place
+//!   under a journal ([`super::patch`], which says what that guarantees).
 
 use crate::chunk::Manifest;
 use crate::direct::DirectWrites;
@@ -48,6 +52,8 @@ pub enum AssembleError {
     Incomplete { path: PathBuf, missing: usize },
     #[error("{0}: target has no file name")]
     NoFileName(PathBuf),
+    #[error("{0} changed here while the new version arrived; nothing was replaced")]
+    Changed(PathBuf),
 }
 
 impl AssembleError {
@@ -55,6 +61,11 @@ impl AssembleError {
     /// removed or moved while the file was assembled.
     pub fn is_not_found(&self) -> bool {
         matches!(self, AssembleError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+
+    /// The target is no longer the version a patch was prepared against.
+    pub fn is_changed(&self) -> bool {
+        matches!(self, AssembleError::Changed(_))
     }
 
     /// The file system has no room for the file.
@@ -94,6 +105,56 @@ pub struct Assembly {
     /// When replacing a file: its directory's mtime before and after the
     /// temp file was made (see [`Assembly::finish`]).
     dir_times: Option<(SystemTime, SystemTime)>,
+    /// Set when the target is patched in place rather than replaced.
+    patch: Option<Patch>,
+}
+
+/// Patch a large target in place rather than replace it, when its new
+/// version keeps most of its chunks where they are ([`super::patch`]).
+#[derive(Debug, Clone)]
+pub struct Patching {
+    /// Where the journals go (`<home>/patches`).
+    pub journals: PathBuf,
+    /// Smallest file, old and new, that is patched.
+    pub min: u64,
+}
+
+/// Chunks a patch keeps: at least this share of the new version's bytes
+/// (1 / KEEP_SHARE) must stay in place, or the file is replaced.
+const KEEP_SHARE: u64 = 2;
+
+/// A patch in place: the temp file holds `ranges` of the new version,
+/// which are written into the target, found as `was` (size, mtime, inode)
+/// at prepare.
+struct Patch {
+    journals: PathBuf,
+    ranges: Vec<(u64, u64)>,
+    was: (u64, i64, u64),
+}
+
+/// Size, mtime and inode of a file: what a patch checks is unchanged.
+fn stamp(meta: &std::fs::Metadata) -> (u64, i64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.len(), crate::share::mtime_ns(meta), meta.ino())
+}
+
+/// Which chunks of `manifest` a patch of `target` (whose content is
+/// `base`) would keep in place, and the target's stamp; None when the
+/// target is to be replaced instead.
+fn patch_plan(target: &Path, manifest: &Manifest, base: &Manifest, patching: &Patching) -> Option<(Vec<bool>, (u64, i64, u64))> {
+    let meta = std::fs::symlink_metadata(target).ok()?;
+    if !meta.is_file() || meta.len() != base.size || meta.len() < patching.min || manifest.size < patching.min {
+        return None;
+    }
+    let at: HashMap<u64, &crate::chunk::ChunkRef> = base.chunks.iter().map(|c| (c.offset, c)).collect();
+    let keep: Vec<bool> = manifest.chunks.iter().map(|c| at.get(&c.offset).is_some_and(|b| b.hash == c.hash && b.len == c.len)).collect();
+    let kept: u64 = manifest.chunks.iter().zip(&keep).filter(|(_, k)| **k).map(|(c, _)| u64::from(c.len)).sum();
+    if kept < manifest.size / KEEP_SHARE {
+        return None;
+    }
+    // A file this node may not write is replaced (as the rename can).
+    OpenOptions::new().write(true).open(target).ok()?;
+    Some((keep, stamp(&meta)))
 }
 
 /// A stretch of the old version that sits at one distance from its place
@@ -228,14 +289,24 @@ impl Assembly {
     /// already local: valid chunks of the temp file, then chunks of `base`
     /// (the manifest of the target's current content) copied from the target.
     pub fn prepare(target: &Path, manifest: Manifest, base: Option<&Manifest>) -> Result<Assembly, AssembleError> {
-        Self::prepare_from(target, manifest, base.map(|m| (target, m)))
+        Self::prepare_from(target, manifest, base.map(|m| (target, m)), None)
     }
 
     /// Like [`Assembly::prepare`], with chunks reused from another file
     /// (`base`: its path and manifest), e.g. the file a temp name is saved
-    /// beside (`x.blend` for `x.blend@`).
-    pub fn prepare_from(target: &Path, manifest: Manifest, base: Option<(&Path, &Manifest)>) -> Result<Assembly, AssembleError> {
+    /// beside (`x.blend` for `x.blend@`), and with `patching`, the target
+    /// patched in place when its new version allows.
+    pub fn prepare_from(
+        target: &Path,
+        manifest: Manifest,
+        base: Option<(&Path, &Manifest)>,
+        patching: Option<&Patching>,
+    ) -> Result<Assembly, AssembleError> {
         let temp = temp_path(target, &manifest.file_hash)?;
+        let plan = match (base, patching) {
+            (Some((path, base)), Some(p)) if path == target => patch_plan(target, &manifest, base, p).map(|plan| (plan, p)),
+            _ => None,
+        };
         let replacing = std::fs::symlink_metadata(target).is_ok_and(|m| m.is_file());
         let before = replacing.then(|| dir_mtime(target)).flatten();
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&temp).map_err(io(&temp))?;
@@ -247,15 +318,30 @@ impl Assembly {
         for (i, c) in manifest.chunks.iter().enumerate() {
             same.entry(c.hash).or_default().push(i as u32);
         }
+        // A patch keeps the target's chunks that stay in place: the temp
+        // file holds the others only.
+        if let Some(((keep, _), _)) = &plan {
+            for (i, c) in manifest.chunks.iter().enumerate() {
+                if keep[i] {
+                    have[i] = true;
+                    reused += u64::from(c.len);
+                }
+            }
+        }
         // Resume: keep the chunks an earlier attempt already wrote.
         if existing == manifest.size && existing > 0 {
-            let ok = crate::chunk::verify_chunks(&file, &manifest.chunks).map_err(io(&temp))?;
-            for (i, good) in ok.into_iter().enumerate() {
+            let todo: Vec<usize> = (0..manifest.chunks.len()).filter(|&i| !have[i]).collect();
+            let chunks: Vec<crate::chunk::ChunkRef> = todo.iter().map(|&i| manifest.chunks[i]).collect();
+            let ok = crate::chunk::verify_chunks(&file, &chunks).map_err(io(&temp))?;
+            for (&i, good) in todo.iter().zip(ok) {
                 if good {
                     have[i] = true;
                     reused += u64::from(manifest.chunks[i].len);
                 }
             }
+        } else if plan.is_some() {
+            // Sparse: only the changed ranges will hold data.
+            file.set_len(0).and_then(|()| file.set_len(manifest.size)).map_err(io(&temp))?;
         } else if let Err(e) = crate::direct::preallocate(&file, manifest.size) {
             // Nothing in it can be resumed (its size is not the file's).
             let _ = std::fs::remove_file(&temp);
@@ -313,6 +399,19 @@ impl Assembly {
             }
         }
         let missing = have.iter().filter(|h| !**h).count();
+        let patch = match plan {
+            Some(((keep, was), p)) => {
+                let mut ranges: Vec<(u64, u64)> = Vec::new();
+                for c in manifest.chunks.iter().zip(&keep).filter(|(_, k)| !**k).map(|(c, _)| c) {
+                    match ranges.last_mut() {
+                        Some(r) if r.0 + r.1 == c.offset => r.1 += u64::from(c.len),
+                        _ => ranges.push((c.offset, u64::from(c.len))),
+                    }
+                }
+                Some(Patch { journals: p.journals.clone(), ranges, was })
+            }
+            None => None,
+        };
         Ok(Assembly {
             target: target.to_path_buf(),
             temp,
@@ -323,6 +422,7 @@ impl Assembly {
             same,
             reused_bytes: reused,
             dir_times,
+            patch,
             finished: Default::default(),
             writeback: Default::default(),
             direct,
@@ -411,6 +511,9 @@ impl Assembly {
         // Mode and mtime first: the one fsync then makes them durable with
         // the content (set after it, they could be lost with the power).
         let mode = mode.or_else(|| std::fs::metadata(&self.target).ok().map(|m| m.permissions().mode() & 0o7777)).unwrap_or(0o644);
+        if let Some(patch) = &self.patch {
+            return self.finish_patch(patch, mode, mtime_ns);
+        }
         self.file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777)).map_err(io(&self.temp))?;
         if let Some(ns) = mtime_ns {
             self.file.set_modified(crate::time::Timestamp(ns).to_system()).map_err(io(&self.temp))?;
@@ -433,6 +536,52 @@ impl Assembly {
             }
         }
         d.sync_all().map_err(io(dir))?;
+        Ok(self.target.clone())
+    }
+
+    /// Whether [`Assembly::finish`] patches the target in place.
+    pub fn patches(&self) -> bool {
+        self.patch.is_some()
+    }
+
+    /// [`Assembly::finish`] of a patch: the temp file made durable, the
+    /// target checked unchanged, then journalled, patched and fsynced.
+    fn finish_patch(&self, patch: &Patch, mode: u32, mtime_ns: Option<i64>) -> Result<PathBuf, AssembleError> {
+        self.file.sync_data().map_err(io(&self.temp))?;
+        let meta = std::fs::symlink_metadata(&self.target).map_err(io(&self.target))?;
+        if stamp(&meta) != patch.was {
+            return Err(AssembleError::Changed(self.target.clone()));
+        }
+        let journals = patch.journals.as_path();
+        let journal = super::patch::Journal {
+            target: self.target.clone(),
+            inode: patch.was.2,
+            data: self.temp.clone(),
+            ranges: patch.ranges.clone(),
+            size: self.manifest.size,
+            mode,
+            mtime_ns,
+        };
+        let written = journal.write(journals).map_err(io(journals))?;
+        match journal.apply() {
+            Ok(meta) => {
+                let _ = self.finished.set(meta);
+            }
+            Err(e) => {
+                tracing::error!(target = %self.target.display(), journal = %written.display(), "patching failed ({e}): the file may hold part of its new version; the journal is applied again at the next start");
+                return Err(io(&self.target)(e));
+            }
+        }
+        // The temp file came and goes: the directory's mtime is put back,
+        // as for a replacement, unless something else changed it meanwhile.
+        let restore = self.dir_times.filter(|(_, after)| dir_mtime(&self.target) == Some(*after)).map(|(before, _)| before);
+        super::patch::done(&written, &self.temp).map_err(io(&written))?;
+        if let Some(before) = restore {
+            let dir = dir_of(&self.target);
+            if let Err(e) = File::open(dir).and_then(|d| d.set_modified(before)) {
+                tracing::debug!(dir = %dir.display(), "directory mtime not restored: {e}");
+            }
+        }
         Ok(self.target.clone())
     }
 }
@@ -539,6 +688,117 @@ mod tests {
         assert_eq!(std::fs::read(&target).unwrap(), behind, "nothing replaced the target");
         assert!(complete(&asm, &new) <= 6);
         asm.finish(None, None).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), new);
+    }
+
+    fn patching(dir: &TestDir) -> Patching {
+        Patching { journals: dir.path().join("patches"), min: 0 }
+    }
+
+    fn inode(p: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().ino()
+    }
+
+    #[test]
+    fn an_edit_in_place_is_patched_into_the_file_itself() {
+        let dir = TestDir::new("patch-edit");
+        let target = dir.path().join("f");
+        let old = random_bytes(400_000, 5);
+        std::fs::write(&target, &old).unwrap();
+        let ino = inode(&target);
+        let base = chunk_slice(&old, &SMALL).unwrap();
+        let mut new = old.clone();
+        new[200_000..201_000].fill(3);
+        new.extend_from_slice(&random_bytes(5_000, 6));
+        let m = chunk_slice(&new, &SMALL).unwrap();
+        let p = patching(&dir);
+        let asm = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p)).unwrap();
+        assert!(asm.patches());
+        let temp = temp_path(&target, &m.file_hash).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&temp).unwrap().blocks() * 512 < 100_000, "the temp file is sparse");
+        assert!(complete(&asm, &new) <= 5);
+        asm.finish(Some(0o600), Some(1_600_000_000_000_000_000)).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), new);
+        assert_eq!(inode(&target), ino, "patched, not replaced");
+        assert_eq!(asm.finished_meta().unwrap().len(), new.len() as u64);
+        assert!(!temp.exists(), "temp file left");
+        assert_eq!(std::fs::read_dir(&p.journals).unwrap().count(), 0, "journal left");
+        // Shorter again: the tail goes.
+        let shorter = &new[..300_000];
+        let m2 = chunk_slice(shorter, &SMALL).unwrap();
+        let asm = Assembly::prepare_from(&target, m2, Some((&target, &m)), Some(&p)).unwrap();
+        assert!(asm.patches());
+        complete(&asm, shorter);
+        asm.finish(None, None).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), shorter);
+    }
+
+    #[test]
+    fn a_shifted_new_version_or_a_small_file_is_replaced_not_patched() {
+        let dir = TestDir::new("patch-shift");
+        let target = dir.path().join("f");
+        let old = random_bytes(300_000, 7);
+        std::fs::write(&target, &old).unwrap();
+        let base = chunk_slice(&old, &SMALL).unwrap();
+        let mut new = b"100 bytes inserted".to_vec();
+        new.extend_from_slice(&old);
+        let m = chunk_slice(&new, &SMALL).unwrap();
+        let p = patching(&dir);
+        let asm = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p)).unwrap();
+        assert!(!asm.patches(), "nothing stays in place");
+        assert!(complete(&asm, &new) <= 3, "still a delta");
+        asm.finish(None, None).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), new);
+        let mut edit = new.clone();
+        edit[5] ^= 1;
+        let big = Patching { min: 1 << 20, ..patching(&dir) };
+        let asm = Assembly::prepare_from(&target, chunk_slice(&edit, &SMALL).unwrap(), Some((&target, &m)), Some(&big)).unwrap();
+        assert!(!asm.patches(), "under the minimum size");
+    }
+
+    #[test]
+    fn a_patch_whose_target_changed_meanwhile_replaces_nothing() {
+        let dir = TestDir::new("patch-changed");
+        let target = dir.path().join("f");
+        let old = random_bytes(300_000, 8);
+        std::fs::write(&target, &old).unwrap();
+        let base = chunk_slice(&old, &SMALL).unwrap();
+        let mut new = old.clone();
+        new[100..200].fill(1);
+        let p = patching(&dir);
+        let asm = Assembly::prepare_from(&target, chunk_slice(&new, &SMALL).unwrap(), Some((&target, &base)), Some(&p)).unwrap();
+        complete(&asm, &new);
+        let local = random_bytes(300_000, 9);
+        std::fs::write(&target, &local).unwrap();
+        let e = asm.finish(None, None).unwrap_err();
+        assert!(e.is_changed(), "{e}");
+        assert_eq!(std::fs::read(&target).unwrap(), local, "the local edit is kept");
+    }
+
+    #[test]
+    fn an_interrupted_patch_resumes_with_the_chunks_it_had() {
+        let dir = TestDir::new("patch-resume");
+        let target = dir.path().join("f");
+        let old = random_bytes(400_000, 10);
+        std::fs::write(&target, &old).unwrap();
+        let base = chunk_slice(&old, &SMALL).unwrap();
+        let mut new = old.clone();
+        new[50_000..60_000].fill(4);
+        new[300_000..310_000].fill(5);
+        let m = chunk_slice(&new, &SMALL).unwrap();
+        let p = patching(&dir);
+        let first = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p)).unwrap();
+        let need = first.needed();
+        assert!(need.len() >= 2);
+        let c = m.chunks[need[0] as usize];
+        first.write_chunk(need[0], &new[c.offset as usize..c.end() as usize]).unwrap();
+        drop(first);
+        let again = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p)).unwrap();
+        assert_eq!(again.needed(), need[1..].to_vec(), "the chunk received before is kept");
+        complete(&again, &new);
+        again.finish(None, None).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), new);
     }
 }

@@ -12,7 +12,7 @@
 // built once and sent as is, so its size on the stack does not matter.
 #![allow(clippy::result_large_err)]
 
-use super::assemble::{AssembleError, Assembly, Written};
+use super::assemble::{AssembleError, Assembly, Patching, Written};
 use super::{manifest_from_lines, manifest_from_relative, manifest_to_lines, party, Facts};
 use crate::chunk::Manifest;
 use crate::db::TransferRecord;
@@ -603,7 +603,12 @@ impl Session {
                 (None, Some(f)) => crate::index::manifest_for(&node.db, &f, params).ok().map(|m| (f, m)),
                 (None, None) => None,
             };
-            let prepared = Assembly::prepare_from(&t2, m.clone(), from.as_ref().map(|(p, m)| (p.as_path(), m))).map_err(|e| {
+            let storage = &node.config.storage;
+            let patching = storage
+                .patch_in_place
+                .then(|| Patching { journals: crate::transfer::patch::journal_dir(&node.home), min: storage.patch_min });
+            let from = from.as_ref().map(|(p, m)| (p.as_path(), m));
+            let prepared = Assembly::prepare_from(&t2, m.clone(), from, patching.as_ref()).map_err(|e| {
                 // Disk full is BUSY (PROTOCOL.md 11): the client may retry once space is freed.
                 let code = if e.is_disk_full() { ErrorCode::Busy } else { ErrorCode::Internal };
                 err(code, e.to_string())
@@ -686,7 +691,17 @@ impl Session {
                     if target.is_file() { crate::index::manifest_for(&node.db, &target, &node.config.storage.chunk).ok() } else { None };
                 check_base(&share_path, base, version, current.map(|c| c.file_hash), target.exists())?;
             }
+            // A patch changes the file in place, maybe keeping its size and
+            // mtime: its index row goes first, lest a crash leave it
+            // describing the old content.
+            if assembly.patches() {
+                crate::index::forget(&node.db, &target);
+            }
             let path = assembly.finish(mode, mtime_ns).map_err(|e| {
+                if e.is_changed() {
+                    tracing::warn!(path = %target.display(), "push not placed: {e}");
+                    return err(ErrorCode::Conflict, format!("{share_path} changed here while the push arrived; nothing was replaced"));
+                }
                 if e.is_not_found() {
                     // Someone here moved or removed the directory while the
                     // chunks travelled: nothing was replaced, and a push
