@@ -44,6 +44,8 @@ fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends
     let before = fetched(a);
 
     // Change 1 MiB in the middle, in place.
+    let inode = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let server_inode = inode(&w.server("big.bin"));
     let patch = random_bytes(MIB, 12);
     let f = std::fs::OpenOptions::new().write(true).open(a.at("big.bin")).unwrap();
     f.write_all_at(&patch, 32 * MIB as u64).unwrap();
@@ -57,6 +59,8 @@ fn a_64_mib_file_written_through_the_mount_arrives_intact_and_a_1_mib_edit_sends
     assert!(sent >= MIB as u64, "the edit itself must cross: {sent}");
     // The version alice wrote was still at hand: the edit downloaded nothing.
     assert_eq!(fetched(a) - before, 0, "the edit fetched content");
+    // And the serving node wrote the change into its file, not a whole copy.
+    assert_eq!(inode(&w.server("big.bin")), server_inode, "the edit in place was not patched in place");
 
     // The shell re-saves it with 100 bytes inserted at the start: `cat >`
     // truncates, closes a dup of the descriptor, then writes. One delta.
