@@ -127,14 +127,32 @@ pub fn forget(db: &Mutex<Connection>, path: &Path) {
     }
 }
 
+/// [`manifest_for`], with the size, mtime and inode the file had when the
+/// manifest was found valid for it: a caller about to trust the manifest
+/// for the file's content later checks that the file still has them.
+pub fn manifest_stamped(db: &Mutex<Connection>, path: &Path, params: &ChunkParams) -> Result<(Manifest, Stamp), IndexError> {
+    stamped_with(db, path, params, |file| {
+        chunk::chunk_open_file(file, params).map_err(|source| ChunkError::Io { path: path.display().to_string(), source })
+    })
+}
+
 /// [`manifest_for`] with the chunking step as a parameter, so tests can
 /// count it or change the file while it runs.
 fn manifest_with(
     db: &Mutex<Connection>,
     path: &Path,
     params: &ChunkParams,
-    mut chunk: impl FnMut(&File) -> Result<Manifest, ChunkError>,
+    chunk: impl FnMut(&File) -> Result<Manifest, ChunkError>,
 ) -> Result<Manifest, IndexError> {
+    stamped_with(db, path, params, chunk).map(|(m, _)| m)
+}
+
+fn stamped_with(
+    db: &Mutex<Connection>,
+    path: &Path,
+    params: &ChunkParams,
+    mut chunk: impl FnMut(&File) -> Result<Manifest, ChunkError>,
+) -> Result<(Manifest, Stamp), IndexError> {
     params.validate()?;
     let io_err = |source| IndexError::Io { path: path.display().to_string(), source };
     let key = params.key();
@@ -142,13 +160,13 @@ fn manifest_with(
         let file = File::open(path).map_err(io_err)?;
         let before = Stamp::of(&file.metadata().map_err(io_err)?);
         if let Some(m) = lookup(&lock(db), path, &before, &key, params)? {
-            return Ok(m);
+            return Ok((m, before));
         }
         let manifest = chunk(&file)?;
         let after = Stamp::of(&file.metadata().map_err(io_err)?);
         if after == before && manifest.size == before.size {
             store(&lock(db), path, &before, &key, &manifest)?;
-            return Ok(manifest);
+            return Ok((manifest, before));
         }
     }
     Err(IndexError::KeepsChanging { path: path.display().to_string(), tries: MAX_TRIES })
@@ -199,15 +217,15 @@ mod recent {
 }
 
 /// What identifies a file version without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    size: u64,
-    mtime_ns: i64,
-    inode: u64,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stamp {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub inode: u64,
 }
 
 impl Stamp {
-    fn of(meta: &Metadata) -> Stamp {
+    pub fn of(meta: &Metadata) -> Stamp {
         // i64 nanoseconds reach year 2262; saturate beyond rather than wrap.
         let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
         Stamp { size: meta.size(), mtime_ns, inode: meta.ino() }

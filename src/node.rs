@@ -227,7 +227,11 @@ fn sweep_partials(node: &Node) {
     let ttl = std::time::Duration::from_secs(node.config.storage.partial_ttl_hours * 3600);
     let Some(before) = std::time::SystemTime::now().checked_sub(ttl) else { return };
     let busy: Vec<PathBuf> = node.busy_targets.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
-    let in_use = |partial: &Path| busy.iter().any(|target| crate::transfer::assemble::is_temp_of(partial, target));
+    // A patch's journal still names its temp file until the patch is done.
+    let pending = crate::transfer::patch::pending_data(&crate::transfer::patch::journal_dir(&node.home));
+    let in_use = |partial: &Path| {
+        pending.iter().any(|p| p == partial) || busy.iter().any(|target| crate::transfer::assemble::is_temp_of(partial, target))
+    };
     for config in &node.config.shares {
         let (gone, bytes) = crate::share::Share::new(config).sweep_partials(before, in_use);
         if !gone.is_empty() {

@@ -107,6 +107,9 @@ pub struct Assembly {
     dir_times: Option<(SystemTime, SystemTime)>,
     /// Set when the target is patched in place rather than replaced.
     patch: Option<Patch>,
+    /// Chunks that would go into an empty temp file: all of them, or for a
+    /// patch those not kept in place.
+    fresh: usize,
 }
 
 /// Patch a large target in place rather than replace it, when its new
@@ -117,6 +120,12 @@ pub struct Patching {
     pub journals: PathBuf,
     /// Smallest file, old and new, that is patched.
     pub min: u64,
+    /// The size, mtime and inode `base` (the target's manifest) was found
+    /// valid for: the kept chunks are trusted to be there only while the
+    /// file still has them, as in the index's quick check.
+    pub base_stamp: crate::index::Stamp,
+    /// The mtime the new version gets (None: now).
+    pub mtime_ns: Option<i64>,
 }
 
 /// Chunks a patch keeps: at least this share of the new version's bytes
@@ -124,26 +133,63 @@ pub struct Patching {
 const KEEP_SHARE: u64 = 2;
 
 /// A patch in place: the temp file holds `ranges` of the new version,
-/// which are written into the target, found as `was` (size, mtime, inode)
-/// at prepare.
+/// which are written into the target, found as `was` at prepare.
 struct Patch {
     journals: PathBuf,
     ranges: Vec<(u64, u64)>,
-    was: (u64, i64, u64),
+    was: Seen,
 }
 
-/// Size, mtime and inode of a file: what a patch checks is unchanged.
-fn stamp(meta: &std::fs::Metadata) -> (u64, i64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    (meta.len(), crate::share::mtime_ns(meta), meta.ino())
+/// What a patch checks is unchanged between prepare and finish: the
+/// index's stamp, plus the ctime (which every write moves and nobody can
+/// set) and the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    stamp: crate::index::Stamp,
+    ctime_ns: i64,
+    dev: u64,
 }
+
+impl Seen {
+    fn of(meta: &std::fs::Metadata) -> Seen {
+        use std::os::unix::fs::MetadataExt;
+        let ctime_ns = meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec());
+        Seen { stamp: crate::index::Stamp::of(meta), ctime_ns, dev: meta.dev() }
+    }
+}
+
+/// Patches are finished one at a time (a few milliseconds each), so that
+/// two pushes to one target never interleave their ranges.
+static FINISHING: Mutex<()> = Mutex::new(());
 
 /// Which chunks of `manifest` a patch of `target` (whose content is
-/// `base`) would keep in place, and the target's stamp; None when the
-/// target is to be replaced instead.
-fn patch_plan(target: &Path, manifest: &Manifest, base: &Manifest, patching: &Patching) -> Option<(Vec<bool>, (u64, i64, u64))> {
+/// `base`) would keep in place, and what the target looked like; None when
+/// the target is to be replaced instead.
+fn patch_plan(target: &Path, manifest: &Manifest, base: &Manifest, patching: &Patching) -> Option<(Vec<bool>, Seen)> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(target).ok()?;
+    let seen = Seen::of(&meta);
     if !meta.is_file() || meta.len() != base.size || meta.len() < patching.min || manifest.size < patching.min {
+        return None;
+    }
+    // The manifest must describe the file as it is now.
+    if seen.stamp != patching.base_stamp {
+        return None;
+    }
+    // A second name (a hard link, maybe outside the share) would see the
+    // change too: a replacement leaves it alone.
+    if meta.nlink() != 1 {
+        return None;
+    }
+    // Setting the mode and mtime needs the owner (a rename does not).
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 && meta.uid() != euid {
+        return None;
+    }
+    // The patched file must not keep the stamp of the old version, or the
+    // index could take one for the other.
+    if manifest.size == meta.len() && patching.mtime_ns == Some(seen.stamp.mtime_ns) {
         return None;
     }
     let at: HashMap<u64, &crate::chunk::ChunkRef> = base.chunks.iter().map(|c| (c.offset, c)).collect();
@@ -154,7 +200,7 @@ fn patch_plan(target: &Path, manifest: &Manifest, base: &Manifest, patching: &Pa
     }
     // A file this node may not write is replaced (as the rename can).
     OpenOptions::new().write(true).open(target).ok()?;
-    Some((keep, stamp(&meta)))
+    Some((keep, seen))
 }
 
 /// A stretch of the old version that sits at one distance from its place
@@ -399,6 +445,7 @@ impl Assembly {
             }
         }
         let missing = have.iter().filter(|h| !**h).count();
+        let fresh = plan.as_ref().map_or(manifest.chunks.len(), |((keep, _), _)| keep.iter().filter(|k| !**k).count());
         let patch = match plan {
             Some(((keep, was), p)) => {
                 let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -423,6 +470,7 @@ impl Assembly {
             reused_bytes: reused,
             dir_times,
             patch,
+            fresh,
             finished: Default::default(),
             writeback: Default::default(),
             direct,
@@ -453,7 +501,7 @@ impl Assembly {
     /// The temp file holds no chunk: none was received, reused or kept
     /// from an earlier attempt, so there is nothing in it to resume.
     pub fn is_untouched(&self) -> bool {
-        !self.manifest.chunks.is_empty() && self.missing.load(Ordering::SeqCst) == self.manifest.chunks.len()
+        self.fresh > 0 && self.missing.load(Ordering::SeqCst) == self.fresh
     }
 
     /// Delete the temp file (of a transfer given up while untouched).
@@ -547,28 +595,46 @@ impl Assembly {
     /// [`Assembly::finish`] of a patch: the temp file made durable, the
     /// target checked unchanged, then journalled, patched and fsynced.
     fn finish_patch(&self, patch: &Patch, mode: u32, mtime_ns: Option<i64>) -> Result<PathBuf, AssembleError> {
+        let _one_at_a_time = FINISHING.lock().unwrap_or_else(|p| p.into_inner());
+        // The temp file and its name are durable before a journal names it.
         self.file.sync_data().map_err(io(&self.temp))?;
+        let dir = dir_of(&self.target);
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
         let meta = std::fs::symlink_metadata(&self.target).map_err(io(&self.target))?;
-        if stamp(&meta) != patch.was {
+        if Seen::of(&meta) != patch.was {
             return Err(AssembleError::Changed(self.target.clone()));
         }
+        super::patch::reserve(&self.target, self.manifest.size).map_err(io(&self.target))?;
         let journals = patch.journals.as_path();
-        let journal = super::patch::Journal {
+        let mut journal = super::patch::Journal {
             target: self.target.clone(),
-            inode: patch.was.2,
+            inode: patch.was.stamp.inode,
+            dev: patch.was.dev,
+            old_size: patch.was.stamp.size,
             data: self.temp.clone(),
             ranges: patch.ranges.clone(),
             size: self.manifest.size,
             mode,
             mtime_ns,
+            failed: None,
         };
         let written = journal.write(journals).map_err(io(journals))?;
-        match journal.apply() {
+        // Once more if the first attempt fails (an interrupted write, a
+        // passing error of the disk): the file is half-patched until one
+        // succeeds.
+        match journal.apply().or_else(|_| journal.apply()) {
             Ok(meta) => {
                 let _ = self.finished.set(meta);
             }
             Err(e) => {
-                tracing::error!(target = %self.target.display(), journal = %written.display(), "patching failed ({e}): the file may hold part of its new version; the journal is applied again at the next start");
+                // The journal stays, marked with what the file looks like
+                // now: the next start applies it again only if nothing
+                // changed the file since.
+                journal.failed = std::fs::symlink_metadata(&self.target).ok().map(|m| crate::index::Stamp::of(&m));
+                if let Err(e) = journal.write(journals) {
+                    tracing::error!(journal = %written.display(), "marking the failed patch: {e}");
+                }
+                tracing::error!(target = %self.target.display(), journal = %written.display(), "patching failed ({e}): the file holds part of its new version; the journal is applied again at the next start unless the file changes first");
                 return Err(io(&self.target)(e));
             }
         }
@@ -692,7 +758,11 @@ mod tests {
     }
 
     fn patching(dir: &TestDir) -> Patching {
-        Patching { journals: dir.path().join("patches"), min: 0 }
+        Patching { journals: dir.path().join("patches"), min: 0, base_stamp: base_stamp(&dir.path().join("f")), mtime_ns: None }
+    }
+
+    fn base_stamp(p: &Path) -> crate::index::Stamp {
+        crate::index::Stamp::of(&std::fs::metadata(p).unwrap())
     }
 
     fn inode(p: &Path) -> u64 {
@@ -713,6 +783,9 @@ mod tests {
         new.extend_from_slice(&random_bytes(5_000, 6));
         let m = chunk_slice(&new, &SMALL).unwrap();
         let p = patching(&dir);
+        let past = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000);
+        std::fs::create_dir_all(&p.journals).unwrap(); // in the node home, not the share, outside tests
+        File::open(dir.path()).unwrap().set_modified(past).unwrap();
         let asm = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p)).unwrap();
         assert!(asm.patches());
         let temp = temp_path(&target, &m.file_hash).unwrap();
@@ -725,9 +798,11 @@ mod tests {
         assert_eq!(asm.finished_meta().unwrap().len(), new.len() as u64);
         assert!(!temp.exists(), "temp file left");
         assert_eq!(std::fs::read_dir(&p.journals).unwrap().count(), 0, "journal left");
+        assert_eq!(std::fs::metadata(dir.path()).unwrap().modified().unwrap(), past, "a patch moved the directory's mtime");
         // Shorter again: the tail goes.
         let shorter = &new[..300_000];
         let m2 = chunk_slice(shorter, &SMALL).unwrap();
+        let p = patching(&dir);
         let asm = Assembly::prepare_from(&target, m2, Some((&target, &m)), Some(&p)).unwrap();
         assert!(asm.patches());
         complete(&asm, shorter);
@@ -753,9 +828,16 @@ mod tests {
         assert_eq!(std::fs::read(&target).unwrap(), new);
         let mut edit = new.clone();
         edit[5] ^= 1;
-        let big = Patching { min: 1 << 20, ..patching(&dir) };
-        let asm = Assembly::prepare_from(&target, chunk_slice(&edit, &SMALL).unwrap(), Some((&target, &m)), Some(&big)).unwrap();
-        assert!(!asm.patches(), "under the minimum size");
+        let edited = chunk_slice(&edit, &SMALL).unwrap();
+        let prepare = |p: &Patching| Assembly::prepare_from(&target, edited.clone(), Some((&target, &m)), Some(p)).unwrap().patches();
+        assert!(prepare(&patching(&dir)), "an edit in place is patched");
+        assert!(!prepare(&Patching { min: 1 << 20, ..patching(&dir) }), "under the minimum size");
+        let stale = Patching { base_stamp: crate::index::Stamp { size: 1, ..patching(&dir).base_stamp }, ..patching(&dir) };
+        assert!(!prepare(&stale), "the manifest was valid for another state of the file");
+        let same_mtime = Patching { mtime_ns: Some(patching(&dir).base_stamp.mtime_ns), ..patching(&dir) };
+        assert!(!prepare(&same_mtime), "the patched file would keep the old version's stamp");
+        std::fs::hard_link(&target, dir.path().join("second name")).unwrap();
+        assert!(!prepare(&patching(&dir)), "a hard link would see the change");
     }
 
     #[test]

@@ -17,10 +17,18 @@
 //!   the new size and fsynced, and the journal is deleted;
 //! - a crash between the journal and its deletion leaves the journal: the
 //!   daemon applies it again at its next start, before it serves anything
-//!   ([`recover`]). Applying is idempotent. So the target is never left
-//!   half-patched across a restart;
+//!   ([`recover`]), unless the file was removed, replaced or (after a
+//!   failed patch) changed since. Applying is idempotent;
+//! - a patch that fails while the daemon runs (a disk error) is tried once
+//!   more, then left in its journal, marked with the file's state, and the
+//!   push fails: the file holds part of its new version until the next
+//!   start applies the journal;
 //! - the target is patched only if it is still the version the push was
-//!   prepared against (same size, mtime and inode);
+//!   prepared against (same size, mtime, inode and ctime), has one name,
+//!   and belongs to the daemon's user (chmod and utimes need it); the
+//!   chunks kept are trusted from the index's manifest while the size,
+//!   mtime and inode are those it was made for (rsync's quick check): a
+//!   replacement checks them as it copies them, a patch does not read them;
 //! - unlike a replacement, a program reading the target on this node while
 //!   the ranges are copied (milliseconds for a few MiB) can see some new
 //!   ranges and some old: the same as when any program writes a file in
@@ -42,8 +50,12 @@ pub fn journal_dir(home: &Path) -> PathBuf {
 pub struct Journal {
     /// The file patched.
     pub target: PathBuf,
-    /// Its inode: a journal whose target was replaced since is dropped.
+    /// Its inode and device: a journal whose target was replaced since is
+    /// dropped.
     pub inode: u64,
+    pub dev: u64,
+    /// Its size before the patch: after a crash it has this one or `size`.
+    pub old_size: u64,
     /// The temp file holding the new bytes of `ranges`, at their offsets.
     pub data: PathBuf,
     /// `(offset, length)` of every range that changes, ascending.
@@ -52,6 +64,10 @@ pub struct Journal {
     pub size: u64,
     pub mode: u32,
     pub mtime_ns: Option<i64>,
+    /// Set when applying failed while the daemon ran: the file as it was
+    /// then. The patch is applied again only while the file is still so.
+    #[serde(default)]
+    pub failed: Option<crate::index::Stamp>,
 }
 
 /// Bytes copied from the temp file into the target at a time.
@@ -93,7 +109,12 @@ impl Journal {
 
     /// Write the journal durably under `dir`; returns its path.
     pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.is_dir() {
+            std::fs::create_dir_all(dir)?;
+            if let Some(home) = dir.parent() {
+                File::open(home)?.sync_all()?;
+            }
+        }
         // One journal per target and version (the temp file names both).
         let id = crate::hash::Hash::of(self.data.as_os_str().as_encoded_bytes()).short();
         let path = dir.join(format!("{id}.json"));
@@ -108,6 +129,30 @@ impl Journal {
     }
 }
 
+/// Allocate the blocks `target` needs to grow to `size` (not changing its
+/// size), so that a disk too full for a longer version is an error before
+/// the patch starts rather than in its middle. Overwritten ranges need no
+/// new blocks on the file systems that write in place (ext4, xfs).
+pub fn reserve(target: &Path, size: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = OpenOptions::new().write(true).open(target)?;
+    let len = file.metadata()?.len();
+    if size <= len {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a descriptor we own, with plain integer
+    // arguments; it touches no memory of ours.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, len as libc::off_t, (size - len) as libc::off_t) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        // A file system without fallocate: the writes will tell.
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 /// Delete a journal once its patch is durable, and the temp file with it.
 pub fn done(journal: &Path, data: &Path) -> std::io::Result<()> {
     std::fs::remove_file(journal)?;
@@ -118,44 +163,77 @@ pub fn done(journal: &Path, data: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Apply every journal left under `dir` by a crash; returns the targets
-/// patched (their index rows are stale) and logs what could not be.
-pub fn recover(dir: &Path) -> Vec<PathBuf> {
+/// The journals under `dir`, with their paths.
+fn journals(dir: &Path) -> Vec<(PathBuf, Result<Journal, String>)> {
     let Ok(read) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut patched = Vec::new();
+    let mut out = Vec::new();
     for item in read.flatten() {
         let path = item.path();
         match path.extension().and_then(|e| e.to_str()) {
-            Some("json") => {}
+            Some("json") => {
+                let journal =
+                    std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+                out.push((path, journal));
+            }
             // A journal not yet complete: its patch never started.
             Some("new") => {
                 let _ = std::fs::remove_file(&path);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The temp files journals under `dir` still need: not to be swept.
+pub fn pending_data(dir: &Path) -> Vec<PathBuf> {
+    journals(dir).into_iter().filter_map(|(_, j)| j.ok()).map(|j| j.data).collect()
+}
+
+/// Apply every journal left under `dir` by a crash (or by a patch that
+/// failed); returns the targets patched (their index rows are stale) and
+/// logs what could not be. A journal whose target is gone, replaced or
+/// changed since is dropped; one whose target's folder is missing (a file
+/// system not mounted yet) is kept for the next start.
+pub fn recover(dir: &Path) -> Vec<PathBuf> {
+    let mut patched = Vec::new();
+    for (path, journal) in journals(dir) {
+        let journal = match journal {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(journal = %path.display(), "unreadable patch journal, left in place: {e}");
                 continue;
             }
-            _ => continue,
-        }
-        let journal: Journal =
-            match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
-                Ok(j) => j,
-                Err(e) => {
-                    tracing::error!(journal = %path.display(), "unreadable patch journal, left in place: {e}");
-                    continue;
-                }
-            };
-        let still_there = std::fs::metadata(&journal.target).is_ok_and(|m| m.ino() == journal.inode);
-        if !still_there {
-            tracing::warn!(target = %journal.target.display(), "a patch interrupted by a crash was not applied again: the file was replaced or removed since");
+        };
+        let target = journal.target.display();
+        let meta = match std::fs::symlink_metadata(&journal.target) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && journal.target.parent().is_some_and(|d| d.is_dir()) => {
+                tracing::warn!(%target, "a patch interrupted by a crash was not applied again: the file was removed since");
+                let _ = done(&path, &journal.data);
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(%target, journal = %path.display(), "a patch interrupted by a crash waits: {e}; it is applied at a later start once the file is there");
+                continue;
+            }
+        };
+        let same_file =
+            meta.ino() == journal.inode && meta.dev() == journal.dev && (meta.len() == journal.old_size || meta.len() == journal.size);
+        let unchanged = journal.failed.is_none_or(|then| crate::index::Stamp::of(&meta) == then);
+        if !same_file || !unchanged {
+            tracing::warn!(%target, "a patch interrupted by a crash or an error was not applied again: the file was replaced or changed since");
             let _ = done(&path, &journal.data);
             continue;
         }
         match journal.apply() {
             Ok(_) => {
-                tracing::info!(target = %journal.target.display(), ranges = journal.ranges.len(), "applied again a patch interrupted by a crash");
+                tracing::info!(%target, ranges = journal.ranges.len(), "applied again a patch interrupted by a crash");
                 let _ = done(&path, &journal.data);
                 patched.push(journal.target);
             }
             Err(e) => tracing::error!(
-                target = %journal.target.display(),
+                %target,
                 journal = %path.display(),
                 "a patch interrupted by a crash could not be applied again: {e}; the file may hold part of its new version until it is"
             ),
@@ -181,10 +259,13 @@ mod tests {
         f.set_len(new.len() as u64).unwrap();
         f.write_all_at(&new[10_000..12_000], 10_000).unwrap();
         f.write_all_at(&new[100_000..], 100_000).unwrap();
-        let inode = std::fs::metadata(&target).unwrap().ino();
+        let meta = std::fs::metadata(&target).unwrap();
         let journal = Journal {
             target,
-            inode,
+            inode: meta.ino(),
+            dev: meta.dev(),
+            old_size: meta.len(),
+            failed: None,
             data,
             ranges: vec![(10_000, 2_000), (100_000, 500)],
             size: new.len() as u64,
@@ -244,5 +325,40 @@ mod tests {
         std::fs::write(journals.join("bad.json"), b"\xff not json").unwrap();
         assert!(recover(&journals).is_empty());
         assert!(journals.join("bad.json").exists());
+    }
+
+    #[test]
+    fn a_failed_patch_is_applied_again_only_while_its_file_is_as_the_failure_left_it() {
+        let dir = TestDir::new("patch-failed");
+        let (mut journal, new) = setup(&dir);
+        let journals = dir.path().join("patches");
+        journal.failed = Some(crate::index::Stamp::of(&std::fs::metadata(&journal.target).unwrap()));
+        journal.write(&journals).unwrap();
+        assert_eq!(recover(&journals).len(), 1);
+        assert_eq!(std::fs::read(&journal.target).unwrap(), new);
+
+        // Changed since the failure (a later edit, same inode): not touched.
+        let (mut journal, _) = setup(&dir);
+        journal.failed = Some(crate::index::Stamp::of(&std::fs::metadata(&journal.target).unwrap()));
+        journal.write(&journals).unwrap();
+        let f = OpenOptions::new().write(true).open(&journal.target).unwrap();
+        f.write_all_at(b"a later edit", 0).unwrap();
+        f.set_len(99_000).unwrap();
+        let later = std::fs::read(&journal.target).unwrap();
+        assert!(recover(&journals).is_empty());
+        assert_eq!(std::fs::read(&journal.target).unwrap(), later, "the later edit was overwritten");
+        assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_journal_whose_folder_is_missing_waits_for_it() {
+        let dir = TestDir::new("patch-unmounted");
+        let (mut journal, _) = setup(&dir);
+        let journals = dir.path().join("patches");
+        journal.target = dir.path().join("not mounted yet/f");
+        journal.write(&journals).unwrap();
+        assert!(recover(&journals).is_empty());
+        assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 1, "kept for a later start");
+        assert_eq!(pending_data(&journals), vec![journal.data.clone()], "its temp file is not swept");
     }
 }

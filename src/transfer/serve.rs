@@ -584,7 +584,8 @@ impl Session {
         let touched = size.saturating_add(len(&target)).saturating_add(sibling.as_deref().map_or(0, len));
         let prepared = crate::transfer::blocking_io(touched, move || {
             let params = &node.config.storage.chunk;
-            let current = if t2.is_file() { crate::index::manifest_for(&node.db, &t2, params).ok() } else { None };
+            let stamped = if t2.is_file() { crate::index::manifest_stamped(&node.db, &t2, params).ok() } else { None };
+            let (current, base_stamp) = stamped.map_or((None, None), |(m, s)| (Some(m), Some(s)));
             check_base(&p2, base, file_hash, current.as_ref().map(|c| c.file_hash), t2.exists())?;
             let m = match manifest {
                 Ok(m) => m,
@@ -604,9 +605,12 @@ impl Session {
                 (None, None) => None,
             };
             let storage = &node.config.storage;
-            let patching = storage
-                .patch_in_place
-                .then(|| Patching { journals: crate::transfer::patch::journal_dir(&node.home), min: storage.patch_min });
+            let patching = base_stamp.filter(|_| storage.patch_in_place).map(|base_stamp| Patching {
+                journals: crate::transfer::patch::journal_dir(&node.home),
+                min: storage.patch_min,
+                base_stamp,
+                mtime_ns,
+            });
             let from = from.as_ref().map(|(p, m)| (p.as_path(), m));
             let prepared = Assembly::prepare_from(&t2, m.clone(), from, patching.as_ref()).map_err(|e| {
                 // Disk full is BUSY (PROTOCOL.md 11): the client may retry once space is freed.
@@ -714,7 +718,9 @@ impl Session {
                     );
                 }
                 tracing::error!(path = %target.display(), "assembly failed: {e}");
-                err(ErrorCode::Internal, e.to_string())
+                // Disk full is BUSY (PROTOCOL.md 11), as at BEGIN_TRANSFER.
+                let code = if e.is_disk_full() { ErrorCode::Busy } else { ErrorCode::Internal };
+                err(code, e.to_string())
             })?;
             Ok((path, assembly.finished_meta().cloned()))
         })
