@@ -6,7 +6,9 @@
 //! change the mount's tree and the serving node's tree must equal the
 //! oracle's (names, kinds, file contents).
 //!
-//! `DEFTFS_TREE_SEED` and `DEFTFS_TREE_OPS` replay or lengthen a run;
+//! `DEFTFS_TREE_SEED` and `DEFTFS_TREE_OPS` replay or lengthen a run (the
+//! suite's own seed must also cover every kind of operation; another seed
+//! that covers less is only noted);
 //! `DEFTFS_TREE_TRACE` sets how many operations a failure prints.
 
 mod common;
@@ -162,7 +164,14 @@ fn random_namespace_operations_through_the_mount_match_a_local_directory() {
         }
     }
     eprintln!("{ops} operations: {changes} changes, {refusals} refused, {tree_moves} renames of directories with content");
-    assert!(changes > ops / 5 && refusals > ops / 10 && tree_moves > 0, "the run covered too little");
+    let covered = changes > ops / 5 && refusals > ops / 10 && tree_moves > 0;
+    // The suite's own seed must keep covering every kind of operation; a
+    // seed given to replay or explore may happen not to.
+    if std::env::var_os("DEFTFS_TREE_SEED").is_none() {
+        assert!(covered, "the run covered too little");
+    } else if !covered {
+        eprintln!("note: this seed covered little (no rename of a directory with content, or few changes or refusals)");
+    }
     // Once the mount's attributes and listings come from the partner again.
     a.settle();
     std::thread::sleep(std::time::Duration::from_millis(1600));
