@@ -598,6 +598,10 @@ pub fn chunk_file(path: &Path, params: &ChunkParams) -> Result<Manifest, ChunkEr
 /// Files at least this large are cut and hashed by two threads.
 const PARALLEL_MIN: u64 = 16 << 20;
 
+/// Bytes each of those threads reads at a time (at least two maximum
+/// chunks).
+const SEGMENT_STEP: usize = 8 << 20;
+
 /// Chunk and hash an open file (blocking), on two threads when it is large:
 /// each cuts and hashes one half; the cuts are stitched where the first
 /// half's cutting, carried on past the middle, meets a cut of the second
@@ -703,22 +707,25 @@ impl Read for PositionalReader<'_> {
 /// the file, `at_eof`) and where they end.
 fn cut_segment(file: &std::fs::File, from: u64, to: u64, at_eof: bool, cutter: &Cutter) -> io::Result<(Vec<ChunkRef>, u64)> {
     use std::os::unix::fs::FileExt;
-    let step = (8 << 20).max(2 * cutter.max_len());
-    let mut buf: Vec<u8> = Vec::with_capacity(step + cutter.max_len());
+    let step = SEGMENT_STEP.max(2 * cutter.max_len());
+    // Zeroed once: growing a Vec for each read zeroed every byte before the
+    // read overwrote it, a second pass over the file in memory.
+    let mut buf = vec![0u8; step + cutter.max_len()];
     let mut builder = Builder { cutter: cutter.clone(), size: from, chunks: Vec::new() };
-    let mut read_to = from;
+    let (mut filled, mut read_to) = (0usize, from);
     loop {
-        let n = (to - read_to).min(step as u64) as usize;
-        let old = buf.len();
-        buf.resize(old + n, 0);
-        file.read_exact_at(&mut buf[old..], read_to)?;
+        // What `consume` leaves is under `max`, so at least `step` is free.
+        let n = (to - read_to).min((buf.len() - filled) as u64) as usize;
+        file.read_exact_at(&mut buf[filled..filled + n], read_to)?;
+        filled += n;
         read_to += n as u64;
         let end = read_to == to;
-        let used = builder.consume(&buf, end && at_eof);
-        buf.drain(..used);
+        let used = builder.consume(&buf[..filled], end && at_eof);
         if end {
             return Ok((builder.chunks, builder.size));
         }
+        buf.copy_within(used..filled, 0);
+        filled -= used;
     }
 }
 

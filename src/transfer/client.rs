@@ -293,21 +293,27 @@ impl Session {
             let (source, direct) = (source.clone(), direct.clone());
             let header = DataHeader::Put { transfer_id: transfer_id.clone(), index, size: chunk.len, hash: chunk.hash };
             senders.spawn(async move {
-                let mut data = crate::transfer::blocking_io(u64::from(chunk.len), move || {
-                    crate::direct::Landing::read(&source, direct.as_ref().as_ref(), chunk.offset, chunk.len as usize)
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("reading chunk {index}: {e}"))?;
+                // A chunk in the page cache is one memory copy: read here,
+                // not on the blocking pool, whose hand-off costs two thread
+                // wake-ups a chunk. One that is not waits for the disk there.
+                let (offset, len) = (chunk.offset, chunk.len as usize);
+                let data = if crate::direct::all_cached(&source, offset, len as u64) == Some(true) {
+                    crate::direct::Landing::read(&source, None, offset, len)
+                } else {
+                    let read = move || crate::direct::Landing::read(&source, direct.as_ref().as_ref(), offset, len);
+                    crate::transfer::blocking_io(len as u64, read).await.map_err(|e| e.to_string())?
+                };
+                let mut data = data.map_err(|e| format!("reading chunk {index}: {e}"))?;
                 if corrupt {
                     if let Some(b) = data.bytes_mut().first_mut() {
                         *b ^= 0xff;
                     }
                 }
                 let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
-                stream.write_all(header.encode().as_bytes()).await.map_err(|e| e.to_string())?;
-                // Handed over, not copied into the stream's buffer.
-                stream.write_chunk(bytes::Bytes::from_owner(data)).await.map_err(|e| e.to_string())?;
+                // Header and data in one call; the data handed over, not
+                // copied into the stream's buffer.
+                let mut parts = [bytes::Bytes::from(header.encode()), bytes::Bytes::from_owner(data)];
+                stream.write_all_chunks(&mut parts).await.map_err(|e| e.to_string())?;
                 stream.finish().map_err(|e| e.to_string())?;
                 Ok::<(), String>(())
             });
