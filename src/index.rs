@@ -12,8 +12,8 @@
 //!   params key all equal the file's current ones, and the stored bytes
 //!   decode and validate against the params' `max`; any other row is
 //!   recomputed and overwritten, never an error;
-//! - a manifest is stored only if the file's size and mtime were the same
-//!   before and after hashing, and its size equals the bytes hashed; a file
+//! - a manifest is stored only if the file's size, mtime and ctime were the
+//!   same before and after hashing, and its size equals the bytes hashed; a file
 //!   still changing after [`MAX_TRIES`] attempts is an
 //!   [`IndexError::KeepsChanging`];
 //! - a write that keeps both size and mtime (a rewrite within the file
@@ -158,13 +158,19 @@ fn stamped_with(
     let key = params.key();
     for _ in 0..MAX_TRIES {
         let file = File::open(path).map_err(io_err)?;
-        let before = Stamp::of(&file.metadata().map_err(io_err)?);
+        let meta = file.metadata().map_err(io_err)?;
+        let before = Stamp::of(&meta);
         if let Some(m) = lookup(&lock(db), path, &before, &key, params)? {
             return Ok((m, before));
         }
         let manifest = chunk(&file)?;
-        let after = Stamp::of(&file.metadata().map_err(io_err)?);
-        if after == before && manifest.size == before.size {
+        let meta_after = file.metadata().map_err(io_err)?;
+        let after = Stamp::of(&meta_after);
+        // The ctime too (not stored: a rename moves it): a write during the
+        // hashing within one mtime tick, or one that put the mtime back (a
+        // patch in place sets the pushed mtime last), still shows there.
+        let ctime = |m: &Metadata| (m.ctime(), m.ctime_nsec());
+        if after == before && ctime(&meta_after) == ctime(&meta) && manifest.size == before.size {
             store(&lock(db), path, &before, &key, &manifest)?;
             return Ok((manifest, before));
         }
@@ -525,6 +531,29 @@ mod tests {
         now.extend_from_slice(b"late");
         assert_eq!(m, chunk::chunk_slice(&now, &SMALL).unwrap());
         assert_eq!(manifest_for(&db, &path, &SMALL).unwrap(), m);
+    }
+
+    #[test]
+    fn a_write_during_hashing_that_puts_the_mtime_back_is_seen() {
+        let dir = TestDir::new("mtime-back");
+        let path = dir.file("a.bin", &content(20_000, 13));
+        let db = db();
+        let calls = Cell::new(0);
+        let m = manifest_with(&db, &path, &SMALL, |file| {
+            calls.set(calls.get() + 1);
+            let m = chunk::chunk_reader(file, &SMALL).unwrap();
+            if calls.get() == 1 {
+                // Same size, other bytes, the old mtime put back.
+                let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+                let f = OpenOptions::new().write(true).open(&path).unwrap();
+                std::os::unix::fs::FileExt::write_all_at(&f, b"changed", 0).unwrap();
+                f.set_modified(mtime).unwrap();
+            }
+            Ok(m)
+        })
+        .unwrap();
+        assert_eq!(calls.get(), 2, "the first manifest, of the old bytes, must not be kept");
+        assert_eq!(m, chunk::chunk_file(&path, &SMALL).unwrap());
     }
 
     #[test]
