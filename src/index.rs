@@ -169,8 +169,7 @@ fn stamped_with(
         // The ctime too (not stored: a rename moves it): a write during the
         // hashing within one mtime tick, or one that put the mtime back (a
         // patch in place sets the pushed mtime last), still shows there.
-        let ctime = |m: &Metadata| (m.ctime(), m.ctime_nsec());
-        if after == before && ctime(&meta_after) == ctime(&meta) && manifest.size == before.size {
+        if after == before && ctime_ns(&meta_after) == ctime_ns(&meta) && manifest.size == before.size {
             store(&lock(db), path, &before, &key, &manifest)?;
             return Ok((manifest, before));
         }
@@ -236,6 +235,12 @@ impl Stamp {
         let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
         Stamp { size: meta.size(), mtime_ns, inode: meta.ino() }
     }
+}
+
+/// A file's ctime in nanoseconds: every change to it moves it, and nobody
+/// can set it.
+pub fn ctime_ns(meta: &Metadata) -> i64 {
+    meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec())
 }
 
 /// A poisoned mutex only means another thread panicked while holding it;
@@ -511,22 +516,31 @@ mod tests {
         .unwrap();
     }
 
+    /// Index `path` with `change` made to it during the first hashing;
+    /// returns the hashings done and the manifest kept.
+    fn indexed_with_a_change_during_the_first_hashing(db: &Mutex<Connection>, path: &Path, change: impl Fn()) -> (u32, Manifest) {
+        let calls = Cell::new(0);
+        let m = manifest_with(db, path, &SMALL, |file| {
+            calls.set(calls.get() + 1);
+            let m = chunk::chunk_reader(file, &SMALL).unwrap();
+            if calls.get() == 1 {
+                change();
+            }
+            Ok(m)
+        })
+        .unwrap();
+        (calls.get(), m)
+    }
+
     #[test]
     fn a_file_changed_during_hashing_is_hashed_again() {
         let dir = TestDir::new("changing");
         let path = dir.file("a.bin", &content(20_000, 11));
         let db = db();
-        let calls = Cell::new(0);
-        let m = manifest_with(&db, &path, &SMALL, |file| {
-            calls.set(calls.get() + 1);
-            let m = chunk::chunk_reader(file, &SMALL).unwrap();
-            if calls.get() == 1 {
-                OpenOptions::new().append(true).open(&path).unwrap().write_all(b"late").unwrap();
-            }
-            Ok(m)
-        })
-        .unwrap();
-        assert_eq!(calls.get(), 2);
+        let (calls, m) = indexed_with_a_change_during_the_first_hashing(&db, &path, || {
+            OpenOptions::new().append(true).open(&path).unwrap().write_all(b"late").unwrap();
+        });
+        assert_eq!(calls, 2);
         let mut now = content(20_000, 11);
         now.extend_from_slice(b"late");
         assert_eq!(m, chunk::chunk_slice(&now, &SMALL).unwrap());
@@ -538,21 +552,14 @@ mod tests {
         let dir = TestDir::new("mtime-back");
         let path = dir.file("a.bin", &content(20_000, 13));
         let db = db();
-        let calls = Cell::new(0);
-        let m = manifest_with(&db, &path, &SMALL, |file| {
-            calls.set(calls.get() + 1);
-            let m = chunk::chunk_reader(file, &SMALL).unwrap();
-            if calls.get() == 1 {
-                // Same size, other bytes, the old mtime put back.
-                let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
-                let f = OpenOptions::new().write(true).open(&path).unwrap();
-                std::os::unix::fs::FileExt::write_all_at(&f, b"changed", 0).unwrap();
-                f.set_modified(mtime).unwrap();
-            }
-            Ok(m)
-        })
-        .unwrap();
-        assert_eq!(calls.get(), 2, "the first manifest, of the old bytes, must not be kept");
+        let (calls, m) = indexed_with_a_change_during_the_first_hashing(&db, &path, || {
+            // Same size, other bytes, the old mtime put back.
+            let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, b"changed", 0).unwrap();
+            f.set_modified(mtime).unwrap();
+        });
+        assert_eq!(calls, 2, "the first manifest, of the old bytes, must not be kept");
         assert_eq!(m, chunk::chunk_file(&path, &SMALL).unwrap());
     }
 

@@ -153,8 +153,7 @@ struct Seen {
 impl Seen {
     fn of(meta: &std::fs::Metadata) -> Seen {
         use std::os::unix::fs::MetadataExt;
-        let ctime_ns = meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec());
-        Seen { stamp: crate::index::Stamp::of(meta), ctime_ns, dev: meta.dev() }
+        Seen { stamp: crate::index::Stamp::of(meta), ctime_ns: crate::index::ctime_ns(meta), dev: meta.dev() }
     }
 }
 
@@ -163,9 +162,9 @@ impl Seen {
 static FINISHING: Mutex<()> = Mutex::new(());
 
 /// Which chunks of `manifest` a patch of `target` (whose content is
-/// `base`) would keep in place, and what the target looked like; None when
-/// the target is to be replaced instead.
-fn patch_plan(target: &Path, manifest: &Manifest, base: &Manifest, patching: &Patching) -> Option<(Vec<bool>, Seen)> {
+/// `base`) would keep in place, and the patch; None when the target is to
+/// be replaced instead.
+fn patch_plan(target: &Path, manifest: &Manifest, base: &Manifest, patching: &Patching) -> Option<(Vec<bool>, Patch)> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::symlink_metadata(target).ok()?;
     let seen = Seen::of(&meta);
@@ -200,7 +199,15 @@ fn patch_plan(target: &Path, manifest: &Manifest, base: &Manifest, patching: &Pa
     }
     // A file this node may not write is replaced (as the rename can).
     OpenOptions::new().write(true).open(target).ok()?;
-    Some((keep, seen))
+    // What is written: the chunks not kept, in runs.
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for c in manifest.chunks.iter().zip(&keep).filter(|(_, k)| !**k).map(|(c, _)| c) {
+        match ranges.last_mut() {
+            Some(r) if r.0 + r.1 == c.offset => r.1 += u64::from(c.len),
+            _ => ranges.push((c.offset, u64::from(c.len))),
+        }
+    }
+    Some((keep, Patch { journals: patching.journals.clone(), ranges, was: seen }))
 }
 
 /// A stretch of the old version that sits at one distance from its place
@@ -306,6 +313,14 @@ fn dir_of(path: &Path) -> &Path {
     path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
+/// Set the directory `d` (at `dir`) back to mtime `t`, if given: a new
+/// version of a file changes the file, not its directory.
+fn put_back_dir_time(d: &File, dir: &Path, t: Option<SystemTime>) {
+    if let Some(Err(e)) = t.map(|t| d.set_modified(t)) {
+        tracing::debug!(dir = %dir.display(), "directory mtime not restored: {e}");
+    }
+}
+
 /// The mtime of the directory `path` is in.
 fn dir_mtime(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(dir_of(path)).and_then(|m| m.modified()).ok()
@@ -350,7 +365,7 @@ impl Assembly {
     ) -> Result<Assembly, AssembleError> {
         let temp = temp_path(target, &manifest.file_hash)?;
         let plan = match (base, patching) {
-            (Some((path, base)), Some(p)) if path == target => patch_plan(target, &manifest, base, p).map(|plan| (plan, p)),
+            (Some((path, base)), Some(p)) if path == target => patch_plan(target, &manifest, base, p),
             _ => None,
         };
         let replacing = std::fs::symlink_metadata(target).is_ok_and(|m| m.is_file());
@@ -366,7 +381,7 @@ impl Assembly {
         }
         // A patch keeps the target's chunks that stay in place: the temp
         // file holds the others only.
-        if let Some(((keep, _), _)) = &plan {
+        if let Some((keep, _)) = &plan {
             for (i, c) in manifest.chunks.iter().enumerate() {
                 if keep[i] {
                     have[i] = true;
@@ -445,20 +460,8 @@ impl Assembly {
             }
         }
         let missing = have.iter().filter(|h| !**h).count();
-        let fresh = plan.as_ref().map_or(manifest.chunks.len(), |((keep, _), _)| keep.iter().filter(|k| !**k).count());
-        let patch = match plan {
-            Some(((keep, was), p)) => {
-                let mut ranges: Vec<(u64, u64)> = Vec::new();
-                for c in manifest.chunks.iter().zip(&keep).filter(|(_, k)| !**k).map(|(c, _)| c) {
-                    match ranges.last_mut() {
-                        Some(r) if r.0 + r.1 == c.offset => r.1 += u64::from(c.len),
-                        _ => ranges.push((c.offset, u64::from(c.len))),
-                    }
-                }
-                Some(Patch { journals: p.journals.clone(), ranges, was })
-            }
-            None => None,
-        };
+        let fresh = plan.as_ref().map_or(manifest.chunks.len(), |(keep, _)| keep.iter().filter(|k| !**k).count());
+        let patch = plan.map(|(_, patch)| patch);
         Ok(Assembly {
             target: target.to_path_buf(),
             temp,
@@ -575,16 +578,18 @@ impl Assembly {
         // directory, as a write in place would. Making the temp file and
         // renaming it moved the directory's mtime: it is put back, unless
         // something else changed the directory meanwhile.
-        let restore = self.dir_times.filter(|(_, after)| dir_mtime(&self.target) == Some(*after)).map(|(before, _)| before);
+        let restore = self.dir_time_to_restore();
         std::fs::rename(&self.temp, &self.target).map_err(io(&self.target))?;
         let d = File::open(dir).map_err(io(dir))?;
-        if let Some(t) = restore {
-            if let Err(e) = d.set_modified(t) {
-                tracing::debug!(dir = %dir.display(), "directory mtime not restored: {e}");
-            }
-        }
+        put_back_dir_time(&d, dir, restore);
         d.sync_all().map_err(io(dir))?;
         Ok(self.target.clone())
+    }
+
+    /// The directory's mtime from before the temp file was made, unless
+    /// something other than this assembly changed the directory since.
+    fn dir_time_to_restore(&self) -> Option<SystemTime> {
+        self.dir_times.filter(|(_, after)| dir_mtime(&self.target) == Some(*after)).map(|(before, _)| before)
     }
 
     /// Whether [`Assembly::finish`] patches the target in place.
@@ -639,14 +644,11 @@ impl Assembly {
             }
         }
         // The temp file came and goes: the directory's mtime is put back,
-        // as for a replacement, unless something else changed it meanwhile.
-        let restore = self.dir_times.filter(|(_, after)| dir_mtime(&self.target) == Some(*after)).map(|(before, _)| before);
+        // as for a replacement.
+        let restore = self.dir_time_to_restore();
         super::patch::done(&written, &self.temp).map_err(io(&written))?;
-        if let Some(before) = restore {
-            let dir = dir_of(&self.target);
-            if let Err(e) = File::open(dir).and_then(|d| d.set_modified(before)) {
-                tracing::debug!(dir = %dir.display(), "directory mtime not restored: {e}");
-            }
+        if let Ok(d) = File::open(dir) {
+            put_back_dir_time(&d, dir, restore);
         }
         Ok(self.target.clone())
     }
@@ -672,11 +674,7 @@ mod tests {
 
     #[test]
     fn an_edit_in_place_reuses_the_old_version_and_needs_only_the_new_chunks() {
-        let dir = TestDir::new("edit");
-        let target = dir.path().join("f");
-        let old = random_bytes(300_000, 1);
-        std::fs::write(&target, &old).unwrap();
-        let base = chunk_slice(&old, &SMALL).unwrap();
+        let (_dir, target, old, base) = old_file("edit", 300_000, 1);
         let mut new = old.clone();
         new[150_000..151_000].fill(9);
         let m = chunk_slice(&new, &SMALL).unwrap();
@@ -757,6 +755,17 @@ mod tests {
         assert_eq!(std::fs::read(&target).unwrap(), new);
     }
 
+    /// A test dir holding a file `f` of `len` random bytes, and its manifest.
+    fn old_file(tag: &str, len: usize, seed: u64) -> (TestDir, PathBuf, Vec<u8>, Manifest) {
+        let dir = TestDir::new(tag);
+        let target = dir.path().join("f");
+        let old = random_bytes(len, seed);
+        std::fs::write(&target, &old).unwrap();
+        let base = chunk_slice(&old, &SMALL).unwrap();
+        (dir, target, old, base)
+    }
+
+    /// Patching of the file `f` of `dir` as it is now, journals in `dir`.
     fn patching(dir: &TestDir) -> Patching {
         Patching { journals: dir.path().join("patches"), min: 0, base_stamp: base_stamp(&dir.path().join("f")), mtime_ns: None }
     }
@@ -772,12 +781,8 @@ mod tests {
 
     #[test]
     fn an_edit_in_place_is_patched_into_the_file_itself() {
-        let dir = TestDir::new("patch-edit");
-        let target = dir.path().join("f");
-        let old = random_bytes(400_000, 5);
-        std::fs::write(&target, &old).unwrap();
+        let (dir, target, old, base) = old_file("patch-edit", 400_000, 5);
         let ino = inode(&target);
-        let base = chunk_slice(&old, &SMALL).unwrap();
         let mut new = old.clone();
         new[200_000..201_000].fill(3);
         new.extend_from_slice(&random_bytes(5_000, 6));
@@ -812,11 +817,7 @@ mod tests {
 
     #[test]
     fn a_shifted_new_version_or_a_small_file_is_replaced_not_patched() {
-        let dir = TestDir::new("patch-shift");
-        let target = dir.path().join("f");
-        let old = random_bytes(300_000, 7);
-        std::fs::write(&target, &old).unwrap();
-        let base = chunk_slice(&old, &SMALL).unwrap();
+        let (dir, target, old, base) = old_file("patch-shift", 300_000, 7);
         let mut new = b"100 bytes inserted".to_vec();
         new.extend_from_slice(&old);
         let m = chunk_slice(&new, &SMALL).unwrap();
@@ -842,11 +843,7 @@ mod tests {
 
     #[test]
     fn a_patch_whose_target_changed_meanwhile_replaces_nothing() {
-        let dir = TestDir::new("patch-changed");
-        let target = dir.path().join("f");
-        let old = random_bytes(300_000, 8);
-        std::fs::write(&target, &old).unwrap();
-        let base = chunk_slice(&old, &SMALL).unwrap();
+        let (dir, target, old, base) = old_file("patch-changed", 300_000, 8);
         let mut new = old.clone();
         new[100..200].fill(1);
         let p = patching(&dir);
@@ -861,11 +858,7 @@ mod tests {
 
     #[test]
     fn an_interrupted_patch_resumes_with_the_chunks_it_had() {
-        let dir = TestDir::new("patch-resume");
-        let target = dir.path().join("f");
-        let old = random_bytes(400_000, 10);
-        std::fs::write(&target, &old).unwrap();
-        let base = chunk_slice(&old, &SMALL).unwrap();
+        let (dir, target, old, base) = old_file("patch-resume", 400_000, 10);
         let mut new = old.clone();
         new[50_000..60_000].fill(4);
         new[300_000..310_000].fill(5);

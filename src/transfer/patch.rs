@@ -163,23 +163,17 @@ pub fn done(journal: &Path, data: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The journals under `dir`, with their paths.
+/// The journals under `dir`, with their paths. Reads only: a journal
+/// being written (`.json.new`) is a running patch's.
 fn journals(dir: &Path) -> Vec<(PathBuf, Result<Journal, String>)> {
     let Ok(read) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut out = Vec::new();
     for item in read.flatten() {
         let path = item.path();
-        match path.extension().and_then(|e| e.to_str()) {
-            Some("json") => {
-                let journal =
-                    std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
-                out.push((path, journal));
-            }
-            // A journal not yet complete: its patch never started.
-            Some("new") => {
-                let _ = std::fs::remove_file(&path);
-            }
-            _ => {}
+        if path.extension().is_some_and(|e| e == "json") {
+            let journal =
+                std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+            out.push((path, journal));
         }
     }
     out
@@ -196,6 +190,13 @@ pub fn pending_data(dir: &Path) -> Vec<PathBuf> {
 /// changed since is dropped; one whose target's folder is missing (a file
 /// system not mounted yet) is kept for the next start.
 pub fn recover(dir: &Path) -> Vec<PathBuf> {
+    // A journal not yet complete at the crash: its patch never started.
+    // (Only here, at start: the hourly sweep's reads run beside patches.)
+    for item in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if item.path().extension().is_some_and(|e| e == "new") {
+            let _ = std::fs::remove_file(item.path());
+        }
+    }
     let mut patched = Vec::new();
     for (path, journal) in journals(dir) {
         let journal = match journal {
@@ -275,6 +276,15 @@ mod tests {
         (journal, new)
     }
 
+    /// Where the tests keep journals, and how many are there.
+    fn journals_in(dir: &TestDir) -> PathBuf {
+        dir.path().join("patches")
+    }
+
+    fn count(journals: &Path) -> usize {
+        std::fs::read_dir(journals).unwrap().count()
+    }
+
     #[test]
     fn applying_a_journal_twice_gives_the_new_version() {
         let dir = TestDir::new("patch-apply");
@@ -291,7 +301,7 @@ mod tests {
     fn a_journal_left_by_a_crash_is_applied_at_recovery_and_then_gone() {
         let dir = TestDir::new("patch-recover");
         let (journal, new) = setup(&dir);
-        let journals = dir.path().join("patches");
+        let journals = journals_in(&dir);
         journal.write(&journals).unwrap();
         // The crash came after the first range only.
         let t = OpenOptions::new().write(true).open(&journal.target).unwrap();
@@ -299,7 +309,7 @@ mod tests {
         std::fs::write(journals.join("x.json.new"), b"{").unwrap();
         assert_eq!(recover(&journals), vec![journal.target.clone()]);
         assert_eq!(std::fs::read(&journal.target).unwrap(), new);
-        assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0, "journals left");
+        assert_eq!(count(&journals), 0, "journals left");
         assert!(!journal.data.exists(), "the temp file goes with its journal");
     }
 
@@ -307,20 +317,20 @@ mod tests {
     fn a_journal_whose_file_was_replaced_since_is_dropped_unapplied() {
         let dir = TestDir::new("patch-replaced");
         let (journal, _) = setup(&dir);
-        let journals = dir.path().join("patches");
+        let journals = journals_in(&dir);
         journal.write(&journals).unwrap();
         let other = dir.path().join("other");
         std::fs::write(&other, b"someone else's file").unwrap();
         std::fs::rename(&other, &journal.target).unwrap();
         assert!(recover(&journals).is_empty());
         assert_eq!(std::fs::read(&journal.target).unwrap(), b"someone else's file");
-        assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
+        assert_eq!(count(&journals), 0);
     }
 
     #[test]
     fn an_unreadable_journal_is_left_for_a_human_and_does_not_stop_recovery() {
         let dir = TestDir::new("patch-garbage");
-        let journals = dir.path().join("patches");
+        let journals = journals_in(&dir);
         std::fs::create_dir_all(&journals).unwrap();
         std::fs::write(journals.join("bad.json"), b"\xff not json").unwrap();
         assert!(recover(&journals).is_empty());
@@ -331,7 +341,7 @@ mod tests {
     fn a_failed_patch_is_applied_again_only_while_its_file_is_as_the_failure_left_it() {
         let dir = TestDir::new("patch-failed");
         let (mut journal, new) = setup(&dir);
-        let journals = dir.path().join("patches");
+        let journals = journals_in(&dir);
         journal.failed = Some(crate::index::Stamp::of(&std::fs::metadata(&journal.target).unwrap()));
         journal.write(&journals).unwrap();
         assert_eq!(recover(&journals).len(), 1);
@@ -347,18 +357,18 @@ mod tests {
         let later = std::fs::read(&journal.target).unwrap();
         assert!(recover(&journals).is_empty());
         assert_eq!(std::fs::read(&journal.target).unwrap(), later, "the later edit was overwritten");
-        assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
+        assert_eq!(count(&journals), 0);
     }
 
     #[test]
     fn a_journal_whose_folder_is_missing_waits_for_it() {
         let dir = TestDir::new("patch-unmounted");
         let (mut journal, _) = setup(&dir);
-        let journals = dir.path().join("patches");
+        let journals = journals_in(&dir);
         journal.target = dir.path().join("not mounted yet/f");
         journal.write(&journals).unwrap();
         assert!(recover(&journals).is_empty());
-        assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 1, "kept for a later start");
+        assert_eq!(count(&journals), 1, "kept for a later start");
         assert_eq!(pending_data(&journals), vec![journal.data.clone()], "its temp file is not swept");
     }
 }
