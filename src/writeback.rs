@@ -158,12 +158,23 @@ pub fn conflict_name(path: &SharePath, node: &str, at: Timestamp, n: u32) -> Opt
     // 2026-12-03T10:15:00.123Z -> "2026-12-03 101500"
     let (date, time) = stamp.split_once('T')?;
     let hms: String = time.chars().take(8).filter(|c| *c != ':').collect();
-    let (stem, ext) = match name.rfind('.') {
+    let (mut stem, ext) = match name.rfind('.') {
         Some(i) if i > 0 => (&name[..i], &name[i..]),
         _ => (name, ""),
     };
     let nth = if n > 1 { format!(" {n}") } else { String::new() };
-    let copy = format!("{stem} (conflict {node} {date} {hms}{nth}){ext}");
+    let mut tail = format!(" (conflict {node} {date} {hms}{nth}){ext}");
+    if tail.len() >= SharePath::MAX_COMPONENT / 2 {
+        // An "extension" that is most of the name: treat it as the stem.
+        stem = name;
+        tail = format!(" (conflict {node} {date} {hms}{nth})");
+    }
+    // The copy's name must fit NAME_MAX too: a long stem loses its end.
+    let mut cut = stem.len().min(SharePath::MAX_COMPONENT.saturating_sub(tail.len()));
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let copy = format!("{}{tail}", &stem[..cut]);
     match path.parent() {
         Some(dir) => dir.join(&copy).ok(),
         None => SharePath::parse(&copy).ok(),
@@ -738,6 +749,21 @@ mod tests {
         assert_eq!(conflict_name(&p, "bob", at, 1).unwrap().as_str(), ".bashrc (conflict bob 2026-12-03 101507)");
         let p = SharePath::parse("d/notes.txt").unwrap();
         assert_eq!(conflict_name(&p, "bob", at, 2).unwrap().as_str(), "d/notes (conflict bob 2026-12-03 101507 2).txt");
+    }
+
+    #[test]
+    fn conflict_names_of_the_longest_names_fit_name_max() {
+        let at = Timestamp::parse_rfc3339("2026-12-03T10:15:07.5Z").unwrap();
+        let name = |p: &SharePath| p.file_name().unwrap().to_string();
+        // A 255-byte name (multi-byte characters at the cut) keeps its extension.
+        let long = format!("d/{}.blend", "é".repeat(124));
+        let copy = name(&conflict_name(&SharePath::parse(&long).unwrap(), "bob", at, 3).unwrap());
+        assert!(copy.len() <= 255, "{} bytes", copy.len());
+        assert!(copy.starts_with("éé") && copy.ends_with(" (conflict bob 2026-12-03 101507 3).blend"), "{copy}");
+        // An extension that is most of the name.
+        let ext = format!("a.{}", "x".repeat(253));
+        let copy = name(&conflict_name(&SharePath::parse(&ext).unwrap(), "bob", at, 1).unwrap());
+        assert!(copy.len() <= 255 && copy.starts_with("a.xxx") && copy.ends_with(" (conflict bob 2026-12-03 101507)"), "{copy}");
     }
 
     #[test]

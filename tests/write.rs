@@ -545,6 +545,98 @@ fn a_new_file_that_became_a_conflict_copy_is_not_listed_once_the_partner_removes
     assert_eq!(errno_of(std::fs::read(a.at("fresh.txt"))), Some(libc::ENOENT));
 }
 
+/// A file unlinked while open stays with its descriptors: writes,
+/// ftruncate, fchmod and futimens through them apply to it (fstat shows
+/// st_nlink 0) and none of it reaches the serving node, where a new file
+/// has taken the name meanwhile; a close right after an unlink does not
+/// come back as a conflict copy. And the attributes docs/SEMANTICS.md
+/// describes: names past NAME_MAX, atime, ctime, a directory's times on a
+/// create, st_nlink of a directory.
+#[test]
+fn an_unlinked_open_file_stays_local_and_the_attributes_follow_posix() {
+    use std::os::unix::fs::MetadataExt;
+    let w = World::new("orphan", &["alice"], "", |dir| {
+        std::fs::create_dir_all(dir.join("d/sub")).unwrap();
+    });
+    let a = w.c(0);
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(a.at("d/x.txt")).unwrap();
+    f.write_all(b"first").unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(std::fs::read(w.server("d/x.txt")).unwrap(), b"first");
+    std::fs::remove_file(a.at("d/x.txt")).unwrap();
+    assert_eq!(f.metadata().unwrap().nlink(), 0, "st_nlink of an unlinked open file");
+    // Another file takes the name; the old descriptor's changes must not
+    // touch it.
+    std::fs::write(a.at("d/x.txt"), b"the new one").unwrap();
+    std::fs::set_permissions(a.at("d/x.txt"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    f.write_all_at(b"SECOND", 0).unwrap();
+    f.set_len(3).unwrap();
+    f.set_permissions(std::fs::Permissions::from_mode(0o600)).unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000)).unwrap();
+    f.sync_all().unwrap();
+    let mut back = Vec::new();
+    use std::io::{Read, Seek};
+    f.seek(std::io::SeekFrom::Start(0)).unwrap();
+    f.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"SEC", "the unlinked file through its descriptor");
+    assert_eq!(f.metadata().unwrap().mode() & 0o777, 0o600);
+    drop(f);
+    a.settle();
+    assert_eq!(std::fs::read(w.server("d/x.txt")).unwrap(), b"the new one");
+    assert_eq!(std::fs::metadata(w.server("d/x.txt")).unwrap().mode() & 0o777, 0o644, "fchmod reached the new file");
+    let names: Vec<String> =
+        std::fs::read_dir(w.server("d")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| n == "x.txt" || n == "sub"), "on the serving node: {names:?}\n{}", a.log());
+
+    // A close whose release reaches mountd after the unlink.
+    for i in 0..20 {
+        let p = a.at(&format!("d/quick{i}"));
+        std::fs::write(&p, b"gone soon").unwrap();
+        std::fs::remove_file(&p).unwrap();
+    }
+    a.settle();
+    let names: Vec<String> =
+        std::fs::read_dir(w.server("d")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| n == "x.txt" || n == "sub"), "after create-close-unlink: {names:?}\n{}", a.log());
+
+    // Names past NAME_MAX.
+    let long = "n".repeat(256);
+    assert_eq!(errno_of(std::fs::write(a.at(&format!("d/{long}")), b"")), Some(libc::ENAMETOOLONG));
+    assert_eq!(errno_of(std::fs::metadata(a.at(&format!("d/{long}")))), Some(libc::ENAMETOOLONG));
+    assert_eq!(errno_of(std::fs::create_dir(a.at(&format!("d/{long}")))), Some(libc::ENAMETOOLONG));
+    // A name of 255 bytes goes to the serving node (its temp name there is shortened).
+    let longest = "é".repeat(127) + "x";
+    std::fs::write(a.at(&format!("d/{longest}")), b"long name").unwrap();
+    a.settle();
+    assert_eq!(std::fs::read(w.server(&format!("d/{longest}"))).unwrap(), b"long name");
+
+    // A directory's times move at a create through the mount; its st_nlink
+    // counts its subdirectories once listed.
+    let before = std::fs::metadata(a.at("d")).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let g = std::fs::File::create(a.at("d/new.txt")).unwrap();
+    let after = std::fs::metadata(a.at("d")).unwrap();
+    assert!(after.modified().unwrap() > before.modified().unwrap(), "mtime of the directory did not move at the create");
+    assert!(after.ctime_nsec() != before.ctime_nsec() || after.ctime() > before.ctime(), "ctime of the directory");
+    drop(g);
+    let _ = std::fs::read_dir(a.at("d")).unwrap().count();
+    assert_eq!(std::fs::metadata(a.at("d")).unwrap().nlink(), 3, "d holds one subdirectory");
+    std::fs::create_dir(a.at("d/sub2")).unwrap();
+    assert_eq!(std::fs::metadata(a.at("d")).unwrap().nlink(), 4);
+
+    // atime set by utimens is shown; ctime moves at a chmod.
+    let p = a.at("d/new.txt");
+    let m0 = std::fs::metadata(&p).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    std::fs::File::options().write(true).open(&p).unwrap().set_times(std::fs::FileTimes::new().set_accessed(when)).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let m1 = std::fs::metadata(&p).unwrap();
+    assert_eq!(m1.accessed().unwrap(), when);
+    assert_eq!(m1.modified().unwrap(), m0.modified().unwrap(), "setting atime moved the mtime");
+    assert!((m1.ctime(), m1.ctime_nsec()) > (m0.ctime(), m0.ctime_nsec()), "ctime did not move at the chmod");
+}
+
 /// The claims of docs/SEMANTICS.md, one by one.
 #[test]
 fn posix_semantics_hold_as_documented() {

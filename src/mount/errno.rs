@@ -1,6 +1,7 @@
 //! The one place that decides which errno a mount returns for a failure.
 
 use super::remote::RemoteError;
+use crate::proto::PathError;
 
 /// A positive errno value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +19,17 @@ impl Errno {
     pub const EROFS: Errno = Errno(libc::EROFS);
     pub const ESTALE: Errno = Errno(libc::ESTALE);
     pub const ENOSYS: Errno = Errno(libc::ENOSYS);
+    pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
+
+    /// The errno for a name that makes no share path: `ENAMETOOLONG` past
+    /// NAME_MAX or PATH_MAX, `EINVAL` for the rest (backslashes, control
+    /// characters: names a share cannot hold).
+    pub fn for_path(e: &PathError) -> Errno {
+        match e {
+            PathError::TooLong => Errno::ENAMETOOLONG,
+            _ => Errno::EINVAL,
+        }
+    }
 
     /// The system's text for this errno ("No such file or directory").
     pub fn describe(self) -> String {

@@ -71,10 +71,21 @@ fn time(ns: i64) -> SystemTime {
     }
 }
 
+/// A name the kernel sent, as the VFS takes it. A name longer than
+/// NAME_MAX is `ENAMETOOLONG` whatever the operation; one that is not
+/// UTF-8 (which no share path can hold) is `not_utf8`: `ENOENT` where the
+/// name is looked for, `EINVAL` where it would be made.
+fn entry_name(name: &OsStr, not_utf8: Errno) -> Result<String, Errno> {
+    if name.len() > crate::proto::SharePath::MAX_COMPONENT {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    name.to_str().map(str::to_string).ok_or(not_utf8)
+}
+
 impl Fuse {
     /// The attributes shown for `.` and `..` of directory `ino`.
     fn dots(&self, ino: u64) -> [Attr; 2] {
-        let me = Attr { ino, kind: Kind::Dir, size: 0, mtime_ns: 0, perm: 0o555 };
+        let me = Attr { ino, kind: Kind::Dir, size: 0, atime_ns: 0, mtime_ns: 0, ctime_ns: 0, perm: 0o555, nlink: 2 };
         [me, Attr { ino: self.vfs.parent_of(ino), ..me }]
     }
 
@@ -90,16 +101,16 @@ impl Fuse {
             ino: INodeNo(a.ino),
             size: a.size,
             blocks: a.size.div_ceil(512),
-            atime: t,
+            atime: time(a.atime_ns),
             mtime: t,
-            ctime: t,
+            ctime: time(a.ctime_ns),
             crtime: t,
             kind: match a.kind {
                 Kind::File => FileType::RegularFile,
                 Kind::Dir => FileType::Directory,
             },
             perm: a.perm,
-            nlink: if a.kind == Kind::Dir { 2 } else { 1 },
+            nlink: a.nlink,
             uid,
             gid,
             rdev: 0,
@@ -140,7 +151,10 @@ impl Filesystem for Fuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
-        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::ENOENT) };
+        let name = match entry_name(name, Errno::ENOENT) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
         self.run(async move {
             match vfs.lookup(parent.0, &name).await {
                 Ok(a) => {
@@ -271,7 +285,10 @@ impl Filesystem for Fuse {
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
         let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
-        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::EINVAL) };
+        let name = match entry_name(name, Errno::EINVAL) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
         let open = open_mode(req, flags, true);
         self.run(async move {
             match vfs.create(parent.0, &name, mode & !umask, open).await {
@@ -286,7 +303,10 @@ impl Filesystem for Fuse {
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
-        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::EINVAL) };
+        let name = match entry_name(name, Errno::EINVAL) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
         self.run(async move {
             match vfs.mkdir(parent.0, &name, mode & !umask).await {
                 Ok(a) => {
@@ -300,13 +320,19 @@ impl Filesystem for Fuse {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let vfs = self.vfs.clone();
-        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::ENOENT) };
+        let name = match entry_name(name, Errno::ENOENT) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
         self.run(async move { empty(reply, vfs.unlink(parent.0, &name).await) });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let vfs = self.vfs.clone();
-        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(Errno::ENOENT) };
+        let name = match entry_name(name, Errno::ENOENT) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
         self.run(async move { empty(reply, vfs.rmdir(parent.0, &name).await) });
     }
 
@@ -321,8 +347,9 @@ impl Filesystem for Fuse {
         reply: ReplyEmpty,
     ) {
         let vfs = self.vfs.clone();
-        let (Some(name), Some(newname)) = (name.to_str().map(str::to_string), newname.to_str().map(str::to_string)) else {
-            return reply.error(Errno::EINVAL);
+        let (name, newname) = match (entry_name(name, Errno::ENOENT), entry_name(newname, Errno::EINVAL)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
         };
         if flags.contains(RenameFlags::RENAME_EXCHANGE) || flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::EINVAL);
@@ -340,7 +367,7 @@ impl Filesystem for Fuse {
         _uid: Option<u32>,
         _gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
@@ -351,16 +378,17 @@ impl Filesystem for Fuse {
         reply: ReplyAttr,
     ) {
         let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
-        let mtime_ns = mtime.map(|t| {
+        let ns = |t: TimeOrNow| {
             let t = match t {
                 TimeOrNow::SpecificTime(t) => t,
                 TimeOrNow::Now => SystemTime::now(),
             };
             crate::time::Timestamp::from_system(t).0
-        });
+        };
+        let (atime_ns, mtime_ns) = (atime.map(ns), mtime.map(ns));
         let tid = req.pid();
         self.run(async move {
-            match vfs.setattr(ino.0, mode.map(|m| m & 0o7777), size, mtime_ns, fh.map(|f| f.0), tid).await {
+            match vfs.setattr(ino.0, mode.map(|m| m & 0o7777), size, (atime_ns, mtime_ns), fh.map(|f| f.0), tid).await {
                 Ok(a) => {
                     vfs.shown(a.ino, a.size);
                     reply.attr(&TTL, &Fuse::file_attr(uid, gid, &a))

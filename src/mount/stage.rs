@@ -99,6 +99,10 @@ pub struct StageState {
     pub expect: Base,
     /// Changed since the last push.
     pub dirty: bool,
+    /// Unlinked or renamed over through the mount while open: what the
+    /// handles still write stays here, and nothing of it goes back (its
+    /// name may be another file's by now).
+    pub gone: bool,
     /// Open handles using this staging.
     pub handles: usize,
     pub mtime_ns: i64,
@@ -160,6 +164,7 @@ impl Staged {
             base,
             expect,
             dirty: false,
+            gone: false,
             handles: 0,
             mtime_ns,
             written: Ranges::default(),
@@ -189,6 +194,7 @@ impl Staged {
             base: None,
             expect: Base::Version(manifest.file_hash),
             dirty: false,
+            gone: false,
             handles: 0,
             mtime_ns,
             recut_base: Some(manifest),
@@ -274,7 +280,7 @@ impl Staged {
         st.present.insert(offset, end);
         st.written.insert(offset, end);
         st.size = st.size.max(end);
-        st.dirty = true;
+        st.dirty = !st.gone;
         st.mtime_ns = now_ns;
         drop(st);
         self.writeback.wrote(&self.file, cached);
@@ -298,7 +304,7 @@ impl Staged {
         st.present.truncate(len);
         st.written.truncate(len);
         st.size = len;
-        st.dirty = true;
+        st.dirty = !st.gone;
         st.mtime_ns = now_ns;
         Ok(())
     }

@@ -74,9 +74,20 @@ pub struct Attr {
     pub ino: Ino,
     pub kind: Kind,
     pub size: u64,
+    /// The access time set through this mount (utimens), else the mtime:
+    /// the mount keeps no time of reads (as `noatime`) and the partner no
+    /// access time.
+    pub atime_ns: i64,
     pub mtime_ns: i64,
+    /// The last change of the inode: its mtime, or later a chmod, utimens,
+    /// rename or change of a directory's entries made through this mount.
+    pub ctime_ns: i64,
     /// Permission bits as shown: write bits cleared on a read-only mount.
     pub perm: u16,
+    /// Links: 0 for a file unlinked or replaced while open; for a
+    /// directory, 2 plus its subdirectories when its listing is known here,
+    /// 1 (the Linux convention for "not counted") when it is not.
+    pub nlink: u32,
 }
 
 /// What the mount shows at its root.
@@ -189,6 +200,17 @@ struct Inode {
     detached: bool,
     /// Set while passthrough handles are open on this inode.
     backing: Option<Backing>,
+    /// The last status change made through this mount (chmod, utimens,
+    /// truncate, rename, entries of a directory), 0 if none: `ctime`.
+    changed_ns: i64,
+    /// A directory whose entries changed here, 0 if none or since a
+    /// utimens: its mtime shows at least this until the partner's does.
+    entries_ns: i64,
+    /// An access time set through this mount (utimens), kept here only.
+    atime_ns: Option<i64>,
+    /// Unlinked, or renamed over, through this mount: `nlink` 0 for the
+    /// handles still open on it.
+    unlinked: bool,
 }
 
 /// [`Inode::shown_size`] when the kernel holds no size of ours.
@@ -473,6 +495,10 @@ impl Vfs {
                 shown_size: AtomicU64::new(NOT_SHOWN),
                 readers: 0,
                 detached: false,
+                changed_ns: 0,
+                entries_ns: 0,
+                atime_ns: None,
+                unlinked: false,
                 backing: None,
             },
         );
@@ -551,16 +577,14 @@ impl Vfs {
         }
     }
 
-    fn attr_of(&self, ino: Ino, n: &Inode) -> Attr {
+    fn attr_of(&self, inodes: &Inodes, ino: Ino, n: &Inode) -> Attr {
         let mut perm = (n.mode & 0o7777) as u16;
         let writable = n.virtual_data.is_none() && n.share.as_ref().is_some_and(|s| self.share_writable(s));
         if !writable {
+            // What a partner shares without write is readable whatever its
+            // mode there: the mounting user could not chmod it.
             perm &= !0o222;
-        }
-        if n.kind == Kind::Dir {
-            perm |= 0o500;
-        } else {
-            perm |= 0o400;
+            perm |= if n.kind == Kind::Dir { 0o500 } else { 0o400 };
         }
         let (size, mtime_ns) = match &n.staged {
             Some(st) => {
@@ -569,7 +593,25 @@ impl Vfs {
             }
             None => (n.size, n.mtime_ns),
         };
-        Attr { ino, kind: n.kind, size, mtime_ns, perm }
+        let mtime_ns = mtime_ns.max(n.entries_ns);
+        let nlink = match n.kind {
+            Kind::File if n.unlinked || n.detached => 0,
+            Kind::File => 1,
+            Kind::Dir => match &n.children {
+                Some((c, _)) => 2 + c.iter().filter(|(_, i)| inodes.by_ino.get(i).is_some_and(|c| c.kind == Kind::Dir)).count() as u32,
+                None => 1,
+            },
+        };
+        Attr {
+            ino,
+            kind: n.kind,
+            size,
+            atime_ns: n.atime_ns.unwrap_or(mtime_ns),
+            mtime_ns,
+            ctime_ns: mtime_ns.max(n.changed_ns),
+            perm,
+            nlink,
+        }
     }
 
     /// Whether writes to `share` may go back: granted `write`, and the
@@ -649,6 +691,10 @@ impl Vfs {
                 shown_size: AtomicU64::new(NOT_SHOWN),
                 readers: 0,
                 detached: false,
+                changed_ns: 0,
+                entries_ns: 0,
+                atime_ns: None,
+                unlinked: false,
                 backing: None,
             },
         );
@@ -845,6 +891,18 @@ impl Vfs {
         }
     }
 
+    /// Directory `dir` gained, lost or renamed an entry through this mount:
+    /// as on a local disk, its mtime and ctime move now, before the
+    /// partner's do (a file created here reaches the partner at its close).
+    fn entries_changed(inodes: &mut Inodes, dir: Ino) {
+        Self::touched(inodes, dir);
+        if let Some(n) = inodes.by_ino.get_mut(&dir) {
+            let now = write::now_ns();
+            n.entries_ns = now;
+            n.changed_ns = now;
+        }
+    }
+
     pub async fn lookup(&self, parent: Ino, name: &str) -> Result<Attr, Errno> {
         let children = self.children(parent).await?;
         let ino = children.iter().find(|(n, _)| n == name).map(|(_, i)| *i).ok_or(Errno::ENOENT)?;
@@ -854,7 +912,7 @@ impl Vfs {
     fn cached_attr(&self, ino: Ino) -> Result<Attr, Errno> {
         let inodes = lock(&self.inodes);
         let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
-        Ok(self.attr_of(ino, n))
+        Ok(self.attr_of(&inodes, ino, n))
     }
 
     /// The kernel was handed `size` for `ino` (the FUSE adapter tells,
@@ -879,7 +937,7 @@ impl Vfs {
             let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
             if n.detached {
                 // The version its open handles read.
-                return Ok(self.attr_of(ino, n));
+                return Ok(self.attr_of(&inodes, ino, n));
             }
             let listed = inodes.by_ino.get(&n.parent).and_then(|p| p.children.as_ref()).is_some_and(|(_, at)| self.fresh(Some(*at)));
             // The root of an all-shares mount is made up here.
@@ -932,7 +990,7 @@ impl Vfs {
     pub async fn readdir(&self, ino: Ino) -> Result<Vec<(String, Attr)>, Errno> {
         let children = self.children(ino).await?;
         let inodes = lock(&self.inodes);
-        Ok(children.into_iter().filter_map(|(name, i)| Some((name, self.attr_of(i, inodes.by_ino.get(&i)?)))).collect())
+        Ok(children.into_iter().filter_map(|(name, i)| Some((name, self.attr_of(&inodes, i, inodes.by_ino.get(&i)?)))).collect())
     }
 
     /// The share and path an inode names (None for an all-shares root).

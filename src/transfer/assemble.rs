@@ -69,6 +69,10 @@ impl AssembleError {
     }
 
     /// The file system has no room for the file.
+    pub fn is_name_too_long(&self) -> bool {
+        matches!(self, AssembleError::Io { source, .. } if source.raw_os_error() == Some(libc::ENAMETOOLONG))
+    }
+
     pub fn is_disk_full(&self) -> bool {
         matches!(self, AssembleError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull || source.raw_os_error() == Some(libc::ENOSPC))
     }
@@ -327,9 +331,25 @@ fn dir_mtime(path: &Path) -> Option<SystemTime> {
 }
 
 /// The name every temp file of a transfer to a file named `name` starts with.
+/// A temp name must fit NAME_MAX (255 bytes) as the file's does: past
+/// [`TEMP_NAME_ROOM`] bytes, the name is cut at a character boundary and
+/// followed by a hash of the whole, so two long names sharing a start
+/// still get distinct temp files.
 fn temp_prefix(name: &str) -> String {
-    format!(".{name}{TEMP_MARKER}")
+    if name.len() <= TEMP_NAME_ROOM {
+        return format!(".{name}{TEMP_MARKER}");
+    }
+    let tag = crate::hash::Hash::of(name.as_bytes()).short();
+    let mut cut = TEMP_NAME_ROOM - tag.len() - 1;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!(".{}~{tag}{TEMP_MARKER}", &name[..cut])
 }
+
+/// The most bytes of a file's name its temp name holds whole: 255, less
+/// the leading dot, the marker and the 16 hex digits of the version.
+const TEMP_NAME_ROOM: usize = 255 - 1 - TEMP_MARKER.len() - 16;
 
 /// The temp file of a transfer of `file_hash` to `target`.
 pub fn temp_path(target: &Path, file_hash: &Hash) -> Result<PathBuf, AssembleError> {
@@ -657,6 +677,24 @@ impl Assembly {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temp_names_of_the_longest_names_fit_name_max_and_stay_distinct() {
+        let h = Hash::of(b"version");
+        let a = format!("d/{}a", "é".repeat(127));
+        let b = format!("d/{}b", "é".repeat(127));
+        let (ta, tb) = (temp_path(Path::new(&a), &h).unwrap(), temp_path(Path::new(&b), &h).unwrap());
+        for (t, target) in [(&ta, &a), (&tb, &b)] {
+            let n = t.file_name().unwrap().len();
+            assert!(n <= 255, "{} has {n} bytes", t.display());
+            assert!(is_temp_of(t, Path::new(target)));
+        }
+        assert_ne!(ta, tb);
+        assert!(!is_temp_of(&ta, Path::new(&b)));
+        // Short names keep the form partial files already on disk have.
+        let short = temp_path(Path::new("d/x.bin"), &h).unwrap();
+        assert_eq!(short.file_name().unwrap().to_str().unwrap(), format!(".x.bin{TEMP_MARKER}{}", h.short()));
+    }
     use crate::chunk::{chunk_slice, ChunkParams};
     use crate::testutil::{random_bytes, TestDir};
 

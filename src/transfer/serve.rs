@@ -190,6 +190,20 @@ fn err(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::error(code, message)
 }
 
+/// The code for an assembly that failed: BUSY for a full disk (the client
+/// may retry once space is freed), BAD_PATH for a path this file system
+/// cannot hold (its share root and the path past PATH_MAX: no retry helps),
+/// INTERNAL for the rest.
+fn assemble_code(e: &crate::transfer::assemble::AssembleError) -> ErrorCode {
+    if e.is_disk_full() {
+        ErrorCode::Busy
+    } else if e.is_name_too_long() {
+        ErrorCode::BadPath
+    } else {
+        ErrorCode::Internal
+    }
+}
+
 fn share_err(e: ShareError) -> Response {
     let code = match &e {
         ShareError::Unknown(_) => ErrorCode::UnknownShare,
@@ -201,6 +215,8 @@ fn share_err(e: ShareError) -> Response {
         ShareError::Exists(_) => ErrorCode::Exists,
         ShareError::NotEmpty(_) => ErrorCode::NotEmpty,
         ShareError::Root(_) => ErrorCode::AccessDenied,
+        // The share's root and the path together past PATH_MAX here.
+        ShareError::Io { source, .. } if source.raw_os_error() == Some(libc::ENAMETOOLONG) => ErrorCode::BadPath,
         ShareError::Io { .. } => ErrorCode::Internal,
     };
     err(code, e.to_string())
@@ -614,8 +630,7 @@ impl Session {
             let from = from.as_ref().map(|(p, m)| (p.as_path(), m));
             let prepared = Assembly::prepare_from(&t2, m.clone(), from, patching.as_ref()).map_err(|e| {
                 // Disk full is BUSY (PROTOCOL.md 11): the client may retry once space is freed.
-                let code = if e.is_disk_full() { ErrorCode::Busy } else { ErrorCode::Internal };
-                err(code, e.to_string())
+                err(assemble_code(&e), e.to_string())
             })?;
             Ok((prepared, m))
         })
@@ -719,8 +734,7 @@ impl Session {
                 }
                 tracing::error!(path = %target.display(), "assembly failed: {e}");
                 // Disk full is BUSY (PROTOCOL.md 11), as at BEGIN_TRANSFER.
-                let code = if e.is_disk_full() { ErrorCode::Busy } else { ErrorCode::Internal };
-                err(code, e.to_string())
+                err(assemble_code(&e), e.to_string())
             })?;
             Ok((path, assembly.finished_meta().cloned()))
         })

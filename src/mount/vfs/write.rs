@@ -55,7 +55,7 @@ struct Prepared {
     queue_first: bool,
 }
 
-fn now_ns() -> i64 {
+pub(super) fn now_ns() -> i64 {
     crate::time::Timestamp::now().0
 }
 
@@ -431,7 +431,7 @@ impl Vfs {
             return Err(Errno::ENOTDIR);
         }
         let share = self.check_writable(&pshare)?;
-        let path = ppath.join(name).map_err(|_| Errno::EINVAL)?;
+        let path = ppath.join(name).map_err(|e| Errno::for_path(&e))?;
         if path.components().any(|c| c.contains(crate::share::TEMP_MARKER)) {
             return Err(Errno::EINVAL);
         }
@@ -480,7 +480,7 @@ impl Vfs {
                     c.push((name.to_string(), ino));
                 }
             }
-            Self::touched(&mut inodes, parent);
+            Self::entries_changed(&mut inodes, parent);
             ino
         };
         let handle = StagedHandle {
@@ -681,7 +681,7 @@ impl Vfs {
     /// Decide what a push of `ino` sends: fill the missing base ranges, cut
     /// the manifest. None when nothing changed. The caller holds the gate.
     async fn prepare(&self, ino: Ino, staged: &Arc<Staged>, durable: bool) -> Result<Option<Prepared>, Errno> {
-        if !staged.state().dirty {
+        if !staged.state().dirty || staged.state().gone {
             return Ok(None);
         }
         let size = staged.size();
@@ -1081,7 +1081,7 @@ impl Vfs {
             return Err(Errno::ENOTDIR);
         }
         let share = self.check_writable(&pshare)?;
-        let path = ppath.join(name).map_err(|_| Errno::EINVAL)?;
+        let path = ppath.join(name).map_err(|e| Errno::for_path(&e))?;
         let entry = self
             .remote
             .call_stat(Request::Mkdir { share: share.clone(), path: path.clone(), mode })
@@ -1096,20 +1096,26 @@ impl Vfs {
             c.retain(|(n, _)| n != name);
             c.push((name.to_string(), ino));
         }
-        Self::touched(&mut inodes, parent);
+        Self::entries_changed(&mut inodes, parent);
         let n = inodes.by_ino.get(&ino).ok_or(Errno::EIO)?;
-        Ok(self.attr_of(ino, n))
+        Ok(self.attr_of(&inodes, ino, n))
     }
 
     /// Forget `name` in `parent` (and the inode's key).
     fn forget(&self, parent: Ino, name: &str) {
         let mut inodes = lock(&self.inodes);
-        Self::touched(&mut inodes, parent);
+        Self::entries_changed(&mut inodes, parent);
         let mut gone = None;
         if let Some((c, _)) = inodes.by_ino.get_mut(&parent).and_then(|p| p.children.as_mut()) {
             if let Some(i) = c.iter().position(|(n, _)| n == name) {
                 gone = Some(c.remove(i).1);
             }
+        }
+        if gone.is_none() {
+            // The parent's listing was dropped meanwhile: the inode the
+            // name led to, by its key.
+            let key = inodes.by_ino.get(&parent).and_then(|p| Some((share_key(&p.share), p.path.join(name).ok()?)));
+            gone = key.and_then(|k| inodes.by_key.get(&k).copied());
         }
         if let Some(ino) = gone {
             if let Some(n) = inodes.by_ino.get(&ino) {
@@ -1118,6 +1124,14 @@ impl Vfs {
             }
             if let Some(n) = inodes.by_ino.get_mut(&ino) {
                 n.attr_at = None;
+                n.unlinked = true;
+                n.changed_ns = now_ns();
+                if let Some(st) = &n.staged {
+                    // Open handles keep writing to it; nothing goes back.
+                    let mut st = st.state();
+                    st.gone = true;
+                    st.dirty = false;
+                }
             }
             inodes.set_local_only(ino, false);
         }
@@ -1146,16 +1160,20 @@ impl Vfs {
         // A file whose push is in flight is on the partner once that ends
         // (and a directory's files once theirs do): remove it after.
         self.drain_behind().await;
+        // A push of this file that started since (a close whose release
+        // came after the unlink) finishes first; one that would start
+        // after waits for the removal, and then finds it gone.
+        let staged = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone());
+        let _gate = match staged {
+            Some(s) => Some(s.gate.clone().lock_owned().await),
+            None => None,
+        };
         let local_only = lock(&self.inodes).is_local_only(ino);
         if !local_only {
             self.remote
                 .call_done(Request::Remove { share, path: path.clone(), kind })
                 .await
                 .map_err(|e| self.remote_errno("remove", &path, e))?;
-        }
-        if let Some(st) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) {
-            // Open handles keep writing to an unlinked file; nothing goes back.
-            st.state().dirty = false;
         }
         self.forget(parent, name);
         Ok(())
@@ -1175,7 +1193,7 @@ impl Vfs {
         if nshare.as_ref() != Some(&share) {
             return Err(Errno(libc::EXDEV));
         }
-        let to = nppath.join(newname).map_err(|_| Errno::EINVAL)?;
+        let to = nppath.join(newname).map_err(|e| Errno::for_path(&e))?;
         if lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some()) {
             return Err(Errno::EACCES);
         }
@@ -1209,7 +1227,10 @@ impl Vfs {
         }
         self.forget(newparent, newname);
         let mut inodes = lock(&self.inodes);
-        Self::touched(&mut inodes, parent);
+        Self::entries_changed(&mut inodes, parent);
+        if let Some(n) = inodes.by_ino.get_mut(&ino) {
+            n.changed_ns = now_ns();
+        }
         if let Some((c, _)) = inodes.by_ino.get_mut(&parent).and_then(|p| p.children.as_mut()) {
             c.retain(|(n, _)| n != name);
         }
@@ -1247,8 +1268,45 @@ impl Vfs {
         Ok(())
     }
 
-    /// chmod, truncate, utimens.
+    /// chmod, truncate, utimens (`times`: access, modification). A change
+    /// moves the inode's ctime; a utimens of a directory gives it the mtime
+    /// asked for again, over the time of a change of its entries made here.
+    /// The access time is kept here only (the partner keeps none).
     pub async fn setattr(
+        &self,
+        ino: Ino,
+        mode: Option<u32>,
+        size: Option<u64>,
+        times: (Option<i64>, Option<i64>),
+        fh: Option<u64>,
+        tid: u32,
+    ) -> Result<Attr, Errno> {
+        let (atime_ns, mtime_ns) = times;
+        let attr = if mode.is_none() && size.is_none() && mtime_ns.is_none() && atime_ns.is_some() {
+            // touch -a: the same checks as any change, nothing to send.
+            let (share, _, _) = self.node_key(ino)?;
+            self.check_writable(&share)?;
+            self.cached_attr(ino)?
+        } else {
+            self.change_attrs(ino, mode, size, mtime_ns, fh, tid).await?
+        };
+        if mode.is_none() && size.is_none() && mtime_ns.is_none() && atime_ns.is_none() {
+            return Ok(attr);
+        }
+        {
+            let mut inodes = lock(&self.inodes);
+            if let Some(n) = inodes.by_ino.get_mut(&ino) {
+                n.changed_ns = now_ns();
+                if mtime_ns.is_some() {
+                    n.entries_ns = 0;
+                }
+                n.atime_ns = atime_ns.or(n.atime_ns);
+            }
+        }
+        self.cached_attr(ino)
+    }
+
+    async fn change_attrs(
         &self,
         ino: Ino,
         mode: Option<u32>,
@@ -1260,6 +1318,30 @@ impl Vfs {
         let (share, path, kind) = self.node_key(ino)?;
         if mode.is_none() && size.is_none() && mtime_ns.is_none() {
             return self.getattr(ino).await;
+        }
+        let (unlinked, orphan) = lock(&self.inodes).by_ino.get(&ino).map_or((false, None), |n| (n.unlinked, n.staged.clone()));
+        if unlinked {
+            // fchmod, futimens, ftruncate of a file unlinked through the
+            // mount while open: its name may be another file's now, so the
+            // change stays with the handles.
+            if let Some(len) = size {
+                let staged = orphan.ok_or(Errno::EBADF)?;
+                let _gate = staged.gate.lock().await;
+                staged.set_len(len, now_ns()).map_err(io_errno)?;
+            }
+            let mut inodes = lock(&self.inodes);
+            let n = inodes.by_ino.get_mut(&ino).ok_or(Errno::ENOENT)?;
+            if let Some(m) = mode {
+                n.mode = m & 0o7777;
+            }
+            if let Some(t) = mtime_ns {
+                match &n.staged {
+                    Some(st) => st.state().mtime_ns = t,
+                    None => n.mtime_ns = t,
+                }
+            }
+            drop(inodes);
+            return self.cached_attr(ino);
         }
         let share = self.check_writable(&share)?;
         if let Some(len) = size {
