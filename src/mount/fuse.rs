@@ -283,6 +283,11 @@ impl Filesystem for Fuse {
         });
     }
 
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let vfs = self.vfs.clone();
+        self.run(async move { empty(reply, vfs.fallocate(fh.0, offset, length, mode).await) });
+    }
+
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
         let (vfs, uid, gid) = (self.vfs.clone(), self.uid, self.gid);
         let name = match entry_name(name, Errno::EINVAL) {

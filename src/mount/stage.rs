@@ -287,6 +287,20 @@ impl Staged {
         Ok(())
     }
 
+    /// Zeros over `offset..end` (`fallocate` punching a hole or zeroing a
+    /// range): written like any bytes, so that they go back like any.
+    pub fn zero(&self, offset: u64, end: u64, now_ns: i64) -> std::io::Result<()> {
+        const STEP: u64 = 1 << 20;
+        let zeros = vec![0u8; STEP.min(end.saturating_sub(offset)) as usize];
+        let mut at = offset;
+        while at < end {
+            let n = STEP.min(end - at) as usize;
+            self.write(at, &zeros[..n], now_ns)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
     /// Truncate or extend.
     pub fn set_len(&self, len: u64, now_ns: i64) -> std::io::Result<()> {
         let mut st = self.state();
@@ -335,7 +349,19 @@ impl Staged {
             return Ok(Vec::new());
         }
         let mut buf = vec![0u8; (end - offset) as usize];
-        self.file.read_exact_at(&mut buf, offset)?;
+        // A truncate between the size above and the read (one from another
+        // thread, racing a read or the kernel's readahead) makes the read
+        // short, as it would on a local disk, not an error.
+        let mut got = 0;
+        while got < buf.len() {
+            match self.file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(got);
         Ok(buf)
     }
 }
@@ -344,6 +370,21 @@ impl Staged {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn zeroed_ranges_are_written_and_a_read_cut_short_by_a_truncate_is_short() {
+        let dir = crate::testutil::TestDir::new("stage-zero");
+        let s = Staged::create(dir.path().join("a"), None, Base::Absent, 0, ChunkParams::default()).unwrap();
+        s.write(0, &[7u8; 10_000], 1).unwrap();
+        s.state().dirty = false;
+        s.zero(100, 5_000, 2).unwrap();
+        assert!(s.state().dirty);
+        let back = s.read(0, 10_000).unwrap();
+        assert!(back[..100].iter().all(|b| *b == 7) && back[100..5_000].iter().all(|b| *b == 0) && back[5_000..].iter().all(|b| *b == 7));
+        // The file shrinks under a reader that already took the size.
+        s.file.set_len(3_000).unwrap();
+        assert_eq!(s.read(2_000, 8_000).unwrap().len(), 1_000);
+    }
 
     #[test]
     fn ranges_merge_and_report_holes() {

@@ -516,6 +516,38 @@ impl Vfs {
         Ok(data.len() as u32)
     }
 
+    /// fallocate(2) through write handle `fh`. Space is the partner's to
+    /// find when the file goes back, so a plain allocation only sets the
+    /// size it asks for (`KEEP_SIZE`: nothing); punching a hole and zeroing
+    /// a range write zeros. Collapsing and inserting ranges are
+    /// `EOPNOTSUPP`, as on file systems without them.
+    pub async fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<(), Errno> {
+        let (staged, ino) = match lock(&self.handles).get(&fh) {
+            Some(Handle::Staged(h)) if h.write => (h.staged.clone(), h.ino),
+            _ => return Err(Errno::EBADF),
+        };
+        let end = offset.checked_add(len).filter(|e| *e <= i64::MAX as u64).ok_or(Errno(libc::EFBIG))?;
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let _gate = staged.gate.lock().await;
+        let size = staged.size();
+        match mode & !libc::FALLOC_FL_KEEP_SIZE {
+            0 if keep || end <= size => return Ok(()),
+            0 => staged.set_len(end, now_ns()).map_err(io_errno)?,
+            libc::FALLOC_FL_PUNCH_HOLE if keep => staged.zero(offset, end.min(size), now_ns()).map_err(io_errno)?,
+            libc::FALLOC_FL_ZERO_RANGE => {
+                staged.zero(offset, end.min(size), now_ns()).map_err(io_errno)?;
+                if !keep && end > size {
+                    staged.set_len(end, now_ns()).map_err(io_errno)?;
+                }
+            }
+            // PUNCH_HOLE needs KEEP_SIZE (the kernel checks it too).
+            libc::FALLOC_FL_PUNCH_HOLE => return Err(Errno::EINVAL),
+            _ => return Err(Errno(libc::EOPNOTSUPP)),
+        }
+        self.touch_handles(ino);
+        Ok(())
+    }
+
     pub(super) async fn read_staged(&self, ino: Ino, staged: &Arc<Staged>, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let end = offset.saturating_add(size as u64);
         if !staged.missing(offset, end).is_empty() {
