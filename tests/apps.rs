@@ -586,22 +586,6 @@ fn a_scene_open_in_blender_on_one_node_cannot_be_overwritten_from_another() {
     }
 }
 
-/// The path of `name`, a tool installed with cargo (`.ci/run` does): `env`
-/// if set, else `~/.cargo/bin` or `PATH`; a failure that says how to
-/// install it if none.
-fn cargo_tool(name: &str, version: &str, env: &str) -> PathBuf {
-    if let Some(p) = std::env::var_os(env) {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
-    let installed = Path::new(&home).join("bin").join(name);
-    if installed.is_file() {
-        return installed;
-    }
-    let on_path = std::env::var("PATH").unwrap_or_default().split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file());
-    on_path.unwrap_or_else(|| panic!("{name} not found: cargo install --locked {name} --version {version} (.ci/run does), or set {env}"))
-}
-
 /// fsx (the Rust port of the file system exerciser, fsx-rs; `.ci/run`
 /// installs it with cargo) on a file in a mount, with every operation it
 /// has: reads, writes, mmap reads and writes, truncate, close and reopen,
@@ -617,29 +601,7 @@ fn fsx_with_every_operation_matches_its_model_and_the_serving_node() {
     let ops = std::env::var("DEFTFS_FSX_RS_OPS").unwrap_or_else(|_| "2000".into());
     let w = World::new("fsx-rs", &["alice"], "", |_| {});
     let a = w.c(0);
-    let conf = w.root.path().join("fsx.toml");
-    std::fs::write(
-        &conf,
-        "flen = 8388608\n[opsize]\nmax = 1048576\n[weights]\nclose_open = 1\ninvalidate = 1\nfsync = 1\nfdatasync = 1\n\
-         posix_fallocate = 1\npunch_hole = 1\nsendfile = 1\nposix_fadvise = 1\ncopy_file_range = 1\n",
-    )
-    .unwrap();
-    let artifacts = w.root.path().join("fsx-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    let out = Command::new(&fsx)
-        .args([
-            "-f".as_ref(),
-            conf.as_os_str(),
-            "-N".as_ref(),
-            ops.as_ref(),
-            "-S".as_ref(),
-            seed.as_ref(),
-            "-P".as_ref(),
-            artifacts.as_os_str(),
-        ])
-        .arg(a.at("fsx.bin"))
-        .output()
-        .unwrap();
+    let out = fsx_command(&fsx, w.root.path(), &a.at("fsx.bin"), &ops, &seed).output().unwrap();
     ok(out, &format!("fsx -N {ops} -S {seed} (DEFTFS_FSX_RS_SEED replays it)"));
     a.settle();
     let here = std::fs::read(a.at("fsx.bin")).unwrap();

@@ -447,6 +447,43 @@ fn drop_kernel_cache(path: &Path) {
 /// of an 8 MiB file about 8,000 lines (~750 KB); a 4 KiB edit changes a few
 /// chunks of ~1 KiB. Everything that crosses the relay during the edit is
 /// counted, both ways: the whole manifest alone would be over the bound.
+/// fsx-rs (see tests/apps.rs) through a mount whose link to the serving
+/// node loses 3 % of datagrams each way, delays, reorders and duplicates
+/// them: every fsync, close and reopen pushes through it, and the reads
+/// of what is not local fetch through it. fsx checks every operation
+/// against its model; then the serving node's copy must be the mount's.
+#[test]
+fn fsx_through_a_lossy_link_ends_the_same_on_the_serving_node() {
+    let fsx = cargo_tool("fsx", "0.3.2", "DEFTFS_FSX_RS");
+    let root = TempDir::new("net-fsx");
+    let a = TestNode::init(root.path(), "alice");
+    let b = TestNode::init(root.path(), "bob");
+    let relay = Relay::start(b.endpoint().parse().expect("bob's endpoint"));
+    a.trust_at(&b, &relay.addr().to_string());
+    b.trust(&a);
+    let files = root.path().join("bob-files");
+    std::fs::create_dir_all(&files).unwrap();
+    b.ok(&["share", "add", "files", files.to_str().unwrap(), "--partner", "alice", "--access", "read-write"]);
+    let _b_daemon = b.start();
+    let a_daemon = a.start();
+    let mnt = root.path().join("mnt");
+    let _guard = mount_at(&a, "bob:files", &mnt, &[]);
+    relay.set(Faults { duplicate: 0.01, ..lossy(0.03, 2, 3) });
+    let out = fsx_command(&fsx, root.path(), &mnt.join("fsx.bin"), "200", "7").output().unwrap();
+    assert!(
+        out.status.success(),
+        "fsx through the lossy link failed:\n{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        a_daemon.log_text()
+    );
+    settle(&a);
+    let here = std::fs::read(mnt.join("fsx.bin")).unwrap();
+    assert!(here == std::fs::read(files.join("fsx.bin")).unwrap(), "the serving node's copy differs ({} bytes here)", here.len());
+    let stats = relay.stats();
+    assert!(stats.to_target.dropped > 0 && stats.to_client.dropped > 0, "the relay dropped nothing: {stats:?}");
+}
+
 #[test]
 fn a_resave_through_a_mount_sends_its_manifest_relative_to_the_base() {
     let root = TempDir::new("net-same");

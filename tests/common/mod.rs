@@ -379,3 +379,36 @@ pub fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// The path of `name`, a tool installed with cargo (`.ci/run` does): `env`
+/// if set, else `~/.cargo/bin` or `PATH`; a failure that says how to
+/// install it if none.
+pub fn cargo_tool(name: &str, version: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+    let installed = Path::new(&home).join("bin").join(name);
+    if installed.is_file() {
+        return installed;
+    }
+    let on_path = std::env::var("PATH").unwrap_or_default().split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file());
+    on_path.unwrap_or_else(|| panic!("{name} not found: cargo install --locked {name} --version {version} (.ci/run does), or set {env}"))
+}
+
+/// fsx-rs (see [`cargo_tool`]) on `file`, `ops` operations of `seed`, with
+/// every operation it has enabled; its config and artifacts in `dir`.
+pub fn fsx_command(fsx: &Path, dir: &Path, file: &Path, ops: &str, seed: &str) -> Command {
+    let conf = dir.join("fsx.toml");
+    std::fs::write(
+        &conf,
+        "flen = 8388608\n[opsize]\nmax = 1048576\n[weights]\nclose_open = 1\ninvalidate = 1\nfsync = 1\nfdatasync = 1\n\
+         posix_fallocate = 1\npunch_hole = 1\nsendfile = 1\nposix_fadvise = 1\ncopy_file_range = 1\n",
+    )
+    .unwrap();
+    let artifacts = dir.join("fsx-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let mut cmd = Command::new(fsx);
+    cmd.arg("-f").arg(&conf).args(["-N", ops, "-S", seed]).arg("-P").arg(&artifacts).arg(file);
+    cmd
+}
