@@ -451,6 +451,78 @@ impl Writeback {
         }
     }
 
+    /// Reserve the changes of `path` waiting in the queue (`ready`), those
+    /// older than entry `below` if given, after any of them being pushed
+    /// now has finished: nothing else pushes them until
+    /// [`Writeback::release`] or [`Writeback::supersede`].
+    ///
+    /// A later change of a file made in a mount holds the earlier ones
+    /// (one staging, written on), and goes with base `any` once one of them
+    /// was queued: pushed after it, the earlier entry would find its base
+    /// gone and come back as a conflict copy of stale content. So a push
+    /// that lands supersedes them, and so does an unlink of the file made
+    /// through the mount (the queued change would come back as a conflict
+    /// copy of a file its user removed).
+    pub async fn hold_pending(&self, partner: &str, share: &Name, path: &SharePath, below: Option<i64>) -> Vec<Entry> {
+        let mut held: Vec<Entry> = Vec::new();
+        loop {
+            let waiting: Vec<Entry> = {
+                let db = lock(&self.db);
+                let Ok(mut stmt) = db.prepare_cached(
+                    "SELECT id, partner, share, path, data, base, fence, state, error, queued_ns FROM queue \
+                     WHERE partner = ?1 AND share = ?2 AND path = ?3 AND id < ?4 AND state = 'ready' ORDER BY id",
+                ) else {
+                    return held;
+                };
+                let rows = stmt.query_map(params![partner, share.as_str(), path.as_str(), below.unwrap_or(i64::MAX)], Self::row);
+                rows.map(|r| r.filter_map(Result::ok).collect()).unwrap_or_default()
+            };
+            let mut busy_left = false;
+            {
+                let mut busy = lock(&self.busy);
+                for e in waiting {
+                    if held.iter().any(|h| h.id == e.id) {
+                        continue;
+                    }
+                    if busy.insert(e.id) {
+                        held.push(e);
+                    } else {
+                        busy_left = true;
+                    }
+                }
+            }
+            if !busy_left {
+                return held;
+            }
+            // Being pushed (the retry loop): it ends within a push's time.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Give back entries [`Writeback::hold_pending`] reserved.
+    pub fn release(&self, held: &[Entry]) {
+        let mut busy = lock(&self.busy);
+        for e in held {
+            busy.remove(&e.id);
+        }
+    }
+
+    /// Delete entries [`Writeback::hold_pending`] reserved: a later change
+    /// of the file, or its removal, replaced them on the partner.
+    pub fn supersede(&self, held: &[Entry]) {
+        for e in held {
+            let r = unsynced(&lock(&self.db), |db| db.prepare_cached("DELETE FROM queue WHERE id = ?1")?.execute(params![e.id]));
+            match r {
+                Ok(_) => {
+                    tracing::info!(partner = %e.partner, share = %e.share, path = %e.path, id = e.id, "queued change superseded");
+                    let _ = std::fs::remove_file(&e.data);
+                }
+                Err(err) => tracing::error!(id = e.id, "write-back queue: {err}"),
+            }
+        }
+        self.release(held);
+    }
+
     /// Point a queued entry at a new path (the file was renamed before its
     /// content went back).
     pub fn rename(&self, partner: &str, share: &Name, from: &SharePath, to: &SharePath) -> Result<(), WritebackError> {
@@ -607,7 +679,17 @@ impl Writeback {
             lock(&self.busy).remove(&id);
             return Outcome::Queued("not in the queue".into());
         };
+        // Earlier changes of the file still queued: this one holds them.
+        let older = match (Name::new(&entry.share), SharePath::parse(&entry.path)) {
+            (Ok(share), Ok(path)) => self.hold_pending(&entry.partner, &share, &path, Some(entry.id)).await,
+            _ => Vec::new(),
+        };
         let outcome = self.push_entry(&entry, manifest, mode, base_manifest).await;
+        if matches!(outcome, Outcome::Pushed(_)) {
+            self.supersede(&older);
+        } else {
+            self.release(&older);
+        }
         if matches!(outcome, Outcome::Queued(_) | Outcome::Failed { .. }) {
             let data = entry.data.clone();
             let synced = tokio::task::spawn_blocking(move || sync_file(&data)).await;

@@ -373,6 +373,50 @@ fn fsync_then_sigkill_of_mountd_loses_nothing_the_change_arrives_after_restart()
     );
 }
 
+/// Changes queued while the partner was down are superseded by a later
+/// change of the same file that lands, and by an unlink of it through the
+/// mount: neither comes back as a conflict copy of stale content (seen
+/// with fsx and the serving daemon killed twice under it: the later push
+/// landed first, then the queued one found its base gone).
+#[test]
+fn a_queued_change_gives_way_to_a_later_push_and_to_an_unlink_instead_of_a_conflict_copy() {
+    let mut w = World::new("supersede", &["alice"], "", |dir| {
+        std::fs::write(dir.join("a.txt"), b"v1").unwrap();
+        std::fs::write(dir.join("b.txt"), b"v1").unwrap();
+    });
+    assert_eq!(std::fs::read(w.c(0).at("a.txt")).unwrap(), b"v1");
+    assert_eq!(std::fs::read(w.c(0).at("b.txt")).unwrap(), b"v1");
+    if let Some(d) = w.bob_daemon.as_mut() {
+        d.kill();
+    }
+    let mnt = w.c(0).mnt.clone();
+    let save = |rel: &str, data: &[u8]| {
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(mnt.join(rel)).unwrap();
+        f.write_all(data).unwrap();
+        f.sync_all().unwrap();
+    };
+    save("a.txt", b"v2, offline");
+    save("b.txt", b"v2, offline");
+    w.bob_daemon = Some(w.bob.start());
+    save("a.txt", b"v3");
+    std::fs::remove_file(w.c(0).at("b.txt")).unwrap();
+    let a = w.c(0);
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read(w.server("a.txt")).is_ok_and(|d| d == b"v3")),
+        "v3 never arrived:\n{}",
+        a.log()
+    );
+    // The retry loop has had its turns (it retries within a second or two).
+    std::thread::sleep(Duration::from_secs(4));
+    a.settle();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&w.files).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["a.txt"], "on the serving node\n{}", a.log());
+    assert_eq!(std::fs::read(w.server("a.txt")).unwrap(), b"v3");
+    assert_eq!(a.node.json(&["mounts"])[0]["pending"].as_u64().unwrap_or(0), 0, "changes still queued");
+}
+
 /// kill -9 of the serving daemon in the middle of a mount's push: the
 /// file's name on the serving node keeps the old version (never a part of
 /// the new one), the fsync that made the change durable here returns, and

@@ -1201,12 +1201,20 @@ impl Vfs {
             None => None,
         };
         let local_only = lock(&self.inodes).is_local_only(ino);
+        // Changes of the file still queued (made while the partner was
+        // unreachable) go with it, rather than come back as a conflict copy.
+        let held = match k {
+            Kind::File => self.writeback.hold_pending(self.remote.partner(), &share, &path, None).await,
+            Kind::Dir => Vec::new(),
+        };
         if !local_only {
-            self.remote
-                .call_done(Request::Remove { share, path: path.clone(), kind })
-                .await
-                .map_err(|e| self.remote_errno("remove", &path, e))?;
+            let removed = self.remote.call_done(Request::Remove { share, path: path.clone(), kind }).await;
+            if let Err(e) = removed {
+                self.writeback.release(&held);
+                return Err(self.remote_errno("remove", &path, e));
+            }
         }
+        self.writeback.supersede(&held);
         self.forget(parent, name);
         Ok(())
     }
