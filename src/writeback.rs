@@ -52,6 +52,8 @@ pub struct Entry {
     pub state: String,
     pub error: Option<String>,
     pub queued_ns: i64,
+    /// The staging the entry was taken from ([`crate::mount::stage::Staged::lineage`]).
+    pub lineage: Option<u64>,
 }
 
 /// How far [`Writeback::enqueue`] makes an entry durable.
@@ -164,8 +166,9 @@ pub fn conflict_name(path: &SharePath, node: &str, at: Timestamp, n: u32) -> Opt
     };
     let nth = if n > 1 { format!(" {n}") } else { String::new() };
     let mut tail = format!(" (conflict {node} {date} {hms}{nth}){ext}");
-    if tail.len() >= SharePath::MAX_COMPONENT / 2 {
-        // An "extension" that is most of the name: treat it as the stem.
+    if ext.len() >= SharePath::MAX_COMPONENT / 2 || tail.len() >= SharePath::MAX_COMPONENT {
+        // An "extension" that is most of the name (or leaves no room
+        // beside a long node name): treat it as part of the stem.
         stem = name;
         tail = format!(" (conflict {node} {date} {hms}{nth})");
     }
@@ -246,6 +249,14 @@ impl Writeback {
             );",
         )
         .map_err(wrap)?;
+        // Queues made before entries named their staging.
+        let has_lineage = conn
+            .prepare("SELECT 1 FROM pragma_table_info('queue') WHERE name = 'lineage'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(wrap)?;
+        if !has_lineage {
+            conn.execute_batch("ALTER TABLE queue ADD COLUMN lineage INTEGER").map_err(wrap)?;
+        }
         Ok(Arc::new(Writeback {
             node,
             dir,
@@ -372,6 +383,7 @@ impl Writeback {
         data: &Path,
         base: Base,
         fence: Option<u64>,
+        lineage: u64,
         commit: Commit,
     ) -> Result<i64, WritebackError> {
         let db = lock(&self.db);
@@ -379,7 +391,7 @@ impl Writeback {
             // Statements prepared once per connection, here and below: a `tar
             // x` into a mount queues, looks up and deletes an entry per file.
             db.prepare_cached(
-                "INSERT INTO queue (partner, share, path, data, base, fence, state, queued_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7)",
+                "INSERT INTO queue (partner, share, path, data, base, fence, state, queued_ns, lineage) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ready', ?7, ?8)",
             )?
             .execute(params![
                     partner,
@@ -388,7 +400,8 @@ impl Writeback {
                     data.display().to_string(),
                     base_text(base),
                     fence.map(|f| f as i64),
-                    Timestamp::now().0
+                    Timestamp::now().0,
+                    lineage as i64
                 ],
             )
         };
@@ -413,6 +426,16 @@ impl Writeback {
         stmt.exists(params![partner, share.as_str(), path.as_str()]).unwrap_or(false)
     }
 
+    /// Whether an entry taken from staging `lineage` is still queued
+    /// (waiting, or refused and kept).
+    pub fn pending_lineage(&self, lineage: u64) -> bool {
+        let db = lock(&self.db);
+        let Ok(mut stmt) = db.prepare_cached("SELECT 1 FROM queue WHERE lineage = ?1 LIMIT 1") else {
+            return false;
+        };
+        stmt.exists(params![lineage as i64]).unwrap_or(false)
+    }
+
     /// Push `data` now, without a queue entry: for a close, whose caller
     /// waits for the answer, so the change is on the partner (durable
     /// there) once this returns `Pushed` or `Conflict`. On `Queued` or
@@ -430,6 +453,7 @@ impl Writeback {
             state: "ready".into(),
             error: None,
             queued_ns: Timestamp::now().0,
+            lineage: None,
         };
         let outcome = self.push_entry(&entry, options.manifest, options.mode, options.base_manifest).await;
         if let Outcome::Conflict { .. } = outcome {
@@ -451,50 +475,47 @@ impl Writeback {
         }
     }
 
-    /// Reserve the changes of `path` waiting in the queue (`ready`), those
-    /// older than entry `below` if given, after any of them being pushed
-    /// now has finished: nothing else pushes them until
+    /// Reserve the changes of `path` from staging `lineage` waiting in the
+    /// queue (`ready`), those older than entry `below` if given, once none
+    /// of them is being pushed: nothing else pushes them until
     /// [`Writeback::release`] or [`Writeback::supersede`].
     ///
-    /// A later change of a file made in a mount holds the earlier ones
-    /// (one staging, written on), and goes with base `any` once one of them
-    /// was queued: pushed after it, the earlier entry would find its base
+    /// A later change of a file made in a mount holds the earlier ones of
+    /// its staging (written on; it goes with base `any` once one of them
+    /// was queued): pushed after it, the earlier entry would find its base
     /// gone and come back as a conflict copy of stale content. So a push
-    /// that lands supersedes them, and so does an unlink of the file made
-    /// through the mount (the queued change would come back as a conflict
-    /// copy of a file its user removed).
-    pub async fn hold_pending(&self, partner: &str, share: &Name, path: &SharePath, below: Option<i64>) -> Vec<Entry> {
-        let mut held: Vec<Entry> = Vec::new();
+    /// that lands supersedes them, and so does an unlink of the file, or a
+    /// rename over it, made through the mount. Entries of another staging
+    /// (the file closed, its staging retired, opened again) are not held:
+    /// the later change does not hold theirs.
+    ///
+    /// All or nothing: while one of them is busy (the retry loop pushing
+    /// it, or another caller holding it), none is taken, so two callers
+    /// never wait on each other's half.
+    pub async fn hold_pending(&self, partner: &str, share: &Name, path: &SharePath, lineage: u64, below: Option<i64>) -> Vec<Entry> {
         loop {
             let waiting: Vec<Entry> = {
                 let db = lock(&self.db);
                 let Ok(mut stmt) = db.prepare_cached(
-                    "SELECT id, partner, share, path, data, base, fence, state, error, queued_ns FROM queue \
-                     WHERE partner = ?1 AND share = ?2 AND path = ?3 AND id < ?4 AND state = 'ready' ORDER BY id",
+                    "SELECT id, partner, share, path, data, base, fence, state, error, queued_ns, lineage FROM queue \
+                     WHERE partner = ?1 AND share = ?2 AND path = ?3 AND lineage = ?4 AND id < ?5 AND state = 'ready' ORDER BY id",
                 ) else {
-                    return held;
+                    return Vec::new();
                 };
-                let rows = stmt.query_map(params![partner, share.as_str(), path.as_str(), below.unwrap_or(i64::MAX)], Self::row);
+                let rows =
+                    stmt.query_map(params![partner, share.as_str(), path.as_str(), lineage as i64, below.unwrap_or(i64::MAX)], Self::row);
                 rows.map(|r| r.filter_map(Result::ok).collect()).unwrap_or_default()
             };
-            let mut busy_left = false;
             {
                 let mut busy = lock(&self.busy);
-                for e in waiting {
-                    if held.iter().any(|h| h.id == e.id) {
-                        continue;
+                if waiting.iter().all(|e| !busy.contains(&e.id)) {
+                    for e in &waiting {
+                        busy.insert(e.id);
                     }
-                    if busy.insert(e.id) {
-                        held.push(e);
-                    } else {
-                        busy_left = true;
-                    }
+                    return waiting;
                 }
             }
-            if !busy_left {
-                return held;
-            }
-            // Being pushed (the retry loop): it ends within a push's time.
+            // Being pushed: that ends within a push's time.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -547,15 +568,16 @@ impl Writeback {
             state: r.get(7)?,
             error: r.get(8)?,
             queued_ns: r.get(9)?,
+            lineage: r.get::<_, Option<i64>>(10)?.map(|l| l as u64),
         })
     }
 
-    const COLUMNS: &'static str = "id, partner, share, path, data, base, fence, state, error, queued_ns";
+    const COLUMNS: &'static str = "id, partner, share, path, data, base, fence, state, error, queued_ns, lineage";
 
     pub fn get(&self, id: i64) -> Option<Entry> {
         let db = lock(&self.db);
         // The columns of `COLUMNS`, spelled out: one text to prepare once.
-        const GET: &str = "SELECT id, partner, share, path, data, base, fence, state, error, queued_ns FROM queue WHERE id = ?1";
+        const GET: &str = "SELECT id, partner, share, path, data, base, fence, state, error, queued_ns, lineage FROM queue WHERE id = ?1";
         let Ok(mut stmt) = db.prepare_cached(GET) else { return None };
         stmt.query_row(params![id], Self::row).optional().ok().flatten()
     }
@@ -679,9 +701,9 @@ impl Writeback {
             lock(&self.busy).remove(&id);
             return Outcome::Queued("not in the queue".into());
         };
-        // Earlier changes of the file still queued: this one holds them.
-        let older = match (Name::new(&entry.share), SharePath::parse(&entry.path)) {
-            (Ok(share), Ok(path)) => self.hold_pending(&entry.partner, &share, &path, Some(entry.id)).await,
+        // Earlier changes of the file's staging still queued: this one holds them.
+        let older = match (Name::new(&entry.share), SharePath::parse(&entry.path), entry.lineage) {
+            (Ok(share), Ok(path), Some(lineage)) => self.hold_pending(&entry.partner, &share, &path, lineage, Some(entry.id)).await,
             _ => Vec::new(),
         };
         let outcome = self.push_entry(&entry, manifest, mode, base_manifest).await;
@@ -835,6 +857,13 @@ mod tests {
 
     #[test]
     fn conflict_names_of_the_longest_names_fit_name_max() {
+        let at0 = Timestamp::parse_rfc3339("2026-12-03T10:15:07.5Z").unwrap();
+        // A node name of 128 bytes keeps a short extension.
+        let node = "n".repeat(128);
+        let copy = conflict_name(&SharePath::parse("d/scene.blend").unwrap(), &node, at0, 2).unwrap();
+        assert!(copy.as_str().ends_with(").blend") && copy.file_name().unwrap().len() <= 255, "{copy:?}");
+        let copy = conflict_name(&SharePath::parse(&format!("{}.blend", "s".repeat(240))).unwrap(), &node, at0, 2).unwrap();
+        assert!(copy.file_name().unwrap().len() <= 255, "{copy:?}");
         let at = Timestamp::parse_rfc3339("2026-12-03T10:15:07.5Z").unwrap();
         let name = |p: &SharePath| p.file_name().unwrap().to_string();
         // A 255-byte name (multi-byte characters at the cut) keeps its extension.

@@ -373,11 +373,12 @@ fn fsync_then_sigkill_of_mountd_loses_nothing_the_change_arrives_after_restart()
     );
 }
 
-/// Changes queued while the partner was down are superseded by a later
-/// change of the same file that lands, and by an unlink of it through the
-/// mount: neither comes back as a conflict copy of stale content (seen
-/// with fsx and the serving daemon killed twice under it: the later push
-/// landed first, then the queued one found its base gone).
+/// A change saved while the partner was down is what the mount shows,
+/// closed, until it is in; it is superseded by a later change of the same
+/// file that lands, and by an unlink of it through the mount: neither
+/// comes back as a conflict copy of stale content (seen with fsx and the
+/// serving daemon killed twice under it: the later push landed first, then
+/// the queued one found its base gone).
 #[test]
 fn a_queued_change_gives_way_to_a_later_push_and_to_an_unlink_instead_of_a_conflict_copy() {
     let mut w = World::new("supersede", &["alice"], "", |dir| {
@@ -397,6 +398,10 @@ fn a_queued_change_gives_way_to_a_later_push_and_to_an_unlink_instead_of_a_confl
     };
     save("a.txt", b"v2, offline");
     save("b.txt", b"v2, offline");
+    // Closed, the offline change is still what the mount shows (it used to
+    // show the partner's older version until the change was in).
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(std::fs::read(mnt.join("a.txt")).unwrap(), b"v2, offline", "the mount no longer shows the saved change");
     w.bob_daemon = Some(w.bob.start());
     save("a.txt", b"v3");
     std::fs::remove_file(w.c(0).at("b.txt")).unwrap();

@@ -124,6 +124,11 @@ pub struct StageState {
 
 pub struct Staged {
     pub data: PathBuf,
+    /// Unique to this staging: the write-back queue tags its entries with
+    /// it, so that a later entry supersedes only earlier ones whose changes
+    /// it holds (this staging, written on), never those of another staging
+    /// of the same path.
+    pub lineage: u64,
     pub file: File,
     pub state: Mutex<StageState>,
     /// Held by a push from fill to the end of the transfer, and by each
@@ -208,7 +213,10 @@ impl Staged {
 
     fn new(data: PathBuf, file: File, state: StageState, params: ChunkParams) -> Staged {
         let direct = DirectWrites::open(&data);
-        Staged { data, file, state: Mutex::new(state), gate: Default::default(), writeback: Default::default(), direct, params }
+        // Unique across restarts of mountd too (queue entries outlive it).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let lineage = (crate::time::Timestamp::now().0 as u64).wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        Staged { data, lineage, file, state: Mutex::new(state), gate: Default::default(), writeback: Default::default(), direct, params }
     }
 
     /// The manifest of the content, which must be all local (blocking).

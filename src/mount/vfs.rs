@@ -85,8 +85,8 @@ pub struct Attr {
     /// Permission bits as shown: write bits cleared on a read-only mount.
     pub perm: u16,
     /// Links: 0 for a file unlinked or replaced while open; for a
-    /// directory, 2 plus its subdirectories when its listing is known here,
-    /// 1 (the Linux convention for "not counted") when it is not.
+    /// directory, 2 plus its subdirectories when its listing here is
+    /// fresh, 1 (the Linux convention for "not counted") when it is not.
     pub nlink: u32,
 }
 
@@ -597,9 +597,13 @@ impl Vfs {
         let nlink = match n.kind {
             Kind::File if n.unlinked || n.detached => 0,
             Kind::File => 1,
+            // A count from a listing that may be stale could be too low,
+            // and `fts` takes 2 for "no subdirectories".
             Kind::Dir => match &n.children {
-                Some((c, _)) => 2 + c.iter().filter(|(_, i)| inodes.by_ino.get(i).is_some_and(|c| c.kind == Kind::Dir)).count() as u32,
-                None => 1,
+                Some((c, at)) if self.fresh(Some(*at)) => {
+                    2 + c.iter().filter(|(_, i)| inodes.by_ino.get(i).is_some_and(|c| c.kind == Kind::Dir)).count() as u32
+                }
+                _ => 1,
             },
         };
         Attr {

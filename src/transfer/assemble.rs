@@ -68,11 +68,12 @@ impl AssembleError {
         matches!(self, AssembleError::Changed(_))
     }
 
-    /// The file system has no room for the file.
+    /// The file system cannot hold the path (past PATH_MAX or NAME_MAX).
     pub fn is_name_too_long(&self) -> bool {
         matches!(self, AssembleError::Io { source, .. } if source.raw_os_error() == Some(libc::ENAMETOOLONG))
     }
 
+    /// The file system has no room for the file.
     pub fn is_disk_full(&self) -> bool {
         matches!(self, AssembleError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull || source.raw_os_error() == Some(libc::ENOSPC))
     }

@@ -920,7 +920,9 @@ impl Vfs {
             Commit::Lazy => std::fs::hard_link(&staged.data, &queued),
         };
         let id = linked.map_err(|e| e.to_string()).and_then(|()| {
-            self.writeback.enqueue(self.remote.partner(), share, path, &queued, expect, fence, commit).map_err(|e| e.to_string())
+            self.writeback
+                .enqueue(self.remote.partner(), share, path, &queued, expect, fence, staged.lineage, commit)
+                .map_err(|e| e.to_string())
         });
         id.map_err(|e| {
             tracing::error!(%path, "the change could not be queued: {e}");
@@ -1051,6 +1053,13 @@ impl Vfs {
         // A push in progress reads the staging file by its path: leave it
         // (the push retires it when done).
         let Ok(_pushing) = staged.gate.try_lock() else { return };
+        // A change of it still queued (the partner was unreachable, or
+        // refused it): the staging is the file's content here until that
+        // change is in. Retired, the mount would show the partner's older
+        // version, and a later change would start from it.
+        if !staged.state().gone && self.writeback.pending_lineage(staged.lineage) {
+            return;
+        }
         {
             // Decided again under the inode table's lock, where an open
             // takes a staging and counts its handle in one step: an open
@@ -1072,7 +1081,9 @@ impl Vfs {
         // What was pushed stays at hand for the next edit of it.
         let keep = {
             let st = staged.state();
-            st.recut_base.clone().filter(|m| st.expect == Base::Version(m.file_hash) && st.size == m.size)
+            // Not a file unlinked while open: its handles may have written
+            // it since, and nothing of that went back.
+            st.recut_base.clone().filter(|m| !st.gone && st.expect == Base::Version(m.file_hash) && st.size == m.size)
         };
         match keep {
             Some(m) if staged.complete() => self.writeback.keep(&staged.data, m),
@@ -1196,6 +1207,7 @@ impl Vfs {
         // came after the unlink) finishes first; one that would start
         // after waits for the removal, and then finds it gone.
         let staged = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone());
+        let staged_lineage = staged.as_ref().map(|s| s.lineage);
         let _gate = match staged {
             Some(s) => Some(s.gate.clone().lock_owned().await),
             None => None,
@@ -1203,9 +1215,9 @@ impl Vfs {
         let local_only = lock(&self.inodes).is_local_only(ino);
         // Changes of the file still queued (made while the partner was
         // unreachable) go with it, rather than come back as a conflict copy.
-        let held = match k {
-            Kind::File => self.writeback.hold_pending(self.remote.partner(), &share, &path, None).await,
-            Kind::Dir => Vec::new(),
+        let held = match &staged_lineage {
+            Some(l) => self.writeback.hold_pending(self.remote.partner(), &share, &path, *l, None).await,
+            None => Vec::new(),
         };
         if !local_only {
             let removed = self.remote.call_done(Request::Remove { share, path: path.clone(), kind }).await;
@@ -1242,12 +1254,24 @@ impl Vfs {
         self.drain_behind().await;
         self.settle(ino).await?;
         // A target created here and not pushed yet is only ours to replace.
+        let mut replaced = None;
         if let Ok(target) = self.lookup(newparent, newname).await {
             if noreplace {
                 return Err(Errno(libc::EEXIST));
             }
             self.settle(target.ino).await?;
+            replaced = lock(&self.inodes).by_ino.get(&target.ino).and_then(|n| n.staged.clone());
         }
+        // The replaced file's own pushes stay out until it is forgotten
+        // (and so `gone`), and its queued changes go with it, as for an
+        // unlink.
+        let (_target_gate, held) = match replaced {
+            Some(t) => {
+                let gate = t.gate.clone().lock_owned().await;
+                (Some(gate), self.writeback.hold_pending(self.remote.partner(), &share, &to, t.lineage, None).await)
+            }
+            None => (None, Vec::new()),
+        };
         // Saving under a new name (Blender's "Save As", the first save of a
         // new scene: `x.blend@` renamed to `x.blend`) leaves the saving
         // process with a file it never opened: without this it would be
@@ -1260,8 +1284,10 @@ impl Vfs {
             if let Some(need) = lease {
                 self.leases.done(&share, &to, &need);
             }
+            self.writeback.release(&held);
             return Err(self.remote_errno("rename", &from, e));
         }
+        self.writeback.supersede(&held);
         if let Err(e) = self.writeback.rename(self.remote.partner(), &share, &from, &to) {
             tracing::warn!("{e}");
         }
