@@ -1222,7 +1222,12 @@ impl Vfs {
         if !local_only {
             let removed = self.remote.call_done(Request::Remove { share, path: path.clone(), kind }).await;
             if let Err(e) = removed {
-                self.writeback.release(&held);
+                if matches!(e, RemoteError::Refused { code: "NOT_FOUND", .. }) {
+                    // Removed on the partner already: what was asked for.
+                    self.writeback.supersede(&held);
+                } else {
+                    self.writeback.release(&held);
+                }
                 return Err(self.remote_errno("remove", &path, e));
             }
         }
