@@ -56,6 +56,15 @@ pub struct Entry {
     pub lineage: Option<u64>,
 }
 
+/// The queue's columns in the order [`Writeback::row`] reads them, for
+/// every SELECT of entries (a literal, so that `concat!` makes each
+/// statement one text to prepare once).
+macro_rules! entry_columns {
+    () => {
+        "id, partner, share, path, data, base, fence, state, error, queued_ns, lineage"
+    };
+}
+
 /// How far [`Writeback::enqueue`] makes an entry durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Commit {
@@ -497,8 +506,11 @@ impl Writeback {
             let waiting: Vec<Entry> = {
                 let db = lock(&self.db);
                 let Ok(mut stmt) = db.prepare_cached(
-                    "SELECT id, partner, share, path, data, base, fence, state, error, queued_ns, lineage FROM queue \
-                     WHERE partner = ?1 AND share = ?2 AND path = ?3 AND lineage = ?4 AND id < ?5 AND state = 'ready' ORDER BY id",
+                    concat!(
+                        "SELECT ",
+                        entry_columns!(),
+                        " FROM queue WHERE partner = ?1 AND share = ?2 AND path = ?3 AND lineage = ?4 AND id < ?5 AND state = 'ready' ORDER BY id"
+                    ),
                 ) else {
                     return Vec::new();
                 };
@@ -572,12 +584,9 @@ impl Writeback {
         })
     }
 
-    const COLUMNS: &'static str = "id, partner, share, path, data, base, fence, state, error, queued_ns, lineage";
-
     pub fn get(&self, id: i64) -> Option<Entry> {
         let db = lock(&self.db);
-        // The columns of `COLUMNS`, spelled out: one text to prepare once.
-        const GET: &str = "SELECT id, partner, share, path, data, base, fence, state, error, queued_ns, lineage FROM queue WHERE id = ?1";
+        const GET: &str = concat!("SELECT ", entry_columns!(), " FROM queue WHERE id = ?1");
         let Ok(mut stmt) = db.prepare_cached(GET) else { return None };
         stmt.query_row(params![id], Self::row).optional().ok().flatten()
     }
@@ -585,7 +594,7 @@ impl Writeback {
     /// Every entry, oldest first; `partner` filters.
     pub fn entries(&self, partner: Option<&str>) -> Vec<Entry> {
         let db = lock(&self.db);
-        let Ok(mut stmt) = db.prepare(&format!("SELECT {} FROM queue ORDER BY id", Self::COLUMNS)) else { return Vec::new() };
+        let Ok(mut stmt) = db.prepare(concat!("SELECT ", entry_columns!(), " FROM queue ORDER BY id")) else { return Vec::new() };
         let rows = stmt.query_map([], Self::row).map(|rows| rows.filter_map(Result::ok).collect::<Vec<_>>()).unwrap_or_default();
         rows.into_iter().filter(|e| partner.is_none_or(|p| p == e.partner)).collect()
     }

@@ -21,13 +21,8 @@ use std::time::{Duration, SystemTime};
 
 /// The path of `tool`, or a failure that says what to install.
 fn tool(names: &[&str], package: &str) -> PathBuf {
-    for name in names {
-        for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-            let p = Path::new(dir).join(name);
-            if p.is_file() {
-                return p;
-            }
-        }
+    if let Some(p) = names.iter().find_map(|n| on_path(n)) {
+        return p;
     }
     panic!("{names:?} not found: install the {package} package (apt-get install -y {package}); .ci/run does");
 }

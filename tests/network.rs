@@ -41,11 +41,7 @@ impl Net {
     /// `alice_config` is appended to alice's config.toml before anything runs.
     fn new(tag: &str, alice_config: &str, prepare: impl FnOnce(&Path)) -> Net {
         let root = TempDir::new(tag);
-        let a = TestNode::init(root.path(), "alice");
-        let b = TestNode::init(root.path(), "bob");
-        let relay = Relay::start(b.endpoint().parse().expect("bob's endpoint"));
-        a.trust_at(&b, &relay.addr().to_string());
-        b.trust(&a);
+        let (a, b, relay) = pair_through_relay(root.path());
         if !alice_config.is_empty() {
             let path = a.home.join("config.toml");
             let text = std::fs::read_to_string(&path).unwrap();
@@ -99,6 +95,51 @@ impl Net {
     fn output(&self, name: &str) -> (String, String) {
         let read = |ext: &str| std::fs::read_to_string(self.root.path().join(format!("{name}.{ext}"))).unwrap_or_default();
         (read("stdout"), read("stderr"))
+    }
+}
+
+/// Alice and bob in `root`, each trusting the other; alice reaches bob
+/// through a relay (faultless until told otherwise).
+fn pair_through_relay(root: &Path) -> (TestNode, TestNode, Relay) {
+    let a = TestNode::init(root, "alice");
+    let b = TestNode::init(root, "bob");
+    let relay = Relay::start(b.endpoint().parse().expect("bob's endpoint"));
+    a.trust_at(&b, &relay.addr().to_string());
+    b.trust(&a);
+    (a, b, relay)
+}
+
+/// Bob serves `files` read-write to alice through the relay, and alice
+/// mounts it; `config` goes into both nodes' config.toml. Fields drop in
+/// order: the mount, then the daemons, then the directories.
+struct RwLink {
+    _guard: MountGuard,
+    a_daemon: Daemon,
+    _b_daemon: Daemon,
+    relay: Relay,
+    a: TestNode,
+    files: PathBuf,
+    mnt: PathBuf,
+    root: TempDir,
+}
+
+impl RwLink {
+    fn mounted(tag: &str, config: &str) -> RwLink {
+        let root = TempDir::new(tag);
+        let (a, b, relay) = pair_through_relay(root.path());
+        for node in [&a, &b] {
+            let path = node.home.join("config.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, format!("{text}\n{config}")).unwrap();
+        }
+        let files = root.path().join("bob-files");
+        std::fs::create_dir_all(&files).unwrap();
+        b.ok(&["share", "add", "files", files.to_str().unwrap(), "--partner", "alice", "--access", "read-write"]);
+        let _b_daemon = b.start();
+        let a_daemon = a.start();
+        let mnt = root.path().join("mnt");
+        let _guard = mount_at(&a, "bob:files", &mnt, &[]);
+        RwLink { _guard, a_daemon, _b_daemon, relay, a, files, mnt, root }
     }
 }
 
@@ -455,19 +496,7 @@ fn drop_kernel_cache(path: &Path) {
 #[test]
 fn fsx_through_a_lossy_link_ends_the_same_on_the_serving_node() {
     let fsx = cargo_tool("fsx", "0.3.2", "DEFTFS_FSX_RS");
-    let root = TempDir::new("net-fsx");
-    let a = TestNode::init(root.path(), "alice");
-    let b = TestNode::init(root.path(), "bob");
-    let relay = Relay::start(b.endpoint().parse().expect("bob's endpoint"));
-    a.trust_at(&b, &relay.addr().to_string());
-    b.trust(&a);
-    let files = root.path().join("bob-files");
-    std::fs::create_dir_all(&files).unwrap();
-    b.ok(&["share", "add", "files", files.to_str().unwrap(), "--partner", "alice", "--access", "read-write"]);
-    let _b_daemon = b.start();
-    let a_daemon = a.start();
-    let mnt = root.path().join("mnt");
-    let _guard = mount_at(&a, "bob:files", &mnt, &[]);
+    let RwLink { root, a, relay, files, mnt, a_daemon, _b_daemon, _guard, .. } = RwLink::mounted("net-fsx", "");
     relay.set(Faults { duplicate: 0.01, ..lossy(0.03, 2, 3) });
     let out = fsx_command(&fsx, root.path(), &mnt.join("fsx.bin"), "200", "7").output().unwrap();
     assert!(
@@ -486,24 +515,8 @@ fn fsx_through_a_lossy_link_ends_the_same_on_the_serving_node() {
 
 #[test]
 fn a_resave_through_a_mount_sends_its_manifest_relative_to_the_base() {
-    let root = TempDir::new("net-same");
-    let a = TestNode::init(root.path(), "alice");
-    let b = TestNode::init(root.path(), "bob");
-    let relay = Relay::start(b.endpoint().parse().expect("bob's endpoint"));
-    a.trust_at(&b, &relay.addr().to_string());
-    b.trust(&a);
-    for node in [&a, &b] {
-        let path = node.home.join("config.toml");
-        let text = std::fs::read_to_string(&path).unwrap();
-        std::fs::write(&path, format!("{text}\n[storage]\nchunk_min = 256\nchunk_avg = 1024\nchunk_max = 4096\n")).unwrap();
-    }
-    let files = root.path().join("bob-files");
-    std::fs::create_dir_all(&files).unwrap();
-    b.ok(&["share", "add", "files", files.to_str().unwrap(), "--partner", "alice", "--access", "read-write"]);
-    let _b_daemon = b.start();
-    let _a_daemon = a.start();
-    let mnt = root.path().join("mnt");
-    let _guard = mount_at(&a, "bob:files", &mnt, &[]);
+    let RwLink { root: _root, a, relay, files, mnt, a_daemon: _a_daemon, _b_daemon, _guard, .. } =
+        RwLink::mounted("net-same", "[storage]\nchunk_min = 256\nchunk_avg = 1024\nchunk_max = 4096\n");
 
     let mut data = random_bytes(8 * MIB, 41);
     std::fs::write(mnt.join("big.bin"), &data).unwrap();

@@ -103,6 +103,10 @@ pub struct StageState {
     /// handles still write stays here, and nothing of it goes back (its
     /// name may be another file's by now).
     pub gone: bool,
+    /// A change of this staging was left in the write-back queue (the
+    /// partner unreachable, or refusing it) at least once: only then can
+    /// an entry of it still be queued when its last handle closes.
+    pub queued: bool,
     /// Open handles using this staging.
     pub handles: usize,
     pub mtime_ns: i64,
@@ -170,6 +174,7 @@ impl Staged {
             expect,
             dirty: false,
             gone: false,
+            queued: false,
             handles: 0,
             mtime_ns,
             written: Ranges::default(),
@@ -200,6 +205,7 @@ impl Staged {
             expect: Base::Version(manifest.file_hash),
             dirty: false,
             gone: false,
+            queued: false,
             handles: 0,
             mtime_ns,
             recut_base: Some(manifest),

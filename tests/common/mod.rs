@@ -392,8 +392,8 @@ pub fn cargo_tool(name: &str, version: &str, env: &str) -> PathBuf {
     if installed.is_file() {
         return installed;
     }
-    let on_path = std::env::var("PATH").unwrap_or_default().split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file());
-    on_path.unwrap_or_else(|| panic!("{name} not found: cargo install --locked {name} --version {version} (.ci/run does), or set {env}"))
+    on_path(name)
+        .unwrap_or_else(|| panic!("{name} not found: cargo install --locked {name} --version {version} (.ci/run does), or set {env}"))
 }
 
 /// fsx-rs (see [`cargo_tool`]) on `file`, `ops` operations of `seed`, with
@@ -411,4 +411,9 @@ pub fn fsx_command(fsx: &Path, dir: &Path, file: &Path, ops: &str, seed: &str) -
     let mut cmd = Command::new(fsx);
     cmd.arg("-f").arg(&conf).args(["-N", ops, "-S", seed]).arg("-P").arg(&artifacts).arg(file);
     cmd
+}
+
+/// `name` in a directory of `PATH`.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var("PATH").unwrap_or_default().split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
 }

@@ -25,7 +25,7 @@ use crate::chunk::Manifest;
 use crate::mount::leases::{process_name, process_of, process_start, tgid_of, Need};
 use crate::proto::{Base, Request};
 use crate::transfer::client::PushOptions;
-use crate::writeback::{Commit, Outcome};
+use crate::writeback::{Commit, Entry as QueueEntry, Outcome};
 
 /// How a file is opened.
 #[derive(Debug, Clone, Copy, Default)]
@@ -832,10 +832,12 @@ impl Vfs {
                     // Durable in the queue; it goes back when the partner is
                     // reachable. Later pushes of this file follow it in order.
                     st.expect = Base::Any;
+                    st.queued = true;
                     tracing::info!(partner = %self.remote.partner(), %share, %path, "write-back queued: {why}");
                     Ok(())
                 }
                 Outcome::Failed { code, message } => {
+                    st.queued = true;
                     tracing::error!(partner = %self.remote.partner(), %share, %path, code, "write-back refused: {message}");
                     Err(Errno::from_remote(&RemoteError::Refused { partner: String::new(), code, message }))
                 }
@@ -1057,7 +1059,11 @@ impl Vfs {
         // refused it): the staging is the file's content here until that
         // change is in. Retired, the mount would show the partner's older
         // version, and a later change would start from it.
-        if !staged.state().gone && self.writeback.pending_lineage(staged.lineage) {
+        let maybe_queued = {
+            let st = staged.state();
+            st.queued && !st.gone
+        };
+        if maybe_queued && self.writeback.pending_lineage(staged.lineage) {
             return;
         }
         {
@@ -1180,6 +1186,19 @@ impl Vfs {
         }
     }
 
+    /// File `ino` (at `path`) is about to be unlinked or renamed over.
+    /// Its staging's gate, held until it is forgotten (and so `gone`): a
+    /// push of it that started before (a close whose release came after)
+    /// finishes first, and one that would start after finds it gone. And
+    /// its changes still queued (made while the partner was unreachable),
+    /// held: they go with it ([`Writeback::supersede`] once it is gone),
+    /// rather than come back as a conflict copy.
+    async fn going(&self, ino: Ino, share: &Name, path: &SharePath) -> (Option<tokio::sync::OwnedMutexGuard<()>>, Vec<QueueEntry>) {
+        let Some(staged) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) else { return (None, Vec::new()) };
+        let gate = staged.gate.clone().lock_owned().await;
+        (Some(gate), self.writeback.hold_pending(self.remote.partner(), share, path, staged.lineage, None).await)
+    }
+
     pub async fn unlink(&self, parent: Ino, name: &str) -> Result<(), Errno> {
         self.remove(parent, name, EntryKind::File).await
     }
@@ -1206,19 +1225,8 @@ impl Vfs {
         // A push of this file that started since (a close whose release
         // came after the unlink) finishes first; one that would start
         // after waits for the removal, and then finds it gone.
-        let staged = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone());
-        let staged_lineage = staged.as_ref().map(|s| s.lineage);
-        let _gate = match staged {
-            Some(s) => Some(s.gate.clone().lock_owned().await),
-            None => None,
-        };
+        let (_gate, held) = self.going(ino, &share, &path).await;
         let local_only = lock(&self.inodes).is_local_only(ino);
-        // Changes of the file still queued (made while the partner was
-        // unreachable) go with it, rather than come back as a conflict copy.
-        let held = match &staged_lineage {
-            Some(l) => self.writeback.hold_pending(self.remote.partner(), &share, &path, *l, None).await,
-            None => Vec::new(),
-        };
         if !local_only {
             let removed = self.remote.call_done(Request::Remove { share, path: path.clone(), kind }).await;
             if let Err(e) = removed {
@@ -1259,24 +1267,15 @@ impl Vfs {
         self.drain_behind().await;
         self.settle(ino).await?;
         // A target created here and not pushed yet is only ours to replace.
-        let mut replaced = None;
+        let mut replaced = (None, Vec::new());
         if let Ok(target) = self.lookup(newparent, newname).await {
             if noreplace {
                 return Err(Errno(libc::EEXIST));
             }
             self.settle(target.ino).await?;
-            replaced = lock(&self.inodes).by_ino.get(&target.ino).and_then(|n| n.staged.clone());
+            replaced = self.going(target.ino, &share, &to).await;
         }
-        // The replaced file's own pushes stay out until it is forgotten
-        // (and so `gone`), and its queued changes go with it, as for an
-        // unlink.
-        let (_target_gate, held) = match replaced {
-            Some(t) => {
-                let gate = t.gate.clone().lock_owned().await;
-                (Some(gate), self.writeback.hold_pending(self.remote.partner(), &share, &to, t.lineage, None).await)
-            }
-            None => (None, Vec::new()),
-        };
+        let (_target_gate, held) = replaced;
         // Saving under a new name (Blender's "Save As", the first save of a
         // new scene: `x.blend@` renamed to `x.blend`) leaves the saving
         // process with a file it never opened: without this it would be
