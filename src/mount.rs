@@ -266,6 +266,13 @@ impl Mounts {
             .map_err(|e| MountError::Fuse(mountpoint.clone(), std::io::Error::other(e.to_string())))?
             .map_err(|e| MountError::Fuse(mountpoint.clone(), e))?;
         vfs.set_invalidator(fuse::invalidator(session.notifier()));
+        // What processes' maps show for a mapped file of the mount.
+        let mp = mountpoint.clone();
+        match tokio::task::spawn_blocking(move || std::fs::metadata(mp)).await {
+            Ok(Ok(meta)) => vfs.set_mount_dev(std::os::unix::fs::MetadataExt::dev(&meta)),
+            Ok(Err(e)) => tracing::warn!(mountpoint = %mountpoint.display(), "the new mount cannot be looked at: {e}"),
+            Err(e) => tracing::warn!(mountpoint = %mountpoint.display(), "the new mount cannot be looked at: {e}"),
+        }
         let watch = tokio::spawn(watch_loop(vfs.clone(), root)).abort_handle();
         remote.warm_data();
         let renew = leases.start();

@@ -1493,3 +1493,153 @@ fn files_created_before_their_lock_is_answered_survive_sigkill_rename_unlink_and
     std::thread::sleep(Duration::from_millis(500));
     assert!(!w.server("gone.txt").exists(), "a file removed right after its close reached the partner");
 }
+
+/// Bytes `len` long of a pattern that differs with `seed`.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// The serving node's file has `want` within 10 s.
+fn arrives(w: &World, name: &str, want: &[u8]) -> Result<(), String> {
+    let ok = wait_until(Duration::from_secs(10), || std::fs::read(w.server(name)).is_ok_and(|d| d == want));
+    if ok {
+        return Ok(());
+    }
+    let got = std::fs::read(w.server(name)).map(|d| d.len());
+    Err(format!("{name} never arrived as written ({} bytes wanted, the serving node has {got:?})", want.len()))
+}
+
+/// A new file, or one opened with O_TRUNC, is written by the kernel into
+/// its staging itself (FUSE passthrough): mountd sees its writes in the
+/// file's size and mtime. Every way of writing it must still reach the
+/// partner: in pieces with stats in between, same-size overwrites after a
+/// push, ftruncate, O_APPEND beside it, and writes through a mapping that
+/// outlives the descriptor, before and after an fsync.
+#[test]
+fn files_the_kernel_writes_itself_reach_the_partner_however_they_are_written() {
+    let w = World::new("ptw", &["alice"], "", |_| {});
+    let a = w.c(0);
+    let opens = |a: &Client| a.node.json(&["mounts"])[0]["passthrough_opens"].as_u64().unwrap();
+
+    // In pieces: the size shows through the mount as it grows.
+    let before = opens(a);
+    let data = pattern(8 * MIB + 123, 1);
+    let mut f = std::fs::File::create(a.at("p.bin")).unwrap();
+    assert!(opens(a) > before, "a new file was not written through passthrough: {}", a.node.json(&["mounts"]));
+    for (i, piece) in data.chunks(MIB).enumerate() {
+        f.write_all(piece).unwrap();
+        let shown = std::fs::metadata(a.at("p.bin")).unwrap().len();
+        assert_eq!(shown, ((i + 1) * MIB).min(data.len()) as u64, "stat during the writes");
+    }
+    drop(f);
+    arrives(&w, "p.bin", &data).unwrap();
+
+    // A same-size overwrite right after an fsync's push: only the mtime
+    // tells it happened.
+    let mut want = data.clone();
+    let f = std::fs::OpenOptions::new().write(true).open(a.at("p.bin")).unwrap();
+    f.write_all_at(b"first", 10).unwrap();
+    f.sync_all().unwrap();
+    f.write_all_at(b"again", 10).unwrap();
+    drop(f);
+    want[10..15].copy_from_slice(b"again");
+    arrives(&w, "p.bin", &want).unwrap();
+
+    // O_TRUNC, writes, ftruncate, and an O_APPEND descriptor beside it.
+    std::fs::write(a.at("t.bin"), b"old content, longer than what replaces it").unwrap();
+    arrives(&w, "t.bin", b"old content, longer than what replaces it").unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(a.at("t.bin")).unwrap();
+    f.write_all(b"0123456789abcdef").unwrap();
+    f.set_len(8).unwrap();
+    let mut app = std::fs::OpenOptions::new().append(true).open(a.at("t.bin")).unwrap();
+    app.write_all(b"+tail").unwrap();
+    drop(app);
+    assert_eq!(std::fs::read(a.at("t.bin")).unwrap(), b"01234567+tail");
+    drop(f);
+    arrives(&w, "t.bin", b"01234567+tail").unwrap();
+
+    // Through a mapping that outlives its descriptor, with an fsync and
+    // more mapped writes in between.
+    let len = 3 * MIB;
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(a.at("m.bin")).unwrap();
+    f.set_len(len as u64).unwrap();
+    // SAFETY: a fresh shared mapping of a file of `len` bytes, written
+    // only within it and unmapped below.
+    let map = unsafe {
+        use std::os::fd::AsRawFd;
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        std::slice::from_raw_parts_mut(p as *mut u8, len)
+    };
+    let mut want = vec![0u8; len];
+    map[..MIB].copy_from_slice(&pattern(MIB, 2));
+    want[..MIB].copy_from_slice(&pattern(MIB, 2));
+    f.sync_all().unwrap();
+    map[5..9].copy_from_slice(b"late");
+    want[5..9].copy_from_slice(b"late");
+    drop(f);
+    // Closed, still mapped: written again.
+    map[2 * MIB..2 * MIB + 4].copy_from_slice(b"more");
+    want[2 * MIB..2 * MIB + 4].copy_from_slice(b"more");
+    // SAFETY: the mapping made above, not used after this.
+    unsafe { libc::munmap(map.as_mut_ptr().cast(), len) };
+    arrives(&w, "m.bin", &want).unwrap();
+    assert_eq!(std::fs::read(a.at("m.bin")).unwrap(), want, "the mount shows what was written");
+
+    // truncate(2) by path while a passthrough descriptor is open, then
+    // more writes through it.
+    let mut f = std::fs::File::create(a.at("cut.bin")).unwrap();
+    f.write_all(b"0123456789").unwrap();
+    let path = std::ffi::CString::new(a.at("cut.bin").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a plain syscall with a valid C string.
+    assert_eq!(unsafe { libc::truncate(path.as_ptr(), 4) }, 0, "truncate: {}", std::io::Error::last_os_error());
+    f.write_all_at(b"+end", 4).unwrap();
+    drop(f);
+    arrives(&w, "cut.bin", b"0123+end").unwrap();
+
+    // A shell holds a descriptor (`exec 3>FILE`) that a child it forks
+    // writes through and exits: that change goes back while the shell
+    // still holds it.
+    let mut shell = Command::new("sh")
+        .args(["-c", "exec 3>\"$1\"; echo one >&3; (echo two >&3); sleep 30", "sh"])
+        .arg(a.at("held.txt"))
+        .spawn()
+        .unwrap();
+    let sent = wait_until(Duration::from_secs(10), || std::fs::read(w.server("held.txt")).is_ok_and(|d| d == b"one\ntwo\n"));
+    let _ = shell.kill();
+    let _ = shell.wait();
+    assert!(sent, "a child's write through a held descriptor did not go back when the child exited");
+
+    // Writes that go on while fsyncs push the file: a push may read bytes
+    // the kernel changed after it cut them (the partner refuses those, and
+    // the change goes again), or land a version between two writes; what
+    // the last close leaves is what the partner ends with.
+    let len = 16 * MIB;
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(a.at("busy.bin")).unwrap();
+    f.set_len(len as u64).unwrap();
+    let writer = {
+        let f = f.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut want = vec![0u8; len];
+            let mut x: u64 = 7;
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(1500) {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let at = (x >> 20) as usize % (len - 65536);
+                let block = pattern(65536, (x >> 8) as u8);
+                f.write_all_at(&block, at as u64).unwrap();
+                want[at..at + 65536].copy_from_slice(&block);
+            }
+            want
+        })
+    };
+    while !writer.is_finished() {
+        f.sync_all().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want = writer.join().unwrap();
+    drop(f);
+    std::fs::File::open(a.at("busy.bin")).unwrap().sync_all().unwrap();
+    let ok = wait_until(Duration::from_secs(20), || std::fs::read(w.server("busy.bin")).is_ok_and(|d| d == want));
+    assert!(ok, "a file written during its pushes never arrived as last written");
+}

@@ -11,7 +11,7 @@
 //! and on a busy machine each hand-off between threads costs more than
 //! the call).
 
-use super::vfs::{Attr, BackingToken, Inval, Io, Kind, OpenMode, Vfs};
+use super::vfs::{Attr, BackingToken, Inval, Io, Kind, OpenMode, Released, Vfs};
 use fuser::{
     BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
     LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
@@ -237,16 +237,23 @@ impl Filesystem for Fuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Some(ino) = self.vfs.release(fh.0) {
-            // Changes no close pushed (a truncating open, nothing written).
-            let vfs = self.vfs.clone();
-            self.run(async move {
-                // close() has returned: make it durable before it goes.
-                if let Err(e) = vfs.push_durable(ino).await {
-                    tracing::warn!(ino, "write-back at release failed: {e:?}");
-                }
-                vfs.retire_idle(ino);
-            });
+        match self.vfs.release(fh.0) {
+            Some((ino, Released::Push)) => {
+                // Changes no close pushed (a truncating open, nothing written).
+                let vfs = self.vfs.clone();
+                self.run(async move {
+                    // close() has returned: make it durable before it goes.
+                    if let Err(e) = vfs.push_durable(ino).await {
+                        tracing::warn!(ino, "write-back at release failed: {e:?}");
+                    }
+                    vfs.retire_idle(ino);
+                });
+            }
+            Some((ino, Released::Kernel)) => {
+                let vfs = self.vfs.clone();
+                self.run(async move { vfs.kernel_released(ino).await });
+            }
+            None => {}
         }
         reply.ok();
     }
@@ -296,10 +303,19 @@ impl Filesystem for Fuse {
         };
         let open = open_mode(req, flags, true);
         self.run(async move {
-            match vfs.create(parent.0, &name, mode & !umask, open).await {
-                Ok((a, fh)) => {
+            let backing = |f: &std::fs::File| -> std::io::Result<BackingToken> { Ok(Arc::new(reply.open_backing(f)?)) };
+            match vfs.create(parent.0, &name, mode & !umask, open, &backing).await {
+                Ok((a, fh, io)) => {
                     vfs.shown(a.ino, a.size);
-                    reply.created(&TTL, &Fuse::file_attr(uid, gid, &a), Generation(0), FileHandle(fh), FopenFlags::empty())
+                    let attr = Fuse::file_attr(uid, gid, &a);
+                    match io {
+                        Io::Cached => reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::empty()),
+                        Io::Passthrough(token) => match token.downcast_ref::<BackingId>() {
+                            Some(id) => reply.created_passthrough(&TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::empty(), id),
+                            // Only this adapter makes tokens, always of this type.
+                            None => reply.error(Errno::EIO),
+                        },
+                    }
                 }
                 Err(e) => reply.error(errno(e)),
             }
@@ -516,7 +532,9 @@ fn open_mode(req: &Request, flags: i32, write: bool) -> OpenMode {
         write: write || flags & libc::O_TRUNC != 0,
         truncate: flags & libc::O_TRUNC != 0,
         append: flags & libc::O_APPEND != 0,
+        read_write: flags & libc::O_ACCMODE == libc::O_RDWR,
         tid: req.pid(),
+        internal: false,
     }
 }
 

@@ -124,6 +124,51 @@ pub struct StageState {
     /// was empty: its chunks, cut and hashed as the bytes arrived, so the
     /// push needs no read of the file to know its manifest.
     pub stream: Option<StreamChunker>,
+    /// Set while the kernel writes the staging file itself (FUSE
+    /// passthrough handles are open on it): see [`Staged::absorb`].
+    pub kernel: Option<KernelIo>,
+    /// Changes of the kernel's seen so far ([`Staged::absorb`]).
+    pub kernel_changes: u64,
+}
+
+impl StageState {
+    /// The content, `len` bytes, all local, counts as written anew: the
+    /// next push cuts it whole.
+    fn rewritten_whole(&mut self, len: u64) {
+        self.present = Ranges::default();
+        self.present.insert(0, len);
+        self.written = Ranges::default();
+        self.written.insert(0, len);
+        self.recut_base = None;
+        self.stream = None;
+        self.size = len;
+        self.dirty = !self.gone;
+    }
+}
+
+/// A staging file the kernel writes itself. Its writes do not reach
+/// mountd, so what they changed is learned from the file: its size and
+/// times ([`Staged::absorb`]).
+///
+/// A process may map the file and write it through the mapping: such a
+/// write moves the mtime only when it makes a page writable again (the
+/// first write to a page, or the first after the page went to the disk),
+/// and the mapping outlives the descriptor. So a push made while a mapping
+/// is there first sends the file's pages to the disk ([`Staged::protect`]),
+/// and the kernel's mode lasts until the last mapping is gone too.
+#[derive(Debug, Default)]
+pub struct KernelIo {
+    /// Passthrough write handles open on the staging.
+    pub handles: u32,
+    /// Size and mtime (ns) of the file when last looked at.
+    seen: Option<(u64, i64)>,
+    /// The processes that opened it for reading and writing (tgids):
+    /// where to look for mappings that write it. A descriptor opened for
+    /// writing only cannot be mapped for writing (`tar`, `cp`, `dd` and
+    /// the shell open so): no look at the maps is needed for those.
+    openers: Vec<u32>,
+    /// A push found a mapping of it ([`Staged::protect`]).
+    was_mapped: bool,
 }
 
 pub struct Staged {
@@ -148,6 +193,37 @@ pub struct Staged {
     /// by the push, which reads it direct as well.
     direct: DirectWrites,
     params: ChunkParams,
+}
+
+/// Whether the file system of `probe` (a free name there) shows every
+/// write in a file's mtime, even one made right after a look at the file
+/// (multigrain timestamps: Linux 6.13 and later on ext4, XFS, Btrfs,
+/// tmpfs). [`Staged::absorb`] needs it to see the kernel's writes; without
+/// it, the kernel does not write stagings itself.
+pub fn writes_show_in_mtime(probe: &std::path::Path) -> bool {
+    let test = || -> std::io::Result<bool> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(probe)?;
+        file.write_all_at(&[0u8; 64], 0)?;
+        for i in 0..200u8 {
+            let before = stat_of(&file);
+            file.write_all_at(&[i], 7)?;
+            if before.is_none() || stat_of(&file) == before {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    let shown = test();
+    let _ = std::fs::remove_file(probe);
+    shown.unwrap_or(false)
+}
+
+/// Size and mtime (ns) of a file. Not its ctime: mountd's own link of
+/// the file into the queue moves that.
+fn stat_of(file: &File) -> Option<(u64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().ok()?;
+    Some((m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -181,6 +257,8 @@ impl Staged {
             due_mode: None,
             due_mtime_ns: None,
             stream: None,
+            kernel: None,
+            kernel_changes: 0,
         };
         let staged = Staged::new(data, file, state, params);
         if size == 0 {
@@ -213,6 +291,8 @@ impl Staged {
             due_mode: None,
             due_mtime_ns: None,
             stream: None,
+            kernel: None,
+            kernel_changes: 0,
         };
         Ok(Staged::new(data, file, state, params))
     }
@@ -232,7 +312,7 @@ impl Staged {
     /// hash follows from the chunk list.
     pub fn manifest(&self, params: &ChunkParams) -> std::io::Result<Manifest> {
         let (size, base, written) = {
-            let st = self.state();
+            let st = self.current();
             if let Some(stream) = st.stream.as_ref().filter(|s| s.position() == st.size && s.params() == params) {
                 return Ok(stream.manifest());
             }
@@ -251,16 +331,196 @@ impl Staged {
         Ok(Manifest::new(size, chunks))
     }
 
-    /// The staged content pushed as `manifest`: later pushes re-cut
-    /// against it.
-    pub fn pushed(&self, manifest: Arc<Manifest>) {
+    /// The staged content pushed as `manifest`, cut when the kernel's
+    /// changes taken in numbered `kernel_gen`: later pushes re-cut against
+    /// it.
+    pub fn pushed(&self, manifest: Arc<Manifest>, kernel_gen: u64) {
         let mut st = self.state();
+        self.absorb_locked(&mut st);
+        if st.kernel_changes != kernel_gen {
+            // The kernel wrote it since (or while) the push cut it: the
+            // next push cuts it whole.
+            return;
+        }
         if st.size == manifest.size {
             st.recut_base = Some(manifest);
             st.written = Ranges::default();
         } else {
             st.recut_base = None;
         }
+    }
+
+    /// The kernel is to write this staging itself (a passthrough handle
+    /// opens on it, in process `opener`; `may_map`: for reading too): which
+    /// needs every byte local, as after a truncating open. Returns false
+    /// (nothing changed) when it is not.
+    pub fn kernel_open(&self, opener: u32, may_map: bool) -> bool {
+        let mut st = self.state();
+        if st.kernel.is_none() && !st.present.missing(0, st.size).is_empty() {
+            return false;
+        }
+        self.absorb_locked(&mut st);
+        // Its writes are not seen as they come: no cutting as they arrive.
+        st.stream = None;
+        let k = st.kernel.get_or_insert_with(KernelIo::default);
+        k.handles += 1;
+        if may_map && !k.openers.contains(&opener) {
+            k.openers.push(opener);
+        }
+        if k.seen.is_none() {
+            k.seen = stat_of(&self.file);
+        }
+        true
+    }
+
+    /// A passthrough write handle on the staging closed: what the kernel
+    /// wrote is taken in. Returns whether it was the last one; the caller
+    /// then ends the kernel's mode once no mapping is left
+    /// ([`Staged::kernel_done`]).
+    pub fn kernel_close(&self) -> bool {
+        let mut st = self.state();
+        self.absorb_locked(&mut st);
+        match st.kernel.as_mut() {
+            Some(k) => {
+                k.handles = k.handles.saturating_sub(1);
+                k.handles == 0
+            }
+            None => false,
+        }
+    }
+
+    /// No passthrough write handle and no mapping is left: mountd alone
+    /// writes the staging again. `mapped`: a mapping was there after the
+    /// last push, whose writes the mtime may not show, so the content
+    /// counts as changed; so it does if a push found a mapping (a page
+    /// being written to the disk when the push protected the others may
+    /// have stayed writable). Does nothing if a handle opened meanwhile.
+    pub fn kernel_done(&self, mapped: bool) {
+        let mut st = self.state();
+        self.absorb_locked(&mut st);
+        if let Some(k) = st.kernel.as_ref().filter(|k| k.handles == 0) {
+            let mapped = mapped || k.was_mapped;
+            st.kernel = None;
+            if mapped {
+                let size = st.size;
+                st.rewritten_whole(size);
+            }
+        }
+    }
+
+    /// Whether a process that opened the staging for reading and writing
+    /// through the kernel maps it now: its `/proc/PID/maps` names the file, by the
+    /// staging's device and inode or by those of the mount's file,
+    /// `shown` (a mapping of a passthrough file maps the staging, but the
+    /// kernel shows the file it was made through). Only those processes
+    /// are looked at: a mapping inherited by a child they forked is not
+    /// seen.
+    pub fn mapped(&self, shown: Option<(u64, u64)>) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let openers = match self.state().kernel.as_ref() {
+            Some(k) if !k.openers.is_empty() => k.openers.clone(),
+            _ => return false,
+        };
+        let Ok(meta) = self.file.metadata() else { return false };
+        // As the kernel writes them in the maps: "%02x:%02x %lu".
+        let name = |dev: u64, ino: u64| (format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev)), ino.to_string());
+        let names: Vec<(String, String)> = std::iter::once((meta.dev(), meta.ino())).chain(shown).map(|(d, i)| name(d, i)).collect();
+        openers.iter().any(|pid| match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+            Ok(maps) => maps.lines().any(|l| {
+                let mut f = l.split_ascii_whitespace().skip(3);
+                let (dev, ino) = (f.next(), f.next());
+                names.iter().any(|(d, i)| dev == Some(d.as_str()) && ino == Some(i.as_str()))
+            }),
+            // The process is gone, and its mappings with it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            // Its maps cannot be read here: it may map the file.
+            Err(_) => true,
+        })
+    }
+
+    /// Send the file's dirty pages to the disk, which makes them read-only
+    /// in every mapping: a write through a mapping after this moves the
+    /// file's mtime ([`KernelIo`]). Started, not waited for.
+    pub fn protect(&self) {
+        use std::os::fd::AsRawFd;
+        if let Some(k) = self.state().kernel.as_mut() {
+            k.was_mapped = true;
+        }
+        // SAFETY: a plain syscall on an open descriptor of ours.
+        let r = unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        if r != 0 {
+            tracing::debug!(file = %self.data.display(), "sync_file_range: {}", std::io::Error::last_os_error());
+        }
+    }
+
+    /// Take in what the kernel wrote to the file since last looked at
+    /// (passthrough handles): its size, its mtime, and that it changed.
+    /// The content then counts as written anew, whole: the next push cuts
+    /// the whole file. Returns whether anything changed.
+    ///
+    /// A write is seen by the file's mtime, which every write moves (the
+    /// kernel gives a fine-grained time to a change that follows a look
+    /// at the file's times, on file systems with multigrain timestamps;
+    /// on others a write in the same clock tick as the last look is seen
+    /// at the next change or the last close, whose push cuts the file).
+    pub fn absorb(&self) -> bool {
+        let mut st = self.state();
+        self.absorb_locked(&mut st)
+    }
+
+    fn absorb_locked(&self, st: &mut StageState) -> bool {
+        let Some(k) = st.kernel.as_mut() else { return false };
+        let now = stat_of(&self.file);
+        tracing::trace!(file = %self.data.display(), ?now, seen = ?k.seen, "absorb");
+        if now.is_none() || now == k.seen {
+            return false;
+        }
+        k.seen = now;
+        let Some((len, mtime_ns)) = now else { return false };
+        st.rewritten_whole(len);
+        st.mtime_ns = mtime_ns;
+        st.kernel_changes += 1;
+        true
+    }
+
+    /// Give the file the mtime `mtime_ns` (a push carries the file's). While
+    /// the kernel writes it, the stamp is not a change of the kernel's: it
+    /// is skipped when the file has that mtime already (the kernel's last
+    /// write set it, the common case), and else what the file is after it
+    /// is taken as seen. A kernel write between the last look and the
+    /// stamp then shows only if it changed the size (its mtime is the
+    /// stamp's): that takes a utimens on the file while another descriptor
+    /// writes it, and the written bytes still go with the next change.
+    pub fn stamp_mtime(&self, mtime_ns: i64) -> std::io::Result<()> {
+        let mut st = self.state();
+        self.absorb_locked(&mut st);
+        if st.kernel.as_ref().is_some_and(|k| k.seen.is_some_and(|(_, m)| m == mtime_ns)) {
+            return Ok(());
+        }
+        let stamped = self.file.set_modified(crate::time::Timestamp(mtime_ns).to_system());
+        if st.kernel.is_some() {
+            let now = stat_of(&self.file);
+            if let Some(k) = st.kernel.as_mut() {
+                k.seen = now;
+            }
+            if let Some((len, _)) = now.filter(|(len, _)| *len != st.size) {
+                st.rewritten_whole(len);
+                st.kernel_changes += 1;
+            }
+        }
+        stamped
+    }
+
+    /// Whether the kernel writes the file itself now.
+    pub fn kernel_writes(&self) -> bool {
+        self.state().kernel.is_some()
+    }
+
+    /// The state, with what the kernel wrote taken in.
+    pub fn current(&self) -> std::sync::MutexGuard<'_, StageState> {
+        let mut st = self.state();
+        self.absorb_locked(&mut st);
+        st
     }
 
     /// Whether every byte is local.
@@ -274,16 +534,20 @@ impl Staged {
     }
 
     pub fn size(&self) -> u64 {
-        self.state().size
+        let mut st = self.state();
+        self.absorb_locked(&mut st);
+        st.size
     }
 
     /// Store written bytes. Writing past the end leaves zeros in between.
     pub fn write(&self, offset: u64, data: &[u8], now_ns: i64) -> std::io::Result<()> {
         let mut st = self.state();
+        self.absorb_locked(&mut st);
         let cached = self.direct.write_at(&self.file, data, offset)?;
         let end = offset + data.len() as u64;
+        let kernel = st.kernel.is_some();
         match st.stream.as_mut() {
-            Some(stream) if stream.position() == offset => stream.push(data),
+            Some(stream) if stream.position() == offset && !kernel => stream.push(data),
             _ => st.stream = None,
         }
         if offset > st.size {
@@ -318,10 +582,11 @@ impl Staged {
     /// Truncate or extend.
     pub fn set_len(&self, len: u64, now_ns: i64) -> std::io::Result<()> {
         let mut st = self.state();
+        self.absorb_locked(&mut st);
         self.file.set_len(len)?;
-        if len == 0 {
+        if len == 0 && st.kernel.is_none() {
             st.stream = StreamChunker::new(&self.params).ok();
-        } else if st.stream.as_ref().is_some_and(|s| s.position() != len) {
+        } else if st.kernel.is_some() || st.stream.as_ref().is_some_and(|s| s.position() != len) {
             st.stream = None;
         }
         if len > st.size {
@@ -464,6 +729,75 @@ mod tests {
         s.set_len(0, 3).unwrap();
         s.write(0, &data[..3 << 20], 4).unwrap();
         assert_eq!(s.manifest(&params).unwrap(), crate::chunk::chunk_slice(&data[..3 << 20], &params).unwrap());
+    }
+
+    #[test]
+    fn writes_the_kernel_makes_to_the_file_are_taken_in_whole_and_a_push_racing_them_keeps_them_dirty() {
+        let dir = crate::testutil::TestDir::new("stage-kernel");
+        let params = ChunkParams::default();
+        if !writes_show_in_mtime(&dir.path().join("probe")) {
+            // No multigrain timestamps here: mountd does not hand stagings
+            // to the kernel, and nothing below would be used.
+            eprintln!("skipped: this file system does not show every write in the mtime");
+            return;
+        }
+        let s = Staged::create(dir.path().join("a"), None, Base::Absent, 0, params).unwrap();
+        assert!(s.kernel_open(std::process::id(), true));
+        // Not through `write`: straight to the file, as the kernel does.
+        let data = crate::testutil::random_bytes(3 << 20, 5);
+        s.file.write_all_at(&data, 0).unwrap();
+        assert_eq!(s.size(), data.len() as u64, "the size is taken from the file");
+        {
+            let st = s.state();
+            assert!(st.dirty && st.stream.is_none() && st.kernel_changes == 1);
+            assert_eq!(st.written.as_slice(), &[(0, data.len() as u64)]);
+        }
+        assert_eq!(s.manifest(&params).unwrap(), crate::chunk::chunk_slice(&data, &params).unwrap());
+        // A push cut it (generation 1), then the kernel wrote again, same
+        // size: its end does not make the file clean or forget the write.
+        let mtime = s.state().mtime_ns;
+        s.stamp_mtime(mtime).unwrap();
+        let gen = s.state().kernel_changes;
+        s.state().dirty = false;
+        let cut = Arc::new(s.manifest(&params).unwrap());
+        s.file.write_all_at(b"again", 10).unwrap();
+        s.pushed(cut.clone(), gen);
+        assert!(s.state().dirty && s.state().recut_base.is_none(), "a write during the push was forgotten");
+        let mut now = data.clone();
+        now[10..15].copy_from_slice(b"again");
+        assert_eq!(s.manifest(&params).unwrap(), crate::chunk::chunk_slice(&now, &params).unwrap());
+        // A push with nothing written meanwhile leaves it clean, with the
+        // pushed manifest to re-cut against.
+        let mtime = s.state().mtime_ns;
+        s.stamp_mtime(mtime).unwrap();
+        let gen = s.state().kernel_changes;
+        s.state().dirty = false;
+        s.pushed(Arc::new(s.manifest(&params).unwrap()), gen);
+        assert!(!s.state().dirty && s.state().recut_base.is_some());
+        // The last handle closes; no mapping was left: mountd alone writes
+        // it again, and a write of its own streams as before.
+        assert!(s.kernel_close());
+        s.kernel_done(false);
+        assert!(!s.kernel_writes() && !s.state().dirty);
+        // After a mapping, the content counts as changed whole.
+        assert!(s.kernel_open(std::process::id(), true));
+        assert!(s.kernel_close());
+        s.kernel_done(true);
+        let st = s.state();
+        assert!(st.dirty && st.kernel.is_none());
+        assert_eq!(st.written.as_slice(), &[(0, data.len() as u64)]);
+    }
+
+    #[test]
+    fn a_staging_that_lacks_base_bytes_is_not_handed_to_the_kernel() {
+        let dir = crate::testutil::TestDir::new("stage-kernel-partial");
+        let s = Staged::create(dir.path().join("a"), None, Base::Absent, 0, ChunkParams::default()).unwrap();
+        s.set_len(1 << 20, 1).unwrap();
+        // Extended by mountd: the zeros are its own, present.
+        assert!(s.complete());
+        s.state().present = Ranges::default();
+        assert!(!s.kernel_open(1, false), "a staging with bytes still to fetch went to the kernel");
+        assert!(!s.kernel_writes());
     }
 
     proptest! {

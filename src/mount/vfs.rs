@@ -28,7 +28,7 @@
 mod partial;
 mod write;
 
-pub use write::OpenMode;
+pub use write::{OpenMode, Released};
 
 use super::errno::Errno;
 use super::leases::Leases;
@@ -131,14 +131,20 @@ pub fn no_backing(_: &std::fs::File) -> std::io::Result<BackingToken> {
     Err(std::io::ErrorKind::Unsupported.into())
 }
 
+/// How long a look at a process's `/proc` files that an exec of it may
+/// hold up is waited for ([`Vfs::staging_mapped`]).
+pub(super) const PROC_WAIT: Duration = Duration::from_millis(200);
+
 /// The backing file of an inode's passthrough opens. While such opens
 /// last, the kernel wants every open of the inode to use this one backing
-/// file; an open that cannot (for write, or of another version) goes to a
-/// new inode for the name instead ([`Vfs::leave_backed`]).
+/// file. A whole copy of a version serves reads only: an open that cannot
+/// use it (for write, or of another version) goes to a new inode for the
+/// name instead ([`Vfs::leave_backed`]). The inode's staging serves every
+/// open of the inode while it is the backing file.
 struct Backing {
     token: BackingToken,
-    /// File hash of the version it holds.
-    version: Hash,
+    /// File hash of the version it holds; None for the inode's staging.
+    version: Option<Hash>,
     /// Passthrough handles open with it.
     handles: u32,
 }
@@ -240,6 +246,9 @@ enum Handle {
 
 struct StagedHandle {
     ino: Ino,
+    /// The kernel does its I/O on the staging file itself (FUSE
+    /// passthrough): see [`Vfs::staged_io`].
+    passthrough: bool,
     staged: Arc<Staged>,
     write: bool,
     append: bool,
@@ -342,7 +351,13 @@ pub struct Vfs {
     /// The kernel accepted passthrough and registering a backing file has
     /// not failed.
     passthrough: AtomicBool,
+    /// Passthrough for writes too: the kernel writes stagings itself
+    /// ([`Vfs::staged_io`]).
+    write_passthrough: AtomicBool,
     passthrough_opens: AtomicU64,
+    /// The mount's device number, once known ([`Vfs::set_mount_dev`]): a
+    /// process's maps name a mapped file of the mount by it.
+    mount_dev: std::sync::OnceLock<u64>,
 }
 
 /// Pushes a close may leave in flight at once. A close past the bound waits
@@ -524,15 +539,40 @@ impl Vfs {
             next_behind: AtomicU64::new(1),
             flats,
             passthrough: AtomicBool::new(false),
+            write_passthrough: AtomicBool::new(false),
             passthrough_opens: AtomicU64::new(0),
+            mount_dev: std::sync::OnceLock::new(),
         }
     }
 
+    /// The mount's device number (its root's `st_dev`).
+    pub fn set_mount_dev(&self, dev: u64) {
+        let _ = self.mount_dev.set(dev);
+    }
+
+    /// Whether a process that writes `ino`'s staging through the kernel
+    /// maps it ([`Staged::mapped`]). Reading a process's maps waits while
+    /// it execs, and an exec waits for the FLUSH of each descriptor it
+    /// closes, which may be waiting here: so the look runs on a blocking
+    /// thread and is given up after [`PROC_WAIT`], the answer then "it may
+    /// map it" (the look ends once the exec has).
+    pub(super) async fn staging_mapped(&self, ino: Ino, staged: &Arc<Staged>) -> bool {
+        let (staged, shown) = (staged.clone(), self.mount_dev.get().map(|&dev| (dev, ino)));
+        let look = tokio::task::spawn_blocking(move || staged.mapped(shown));
+        !matches!(tokio::time::timeout(PROC_WAIT, look).await, Ok(Ok(false)))
+    }
+
     /// The kernel accepted passthrough (FUSE_PASSTHROUGH at init): opens of
-    /// versions with a whole copy may use it.
+    /// versions with a whole copy may use it, and so may writes of fresh
+    /// stagings if the write-back folder shows every write in the mtime.
     pub fn enable_passthrough(&self) {
         if self.flats.is_some() {
             self.passthrough.store(true, Ordering::SeqCst);
+            let shown = crate::mount::stage::writes_show_in_mtime(&self.writeback.fresh_path(""));
+            if !shown {
+                tracing::info!("the write-back folder's file system does not show every write in a file's mtime: writes go through mountd");
+            }
+            self.write_passthrough.store(shown, Ordering::SeqCst);
         }
     }
 
@@ -588,7 +628,7 @@ impl Vfs {
         }
         let (size, mtime_ns) = match &n.staged {
             Some(st) => {
-                let st = st.state();
+                let st = st.current();
                 (st.size, st.mtime_ns)
             }
             None => (n.size, n.mtime_ns),
@@ -1115,7 +1155,7 @@ impl Vfs {
             let inodes = lock(&self.inodes);
             let n = inodes.by_ino.get(&ino).ok_or(Errno::ENOENT)?;
             // Written here since the kernel started reading it from a copy.
-            if n.backing.is_some() && n.staged.is_some() {
+            if n.backing.as_ref().is_some_and(|b| b.version.is_some()) && n.staged.is_some() {
                 drop(inodes);
                 return self.leave_backed(ino);
             }
@@ -1133,10 +1173,12 @@ impl Vfs {
             return Ok((fh, false, Io::Cached));
         }
         if let Some(staged) = staged {
+            let io = self.staged_io(ino, &staged, false, None, backing);
             lock(&self.handles).insert(
                 fh,
                 Handle::Staged(StagedHandle {
                     ino,
+                    passthrough: matches!(io, Io::Passthrough(_)),
                     staged,
                     write: false,
                     append: false,
@@ -1146,7 +1188,7 @@ impl Vfs {
                     flushed: 0,
                 }),
             );
-            return Ok((fh, false, Io::Cached));
+            return Ok((fh, false, io));
         }
         let (share, path, manifest, rest) = self.manifest_to_open(ino).await?;
         let hold = self.store.hold(manifest.chunks.iter().map(|c| c.hash));
@@ -1159,7 +1201,7 @@ impl Vfs {
                 Some(n) if n.detached => return Err(Errno::ESTALE),
                 // Read from a copy of another version (the open raced a
                 // change): the name goes to a new inode.
-                Some(n) if n.backing.as_ref().is_some_and(|b| b.version != manifest.file_hash) => {
+                Some(n) if n.backing.as_ref().is_some_and(|b| b.version != Some(manifest.file_hash)) => {
                     drop(inodes);
                     return self.leave_backed(ino);
                 }
@@ -1193,6 +1235,83 @@ impl Vfs {
         Ok((fh, keep, io))
     }
 
+    /// How the kernel is to do the I/O of a new handle of `ino` on its
+    /// staging `staged` (already counted in the staging's handles): on the
+    /// staging file itself (FUSE passthrough: no write or read of it
+    /// reaches mountd) while other handles of the inode do, or, for a
+    /// `fresh` staging (a new file, a truncating open) that nothing else
+    /// has open, from now on; else through mountd. What the kernel writes
+    /// there is taken in from the file ([`Staged::absorb`]).
+    /// `writer`: for a handle that writes, the opening thread and whether
+    /// it may also read (and so map the file for writing).
+    pub(super) fn staged_io(
+        &self,
+        ino: Ino,
+        staged: &Arc<Staged>,
+        fresh: bool,
+        writer: Option<(u32, bool)>,
+        backing: MakeBacking<'_>,
+    ) -> Io {
+        let mut inodes = lock(&self.inodes);
+        let Some(n) = inodes.by_ino.get_mut(&ino).filter(|n| n.staged.as_ref().is_some_and(|s| Arc::ptr_eq(s, staged))) else {
+            return Io::Cached;
+        };
+        if let Some(b) = &mut n.backing {
+            if b.version.is_some() {
+                // A whole copy: the caller left it for a new inode.
+                return Io::Cached;
+            }
+            if let Some((tid, may_map)) = writer {
+                if !staged.kernel_open(crate::mount::leases::process_of(tid) as u32, may_map) {
+                    // Bytes still to fetch (cannot be while the kernel has
+                    // it): mountd writes it, beside the kernel's readers.
+                    return Io::Cached;
+                }
+            }
+            b.handles += 1;
+            self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+            return Io::Passthrough(b.token.clone());
+        }
+        let alone = n.readers == 0 && staged.state().handles == 1;
+        let enabled = self.passthrough.load(Ordering::SeqCst) && self.write_passthrough.load(Ordering::SeqCst);
+        if !fresh || !alone || !enabled || !staged.complete() {
+            return Io::Cached;
+        }
+        match backing(&staged.file) {
+            Ok(token) => {
+                n.backing = Some(Backing { token: token.clone(), version: None, handles: 1 });
+                if let Some((tid, may_map)) = writer {
+                    staged.kernel_open(crate::mount::leases::process_of(tid) as u32, may_map);
+                }
+                tracing::debug!(path = %n.path, "the kernel writes this file's staging itself (passthrough)");
+                self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                Io::Passthrough(token)
+            }
+            // An open made here, not by the kernel.
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Io::Cached,
+            Err(e) => {
+                if self.passthrough.swap(false, Ordering::SeqCst) {
+                    tracing::info!(partner = %self.remote.partner(), "passthrough unavailable ({e}): reads and writes go through mountd");
+                }
+                Io::Cached
+            }
+        }
+    }
+
+    /// A passthrough handle of `ino` on its staging is gone. Returns
+    /// whether it was the last that wrote.
+    pub(super) fn staged_io_closed(&self, ino: Ino, staged: &Arc<Staged>, write: bool) -> bool {
+        if let Some(n) = lock(&self.inodes).by_ino.get_mut(&ino) {
+            if let Some(b) = n.backing.as_mut().filter(|b| b.version.is_none()) {
+                b.handles = b.handles.saturating_sub(1);
+                if b.handles == 0 {
+                    n.backing = None;
+                }
+            }
+        }
+        write && staged.kernel_close()
+    }
+
     /// How the kernel is to read a new read handle of inode `n` (already
     /// counted in its readers) on version `version`, given a whole `copy`
     /// of it if there is one.
@@ -1206,7 +1325,7 @@ impl Vfs {
         match backing(&copy) {
             Ok(token) => {
                 tracing::debug!(path = %n.path, "reads of this version go to its whole copy (passthrough)");
-                n.backing = Some(Backing { token: token.clone(), version, handles: 1 });
+                n.backing = Some(Backing { token: token.clone(), version: Some(version), handles: 1 });
                 Io::Passthrough(token)
             }
             Err(e) => {
@@ -1257,8 +1376,9 @@ impl Vfs {
         Err(Errno::ESTALE)
     }
 
-    fn is_backed(&self, ino: Ino) -> bool {
-        lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.backing.is_some())
+    /// Whether the kernel reads `ino` from a whole copy of a version.
+    fn is_backed_by_copy(&self, ino: Ino) -> bool {
+        lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.backing.as_ref().is_some_and(|b| b.version.is_some()))
     }
 
     /// Indices of the chunks covering [start, end).

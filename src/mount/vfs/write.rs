@@ -27,14 +27,33 @@ use crate::proto::{Base, Request};
 use crate::transfer::client::PushOptions;
 use crate::writeback::{Commit, Entry as QueueEntry, Outcome};
 
+/// How often a file whose last passthrough write handle closed is looked
+/// at while a process still maps it ([`Vfs::kernel_released`]).
+const MAPPED_POLL: Duration = Duration::from_millis(500);
+
+/// What a release leaves to do ([`Vfs::release`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    /// Push the change durably (the caller's close has returned).
+    Push,
+    /// The last handle through which the kernel wrote the staging closed.
+    Kernel,
+}
+
 /// How a file is opened.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenMode {
     pub write: bool,
     pub truncate: bool,
     pub append: bool,
+    /// Opened for reading and writing: the only kind of descriptor a
+    /// shared mapping that writes the file can be made from.
+    pub read_write: bool,
     /// The calling thread (FUSE request pid).
     pub tid: u32,
+    /// An open mountd makes itself (a truncate by path): its I/O goes
+    /// through mountd, never the kernel's passthrough.
+    pub internal: bool,
 }
 
 /// A push decided under its staging's gate ([`Vfs::prepare`]).
@@ -53,6 +72,9 @@ struct Prepared {
     base_manifest: Option<Arc<Manifest>>,
     /// An earlier change of the file waits in the queue: go after it.
     queue_first: bool,
+    /// The kernel's changes of the staging taken in when it was cut
+    /// ([`Staged::pushed`]).
+    kernel_gen: u64,
 }
 
 pub(super) fn now_ns() -> i64 {
@@ -77,6 +99,21 @@ fn wrote_from_same_process(tid: u32, writers: &[u32]) -> bool {
     }
     let Some(closer) = tgid_of(tid) else { return true };
     writers.iter().any(|&w| tgid_of(w).is_none_or(|g| g == closer))
+}
+
+/// Whether thread `tid` is exiting (`PF_EXITING` in its flags): its
+/// process's descriptors close as it ends. Its `/proc/TID/stat` cannot be
+/// read while the process execs (which may wait for the FLUSH asking
+/// this): after [`super::PROC_WAIT`] it counts as not exiting.
+async fn exiting(tid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let look = tokio::task::spawn_blocking(move || {
+        let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
+        // Fields after the command name (in parentheses, may hold
+        // spaces): state is field 3, flags field 9.
+        stat.rfind(')').and_then(|at| stat[at + 1..].split_whitespace().nth(6)).and_then(|f| f.parse::<u64>().ok())
+    });
+    matches!(tokio::time::timeout(super::PROC_WAIT, look).await, Ok(Ok(Some(f))) if f & PF_EXITING != 0)
 }
 
 impl Vfs {
@@ -390,7 +427,7 @@ impl Vfs {
         if lock(&self.inodes).by_ino.get(&ino).is_some_and(|n| n.virtual_data.is_some()) {
             return Err(Errno::EACCES);
         }
-        if self.is_backed(ino) {
+        if self.is_backed_by_copy(ino) {
             return self.leave_backed(ino);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
@@ -410,22 +447,38 @@ impl Vfs {
                 return Err(io_errno(e));
             }
         }
+        let io = if mode.internal {
+            Io::Cached
+        } else {
+            self.staged_io(ino, &staged, mode.truncate, Some((mode.tid, mode.read_write)), backing)
+        };
+        let passthrough = matches!(io, Io::Passthrough(_));
         let handle = StagedHandle {
             ino,
+            passthrough,
             staged,
             write: true,
             append: mode.append,
             lease: Some((share, path)),
             changes: 0,
-            writers: Vec::new(),
+            // The kernel writes a passthrough handle's file without telling
+            // which thread: count the opener as its writer (see `flush`).
+            writers: if passthrough { vec![mode.tid] } else { Vec::new() },
             flushed: 0,
         };
         lock(&self.handles).insert(fh, Handle::Staged(handle));
-        Ok((fh, false, Io::Cached))
+        Ok((fh, false, io))
     }
 
     /// Create and open a new file.
-    pub async fn create(&self, parent: Ino, name: &str, mode: u32, open: OpenMode) -> Result<(Attr, u64), Errno> {
+    pub async fn create(
+        &self,
+        parent: Ino,
+        name: &str,
+        mode: u32,
+        open: OpenMode,
+        backing: MakeBacking<'_>,
+    ) -> Result<(Attr, u64, Io), Errno> {
         let (pshare, ppath, kind) = self.node_key(parent)?;
         if kind != Kind::Dir {
             return Err(Errno::ENOTDIR);
@@ -439,8 +492,8 @@ impl Vfs {
         let children = self.children(parent).await.unwrap_or_default();
         if let Some((_, existing)) = children.iter().find(|(n, _)| n == name) {
             // O_CREAT without O_EXCL on an existing name: open it.
-            let (fh, _, _) = self.open(*existing, OpenMode { write: true, ..open }, &no_backing).await?;
-            return Ok((self.cached_attr(*existing)?, fh));
+            let (fh, _, io) = self.open(*existing, OpenMode { write: true, ..open }, backing).await?;
+            return Ok((self.cached_attr(*existing)?, fh, io));
         }
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
         let open = OpenMode { write: true, ..open };
@@ -483,18 +536,21 @@ impl Vfs {
             Self::entries_changed(&mut inodes, parent);
             ino
         };
+        let io = self.staged_io(ino, &staged, true, Some((open.tid, open.read_write)), backing);
+        let passthrough = matches!(io, Io::Passthrough(_));
         let handle = StagedHandle {
             ino,
+            passthrough,
             staged,
             write: true,
             append: open.append,
             lease: Some((share, path)),
             changes: 1,
-            writers: Vec::new(),
+            writers: if passthrough { vec![open.tid] } else { Vec::new() },
             flushed: 0,
         };
         lock(&self.handles).insert(fh, Handle::Staged(handle));
-        Ok((self.cached_attr(ino)?, fh))
+        Ok((self.cached_attr(ino)?, fh, io))
     }
 
     /// Write through handle `fh`, for thread `tid` of the writing process.
@@ -652,8 +708,9 @@ impl Vfs {
     /// it survives a `kill -9` of mountd, not a power loss, as a closed
     /// file on a local disk does until its fsync), then pushed by a task
     /// that keeps holding the staging's gate (a later write, push, or
-    /// fsync of the file waits for it; reads and `stat` here see the
-    /// staged content meanwhile) and the file's lease (other nodes still
+    /// fsync of the file waits for it, but not the writes the kernel makes
+    /// itself, [`Vfs::staged_io`]; reads and `stat` here see the staged
+    /// content meanwhile) and the file's lease (other nodes still
     /// get `EBUSY`, and the partner refuses their writes, until the new
     /// version is there). At most [`WRITE_BEHIND`] such pushes run at
     /// once: a close past that waits for one to end. A refusal found
@@ -713,8 +770,11 @@ impl Vfs {
     /// Decide what a push of `ino` sends: fill the missing base ranges, cut
     /// the manifest. None when nothing changed. The caller holds the gate.
     async fn prepare(&self, ino: Ino, staged: &Arc<Staged>, durable: bool) -> Result<Option<Prepared>, Errno> {
-        if !staged.state().dirty || staged.state().gone {
-            return Ok(None);
+        {
+            let st = staged.current();
+            if !st.dirty || st.gone {
+                return Ok(None);
+            }
         }
         let size = staged.size();
         self.fill(ino, staged, 0, size).await?;
@@ -729,10 +789,20 @@ impl Vfs {
             let st = staged.state();
             (st.due_mode, st.mtime_ns)
         };
-        let stamped = staged.file.set_modified(crate::time::Timestamp(mtime_ns).to_system());
-        if let Err(e) = stamped {
+        if staged.kernel_writes() && self.staging_mapped(ino, staged).await {
+            staged.protect();
+        }
+        if let Err(e) = staged.stamp_mtime(mtime_ns) {
             tracing::debug!(%path, "staging mtime not set: {e}");
         }
+        // The push takes what is there now: a write the kernel makes from
+        // here on (passthrough) is seen after it, and leaves the file
+        // dirty ([`Staged::pushed`]).
+        let kernel_gen = {
+            let mut st = staged.state();
+            st.dirty = false;
+            st.kernel_changes
+        };
         let partner = self.remote.partner().to_string();
         // An earlier change of the file waits in the queue: this one goes
         // after it.
@@ -741,8 +811,9 @@ impl Vfs {
         let params = self.writeback.chunk_params();
         let manifest = crate::transfer::blocking_io(size, move || st.manifest(&params).map(Arc::new))
             .await
-            .map_err(|_| Errno::EIO)?
-            .map_err(io_errno)?;
+            .map_err(|_| Errno::EIO)
+            .and_then(|r| r.map_err(io_errno))
+            .inspect_err(|_| staged.state().dirty = true)?;
         // The manifest of the version this push replaces, if at hand: the
         // push then describes its own relative to it (a few lines for a
         // re-save, instead of one per chunk).
@@ -753,12 +824,11 @@ impl Vfs {
                 Base::Version(h) => [st.recut_base.clone(), st.base.clone(), shown].into_iter().flatten().find(|m| m.file_hash == h),
                 Base::Any | Base::Absent => None,
             };
-            st.dirty = false;
             // Everything is local now: later reads need no base.
             st.base = None;
             base_manifest
         };
-        Ok(Some(Prepared { share, path, expect, fence, mode, mtime_ns, manifest, base_manifest, queue_first }))
+        Ok(Some(Prepared { share, path, expect, fence, mode, mtime_ns, manifest, base_manifest, queue_first, kernel_gen }))
     }
 
     /// What a push's outcome means for the inode and its staging.
@@ -780,7 +850,7 @@ impl Vfs {
                         st.due_mode = None;
                     }
                     drop(st);
-                    staged.pushed(manifest.clone());
+                    staged.pushed(manifest.clone(), p.kernel_gen);
                     // The partner's version is now the one we pushed: its
                     // manifest is known, and the next open needs no DESCRIBE.
                     let known = (report.file_hash == manifest.file_hash.to_string()).then_some(manifest);
@@ -942,11 +1012,22 @@ impl Vfs {
     /// each), which would push the file half-written. The writer's own
     /// close, and the release after the last one, push it.
     pub async fn flush(self: &Arc<Self>, fh: u64, tid: u32) -> Result<(), Errno> {
-        let (ino, changes, writers) = match lock(&self.handles).get(&fh) {
-            Some(Handle::Staged(h)) if h.write && h.changes > h.flushed => (h.ino, h.changes, h.writers.clone()),
+        let (ino, changes, flushed, writers, kernel) = match lock(&self.handles).get(&fh) {
+            Some(Handle::Staged(h)) if h.write => (h.ino, h.changes, h.flushed, h.writers.clone(), h.passthrough.then(|| h.staged.clone())),
             _ => return Ok(()),
         };
-        if !writers.is_empty() && !writers.contains(&tid) && !wrote_from_same_process(tid, &writers) {
+        // The kernel writes a passthrough handle's file itself: its changes
+        // are seen in the file.
+        let changes = changes + kernel.as_ref().map_or(0, |s| s.current().kernel_changes);
+        if changes <= flushed {
+            return Ok(());
+        }
+        // A passthrough handle's writes do not say who made them: a process
+        // that exits (`cmd >&3` in a shell holding 3) may have, and it is
+        // done with the descriptor, so its close pushes what is there. An
+        // exec's close of an inherited descriptor still does not.
+        let exiting = kernel.is_some() && exiting(tid).await;
+        if !writers.is_empty() && !writers.contains(&tid) && !wrote_from_same_process(tid, &writers) && !exiting {
             tracing::debug!(ino, tid, "close by a process that did not write through the handle: no push");
             return Ok(());
         }
@@ -967,9 +1048,15 @@ impl Vfs {
             Some(Handle::Staged(h)) => (h.ino, h.write),
             _ => return Ok(()),
         };
-        if write {
+        let kernel_dirty = || {
+            let staged = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone());
+            staged.is_some_and(|s| s.kernel_writes() && s.current().dirty)
+        };
+        if write || kernel_dirty() {
             // A push in flight holds the gate: this one waits for it, then
-            // sends what was written since, if anything.
+            // sends what was written since, if anything. (On a descriptor
+            // that does not write, what passthrough handles wrote: no
+            // close of theirs pushed it.)
             return self.push(ino).await;
         }
         self.wait_pushed(ino).await;
@@ -996,9 +1083,11 @@ impl Vfs {
     }
 
     /// The last reference to `fh` is gone. Returns the inode when its
-    /// changes are still to push (nothing wrote since a truncating open):
-    /// the caller pushes them, then calls [`Vfs::retire`].
-    pub fn release(&self, fh: u64) -> Option<Ino> {
+    /// changes are still to push, and how: [`Released::Push`] (nothing
+    /// wrote since a truncating open): the caller pushes them, then calls
+    /// [`Vfs::retire_idle`]; [`Released::Kernel`]: see
+    /// [`Vfs::kernel_released`].
+    pub fn release(&self, fh: u64) -> Option<(Ino, Released)> {
         let handle = lock(&self.handles).remove(&fh)?;
         let h = match handle {
             Handle::Staged(h) => h,
@@ -1024,18 +1113,55 @@ impl Vfs {
         if let Some((share, path)) = &h.lease {
             self.leases.done(share, path, &Need::Handle(fh));
         }
+        let kernel_last = h.passthrough && self.staged_io_closed(h.ino, &h.staged, h.write);
         let (last, dirty) = {
             let mut st = h.staged.state();
             st.handles = st.handles.saturating_sub(1);
             (st.handles == 0, st.dirty)
         };
+        if kernel_last {
+            return Some((h.ino, Released::Kernel));
+        }
         if last && dirty && h.write {
-            return Some(h.ino);
+            return Some((h.ino, Released::Push));
         }
         if last && !dirty {
             self.retire(h.ino, &h.staged);
         }
         None
+    }
+
+    /// The last passthrough write handle of `ino` was released: what no
+    /// close pushed is made durable and pushed, as at any last release
+    /// ([`Vfs::push_durable`]), once no process that opened it for reading
+    /// and writing maps the file any more. (A shared mapping keeps the
+    /// kernel's file, so the release comes after the last one made through
+    /// it is gone; this guards against one made otherwise.) Until then, the
+    /// file is looked at every [`MAPPED_POLL`], and the staging stays.
+    pub async fn kernel_released(self: &Arc<Self>, ino: Ino) {
+        let Some(staged) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) else { return };
+        if !self.staging_mapped(ino, &staged).await {
+            staged.kernel_done(false);
+            return self.push_after_kernel(ino).await;
+        }
+        tracing::debug!(ino, "the file is still mapped: its push waits for the mapping to go");
+        let me = self.clone();
+        tokio::spawn(async move {
+            while me.staging_mapped(ino, &staged).await {
+                tokio::time::sleep(MAPPED_POLL).await;
+            }
+            staged.kernel_done(true);
+            me.push_after_kernel(ino).await;
+        });
+    }
+
+    async fn push_after_kernel(self: &Arc<Self>, ino: Ino) {
+        // The close has returned: durable before it goes, as any change
+        // the last release pushes.
+        if let Err(e) = self.push_durable(ino).await {
+            tracing::warn!(ino, "write-back at release failed: {e:?}");
+        }
+        self.retire_idle(ino);
     }
 
     /// Drop `ino`'s staging if no handle uses it and nothing in it is left
@@ -1044,7 +1170,7 @@ impl Vfs {
         let Some(staged) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) else { return };
         let idle = {
             let st = staged.state();
-            st.handles == 0 && !st.dirty
+            st.handles == 0 && !st.dirty && st.kernel.is_none()
         };
         if idle {
             self.retire(ino, &staged);
@@ -1073,7 +1199,7 @@ impl Vfs {
             let mut inodes = lock(&self.inodes);
             let idle = {
                 let st = staged.state();
-                st.handles == 0 && !st.dirty
+                st.handles == 0 && !st.dirty && st.kernel.is_none()
             };
             if !idle {
                 return;
@@ -1406,7 +1532,7 @@ impl Vfs {
             }
             if let Some(t) = mtime_ns {
                 match &n.staged {
-                    Some(st) => st.state().mtime_ns = t,
+                    Some(st) => st.current().mtime_ns = t,
                     None => n.mtime_ns = t,
                 }
             }
@@ -1426,7 +1552,7 @@ impl Vfs {
                 self.touch_handles(ino);
             } else {
                 // truncate(2) by path: open, cut, push, close.
-                let (tfh, _, _) = self.open(ino, OpenMode { write: true, tid, ..Default::default() }, &no_backing).await?;
+                let (tfh, _, _) = self.open(ino, OpenMode { write: true, tid, internal: true, ..Default::default() }, &no_backing).await?;
                 let cut = async {
                     let staged = self.stage(ino, false, false).await?;
                     {
@@ -1436,7 +1562,8 @@ impl Vfs {
                     self.push(ino).await
                 };
                 let r = cut.await;
-                // Pushed above (or failed, and r says so).
+                // Pushed above (or failed, and r says so). Not a handle of
+                // the kernel's: its release ends no passthrough.
                 let _ = self.release(tfh);
                 r?;
             }
@@ -1448,7 +1575,7 @@ impl Vfs {
             // content now and again at close.
             let staged = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()).filter(|_| size.is_none());
             let deferred = staged.is_some_and(|s| {
-                let mut st = s.state();
+                let mut st = s.current();
                 let open_dirty = st.dirty && st.handles > 0;
                 if open_dirty {
                     st.due_mode = mode.or(st.due_mode);
