@@ -335,8 +335,7 @@ impl Staged {
     /// changes taken in numbered `kernel_gen`: later pushes re-cut against
     /// it.
     pub fn pushed(&self, manifest: Arc<Manifest>, kernel_gen: u64) {
-        let mut st = self.state();
-        self.absorb_locked(&mut st);
+        let mut st = self.current();
         if st.kernel_changes != kernel_gen {
             // The kernel wrote it since (or while) the push cut it: the
             // next push cuts it whole.
@@ -359,7 +358,7 @@ impl Staged {
         if st.kernel.is_none() && !st.present.missing(0, st.size).is_empty() {
             return false;
         }
-        self.absorb_locked(&mut st);
+        self.absorb(&mut st);
         // Its writes are not seen as they come: no cutting as they arrive.
         st.stream = None;
         let k = st.kernel.get_or_insert_with(KernelIo::default);
@@ -378,8 +377,7 @@ impl Staged {
     /// then ends the kernel's mode once no mapping is left
     /// ([`Staged::kernel_done`]).
     pub fn kernel_close(&self) -> bool {
-        let mut st = self.state();
-        self.absorb_locked(&mut st);
+        let mut st = self.current();
         match st.kernel.as_mut() {
             Some(k) => {
                 k.handles = k.handles.saturating_sub(1);
@@ -396,8 +394,7 @@ impl Staged {
     /// being written to the disk when the push protected the others may
     /// have stayed writable). Does nothing if a handle opened meanwhile.
     pub fn kernel_done(&self, mapped: bool) {
-        let mut st = self.state();
-        self.absorb_locked(&mut st);
+        let mut st = self.current();
         if let Some(k) = st.kernel.as_ref().filter(|k| k.handles == 0) {
             let mapped = mapped || k.was_mapped;
             st.kernel = None;
@@ -463,15 +460,9 @@ impl Staged {
     /// at the file's times, on file systems with multigrain timestamps;
     /// on others a write in the same clock tick as the last look is seen
     /// at the next change or the last close, whose push cuts the file).
-    pub fn absorb(&self) -> bool {
-        let mut st = self.state();
-        self.absorb_locked(&mut st)
-    }
-
-    fn absorb_locked(&self, st: &mut StageState) -> bool {
+    fn absorb(&self, st: &mut StageState) -> bool {
         let Some(k) = st.kernel.as_mut() else { return false };
         let now = stat_of(&self.file);
-        tracing::trace!(file = %self.data.display(), ?now, seen = ?k.seen, "absorb");
         if now.is_none() || now == k.seen {
             return false;
         }
@@ -492,8 +483,7 @@ impl Staged {
     /// stamp's): that takes a utimens on the file while another descriptor
     /// writes it, and the written bytes still go with the next change.
     pub fn stamp_mtime(&self, mtime_ns: i64) -> std::io::Result<()> {
-        let mut st = self.state();
-        self.absorb_locked(&mut st);
+        let mut st = self.current();
         if st.kernel.as_ref().is_some_and(|k| k.seen.is_some_and(|(_, m)| m == mtime_ns)) {
             return Ok(());
         }
@@ -519,7 +509,7 @@ impl Staged {
     /// The state, with what the kernel wrote taken in.
     pub fn current(&self) -> std::sync::MutexGuard<'_, StageState> {
         let mut st = self.state();
-        self.absorb_locked(&mut st);
+        self.absorb(&mut st);
         st
     }
 
@@ -534,15 +524,12 @@ impl Staged {
     }
 
     pub fn size(&self) -> u64 {
-        let mut st = self.state();
-        self.absorb_locked(&mut st);
-        st.size
+        self.current().size
     }
 
     /// Store written bytes. Writing past the end leaves zeros in between.
     pub fn write(&self, offset: u64, data: &[u8], now_ns: i64) -> std::io::Result<()> {
-        let mut st = self.state();
-        self.absorb_locked(&mut st);
+        let mut st = self.current();
         let cached = self.direct.write_at(&self.file, data, offset)?;
         let end = offset + data.len() as u64;
         let kernel = st.kernel.is_some();
@@ -581,8 +568,7 @@ impl Staged {
 
     /// Truncate or extend.
     pub fn set_len(&self, len: u64, now_ns: i64) -> std::io::Result<()> {
-        let mut st = self.state();
-        self.absorb_locked(&mut st);
+        let mut st = self.current();
         self.file.set_len(len)?;
         if len == 0 && st.kernel.is_none() {
             st.stream = StreamChunker::new(&self.params).ok();

@@ -1252,6 +1252,9 @@ impl Vfs {
         writer: Option<(u32, bool)>,
         backing: MakeBacking<'_>,
     ) -> Io {
+        // Its process, looked up before the inodes are locked (a read of
+        // `/proc`).
+        let writer = writer.map(|(tid, may_map)| (crate::mount::leases::process_of(tid) as u32, may_map));
         let mut inodes = lock(&self.inodes);
         let Some(n) = inodes.by_ino.get_mut(&ino).filter(|n| n.staged.as_ref().is_some_and(|s| Arc::ptr_eq(s, staged))) else {
             return Io::Cached;
@@ -1261,8 +1264,8 @@ impl Vfs {
                 // A whole copy: the caller left it for a new inode.
                 return Io::Cached;
             }
-            if let Some((tid, may_map)) = writer {
-                if !staged.kernel_open(crate::mount::leases::process_of(tid) as u32, may_map) {
+            if let Some((opener, may_map)) = writer {
+                if !staged.kernel_open(opener, may_map) {
                     // Bytes still to fetch (cannot be while the kernel has
                     // it): mountd writes it, beside the kernel's readers.
                     return Io::Cached;
@@ -1280,8 +1283,8 @@ impl Vfs {
         match backing(&staged.file) {
             Ok(token) => {
                 n.backing = Some(Backing { token: token.clone(), version: None, handles: 1 });
-                if let Some((tid, may_map)) = writer {
-                    staged.kernel_open(crate::mount::leases::process_of(tid) as u32, may_map);
+                if let Some((opener, may_map)) = writer {
+                    staged.kernel_open(opener, may_map);
                 }
                 tracing::debug!(path = %n.path, "the kernel writes this file's staging itself (passthrough)");
                 self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
