@@ -534,6 +534,11 @@ impl StreamChunker {
         self.pending.extend_from_slice(&data[n..]);
     }
 
+    /// The chunks cut so far that are final whatever bytes follow.
+    pub fn final_chunks(&self) -> &[ChunkRef] {
+        &self.builder.chunks
+    }
+
     /// The manifest of the bytes offered so far (the stream can go on).
     pub fn manifest(&self) -> Manifest {
         let mut tail = Builder { cutter: self.builder.cutter.clone(), size: self.builder.size, chunks: self.builder.chunks.clone() };

@@ -113,11 +113,14 @@ pub struct MountConfig {
     /// Let the kernel read whole copies of files read before, itself (FUSE
     /// passthrough, Linux 6.9+); default true.
     pub passthrough: bool,
+    /// Send the chunks of a large file the kernel writes to the partner
+    /// while it is written, before its push (AHEAD); default true.
+    pub send_ahead: bool,
 }
 
 impl Default for MountConfig {
     fn default() -> Self {
-        MountConfig { cache_size: 10 << 30, offline_wait_secs: 10, lease_ttl_secs: 30, passthrough: true }
+        MountConfig { cache_size: 10 << 30, offline_wait_secs: 10, lease_ttl_secs: 30, passthrough: true, send_ahead: true }
     }
 }
 
@@ -299,6 +302,7 @@ struct RawMount {
     offline_wait_secs: Option<Spanned<u64>>,
     lease_ttl_secs: Option<Spanned<u64>>,
     passthrough: Option<bool>,
+    send_ahead: Option<bool>,
 }
 
 #[derive(serde::Deserialize)]
@@ -430,6 +434,7 @@ impl Config {
 #   offline_wait_secs = 10     # an uncached read of an unreachable partner fails after this
 #   lease_ttl_secs = 30        # lease ttl a mount asks for, 3 to 3600
 #   passthrough = true         # re-reads of a file read before go to a whole local copy (Linux 6.9+)
+#   send_ahead = true          # a large new file's chunks go to the partner while it is written
 #
 # A partner is another node, bound to its certificate by a pinned
 # fingerprint, certificate files, and/or a CA (whose certificate for the
@@ -567,7 +572,8 @@ fn mount(src: &Source, raw: RawMount) -> Result<MountConfig, ConfigError> {
         Some(t) => *t.get_ref(),
     };
     let passthrough = raw.passthrough.unwrap_or(defaults.passthrough);
-    Ok(MountConfig { cache_size, offline_wait_secs, lease_ttl_secs, passthrough })
+    let send_ahead = raw.send_ahead.unwrap_or(defaults.send_ahead);
+    Ok(MountConfig { cache_size, offline_wait_secs, lease_ttl_secs, passthrough, send_ahead })
 }
 
 fn partners(src: &Source, raw: &[RawPartner]) -> Result<Vec<PartnerConfig>, ConfigError> {

@@ -15,6 +15,7 @@
 //! bounds exactly what it uses, and its cache and metadata survive a
 //! restart of the daemon.
 
+pub mod ahead;
 pub mod errno;
 pub mod fuse;
 pub mod leases;
@@ -230,8 +231,13 @@ impl Mounts {
             }
         };
         let leases = leases::Leases::new(remote.clone(), self.node.config.mount.lease_ttl_secs as u32);
-        let config =
-            VfsConfig { root: root.clone(), read_only: opts.read_only, me: self.node.config.node.name.clone(), readahead: READAHEAD };
+        let config = VfsConfig {
+            root: root.clone(),
+            read_only: opts.read_only,
+            me: self.node.config.node.name.clone(),
+            readahead: READAHEAD,
+            send_ahead: self.node.config.mount.send_ahead,
+        };
         // Whole copies for passthrough: only a speed-up, so a mount goes on
         // without them.
         let flats = if self.node.config.mount.passthrough {

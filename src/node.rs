@@ -41,6 +41,9 @@ pub struct Node {
     /// its own target over (a resumed push after its connection died).
     pub(crate) busy_targets: Mutex<std::collections::HashMap<PathBuf, (crate::proto::Name, u64)>>,
     pub(crate) busy_generation: std::sync::atomic::AtomicU64,
+    /// Chunks sent ahead of pushes (AHEAD), by partner and ahead id, with
+    /// when each was last used.
+    pub(crate) aheads: crate::transfer::serve::Aheads,
     /// Pollers of watched shares.
     pub(crate) watchers: crate::watch::Watchers,
     /// The leases this node grants on its shares (it is their lock authority).
@@ -71,6 +74,7 @@ impl Node {
             db,
             busy_targets: Default::default(),
             busy_generation: Default::default(),
+            aheads: Default::default(),
             watchers: Default::default(),
             leases,
             receipts: Default::default(),

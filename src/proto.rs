@@ -71,6 +71,9 @@ pub enum Capability {
     /// BEGIN_TRANSFER with `BASE:<hash>` may give its manifest relative to
     /// the base version's, runs of its chunks as SAME lines (PROTOCOL.md 8.1).
     Same,
+    /// AHEAD: chunks of a file still being written are sent before its
+    /// BEGIN_TRANSFER, which then names them (PROTOCOL.md 8.6).
+    Ahead,
 }
 
 /// The manifest a BEGIN_TRANSFER carries.
@@ -305,7 +308,14 @@ pub enum Request {
         mode: Option<u32>,
         mtime_ns: Option<i64>,
         manifest: PushManifest,
+        /// `AHEAD:<ahead_id>` (capability AHEAD): the chunks sent ahead
+        /// under that id may be used (PROTOCOL.md 8.6).
+        ahead: Option<Name>,
     },
+    /// `DEFT AHEAD <ahead_id> <share> <path> FROM:<index> CHUNKS:<n>` and
+    /// n CHUNK lines, indices `first`.. (capability AHEAD): the next chunks
+    /// of a file still being written, sent before its push.
+    Ahead { ahead_id: Name, share: Name, path: SharePath, first: u32, chunks: Vec<ChunkLine> },
     /// `DEFT GET <transfer_id> <share> <path> <file_hash> CHUNKS <ranges>`
     Get { transfer_id: Name, share: Name, path: SharePath, file_hash: Hash, chunks: RangeSet },
     /// Pull receipt: the client received the file and signs for it.

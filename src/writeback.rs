@@ -464,7 +464,7 @@ impl Writeback {
             queued_ns: Timestamp::now().0,
             lineage: None,
         };
-        let outcome = self.push_entry(&entry, options.manifest, options.mode, options.base_manifest).await;
+        let outcome = self.push_entry(&entry, options.manifest, options.mode, options.base_manifest, options.ahead).await;
         if let Outcome::Conflict { .. } = outcome {
             self.finish(&entry, &outcome);
         }
@@ -637,14 +637,16 @@ impl Writeback {
         }
     }
 
-    async fn session(&self, partner: &str) -> Result<Session, TransferError> {
+    /// A session with `partner`, from the pool or new; hand it back with
+    /// [`Writeback::give_back`].
+    pub(crate) async fn session(&self, partner: &str) -> Result<Session, TransferError> {
         if let Some(s) = self.sessions.lock().await.get_mut(partner).and_then(Vec::pop) {
             return Ok(s);
         }
         Session::open(self.node.clone(), partner).await
     }
 
-    async fn give_back(&self, partner: &str, session: Session) {
+    pub(crate) async fn give_back(&self, partner: &str, session: Session) {
         let mut sessions = self.sessions.lock().await;
         let idle = sessions.entry(partner.to_string()).or_default();
         if idle.len() < IDLE_SESSIONS {
@@ -705,6 +707,7 @@ impl Writeback {
         manifest: Option<Arc<Manifest>>,
         mode: Option<u32>,
         base_manifest: Option<Arc<Manifest>>,
+        ahead: Option<Name>,
     ) -> Outcome {
         let Some(entry) = self.get(id) else {
             lock(&self.busy).remove(&id);
@@ -715,7 +718,7 @@ impl Writeback {
             (Ok(share), Ok(path), Some(lineage)) => self.hold_pending(&entry.partner, &share, &path, lineage, Some(entry.id)).await,
             _ => Vec::new(),
         };
-        let outcome = self.push_entry(&entry, manifest, mode, base_manifest).await;
+        let outcome = self.push_entry(&entry, manifest, mode, base_manifest, ahead).await;
         if matches!(outcome, Outcome::Pushed(_)) {
             self.supersede(&older);
         } else {
@@ -745,11 +748,13 @@ impl Writeback {
         manifest: Option<Arc<Manifest>>,
         mode: Option<u32>,
         base_manifest: Option<Arc<Manifest>>,
+        ahead: Option<Name>,
     ) -> Outcome {
         let (Ok(share), Ok(path)) = (Name::new(&entry.share), SharePath::parse(&entry.path)) else {
             return Outcome::Failed { code: "BAD_PATH", message: format!("{}:{} is not a valid share path", entry.share, entry.path) };
         };
-        let options = PushOptions { base: parse_base(&entry.base), fence: entry.fence, manifest: manifest.clone(), mode, base_manifest };
+        let options =
+            PushOptions { base: parse_base(&entry.base), fence: entry.fence, manifest: manifest.clone(), mode, base_manifest, ahead };
         match self.push(&entry.partner, &share, &path, &entry.data, options).await {
             Ok(report) => {
                 tracing::info!(partner = %entry.partner, %share, %path, bytes_sent = report.bytes_sent, "write-back pushed");
@@ -764,7 +769,8 @@ impl Writeback {
                     let Some(copy) = conflict_name(&path, &node, at, n) else {
                         return Outcome::Failed { code: "CONFLICT", message };
                     };
-                    let options = PushOptions { base: Base::Absent, fence: None, manifest: manifest.clone(), mode, base_manifest: None };
+                    let options =
+                        PushOptions { base: Base::Absent, fence: None, manifest: manifest.clone(), mode, base_manifest: None, ahead: None };
                     match self.push(&entry.partner, &share, &copy, &entry.data, options).await {
                         Ok(report) => {
                             tracing::warn!(partner = %entry.partner, %share, %path, %copy, "conflict: {message}; your version was saved as {copy}");
@@ -807,7 +813,7 @@ impl Writeback {
                     if !lock(&me.busy).insert(e.id) {
                         continue;
                     }
-                    if let Outcome::Queued(_) = me.flush(e.id, None, None, None).await {
+                    if let Outcome::Queued(_) = me.flush(e.id, None, None, None, None).await {
                         queued = true;
                     }
                 }

@@ -269,6 +269,7 @@ impl Upload {
                     .map(|(i, c)| ChunkLine { index: i as u32, offset: c.offset, size: c.len, hash: c.hash })
                     .collect(),
             ),
+            ahead: None,
         }
         .encode()
     }
@@ -886,4 +887,143 @@ fn a_partner_is_held_to_a_bounded_number_of_connections_and_others_are_served() 
     lab.rt.block_on(again.handshake());
     let log = lab.daemon.log_text();
     assert!(log.contains("connection refused"), "the refusal is logged:\n{log}");
+}
+
+/// AHEAD lines for the chunks `first..` of `up`, as sent ahead under `id`.
+fn ahead_of(up: &Upload, id: &str, path: &str, first: usize, count: usize) -> String {
+    Request::Ahead {
+        ahead_id: Name::new(id).unwrap(),
+        share: Name::new("inbox").unwrap(),
+        path: SharePath::parse(path).unwrap(),
+        first: first as u32,
+        chunks: up.chunks[first..first + count]
+            .iter()
+            .enumerate()
+            .map(|(k, c)| ChunkLine { index: (first + k) as u32, offset: c.offset, size: c.len, hash: c.hash })
+            .collect(),
+    }
+    .encode()
+}
+
+/// Chunks sent ahead (AHEAD, PROTOCOL.md 8.6) are held to what they
+/// declared: a lie is refused or NACKed and never lands in a file, a
+/// declaration that does not follow the one before is refused, chunks
+/// ahead never show in a listing, and a push that names them keeps only
+/// the verified ones at the place its own manifest gives.
+#[test]
+fn chunks_sent_ahead_are_checked_and_a_push_keeps_only_what_it_names() {
+    let mut lab = Lab::new("hostile-ahead");
+    let up = Upload::new(&[100_000, 100_000, 100_000, 50_000], 13);
+    let mut raw = lab.connect();
+    lab.rt.block_on(async {
+        // Without the capability, AHEAD is refused.
+        raw.handshake().await;
+        raw.refused(&ahead_of(&up, "a-nocap", "big.bin", 0, 1), ErrorCode::BadRequest).await;
+    });
+    let mut raw = lab.connect();
+    lab.rt.block_on(async {
+        raw.send("DEFT HELLO 1.0 CHUNKED,PARALLEL,RESUME,AHEAD WINDOW_SIZE:64\r\n").await;
+        match raw.next().await {
+            Response::Welcome { caps, .. } => assert!(caps.contains(&deftfs::proto::Capability::Ahead), "{caps:?}"),
+            other => panic!("expected WELCOME, got {other:?}"),
+        }
+        raw.send("DEFT AUTH mallory\r\n").await;
+        assert!(matches!(raw.next().await, Response::AuthOk { .. }));
+        // A read-only share, a path out of the share, an unknown id that
+        // does not start at 0.
+        let mut ro = ahead_of(&up, "a-ro", "big.bin", 0, 1);
+        ro = ro.replacen(" inbox ", " outbox ", 1);
+        raw.refused(&ro, ErrorCode::AccessDenied).await;
+        raw.refused(&ahead_of(&up, "a-late", "big.bin", 2, 1), ErrorCode::BadRequest).await;
+        // The first two chunks, declared and sent: chunk 1 with bytes that
+        // are not its own.
+        raw.send(&ahead_of(&up, "a-1", "big.bin", 0, 2)).await;
+        match raw.next().await {
+            Response::TransferAccepted { need, .. } => assert_eq!(need.len(), 2),
+            other => panic!("AHEAD: {other:?}"),
+        }
+        raw.put("a-1", 0, 100_000, up.chunks[0].hash, up.bytes(0), true).await;
+        assert_eq!(ack_of(&mut raw, 0).await, AckStatus::Ok);
+        raw.put("a-1", 1, 100_000, up.chunks[1].hash, up.bytes(2), true).await;
+        assert_eq!(ack_of(&mut raw, 1).await, AckStatus::Error("HASH_MISMATCH".into()));
+        // An index not declared, and a size not the declared one.
+        raw.put("a-1", 5, 100_000, up.chunks[0].hash, up.bytes(0), true).await;
+        assert_eq!(ack_of(&mut raw, 5).await, AckStatus::Error("BAD_REQUEST".into()));
+        raw.put("a-1", 0, 50_000, up.chunks[0].hash, &up.bytes(0)[..50_000], true).await;
+        assert_eq!(ack_of(&mut raw, 0).await, AckStatus::Error("BAD_LENGTH".into()));
+        // A declaration that skips chunks, or repeats them, or moves the
+        // id to another path.
+        raw.refused(&ahead_of(&up, "a-1", "big.bin", 3, 1), ErrorCode::BadRequest).await;
+        raw.refused(&ahead_of(&up, "a-1", "big.bin", 0, 2), ErrorCode::BadRequest).await;
+        raw.refused(&ahead_of(&up, "a-1", "other.bin", 2, 1), ErrorCode::BadRequest).await;
+        // Chunks ahead are not part of the share.
+        raw.send("DEFT LIST inbox\r\n").await;
+        match raw.next().await {
+            Response::Entries(entries) => {
+                assert!(entries.iter().all(|e| !e.path.as_str().contains("deftpart")), "{entries:?}");
+            }
+            other => panic!("LIST: {other:?}"),
+        }
+        // The push names them: chunk 0 was verified and is kept; chunk 1
+        // never was, so it is needed, as are the chunks never declared.
+        let mut begin = up.begin("t-1", "inbox", "big.bin");
+        begin = begin.replacen("\r\n", " AHEAD:a-1\r\n", 1);
+        raw.send(&begin).await;
+        let need = match raw.next().await {
+            Response::TransferAccepted { need, .. } => need,
+            other => panic!("BEGIN_TRANSFER: {other:?}"),
+        };
+        assert_eq!(need.iter().collect::<Vec<u32>>(), vec![1, 2, 3]);
+        for i in 1..4u32 {
+            raw.put("t-1", i, up.chunks[i as usize].len, up.chunks[i as usize].hash, up.bytes(i as usize), true).await;
+        }
+        loop {
+            match raw.next().await {
+                Response::ChunkAck { status: AckStatus::Ok, .. } | Response::ChunkAckBatch { .. } => {}
+                Response::TransferComplete(c) => {
+                    assert_eq!(c.file_hash, up.file_hash());
+                    break;
+                }
+                other => panic!("completing t-1: {other:?}"),
+            }
+        }
+        // The id is spent: its chunks cannot be sent again.
+        raw.put("a-1", 0, 100_000, up.chunks[0].hash, up.bytes(0), true).await;
+        assert!(matches!(raw.next().await, Response::Error { code: ErrorCode::UnknownTransfer, .. }));
+        raw.refused(&ahead_of(&up, "a-1", "big.bin", 2, 1), ErrorCode::BadRequest).await;
+        // Chunks ahead of a file saved under another name than the push's
+        // are not used, and their file goes.
+        raw.send(&ahead_of(&up, "a-2", "first.bin", 0, 4)).await;
+        let need = match raw.next().await {
+            Response::TransferAccepted { need, .. } => need,
+            other => panic!("AHEAD: {other:?}"),
+        };
+        for i in need.iter() {
+            raw.put("a-2", i, up.chunks[i as usize].len, up.chunks[i as usize].hash, up.bytes(i as usize), true).await;
+            assert_eq!(ack_of(&mut raw, i).await, AckStatus::Ok);
+        }
+        assert!(!temp_files(&lab.inbox).is_empty(), "chunks ahead are kept in a temp file");
+        let begin = up.begin("t-2", "inbox", "second.bin").replacen("\r\n", " AHEAD:a-2\r\n", 1);
+        raw.send(&begin).await;
+        let need = match raw.next().await {
+            Response::TransferAccepted { need, .. } => need,
+            other => panic!("BEGIN_TRANSFER: {other:?}"),
+        };
+        assert_eq!(need.len(), 4, "chunks ahead of another name are not used");
+        for i in need.iter() {
+            raw.put("t-2", i, up.chunks[i as usize].len, up.chunks[i as usize].hash, up.bytes(i as usize), true).await;
+        }
+        loop {
+            match raw.next().await {
+                Response::ChunkAck { status: AckStatus::Ok, .. } | Response::ChunkAckBatch { .. } => {}
+                Response::TransferComplete(_) => break,
+                other => panic!("completing t-2: {other:?}"),
+            }
+        }
+    });
+    assert_eq!(std::fs::read(lab.inbox.join("big.bin")).unwrap(), up.data);
+    assert_eq!(std::fs::read(lab.inbox.join("second.bin")).unwrap(), up.data);
+    assert!(!lab.inbox.join("first.bin").exists());
+    assert!(temp_files(&lab.inbox).is_empty(), "{:?}", temp_files(&lab.inbox));
+    lab.still_serves("chunks sent ahead that lie");
 }

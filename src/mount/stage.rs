@@ -193,6 +193,9 @@ pub struct Staged {
     /// by the push, which reads it direct as well.
     direct: DirectWrites,
     params: ChunkParams,
+    /// Sends the chunks the kernel writes ahead of the first push
+    /// ([`crate::mount::ahead`]); taken by that push.
+    pub ahead: Mutex<Option<crate::mount::ahead::AheadSender>>,
 }
 
 /// Whether the file system of `probe` (a free name there) shows every
@@ -302,7 +305,17 @@ impl Staged {
         // Unique across restarts of mountd too (queue entries outlive it).
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let lineage = (crate::time::Timestamp::now().0 as u64).wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        Staged { data, lineage, file, state: Mutex::new(state), gate: Default::default(), writeback: Default::default(), direct, params }
+        Staged {
+            data,
+            lineage,
+            file,
+            state: Mutex::new(state),
+            gate: Default::default(),
+            writeback: Default::default(),
+            direct,
+            params,
+            ahead: Mutex::new(None),
+        }
     }
 
     /// The manifest of the content, which must be all local (blocking).

@@ -108,6 +108,9 @@ pub struct VfsConfig {
     pub me: Name,
     /// Bytes read ahead of a sequential reader.
     pub readahead: u64,
+    /// `[mount] send_ahead`: chunks of large files the kernel writes go
+    /// to the partner while they are written ([`crate::mount::ahead`]).
+    pub send_ahead: bool,
 }
 
 /// How the kernel is to do the I/O of an open file.
@@ -1288,6 +1291,11 @@ impl Vfs {
                 }
                 tracing::debug!(path = %n.path, "the kernel writes this file's staging itself (passthrough)");
                 self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+                let key = n.share.clone().map(|s| (s, n.path.clone()));
+                drop(inodes);
+                if let Some((share, path)) = key {
+                    self.send_ahead(staged, share, path);
+                }
                 Io::Passthrough(token)
             }
             // An open made here, not by the kernel.
@@ -1299,6 +1307,19 @@ impl Vfs {
                 Io::Cached
             }
         }
+    }
+
+    /// Send the chunks the kernel writes into `staged` ahead of its first
+    /// push ([`crate::mount::ahead`]), unless that is turned off.
+    fn send_ahead(&self, staged: &Arc<Staged>, share: Name, path: SharePath) {
+        if !self.config.send_ahead {
+            return;
+        }
+        let Ok(file) = staged.file.try_clone() else { return };
+        let target =
+            crate::mount::ahead::Target { writeback: self.writeback.clone(), partner: self.remote.partner().to_string(), share, path };
+        let sender = crate::mount::ahead::AheadSender::start(target, staged.data.clone(), file, self.writeback.chunk_params());
+        *staged.ahead.lock().unwrap_or_else(|p| p.into_inner()) = sender;
     }
 
     /// A passthrough handle of `ino` on its staging is gone. Returns

@@ -185,6 +185,7 @@ impl sealed::Grammar for Request {
                 let mode = if args.peek_tag("MODE") { Some(args.mode(Tagged("MODE"))?) } else { None };
                 let mtime_ns = if args.peek_tag("MTIME") { Some(args.signed(Tagged("MTIME"))?) } else { None };
                 let relative = if args.peek_tag("LINES") { Some(args.line_count(Tagged("LINES"))?) } else { None };
+                let ahead = if args.peek_tag("AHEAD") { Some(Name::new(args.value(Tagged("AHEAD"))?)?) } else { None };
                 args.end()?;
                 let (manifest, lines) = match relative {
                     None => (PushManifest::Whole(with_capacity_for(count)), count),
@@ -197,8 +198,21 @@ impl sealed::Grammar for Request {
                         (PushManifest::Relative { chunks, lines: with_capacity_for(lines) }, lines)
                     }
                 };
-                let begin = Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest };
+                let begin =
+                    Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest, ahead };
                 return Ok((begin, lines));
+            }
+            "AHEAD" => {
+                let ahead_id = args.name("ahead id")?;
+                let share = args.name("share")?;
+                let path = args.path()?;
+                let first: u32 = args.unsigned(Tagged("FROM"))?;
+                let count = args.line_count(Tagged("CHUNKS"))?;
+                args.end()?;
+                if u64::from(first) + count > u64::from(u32::MAX) {
+                    return Err(args.bad("FROM + CHUNKS: past the last index a manifest can have"));
+                }
+                return Ok((Request::Ahead { ahead_id, share, path, first, chunks: with_capacity_for(count) }, count));
             }
             "GET" => Request::Get {
                 transfer_id: args.name("transfer id")?,
@@ -257,6 +271,8 @@ impl sealed::Grammar for Request {
             Request::BeginTransfer { size, manifest: PushManifest::Relative { chunks, lines }, .. } => {
                 push_relative(lines, *chunks, *size, line)
             }
+            // Chunks of a file still being written: no SIZE to end within.
+            Request::Ahead { first, chunks, .. } => push_chunk(chunks, *first, u64::MAX, line),
             // Only BEGIN_TRANSFER announces body lines.
             _ => Err(ProtoError::BadBodyLine(excerpt(line))),
         }
@@ -1178,8 +1194,37 @@ mod tests {
                     ChunkLine { index: 0, offset: 0, size: 4, hash: hash(H) },
                     ChunkLine { index: 1, offset: 4, size: 6, hash: hash(H1) },
                 ]),
+                ahead: None,
             }
         );
+    }
+
+    #[test]
+    fn ahead_with_chunks_and_a_push_that_names_it() {
+        let c2 = format!("CHUNK 2 100 4 {H}");
+        let c3 = format!("CHUNK 3 104 6 {H1}");
+        assert_eq!(
+            req(&["DEFT AHEAD a-1 inbox big.bin FROM:2 CHUNKS:2", &c2, &c3]).unwrap(),
+            Request::Ahead {
+                ahead_id: name("a-1"),
+                share: name("inbox"),
+                path: path("big.bin"),
+                first: 2,
+                chunks: vec![
+                    ChunkLine { index: 2, offset: 100, size: 4, hash: hash(H) },
+                    ChunkLine { index: 3, offset: 104, size: 6, hash: hash(H1) },
+                ],
+            }
+        );
+        // Lines that skip an index or a byte, or an index past what a
+        // manifest can have, are refused.
+        assert!(req(&["DEFT AHEAD a-1 inbox big.bin FROM:2 CHUNKS:2", &c2, &format!("CHUNK 4 104 6 {H1}")]).is_err());
+        assert!(req(&["DEFT AHEAD a-1 inbox big.bin FROM:2 CHUNKS:2", &c2, &format!("CHUNK 3 105 6 {H1}")]).is_err());
+        assert!(req(&["DEFT AHEAD a-1 inbox big.bin FROM:4294967295 CHUNKS:2"]).is_err());
+        assert!(req(&["DEFT AHEAD a-1 inbox big.bin FROM:x CHUNKS:0"]).is_err());
+        let head = format!("DEFT BEGIN_TRANSFER t-1 inbox big.bin SIZE:0 CHUNKS:0 HASH:{H} AHEAD:a-1");
+        let Request::BeginTransfer { ahead, .. } = req(&[&head]).unwrap() else { panic!() };
+        assert_eq!(ahead, Some(name("a-1")));
     }
 
     #[test]

@@ -34,7 +34,7 @@ impl Request {
             }
             Request::List { share, path } => line(&mut out, format_args!("DEFT LIST {share}{}", OptionalPath(path))),
             Request::Stat { share, path } => line(&mut out, format_args!("DEFT STAT {share}{}", OptionalPath(path))),
-            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest } => {
+            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest, ahead } => {
                 let base = match base {
                     Base::Any => String::new(),
                     Base::Absent => " BASE:-".to_string(),
@@ -47,10 +47,11 @@ impl Request {
                     PushManifest::Whole(_) => String::new(),
                     PushManifest::Relative { lines, .. } => format!(" LINES:{}", lines.len()),
                 };
+                let ahead = ahead.as_ref().map(|id| format!(" AHEAD:{id}")).unwrap_or_default();
                 line(
                     &mut out,
                     format_args!(
-                        "DEFT BEGIN_TRANSFER {transfer_id} {share} {} SIZE:{size} CHUNKS:{} HASH:{file_hash}{base}{fence}{mode}{mtime}{lines}",
+                        "DEFT BEGIN_TRANSFER {transfer_id} {share} {} SIZE:{size} CHUNKS:{} HASH:{file_hash}{base}{fence}{mode}{mtime}{lines}{ahead}",
                         path.to_wire(),
                         manifest.chunk_count()
                     ),
@@ -59,6 +60,10 @@ impl Request {
                     PushManifest::Whole(chunks) => chunk_lines(&mut out, chunks),
                     PushManifest::Relative { lines, .. } => relative_lines(&mut out, lines),
                 }
+            }
+            Request::Ahead { ahead_id, share, path, first, chunks } => {
+                line(&mut out, format_args!("DEFT AHEAD {ahead_id} {share} {} FROM:{first} CHUNKS:{}", path.to_wire(), chunks.len()));
+                chunk_lines(&mut out, chunks);
             }
             Request::Get { transfer_id, share, path, file_hash, chunks } => {
                 line(&mut out, format_args!("DEFT GET {transfer_id} {share} {} {file_hash} CHUNKS {chunks}", path.to_wire()))
@@ -436,7 +441,7 @@ impl std::str::FromStr for ErrorCode {
 }
 
 impl Capability {
-    pub const ALL: [Capability; 9] = [
+    pub const ALL: [Capability; 10] = [
         Capability::Chunked,
         Capability::Parallel,
         Capability::Resume,
@@ -446,6 +451,7 @@ impl Capability {
         Capability::Eager,
         Capability::Part,
         Capability::Same,
+        Capability::Ahead,
     ];
 
     /// Upper-case wire form, e.g. `CHUNKED`.
@@ -460,6 +466,7 @@ impl Capability {
             Capability::Eager => "EAGER",
             Capability::Part => "PART",
             Capability::Same => "SAME",
+            Capability::Ahead => "AHEAD",
         }
     }
 }
@@ -813,6 +820,7 @@ mod tests {
                         mode: None,
                         mtime_ns: None,
                         manifest: PushManifest::Whole(chunks),
+                        ahead: None,
                     }
                 }
             ),
@@ -828,6 +836,7 @@ mod tests {
                     mode: None,
                     mtime_ns: Some(1),
                     manifest: PushManifest::Relative { chunks, lines },
+                    ahead: Some(Name::new("a-1").unwrap()),
                 }
             ),
             (
@@ -842,8 +851,31 @@ mod tests {
                     };
                     let transfer_id = share.clone();
                     let manifest = PushManifest::Whole(vec![]);
-                    Request::BeginTransfer { transfer_id, share, path, size: 0, file_hash, base, fence, mode, mtime_ns, manifest }
+                    Request::BeginTransfer {
+                        transfer_id,
+                        share,
+                        path,
+                        size: 0,
+                        file_hash,
+                        base,
+                        fence,
+                        mode,
+                        mtime_ns,
+                        manifest,
+                        ahead: None,
+                    }
                 }),
+            (arb_name(), arb_name(), arb_file_path(), 0u32..1000, arb_manifest()).prop_map(
+                |(ahead_id, share, path, first, (_, chunks))| {
+                    // The same lines, numbered from `first`, starting anywhere.
+                    let chunks = chunks
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, c)| ChunkLine { index: first + k as u32, offset: c.offset + u64::from(first), ..c })
+                        .collect();
+                    Request::Ahead { ahead_id, share, path, first, chunks }
+                }
+            ),
             (arb_name(), arb_file_path(), 0u32..=0o7777).prop_map(|(share, path, mode)| Request::Mkdir { share, path, mode }),
             (arb_name(), arb_file_path(), any::<bool>()).prop_map(|(share, path, dir)| Request::Remove {
                 share,

@@ -26,7 +26,7 @@
 //!   only the changed ranges, and `finish` patches the target in place
 //!   under a journal ([`super::patch`], which says what that guarantees).
 
-use crate::chunk::Manifest;
+use crate::chunk::{ChunkRef, Manifest};
 use crate::direct::DirectWrites;
 use crate::hash::Hash;
 use crate::share::TEMP_MARKER;
@@ -54,6 +54,8 @@ pub enum AssembleError {
     NoFileName(PathBuf),
     #[error("{0} changed here while the new version arrived; nothing was replaced")]
     Changed(PathBuf),
+    #[error("chunks sent ahead: {0}")]
+    Ahead(String),
 }
 
 impl AssembleError {
@@ -215,6 +217,61 @@ fn patch_plan(target: &Path, manifest: &Manifest, base: &Manifest, patching: &Pa
     Some((keep, Patch { journals: patching.journals.clone(), ranges, was: seen }))
 }
 
+/// Delta: copy into `file` the chunks of `wanted` (index, chunk) that the
+/// file `base.0`, whose manifest is `base.1`, already has, in runs of
+/// chunks that sit at the same distance in both files (all of them, for an
+/// edit in place). Each is hashed in memory between the read and the
+/// write, and one that does not match (the old file changed behind the
+/// index) is left out: the sender sends it. Returns the indices copied.
+/// `target` names the transfer in the log.
+fn reuse_from(
+    base: (&Path, &Manifest),
+    wanted: &[(usize, ChunkRef)],
+    file: &File,
+    direct: &DirectWrites,
+    target: &Path,
+) -> std::io::Result<Vec<usize>> {
+    let (path, base) = base;
+    let Ok(old) = File::open(path) else { return Ok(Vec::new()) };
+    let old_direct = crate::direct::open_direct_read(path);
+    let old_len = old.metadata().map(|m| m.len()).unwrap_or(0);
+    let by_hash: HashMap<Hash, (u64, u32)> = base.chunks.iter().map(|c| (c.hash, (c.offset, c.len))).collect();
+    // The runs to copy, and the chunks they carry (with their index in the
+    // new manifest).
+    let mut runs: Vec<Run> = Vec::new();
+    let mut copied: Vec<usize> = Vec::new();
+    let mut chunks: Vec<ChunkRef> = Vec::new();
+    for &(i, c) in wanted {
+        let Some(&(offset, len)) = by_hash.get(&c.hash) else { continue };
+        if len != c.len || offset + len as u64 > old_len {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(r) if r.from + r.len == offset && r.to + r.len == c.offset => {
+                r.len += len as u64;
+                r.count += 1;
+            }
+            _ => runs.push(Run { from: offset, to: c.offset, len: len as u64, first: chunks.len(), count: 1 }),
+        }
+        copied.push(i);
+        chunks.push(c);
+    }
+    if chunks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ok, cached) = copy_verified((&old, old_direct.as_ref()), &chunks, &runs, file, direct)?;
+    if cached > 0 {
+        // The cached edges are dirty pages the final fsync would write all
+        // at once: start writing them now.
+        crate::flush::start_writeback(file);
+    }
+    let stale = ok.iter().filter(|v| !**v).count();
+    if stale > 0 {
+        tracing::warn!(path = %target.display(), stale, "chunks of the old version no longer match its index; they are fetched instead");
+    }
+    Ok(copied.into_iter().zip(ok).filter(|(_, good)| *good).map(|(i, _)| i).collect())
+}
+
 /// A stretch of the old version that sits at one distance from its place
 /// in the new one: `len` bytes from `from` go to `to`, carrying the reused
 /// chunks `first..first + count` (indices into the list of copied chunks).
@@ -358,6 +415,135 @@ pub fn temp_path(target: &Path, file_hash: &Hash) -> Result<PathBuf, AssembleErr
     Ok(target.with_file_name(format!("{}{}", temp_prefix(name), file_hash.short())))
 }
 
+/// Chunks of a file still being written, sent before its push (AHEAD,
+/// PROTOCOL.md 8.6): each is verified against its hash and written at its
+/// offset into a temp file beside the target (`.NAME.deftpart-ahead-…`),
+/// or copied there from the target's current version when that has it.
+/// The push that names them takes the file over as its own temp file and
+/// keeps the chunks its manifest has at the same place; the rest of the
+/// file is written as for any push. Dropped untaken, the file is deleted.
+pub struct Ahead {
+    target: PathBuf,
+    temp: PathBuf,
+    file: File,
+    direct: DirectWrites,
+    writeback: crate::flush::EarlyWriteback,
+    /// The chunks declared, by index, and whether each is in the file,
+    /// verified.
+    chunks: Mutex<Vec<(ChunkRef, bool)>>,
+    /// Held (shared) by every write into the file; taken (exclusive) when
+    /// a push takes the file over, which no write may follow.
+    taken: std::sync::RwLock<bool>,
+}
+
+impl Ahead {
+    /// A new, empty file of chunks sent ahead for `target`, named after `id`.
+    pub fn create(target: &Path, id: &str) -> Result<Ahead, AssembleError> {
+        let name = target.file_name().and_then(|n| n.to_str()).ok_or_else(|| AssembleError::NoFileName(target.to_path_buf()))?;
+        let temp = target.with_file_name(format!("{}ahead-{}", temp_prefix(name), Hash::of(id.as_bytes()).short()));
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&temp).map_err(io(&temp))?;
+        Ok(Ahead {
+            target: target.to_path_buf(),
+            direct: DirectWrites::open(&temp),
+            temp,
+            file,
+            writeback: Default::default(),
+            chunks: Mutex::new(Vec::new()),
+            taken: std::sync::RwLock::new(false),
+        })
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Declare the next chunks, `first..`: they must follow the chunks
+    /// declared before, index after index and byte after byte. Those the
+    /// file `base` (its path and manifest) has are copied from it, checked;
+    /// the indices of the others, which the sender is to send, are
+    /// returned. Blocking.
+    pub fn declare(&self, first: u32, new: &[ChunkRef], base: Option<(&Path, &Manifest)>) -> Result<Vec<u32>, AssembleError> {
+        let taken = self.taken.read().unwrap_or_else(|p| p.into_inner());
+        if *taken {
+            return Err(AssembleError::Ahead("already taken by a push".into()));
+        }
+        let wanted: Vec<(usize, ChunkRef)> = {
+            let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+            if first as usize != chunks.len() {
+                return Err(AssembleError::Ahead(format!("FROM:{first}, but {} chunks were declared before", chunks.len())));
+            }
+            let mut end = chunks.last().map_or(0, |(c, _)| c.end());
+            for c in new {
+                if c.offset != end || c.len == 0 {
+                    return Err(AssembleError::Ahead(format!("a chunk at offset {}, where the chunks before end at {end}", c.offset)));
+                }
+                end = c.end();
+            }
+            let from = chunks.len();
+            chunks.extend(new.iter().map(|c| (*c, false)));
+            new.iter().enumerate().map(|(k, c)| (from + k, *c)).collect()
+        };
+        let copied = match base {
+            Some(base) => reuse_from(base, &wanted, &self.file, &self.direct, &self.target).map_err(io(&self.temp))?,
+            None => Vec::new(),
+        };
+        let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        for &i in &copied {
+            chunks[i].1 = true;
+        }
+        Ok(wanted.iter().map(|(i, _)| *i).filter(|&i| !chunks[i].1).map(|i| i as u32).collect())
+    }
+
+    /// The chunk declared at `index`.
+    pub fn chunk(&self, index: u32) -> Option<ChunkRef> {
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner()).get(index as usize).map(|(c, _)| *c)
+    }
+
+    /// Verify chunk `index` and write it at its offset. Blocking.
+    pub fn write_chunk(&self, index: u32, data: &[u8]) -> Result<(), AssembleError> {
+        let declared = self.chunks.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let chunk = self.chunk(index).ok_or(AssembleError::NoSuchChunk { index, count: declared })?;
+        if data.len() != chunk.len as usize {
+            return Err(AssembleError::WrongSize { index, got: data.len(), expected: chunk.len });
+        }
+        if Hash::of(data) != chunk.hash {
+            return Err(AssembleError::HashMismatch { index });
+        }
+        let taken = self.taken.read().unwrap_or_else(|p| p.into_inner());
+        if *taken {
+            return Err(AssembleError::Ahead("already taken by a push".into()));
+        }
+        let cached = self.direct.write_at(&self.file, data, chunk.offset).map_err(io(&self.temp))?;
+        self.writeback.wrote(&self.file, cached);
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner())[index as usize].1 = true;
+        Ok(())
+    }
+
+    /// Move the file to `temp` for a push, once: the chunks verified in it.
+    fn take_into(&self, temp: &Path) -> Option<Vec<ChunkRef>> {
+        let mut taken = self.taken.write().unwrap_or_else(|p| p.into_inner());
+        if *taken {
+            return None;
+        }
+        *taken = true;
+        if let Err(e) = std::fs::rename(&self.temp, temp) {
+            tracing::debug!(path = %self.temp.display(), "chunks sent ahead not used: {e}");
+            let _ = std::fs::remove_file(&self.temp);
+            return None;
+        }
+        let chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        Some(chunks.iter().filter(|(_, ok)| *ok).map(|(c, _)| *c).collect())
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        if !*self.taken.read().unwrap_or_else(|p| p.into_inner()) {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
 /// Whether `temp` is a temp file of a transfer to `target` (of any version).
 pub fn is_temp_of(temp: &Path, target: &Path) -> bool {
     let (Some(t), Some(name)) = (temp.file_name().and_then(|n| n.to_str()), target.file_name().and_then(|n| n.to_str())) else {
@@ -371,22 +557,30 @@ impl Assembly {
     /// already local: valid chunks of the temp file, then chunks of `base`
     /// (the manifest of the target's current content) copied from the target.
     pub fn prepare(target: &Path, manifest: Manifest, base: Option<&Manifest>) -> Result<Assembly, AssembleError> {
-        Self::prepare_from(target, manifest, base.map(|m| (target, m)), None)
+        Self::prepare_from(target, manifest, base.map(|m| (target, m)), None, None)
     }
 
     /// Like [`Assembly::prepare`], with chunks reused from another file
     /// (`base`: its path and manifest), e.g. the file a temp name is saved
     /// beside (`x.blend` for `x.blend@`), and with `patching`, the target
-    /// patched in place when its new version allows.
+    /// patched in place when its new version allows, and with `ahead`, the
+    /// chunks sent before the push ([`Ahead`]): its temp file becomes this
+    /// one, unless the target is patched or an earlier attempt's temp file
+    /// is there to resume.
     pub fn prepare_from(
         target: &Path,
         manifest: Manifest,
         base: Option<(&Path, &Manifest)>,
         patching: Option<&Patching>,
+        ahead: Option<&Ahead>,
     ) -> Result<Assembly, AssembleError> {
         let temp = temp_path(target, &manifest.file_hash)?;
         let plan = match (base, patching) {
             (Some((path, base)), Some(p)) if path == target => patch_plan(target, &manifest, base, p),
+            _ => None,
+        };
+        let ahead = match ahead {
+            Some(a) if plan.is_none() && a.target == target && std::fs::symlink_metadata(&temp).is_err() => a.take_into(&temp),
             _ => None,
         };
         let replacing = std::fs::symlink_metadata(target).is_ok_and(|m| m.is_file());
@@ -410,8 +604,21 @@ impl Assembly {
                 }
             }
         }
-        // Resume: keep the chunks an earlier attempt already wrote.
-        if existing == manifest.size && existing > 0 {
+        if let Some(sent) = &ahead {
+            // Chunks sent ahead, each verified as it was written: those the
+            // manifest has at the same place are there.
+            let at: HashMap<u64, &ChunkRef> = sent.iter().map(|c| (c.offset, c)).collect();
+            for (i, c) in manifest.chunks.iter().enumerate() {
+                if at.get(&c.offset).is_some_and(|a| a.len == c.len && a.hash == c.hash) {
+                    have[i] = true;
+                    reused += u64::from(c.len);
+                }
+            }
+            if existing != manifest.size {
+                file.set_len(manifest.size).map_err(io(&temp))?;
+            }
+        } else if existing == manifest.size && existing > 0 {
+            // Resume: keep the chunks an earlier attempt already wrote.
             let todo: Vec<usize> = (0..manifest.chunks.len()).filter(|&i| !have[i]).collect();
             let chunks: Vec<crate::chunk::ChunkRef> = todo.iter().map(|&i| manifest.chunks[i]).collect();
             let ok = crate::chunk::verify_chunks(&file, &chunks).map_err(io(&temp))?;
@@ -435,49 +642,12 @@ impl Assembly {
         // read and the write, and one that does not match (the old file
         // changed behind the index) is simply needed from the sender.
         let direct = DirectWrites::open(&temp);
-        if let Some((old, base, old_direct)) =
-            base.and_then(|(path, m)| Some((File::open(path).ok()?, m, crate::direct::open_direct_read(path))))
-        {
-            let old_len = old.metadata().map(|m| m.len()).unwrap_or(0);
-            let by_hash: HashMap<Hash, (u64, u32)> = base.chunks.iter().map(|c| (c.hash, (c.offset, c.len))).collect();
-            // The runs to copy, and the chunks they carry (with their index
-            // in the new manifest).
-            let mut runs: Vec<Run> = Vec::new();
-            let mut copied: Vec<usize> = Vec::new();
-            let mut chunks: Vec<crate::chunk::ChunkRef> = Vec::new();
-            for (i, c) in manifest.chunks.iter().enumerate() {
-                if have[i] {
-                    continue;
-                }
-                let Some(&(offset, len)) = by_hash.get(&c.hash) else { continue };
-                if len != c.len || offset + len as u64 > old_len {
-                    continue;
-                }
-                match runs.last_mut() {
-                    Some(r) if r.from + r.len == offset && r.to + r.len == c.offset => {
-                        r.len += len as u64;
-                        r.count += 1;
-                    }
-                    _ => runs.push(Run { from: offset, to: c.offset, len: len as u64, first: chunks.len(), count: 1 }),
-                }
-                copied.push(i);
-                chunks.push(*c);
-            }
-            let (ok, cached) = copy_verified((&old, old_direct.as_ref()), &chunks, &runs, &file, &direct).map_err(io(&temp))?;
-            if cached > 0 {
-                // The cached edges are dirty pages the final fsync would
-                // write all at once: start writing them now.
-                crate::flush::start_writeback(&file);
-            }
-            let stale = ok.iter().filter(|v| !**v).count();
-            if stale > 0 {
-                tracing::warn!(path = %target.display(), stale, "chunks of the old version no longer match its index; they are fetched instead");
-            }
-            for (&i, good) in copied.iter().zip(ok) {
-                if good {
-                    have[i] = true;
-                    reused += u64::from(manifest.chunks[i].len);
-                }
+        if let Some(base) = base {
+            let wanted: Vec<(usize, ChunkRef)> =
+                (0..manifest.chunks.len()).filter(|&i| !have[i]).map(|i| (i, manifest.chunks[i])).collect();
+            for i in reuse_from(base, &wanted, &file, &direct, target).map_err(io(&temp))? {
+                have[i] = true;
+                reused += u64::from(manifest.chunks[i].len);
             }
         }
         let missing = have.iter().filter(|h| !**h).count();
@@ -830,7 +1000,7 @@ mod tests {
         let past = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_500_000_000);
         std::fs::create_dir_all(&p.journals).unwrap(); // in the node home, not the share, outside tests
         File::open(dir.path()).unwrap().set_modified(past).unwrap();
-        let asm = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p)).unwrap();
+        let asm = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p), None).unwrap();
         assert!(asm.patches());
         let temp = temp_path(&target, &m.file_hash).unwrap();
         use std::os::unix::fs::MetadataExt;
@@ -847,7 +1017,7 @@ mod tests {
         let shorter = &new[..300_000];
         let m2 = chunk_slice(shorter, &SMALL).unwrap();
         let p = patching(&dir);
-        let asm = Assembly::prepare_from(&target, m2, Some((&target, &m)), Some(&p)).unwrap();
+        let asm = Assembly::prepare_from(&target, m2, Some((&target, &m)), Some(&p), None).unwrap();
         assert!(asm.patches());
         complete(&asm, shorter);
         asm.finish(None, None).unwrap();
@@ -861,7 +1031,7 @@ mod tests {
         new.extend_from_slice(&old);
         let m = chunk_slice(&new, &SMALL).unwrap();
         let p = patching(&dir);
-        let asm = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p)).unwrap();
+        let asm = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p), None).unwrap();
         assert!(!asm.patches(), "nothing stays in place");
         assert!(complete(&asm, &new) <= 3, "still a delta");
         asm.finish(None, None).unwrap();
@@ -869,7 +1039,7 @@ mod tests {
         let mut edit = new.clone();
         edit[5] ^= 1;
         let edited = chunk_slice(&edit, &SMALL).unwrap();
-        let prepare = |p: &Patching| Assembly::prepare_from(&target, edited.clone(), Some((&target, &m)), Some(p)).unwrap().patches();
+        let prepare = |p: &Patching| Assembly::prepare_from(&target, edited.clone(), Some((&target, &m)), Some(p), None).unwrap().patches();
         assert!(prepare(&patching(&dir)), "an edit in place is patched");
         assert!(!prepare(&Patching { min: 1 << 20, ..patching(&dir) }), "under the minimum size");
         let stale = Patching { base_stamp: crate::index::Stamp { size: 1, ..patching(&dir).base_stamp }, ..patching(&dir) };
@@ -886,7 +1056,7 @@ mod tests {
         let mut new = old.clone();
         new[100..200].fill(1);
         let p = patching(&dir);
-        let asm = Assembly::prepare_from(&target, chunk_slice(&new, &SMALL).unwrap(), Some((&target, &base)), Some(&p)).unwrap();
+        let asm = Assembly::prepare_from(&target, chunk_slice(&new, &SMALL).unwrap(), Some((&target, &base)), Some(&p), None).unwrap();
         complete(&asm, &new);
         let local = random_bytes(300_000, 9);
         std::fs::write(&target, &local).unwrap();
@@ -903,13 +1073,13 @@ mod tests {
         new[300_000..310_000].fill(5);
         let m = chunk_slice(&new, &SMALL).unwrap();
         let p = patching(&dir);
-        let first = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p)).unwrap();
+        let first = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p), None).unwrap();
         let need = first.needed();
         assert!(need.len() >= 2);
         let c = m.chunks[need[0] as usize];
         first.write_chunk(need[0], &new[c.offset as usize..c.end() as usize]).unwrap();
         drop(first);
-        let again = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p)).unwrap();
+        let again = Assembly::prepare_from(&target, m.clone(), Some((&target, &base)), Some(&p), None).unwrap();
         assert_eq!(again.needed(), need[1..].to_vec(), "the chunk received before is kept");
         complete(&again, &new);
         again.finish(None, None).unwrap();

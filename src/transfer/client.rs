@@ -4,13 +4,13 @@
 use super::assemble::{AssembleError, Assembly, Written};
 use super::window::Window;
 use super::{manifest_from_lines, manifest_to_lines, new_transfer_id, party, Facts, Progress, Report, TransferError};
-use crate::chunk::Manifest;
+use crate::chunk::{ChunkRef, Manifest};
 use crate::config::PartnerConfig;
 use crate::db::TransferRecord;
 use crate::fault;
 use crate::hash::Hash;
 use crate::node::Node;
-use crate::proto::{self, AckStatus, Capability, DataHeader, Entry, Name, RangeSet, Request, Response, SharePath, ShareRow};
+use crate::proto::{self, AckStatus, Capability, Completion, DataHeader, Entry, Name, RangeSet, Request, Response, SharePath, ShareRow};
 use crate::time::Timestamp;
 use crate::transport::{read_line, Control, Endpoint, TransportError};
 use std::path::Path;
@@ -33,6 +33,9 @@ pub struct Session {
     /// Both sides named SAME: a push with a known base may give its
     /// manifest relative to the base's (PROTOCOL.md 8.1).
     same: bool,
+    /// Both sides named AHEAD: chunks of a file still being written may go
+    /// before its push (PROTOCOL.md 8.6).
+    ahead: bool,
     /// Shares the partner grants us, from AUTH_OK.
     pub shares: Vec<Name>,
     _endpoint: Endpoint,
@@ -54,15 +57,19 @@ pub struct PushOptions {
     /// named SAME (a re-save of a large file sends a few lines instead of
     /// one per chunk). Ignored unless its file hash is `base`'s.
     pub base_manifest: Option<Arc<Manifest>>,
+    /// The id chunks of this file were sent ahead under
+    /// ([`Session::send_ahead`]), if any: the partner may use them.
+    pub ahead: Option<Name>,
 }
 
 impl Default for PushOptions {
     fn default() -> Self {
-        PushOptions { base: proto::Base::Any, fence: None, manifest: None, mode: None, base_manifest: None }
+        PushOptions { base: proto::Base::Any, fence: None, manifest: None, mode: None, base_manifest: None, ahead: None }
     }
 }
 
-const OUR_CAPS: [Capability; 5] = [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Eager, Capability::Same];
+const OUR_CAPS: [Capability; 6] =
+    [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Eager, Capability::Same, Capability::Ahead];
 
 /// A file this small has its chunks sent right behind its BEGIN_TRANSFER
 /// (when the partner named EAGER): a `tar x` pushes thousands of such
@@ -98,6 +105,7 @@ impl Session {
             window: 1,
             eager: false,
             same: false,
+            ahead: false,
             shares: Vec::new(),
             _endpoint: endpoint,
         };
@@ -123,6 +131,7 @@ impl Session {
                 session.window = window.clamp(1, session.node.config.storage.window.max(1));
                 session.eager = caps.contains(&Capability::Eager);
                 session.same = caps.contains(&Capability::Same);
+                session.ahead = caps.contains(&Capability::Ahead);
             }
             other => return Err(session.unexpected(&other)),
         }
@@ -273,52 +282,9 @@ impl Session {
             mode: options.mode,
             mtime_ns,
             manifest: self.manifest_lines(&manifest, &options),
+            ahead: options.ahead.clone().filter(|_| self.ahead),
         };
-        let source = Arc::new(source);
-        // Chunks not in the page cache are read past it (see crate::direct).
-        let direct = Arc::new(crate::direct::open_direct_read(file));
-        let mut senders = tokio::task::JoinSet::new();
-        let mut bytes_sent = 0u64;
-        let mut chunks_sent = 0u32;
-        let mut corrupted_once = false;
-        let mut stalled = false;
-        let conn = self.conn.clone();
-        let mut send_chunk = |senders: &mut tokio::task::JoinSet<Result<(), String>>, index: u32| {
-            let Some(chunk) = manifest.chunks.get(index as usize).copied() else { return false };
-            let corrupt = fault::corrupt_chunk() == Some(index) && !corrupted_once;
-            corrupted_once |= corrupt;
-            bytes_sent += chunk.len as u64;
-            chunks_sent += 1;
-            let conn = conn.clone();
-            let (source, direct) = (source.clone(), direct.clone());
-            let header = DataHeader::Put { transfer_id: transfer_id.clone(), index, size: chunk.len, hash: chunk.hash };
-            senders.spawn(async move {
-                // A chunk in the page cache is one memory copy: read here,
-                // not on the blocking pool, whose hand-off costs two thread
-                // wake-ups a chunk. One that is not waits for the disk there.
-                let (offset, len) = (chunk.offset, chunk.len as usize);
-                let data = if crate::direct::all_cached(&source, offset, len as u64) == Some(true) {
-                    crate::direct::Landing::read(&source, None, offset, len)
-                } else {
-                    let read = move || crate::direct::Landing::read(&source, direct.as_ref().as_ref(), offset, len);
-                    crate::transfer::blocking_io(len as u64, read).await.map_err(|e| e.to_string())?
-                };
-                let mut data = data.map_err(|e| format!("reading chunk {index}: {e}"))?;
-                if corrupt {
-                    if let Some(b) = data.bytes_mut().first_mut() {
-                        *b ^= 0xff;
-                    }
-                }
-                let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
-                // Header and data in one call; the data handed over, not
-                // copied into the stream's buffer.
-                let mut parts = [bytes::Bytes::from(header.encode()), bytes::Bytes::from_owner(data)];
-                stream.write_all_chunks(&mut parts).await.map_err(|e| e.to_string())?;
-                stream.finish().map_err(|e| e.to_string())?;
-                Ok::<(), String>(())
-            });
-            true
-        };
+        let mut sender = ChunkSender::new(self.conn.clone(), transfer_id.clone(), source, file);
         // A small file's chunks go right behind BEGIN_TRANSFER (EAGER),
         // within the session's window: its NEED is then only a formality.
         let eager = self.eager
@@ -327,15 +293,13 @@ impl Session {
             && fault::stall_after_chunks().is_none();
         self.send(&begin).await?;
         let early_at = Instant::now();
-        let early: Vec<u32> =
-            if eager { (0..manifest.chunks.len() as u32).filter(|&i| send_chunk(&mut senders, i)).collect() } else { Vec::new() };
-        let accepted = tokio::time::timeout(Duration::from_secs(60), self.next())
-            .await
-            .map_err(|_| TransferError::from(TransportError::Timeout))??;
-        let (window_size, need) = match accepted {
-            Response::TransferAccepted { window, need, .. } => (window, need),
-            other => return Err(self.unexpected(&other)),
+        let early: Vec<u32> = if eager {
+            (0..manifest.chunks.len() as u32).filter(|&i| sender.send(i, manifest.chunks.get(i as usize).copied())).collect()
+        } else {
+            Vec::new()
         };
+        let need = self.accepted().await?;
+        let (window_size, need) = need;
         let storage = &self.node.config.storage;
         let mut window = Window::new(
             need.iter(),
@@ -349,54 +313,17 @@ impl Session {
         let need_bytes: u64 = need.iter().filter_map(|i| manifest.chunks.get(i as usize)).map(|c| c.len as u64).sum();
         let already = manifest.size.saturating_sub(need_bytes);
         let mut acked_bytes = 0u64;
-        let completion = loop {
-            // Fill the window.
-            let stall = fault::stall_after_chunks().is_some_and(|n| window.done() >= n as usize);
-            if stall && !stalled && window.in_flight() == 0 {
-                stalled = true;
-                eprintln!("stalled");
-            }
-            while let Some(index) = if stall { None } else { window.next_to_send(Instant::now()) } {
-                if !send_chunk(&mut senders, index) {
-                    break;
-                }
-            }
-            let deadline = window
-                .next_deadline()
-                .map(tokio::time::Instant::from_std)
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-            tokio::select! {
-                msg = self.next() => match msg? {
-                    Response::ChunkAck { index, status: AckStatus::Ok, .. } => {
-                        if window.on_ack(index) {
-                            acked_bytes += manifest.chunks.get(index as usize).map_or(0, |c| c.len as u64);
-                        }
-                    }
-                    Response::ChunkAck { index, status: AckStatus::Error(reason), .. } => {
-                        tracing::warn!(partner = %self.partner.id, index, %reason, "chunk refused, sending it again");
-                        window.on_nack(index, &reason)?;
-                    }
-                    Response::ChunkAckBatch { chunks, .. } => {
-                        for index in chunks.iter() {
-                            if window.on_ack(index) {
-                                acked_bytes += manifest.chunks.get(index as usize).map_or(0, |c| c.len as u64);
-                            }
-                        }
-                    }
-                    Response::TransferComplete(c) => break c,
-                    other => return Err(self.unexpected(&other)),
-                },
-                Some(done) = senders.join_next(), if !senders.is_empty() => {
-                    if let Ok(Err(e)) = done {
-                        return Err(self.unreachable().unwrap_or_else(|| TransferError::Other(format!("sending to {}: {e}", self.partner.id))));
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline) => window.check_timeouts(Instant::now())?,
-            }
+        let on_acked = |index: u32| {
+            acked_bytes += manifest.chunks.get(index as usize).map_or(0, |c| c.len as u64);
             if let Some(p) = &progress {
                 p(already + acked_bytes, manifest.size);
             }
         };
+        let completion = self.pump(&mut sender, &mut window, |i| manifest.chunks.get(i as usize).copied(), on_acked, false).await?;
+        let Some(completion) = completion else {
+            return Err(TransferError::Other(format!("{}: every chunk acknowledged but no TRANSFER_COMPLETE", self.partner.id)));
+        };
+        let (bytes_sent, chunks_sent) = (sender.bytes_sent, sender.chunks_sent);
         let facts = Facts {
             transfer_id: &transfer_id,
             direction: "push",
@@ -432,6 +359,119 @@ impl Session {
         };
         self.record(&report, started, "ok", None);
         Ok(report)
+    }
+
+    /// The answer to a BEGIN_TRANSFER or AHEAD: the window and NEED.
+    async fn accepted(&mut self) -> Result<(u32, RangeSet), TransferError> {
+        let accepted = tokio::time::timeout(Duration::from_secs(60), self.next())
+            .await
+            .map_err(|_| TransferError::from(TransportError::Timeout))??;
+        match accepted {
+            Response::TransferAccepted { window, need, .. } => Ok((window, need)),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Send the chunks of `window` (`chunk_of` gives each index's place in
+    /// the file) until every one is acknowledged (`until_acked`: an AHEAD)
+    /// or the partner answers TRANSFER_COMPLETE (a push). `on_acked` is
+    /// called once per chunk acknowledged.
+    async fn pump(
+        &mut self,
+        sender: &mut ChunkSender,
+        window: &mut Window,
+        chunk_of: impl Fn(u32) -> Option<ChunkRef>,
+        mut on_acked: impl FnMut(u32),
+        until_acked: bool,
+    ) -> Result<Option<Completion>, TransferError> {
+        let mut stalled = false;
+        loop {
+            if until_acked && window.is_done() {
+                return Ok(None);
+            }
+            // Fill the window.
+            let stall = fault::stall_after_chunks().is_some_and(|n| window.done() >= n as usize);
+            if stall && !stalled && window.in_flight() == 0 {
+                stalled = true;
+                eprintln!("stalled");
+            }
+            while let Some(index) = if stall { None } else { window.next_to_send(Instant::now()) } {
+                if !sender.send(index, chunk_of(index)) {
+                    break;
+                }
+            }
+            let deadline = window
+                .next_deadline()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                msg = self.next() => match msg? {
+                    Response::ChunkAck { index, status: AckStatus::Ok, .. } => {
+                        if window.on_ack(index) {
+                            on_acked(index);
+                        }
+                    }
+                    Response::ChunkAck { index, status: AckStatus::Error(reason), .. } => {
+                        tracing::warn!(partner = %self.partner.id, index, %reason, "chunk refused, sending it again");
+                        window.on_nack(index, &reason)?;
+                    }
+                    Response::ChunkAckBatch { chunks, .. } => {
+                        for index in chunks.iter() {
+                            if window.on_ack(index) {
+                                on_acked(index);
+                            }
+                        }
+                    }
+                    Response::TransferComplete(c) if !until_acked => return Ok(Some(c)),
+                    other => return Err(self.unexpected(&other)),
+                },
+                Some(done) = sender.senders.join_next(), if !sender.senders.is_empty() => {
+                    if let Ok(Err(e)) = done {
+                        return Err(self.unreachable().unwrap_or_else(|| TransferError::Other(format!("sending to {}: {e}", self.partner.id))));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => window.check_timeouts(Instant::now())?,
+            }
+        }
+    }
+
+    /// AHEAD (PROTOCOL.md 8.6): send the chunks `chunks` of `file`, a file
+    /// still being written, numbered from `first` under `ahead_id`, before
+    /// its push, which names `ahead_id` ([`PushOptions::ahead`]). Returns
+    /// when the partner has every one (copied from what it has, or sent
+    /// and acknowledged). False when the partner does not take chunks
+    /// ahead (it did not name AHEAD): the push then simply sends them.
+    pub async fn send_ahead(
+        &mut self,
+        ahead_id: &Name,
+        share: &Name,
+        path: &SharePath,
+        first: u32,
+        chunks: &[ChunkRef],
+        file: &Path,
+    ) -> Result<bool, TransferError> {
+        if !self.ahead {
+            return Ok(false);
+        }
+        let lines: Vec<proto::ChunkLine> = chunks
+            .iter()
+            .enumerate()
+            .map(|(k, c)| proto::ChunkLine { index: first + k as u32, offset: c.offset, size: c.len, hash: c.hash })
+            .collect();
+        let source = std::fs::File::open(file).map_err(|source| TransferError::Io { path: file.to_path_buf(), source })?;
+        self.send(&Request::Ahead { ahead_id: ahead_id.clone(), share: share.clone(), path: path.clone(), first, chunks: lines }).await?;
+        let (window_size, need) = self.accepted().await?;
+        let storage = &self.node.config.storage;
+        let mut window = Window::new(
+            need.iter(),
+            window_size.clamp(1, self.window),
+            Duration::from_secs(storage.chunk_timeout_secs),
+            storage.max_retries,
+        );
+        let mut sender = ChunkSender::new(self.conn.clone(), ahead_id.clone(), source, file);
+        let chunk_of = |i: u32| i.checked_sub(first).and_then(|k| chunks.get(k as usize).copied());
+        self.pump(&mut sender, &mut window, chunk_of, |_| {}, true).await?;
+        Ok(true)
     }
 
     /// The manifest as BEGIN_TRANSFER carries it: relative to the base
@@ -587,6 +627,75 @@ impl Session {
 }
 
 /// Accept CHUNK_DATA streams, verify and store each chunk, report arrivals.
+/// Sends chunks of one file, each on its own PUT stream.
+struct ChunkSender {
+    conn: quinn::Connection,
+    transfer_id: Name,
+    source: Arc<std::fs::File>,
+    /// The file opened for direct reads: chunks not in the page cache are
+    /// read past it (see crate::direct).
+    direct: Arc<Option<std::fs::File>>,
+    senders: tokio::task::JoinSet<Result<(), String>>,
+    bytes_sent: u64,
+    chunks_sent: u32,
+    /// The test fault hook corrupts one transmission only.
+    corrupted_once: bool,
+}
+
+impl ChunkSender {
+    fn new(conn: quinn::Connection, transfer_id: Name, source: std::fs::File, path: &Path) -> ChunkSender {
+        ChunkSender {
+            conn,
+            transfer_id,
+            source: Arc::new(source),
+            direct: Arc::new(crate::direct::open_direct_read(path)),
+            senders: tokio::task::JoinSet::new(),
+            bytes_sent: 0,
+            chunks_sent: 0,
+            corrupted_once: false,
+        }
+    }
+
+    /// Start sending chunk `index`, which is `chunk` of the file. False
+    /// when there is no such chunk.
+    fn send(&mut self, index: u32, chunk: Option<ChunkRef>) -> bool {
+        let Some(chunk) = chunk else { return false };
+        let corrupt = fault::corrupt_chunk() == Some(index) && !self.corrupted_once;
+        self.corrupted_once |= corrupt;
+        self.bytes_sent += chunk.len as u64;
+        self.chunks_sent += 1;
+        let conn = self.conn.clone();
+        let (source, direct) = (self.source.clone(), self.direct.clone());
+        let header = DataHeader::Put { transfer_id: self.transfer_id.clone(), index, size: chunk.len, hash: chunk.hash };
+        self.senders.spawn(async move {
+            // A chunk in the page cache is one memory copy: read here, not
+            // on the blocking pool, whose hand-off costs two thread
+            // wake-ups a chunk. One that is not waits for the disk there.
+            let (offset, len) = (chunk.offset, chunk.len as usize);
+            let data = if crate::direct::all_cached(&source, offset, len as u64) == Some(true) {
+                crate::direct::Landing::read(&source, None, offset, len)
+            } else {
+                let read = move || crate::direct::Landing::read(&source, direct.as_ref().as_ref(), offset, len);
+                crate::transfer::blocking_io(len as u64, read).await.map_err(|e| e.to_string())?
+            };
+            let mut data = data.map_err(|e| format!("reading chunk {index}: {e}"))?;
+            if corrupt {
+                if let Some(b) = data.bytes_mut().first_mut() {
+                    *b ^= 0xff;
+                }
+            }
+            let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
+            // Header and data in one call; the data handed over, not copied
+            // into the stream's buffer.
+            let mut parts = [bytes::Bytes::from(header.encode()), bytes::Bytes::from_owner(data)];
+            stream.write_all_chunks(&mut parts).await.map_err(|e| e.to_string())?;
+            stream.finish().map_err(|e| e.to_string())?;
+            Ok::<(), String>(())
+        });
+        true
+    }
+}
+
 async fn receive_chunks(
     conn: quinn::Connection,
     assembly: Arc<Assembly>,

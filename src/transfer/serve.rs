@@ -12,7 +12,7 @@
 // built once and sent as is, so its size on the stack does not matter.
 #![allow(clippy::result_large_err)]
 
-use super::assemble::{AssembleError, Assembly, Patching, Written};
+use super::assemble::{Ahead, AssembleError, Assembly, Patching, Written};
 use super::{manifest_from_lines, manifest_from_relative, manifest_to_lines, party, Facts};
 use crate::chunk::Manifest;
 use crate::db::TransferRecord;
@@ -33,8 +33,27 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
-const SERVER_CAPS: [Capability; 6] =
-    [Capability::Chunked, Capability::Parallel, Capability::Resume, Capability::Eager, Capability::Part, Capability::Same];
+const SERVER_CAPS: [Capability; 7] = [
+    Capability::Chunked,
+    Capability::Parallel,
+    Capability::Resume,
+    Capability::Eager,
+    Capability::Part,
+    Capability::Same,
+    Capability::Ahead,
+];
+
+/// Chunks sent ahead of pushes (AHEAD, PROTOCOL.md 8.6) by partner and
+/// ahead id, with when each was last used. Kept by the node, not the
+/// session: the push that names them may come on another connection.
+pub type Aheads = Mutex<HashMap<(Name, Name), (Arc<Ahead>, std::time::Instant)>>;
+
+/// Chunks sent ahead that no AHEAD or push has used for this long are
+/// deleted.
+const AHEAD_IDLE: Duration = Duration::from_secs(120);
+
+/// Files of chunks sent ahead a partner may have at once.
+const MAX_AHEADS: usize = 8;
 
 /// How long a chunk stream that names a push not begun yet waits for its
 /// BEGIN_TRANSFER (EAGER, PROTOCOL.md 8.3): the two travel on different
@@ -154,6 +173,8 @@ struct Session {
     /// Both sides named SAME: a push may give its manifest relative to its
     /// base version's.
     same: std::sync::atomic::AtomicBool,
+    /// Both sides named AHEAD.
+    ahead: std::sync::atomic::AtomicBool,
     /// With EAGER: the latest pushes whose BEGIN_TRANSFER was answered
     /// (accepted, refused or completed at once), and a wake-up for chunk
     /// streams that arrived first (see [`Session::settled`]).
@@ -254,6 +275,7 @@ pub async fn serve(node: Arc<Node>, conn: quinn::Connection, partner: Name, peer
         watches: Mutex::new(Vec::new()),
         eager: Default::default(),
         same: Default::default(),
+        ahead: Default::default(),
         settled: Default::default(),
         settled_now: tokio::sync::Notify::new(),
     });
@@ -392,6 +414,7 @@ impl Session {
                 let caps: Vec<Capability> = SERVER_CAPS.iter().copied().filter(|c| caps.contains(c)).collect();
                 self.eager.store(caps.contains(&Capability::Eager), Ordering::SeqCst);
                 self.same.store(caps.contains(&Capability::Same), Ordering::SeqCst);
+                self.ahead.store(caps.contains(&Capability::Ahead), Ordering::SeqCst);
                 let session = super::new_transfer_id();
                 *phase = Phase::Greeted;
                 Some(Response::Welcome { version: proto::VERSION.into(), caps, window: window.clamp(1, self.window), session })
@@ -440,9 +463,11 @@ impl Session {
                     .map(|e| Response::StatOk(self.shown(&share, e)))
                     .unwrap_or_else(|e| e),
             ),
-            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest } => {
+            Request::BeginTransfer { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest, ahead } => {
                 let id = transfer_id.clone();
-                let push = Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest };
+                // Chunks sent ahead are used by this push or by none.
+                let ahead = ahead.and_then(|a| lock(&self.node.aheads).remove(&(self.partner.clone(), a))).map(|(a, _)| a);
+                let push = Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest, ahead };
                 let answer = match self.clone().begin(push).await {
                     Ok(r) | Err(r) => r,
                 };
@@ -452,6 +477,20 @@ impl Session {
                 // Chunks that came with the BEGIN_TRANSFER wait until its
                 // answer is on its way: their acknowledgements must not
                 // overtake it.
+                let _ = self.tx.send(answer).await;
+                self.settle(id);
+                None
+            }
+            Request::Ahead { ahead_id, share, path, first, chunks } => {
+                let id = ahead_id.clone();
+                let answer = match self.ahead(ahead_id, share, path, first, chunks).await {
+                    Ok(r) | Err(r) => r,
+                };
+                if !self.eager.load(Ordering::SeqCst) {
+                    return Some(answer);
+                }
+                // As for BEGIN_TRANSFER: the chunks' acknowledgements
+                // follow the answer.
                 let _ = self.tx.send(answer).await;
                 self.settle(id);
                 None
@@ -554,8 +593,67 @@ impl Session {
         }))
     }
 
+    /// AHEAD (PROTOCOL.md 8.6): the next chunks of a file still being
+    /// written; answered with those to send.
+    async fn ahead(&self, ahead_id: Name, share: Name, path: SharePath, first: u32, lines: Vec<ChunkLine>) -> Result<Response, Response> {
+        if !self.ahead.load(Ordering::SeqCst) {
+            return Err(err(ErrorCode::BadRequest, "AHEAD needs capability AHEAD, which you did not name"));
+        }
+        let s = self.writable(&share)?;
+        self.unleased(&share, &path)?;
+        let target = s.resolve_target(&path).map_err(share_err)?;
+        let key = (self.partner.clone(), ahead_id.clone());
+        let now = std::time::Instant::now();
+        let ahead = {
+            let mut all = lock(&self.node.aheads);
+            all.retain(|_, (_, used)| now.duration_since(*used) < AHEAD_IDLE);
+            let held = all.keys().filter(|(p, _)| *p == self.partner).count();
+            match all.get_mut(&key) {
+                Some((a, _)) if a.target() != target => {
+                    return Err(err(ErrorCode::BadRequest, format!("ahead {ahead_id} is for another path than {path}")));
+                }
+                Some((a, used)) => {
+                    *used = now;
+                    a.clone()
+                }
+                None if first != 0 => {
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        format!("no chunks sent ahead as {ahead_id} (unknown, used, or idle for too long): start again at FROM:0"),
+                    ));
+                }
+                None if held >= MAX_AHEADS => {
+                    return Err(err(ErrorCode::Busy, format!("you have {MAX_AHEADS} files of chunks sent ahead already; push them first")));
+                }
+                None => {
+                    let a = Arc::new(Ahead::create(&target, ahead_id.as_str()).map_err(|e| err(assemble_code(&e), e.to_string()))?);
+                    all.insert(key, (a.clone(), now));
+                    a
+                }
+            }
+        };
+        let chunks: Vec<crate::chunk::ChunkRef> =
+            lines.iter().map(|l| crate::chunk::ChunkRef { offset: l.offset, len: l.size, hash: l.hash }).collect();
+        let sibling = crate::lease::covering_names(&path).into_iter().skip(1).find_map(|p| s.resolve_file(&p).ok());
+        let node = self.node.clone();
+        let bytes: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+        let need = crate::transfer::blocking_io(bytes, move || {
+            let params = &node.config.storage.chunk;
+            // Chunks the target's current version (or, for a new name saved
+            // beside a file, that file) has are copied, not sent.
+            let from = [Some(target.clone()), sibling].into_iter().flatten().find(|p| p.is_file());
+            let base = from.and_then(|p| crate::index::manifest_for(&node.db, &p, params).ok().map(|m| (p, m)));
+            ahead.declare(first, &chunks, base.as_ref().map(|(p, m)| (p.as_path(), m)))
+        })
+        .await
+        .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| err(if matches!(e, AssembleError::Ahead(_)) { ErrorCode::BadRequest } else { assemble_code(&e) }, e.to_string()))?;
+        tracing::debug!(partner = %self.partner, %share, %path, %ahead_id, first, chunks = lines.len(), need = need.len(), "chunks ahead declared");
+        Ok(Response::TransferAccepted { transfer_id: ahead_id, window: self.window, need: need.into_iter().collect() })
+    }
+
     async fn begin(self: Arc<Self>, push: Push) -> Result<Response, Response> {
-        let Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest } = push;
+        let Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest, ahead } = push;
         let s = self.writable(&share)?;
         self.unleased(&share, &path)?;
         if let Some(token) = fence {
@@ -628,7 +726,7 @@ impl Session {
                 mtime_ns,
             });
             let from = from.as_ref().map(|(p, m)| (p.as_path(), m));
-            let prepared = Assembly::prepare_from(&t2, m.clone(), from, patching.as_ref()).map_err(|e| {
+            let prepared = Assembly::prepare_from(&t2, m.clone(), from, patching.as_ref(), ahead.as_deref()).map_err(|e| {
                 // Disk full is BUSY (PROTOCOL.md 11): the client may retry once space is freed.
                 err(assemble_code(&e), e.to_string())
             })?;
@@ -974,6 +1072,8 @@ struct Push {
     mode: Option<u32>,
     mtime_ns: Option<i64>,
     manifest: PushManifest,
+    /// Chunks sent ahead that the push named (AHEAD).
+    ahead: Option<Arc<Ahead>>,
 }
 
 /// BUSY for a change refused because `lease` is held by another node.
@@ -1148,6 +1248,19 @@ impl Session {
     }
 }
 
+impl Session {
+    /// This partner's chunks sent ahead as `id`, if still there.
+    fn ahead_named(&self, id: &Name) -> Option<Arc<Ahead>> {
+        lock(&self.node.aheads).get(&(self.partner.clone(), id.clone())).map(|(a, _)| a.clone())
+    }
+}
+
+/// Where a PUT stream's chunk goes.
+enum Dest {
+    Push(Arc<Incoming>, Arc<Assembly>),
+    Ahead(Arc<Ahead>),
+}
+
 /// Accept PUT streams for this session's pushes.
 async fn accept_puts(session: Arc<Session>) {
     while let Ok(stream) = session.conn.accept_uni().await {
@@ -1173,17 +1286,29 @@ impl Session {
             tracing::debug!(partner = %self.partner, %transfer_id, "chunk of a push never begun: dropped");
             return;
         }
-        let Some(incoming) = lock(&self.incoming).get(&transfer_id).cloned() else {
-            if eager {
-                // Sent before NEED said it was not needed: the push was
-                // refused, or completed without it (PROTOCOL.md 8.3).
-                return;
+        let incoming = lock(&self.incoming).get(&transfer_id).cloned();
+        let dest = match incoming {
+            Some(incoming) => {
+                let Some(assembly) = lock(&incoming.assembly).clone() else { return };
+                Dest::Push(incoming, assembly)
             }
-            let _ = self.tx.send(err(ErrorCode::UnknownTransfer, format!("no push {transfer_id} in this session"))).await;
-            return;
+            None => match self.ahead_named(&transfer_id) {
+                Some(ahead) => Dest::Ahead(ahead),
+                // Sent before NEED said it was not needed: the push was
+                // refused, or completed without it (PROTOCOL.md 8.3); or
+                // chunks ahead a push has taken since.
+                None if eager => return,
+                None => {
+                    let _ = self.tx.send(err(ErrorCode::UnknownTransfer, format!("no push {transfer_id} in this session"))).await;
+                    return;
+                }
+            },
         };
-        let Some(assembly) = lock(&incoming.assembly).clone() else { return };
-        let Some(chunk) = assembly.manifest().chunks.get(index as usize).copied() else {
+        let chunk = match &dest {
+            Dest::Push(_, assembly) => assembly.manifest().chunks.get(index as usize).copied(),
+            Dest::Ahead(ahead) => ahead.chunk(index),
+        };
+        let Some(chunk) = chunk else {
             let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_REQUEST".into()) }).await;
             return;
         };
@@ -1219,6 +1344,23 @@ impl Session {
             let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status: AckStatus::Error("BAD_LENGTH".into()) }).await;
             return;
         }
+        let (incoming, assembly) = match dest {
+            Dest::Push(incoming, assembly) => (incoming, assembly),
+            Dest::Ahead(ahead) => {
+                let written = crate::transfer::blocking_io(size as u64, move || ahead.write_chunk(index, data.bytes())).await;
+                let status = match written {
+                    Ok(Ok(())) => AckStatus::Ok,
+                    Ok(Err(AssembleError::HashMismatch { .. })) => AckStatus::Error("HASH_MISMATCH".into()),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%transfer_id, index, "chunk sent ahead not stored: {e}");
+                        AckStatus::Error("INTERNAL".into())
+                    }
+                    Err(_) => AckStatus::Error("INTERNAL".into()),
+                };
+                let _ = self.tx.send(Response::ChunkAck { transfer_id, index, status }).await;
+                return;
+            }
+        };
         incoming.bytes.fetch_add(size as u64, Ordering::SeqCst);
         incoming.chunks.fetch_add(1, Ordering::SeqCst);
         let a = assembly.clone();

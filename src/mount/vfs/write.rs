@@ -75,6 +75,9 @@ struct Prepared {
     /// The kernel's changes of the staging taken in when it was cut
     /// ([`Staged::pushed`]).
     kernel_gen: u64,
+    /// The id the file's chunks were sent ahead under, if they were
+    /// ([`crate::mount::ahead`]).
+    ahead: Option<Name>,
 }
 
 pub(super) fn now_ns() -> i64 {
@@ -678,7 +681,7 @@ impl Vfs {
         let Some(p) = self.prepare(ino, &staged, durable).await? else { return Ok(()) };
         let outcome = if p.queue_first {
             let id = self.enqueue(&staged, &p.share, &p.path, p.expect, p.fence, Commit::Durable).await?;
-            self.writeback.flush(id, Some(p.manifest.clone()), p.mode, p.base_manifest.clone()).await
+            self.writeback.flush(id, Some(p.manifest.clone()), p.mode, p.base_manifest.clone(), p.ahead.clone()).await
         } else {
             let options = PushOptions {
                 base: p.expect,
@@ -686,6 +689,7 @@ impl Vfs {
                 manifest: Some(p.manifest.clone()),
                 mode: p.mode,
                 base_manifest: p.base_manifest.clone(),
+                ahead: p.ahead.clone(),
             };
             match self.writeback.push_direct(self.remote.partner(), &p.share, &p.path, &staged.data, options).await {
                 o @ (Outcome::Queued(_) | Outcome::Failed { .. }) => {
@@ -743,7 +747,7 @@ impl Vfs {
             // the partner refuses it while another node holds the name):
             // the push goes after the answer, under the lease if granted.
             me.leases.answered(&p.share, &p.path).await;
-            let outcome = me.writeback.flush(id, Some(p.manifest.clone()), p.mode, p.base_manifest.clone()).await;
+            let outcome = me.writeback.flush(id, Some(p.manifest.clone()), p.mode, p.base_manifest.clone(), p.ahead.clone()).await;
             if let Err(e) = me.take_outcome(ino, &staged, &p, outcome).await {
                 tracing::warn!(partner = %me.remote.partner(), share = %p.share, path = %p.path, "write-back behind a close: {e:?}");
             }
@@ -803,6 +807,13 @@ impl Vfs {
             st.dirty = false;
             st.kernel_changes
         };
+        // Chunks sent ahead while the kernel wrote: the sending ends here
+        // (this push takes what the file has now).
+        let sender = staged.ahead.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let ahead = match sender {
+            Some(s) => s.finish().await,
+            None => None,
+        };
         let partner = self.remote.partner().to_string();
         // An earlier change of the file waits in the queue: this one goes
         // after it.
@@ -828,7 +839,7 @@ impl Vfs {
             st.base = None;
             base_manifest
         };
-        Ok(Some(Prepared { share, path, expect, fence, mode, mtime_ns, manifest, base_manifest, queue_first, kernel_gen }))
+        Ok(Some(Prepared { share, path, expect, fence, mode, mtime_ns, manifest, base_manifest, queue_first, kernel_gen, ahead }))
     }
 
     /// What a push's outcome means for the inode and its staging.

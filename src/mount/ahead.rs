@@ -1,0 +1,197 @@
+//! Chunks of a file the kernel writes itself, sent while it is written.
+//!
+//! A staging the kernel writes through passthrough ([`super::vfs`]) shows
+//! mountd nothing but its size and mtime until the file is closed, and
+//! the push that follows would then send the whole file. For a large file
+//! written from start to end (`cp`, `dd`, an application saving), an
+//! [`AheadSender`] follows it instead: every [`POLL`] it reads what the
+//! file gained, cuts it as the push would ([`StreamChunker`]: a chunk is
+//! final once a cut point ends it), and sends the final chunks to the
+//! partner under an ahead id (AHEAD, PROTOCOL.md 8.6). The partner copies
+//! those its current version has and stores the others, verified, in a
+//! temp file beside the target. The push at the close names the id, and
+//! the partner keeps every chunk it holds at the same place in the
+//! manifest the push sends: only the rest crosses the network then.
+//!
+//! Nothing here is trusted for the content of the new version. The push
+//! cuts the whole file again ([`crate::mount::stage::Staged::manifest`]),
+//! so a chunk the kernel rewrote after it was sent ahead is simply not
+//! kept (its hash no longer matches) and is sent with the push. The cost
+//! of a file rewritten in place is the bytes sent twice, never a wrong
+//! file. A partner that does not know AHEAD, refuses it, or fails, ends
+//! the sending: the push sends what it would have sent anyway.
+
+use crate::chunk::{ChunkParams, StreamChunker};
+use crate::proto::{Name, SharePath};
+use crate::writeback::Writeback;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How often the file is looked at.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Bytes the file must have gained before they are cut and sent: fewer,
+/// larger rounds (each is a round trip), and a small file closed within
+/// a round never sends anything ahead.
+const STEP: u64 = 16 << 20;
+
+/// Bytes read from the file at a time.
+const READ: usize = 4 << 20;
+
+/// How long a push waits for the round in flight to end before it goes
+/// on without it (the partner is slow or gone).
+const FINISH_WAIT: Duration = Duration::from_secs(2);
+
+/// Sends the chunks of one staging ahead of its push; see the module.
+pub struct AheadSender {
+    id: Name,
+    stop: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+    /// Whether an AHEAD was sent: only then does the push name the id.
+    sent: Arc<AtomicBool>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What one sender needs to reach the partner.
+pub struct Target {
+    pub writeback: Arc<Writeback>,
+    pub partner: String,
+    pub share: Name,
+    pub path: SharePath,
+}
+
+impl AheadSender {
+    /// Follow `data` (a staging the kernel writes, open as `file`) and send
+    /// its chunks to `target`, until [`AheadSender::finish`].
+    pub fn start(target: Target, data: PathBuf, file: std::fs::File, params: ChunkParams) -> Option<AheadSender> {
+        let chunker = StreamChunker::new(&params).ok()?;
+        let id = crate::transfer::new_transfer_id();
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let sent = Arc::new(AtomicBool::new(false));
+        let run = Run { id: id.clone(), target, data, file: Arc::new(file), stop: stop.clone(), wake: wake.clone(), sent: sent.clone() };
+        let task = tokio::spawn(run.follow(chunker));
+        Some(AheadSender { id, stop, wake, sent, task: Mutex::new(Some(task)) })
+    }
+
+    /// Stop sending, let the round in flight end (at most [`FINISH_WAIT`]),
+    /// and return the id for the push to name, if anything was sent.
+    pub async fn finish(&self) -> Option<Name> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+        let task = lock(&self.task).take();
+        if let Some(mut task) = task {
+            if tokio::time::timeout(FINISH_WAIT, &mut task).await.is_err() {
+                tracing::debug!(id = %self.id, "chunks ahead: the round in flight is left behind");
+                task.abort();
+            }
+        }
+        self.sent.load(Ordering::SeqCst).then(|| self.id.clone())
+    }
+}
+
+impl Drop for AheadSender {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.task).take() {
+            task.abort();
+        }
+    }
+}
+
+struct Run {
+    id: Name,
+    target: Target,
+    data: PathBuf,
+    file: Arc<std::fs::File>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<tokio::sync::Notify>,
+    sent: Arc<AtomicBool>,
+}
+
+impl Run {
+    async fn follow(self, mut chunker: StreamChunker) {
+        let mut declared = 0usize;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = self.wake.notified() => {}
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let Ok(size) = self.file.metadata().map(|m| m.len()) else { return };
+            if size < chunker.position() + STEP {
+                continue;
+            }
+            // Cut what the file gained (from the page cache: it was just
+            // written), off the async threads.
+            let file = self.file.clone();
+            let cut = tokio::task::spawn_blocking(move || -> std::io::Result<StreamChunker> {
+                let mut buf = vec![0u8; READ];
+                while chunker.position() < size {
+                    let want = (size - chunker.position()).min(READ as u64) as usize;
+                    let n = file.read_at(&mut buf[..want], chunker.position())?;
+                    if n == 0 {
+                        break;
+                    }
+                    chunker.push(&buf[..n]);
+                }
+                Ok(chunker)
+            })
+            .await;
+            chunker = match cut {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return tracing::debug!(id = %self.id, "chunks ahead: reading the staging: {e}"),
+                Err(_) => return,
+            };
+            let chunks = chunker.final_chunks()[declared..].to_vec();
+            if chunks.is_empty() {
+                continue;
+            }
+            if !self.send(declared as u32, &chunks).await {
+                return;
+            }
+            declared += chunks.len();
+        }
+    }
+
+    /// One round: declare `chunks` (numbered from `first`) and send those
+    /// the partner lacks. False when sending ahead is over.
+    async fn send(&self, first: u32, chunks: &[crate::chunk::ChunkRef]) -> bool {
+        let t = &self.target;
+        let mut session = match t.writeback.session(&t.partner).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(partner = %t.partner, "chunks ahead: no session ({e})");
+                return false;
+            }
+        };
+        self.sent.store(true, Ordering::SeqCst);
+        let sent = session.send_ahead(&self.id, &t.share, &t.path, first, chunks, &self.data).await;
+        match sent {
+            Ok(true) => {
+                t.writeback.give_back(&t.partner, session).await;
+                tracing::debug!(partner = %t.partner, path = %t.path, first, chunks = chunks.len(), "chunks sent ahead");
+                true
+            }
+            Ok(false) => {
+                // The partner does not take chunks ahead: nothing was sent.
+                self.sent.store(first > 0, Ordering::SeqCst);
+                t.writeback.give_back(&t.partner, session).await;
+                false
+            }
+            Err(e) => {
+                // The session is in an unknown state: not given back.
+                tracing::debug!(partner = %t.partner, path = %t.path, "chunks ahead: stopped ({e})");
+                false
+            }
+        }
+    }
+}
