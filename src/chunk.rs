@@ -646,6 +646,18 @@ pub fn chunk_open_file(file: &std::fs::File, params: &ChunkParams) -> io::Result
     Ok(Manifest::new(size, chunks))
 }
 
+/// The chunks of an open file from `from` (a cut point: the end of a chunk
+/// cut before, or 0) to its end, as [`chunk_open_file`] cuts them there
+/// (blocking). A chunk's cut depends only on the bytes after the cut
+/// before it, so these are the whole file's chunks past `from`.
+pub fn chunk_open_file_from(file: &std::fs::File, from: u64, params: &ChunkParams) -> io::Result<Vec<ChunkRef>> {
+    let mut chunks = chunk_reader(PositionalReader { file, at: from }, params)?.chunks;
+    for c in &mut chunks {
+        c.offset += from;
+    }
+    Ok(chunks)
+}
+
 /// Which of `chunks` an open file holds: for each, whether the bytes at its
 /// offset have its hash (blocking; two threads when there is much to read).
 pub fn verify_chunks(file: &std::fs::File, chunks: &[ChunkRef]) -> io::Result<Vec<bool>> {

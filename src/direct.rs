@@ -323,10 +323,32 @@ pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Grow `file` from `from` to `to` bytes, its new blocks allocated
+/// (unwritten), so that writes into that range stay within the file: on
+/// ext4, a direct write past the end takes the inode's lock exclusively
+/// and two threads writing such chunks wait on each other. Where the file
+/// system cannot allocate ahead, the size alone is set.
+pub fn extend(file: &File, from: u64, to: u64) -> io::Result<()> {
+    if to <= from {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a descriptor we own, with plain integer
+    // arguments; it touches no memory of ours.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, from as libc::off_t, (to - from) as libc::off_t) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        return Err(e);
+    }
+    file.set_len(to)
+}
+
 /// Bytes an unprivileged writer may still allocate on the file system
 /// holding `file`; None when it cannot tell or reports no size at all (some
 /// FUSE file systems), so that those are not refused everything.
-fn available_space(file: &File) -> Option<u64> {
+pub(crate) fn available_space(file: &File) -> Option<u64> {
     // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: fstatvfs on a descriptor we own, writing into `st` only.

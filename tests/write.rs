@@ -1643,3 +1643,56 @@ fn files_the_kernel_writes_itself_reach_the_partner_however_they_are_written() {
     let ok = wait_until(Duration::from_secs(20), || std::fs::read(w.server("busy.bin")).is_ok_and(|d| d == want));
     assert!(ok, "a file written during its pushes never arrived as last written");
 }
+
+/// The chunks sent ahead of the push, in the serving node's share
+/// directory `dir`: (name, size) of each.
+fn ahead_files(dir: &Path) -> Vec<(String, u64)> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.contains(".deftpart-ahead-").then(|| (name, e.metadata().map_or(0, |m| m.len())))
+        })
+        .collect()
+}
+
+/// A large file the kernel writes itself goes to the serving node while it
+/// is written (AHEAD): the push at the end sends only what was not sent
+/// ahead, and bytes rewritten after they went ahead still arrive as
+/// written. Nothing sent ahead is left behind.
+#[test]
+fn a_large_file_goes_to_the_partner_while_it_is_written_and_rewrites_still_land() {
+    let w = World::new("ahead", &["alice"], "", |_| {});
+    let a = w.c(0);
+    let data = random_bytes(64 * MIB, 31);
+    for (name, rewrite) in [("ahead.bin", false), ("rewritten.bin", true)] {
+        let mut expected = data.clone();
+        let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(a.at(name)).unwrap();
+        for at in (0..48 * MIB).step_by(4 * MIB) {
+            f.write_all_at(&data[at..at + 4 * MIB], at as u64).unwrap();
+        }
+        // The first 16 MiB at least reach the serving node before the
+        // file is even closed.
+        let sent = wait_until(Duration::from_secs(20), || ahead_files(&w.files).iter().any(|(_, len)| *len >= 16 * MIB as u64));
+        assert!(sent, "nothing was sent ahead of {name}: {:?}", ahead_files(&w.files));
+        if rewrite {
+            // Bytes already sent ahead change: the push must carry the new ones.
+            let patch = random_bytes(MIB, 32);
+            f.write_all_at(&patch, MIB as u64).unwrap();
+            expected[MIB..2 * MIB].copy_from_slice(&patch);
+        }
+        f.write_all_at(&data[48 * MIB..], 48 * MIB as u64).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        a.settle();
+        assert_eq!(hash_file(&w.server(name)), format!("blake3:{}", blake3::hash(&expected).to_hex()), "{name} on the serving node");
+        assert_eq!(hash_file(&a.at(name)), format!("blake3:{}", blake3::hash(&expected).to_hex()), "{name} through the mount");
+        let pushed = last_push_bytes(&a.node, name);
+        assert!(pushed <= 48 * MIB as u64, "{name}: the push sent {pushed} bytes, as if nothing had gone ahead");
+        if rewrite {
+            assert!(pushed >= MIB as u64, "{name}: the rewritten MiB must cross with the push: {pushed}");
+        }
+    }
+    assert!(ahead_files(&w.files).is_empty(), "{:?}", ahead_files(&w.files));
+}

@@ -21,7 +21,7 @@
 //! file. A partner that does not know AHEAD, refuses it, or fails, ends
 //! the sending: the push sends what it would have sent anyway.
 
-use crate::chunk::{ChunkParams, StreamChunker};
+use crate::chunk::{ChunkParams, ChunkRef, StreamChunker};
 use crate::proto::{Name, SharePath};
 use crate::writeback::Writeback;
 use std::os::unix::fs::FileExt;
@@ -41,17 +41,23 @@ const STEP: u64 = 16 << 20;
 /// Bytes read from the file at a time.
 const READ: usize = 4 << 20;
 
-/// How long a push waits for the round in flight to end before it goes
-/// on without it (the partner is slow or gone).
-const FINISH_WAIT: Duration = Duration::from_secs(2);
+/// How long a push waits for the last round (what the file gained since
+/// the round before, sent while the push cuts the file) before it goes on
+/// without it (the partner is slow or gone): the chunks the partner has
+/// checked by then count, the push sends the others.
+const FINISH_WAIT: Duration = Duration::from_secs(3);
 
 /// Sends the chunks of one staging ahead of its push; see the module.
 pub struct AheadSender {
     id: Name,
     stop: Arc<AtomicBool>,
+    /// A push is cutting the file: send what is left, tail included, and end.
+    last: Arc<AtomicBool>,
     wake: Arc<tokio::sync::Notify>,
     /// Whether an AHEAD was sent: only then does the push name the id.
     sent: Arc<AtomicBool>,
+    /// The final chunks cut so far, from the start of the file.
+    cut: Arc<Mutex<Vec<ChunkRef>>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -76,15 +82,50 @@ impl AheadSender {
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(tokio::sync::Notify::new());
         let sent = Arc::new(AtomicBool::new(false));
-        let run = Run { id: id.clone(), target, data, file: Arc::new(file), stop: stop.clone(), wake: wake.clone(), sent: sent.clone() };
+        let last = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(Mutex::new(Vec::new()));
+        let run = Run {
+            cut: cut.clone(),
+            id: id.clone(),
+            target,
+            data,
+            file: Arc::new(file),
+            stop: stop.clone(),
+            last: last.clone(),
+            wake: wake.clone(),
+            sent: sent.clone(),
+        };
         let task = tokio::spawn(run.follow(chunker));
-        Some(AheadSender { id, stop, wake, sent, task: Mutex::new(Some(task)) })
+        Some(AheadSender { id, stop, last, wake, sent, cut, task: Mutex::new(Some(task)) })
     }
 
-    /// Stop sending, let the round in flight end (at most [`FINISH_WAIT`]),
-    /// and return the id for the push to name, if anything was sent.
-    pub async fn finish(&self) -> Option<Name> {
+    /// Whether a round was sent (or is being sent): a push then names the
+    /// id. One made before (the empty file a `dd` or a shell's `>` pushes
+    /// at its first close) leaves the sender following the file.
+    pub fn has_sent(&self) -> bool {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// The chunks cut so far from the start of the file, as they were
+    /// when cut: the push checks them rather than cut them again
+    /// ([`crate::mount::stage::Staged::manifest_after`]).
+    pub fn cut_so_far(&self) -> Vec<ChunkRef> {
+        lock(&self.cut).clone()
+    }
+
+    /// Stop following the file (the last writer closed it): a round in
+    /// flight goes on, for the push that names the id.
+    pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// For the push that takes the file as it is now: send what it gained
+    /// since the last round, its last chunk included (at most
+    /// [`FINISH_WAIT`]), and return the id for the push to name, if
+    /// anything was sent.
+    pub async fn finish(&self) -> Option<Name> {
+        self.last.store(true, Ordering::SeqCst);
         self.wake.notify_one();
         let task = lock(&self.task).take();
         if let Some(mut task) = task {
@@ -111,23 +152,32 @@ struct Run {
     data: PathBuf,
     file: Arc<std::fs::File>,
     stop: Arc<AtomicBool>,
+    last: Arc<AtomicBool>,
     wake: Arc<tokio::sync::Notify>,
     sent: Arc<AtomicBool>,
+    cut: Arc<Mutex<Vec<ChunkRef>>>,
 }
 
 impl Run {
     async fn follow(self, mut chunker: StreamChunker) {
         let mut declared = 0usize;
+        let mut wait = true;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
-                _ = self.wake.notified() => {}
+            if wait {
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL) => {}
+                    _ = self.wake.notified() => {}
+                }
             }
-            if self.stop.load(Ordering::SeqCst) {
+            let last = self.last.load(Ordering::SeqCst);
+            if self.stop.load(Ordering::SeqCst) && !last {
                 return;
             }
             let Ok(size) = self.file.metadata().map(|m| m.len()) else { return };
-            if size < chunker.position() + STEP {
+            // The next round as soon as the file has grown enough: a writer
+            // faster than the rounds is not left further behind by a sleep.
+            wait = size < chunker.position() + 2 * STEP;
+            if size < chunker.position() + STEP && !last {
                 continue;
             }
             // Cut what the file gained (from the page cache: it was just
@@ -151,11 +201,17 @@ impl Run {
                 Ok(Err(e)) => return tracing::debug!(id = %self.id, "chunks ahead: reading the staging: {e}"),
                 Err(_) => return,
             };
-            let chunks = chunker.final_chunks()[declared..].to_vec();
-            if chunks.is_empty() {
-                continue;
+            if !last {
+                *lock(&self.cut) = chunker.final_chunks().to_vec();
             }
-            if !self.send(declared as u32, &chunks).await {
+            // The last round takes the last chunk too (the file is as the
+            // push cuts it), then ends.
+            let chunks = if last { chunker.manifest().chunks } else { chunker.final_chunks().to_vec() };
+            let chunks = chunks.get(declared..).unwrap_or_default().to_vec();
+            if !chunks.is_empty() && !self.send(declared as u32, &chunks).await {
+                return;
+            }
+            if last {
                 return;
             }
             declared += chunks.len();

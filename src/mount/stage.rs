@@ -344,6 +344,26 @@ impl Staged {
         Ok(Manifest::new(size, chunks))
     }
 
+    /// The manifest of the content, like [`Staged::manifest`], given
+    /// `prefix`: chunks cut from the start of the file before (while it was
+    /// written, [`crate::mount::ahead`]). Those are checked against their
+    /// hashes rather than cut again, and only the bytes after them are
+    /// cut; if one no longer matches (the bytes were written again since),
+    /// the whole file is cut. Blocking.
+    pub fn manifest_after(&self, params: &ChunkParams, prefix: &[crate::chunk::ChunkRef]) -> std::io::Result<Manifest> {
+        let size = self.current().size;
+        let end = prefix.last().map_or(0, |c| c.end());
+        if prefix.is_empty() || end > size {
+            return self.manifest(params);
+        }
+        if !crate::chunk::verify_chunks(&self.file, prefix)?.into_iter().all(|ok| ok) {
+            return self.manifest(params);
+        }
+        let mut chunks = prefix.to_vec();
+        chunks.extend(crate::chunk::chunk_open_file_from(&self.file, end, params)?);
+        Ok(Manifest::new(size, chunks))
+    }
+
     /// The staged content pushed as `manifest`, cut when the kernel's
     /// changes taken in numbered `kernel_gen`: later pushes re-cut against
     /// it.
@@ -696,6 +716,30 @@ mod tests {
         s.set_len(20, 3).unwrap();
         assert_eq!(s.read(0, 100).unwrap()[12..], [0u8; 8]);
         assert!(s.state().dirty);
+    }
+
+    #[test]
+    fn chunks_cut_while_the_file_was_written_are_checked_not_trusted() {
+        let dir = crate::testutil::TestDir::new("stage-prefix");
+        let params = ChunkParams::default();
+        let data = crate::testutil::random_bytes(6 << 20, 19);
+        let s = Staged::create(dir.path().join("a"), None, Base::Absent, 0, params).unwrap();
+        s.write(0, &data, 1).unwrap();
+        // Cut as the sender cuts the first 4 MiB written.
+        let mut early = crate::chunk::StreamChunker::new(&params).unwrap();
+        early.push(&data[..4 << 20]);
+        let prefix = early.final_chunks().to_vec();
+        assert!(prefix.len() > 1);
+        let want = crate::chunk::chunk_slice(&data, &params).unwrap();
+        assert_eq!(s.manifest_after(&params, &prefix).unwrap(), want);
+        // Bytes of the prefix written again since: the file is cut whole.
+        s.write(10, b"again", 2).unwrap();
+        let mut edited = data.clone();
+        edited[10..15].copy_from_slice(b"again");
+        assert_eq!(s.manifest_after(&params, &prefix).unwrap(), crate::chunk::chunk_slice(&edited, &params).unwrap());
+        // Truncated below the prefix: likewise.
+        s.set_len(1 << 20, 3).unwrap();
+        assert_eq!(s.manifest_after(&params, &prefix).unwrap(), crate::chunk::chunk_slice(&edited[..1 << 20], &params).unwrap());
     }
 
     #[test]

@@ -1333,7 +1333,17 @@ impl Vfs {
                 }
             }
         }
-        write && staged.kernel_close()
+        let last = write && staged.kernel_close();
+        if last {
+            // Nothing more to follow: a sender that sent nothing ends
+            // here; one that did waits for the push that names it.
+            let mut slot = staged.ahead.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_ref() {
+                Some(s) if s.has_sent() => s.stop(),
+                _ => drop(slot.take()),
+            }
+        }
+        last
     }
 
     /// How the kernel is to read a new read handle of inode `n` (already

@@ -459,9 +459,10 @@ impl Ahead {
 
     /// Declare the next chunks, `first..`: they must follow the chunks
     /// declared before, index after index and byte after byte. Those the
-    /// file `base` (its path and manifest) has are copied from it, checked;
-    /// the indices of the others, which the sender is to send, are
-    /// returned. Blocking.
+    /// file `base` (its path and manifest) has are copied from it, checked,
+    /// or left where they are when it has them at the same place; the
+    /// indices of the others, which the sender is to send, are returned.
+    /// Blocking.
     pub fn declare(&self, first: u32, new: &[ChunkRef], base: Option<(&Path, &Manifest)>) -> Result<Vec<u32>, AssembleError> {
         let taken = self.taken.read().unwrap_or_else(|p| p.into_inner());
         if *taken {
@@ -479,19 +480,40 @@ impl Ahead {
                 }
                 end = c.end();
             }
+            // The file must be able to hold them (a push's temp file is
+            // checked the same way, whole, before anything is written).
+            use std::os::unix::fs::MetadataExt;
+            let held = self.file.metadata().map_err(io(&self.temp))?.blocks().saturating_mul(512);
+            if let Some(free) = crate::direct::available_space(&self.file).filter(|free| end.saturating_sub(held) > *free) {
+                let full = std::io::Error::new(std::io::ErrorKind::StorageFull, format!("{end} bytes do not fit: {free} bytes are free"));
+                return Err(io(&self.temp)(full));
+            }
+            let before = chunks.last().map_or(0, |(c, _)| c.end());
+            crate::direct::extend(&self.file, before, end).map_err(io(&self.temp))?;
             let from = chunks.len();
             chunks.extend(new.iter().map(|c| (*c, false)));
             new.iter().enumerate().map(|(k, c)| (from + k, *c)).collect()
         };
+        // A chunk the base has at the same place is not copied: if the
+        // push turns out to be an edit in place, the target is patched and
+        // keeps it where it is; if not, the push copies it then.
+        let in_place: std::collections::HashSet<usize> = match base {
+            Some((_, m)) => {
+                let at: HashMap<u64, &ChunkRef> = m.chunks.iter().map(|c| (c.offset, c)).collect();
+                wanted.iter().filter(|(_, c)| at.get(&c.offset).is_some_and(|b| *b == c)).map(|(i, _)| *i).collect()
+            }
+            None => Default::default(),
+        };
+        let moved: Vec<(usize, ChunkRef)> = wanted.iter().filter(|(i, _)| !in_place.contains(i)).copied().collect();
         let copied = match base {
-            Some(base) => reuse_from(base, &wanted, &self.file, &self.direct, &self.target).map_err(io(&self.temp))?,
-            None => Vec::new(),
+            Some(base) if !moved.is_empty() => reuse_from(base, &moved, &self.file, &self.direct, &self.target).map_err(io(&self.temp))?,
+            _ => Vec::new(),
         };
         let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
         for &i in &copied {
             chunks[i].1 = true;
         }
-        Ok(wanted.iter().map(|(i, _)| *i).filter(|&i| !chunks[i].1).map(|i| i as u32).collect())
+        Ok(moved.iter().map(|(i, _)| *i).filter(|&i| !chunks[i].1).map(|i| i as u32).collect())
     }
 
     /// The chunk declared at `index`.
@@ -1084,5 +1106,68 @@ mod tests {
         complete(&again, &new);
         again.finish(None, None).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), new);
+    }
+
+    #[test]
+    fn chunks_sent_ahead_are_kept_where_the_push_has_them_and_only_if_checked() {
+        let (dir, target, old, base) = old_file("ahead", 200_000, 3);
+        // The new version: 100 bytes inserted at the start of the old one,
+        // then new bytes. Written as it would be sent ahead: a prefix.
+        let mut new = vec![7u8; 100];
+        new.extend_from_slice(&old);
+        new.extend_from_slice(&random_bytes(100_000, 4));
+        let m = chunk_slice(&new, &SMALL).unwrap();
+        let ahead = Ahead::create(&target, "a-1").unwrap();
+        let temp_of = |a: &Ahead| a.temp.clone();
+        assert!(temp_of(&ahead).exists());
+        let split = m.chunks.len() / 2;
+        // Chunks of the old version are copied, not needed.
+        let need = ahead.declare(0, &m.chunks[..split], Some((&target, &base))).unwrap();
+        assert!(need.len() < split / 2, "{} of {split} needed", need.len());
+        for &i in &need {
+            let c = m.chunks[i as usize];
+            ahead.write_chunk(i, &new[c.offset as usize..c.end() as usize]).unwrap();
+        }
+        // The next declaration must follow the last; a lie is refused.
+        assert!(matches!(ahead.declare(0, &m.chunks[..1], None), Err(AssembleError::Ahead(_))));
+        assert!(matches!(ahead.declare(split as u32 + 1, &m.chunks[split + 1..], None), Err(AssembleError::Ahead(_))));
+        let need = ahead.declare(split as u32, &m.chunks[split..], None).unwrap();
+        assert_eq!(need.len(), m.chunks.len() - split);
+        // The last chunk arrives with bytes that are not its own: refused,
+        // not kept; the one before it is never sent.
+        let last = m.chunks.len() - 1;
+        let c = m.chunks[last];
+        assert!(matches!(ahead.write_chunk(last as u32, &vec![0u8; c.len as usize]), Err(AssembleError::HashMismatch { .. })));
+        for &i in &need[..need.len() - 2] {
+            let c = m.chunks[i as usize];
+            ahead.write_chunk(i, &new[c.offset as usize..c.end() as usize]).unwrap();
+        }
+        // The file as pushed differs from what went ahead in one chunk.
+        let mut pushed = new.clone();
+        pushed[1000] ^= 0xff;
+        let pm = chunk_slice(&pushed, &SMALL).unwrap();
+        let asm = Assembly::prepare_from(&target, pm.clone(), Some((&target, &base)), None, Some(&ahead)).unwrap();
+        assert!(!temp_of(&ahead).exists(), "the push took the file over");
+        let needed: Vec<u32> = asm.needed();
+        let changed: Vec<u32> = (0..pm.chunks.len() as u32).filter(|&i| !m.chunks.contains(&pm.chunks[i as usize])).collect();
+        // Never checked: the chunk refused and the one never sent.
+        let unchecked: Vec<u32> =
+            (0..pm.chunks.len() as u32).filter(|&i| [m.chunks[last], m.chunks[last - 1]].contains(&pm.chunks[i as usize])).collect();
+        assert_eq!(unchecked.len(), 2);
+        for i in changed.iter().chain(&unchecked) {
+            assert!(needed.contains(i), "chunk {i} must be sent: needed {needed:?}");
+        }
+        assert!(needed.len() <= changed.len() + 2, "needed {needed:?}");
+        complete(&asm, &pushed);
+        asm.finish(None, None).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), pushed);
+        // Taken once: a second push gets nothing from it. And one dropped
+        // untaken leaves no file.
+        assert!(ahead.take_into(&dir.path().join("other")).is_none());
+        let unused = Ahead::create(&target, "a-2").unwrap();
+        let path = temp_of(&unused);
+        drop(unused);
+        assert!(!path.exists());
+        assert!(Ahead::create(&dir.path().join("sub/none"), "a-3").is_err(), "no directory to hold it");
     }
 }

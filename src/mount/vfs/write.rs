@@ -807,12 +807,15 @@ impl Vfs {
             st.dirty = false;
             st.kernel_changes
         };
-        // Chunks sent ahead while the kernel wrote: the sending ends here
-        // (this push takes what the file has now).
-        let sender = staged.ahead.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let ahead = match sender {
-            Some(s) => s.finish().await,
-            None => None,
+        // Chunks sent ahead while the kernel wrote: the sending ends with
+        // a last round of what is left, while the push cuts the file.
+        let sender = {
+            let mut slot = staged.ahead.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.as_ref().is_some_and(|s| s.has_sent()) {
+                slot.take()
+            } else {
+                None
+            }
         };
         let partner = self.remote.partner().to_string();
         // An earlier change of the file waits in the queue: this one goes
@@ -820,11 +823,17 @@ impl Vfs {
         let queue_first = durable || self.writeback.pending(&partner, &share, &path);
         let st = staged.clone();
         let params = self.writeback.chunk_params();
-        let manifest = crate::transfer::blocking_io(size, move || st.manifest(&params).map(Arc::new))
-            .await
-            .map_err(|_| Errno::EIO)
-            .and_then(|r| r.map_err(io_errno))
-            .inspect_err(|_| staged.state().dirty = true)?;
+        // Chunks the sender cut already are checked, not cut again.
+        let prefix = sender.as_ref().map(|s| s.cut_so_far()).unwrap_or_default();
+        let cut = crate::transfer::blocking_io(size, move || st.manifest_after(&params, &prefix).map(Arc::new));
+        let last_round = async {
+            match &sender {
+                Some(s) => s.finish().await,
+                None => None,
+            }
+        };
+        let (manifest, ahead) = tokio::join!(cut, last_round);
+        let manifest = manifest.map_err(|_| Errno::EIO).and_then(|r| r.map_err(io_errno)).inspect_err(|_| staged.state().dirty = true)?;
         // The manifest of the version this push replaces, if at hand: the
         // push then describes its own relative to it (a few lines for a
         // re-save, instead of one per chunk).
