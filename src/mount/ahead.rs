@@ -14,12 +14,17 @@
 //! manifest the push sends: only the rest crosses the network then.
 //!
 //! Nothing here is trusted for the content of the new version. The push
-//! cuts the whole file again ([`crate::mount::stage::Staged::manifest`]),
-//! so a chunk the kernel rewrote after it was sent ahead is simply not
-//! kept (its hash no longer matches) and is sent with the push. The cost
-//! of a file rewritten in place is the bytes sent twice, never a wrong
-//! file. A partner that does not know AHEAD, refuses it, or fails, ends
-//! the sending: the push sends what it would have sent anyway.
+//! checks every chunk cut here against the file as it is then, and cuts
+//! the whole file if one no longer matches
+//! ([`crate::mount::stage::Staged::manifest_after`]), so a chunk the
+//! kernel rewrote after it was sent ahead is simply not kept (its hash no
+//! longer matches) and is sent with the push. The cost of a file
+//! rewritten in place is the bytes sent twice, never a wrong file. A
+//! partner that does not know AHEAD, refuses it, or fails, ends the
+//! sending: the push sends what it would have sent anyway.
+//!
+//! Only new files are followed ([`crate::mount::vfs`]): a file rewritten
+//! over a version the partner has goes as a delta at the close.
 
 use crate::chunk::{ChunkParams, ChunkRef, StreamChunker};
 use crate::proto::{Name, SharePath};
@@ -77,7 +82,6 @@ impl AheadSender {
     /// Follow `data` (a staging the kernel writes, open as `file`) and send
     /// its chunks to `target`, until [`AheadSender::finish`].
     pub fn start(target: Target, data: PathBuf, file: std::fs::File, params: ChunkParams) -> Option<AheadSender> {
-        let chunker = StreamChunker::new(&params).ok()?;
         let id = crate::transfer::new_transfer_id();
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(tokio::sync::Notify::new());
@@ -95,7 +99,7 @@ impl AheadSender {
             wake: wake.clone(),
             sent: sent.clone(),
         };
-        let task = tokio::spawn(run.follow(chunker));
+        let task = tokio::spawn(run.follow(params));
         Some(AheadSender { id, stop, last, wake, sent, cut, task: Mutex::new(Some(task)) })
     }
 
@@ -159,9 +163,17 @@ struct Run {
 }
 
 impl Run {
-    async fn follow(self, mut chunker: StreamChunker) {
+    async fn follow(self, params: ChunkParams) {
+        // Made at the first round: most files never have one.
+        let mut chunker: Option<StreamChunker> = None;
         let mut declared = 0usize;
+        // Chunks cut and not declared yet: they go while the next bytes
+        // are cut, so that cutting and sending overlap.
+        let mut pending: Vec<ChunkRef> = Vec::new();
         let mut wait = true;
+        // Kept from round to round (fresh pages are dear on some VMs), and
+        // made at the first: most files never have one.
+        let mut buf = Vec::new();
         loop {
             if wait {
                 tokio::select! {
@@ -174,47 +186,77 @@ impl Run {
                 return;
             }
             let Ok(size) = self.file.metadata().map(|m| m.len()) else { return };
-            // The next round as soon as the file has grown enough: a writer
-            // faster than the rounds is not left further behind by a sleep.
-            wait = size < chunker.position() + 2 * STEP;
-            if size < chunker.position() + STEP && !last {
+            let position = chunker.as_ref().map_or(0, StreamChunker::position);
+            let grown = size >= position + STEP || last;
+            if !grown && pending.is_empty() {
+                wait = true;
                 continue;
             }
             // Cut what the file gained (from the page cache: it was just
-            // written), off the async threads.
-            let file = self.file.clone();
-            let cut = tokio::task::spawn_blocking(move || -> std::io::Result<StreamChunker> {
-                let mut buf = vec![0u8; READ];
-                while chunker.position() < size {
-                    let want = (size - chunker.position()).min(READ as u64) as usize;
-                    let n = file.read_at(&mut buf[..want], chunker.position())?;
-                    if n == 0 {
-                        break;
+            // written), off the async threads, while the chunks cut before
+            // are sent.
+            let cut = if grown {
+                let mut current = match chunker.take() {
+                    Some(c) => c,
+                    None => match StreamChunker::new(&params) {
+                        Ok(c) => c,
+                        Err(_) => return,
+                    },
+                };
+                let file = self.file.clone();
+                let mut buf = std::mem::take(&mut buf);
+                Some(tokio::task::spawn_blocking(move || -> std::io::Result<(StreamChunker, Vec<u8>)> {
+                    buf.resize(READ, 0);
+                    while current.position() < size {
+                        let want = (size - current.position()).min(READ as u64) as usize;
+                        let n = file.read_at(&mut buf[..want], current.position())?;
+                        if n == 0 {
+                            break;
+                        }
+                        current.push(&buf[..n]);
                     }
-                    chunker.push(&buf[..n]);
+                    Ok((current, buf))
+                }))
+            } else {
+                None
+            };
+            if !pending.is_empty() {
+                if !self.send(declared as u32, &pending).await {
+                    return;
                 }
-                Ok(chunker)
-            })
-            .await;
-            chunker = match cut {
-                Ok(Ok(c)) => c,
+                declared += pending.len();
+                pending.clear();
+            }
+            let Some(cut) = cut else {
+                wait = true;
+                continue;
+            };
+            let current = match cut.await {
+                Ok(Ok((current, kept))) => {
+                    buf = kept;
+                    chunker.insert(current)
+                }
                 Ok(Err(e)) => return tracing::debug!(id = %self.id, "chunks ahead: reading the staging: {e}"),
                 Err(_) => return,
             };
-            if !last {
-                *lock(&self.cut) = chunker.final_chunks().to_vec();
-            }
-            // The last round takes the last chunk too (the file is as the
-            // push cuts it), then ends.
-            let chunks = if last { chunker.manifest().chunks } else { chunker.final_chunks().to_vec() };
-            let chunks = chunks.get(declared..).unwrap_or_default().to_vec();
-            if !chunks.is_empty() && !self.send(declared as u32, &chunks).await {
-                return;
-            }
+            let cut = if last {
+                // The file as the push cuts it: its last chunk too.
+                current.manifest().chunks
+            } else {
+                let cut = current.final_chunks().to_vec();
+                *lock(&self.cut) = cut.clone();
+                cut
+            };
+            pending = cut.get(declared..).unwrap_or_default().to_vec();
             if last {
+                if !pending.is_empty() {
+                    self.send(declared as u32, &pending).await;
+                }
                 return;
             }
-            declared += chunks.len();
+            // The next round at once if the file grew meanwhile: a writer
+            // faster than the rounds is not left further behind by a sleep.
+            wait = false;
         }
     }
 

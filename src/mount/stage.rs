@@ -361,7 +361,10 @@ impl Staged {
         }
         let mut chunks = prefix.to_vec();
         chunks.extend(crate::chunk::chunk_open_file_from(&self.file, end, params)?);
-        Ok(Manifest::new(size, chunks))
+        // The file as read (the kernel may have written since the size was
+        // taken), as `manifest` takes it.
+        let read = chunks.last().map_or(0, |c| c.end());
+        Ok(Manifest::new(read, chunks))
     }
 
     /// The staged content pushed as `manifest`, cut when the kernel's

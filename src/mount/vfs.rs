@@ -1310,9 +1310,13 @@ impl Vfs {
     }
 
     /// Send the chunks the kernel writes into `staged` ahead of its first
-    /// push ([`crate::mount::ahead`]), unless that is turned off.
+    /// push ([`crate::mount::ahead`]), for a new file, unless that is
+    /// turned off. A file rewritten whole over a version the partner has
+    /// is not: its push is a delta of a few lines (SAME) and the chunks the
+    /// partner lacks, where chunks sent ahead would be declared one line
+    /// each, and cut twice here, for chunks the partner mostly has.
     fn send_ahead(&self, staged: &Arc<Staged>, share: Name, path: SharePath) {
-        if !self.config.send_ahead {
+        if !self.config.send_ahead || !matches!(staged.state().expect, crate::proto::Base::Absent) {
             return;
         }
         let Ok(file) = staged.file.try_clone() else { return };
