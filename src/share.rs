@@ -254,6 +254,13 @@ impl Share {
         Ok(real)
     }
 
+    /// The path in the file system that `path` names, as written (no
+    /// symlink followed, nothing checked or created): to match paths this
+    /// node keeps for its own work, never to open.
+    pub fn spelled(&self, path: &SharePath) -> Result<PathBuf, ShareError> {
+        self.physical(path)
+    }
+
     /// Where a pushed file lands: its parent directories are created inside
     /// the share (each checked to stay inside); the file itself may be
     /// missing, and must be a regular file if present.

@@ -1020,7 +1020,23 @@ fn chunks_sent_ahead_are_checked_and_a_push_keeps_only_what_it_names() {
                 other => panic!("completing t-2: {other:?}"),
             }
         }
+        // A directory holding a file being sent ahead can be renamed, then
+        // removed: the chunks sent ahead go with neither.
+        let done = |r: Response| assert!(matches!(r, Response::Done { .. } | Response::StatOk(_)), "{r:?}");
+        raw.send("DEFT MKDIR inbox d1 MODE:755\r\n").await;
+        done(raw.next().await);
+        raw.send(&ahead_of(&up, "a-3", "d1/x.bin", 0, 1)).await;
+        assert!(matches!(raw.next().await, Response::TransferAccepted { .. }));
+        raw.put("a-3", 0, up.chunks[0].len, up.chunks[0].hash, up.bytes(0), true).await;
+        assert_eq!(ack_of(&mut raw, 0).await, AckStatus::Ok);
+        assert_eq!(temp_files(&lab.inbox.join("d1")).len(), 1);
+        raw.send("DEFT RENAME inbox d1 d2 NOREPLACE\r\n").await;
+        done(raw.next().await);
+        assert!(temp_files(&lab.inbox.join("d2")).is_empty(), "{:?}", temp_files(&lab.inbox.join("d2")));
+        raw.send("DEFT REMOVE inbox d2 dir\r\n").await;
+        done(raw.next().await);
     });
+    assert!(!lab.inbox.join("d2").exists());
     assert_eq!(std::fs::read(lab.inbox.join("big.bin")).unwrap(), up.data);
     assert_eq!(std::fs::read(lab.inbox.join("second.bin")).unwrap(), up.data);
     assert!(!lab.inbox.join("first.bin").exists());

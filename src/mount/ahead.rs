@@ -24,7 +24,8 @@
 //! sending: the push sends what it would have sent anyway.
 //!
 //! Only new files are followed ([`crate::mount::vfs`]): a file rewritten
-//! over a version the partner has goes as a delta at the close.
+//! over a version the partner has goes as a delta at the close. A file
+//! that is mostly holes (a truncate to a large size) is not followed.
 
 use crate::chunk::{ChunkParams, ChunkRef, StreamChunker};
 use crate::proto::{Name, SharePath};
@@ -185,8 +186,14 @@ impl Run {
             if self.stop.load(Ordering::SeqCst) && !last {
                 return;
             }
-            let Ok(size) = self.file.metadata().map(|m| m.len()) else { return };
+            let Ok(meta) = self.file.metadata() else { return };
+            let size = meta.len();
             let position = chunker.as_ref().map_or(0, StreamChunker::position);
+            // A file made large by a truncate or a write far past its end
+            // is mostly holes, not written bytes: nothing to send ahead.
+            if std::os::unix::fs::MetadataExt::blocks(&meta).saturating_mul(512) < size / 2 {
+                return;
+            }
             let grown = size >= position + STEP || last;
             if !grown && pending.is_empty() {
                 wait = true;

@@ -541,6 +541,16 @@ impl Ahead {
         Ok(())
     }
 
+    /// Delete the file now (its target was removed, or moved away), and
+    /// refuse writes from here on.
+    pub fn discard(&self) {
+        let mut taken = self.taken.write().unwrap_or_else(|p| p.into_inner());
+        if !*taken {
+            *taken = true;
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+
     /// Move the file to `temp` for a push, once: the chunks verified in it.
     fn take_into(&self, temp: &Path) -> Option<Vec<ChunkRef>> {
         let mut taken = self.taken.write().unwrap_or_else(|p| p.into_inner());

@@ -627,7 +627,8 @@ impl Session {
                 }
                 None => {
                     let a = Arc::new(Ahead::create(&target, ahead_id.as_str()).map_err(|e| err(assemble_code(&e), e.to_string()))?);
-                    all.insert(key, (a.clone(), now));
+                    all.insert(key.clone(), (a.clone(), now));
+                    forget_when_idle(self.node.clone(), key);
                     a
                 }
             }
@@ -1152,9 +1153,25 @@ impl Session {
         Ok(Response::StatOk(entry))
     }
 
+    /// Delete the chunks sent ahead for `path` or anything under it (a
+    /// file or directory removed, or moved away): their temp files would
+    /// keep a directory from being removed, or move with it.
+    fn drop_aheads_under(&self, s: &Share, path: &SharePath) {
+        let Ok(real) = s.spelled(path) else { return };
+        let gone: Vec<Arc<Ahead>> = {
+            let mut all = lock(&self.node.aheads);
+            let keys: Vec<(Name, Name)> = all.iter().filter(|(_, (a, _))| a.target().starts_with(&real)).map(|(k, _)| k.clone()).collect();
+            keys.iter().filter_map(|k| all.remove(k)).map(|(a, _)| a).collect()
+        };
+        for a in gone {
+            a.discard();
+        }
+    }
+
     fn remove(&self, share: &Name, path: &SharePath, kind: proto::EntryKind) -> Result<Response, Response> {
         let s = self.writable(share)?;
         self.unleased(share, path)?;
+        self.drop_aheads_under(&s, path);
         s.remove(path, kind).map_err(share_err)?;
         tracing::info!(target: "audit", partner = %self.partner, %share, %path, kind = kind.as_str(), "removed");
         self.changed(share, path);
@@ -1165,6 +1182,8 @@ impl Session {
         let s = self.writable(share)?;
         self.unleased(share, from)?;
         self.unleased(share, to)?;
+        self.drop_aheads_under(&s, from);
+        self.drop_aheads_under(&s, to);
         s.rename(from, to, replace).map_err(share_err)?;
         tracing::info!(target: "audit", partner = %self.partner, %share, %from, %to, "renamed");
         self.changed(share, from);
@@ -1253,6 +1272,26 @@ impl Session {
     fn ahead_named(&self, id: &Name) -> Option<Arc<Ahead>> {
         lock(&self.node.aheads).get(&(self.partner.clone(), id.clone())).map(|(a, _)| a.clone())
     }
+}
+
+/// Forget (and delete) the chunks sent ahead as `key` once no AHEAD has
+/// used them for [`AHEAD_IDLE`], unless a push took them first.
+fn forget_when_idle(node: Arc<Node>, key: (Name, Name)) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(AHEAD_IDLE).await;
+            let mut all = lock(&node.aheads);
+            match all.get(&key) {
+                Some((_, used)) if used.elapsed() >= AHEAD_IDLE => {
+                    tracing::debug!(partner = %key.0, ahead_id = %key.1, "chunks sent ahead and never pushed: deleted");
+                    all.remove(&key);
+                    return;
+                }
+                Some(_) => {}
+                None => return,
+            }
+        }
+    });
 }
 
 /// Where a PUT stream's chunk goes.
