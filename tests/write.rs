@@ -1695,4 +1695,24 @@ fn a_large_file_goes_to_the_partner_while_it_is_written_and_rewrites_still_land(
         }
     }
     assert!(ahead_files(&w.files).is_empty(), "{:?}", ahead_files(&w.files));
+
+    // Not followed: a file rewritten over a version the partner has (its
+    // push is a delta), and a new file made large by a truncate (holes).
+    let resaved = random_bytes(48 * MIB, 33);
+    let f = std::fs::OpenOptions::new().write(true).truncate(true).open(a.at("ahead.bin")).unwrap();
+    let sparse = std::fs::OpenOptions::new().write(true).create_new(true).open(a.at("sparse.bin")).unwrap();
+    sparse.set_len(256 * MIB as u64).unwrap();
+    sparse.write_all_at(b"end", 256 * MIB as u64 - 3).unwrap();
+    for at in (0..48 * MIB).step_by(4 * MIB) {
+        f.write_all_at(&resaved[at..at + 4 * MIB], at as u64).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(ahead_files(&w.files).is_empty(), "sent ahead: {:?}", ahead_files(&w.files));
+    drop(f);
+    a.settle();
+    assert_eq!(hash_file(&w.server("ahead.bin")), format!("blake3:{}", blake3::hash(&resaved).to_hex()));
+    drop(sparse);
+    std::fs::remove_file(a.at("sparse.bin")).unwrap();
+    a.settle();
+    assert!(!w.server("sparse.bin").exists());
 }
