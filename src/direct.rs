@@ -296,16 +296,7 @@ fn write_direct(direct: &File, data: &[u8], offset: u64) -> io::Result<()> {
 /// full. If `fallocate` runs out of space anyway (a race with other
 /// writers), the file is truncated to nothing, which gives the blocks back.
 pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let need = len.saturating_sub(file.metadata()?.blocks().saturating_mul(512));
-    if let Some(free) = available_space(file) {
-        if need > free {
-            return Err(io::Error::new(
-                io::ErrorKind::StorageFull,
-                format!("{len} bytes do not fit: {free} bytes are free on this file system"),
-            ));
-        }
-    }
+    fits(file, len)?;
     file.set_len(len)?;
     if len == 0 {
         return Ok(());
@@ -323,15 +314,30 @@ pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// A StorageFull error unless `file`, grown to `len` bytes, fits on its
+/// file system beside what it already holds.
+fn fits(file: &File, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let need = len.saturating_sub(file.metadata()?.blocks().saturating_mul(512));
+    match available_space(file) {
+        Some(free) if need > free => {
+            Err(io::Error::new(io::ErrorKind::StorageFull, format!("{len} bytes do not fit: {free} bytes are free on this file system")))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Grow `file` from `from` to `to` bytes, its new blocks allocated
 /// (unwritten), so that writes into that range stay within the file: on
 /// ext4, a direct write past the end takes the inode's lock exclusively
-/// and two threads writing such chunks wait on each other. Where the file
-/// system cannot allocate ahead, the size alone is set.
+/// and two threads writing such chunks wait on each other. Refused
+/// (StorageFull) when the disk cannot hold it, as [`preallocate`] is.
+/// Where the file system cannot allocate ahead, the size alone is set.
 pub fn extend(file: &File, from: u64, to: u64) -> io::Result<()> {
     if to <= from {
         return Ok(());
     }
+    fits(file, to)?;
     // SAFETY: fallocate on a descriptor we own, with plain integer
     // arguments; it touches no memory of ours.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, from as libc::off_t, (to - from) as libc::off_t) };
@@ -348,7 +354,7 @@ pub fn extend(file: &File, from: u64, to: u64) -> io::Result<()> {
 /// Bytes an unprivileged writer may still allocate on the file system
 /// holding `file`; None when it cannot tell or reports no size at all (some
 /// FUSE file systems), so that those are not refused everything.
-pub(crate) fn available_space(file: &File) -> Option<u64> {
+fn available_space(file: &File) -> Option<u64> {
     // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: fstatvfs on a descriptor we own, writing into `st` only.

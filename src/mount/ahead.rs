@@ -82,7 +82,7 @@ pub struct Target {
 impl AheadSender {
     /// Follow `data` (a staging the kernel writes, open as `file`) and send
     /// its chunks to `target`, until [`AheadSender::finish`].
-    pub fn start(target: Target, data: PathBuf, file: std::fs::File, params: ChunkParams) -> Option<AheadSender> {
+    pub fn start(target: Target, data: PathBuf, file: std::fs::File, params: ChunkParams) -> AheadSender {
         let id = crate::transfer::new_transfer_id();
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(tokio::sync::Notify::new());
@@ -101,7 +101,7 @@ impl AheadSender {
             sent: sent.clone(),
         };
         let task = tokio::spawn(run.follow(params));
-        Some(AheadSender { id, stop, last, wake, sent, cut, task: Mutex::new(Some(task)) })
+        AheadSender { id, stop, last, wake, sent, cut, task: Mutex::new(Some(task)) }
     }
 
     /// Whether a round was sent (or is being sent): a push then names the

@@ -1323,7 +1323,7 @@ impl Vfs {
         let target =
             crate::mount::ahead::Target { writeback: self.writeback.clone(), partner: self.remote.partner().to_string(), share, path };
         let sender = crate::mount::ahead::AheadSender::start(target, staged.data.clone(), file, self.writeback.chunk_params());
-        *staged.ahead.lock().unwrap_or_else(|p| p.into_inner()) = sender;
+        *staged.ahead.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
     }
 
     /// A passthrough handle of `ino` on its staging is gone. Returns

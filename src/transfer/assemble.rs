@@ -480,14 +480,7 @@ impl Ahead {
                 }
                 end = c.end();
             }
-            // The file must be able to hold them (a push's temp file is
-            // checked the same way, whole, before anything is written).
-            use std::os::unix::fs::MetadataExt;
-            let held = self.file.metadata().map_err(io(&self.temp))?.blocks().saturating_mul(512);
-            if let Some(free) = crate::direct::available_space(&self.file).filter(|free| end.saturating_sub(held) > *free) {
-                let full = std::io::Error::new(std::io::ErrorKind::StorageFull, format!("{end} bytes do not fit: {free} bytes are free"));
-                return Err(io(&self.temp)(full));
-            }
+            // Refused if the disk cannot hold them, as a push's temp file is.
             let before = chunks.last().map_or(0, |(c, _)| c.end());
             crate::direct::extend(&self.file, before, end).map_err(io(&self.temp))?;
             let from = chunks.len();

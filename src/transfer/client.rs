@@ -298,15 +298,7 @@ impl Session {
         } else {
             Vec::new()
         };
-        let need = self.accepted().await?;
-        let (window_size, need) = need;
-        let storage = &self.node.config.storage;
-        let mut window = Window::new(
-            need.iter(),
-            window_size.clamp(1, self.window),
-            Duration::from_secs(storage.chunk_timeout_secs),
-            storage.max_retries,
-        );
+        let (need, mut window) = self.accepted().await?;
         for index in early {
             window.sent_early(index, early_at);
         }
@@ -361,15 +353,24 @@ impl Session {
         Ok(report)
     }
 
-    /// The answer to a BEGIN_TRANSFER or AHEAD: the window and NEED.
-    async fn accepted(&mut self) -> Result<(u32, RangeSet), TransferError> {
+    /// The answer to a BEGIN_TRANSFER or AHEAD: NEED, and the window that
+    /// sends it.
+    async fn accepted(&mut self) -> Result<(RangeSet, Window), TransferError> {
         let accepted = tokio::time::timeout(Duration::from_secs(60), self.next())
             .await
             .map_err(|_| TransferError::from(TransportError::Timeout))??;
-        match accepted {
-            Response::TransferAccepted { window, need, .. } => Ok((window, need)),
-            other => Err(self.unexpected(&other)),
-        }
+        let (window_size, need) = match accepted {
+            Response::TransferAccepted { window, need, .. } => (window, need),
+            other => return Err(self.unexpected(&other)),
+        };
+        let storage = &self.node.config.storage;
+        let window = Window::new(
+            need.iter(),
+            window_size.clamp(1, self.window),
+            Duration::from_secs(storage.chunk_timeout_secs),
+            storage.max_retries,
+        );
+        Ok((need, window))
     }
 
     /// Send the chunks of `window` (`chunk_of` gives each index's place in
@@ -460,14 +461,7 @@ impl Session {
             .collect();
         let source = std::fs::File::open(file).map_err(|source| TransferError::Io { path: file.to_path_buf(), source })?;
         self.send(&Request::Ahead { ahead_id: ahead_id.clone(), share: share.clone(), path: path.clone(), first, chunks: lines }).await?;
-        let (window_size, need) = self.accepted().await?;
-        let storage = &self.node.config.storage;
-        let mut window = Window::new(
-            need.iter(),
-            window_size.clamp(1, self.window),
-            Duration::from_secs(storage.chunk_timeout_secs),
-            storage.max_retries,
-        );
+        let (_, mut window) = self.accepted().await?;
         let mut sender = ChunkSender::new(self.conn.clone(), ahead_id.clone(), source, file);
         let chunk_of = |i: u32| i.checked_sub(first).and_then(|k| chunks.get(k as usize).copied());
         self.pump(&mut sender, &mut window, chunk_of, |_| {}, true).await?;

@@ -468,32 +468,13 @@ impl Session {
                 // Chunks sent ahead are used by this push or by none.
                 let ahead = ahead.and_then(|a| lock(&self.node.aheads).remove(&(self.partner.clone(), a))).map(|(a, _)| a);
                 let push = Push { transfer_id, share, path, size, file_hash, base, fence, mode, mtime_ns, manifest, ahead };
-                let answer = match self.clone().begin(push).await {
-                    Ok(r) | Err(r) => r,
-                };
-                if !self.eager.load(Ordering::SeqCst) {
-                    return Some(answer);
-                }
-                // Chunks that came with the BEGIN_TRANSFER wait until its
-                // answer is on its way: their acknowledgements must not
-                // overtake it.
-                let _ = self.tx.send(answer).await;
-                self.settle(id);
-                None
+                let answer = self.clone().begin(push).await.unwrap_or_else(|e| e);
+                self.answer_before_chunks(id, answer).await
             }
             Request::Ahead { ahead_id, share, path, first, chunks } => {
                 let id = ahead_id.clone();
-                let answer = match self.ahead(ahead_id, share, path, first, chunks).await {
-                    Ok(r) | Err(r) => r,
-                };
-                if !self.eager.load(Ordering::SeqCst) {
-                    return Some(answer);
-                }
-                // As for BEGIN_TRANSFER: the chunks' acknowledgements
-                // follow the answer.
-                let _ = self.tx.send(answer).await;
-                self.settle(id);
-                None
+                let answer = self.ahead(ahead_id, share, path, first, chunks).await.unwrap_or_else(|e| e);
+                self.answer_before_chunks(id, answer).await
             }
             Request::Mkdir { share, path, mode } => Some(self.mkdir(&share, &path, mode).unwrap_or_else(|e| e)),
             Request::Remove { share, path, kind } => Some(self.remove(&share, &path, kind).unwrap_or_else(|e| e)),
@@ -606,7 +587,6 @@ impl Session {
         let now = std::time::Instant::now();
         let ahead = {
             let mut all = lock(&self.node.aheads);
-            all.retain(|_, (_, used)| now.duration_since(*used) < AHEAD_IDLE);
             let held = all.keys().filter(|(p, _)| *p == self.partner).count();
             match all.get_mut(&key) {
                 Some((a, _)) if a.target() != target => {
@@ -760,6 +740,18 @@ impl Session {
             return Ok(self.complete_push(&transfer_id, &incoming).await);
         }
         Ok(accepted)
+    }
+
+    /// The answer to the BEGIN_TRANSFER or AHEAD of `id`. With EAGER, the
+    /// chunk streams of `id` that came first wait until it is on its way:
+    /// their acknowledgements must not overtake it.
+    async fn answer_before_chunks(&self, id: Name, answer: Response) -> Option<Response> {
+        if !self.eager.load(Ordering::SeqCst) {
+            return Some(answer);
+        }
+        let _ = self.tx.send(answer).await;
+        self.settle(id);
+        None
     }
 
     /// The BEGIN_TRANSFER of push `id` is answered: its chunks that came
