@@ -109,6 +109,8 @@ pub struct StageState {
     pub queued: bool,
     /// Open handles using this staging.
     pub handles: usize,
+    /// Those of them open for writing.
+    pub writers: usize,
     pub mtime_ns: i64,
     /// The version this content equals outside `written` (None: unknown,
     /// the next push cuts the whole file).
@@ -255,6 +257,7 @@ impl Staged {
             gone: false,
             queued: false,
             handles: 0,
+            writers: 0,
             mtime_ns,
             written: Ranges::default(),
             due_mode: None,
@@ -288,6 +291,7 @@ impl Staged {
             gone: false,
             queued: false,
             handles: 0,
+            writers: 0,
             mtime_ns,
             recut_base: Some(manifest),
             written: Ranges::default(),

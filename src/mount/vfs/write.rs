@@ -361,13 +361,15 @@ impl Vfs {
     }
 
     /// The staging of `ino`, created from its current version if needed.
-    /// `hold`: count a handle on it, taken in the same step as the staging
-    /// itself, so that the release of another handle cannot retire it in
-    /// between (see [`Vfs::retire`]).
+    /// `hold`: count a write handle on it, taken in the same step as the
+    /// staging itself, so that the release of another handle cannot retire
+    /// it in between (see [`Vfs::retire`]).
     async fn stage(&self, ino: Ino, truncate: bool, hold: bool) -> Result<Arc<Staged>, Errno> {
         let held = |staged: &Arc<Staged>| {
             if hold {
-                staged.state().handles += 1;
+                let mut st = staged.state();
+                st.handles += 1;
+                st.writers += 1;
             }
         };
         {
@@ -445,7 +447,10 @@ impl Vfs {
         if mode.truncate && staged.size() > 0 {
             let _gate = staged.gate.lock().await;
             if let Err(e) = staged.set_len(0, now_ns()) {
-                staged.state().handles -= 1;
+                let mut st = staged.state();
+                st.handles -= 1;
+                st.writers -= 1;
+                drop(st);
                 self.leases.done(&share, &path, &Need::Handle(fh));
                 return Err(io_errno(e));
             }
@@ -519,6 +524,7 @@ impl Vfs {
             let mut st = staged.state();
             st.dirty = true;
             st.handles += 1;
+            st.writers += 1;
             // The partner's copy gets the mode asked for, not its default.
             st.due_mode = Some(mode & 0o7777);
         }
@@ -660,7 +666,14 @@ impl Vfs {
     /// Push a change whose close has already returned (the last release):
     /// it is made durable here (fsynced, committed to the queue) before it
     /// goes, so a crash during the push loses nothing.
+    /// Not while a write handle is open on the file again: its own close
+    /// pushes what the file holds then. What the file holds now may be a
+    /// state between the two (the truncation of an `O_TRUNC` open that
+    /// came after this release), which nobody closed or fsynced.
     pub async fn push_durable(&self, ino: Ino) -> Result<(), Errno> {
+        if let Some(ms) = crate::fault::release_push_delay_ms() {
+            tokio::time::sleep(Duration::from_millis(ms.into())).await;
+        }
         self.push_as(ino, true).await
     }
 
@@ -675,6 +688,9 @@ impl Vfs {
     async fn push_locked(&self, ino: Ino, durable: bool) -> Result<(), Errno> {
         let Some(staged) = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone()) else { return Ok(()) };
         let _gate = staged.gate.lock().await;
+        if durable && staged.current().writers > 0 {
+            return Ok(());
+        }
         // A new file's LOCK still in flight: the push goes under its answer.
         let (share, path) = self.file_key(ino)?;
         self.leases.answered(&share, &path).await;
@@ -1137,6 +1153,9 @@ impl Vfs {
         let (last, dirty) = {
             let mut st = h.staged.state();
             st.handles = st.handles.saturating_sub(1);
+            if h.write {
+                st.writers = st.writers.saturating_sub(1);
+            }
             (st.handles == 0, st.dirty)
         };
         if kernel_last {
