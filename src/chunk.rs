@@ -624,6 +624,10 @@ pub fn chunk_open_file(file: &std::fs::File, params: &ChunkParams) -> io::Result
         PositionalReader { file, at: 0 }.read_to_end(&mut data)?;
         return chunk_slice(&data, params).map_err(bad);
     }
+    let holes = file_holes(file, 0, size, cutter.max_len())?;
+    if !holes.is_empty() {
+        return Ok(Manifest::new(size, cut_sparse(file, 0, size, &holes, &cutter)?));
+    }
     if size < PARALLEL_MIN {
         return chunk_reader(PositionalReader { file, at: 0 }, params);
     }
@@ -651,9 +655,154 @@ pub fn chunk_open_file(file: &std::fs::File, params: &ChunkParams) -> io::Result
 /// (blocking). A chunk's cut depends only on the bytes after the cut
 /// before it, so these are the whole file's chunks past `from`.
 pub fn chunk_open_file_from(file: &std::fs::File, from: u64, params: &ChunkParams) -> io::Result<Vec<ChunkRef>> {
+    let size = file.metadata()?.len();
+    if size > from {
+        let cutter = Cutter::new(params).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let holes = file_holes(file, from, size, cutter.max_len())?;
+        if !holes.is_empty() {
+            return cut_sparse(file, from, size, &holes, &cutter);
+        }
+    }
     let mut chunks = chunk_reader(PositionalReader { file, at: from }, params)?.chunks;
     for c in &mut chunks {
         c.offset += from;
+    }
+    Ok(chunks)
+}
+
+/// The holes of `file` within `[from, to)` (ranges it stores no data for,
+/// which read as zeros: a sparse file's), as `SEEK_HOLE` and `SEEK_DATA`
+/// find them, sorted. Empty unless one is at least `2 * max` long (none
+/// shorter spares a read: see [`cut_sparse`]), or where the file system
+/// does not tell.
+pub fn file_holes(file: &std::fs::File, from: u64, to: u64, max: usize) -> io::Result<Vec<(u64, u64)>> {
+    let holes = hole_ranges(file, from, to)?;
+    if holes.iter().any(|&(start, end)| end - start >= 2 * max as u64) {
+        Ok(holes)
+    } else {
+        Ok(Vec::new())
+    }
+}
+
+/// Every hole of `file` within `[from, to)`, sorted (empty where the file
+/// system does not tell).
+pub fn hole_ranges(file: &std::fs::File, from: u64, to: u64) -> io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |at: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
+        let Ok(at) = libc::off_t::try_from(at) else { return Ok(None) };
+        // SAFETY: lseek on a descriptor we hold open, with integer
+        // arguments; it touches no memory of ours. (It moves the shared
+        // file offset, which nothing here uses: every read is positional.)
+        let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        match io::Error::last_os_error() {
+            // Past the end: no more data (SEEK_DATA) or holes (SEEK_HOLE).
+            e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            e => Err(e),
+        }
+    };
+    let mut holes = Vec::new();
+    let mut at = from;
+    while at < to {
+        let start = match seek(at, libc::SEEK_HOLE) {
+            Ok(Some(start)) if start < to => start,
+            Ok(_) => break,
+            // No SEEK_HOLE here: the file reads as all data.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let end = seek(start, libc::SEEK_DATA)?.unwrap_or(to).min(to);
+        if end <= start {
+            break;
+        }
+        holes.push((start, end));
+        at = end;
+    }
+    Ok(holes)
+}
+
+/// How many repeated chunks [`zero_chunks`] hashes zeros for, at most.
+const ZERO_CANDIDATES: usize = 4;
+
+/// Which of `chunks` are all zeros (a sparse file's holes, cut by
+/// [`cut_sparse`]), so that a file can be written back with holes there.
+/// A run of zeros is cut into chunks of one length and hash, so only the
+/// [`ZERO_CANDIDATES`] most repeated chunks are looked at: whatever a
+/// manifest says, this hashes at most that many runs of zeros.
+pub fn zero_chunks(chunks: &[ChunkRef]) -> Vec<bool> {
+    let mut count: std::collections::HashMap<(Hash, u32), usize> = std::collections::HashMap::new();
+    for c in chunks {
+        *count.entry((c.hash, c.len)).or_default() += 1;
+    }
+    let mut repeated: Vec<((Hash, u32), usize)> = count.into_iter().filter(|&(_, n)| n > 1).collect();
+    repeated.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    repeated.truncate(ZERO_CANDIDATES);
+    let longest = repeated.iter().map(|((_, len), _)| *len as usize).max().unwrap_or(0);
+    let zeros = vec![0u8; longest];
+    let zero: Vec<Hash> = repeated
+        .iter()
+        .map(|((hash, len), _)| (*hash, *len as usize))
+        .filter(|&(hash, len)| Hash::of(&zeros[..len]) == hash)
+        .map(|(h, _)| h)
+        .collect();
+    chunks.iter().map(|c| zero.contains(&c.hash)).collect()
+}
+
+/// The chunk a cut starting in a run of zeros at least `max` long gives
+/// (its offset left 0).
+fn zero_chunk(cutter: &Cutter) -> ChunkRef {
+    let zeros = vec![0u8; cutter.max_len()];
+    let len = cutter.next_len(&zeros).clamp(1, zeros.len());
+    // `max <= 16 MiB` (validated params): it fits a u32.
+    ChunkRef { offset: 0, len: len as u32, hash: Hash::of(&zeros[..len]) }
+}
+
+/// The chunks of `[from, size)` of a file with `holes` (from [`file_holes`]),
+/// cut as [`chunk_open_file_from`] cuts them, without reading the holes: a
+/// chunk that starts at least `max` bytes before a hole's end sees only
+/// zeros, so it is the chunk of `max` zeros, the same length and hash each
+/// time. A `truncate -s 1T` costs a hash of one chunk, not of a terabyte.
+fn cut_sparse(file: &std::fs::File, from: u64, size: u64, holes: &[(u64, u64)], cutter: &Cutter) -> io::Result<Vec<ChunkRef>> {
+    use std::os::unix::fs::FileExt;
+    let max = cutter.max_len();
+    let mut buf = vec![0u8; max];
+    let zero = zero_chunk(cutter);
+    let (max, zero_len) = (max as u64, u64::from(zero.len));
+    let mut chunks = Vec::new();
+    let (mut pos, mut next) = (from, 0);
+    while pos < size {
+        while holes.get(next).is_some_and(|&(_, end)| end <= pos) {
+            next += 1;
+        }
+        match holes.get(next).copied() {
+            Some((start, end)) if start <= pos && pos + max <= end => {
+                let n = (end - max - pos) / zero_len + 1;
+                for _ in 0..n {
+                    chunks.push(ChunkRef { offset: pos, ..zero });
+                    pos += zero_len;
+                }
+            }
+            // Data up to the next hole (or the end), long enough to cut in bulk.
+            Some((start, _)) if start >= pos + 2 * max => {
+                let (cut, end) = cut_segment(file, pos, start, false, cutter)?;
+                chunks.extend(cut);
+                pos = end;
+            }
+            None if size - pos >= 2 * max => {
+                chunks.extend(cut_segment(file, pos, size, true, cutter)?.0);
+                pos = size;
+            }
+            // One chunk at a hole's edge, or near the end.
+            _ => {
+                let want = (size - pos).min(max) as usize;
+                file.read_exact_at(&mut buf[..want], pos)?;
+                let len = cutter.next_len(&buf[..want]).clamp(1, want);
+                chunks.push(ChunkRef { offset: pos, len: len as u32, hash: Hash::of(&buf[..len]) });
+                pos += len as u64;
+            }
+        }
     }
     Ok(chunks)
 }
@@ -753,15 +902,22 @@ fn cut_segment(file: &std::fs::File, from: u64, to: u64, at_eof: bool, cutter: &
 /// but only the chunks that touch a dirty range are cut and hashed again:
 /// cutting restarts at the boundary before each dirty range and stops as
 /// soon as a cut falls on a boundary of `base` past it. `read(offset, len)`
-/// reads the new content. [`Manifest::new`] gives the file hash.
+/// reads the new content; `zeros` (sorted, disjoint) are ranges of it known
+/// to be zeros (a sparse file's holes, [`file_holes`]), cut without being
+/// read: a run of zeros whose start moved never meets `base`'s cuts again
+/// before it ends. [`Manifest::new`] gives the file hash.
 pub fn recut(
     base: &Manifest,
     size: u64,
     dirty: &[(u64, u64)],
+    zeros: &[(u64, u64)],
     params: &ChunkParams,
     mut read: impl FnMut(u64, usize) -> io::Result<Vec<u8>>,
 ) -> io::Result<Vec<ChunkRef>> {
     let cutter = Cutter::new(params).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let max = cutter.max_len() as u64;
+    let zero = (!zeros.is_empty()).then(|| zero_chunk(&cutter));
+    let mut in_zeros = 0usize;
     // A base chunk stands as it is when none of its bytes changed, nor the
     // byte after it (the cut at its end was decided with that byte in the
     // gear hash, see `Cutter::next_len`), and it was cut by content (not by
@@ -785,6 +941,16 @@ pub fn recut(
             pos = c.end();
             next += 1;
             continue;
+        }
+        while zeros.get(in_zeros).is_some_and(|&(_, end)| end <= pos) {
+            in_zeros += 1;
+        }
+        if let (Some(zero), Some(&(start, end))) = (zero, zeros.get(in_zeros)) {
+            if start <= pos && pos + max <= end {
+                out.push(ChunkRef { offset: pos, ..zero });
+                pos += u64::from(zero.len);
+                continue;
+            }
         }
         let want = (size - pos).min(cutter.max_len() as u64) as usize;
         if pos < buf_at || pos > buf_at + buf.len() as u64 {
@@ -1167,6 +1333,58 @@ mod tests {
         }
     }
 
+    /// A file with holes: islands of data `(offset, len)` in a file of
+    /// `size` bytes, written with pwrite (the rest is holes).
+    fn sparse_file(dir: &TestDir, name: &str, size: u64, islands: &[(u64, usize)], seed: u64) -> (std::fs::File, Vec<u8>) {
+        use std::os::unix::fs::FileExt;
+        let path = dir.path().join(name);
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(size).unwrap();
+        let mut content = vec![0u8; size as usize];
+        for (i, &(at, len)) in islands.iter().enumerate() {
+            let data = random_bytes(len, seed + i as u64);
+            file.write_all_at(&data, at).unwrap();
+            content[at as usize..at as usize + len].copy_from_slice(&data);
+        }
+        (file, content)
+    }
+
+    #[test]
+    fn holes_are_cut_like_the_zeros_they_read_as_without_reading_them() {
+        let dir = TestDir::new("chunk-sparse");
+        const M: u64 = 1 << 20;
+        let params = ChunkParams::default();
+        let layouts: Vec<(u64, Vec<(u64, usize)>)> = vec![
+            // A hole at the end (truncate -s), at the start, between islands,
+            // one just over the length that spares a read, and data ending
+            // right at a hole's edge.
+            (24 * M, vec![(0, 300_000)]),
+            (24 * M, vec![(20 * M, 3 * M as usize)]),
+            (40 * M, vec![(0, 5 * M as usize), (9 * M + 4096, 700_000), (30 * M, 10 * M as usize)]),
+            (12 * M, vec![(0, 4 * M as usize), (6 * M + 8192, 100)]),
+            (64 * M, vec![(3 * M, 4096), (20 * M, 20 * M as usize)]),
+        ];
+        for (i, (size, islands)) in layouts.iter().enumerate() {
+            let (file, content) = sparse_file(&dir, &format!("f{i}"), *size, islands, 70 + 10 * i as u64);
+            assert!(!file_holes(&file, 0, *size, params.max as usize).unwrap().is_empty(), "layout {i}: no holes seen (file system?)");
+            let whole = chunk_slice(&content, &params).unwrap();
+            assert_eq!(chunk_open_file(&file, &params).unwrap(), whole, "layout {i}");
+            // From a cut point, as the push after chunks sent ahead does.
+            for c in [1, whole.chunks.len() / 2, whole.chunks.len() - 1] {
+                let from = whole.chunks[c].offset;
+                assert_eq!(chunk_open_file_from(&file, from, &params).unwrap(), whole.chunks[c..], "layout {i} from chunk {c}");
+            }
+        }
+        // A terabyte of hole is one hash, and a few million lines.
+        let big = dir.path().join("tera");
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&big).unwrap();
+        file.set_len(1 << 40).unwrap();
+        let m = chunk_open_file(&file, &params).unwrap();
+        assert_eq!(m.size, 1 << 40);
+        assert_eq!(m.chunks.iter().map(|c| u64::from(c.len)).sum::<u64>(), 1 << 40);
+        assert!(m.chunks.iter().all(|c| c.hash == m.chunks[0].hash || c.len != m.chunks[0].len));
+    }
+
     #[test]
     fn verify_chunks_finds_the_changed_chunk_on_one_thread_and_on_two() {
         let dir = TestDir::new("chunk-verify");
@@ -1231,13 +1449,33 @@ mod tests {
         let n = data.len();
         let dirty = edit(&mut data, &[(1_000_000, 5000, 0xff)], n);
         let mut read_bytes = 0;
-        let chunks = recut(&base, data.len() as u64, &dirty, &SMALL, |at, len| {
+        let chunks = recut(&base, data.len() as u64, &dirty, &[], &SMALL, |at, len| {
             read_bytes += len;
             Ok(data[at as usize..at as usize + len].to_vec())
         })
         .unwrap();
         assert_eq!(chunks, chunk_slice(&data, &SMALL).unwrap().chunks);
         assert!(read_bytes < 200_000, "read {read_bytes} bytes to re-cut a 5000-byte edit");
+    }
+
+    #[test]
+    fn recut_cuts_known_zeros_without_reading_them() {
+        // Data, a long run of zeros, data; then the first data is zeroed
+        // (a punched hole): the run now starts at 0, its cuts all move.
+        let mut data = random_bytes(20_000, 23);
+        data.extend(vec![0u8; 400_000]);
+        data.extend(random_bytes(30_000, 24));
+        let base = chunk_slice(&data, &SMALL).unwrap();
+        data[..20_000].fill(0);
+        let zeros = [(0u64, 420_000u64)];
+        let mut reads = 0usize;
+        let chunks = recut(&base, data.len() as u64, &[(0, 20_000)], &zeros, &SMALL, |at, len| {
+            reads += len;
+            Ok(data[at as usize..at as usize + len].to_vec())
+        })
+        .unwrap();
+        assert_eq!(chunks, chunk_slice(&data, &SMALL).unwrap().chunks);
+        assert!(reads < 100_000, "read {reads} bytes of a run of zeros");
     }
 
     #[test]
@@ -1249,7 +1487,7 @@ mod tests {
         for c in base.chunks.iter().take(base.chunks.len() - 1).step_by(5) {
             let n = data.len();
             let dirty = edit(&mut data, &[(c.end() as usize, 1, 0)], n);
-            let chunks = recut(&base, n as u64, &dirty, &SMALL, |at, len| Ok(data[at as usize..at as usize + len].to_vec())).unwrap();
+            let chunks = recut(&base, n as u64, &dirty, &[], &SMALL, |at, len| Ok(data[at as usize..at as usize + len].to_vec())).unwrap();
             assert_eq!(chunks, chunk_slice(&data, &SMALL).unwrap().chunks, "edit at {}", c.end());
             // The same edit again undoes it (it flips the byte's low bit).
             edit(&mut data, &[(c.end() as usize, 1, 0)], n);
@@ -1269,7 +1507,7 @@ mod tests {
             let base = chunk_slice(&data, &SMALL).unwrap();
             let new_len = resize.unwrap_or(len);
             let dirty = edit(&mut data, &edits, new_len);
-            let chunks = recut(&base, data.len() as u64, &dirty, &SMALL, |at, n| Ok(data[at as usize..at as usize + n].to_vec())).unwrap();
+            let chunks = recut(&base, data.len() as u64, &dirty, &[], &SMALL, |at, n| Ok(data[at as usize..at as usize + n].to_vec())).unwrap();
             prop_assert_eq!(chunks, chunk_slice(&data, &SMALL).unwrap().chunks);
         }
     }

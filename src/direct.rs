@@ -314,6 +314,33 @@ pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Make `[offset, end)` of `file` a hole (it reads as zeros and holds no
+/// blocks), its size unchanged. Fails where the file system cannot.
+pub fn punch_hole(file: &File, offset: u64, end: u64) -> io::Result<()> {
+    if end <= offset {
+        return Ok(());
+    }
+    let (Ok(at), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(end - offset)) else {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    // SAFETY: fallocate on a descriptor we own, with plain integer
+    // arguments; it touches no memory of ours.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, at, len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Size `file` to `len` bytes with nothing allocated (a sparse file, all
+/// holes), for a new version that is mostly holes itself: only its `data`
+/// bytes are to be written. Refused (StorageFull) when those do not fit.
+pub fn sparse(file: &File, len: u64, data: u64) -> io::Result<()> {
+    fits(file, data)?;
+    file.set_len(0)?;
+    file.set_len(len)
+}
+
 /// A StorageFull error unless `file`, grown to `len` bytes, fits on its
 /// file system beside what it already holds.
 fn fits(file: &File, len: u64) -> io::Result<()> {

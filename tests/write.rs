@@ -1759,3 +1759,77 @@ fn a_large_file_goes_to_the_partner_while_it_is_written_and_rewrites_still_land(
     a.settle();
     assert!(!w.server("sparse.bin").exists());
 }
+
+/// Bytes a file holds on disk (its blocks), as `du` counts them.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).map_or(0, |m| m.blocks() * 512)
+}
+
+/// Bytes the files under `dir` hold on disk.
+fn du(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => du(&e.path()),
+            _ => allocated(&e.path()),
+        })
+        .sum()
+}
+
+/// A sparse file written through a mount (a disk image made with
+/// `truncate -s`) was cut whole, holes included, and written whole on the
+/// serving node: a `truncate -s 16G` read 16 GiB of zeros here and wrote
+/// as much there. Holes are now cut without being read,
+/// their chunks of zeros are neither sent nor written, and the partner's
+/// file is sparse too; a later edit of it, and a punched hole, go back the
+/// same way.
+#[test]
+fn a_sparse_file_goes_back_as_holes_and_stays_sparse_on_the_partner() {
+    const GIB: u64 = 1 << 30;
+    let w = World::new("sparse", &["alice"], "", |_| {});
+    let a = w.c(0);
+    // Not larger: a regression would write it all on this machine's disk.
+    let size = 16 * GIB;
+    let head = random_bytes(MIB, 51);
+    let middle = random_bytes(3 * MIB, 52);
+    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(a.at("disk.img")).unwrap();
+    f.write_all_at(&head, 0).unwrap();
+    f.set_len(size).unwrap();
+    f.write_all_at(&middle, 6 * GIB).unwrap();
+    f.sync_all().unwrap_or_else(|e| panic!("fsync of a 16 GiB sparse file: {e}\n{}", a.log()));
+    drop(f);
+    a.settle();
+    let server = w.server("disk.img");
+    let read_at = |path: &Path, at: u64, len: usize| {
+        let mut buf = vec![0u8; len];
+        std::fs::File::open(path).unwrap().read_exact_at(&mut buf, at).unwrap();
+        buf
+    };
+    assert_eq!(std::fs::metadata(&server).unwrap().len(), size, "{}", a.log());
+    assert!(read_at(&server, 0, MIB) == head, "the first MiB on the serving node");
+    assert!(read_at(&server, 6 * GIB, 3 * MIB) == middle, "the data at 6 GiB on the serving node");
+    assert!(read_at(&server, 3 * GIB, MIB).iter().all(|b| *b == 0), "a hole reads as zeros");
+    assert!(allocated(&server) < 64 * MIB as u64, "the serving node holds {} bytes for 4 MiB of data", allocated(&server));
+
+    // An edit of the partner's version, and a hole punched in it.
+    let f = std::fs::OpenOptions::new().write(true).open(a.at("disk.img")).unwrap();
+    f.write_all_at(b"edited", 12 * GIB).unwrap();
+    // SAFETY: fallocate on a descriptor we hold, integer arguments.
+    let rc = unsafe {
+        libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, MIB as i64)
+    };
+    assert_eq!(rc, 0, "punch hole through the mount: {}", std::io::Error::last_os_error());
+    f.sync_all().unwrap_or_else(|e| panic!("fsync of the edit: {e}\n{}", a.log()));
+    drop(f);
+    a.settle();
+    assert_eq!(std::fs::metadata(&server).unwrap().len(), size);
+    assert_eq!(read_at(&server, 12 * GIB, 6), b"edited", "{}", a.log());
+    assert!(read_at(&server, 0, MIB).iter().all(|b| *b == 0), "the punched hole on the serving node");
+    assert!(read_at(&server, 6 * GIB, 3 * MIB) == middle, "the data at 6 GiB after the edit");
+    assert!(allocated(&server) < 64 * MIB as u64, "after the edit, the serving node holds {} bytes", allocated(&server));
+    let staged = du(&a.node.home);
+    assert!(staged < 256 * MIB as u64, "alice's node holds {staged} bytes for it");
+}

@@ -340,7 +340,8 @@ impl Staged {
         let Some(base) = base else {
             return crate::chunk::chunk_open_file(&self.file, params);
         };
-        let chunks = crate::chunk::recut(&base, size, written.as_slice(), params, |at, len| {
+        let holes = crate::chunk::file_holes(&self.file, 0, size, params.max as usize)?;
+        let chunks = crate::chunk::recut(&base, size, written.as_slice(), &holes, params, |at, len| {
             let mut buf = vec![0u8; len];
             self.file.read_exact_at(&mut buf, at)?;
             Ok(buf)
@@ -593,8 +594,25 @@ impl Staged {
     }
 
     /// Zeros over `offset..end` (`fallocate` punching a hole or zeroing a
-    /// range): written like any bytes, so that they go back like any.
+    /// range): changed bytes like any written ones, so that they go back
+    /// like any, but made a hole in the staging where the file system can,
+    /// which the push's cut does not read (see [`crate::chunk`]'s holes).
     pub fn zero(&self, offset: u64, end: u64, now_ns: i64) -> std::io::Result<()> {
+        if end <= offset {
+            return Ok(());
+        }
+        {
+            let mut st = self.current();
+            if crate::direct::punch_hole(&self.file, offset, end).is_ok() {
+                st.stream = None;
+                st.present.insert(offset, end);
+                st.written.insert(offset, end);
+                st.size = st.size.max(end);
+                st.dirty = !st.gone;
+                st.mtime_ns = now_ns;
+                return Ok(());
+            }
+        }
         const STEP: u64 = 1 << 20;
         let zeros = vec![0u8; STEP.min(end.saturating_sub(offset)) as usize];
         let mut at = offset;
@@ -644,6 +662,20 @@ impl Staged {
         }
         let size = st.size;
         st.present.insert(offset, end.min(size));
+        Ok(())
+    }
+
+    /// Base content known to be zeros over `[offset, end)` (a chunk of
+    /// zeros: a hole of the partner's file): left a hole here, not written.
+    pub fn fill_zero(&self, offset: u64, end: u64) -> std::io::Result<()> {
+        let mut st = self.state();
+        let end = end.min(st.size);
+        for (a, b) in st.present.missing(offset, end) {
+            if crate::direct::punch_hole(&self.file, a, b).is_err() {
+                self.file.write_all_at(&vec![0u8; (b - a) as usize], a)?;
+            }
+        }
+        st.present.insert(offset, end);
         Ok(())
     }
 

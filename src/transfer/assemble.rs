@@ -366,6 +366,31 @@ fn copy_verified(
     Ok((ok, cached))
 }
 
+/// Runs of zeros in a new version (a sparse file's holes, [`crate::chunk::zero_chunks`]):
+/// when they add up to [`HOLES_MIN`], a new temp file is made sparse and
+/// they are left as holes, neither sent nor written.
+struct Holes {
+    zero: Vec<bool>,
+    bytes: u64,
+    kept: bool,
+}
+
+/// Bytes of zero chunks from which a new version is written sparse rather
+/// than preallocated.
+const HOLES_MIN: u64 = 16 << 20;
+
+impl Holes {
+    fn of(manifest: &Manifest) -> Holes {
+        let zero = crate::chunk::zero_chunks(&manifest.chunks);
+        let bytes = manifest.chunks.iter().zip(&zero).filter(|(_, z)| **z).map(|(c, _)| u64::from(c.len)).sum();
+        Holes { zero, bytes, kept: bytes >= HOLES_MIN }
+    }
+
+    fn count(&self) -> usize {
+        self.zero.iter().filter(|z| **z).count()
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AssembleError + '_ {
     move |source| AssembleError::Io { path: path.to_path_buf(), source }
 }
@@ -600,10 +625,25 @@ impl Assembly {
         ahead: Option<&Ahead>,
     ) -> Result<Assembly, AssembleError> {
         let temp = temp_path(target, &manifest.file_hash)?;
+        let holes = Holes::of(&manifest);
         let plan = match (base, patching) {
             (Some((path, base)), Some(p)) if path == target => patch_plan(target, &manifest, base, p),
             _ => None,
         };
+        // A patch writes every chunk that is not in place, zeros too: when
+        // runs of zeros moved (a hole punched before them shifts their
+        // cuts), a new sparse file is made instead.
+        let plan = plan.filter(|(keep, _)| {
+            let moved: u64 = manifest
+                .chunks
+                .iter()
+                .zip(keep)
+                .zip(&holes.zero)
+                .filter(|((_, k), z)| !**k && **z)
+                .map(|((c, _), _)| u64::from(c.len))
+                .sum();
+            moved < HOLES_MIN
+        });
         let ahead = match ahead {
             Some(a) if plan.is_none() && a.target == target && std::fs::symlink_metadata(&temp).is_err() => a.take_into(&temp),
             _ => None,
@@ -643,7 +683,18 @@ impl Assembly {
                 file.set_len(manifest.size).map_err(io(&temp))?;
             }
         } else if existing == manifest.size && existing > 0 {
-            // Resume: keep the chunks an earlier attempt already wrote.
+            // Resume: keep the chunks an earlier attempt already wrote, and
+            // the runs of zeros it left as holes.
+            if holes.kept {
+                let gaps = crate::chunk::hole_ranges(&file, 0, existing).map_err(io(&temp))?;
+                for (i, c) in manifest.chunks.iter().enumerate() {
+                    let k = gaps.partition_point(|&(_, end)| end <= c.offset);
+                    if holes.zero[i] && gaps.get(k).is_some_and(|&(start, end)| start <= c.offset && c.end() <= end) {
+                        have[i] = true;
+                        reused += u64::from(c.len);
+                    }
+                }
+            }
             let todo: Vec<usize> = (0..manifest.chunks.len()).filter(|&i| !have[i]).collect();
             let chunks: Vec<crate::chunk::ChunkRef> = todo.iter().map(|&i| manifest.chunks[i]).collect();
             let ok = crate::chunk::verify_chunks(&file, &chunks).map_err(io(&temp))?;
@@ -656,6 +707,17 @@ impl Assembly {
         } else if plan.is_some() {
             // Sparse: only the changed ranges will hold data.
             file.set_len(0).and_then(|()| file.set_len(manifest.size)).map_err(io(&temp))?;
+        } else if holes.kept {
+            if let Err(e) = crate::direct::sparse(&file, manifest.size, manifest.size - holes.bytes) {
+                let _ = std::fs::remove_file(&temp);
+                return Err(io(&temp)(e));
+            }
+            for (i, c) in manifest.chunks.iter().enumerate() {
+                if holes.zero[i] {
+                    have[i] = true;
+                    reused += u64::from(c.len);
+                }
+            }
         } else if let Err(e) = crate::direct::preallocate(&file, manifest.size) {
             // Nothing in it can be resumed (its size is not the file's).
             let _ = std::fs::remove_file(&temp);
@@ -677,6 +739,8 @@ impl Assembly {
         }
         let missing = have.iter().filter(|h| !**h).count();
         let fresh = plan.as_ref().map_or(manifest.chunks.len(), |(keep, _)| keep.iter().filter(|k| !**k).count());
+        // Chunks of zeros left as holes hold nothing to resume.
+        let fresh = if holes.kept && plan.is_none() && ahead.is_none() { fresh - holes.count() } else { fresh };
         let patch = plan.map(|(_, patch)| patch);
         Ok(Assembly {
             target: target.to_path_buf(),
@@ -904,6 +968,42 @@ mod tests {
             asm.write_chunk(i, &data[c.offset as usize..c.end() as usize]).unwrap();
         }
         need.len()
+    }
+
+    #[test]
+    fn runs_of_zeros_are_neither_needed_nor_written_and_stay_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = TestDir::new("asm-holes");
+        let target = dir.path().join("disk.img");
+        // 40 MiB: 1 MiB of data, 32 MiB of zeros, 7 MiB of data.
+        let mut data = vec![0u8; 40 << 20];
+        data[..1 << 20].copy_from_slice(&random_bytes(1 << 20, 1));
+        data[33 << 20..].copy_from_slice(&random_bytes(7 << 20, 2));
+        let m = chunk_slice(&data, &ChunkParams::default()).unwrap();
+        let asm = Assembly::prepare(&target, m.clone(), None).unwrap();
+        let need = asm.needed();
+        let needed_bytes: u64 = need.iter().map(|&i| u64::from(m.chunks[i as usize].len)).sum();
+        assert!(needed_bytes < 10 << 20, "{needed_bytes} bytes needed for 8 MiB of data");
+        assert!(!asm.is_untouched() || !need.is_empty());
+        complete(&asm, &data);
+        asm.finish(None, None).unwrap();
+        assert!(std::fs::read(&target).unwrap() == data, "the content differs");
+        let allocated = std::fs::metadata(&target).unwrap().blocks() * 512;
+        assert!(allocated < 12 << 20, "{allocated} bytes allocated for 8 MiB of data");
+        // An interrupted attempt resumes with its holes, reading none of them.
+        let again = dir.path().join("again.img");
+        let first = Assembly::prepare(&again, m.clone(), None).unwrap();
+        let half = &first.needed()[..need.len() / 2];
+        for &i in half {
+            let c = m.chunks[i as usize];
+            first.write_chunk(i, &data[c.offset as usize..c.end() as usize]).unwrap();
+        }
+        drop(first);
+        let resumed = Assembly::prepare(&again, m.clone(), None).unwrap();
+        assert_eq!(resumed.needed().len(), need.len() - half.len());
+        complete(&resumed, &data);
+        resumed.finish(None, None).unwrap();
+        assert!(std::fs::read(&again).unwrap() == data, "the resumed content differs");
     }
 
     #[test]

@@ -119,6 +119,10 @@ async fn exiting(tid: u32) -> bool {
     matches!(tokio::time::timeout(super::PROC_WAIT, look).await, Ok(Ok(Some(f))) if f & PF_EXITING != 0)
 }
 
+/// Chunks to fill from which the base's chunks of zeros are looked for
+/// ([`crate::chunk::zero_chunks`]).
+const ZERO_LOOKUP_MIN: usize = 64;
+
 impl Vfs {
     fn file_key(&self, ino: Ino) -> Result<(Name, SharePath), Errno> {
         let (share, path, kind) = self.node_key(ino)?;
@@ -639,6 +643,19 @@ impl Vfs {
                     indices.push(i as u32);
                 }
             }
+        }
+        // Much to fill (a push's): the base's runs of zeros (a sparse
+        // file's holes) stay holes, neither fetched nor written.
+        if indices.len() > ZERO_LOOKUP_MIN {
+            let zero = crate::chunk::zero_chunks(&base.chunks);
+            let mut kept = Vec::with_capacity(indices.len());
+            for i in indices {
+                match base.chunks.get(i as usize) {
+                    Some(c) if zero[i as usize] => staged.fill_zero(c.offset, c.end()).map_err(io_errno)?,
+                    _ => kept.push(i),
+                }
+            }
+            indices = kept;
         }
         for batch in indices.chunks(64) {
             self.remote.fetch(&share, &path, &base, batch).await.map_err(|e| match e {
