@@ -1459,6 +1459,30 @@ mod tests {
     }
 
     #[test]
+    fn chunks_of_zeros_are_found_among_the_most_repeated_only() {
+        let zero = |len: u32, offset: u64| ChunkRef { offset, len, hash: Hash::of(&vec![0u8; len as usize]) };
+        let data = |seed: u64, offset: u64| {
+            let b = random_bytes(1000, seed);
+            ChunkRef { offset, len: 1000, hash: Hash::of(&b) }
+        };
+        // Zeros three times, a data chunk twice, a lone chunk of zeros.
+        let chunks =
+            vec![data(1, 0), zero(4096, 1000), zero(4096, 5096), data(2, 9192), zero(4096, 10192), data(2, 14288), zero(777, 15288)];
+        assert_eq!(zero_chunks(&chunks), [false, true, true, false, true, false, false]);
+        // A manifest that names many repeated lengths of zeros: only the
+        // most repeated few are hashed, the rest count as data.
+        let mut hostile = Vec::new();
+        for len in 1..=(ZERO_CANDIDATES as u32 + 3) {
+            for _ in 0..(100 - len) {
+                hostile.push(zero(len * 1024, 0));
+            }
+        }
+        let found = zero_chunks(&hostile);
+        let lens: std::collections::BTreeSet<u32> = hostile.iter().zip(&found).filter(|(_, z)| **z).map(|(c, _)| c.len).collect();
+        assert_eq!(lens, (1..=ZERO_CANDIDATES as u32).map(|l| l * 1024).collect());
+    }
+
+    #[test]
     fn recut_cuts_known_zeros_without_reading_them() {
         // Data, a long run of zeros, data; then the first data is zeroed
         // (a punched hole): the run now starts at 0, its cuts all move.
