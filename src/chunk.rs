@@ -672,16 +672,13 @@ pub fn chunk_open_file_from(file: &std::fs::File, from: u64, params: &ChunkParam
 
 /// The holes of `file` within `[from, to)` (ranges it stores no data for,
 /// which read as zeros: a sparse file's), as `SEEK_HOLE` and `SEEK_DATA`
-/// find them, sorted. Empty unless one is at least `2 * max` long (none
-/// shorter spares a read: see [`cut_sparse`]), or where the file system
-/// does not tell.
+/// find them, sorted: those at least `2 * max` long (a shorter one spares
+/// no read, see [`cut_sparse`]). Empty where the file system does not
+/// tell.
 pub fn file_holes(file: &std::fs::File, from: u64, to: u64, max: usize) -> io::Result<Vec<(u64, u64)>> {
-    let holes = hole_ranges(file, from, to)?;
-    if holes.iter().any(|&(start, end)| end - start >= 2 * max as u64) {
-        Ok(holes)
-    } else {
-        Ok(Vec::new())
-    }
+    // Shorter holes are cut as data, in bulk: cutting across them one
+    // chunk at a time would read more than they spare.
+    Ok(hole_ranges(file, from, to)?.into_iter().filter(|&(start, end)| end - start >= 2 * max as u64).collect())
 }
 
 /// Every hole of `file` within `[from, to)`, sorted (empty where the file
@@ -741,13 +738,11 @@ pub fn zero_chunks(chunks: &[ChunkRef]) -> Vec<bool> {
     repeated.truncate(ZERO_CANDIDATES);
     let longest = repeated.iter().map(|((_, len), _)| *len as usize).max().unwrap_or(0);
     let zeros = vec![0u8; longest];
-    let zero: Vec<Hash> = repeated
-        .iter()
-        .map(|((hash, len), _)| (*hash, *len as usize))
-        .filter(|&(hash, len)| Hash::of(&zeros[..len]) == hash)
-        .map(|(h, _)| h)
-        .collect();
-    chunks.iter().map(|c| zero.contains(&c.hash)).collect()
+    // By hash and length: a line that names the hash of 4 KiB of zeros
+    // with another length is not a chunk of zeros.
+    let zero: Vec<(Hash, u32)> =
+        repeated.iter().map(|(key, _)| *key).filter(|&(hash, len)| Hash::of(&zeros[..len as usize]) == hash).collect();
+    chunks.iter().map(|c| zero.contains(&(c.hash, c.len))).collect()
 }
 
 /// The chunk a cut starting in a run of zeros at least `max` long gives
@@ -1469,6 +1464,10 @@ mod tests {
         let chunks =
             vec![data(1, 0), zero(4096, 1000), zero(4096, 5096), data(2, 9192), zero(4096, 10192), data(2, 14288), zero(777, 15288)];
         assert_eq!(zero_chunks(&chunks), [false, true, true, false, true, false, false]);
+        // The hash of 4 KiB of zeros given with another length is not zeros.
+        let mut lie = chunks.clone();
+        lie.push(ChunkRef { len: 1 << 20, ..zero(4096, 16065) });
+        assert!(!zero_chunks(&lie)[7]);
         // A manifest that names many repeated lengths of zeros: only the
         // most repeated few are hashed, the rest count as data.
         let mut hostile = Vec::new();

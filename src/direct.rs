@@ -332,13 +332,30 @@ pub fn punch_hole(file: &File, offset: u64, end: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Size `file` to `len` bytes with nothing allocated (a sparse file, all
-/// holes), for a new version that is mostly holes itself: only its `data`
-/// bytes are to be written. Refused (StorageFull) when those do not fit.
-pub fn sparse(file: &File, len: u64, data: u64) -> io::Result<()> {
-    fits(file, data)?;
+/// Size `file` to `len` bytes as a sparse file for a new version with
+/// holes: only `data` (sorted, disjoint byte ranges) is to be written, and
+/// is allocated as [`preallocate`] does (direct writes into holes would
+/// take ext4's inode lock exclusively), the rest left as holes. Refused
+/// (StorageFull) when the data does not fit.
+pub fn sparse(file: &File, len: u64, data: &[(u64, u64)]) -> io::Result<()> {
+    fits(file, data.iter().map(|(a, b)| b - a).sum())?;
     file.set_len(0)?;
-    file.set_len(len)
+    file.set_len(len)?;
+    for &(start, end) in data {
+        let (Ok(at), Ok(n)) = (libc::off_t::try_from(start), libc::off_t::try_from(end - start)) else { break };
+        // SAFETY: fallocate on a descriptor we own, with plain integer
+        // arguments; it touches no memory of ours.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, at, n) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                let _ = file.set_len(0);
+                return Err(e);
+            }
+            // Not supported here: the writes allocate as they go.
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// A StorageFull error unless `file`, grown to `len` bytes, fits on its

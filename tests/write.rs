@@ -578,6 +578,38 @@ fn a_release_push_never_sends_the_truncation_of_a_later_open() {
     assert_eq!(std::fs::read(w.server("notes.txt")).unwrap(), b"bob's local edit 1\n");
 }
 
+/// A release push that gave way to a write handle opened meanwhile (see
+/// the test above) was never made when that handle wrote nothing and a
+/// reader still had the file open at its release: the truncation stayed
+/// on this node, neither pushed nor queued (found by review).
+#[test]
+fn a_truncation_goes_back_when_the_last_writer_closes_even_with_a_reader_left() {
+    let w = World::granting_with_env(
+        "read-write",
+        "release-reader-left",
+        &["alice"],
+        // Writes through mountd: a close of a passthrough handle pushes
+        // the truncation itself.
+        "[mount]\npassthrough = false\n",
+        &[("DEFTFS_FAULT_RELEASE_PUSH_DELAY_MS", "300")],
+        |dir| std::fs::write(dir.join("notes.txt"), b"base\n").unwrap(),
+    );
+    let a = w.c(0);
+    assert_eq!(std::fs::read(a.at("notes.txt")).unwrap(), b"base\n");
+    // `: > notes.txt`, then a reader and a writer that writes nothing
+    // while the truncation's push waits.
+    drop(std::fs::OpenOptions::new().write(true).truncate(true).open(a.at("notes.txt")).unwrap());
+    let reader = std::fs::File::open(a.at("notes.txt")).unwrap();
+    let writer = std::fs::OpenOptions::new().write(true).open(a.at("notes.txt")).unwrap();
+    // The truncation's push comes, and gives way to the writer.
+    std::thread::sleep(Duration::from_millis(600));
+    drop(writer);
+    a.settle();
+    let emptied = wait_until(Duration::from_secs(5), || std::fs::read(w.server("notes.txt")).is_ok_and(|b| b.is_empty()));
+    assert!(emptied, "the truncation did not reach the serving node: {:?}\n{}", std::fs::read(w.server("notes.txt")), a.log());
+    drop(reader);
+}
+
 /// After a conflict, more writes through the same descriptor went back
 /// with no base, and replaced the partner's version without a word; so
 /// did an open that came before the conflicting handle's release was done.
@@ -1832,4 +1864,21 @@ fn a_sparse_file_goes_back_as_holes_and_stays_sparse_on_the_partner() {
     assert!(allocated(&server) < 64 * MIB as u64, "after the edit, the serving node holds {} bytes", allocated(&server));
     let staged = du(&a.node.home);
     assert!(staged < 256 * MIB as u64, "alice's node holds {staged} bytes for it");
+
+    // A new file whose start went ahead (AHEAD) while it was written, then
+    // made large by a truncate: the push takes the chunks sent ahead over,
+    // and the runs of zeros after them stay holes there too.
+    let start = random_bytes(40 * MIB, 53);
+    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(a.at("grown.img")).unwrap();
+    f.write_all_at(&start, 0).unwrap();
+    let sent = wait_until(Duration::from_secs(10), || !ahead_files(&w.files).is_empty());
+    f.set_len(size).unwrap();
+    f.sync_all().unwrap_or_else(|e| panic!("fsync of grown.img: {e}\n{}", a.log()));
+    drop(f);
+    a.settle();
+    let grown = w.server("grown.img");
+    assert_eq!(std::fs::metadata(&grown).unwrap().len(), size);
+    assert!(read_at(&grown, 0, 40 * MIB) == start, "the first 40 MiB of grown.img");
+    assert!(read_at(&grown, 8 * GIB, MIB).iter().all(|b| *b == 0));
+    assert!(allocated(&grown) < 128 * MIB as u64, "grown.img (sent ahead: {sent}) takes {} bytes for 40 MiB", allocated(&grown));
 }

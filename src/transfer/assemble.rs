@@ -371,7 +371,6 @@ fn copy_verified(
 /// they are left as holes, neither sent nor written.
 struct Holes {
     zero: Vec<bool>,
-    bytes: u64,
     kept: bool,
 }
 
@@ -382,12 +381,39 @@ const HOLES_MIN: u64 = 16 << 20;
 impl Holes {
     fn of(manifest: &Manifest) -> Holes {
         let zero = crate::chunk::zero_chunks(&manifest.chunks);
-        let bytes = manifest.chunks.iter().zip(&zero).filter(|(_, z)| **z).map(|(c, _)| u64::from(c.len)).sum();
-        Holes { zero, bytes, kept: bytes >= HOLES_MIN }
+        let bytes: u64 = manifest.chunks.iter().zip(&zero).filter(|(_, z)| **z).map(|(c, _)| u64::from(c.len)).sum();
+        Holes { zero, kept: bytes >= HOLES_MIN }
     }
 
     fn count(&self) -> usize {
         self.zero.iter().filter(|z| **z).count()
+    }
+
+    /// The byte ranges of the other chunks, runs of neighbours merged.
+    fn data_runs(&self, manifest: &Manifest) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (c, _) in manifest.chunks.iter().zip(&self.zero).filter(|(_, z)| !**z) {
+            match runs.last_mut() {
+                Some(last) if last.1 == c.offset => last.1 = c.end(),
+                _ => runs.push((c.offset, c.end())),
+            }
+        }
+        runs
+    }
+
+    /// Mark as there the chunks of zeros that lie in holes of `file` (a
+    /// hole reads as zeros, whoever made it); returns their bytes.
+    fn keep_in(&self, file: &File, manifest: &Manifest, have: &mut [bool]) -> std::io::Result<u64> {
+        let gaps = crate::chunk::hole_ranges(file, 0, manifest.size)?;
+        let mut kept = 0;
+        for (i, c) in manifest.chunks.iter().enumerate() {
+            let k = gaps.partition_point(|&(_, end)| end <= c.offset);
+            if self.zero[i] && !have[i] && gaps.get(k).is_some_and(|&(start, end)| start <= c.offset && c.end() <= end) {
+                have[i] = true;
+                kept += u64::from(c.len);
+            }
+        }
+        Ok(kept)
     }
 }
 
@@ -682,18 +708,16 @@ impl Assembly {
             if existing != manifest.size {
                 file.set_len(manifest.size).map_err(io(&temp))?;
             }
+            // The runs of zeros past what was sent (a file made large by a
+            // truncate after it was written) stay holes.
+            if holes.kept {
+                reused += holes.keep_in(&file, &manifest, &mut have).map_err(io(&temp))?;
+            }
         } else if existing == manifest.size && existing > 0 {
             // Resume: keep the chunks an earlier attempt already wrote, and
             // the runs of zeros it left as holes.
             if holes.kept {
-                let gaps = crate::chunk::hole_ranges(&file, 0, existing).map_err(io(&temp))?;
-                for (i, c) in manifest.chunks.iter().enumerate() {
-                    let k = gaps.partition_point(|&(_, end)| end <= c.offset);
-                    if holes.zero[i] && gaps.get(k).is_some_and(|&(start, end)| start <= c.offset && c.end() <= end) {
-                        have[i] = true;
-                        reused += u64::from(c.len);
-                    }
-                }
+                reused += holes.keep_in(&file, &manifest, &mut have).map_err(io(&temp))?;
             }
             let todo: Vec<usize> = (0..manifest.chunks.len()).filter(|&i| !have[i]).collect();
             let chunks: Vec<crate::chunk::ChunkRef> = todo.iter().map(|&i| manifest.chunks[i]).collect();
@@ -708,7 +732,7 @@ impl Assembly {
             // Sparse: only the changed ranges will hold data.
             file.set_len(0).and_then(|()| file.set_len(manifest.size)).map_err(io(&temp))?;
         } else if holes.kept {
-            if let Err(e) = crate::direct::sparse(&file, manifest.size, manifest.size - holes.bytes) {
+            if let Err(e) = crate::direct::sparse(&file, manifest.size, &holes.data_runs(&manifest)) {
                 let _ = std::fs::remove_file(&temp);
                 return Err(io(&temp)(e));
             }

@@ -505,7 +505,7 @@ impl Vfs {
         if let Some((_, existing)) = children.iter().find(|(n, _)| n == name) {
             // O_CREAT without O_EXCL on an existing name: open it.
             let (fh, _, io) = self.open(*existing, OpenMode { write: true, ..open }, backing).await?;
-            return Ok((self.cached_attr(*existing)?, fh, io));
+            return self.opened_attr(*existing, fh, io);
         }
         let fh = self.next_fh.fetch_add(1, Ordering::SeqCst);
         let open = OpenMode { write: true, ..open };
@@ -563,7 +563,20 @@ impl Vfs {
             flushed: 0,
         };
         lock(&self.handles).insert(fh, Handle::Staged(handle));
-        Ok((self.cached_attr(ino)?, fh, io))
+        self.opened_attr(ino, fh, io)
+    }
+
+    /// The attributes of `ino`, just opened as `fh`. If they are gone (the
+    /// inode forgotten meanwhile), the handle is released, not left
+    /// counted on the staging (its writers keep a release from pushing).
+    fn opened_attr(&self, ino: Ino, fh: u64, io: Io) -> Result<(Attr, u64, Io), Errno> {
+        match self.cached_attr(ino) {
+            Ok(attr) => Ok((attr, fh, io)),
+            Err(e) => {
+                let _ = self.release(fh);
+                Err(e)
+            }
+        }
     }
 
     /// Write through handle `fh`, for thread `tid` of the writing process.
@@ -1167,18 +1180,20 @@ impl Vfs {
             self.leases.done(share, path, &Need::Handle(fh));
         }
         let kernel_last = h.passthrough && self.staged_io_closed(h.ino, &h.staged, h.write);
-        let (last, dirty) = {
+        let (last, last_writer, dirty) = {
             let mut st = h.staged.state();
             st.handles = st.handles.saturating_sub(1);
             if h.write {
                 st.writers = st.writers.saturating_sub(1);
             }
-            (st.handles == 0, st.dirty)
+            (st.handles == 0, h.write && st.writers == 0, st.dirty)
         };
         if kernel_last {
             return Some((h.ino, Released::Kernel));
         }
-        if last && dirty && h.write {
+        // The last writer, even with readers left: a release push that
+        // gave way to this handle (see `push_durable`) is made now.
+        if last_writer && dirty {
             return Some((h.ino, Released::Push));
         }
         if last && !dirty {
