@@ -14,6 +14,8 @@
 //!   version's manifest, after the read that fetched them: writing it
 //!   while they are served took a third of a cold read's speed on a
 //!   2-core machine (PERFORMANCE.md). A copy is used only once it is whole.
+//! - Chunks of zeros (a sparse file's holes, [`crate::chunk::zero_chunks`])
+//!   are not written: they stay holes in the copy.
 //! - Copies count against the cache's limit ([`ChunkStore::set_reserved`]),
 //!   at most a quarter of it; the least recently opened goes first. Files
 //!   under [`FLAT_MIN`] get none: their re-reads are short anyway.
@@ -144,22 +146,41 @@ impl Flats {
             // SAFETY: setpriority on this thread (who = 0) touches no memory.
             unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
             let _hold = hold;
+            // Runs of zeros (a sparse file's holes) stay holes: the copy is
+            // sized first, and its chunks of zeros are not written.
+            let zero = crate::chunk::zero_chunks(&manifest.chunks);
+            if let Err(e) = b.file.set_len(manifest.size) {
+                tracing::debug!(path = %b.part.display(), "whole copy given up: {e}");
+                return;
+            }
             let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BYTES + (1 << 20));
+            // Where `buf` goes in the copy.
             let mut at = 0;
-            for (i, c) in manifest.chunks.iter().enumerate() {
+            let write = |buf: &mut Vec<u8>, at: &mut u64| {
+                b.file.write_all_at(buf, *at).inspect_err(|e| tracing::debug!(path = %b.part.display(), "whole copy given up: {e}"))?;
+                *at += buf.len() as u64;
+                buf.clear();
+                Ok::<(), std::io::Error>(())
+            };
+            for (c, zero) in manifest.chunks.iter().zip(zero) {
+                if zero {
+                    if write(&mut buf, &mut at).is_err() {
+                        return;
+                    }
+                    at += u64::from(c.len);
+                    continue;
+                }
                 let Ok(Some(d)) = store.get_range(&c.hash, 0, u64::from(c.len)) else {
                     tracing::debug!(hash = %manifest.file_hash, "whole copy given up: a chunk left the cache");
                     return;
                 };
                 buf.extend_from_slice(&d);
-                if buf.len() >= WRITE_BYTES || i + 1 == manifest.chunks.len() {
-                    if let Err(e) = b.file.write_all_at(&buf, at) {
-                        tracing::debug!(path = %b.part.display(), "whole copy given up: {e}");
-                        return;
-                    }
-                    at += buf.len() as u64;
-                    buf.clear();
+                if buf.len() >= WRITE_BYTES && write(&mut buf, &mut at).is_err() {
+                    return;
                 }
+            }
+            if write(&mut buf, &mut at).is_err() {
+                return;
             }
             if at == b.size {
                 b.finish(ready);
@@ -350,6 +371,42 @@ mod tests {
         }
         assert!(flats.open_copy(&other.file_hash).is_none());
         assert_eq!(store.stats().flat_bytes, m.size, "the given-up copy still counts");
+    }
+
+    #[test]
+    fn runs_of_zeros_stay_holes_in_a_copy() {
+        use crate::chunk::{ChunkRef, Manifest};
+        use std::os::unix::fs::MetadataExt;
+        let dir = TestDir::new("flat-holes");
+        let store = ChunkStore::open(&dir.path().join("cache"), 1 << 30).unwrap();
+        let flats = Flats::open(&dir.path().join("flat"), store.clone()).unwrap();
+        // 1 MiB of data, 30 MiB of zeros, 1 MiB of data.
+        let mut data = vec![0u8; 32 << 20];
+        data[..1 << 20].fill(7);
+        data[31 << 20..].fill(9);
+        let mut chunks = Vec::new();
+        for (i, part) in data.chunks(1 << 20).enumerate() {
+            let h = hash_of(part);
+            store.put(&h, part.to_vec()).unwrap();
+            chunks.push(ChunkRef { offset: (i as u64) << 20, len: part.len() as u32, hash: h });
+        }
+        let m = Arc::new(Manifest { size: data.len() as u64, file_hash: hash_of(&data), chunks });
+        let (tx, rx) = std::sync::mpsc::channel();
+        flats.make(m.clone(), store.hold(m.chunks.iter().map(|c| c.hash)), move || tx.send(()).unwrap());
+        rx.recv_timeout(std::time::Duration::from_secs(20)).expect("told when made");
+        let start = std::time::Instant::now();
+        let copy = loop {
+            if let Some(f) = flats.open_copy(&m.file_hash) {
+                break f;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(20), "no copy made");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let mut back = Vec::new();
+        std::io::Read::read_to_end(&mut &copy, &mut back).unwrap();
+        assert!(back == data, "the copy differs from the version");
+        let allocated = copy.metadata().unwrap().blocks() * 512;
+        assert!(allocated < 8 << 20, "the copy holds {allocated} bytes for 2 MiB of data");
     }
 
     #[test]
