@@ -1043,3 +1043,60 @@ fn chunks_sent_ahead_are_checked_and_a_push_keeps_only_what_it_names() {
     assert!(temp_files(&lab.inbox).is_empty(), "{:?}", temp_files(&lab.inbox));
     lab.still_serves("chunks sent ahead that lie");
 }
+
+/// A serving node leaves chunks of zeros out of NEED and writes holes for
+/// them (a sparse file): only chunks whose hash is that of as many zeros
+/// as their length. A line that gives the hash of 4 KiB of zeros with
+/// another length is needed like any chunk, and no bytes satisfy it.
+#[test]
+fn chunks_of_zeros_become_holes_only_when_they_are_zeros() {
+    let mut lab = Lab::new("hostile-zeros");
+    let mut raw = lab.connect();
+    let (small, big) = (4096u32, 1u32 << 20);
+    let (h_small, h_big) = (Hash::of(&vec![0u8; small as usize]), Hash::of(&vec![0u8; big as usize]));
+    let payload = random_bytes(100_000, 11);
+    // Ten 4 KiB and twenty 1 MiB chunks of zeros, data, then the lie.
+    let mut lens: Vec<(u32, Hash)> = vec![(small, h_small); 10];
+    lens.extend(vec![(big, h_big); 20]);
+    lens.push((payload.len() as u32, Hash::of(&payload)));
+    let honest = lens.len();
+    let mut at = 0u64;
+    let mut chunks = Vec::new();
+    for (len, hash) in &lens {
+        chunks.push(ChunkRef { offset: at, len: *len, hash: *hash });
+        at += u64::from(*len);
+    }
+    let mut data = vec![0u8; at as usize];
+    data[at as usize - payload.len()..].copy_from_slice(&payload);
+    let sparse = Upload { data: data.clone(), chunks: chunks.clone() };
+    let mut lying = Upload { data, chunks };
+    lying.chunks.push(ChunkRef { offset: at, len: big, hash: h_small });
+    lying.data.extend(vec![0u8; big as usize]);
+    lab.rt.block_on(async {
+        raw.handshake().await;
+        // The honest one: only the data is needed.
+        raw.send(&sparse.begin("t-sparse", "inbox", "sparse.img")).await;
+        match raw.next().await {
+            Response::TransferAccepted { need, .. } => assert_eq!(need.iter().collect::<Vec<u32>>(), [honest as u32 - 1]),
+            other => panic!("BEGIN_TRANSFER: {other:?}"),
+        }
+        let last = honest - 1;
+        raw.put("t-sparse", last as u32, sparse.chunks[last].len, sparse.chunks[last].hash, sparse.bytes(last), true).await;
+        while !matches!(raw.next().await, Response::TransferComplete(_)) {}
+        // The lie is needed, and zeros of its length do not pass for it.
+        raw.send(&lying.begin("t-lie", "inbox", "lie.img")).await;
+        match raw.next().await {
+            Response::TransferAccepted { need, .. } => assert_eq!(need.iter().collect::<Vec<u32>>(), [honest as u32 - 1, honest as u32]),
+            other => panic!("BEGIN_TRANSFER: {other:?}"),
+        }
+        raw.put("t-lie", honest as u32, big, h_small, &vec![0u8; big as usize], true).await;
+        assert_eq!(ack_of(&mut raw, honest as u32).await, AckStatus::Error("HASH_MISMATCH".into()));
+    });
+    let img = lab.inbox.join("sparse.img");
+    assert!(std::fs::read(&img).unwrap() == sparse.data, "sparse.img differs from what was pushed");
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&img).unwrap().blocks() * 512;
+    assert!(allocated < 4 << 20, "sparse.img takes {allocated} bytes for 100 KB of data");
+    assert!(!lab.inbox.join("lie.img").exists());
+    lab.still_serves("chunks of zeros, true and false");
+}
