@@ -43,8 +43,25 @@ impl Drop for TempDir {
     }
 }
 
-/// A free UDP port on loopback (bound, read, released).
+/// A free UDP port on loopback, below the kernel's ephemeral range
+/// (32768 and up here): a port the kernel handed out (bound, read,
+/// released) could be handed out again before the daemon binds it, to
+/// another daemon's outgoing endpoint, and that daemon then failed with
+/// "Address already in use" when many tests ran at once. Ports are tried
+/// from a place that depends on the process and a counter, so that tests
+/// running together seldom try the same one, and each is checked free.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..COUNT {
+        let port = (FIRST + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed).wrapping_mul(101)) % COUNT) as u16;
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
