@@ -657,9 +657,9 @@ pub fn chunk_open_file(file: &std::fs::File, params: &ChunkParams) -> io::Result
 pub fn chunk_open_file_from(file: &std::fs::File, from: u64, params: &ChunkParams) -> io::Result<Vec<ChunkRef>> {
     let size = file.metadata()?.len();
     if size > from {
-        let cutter = Cutter::new(params).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let holes = file_holes(file, from, size, cutter.max_len())?;
+        let holes = file_holes(file, from, size, params.max as usize)?;
         if !holes.is_empty() {
+            let cutter = Cutter::new(params).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
             return cut_sparse(file, from, size, &holes, &cutter);
         }
     }

@@ -301,15 +301,24 @@ pub fn preallocate(file: &File, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
+    match fallocate(file, 0, 0, len) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+            let _ = file.set_len(0);
+            Err(e)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `fallocate(2)` with `mode` over `len` bytes from `offset`.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(at), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    };
     // SAFETY: fallocate on a descriptor we own, with plain integer
     // arguments; it touches no memory of ours.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOSPC) {
-            let _ = file.set_len(0);
-            return Err(e);
-        }
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, at, n) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
@@ -320,16 +329,7 @@ pub fn punch_hole(file: &File, offset: u64, end: u64) -> io::Result<()> {
     if end <= offset {
         return Ok(());
     }
-    let (Ok(at), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(end - offset)) else {
-        return Err(io::Error::from_raw_os_error(libc::EFBIG));
-    };
-    // SAFETY: fallocate on a descriptor we own, with plain integer
-    // arguments; it touches no memory of ours.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, at, len) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, end - offset)
 }
 
 /// Size `file` to `len` bytes as a sparse file for a new version with
@@ -342,17 +342,14 @@ pub fn sparse(file: &File, len: u64, data: &[(u64, u64)]) -> io::Result<()> {
     file.set_len(0)?;
     file.set_len(len)?;
     for &(start, end) in data {
-        let (Ok(at), Ok(n)) = (libc::off_t::try_from(start), libc::off_t::try_from(end - start)) else { break };
-        // SAFETY: fallocate on a descriptor we own, with plain integer
-        // arguments; it touches no memory of ours.
-        if unsafe { libc::fallocate(file.as_raw_fd(), 0, at, n) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOSPC) {
+        match fallocate(file, 0, start, end - start) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
                 let _ = file.set_len(0);
                 return Err(e);
             }
             // Not supported here: the writes allocate as they go.
-            break;
+            Err(_) => break,
         }
     }
     Ok(())
@@ -382,17 +379,11 @@ pub fn extend(file: &File, from: u64, to: u64) -> io::Result<()> {
         return Ok(());
     }
     fits(file, to)?;
-    // SAFETY: fallocate on a descriptor we own, with plain integer
-    // arguments; it touches no memory of ours.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, from as libc::off_t, (to - from) as libc::off_t) };
-    if rc == 0 {
-        return Ok(());
+    match fallocate(file, 0, from, to - from) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(e),
+        Err(_) => file.set_len(to),
     }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOSPC) {
-        return Err(e);
-    }
-    file.set_len(to)
 }
 
 /// Bytes an unprivileged writer may still allocate on the file system

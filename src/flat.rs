@@ -329,20 +329,17 @@ mod tests {
         assert!(flats.open_copy(&h).is_none());
     }
 
-    #[test]
-    fn make_writes_a_version_out_of_the_cache_and_gives_up_on_a_missing_chunk() {
+    /// `data` put in `store` in chunks of 1 MiB, and its whole copy, made
+    /// and checked against it.
+    fn copy_of(flats: &Arc<Flats>, store: &Arc<ChunkStore>, data: &[u8]) -> (Arc<crate::chunk::Manifest>, File) {
         use crate::chunk::{ChunkRef, Manifest};
-        let dir = TestDir::new("flat");
-        let store = ChunkStore::open(&dir.path().join("cache"), 1 << 30).unwrap();
-        let flats = Flats::open(&dir.path().join("flat"), store.clone()).unwrap();
-        let data: Vec<u8> = (0..FLAT_MIN as usize + 12_345).map(|i| (i * 31 % 253) as u8).collect();
         let mut chunks = Vec::new();
         for (i, part) in data.chunks(1 << 20).enumerate() {
             let h = hash_of(part);
             store.put(&h, part.to_vec()).unwrap();
             chunks.push(ChunkRef { offset: (i as u64) << 20, len: part.len() as u32, hash: h });
         }
-        let m = Arc::new(Manifest { size: data.len() as u64, file_hash: hash_of(&data), chunks });
+        let m = Arc::new(Manifest { size: data.len() as u64, file_hash: hash_of(data), chunks });
         let (tx, rx) = std::sync::mpsc::channel();
         flats.make(m.clone(), store.hold(m.chunks.iter().map(|c| c.hash)), move || tx.send(()).unwrap());
         rx.recv_timeout(std::time::Duration::from_secs(20)).expect("told when made");
@@ -357,6 +354,16 @@ mod tests {
         let mut back = Vec::new();
         std::io::Read::read_to_end(&mut &copy, &mut back).unwrap();
         assert!(back == data, "the copy differs from the version");
+        (m, copy)
+    }
+
+    #[test]
+    fn make_writes_a_version_out_of_the_cache_and_gives_up_on_a_missing_chunk() {
+        let dir = TestDir::new("flat");
+        let store = ChunkStore::open(&dir.path().join("cache"), 1 << 30).unwrap();
+        let flats = Flats::open(&dir.path().join("flat"), store.clone()).unwrap();
+        let data: Vec<u8> = (0..FLAT_MIN as usize + 12_345).map(|i| (i * 31 % 253) as u8).collect();
+        let (m, _) = copy_of(&flats, &store, &data);
 
         // A version one of whose chunks is not cached gets no copy.
         let mut other = (*m).clone();
@@ -375,7 +382,6 @@ mod tests {
 
     #[test]
     fn runs_of_zeros_stay_holes_in_a_copy() {
-        use crate::chunk::{ChunkRef, Manifest};
         use std::os::unix::fs::MetadataExt;
         let dir = TestDir::new("flat-holes");
         let store = ChunkStore::open(&dir.path().join("cache"), 1 << 30).unwrap();
@@ -384,27 +390,7 @@ mod tests {
         let mut data = vec![0u8; 32 << 20];
         data[..1 << 20].fill(7);
         data[31 << 20..].fill(9);
-        let mut chunks = Vec::new();
-        for (i, part) in data.chunks(1 << 20).enumerate() {
-            let h = hash_of(part);
-            store.put(&h, part.to_vec()).unwrap();
-            chunks.push(ChunkRef { offset: (i as u64) << 20, len: part.len() as u32, hash: h });
-        }
-        let m = Arc::new(Manifest { size: data.len() as u64, file_hash: hash_of(&data), chunks });
-        let (tx, rx) = std::sync::mpsc::channel();
-        flats.make(m.clone(), store.hold(m.chunks.iter().map(|c| c.hash)), move || tx.send(()).unwrap());
-        rx.recv_timeout(std::time::Duration::from_secs(20)).expect("told when made");
-        let start = std::time::Instant::now();
-        let copy = loop {
-            if let Some(f) = flats.open_copy(&m.file_hash) {
-                break f;
-            }
-            assert!(start.elapsed() < std::time::Duration::from_secs(20), "no copy made");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        };
-        let mut back = Vec::new();
-        std::io::Read::read_to_end(&mut &copy, &mut back).unwrap();
-        assert!(back == data, "the copy differs from the version");
+        let (_, copy) = copy_of(&flats, &store, &data);
         let allocated = copy.metadata().unwrap().blocks() * 512;
         assert!(allocated < 8 << 20, "the copy holds {allocated} bytes for 2 MiB of data");
     }

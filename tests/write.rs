@@ -503,6 +503,19 @@ fn a_local_edit_on_the_serving_node_during_a_mount_write_keeps_both_versions() {
     assert!(a.log().contains("conflict"), "the log reports the conflict");
 }
 
+/// The contents of alice's conflict copies of `stem` in `dir`, sorted.
+fn conflict_copies(dir: &Path, stem: &str) -> Vec<Vec<u8>> {
+    let prefix = format!("{stem} (conflict alice ");
+    let mut copies: Vec<Vec<u8>> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| std::fs::read(e.path()).unwrap())
+        .collect();
+    copies.sort();
+    copies
+}
+
 /// Two conflicts of one file from one node in the same second once wanted
 /// the same conflict-copy name: the second copy was refused (the name was
 /// taken) and its fsync failed with EIO, the partner up (found by
@@ -524,13 +537,7 @@ fn conflicts_of_one_file_in_the_same_second_each_get_a_copy() {
         f.sync_all().unwrap_or_else(|e| panic!("fsync of version {i}: {e}\n{}", a.log()));
         drop(f);
     }
-    let mut copies: Vec<Vec<u8>> = std::fs::read_dir(&w.files)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("notes (conflict alice "))
-        .map(|e| std::fs::read(e.path()).unwrap())
-        .collect();
-    copies.sort();
+    let copies = conflict_copies(&w.files, "notes");
     let bob_log = w.bob_daemon.as_ref().map(|d| d.log_text()).unwrap_or_default();
     assert_eq!(copies, versions, "conflict copies on bob's side\nalice:\n{}\nbob:\n{bob_log}", a.log());
     assert_eq!(std::fs::read(w.server("notes.txt")).unwrap(), b"bob's local edit 2\n");
@@ -567,13 +574,7 @@ fn a_release_push_never_sends_the_truncation_of_a_later_open() {
     // The last release's push, late, finds nothing to send.
     std::thread::sleep(Duration::from_millis(600));
     a.settle();
-    let mut copies: Vec<Vec<u8>> = std::fs::read_dir(&w.files)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("notes (conflict alice "))
-        .map(|e| std::fs::read(e.path()).unwrap())
-        .collect();
-    copies.sort();
+    let copies = conflict_copies(&w.files, "notes");
     assert_eq!(copies, versions, "conflict copies on bob's side\n{}", a.log());
     assert_eq!(std::fs::read(w.server("notes.txt")).unwrap(), b"bob's local edit 1\n");
 }
@@ -628,13 +629,7 @@ fn writes_after_a_conflict_through_the_same_descriptor_never_replace_the_partner
     f.sync_all().unwrap();
     drop(f);
     assert_eq!(std::fs::read(w.server("notes.txt")).unwrap(), b"bob's local edit\n", "bob's version was replaced\n{}", a.log());
-    let mut copies: Vec<Vec<u8>> = std::fs::read_dir(&w.files)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("notes (conflict alice "))
-        .map(|e| std::fs::read(e.path()).unwrap())
-        .collect();
-    copies.sort();
+    let copies = conflict_copies(&w.files, "notes");
     assert_eq!(copies, vec![b"alice 1\n".to_vec(), b"alice 1\nalice 2\n".to_vec()]);
 }
 

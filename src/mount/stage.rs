@@ -134,6 +134,15 @@ pub struct StageState {
 }
 
 impl StageState {
+    /// `[offset, end)` now holds bytes written here (or zeroed).
+    fn changed(&mut self, offset: u64, end: u64, now_ns: i64) {
+        self.present.insert(offset, end);
+        self.written.insert(offset, end);
+        self.size = self.size.max(end);
+        self.dirty = !self.gone;
+        self.mtime_ns = now_ns;
+    }
+
     /// The content, `len` bytes, all local, counts as written anew: the
     /// next push cuts it whole.
     fn rewritten_whole(&mut self, len: u64) {
@@ -583,11 +592,7 @@ impl Staged {
             st.present.insert(size, offset);
             st.written.insert(size, offset);
         }
-        st.present.insert(offset, end);
-        st.written.insert(offset, end);
-        st.size = st.size.max(end);
-        st.dirty = !st.gone;
-        st.mtime_ns = now_ns;
+        st.changed(offset, end, now_ns);
         drop(st);
         self.writeback.wrote(&self.file, cached);
         Ok(())
@@ -605,11 +610,7 @@ impl Staged {
             let mut st = self.current();
             if crate::direct::punch_hole(&self.file, offset, end).is_ok() {
                 st.stream = None;
-                st.present.insert(offset, end);
-                st.written.insert(offset, end);
-                st.size = st.size.max(end);
-                st.dirty = !st.gone;
-                st.mtime_ns = now_ns;
+                st.changed(offset, end, now_ns);
                 return Ok(());
             }
         }
