@@ -16,6 +16,9 @@
 //! - `DEFTFS_FAULT_RELEASE_PUSH_DELAY_MS=<n>`: the push a mount makes at
 //!   the last release of a file (what no close pushed) starts n ms late,
 //!   so that tests can open the file again before it;
+//! - `DEFTFS_FAULT_CHANGED_DELAY_MS=<n>`: a mount takes each change the
+//!   partner announces (WATCH's CHANGED) n ms late, as a slow watch would,
+//!   so that tests can look at the mount before it knows;
 //! - `DEFTFS_FAULT_CRASH_IN_PATCH=1`: a serving node patching a file in
 //!   place ([`crate::transfer::patch`]) kills itself (`abort`) after the
 //!   first range is written, as a power loss would stop it: the next start
@@ -50,6 +53,11 @@ pub fn lock_behind_delay_ms() -> Option<u32> {
 pub fn release_push_delay_ms() -> Option<u32> {
     static V: OnceLock<Option<u32>> = OnceLock::new();
     *V.get_or_init(|| env_u32("DEFTFS_FAULT_RELEASE_PUSH_DELAY_MS"))
+}
+
+pub fn changed_delay_ms() -> Option<u32> {
+    static V: OnceLock<Option<u32>> = OnceLock::new();
+    *V.get_or_init(|| env_u32("DEFTFS_FAULT_CHANGED_DELAY_MS"))
 }
 
 pub fn crash_in_patch() -> bool {

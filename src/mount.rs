@@ -519,7 +519,17 @@ async fn watch_loop(vfs: Arc<Vfs>, root: Root) {
                 let v = v1.clone();
                 tokio::spawn(async move { v.warm_root().await });
             };
-            let why = vfs.remote.watch(&shares, &ready, &move |share, path| v2.changed(share, path)).await;
+            let changed = move |share: &crate::proto::Name, path: &crate::proto::SharePath| match crate::fault::changed_delay_ms() {
+                Some(ms) => {
+                    let (v, share, path) = (v2.clone(), share.clone(), path.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(ms.into())).await;
+                        v.changed(&share, &path);
+                    });
+                }
+                None => v2.changed(share, path),
+            };
+            let why = vfs.remote.watch(&shares, &ready, &changed).await;
             vfs.set_watching(false);
             // Whatever changed while the watch was down is not known.
             for s in &shares {

@@ -681,6 +681,26 @@ impl Vfs {
         Ok((n.share.clone(), n.path.clone(), n.kind))
     }
 
+    /// Whether file `ino` is missing from its directory's listing while
+    /// that listing is trusted: the partner removed or renamed the name
+    /// (or it became another file's) and the change is not announced yet.
+    /// The kernel may still hold an entry for the name, for up to
+    /// [`crate::mount::fuse`]'s entry timeout; an open through it must
+    /// not find this inode's content, but fail with `ESTALE`, which the
+    /// kernel retries with a fresh lookup (`ENOENT`, or the new file).
+    /// Not for a file created here and not pushed yet, nor one unlinked
+    /// while open (reopened through `/proc/PID/fd`), which no listing has.
+    fn unlisted(&self, inodes: &Inodes, ino: Ino) -> bool {
+        let Some(n) = inodes.by_ino.get(&ino) else { return false };
+        if n.kind != Kind::File || n.unlinked || n.virtual_data.is_some() || inodes.is_local_only(ino) {
+            return false;
+        }
+        match inodes.by_ino.get(&n.parent).and_then(|p| p.children.as_ref()) {
+            Some((c, at)) if self.fresh(Some(*at)) => !c.iter().any(|(_, i)| *i == ino),
+            _ => false,
+        }
+    }
+
     /// The inode for a child entry, created or updated from a listing row
     /// asked for at `asked`.
     fn upsert(inodes: &mut Inodes, parent: Ino, share: Option<Name>, e: &Entry, asked: Instant) -> Ino {

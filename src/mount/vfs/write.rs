@@ -423,6 +423,10 @@ impl Vfs {
     /// registers a backing file for passthrough: see [`Vfs::open_read`]).
     pub async fn open(&self, ino: Ino, mode: OpenMode, backing: MakeBacking<'_>) -> Result<(u64, bool, Io), Errno> {
         let (share, path) = self.file_key(ino)?;
+        if self.unlisted(&lock(&self.inodes), ino) {
+            tracing::debug!(ino, %path, "open through a stale kernel entry: the listing lacks the name");
+            return Err(Errno::ESTALE);
+        }
         if !mode.write {
             let (rfh, keep, io) = self.open_read(ino, backing).await?;
             // A lockable file is leased for the opening process's life.
