@@ -695,8 +695,14 @@ impl Vfs {
         if n.kind != Kind::File || n.unlinked || n.virtual_data.is_some() || inodes.is_local_only(ino) {
             return false;
         }
-        match inodes.by_ino.get(&n.parent).and_then(|p| p.children.as_ref()) {
-            Some((c, at)) if self.fresh(Some(*at)) => !c.iter().any(|(_, i)| *i == ino),
+        let Some(p) = inodes.by_ino.get(&n.parent) else { return false };
+        // Judged by its directory's listing only while that directory is
+        // still the one its path leads to.
+        let same_dir = p.share == n.share
+            && n.path.parent().as_ref() == Some(&p.path)
+            && inodes.by_key.get(&(share_key(&p.share), p.path.clone())) == Some(&n.parent);
+        match &p.children {
+            Some((c, at)) if same_dir && self.fresh(Some(*at)) => !c.iter().any(|(_, i)| *i == ino),
             _ => false,
         }
     }
@@ -724,6 +730,10 @@ impl Vfs {
                 if moved {
                     n.manifest = None;
                 }
+                // Listed in `parent`: that is its directory now, even if it
+                // was first seen under another inode of the same path (a
+                // directory removed here, then made again).
+                n.parent = parent;
                 n.kind = kind;
                 n.size = e.size;
                 n.mtime_ns = e.mtime_ns;
