@@ -691,6 +691,31 @@ fn a_name_a_fresh_listing_lacks_does_not_open_through_the_kernels_entry() {
     drop(reader);
 }
 
+/// A file first seen under a directory removed here, then made again on
+/// the partner, is found again by its path under the new directory: it
+/// opens there. It kept the removed directory as its parent, whose
+/// listing lacked it, and the check above refused its opens with
+/// `ESTALE` (tests/multi.rs found it).
+#[test]
+fn a_file_under_a_directory_made_again_opens_through_the_new_one() {
+    let w = World::new("dir-again", &["alice"], "", |dir| {
+        std::fs::create_dir(dir.join("d")).unwrap();
+        std::fs::write(dir.join("d/f.txt"), b"first\n").unwrap();
+    });
+    let a = w.c(0);
+    let list = |p: &str| -> Vec<String> {
+        std::fs::read_dir(a.at(p)).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+    };
+    assert_eq!(list("d"), vec!["f.txt".to_string()]);
+    std::fs::remove_file(w.server("d/f.txt")).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || list("d").is_empty()), "{:?}\n{}", list("d"), a.log());
+    std::fs::remove_dir(a.at("d")).unwrap();
+    std::fs::create_dir(w.server("d")).unwrap();
+    std::fs::write(w.server("d/f.txt"), b"second\n").unwrap();
+    assert!(wait_until(Duration::from_secs(10), || list("d") == vec!["f.txt".to_string()]), "{:?}\n{}", list("d"), a.log());
+    assert_eq!(std::fs::read(a.at("d/f.txt")).map_err(|e| e.to_string()), Ok(b"second\n".to_vec()), "{}", a.log());
+}
+
 /// A file unlinked while open stays with its descriptors: writes,
 /// ftruncate, fchmod and futimens through them apply to it (fstat shows
 /// st_nlink 0) and none of it reaches the serving node, where a new file
