@@ -147,6 +147,9 @@ pub struct Remote {
     last_failure: Mutex<Option<Instant>>,
     chunks_fetched: AtomicU64,
     bytes_fetched: AtomicU64,
+    /// Bytes of chunk data read off data streams, counted as they come
+    /// (a chunk whole or not): what tells a slow link from a dead one.
+    bytes_arriving: AtomicU64,
 }
 
 impl Remote {
@@ -168,6 +171,7 @@ impl Remote {
             last_failure: Mutex::new(None),
             chunks_fetched: AtomicU64::new(0),
             bytes_fetched: AtomicU64::new(0),
+            bytes_arriving: AtomicU64::new(0),
         }))
     }
 
@@ -426,13 +430,13 @@ impl Remote {
     /// Connect the data link now, in the background, so that the first
     /// read does not wait for a handshake. If it fails, the first read
     /// connects (and reports the error).
-    pub fn warm_data(self: &Arc<Self>) {
+    pub fn warm_data(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             if let Err(e) = me.data_link().await {
                 tracing::debug!(partner = %me.partner, "data link not connected ahead of use: {e}");
             }
-        });
+        })
     }
 
     /// The data link, connecting it if needed.
@@ -492,7 +496,9 @@ impl Remote {
         // Offline means nothing arrives, not that our chunks are late: on a
         // slow link they can wait behind readahead longer than the offline
         // wait, and giving up then would fail a read of a reachable partner
-        // and drop the chunks in flight. So wait again while chunks arrive.
+        // and drop the chunks in flight. So wait again while chunk data
+        // arrives: bytes, not whole chunks, for a link so slow (loss, a busy
+        // machine) that a 1 MiB chunk takes longer than the wait.
         // The work is dropped at the end of this block, before a timeout is
         // handled below: it may hold the data link's lock (connecting).
         let result = {
@@ -513,12 +519,12 @@ impl Remote {
                 Ok(())
             };
             tokio::pin!(work);
-            let mut arrived = self.chunks_fetched.load(Ordering::SeqCst);
+            let mut arrived = self.bytes_arriving.load(Ordering::SeqCst);
             loop {
                 match tokio::time::timeout(wait, &mut work).await {
                     Ok(r) => break Some(r),
                     Err(_) => {
-                        let now = self.chunks_fetched.load(Ordering::SeqCst);
+                        let now = self.bytes_arriving.load(Ordering::SeqCst);
                         if now == arrived {
                             break None;
                         }
@@ -663,8 +669,16 @@ impl Remote {
             return fail(format!("the header names {hash} ({size} bytes), not the chunk asked for"));
         }
         let mut buf = vec![0u8; size as usize];
-        if let Err(e) = tokio::io::AsyncReadExt::read_exact(&mut reader, &mut buf).await {
-            return fail(format!("stream ended early: {e}"));
+        let mut filled = 0;
+        while filled < buf.len() {
+            match tokio::io::AsyncReadExt::read(&mut reader, &mut buf[filled..]).await {
+                Ok(0) => return fail(format!("stream ended early: {filled} of {size} bytes")),
+                Ok(n) => {
+                    filled += n;
+                    self.bytes_arriving.fetch_add(n as u64, Ordering::SeqCst);
+                }
+                Err(e) => return fail(format!("stream ended early: {e}")),
+            }
         }
         let store = self.store.clone();
         let put = tokio::task::spawn_blocking(move || store.put(&expected, buf)).await;
