@@ -218,9 +218,6 @@ impl Mounts {
         let meta = meta::Meta::open(&cache_dir)?;
         let wait = Duration::from_secs(opts.offline_wait_secs.unwrap_or(self.node.config.mount.offline_wait_secs).max(1));
         let remote = Remote::new(self.node.clone(), partner, store.clone(), wait)?;
-        // The data link's handshake goes beside the mount's own first
-        // requests, so that the first read does not wait for it.
-        let data_link = remote.warm_data();
         let mut rows = None;
         let root = match &spec.share {
             None => Root::Shares(None),
@@ -284,7 +281,9 @@ impl Mounts {
         }
         let watch = tokio::spawn(watch_loop(vfs.clone(), root)).abort_handle();
         // Ready means ready to read: the data link is up too, if the
-        // partner is reachable (else the first read connects it).
+        // partner is reachable (else the first read connects it). Not
+        // before the steps that can fail: its tasks would keep it open.
+        let data_link = remote.warm_data();
         if remote.is_online() {
             let _ = tokio::time::timeout(wait, data_link).await;
         }

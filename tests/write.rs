@@ -414,9 +414,7 @@ fn a_queued_change_gives_way_to_a_later_push_and_to_an_unlink_instead_of_a_confl
     // The retry loop has had its turns (it retries within a second or two).
     std::thread::sleep(Duration::from_secs(4));
     a.settle();
-    let mut names: Vec<String> =
-        std::fs::read_dir(&w.files).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
+    let names = names_in(&w.files).unwrap();
     assert_eq!(names, ["a.txt"], "on the serving node\n{}", a.log());
     assert_eq!(std::fs::read(w.server("a.txt")).unwrap(), b"v3");
     assert_eq!(a.node.json(&["mounts"])[0]["pending"].as_u64().unwrap_or(0), 0, "changes still queued");
@@ -501,6 +499,23 @@ fn a_local_edit_on_the_serving_node_during_a_mount_write_keeps_both_versions() {
     let st = a.node.json(&["status", a.at("notes.txt").to_str().unwrap()]);
     assert!(st["conflicts"].to_string().contains("conflict alice"), "{st}");
     assert!(a.log().contains("conflict"), "the log reports the conflict");
+}
+
+/// The names in directory `dir`, sorted.
+fn names_in(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut names =
+        std::fs::read_dir(dir)?.map(|e| Ok(e?.file_name().to_string_lossy().into_owned())).collect::<std::io::Result<Vec<_>>>()?;
+    names.sort();
+    Ok(names)
+}
+
+/// Alice creates `fresh.txt` through her mount and writes it while bob
+/// makes the same name on his own disk. Returns her descriptor, open.
+fn new_file_also_made_by_the_partner(w: &World, a: &Client) -> std::fs::File {
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(a.at("fresh.txt")).unwrap();
+    f.write_all(b"alice's new file\n").unwrap();
+    std::fs::write(w.server("fresh.txt"), b"bob's file\n").unwrap();
+    f
 }
 
 /// The contents of alice's conflict copies of `stem` in `dir`, sorted.
@@ -641,23 +656,14 @@ fn writes_after_a_conflict_through_the_same_descriptor_never_replace_the_partner
 fn a_new_file_that_became_a_conflict_copy_is_not_listed_once_the_partner_removes_the_name() {
     let w = World::new("conflict-new", &["alice"], "", |_| {});
     let a = w.c(0);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(a.at("fresh.txt")).unwrap();
-    f.write_all(b"alice's new file\n").unwrap();
-    // Meanwhile, on bob's own disk, the same name:
-    std::fs::write(w.server("fresh.txt"), b"bob's file\n").unwrap();
-    drop(f);
+    drop(new_file_also_made_by_the_partner(&w, a));
     a.settle();
     let copy = |dir: &Path| {
         std::fs::read_dir(dir).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("fresh (conflict alice "))
     };
     assert!(copy(&w.files), "alice's version is a conflict copy on bob's side");
     std::fs::remove_file(w.server("fresh.txt")).unwrap();
-    let names = || -> Vec<String> {
-        let mut n: Vec<String> =
-            std::fs::read_dir(&a.mnt).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        n.sort();
-        n
-    };
+    let names = || names_in(&a.mnt).unwrap();
     let gone = wait_until(Duration::from_secs(10), || !names().contains(&"fresh.txt".to_string()));
     assert!(gone, "fresh.txt is still listed in the mount after bob removed it: {:?}\n{}", names(), a.log());
     assert!(copy(&a.mnt), "the conflict copy shows in the mount: {:?}", names());
@@ -676,15 +682,13 @@ fn a_new_file_that_became_a_conflict_copy_is_not_listed_once_the_partner_removes
 fn a_name_a_fresh_listing_lacks_does_not_open_through_the_kernels_entry() {
     let w = World::granting_with_env("read-write", "unlisted", &["alice"], "", &[("DEFTFS_FAULT_CHANGED_DELAY_MS", "3000")], |_| {});
     let a = w.c(0);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(a.at("fresh.txt")).unwrap();
-    f.write_all(b"alice's new file\n").unwrap();
+    let f = new_file_also_made_by_the_partner(&w, a);
     // A reader keeps the file written here open (and its staging here).
     let reader = std::fs::File::open(a.at("fresh.txt")).unwrap();
-    std::fs::write(w.server("fresh.txt"), b"bob's file\n").unwrap();
     drop(f);
     a.settle();
     std::fs::remove_file(w.server("fresh.txt")).unwrap();
-    let listed: Vec<String> = std::fs::read_dir(&a.mnt).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let listed = names_in(&a.mnt).unwrap();
     assert!(!listed.contains(&"fresh.txt".to_string()), "{listed:?}\n{}", a.log());
     assert_eq!(errno_of(std::fs::read(a.at("fresh.txt"))), Some(libc::ENOENT), "{}", a.log());
     assert_eq!(errno_of(std::fs::OpenOptions::new().write(true).open(a.at("fresh.txt"))), Some(libc::ENOENT));
@@ -703,9 +707,7 @@ fn a_file_under_a_directory_made_again_opens_through_the_new_one() {
         std::fs::write(dir.join("d/f.txt"), b"first\n").unwrap();
     });
     let a = w.c(0);
-    let list = |p: &str| -> Vec<String> {
-        std::fs::read_dir(a.at(p)).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
-    };
+    let list = |p: &str| names_in(&a.at(p)).unwrap_or_default();
     assert_eq!(list("d"), vec!["f.txt".to_string()]);
     std::fs::remove_file(w.server("d/f.txt")).unwrap();
     assert!(wait_until(Duration::from_secs(10), || list("d").is_empty()), "{:?}\n{}", list("d"), a.log());
@@ -755,8 +757,7 @@ fn an_unlinked_open_file_stays_local_and_the_attributes_follow_posix() {
     a.settle();
     assert_eq!(std::fs::read(w.server("d/x.txt")).unwrap(), b"the new one");
     assert_eq!(std::fs::metadata(w.server("d/x.txt")).unwrap().mode() & 0o777, 0o644, "fchmod reached the new file");
-    let names: Vec<String> =
-        std::fs::read_dir(w.server("d")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names = names_in(&w.server("d")).unwrap();
     assert!(names.iter().all(|n| n == "x.txt" || n == "sub"), "on the serving node: {names:?}\n{}", a.log());
 
     // A close whose release reaches mountd after the unlink.
@@ -766,8 +767,7 @@ fn an_unlinked_open_file_stays_local_and_the_attributes_follow_posix() {
         std::fs::remove_file(&p).unwrap();
     }
     a.settle();
-    let names: Vec<String> =
-        std::fs::read_dir(w.server("d")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names = names_in(&w.server("d")).unwrap();
     assert!(names.iter().all(|n| n == "x.txt" || n == "sub"), "after create-close-unlink: {names:?}\n{}", a.log());
 
     // Names past NAME_MAX.
@@ -1104,12 +1104,7 @@ fn a_file_being_written_stays_listed_when_the_partner_changes_its_directory() {
     let mut f = std::fs::File::create(a.at("mine.txt")).unwrap();
     f.write_all(b"not pushed yet").unwrap();
     std::fs::write(w.server("theirs.txt"), b"made on the serving node").unwrap();
-    let names = || -> Vec<String> {
-        let mut v: Vec<String> =
-            std::fs::read_dir(a.at("")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        v.sort();
-        v
-    };
+    let names = || names_in(&a.at("")).unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || names().contains(&"theirs.txt".to_string())),
         "the serving node's new file never showed up: {:?}",

@@ -695,14 +695,16 @@ impl Vfs {
         if n.kind != Kind::File || n.unlinked || n.virtual_data.is_some() || inodes.is_local_only(ino) {
             return false;
         }
-        let Some(p) = inodes.by_ino.get(&n.parent) else { return false };
         // Judged by its directory's listing only while that directory is
         // still the one its path leads to.
-        let same_dir = p.share == n.share
-            && n.path.parent().as_ref() == Some(&p.path)
-            && inodes.by_key.get(&(share_key(&p.share), p.path.clone())) == Some(&n.parent);
-        match &p.children {
-            Some((c, at)) if same_dir && self.fresh(Some(*at)) => !c.iter().any(|(_, i)| *i == ino),
+        let Some(dir) = n.path.parent() else { return false };
+        if inodes.by_key.get(&(share_key(&n.share), dir)) != Some(&n.parent) {
+            return false;
+        }
+        match inodes.by_ino.get(&n.parent).and_then(|p| p.children.as_ref()) {
+            // Listed (or its attributes had from the partner) since that
+            // listing was made: no need to look through it.
+            Some((c, at)) if self.fresh(Some(*at)) => n.attr_at.is_none_or(|t| t < *at) && !c.iter().any(|(_, i)| *i == ino),
             _ => false,
         }
     }
