@@ -151,7 +151,7 @@ pub async fn run(
         })
     };
     let mut connections = tokio::task::JoinSet::new();
-    let per_partner: Arc<Mutex<HashMap<String, usize>>> = Default::default();
+    let per_partner: Arc<Mutex<Connections>> = Default::default();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -164,7 +164,7 @@ pub async fn run(
                 let (node, endpoint, per_partner) = (node.clone(), endpoint.clone(), per_partner.clone());
                 connections.spawn(async move {
                     let Some((conn, partner, cert)) = endpoint.handshake(incoming).await else { return };
-                    let Some(_slot) = ConnectionSlot::take(&per_partner, partner.as_str()) else {
+                    let Some(_slot) = ConnectionSlot::take(&per_partner, partner.as_str(), &conn) else {
                         tracing::warn!(target: "audit", %partner, remote = %conn.remote_address(), "connection refused: {MAX_CONNECTIONS_PER_PARTNER} already open");
                         conn.close(TOO_MANY_CONNECTIONS.into(), TOO_MANY_REASON.as_bytes());
                         return;
@@ -188,38 +188,66 @@ pub async fn run(
 
 /// Connections one partner may hold open at once. A node's mounts, sends
 /// and receives each take one or two; a partner that opens more (a bug,
-/// or a hostile peer) is refused rather than let grow the daemon.
+/// or a hostile peer) is held to this many rather than let grow the daemon.
 pub const MAX_CONNECTIONS_PER_PARTNER: usize = 64;
-/// QUIC application close code of a connection refused for that reason.
+/// QUIC application close code of a connection refused, or replaced, for
+/// that reason.
 pub const TOO_MANY_CONNECTIONS: u32 = 0x4445_0001;
 const TOO_MANY_REASON: &str = "too many connections from this node (64 at once): close some, or wait for them to end";
+const REPLACED_REASON: &str = "too many connections from this node (64 at once): this one, the oldest, gave its place to a newer one";
+
+/// Every partner's open connections, oldest first.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    by_partner: HashMap<String, Vec<Open>>,
+}
+
+struct Open {
+    id: u64,
+    remote: std::net::SocketAddr,
+    conn: quinn::Connection,
+}
 
 /// One of a partner's [`MAX_CONNECTIONS_PER_PARTNER`] places, given back
 /// when dropped.
 struct ConnectionSlot {
-    table: Arc<Mutex<HashMap<String, usize>>>,
+    table: Arc<Mutex<Connections>>,
     partner: String,
+    id: u64,
 }
 
 impl ConnectionSlot {
-    fn take(table: &Arc<Mutex<HashMap<String, usize>>>, partner: &str) -> Option<ConnectionSlot> {
+    /// A place for `conn`. When the partner has them all, its oldest
+    /// connection from another address gives its place up (it is closed):
+    /// a node killed or cut off leaves its connections open here until
+    /// they time out, and after a few restarts in a row those would keep
+    /// the node out. Connections from one address are one running process,
+    /// and one that opens too many is refused its new ones.
+    fn take(table: &Arc<Mutex<Connections>>, partner: &str, conn: &quinn::Connection) -> Option<ConnectionSlot> {
+        let remote = conn.remote_address();
         let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-        let n = t.entry(partner.to_string()).or_default();
-        if *n >= MAX_CONNECTIONS_PER_PARTNER {
-            return None;
+        let id = t.next_id;
+        t.next_id += 1;
+        let open = t.by_partner.entry(partner.to_string()).or_default();
+        if open.len() >= MAX_CONNECTIONS_PER_PARTNER {
+            let i = open.iter().position(|o| o.remote != remote)?;
+            let old = open.remove(i);
+            tracing::warn!(target: "audit", %partner, old = %old.remote, new = %remote, "connection replaced: {MAX_CONNECTIONS_PER_PARTNER} already open; the oldest from another address is closed");
+            old.conn.close(TOO_MANY_CONNECTIONS.into(), REPLACED_REASON.as_bytes());
         }
-        *n += 1;
-        Some(ConnectionSlot { table: table.clone(), partner: partner.to_string() })
+        open.push(Open { id, remote, conn: conn.clone() });
+        Some(ConnectionSlot { table: table.clone(), partner: partner.to_string(), id })
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = t.get_mut(&self.partner) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                t.remove(&self.partner);
+        if let Some(open) = t.by_partner.get_mut(&self.partner) {
+            open.retain(|o| o.id != self.id);
+            if open.is_empty() {
+                t.by_partner.remove(&self.partner);
             }
         }
     }

@@ -334,14 +334,14 @@ fn malformed_control_traffic_is_refused_and_the_daemon_serves_on() {
         raw.refused("DEFT BEGIN_TRANSFER t-1 inbox x SIZE:0 CHUNKS:0 HASH:blake3:af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262", ErrorCode::AuthRequired).await;
         raw.refused("DEFT AUTH mallory", ErrorCode::BadRequest).await;
         raw.hello().await;
-        raw.refused("DEFT HELLO 1.0 CHUNKED WINDOW_SIZE:64", ErrorCode::BadRequest).await;
+        raw.refused("DEFT HELLO 1.0 CHUNKED,PARALLEL,RESUME WINDOW_SIZE:64", ErrorCode::BadRequest).await;
         raw.refused("DEFT DISCOVER", ErrorCode::AuthRequired).await;
         raw.refused("DEFT AUTH carol", ErrorCode::AuthFailed).await;
         raw.refused("DEFT DISCOVER", ErrorCode::AuthRequired).await;
         raw.send("DEFT AUTH mallory\r\n").await;
         assert!(matches!(raw.next().await, Response::AuthOk { .. }));
         raw.refused("DEFT AUTH mallory", ErrorCode::BadRequest).await;
-        raw.refused("DEFT HELLO 1.0 CHUNKED WINDOW_SIZE:64", ErrorCode::BadRequest).await;
+        raw.refused("DEFT HELLO 1.0 CHUNKED,PARALLEL,RESUME WINDOW_SIZE:64", ErrorCode::BadRequest).await;
 
         // NUL and control characters, in verbs, names and paths.
         raw.refused("DEFT DISCOVER\0", ErrorCode::BadRequest).await;
@@ -857,36 +857,69 @@ fn streams_and_connections_left_hanging_do_not_stop_the_daemon_or_grow_it_withou
 fn a_partner_is_held_to_a_bounded_number_of_connections_and_others_are_served() {
     let mut lab = Lab::new("hostile-conns");
     let limit = deftfs::node::MAX_CONNECTIONS_PER_PARTNER;
-    let mut held: Vec<Raw> = (0..limit).map(|_| lab.connect()).collect();
-    for raw in held.iter_mut().step_by(8) {
-        lab.rt.block_on(raw.handshake());
-    }
-    // One more: its handshake succeeds (the partner is trusted), then bob
-    // closes it, saying why.
     let home = lab.mallory.home.clone();
-    let refused = lab.rt.block_on(async move {
+    let close_of = |why: &quinn::ConnectionError| match why {
+        quinn::ConnectionError::ApplicationClosed(c) => (c.error_code, String::from_utf8_lossy(&c.reason).into_owned()),
+        other => panic!("expected an application close, got {other}"),
+    };
+    // One process (one address) opens the limit, then one more: its
+    // handshake succeeds (the partner is trusted), then bob closes it,
+    // saying why.
+    let (endpoint, mut held, refused) = lab.rt.block_on(async move {
         let node = deftfs::node::Node::open(&home).unwrap();
         let endpoint = Endpoint::client(node.identity.clone(), node.directory.clone()).unwrap();
         let partner = node.config.partner("bob").cloned().unwrap();
-        let (conn, _) = endpoint.connect(&partner).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("bob did not close the extra connection")
-    });
-    match &refused {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            assert_eq!(c.error_code, quinn::VarInt::from_u32(deftfs::node::TOO_MANY_CONNECTIONS), "{refused}");
-            assert!(String::from_utf8_lossy(&c.reason).contains("too many connections"), "{refused}");
+        // Each with its control stream open (a session ends with it), and
+        // placed by bob once it answers a request.
+        let mut held = Vec::new();
+        for _ in 0..limit {
+            let (conn, _) = endpoint.connect(&partner).await.unwrap();
+            let (send, recv) = conn.open_bi().await.unwrap();
+            let mut ctl: Control<Response> = Control::new(send, recv);
+            ctl.send_raw("DEFT HELLO 1.0 CHUNKED,PARALLEL,RESUME WINDOW_SIZE:64\r\n").await.unwrap();
+            assert!(matches!(ctl.recv().await, Ok(Response::Welcome { .. })));
+            held.push((conn, ctl));
         }
-        other => panic!("expected an application close, got {other}"),
-    }
-    // Another partner is not affected, and the limit counts only open
-    // connections: once some close, mallory may connect again.
+        let (conn, _) = endpoint.connect(&partner).await.unwrap();
+        let why = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("bob did not close the extra connection");
+        (endpoint, held, why)
+    });
+    let (code, reason) = close_of(&refused);
+    assert_eq!(code, quinn::VarInt::from_u32(deftfs::node::TOO_MANY_CONNECTIONS), "{refused}");
+    assert!(reason.contains("too many connections"), "{refused}");
+    // Another partner is not affected.
     lab.still_serves(&format!("{limit} connections of mallory's"));
-    held.truncate(limit - 4);
-    std::thread::sleep(Duration::from_millis(500));
+    // The same node from another address (a new process, after the first
+    // was killed with its connections left open here): it is served, and
+    // the oldest connection of the first gives its place up.
     let mut again = lab.connect();
     lab.rt.block_on(again.handshake());
+    let oldest = held[0].0.clone();
+    let replaced = lab.rt.block_on(async move {
+        tokio::time::timeout(Duration::from_secs(10), oldest.closed()).await.expect("the oldest connection was not closed")
+    });
+    let (code, reason) = close_of(&replaced);
+    assert_eq!(code, quinn::VarInt::from_u32(deftfs::node::TOO_MANY_CONNECTIONS), "{replaced}");
+    assert!(reason.contains("gave its place"), "{replaced}");
+    assert!(held[1..].iter().all(|(c, _)| c.close_reason().is_none()), "only the oldest connection is closed");
+    // The limit counts only open connections: once some close, the first
+    // process may connect again.
+    let more = held.split_off(limit - 4);
+    drop(more);
+    std::thread::sleep(Duration::from_millis(500));
+    let home = lab.mallory.home.clone();
+    lab.rt.block_on(async move {
+        let node = deftfs::node::Node::open(&home).unwrap();
+        let partner = node.config.partner("bob").cloned().unwrap();
+        let (conn, _) = endpoint.connect(&partner).await.unwrap();
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let mut ctl: Control<Response> = Control::new(send, recv);
+        ctl.send_raw("DEFT HELLO 1.0 CHUNKED,PARALLEL,RESUME WINDOW_SIZE:64\r\n").await.unwrap();
+        assert!(matches!(ctl.recv().await, Ok(Response::Welcome { .. })), "a connection after some closed was not served");
+    });
     let log = lab.daemon.log_text();
     assert!(log.contains("connection refused"), "the refusal is logged:\n{log}");
+    assert!(log.contains("connection replaced"), "the replacement is logged:\n{log}");
 }
 
 /// AHEAD lines for the chunks `first..` of `up`, as sent ahead under `id`.
