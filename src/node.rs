@@ -196,6 +196,17 @@ pub const TOO_MANY_CONNECTIONS: u32 = 0x4445_0001;
 const TOO_MANY_REASON: &str = "too many connections from this node (64 at once): close some, or wait for them to end";
 const REPLACED_REASON: &str = "too many connections from this node (64 at once): this one, the oldest, gave its place to a newer one";
 
+/// Why the partner closed `conn`, when it was for having too many of this
+/// node's connections open (a refusal, or a replacement by a newer one).
+pub fn too_many_connections(conn: &quinn::Connection) -> Option<String> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(TOO_MANY_CONNECTIONS) => {
+            Some(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
+    }
+}
+
 /// Every partner's open connections, oldest first.
 #[derive(Default)]
 struct Connections {

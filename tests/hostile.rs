@@ -882,6 +882,9 @@ fn a_partner_is_held_to_a_bounded_number_of_connections_and_others_are_served() 
         }
         let (conn, _) = endpoint.connect(&partner).await.unwrap();
         let why = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("bob did not close the extra connection");
+        // What a client tells its user instead of "connection lost".
+        let told = deftfs::node::too_many_connections(&conn).expect("the refusal is recognised");
+        assert!(told.contains("too many connections from this node (64 at once)"), "{told}");
         (endpoint, held, why)
     });
     let (code, reason) = close_of(&refused);
@@ -898,6 +901,8 @@ fn a_partner_is_held_to_a_bounded_number_of_connections_and_others_are_served() 
     let replaced = lab.rt.block_on(async move {
         tokio::time::timeout(Duration::from_secs(10), oldest.closed()).await.expect("the oldest connection was not closed")
     });
+    let told = deftfs::node::too_many_connections(&held[0].0).expect("the replacement is recognised");
+    assert!(told.contains("gave its place"), "{told}");
     let (code, reason) = close_of(&replaced);
     assert_eq!(code, quinn::VarInt::from_u32(deftfs::node::TOO_MANY_CONNECTIONS), "{replaced}");
     assert!(reason.contains("gave its place"), "{replaced}");

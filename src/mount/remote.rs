@@ -236,7 +236,14 @@ impl Remote {
             detail: "not in config.toml: add it with `deftfs partner add`".into(),
         })?;
         let (conn, _cert) = self.endpoint.connect(&partner).await.map_err(|e| self.offline(e))?;
-        let (send, recv) = conn.open_bi().await.map_err(|e| self.offline(e))?;
+        // Closed by the partner for having too many of our connections:
+        // say so rather than "connection lost".
+        let watched = conn.clone();
+        let closed = |e: &dyn std::fmt::Display| match crate::node::too_many_connections(&watched) {
+            Some(reason) => self.offline(format!("it refused the connection: {reason}")),
+            None => self.offline(e),
+        };
+        let (send, recv) = conn.open_bi().await.map_err(|e| closed(&e))?;
         let (send, reader) = Control::<Response>::new(send, recv).split();
         let mut link = Link { conn, send, reader, unread: 0 };
         let storage = &self.node.config.storage;
@@ -245,11 +252,11 @@ impl Remote {
             caps: vec![Capability::Chunked, Capability::Parallel, Capability::Part],
             window: storage.window,
         };
-        match link.call(&hello).await.map_err(|e| self.offline(e))? {
+        match link.call(&hello).await.map_err(|e| closed(&e))? {
             Response::Welcome { caps, .. } => self.parts.store(caps.contains(&Capability::Part), Ordering::SeqCst),
             other => return Err(self.refusal(other)),
         }
-        match link.call(&Request::Auth { partner: self.node.config.node.name.clone() }).await.map_err(|e| self.offline(e))? {
+        match link.call(&Request::Auth { partner: self.node.config.node.name.clone() }).await.map_err(|e| closed(&e))? {
             Response::AuthOk { .. } => {}
             other => return Err(self.refusal(other)),
         }

@@ -113,11 +113,14 @@ impl Session {
             Ok(()) => Ok(session),
             // TLS 1.3 lets the client finish its handshake before the server
             // has checked the client's certificate: a refusal shows up here.
-            Err(TransferError::Transport(e)) => Err(TransferError::Other(format!(
-                "{} closed the connection during authentication ({e}): it does not know our certificate; \
-                 give it our fingerprint (`deftfs id`) so it can `deftfs partner add` us",
-                session.partner.id
-            ))),
+            Err(TransferError::Transport(e)) => Err(TransferError::Other(match crate::node::too_many_connections(&session.conn) {
+                Some(reason) => format!("{} refused the connection: {reason}", session.partner.id),
+                None => format!(
+                    "{} closed the connection during authentication ({e}): it does not know our certificate; \
+                     give it our fingerprint (`deftfs id`) so it can `deftfs partner add` us",
+                    session.partner.id
+                ),
+            })),
             Err(e) => Err(e),
         }
     }
