@@ -19,6 +19,9 @@
 //! - `DEFTFS_FAULT_CHANGED_DELAY_MS=<n>`: a mount takes each change the
 //!   partner announces (WATCH's CHANGED) n ms late, as a slow watch would,
 //!   so that tests can look at the mount before it knows;
+//! - `DEFTFS_FAULT_REPLAY_DELAY_MS=<n>`: the write-back queue's retry loop
+//!   starts n ms after the daemon, so that tests can mount and list before
+//!   an earlier run's queued changes land;
 //! - `DEFTFS_FAULT_CRASH_IN_PATCH=1`: a serving node patching a file in
 //!   place ([`crate::transfer::patch`]) kills itself (`abort`) after the
 //!   first range is written, as a power loss would stop it: the next start
@@ -58,6 +61,11 @@ pub fn release_push_delay_ms() -> Option<u32> {
 pub fn changed_delay_ms() -> Option<u32> {
     static V: OnceLock<Option<u32>> = OnceLock::new();
     *V.get_or_init(|| env_u32("DEFTFS_FAULT_CHANGED_DELAY_MS"))
+}
+
+pub fn replay_delay_ms() -> Option<u32> {
+    static V: OnceLock<Option<u32>> = OnceLock::new();
+    *V.get_or_init(|| env_u32("DEFTFS_FAULT_REPLAY_DELAY_MS"))
 }
 
 pub fn crash_in_patch() -> bool {

@@ -279,7 +279,12 @@ impl Mounts {
             Ok(Err(e)) => tracing::warn!(mountpoint = %mountpoint.display(), "the new mount cannot be looked at: {e}"),
             Err(e) => tracing::warn!(mountpoint = %mountpoint.display(), "the new mount cannot be looked at: {e}"),
         }
-        let watch = tokio::spawn(watch_loop(vfs.clone(), root)).abort_handle();
+        let replays = self.writeback.subscribe();
+        let watch = tokio::spawn({
+            let vfs = vfs.clone();
+            async move { tokio::join!(watch_loop(vfs.clone(), root), follow_replays(vfs, replays)) }
+        })
+        .abort_handle();
         // Ready means ready to read: the data link is up too, if the
         // partner is reachable (else the first read connects it). Not
         // before the steps that can fail: its tasks would keep it open.
@@ -495,6 +500,27 @@ async fn stop(m: &Arc<Mounted>) {
     m.vfs.leases.release_all().await;
     m.vfs.remote.close().await;
     tracing::info!(spec = %m.spec, mountpoint = %m.mountpoint.display(), "unmounted");
+}
+
+/// Forget what the mount knew of each path an earlier run's queued change
+/// landed on (the partner's watch says nothing of this node's own
+/// changes): without it, a restarted mount that listed a directory before
+/// the change landed would not show the file, and a create of the name
+/// would become a conflict copy.
+async fn follow_replays(vfs: Arc<Vfs>, mut landed: tokio::sync::broadcast::Receiver<crate::writeback::Landed>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match landed.recv().await {
+            Ok(l) if l.partner == vfs.remote.partner() => vfs.changed(&l.share, &l.path),
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => {
+                for share in vfs.known_shares() {
+                    vfs.changed(&share, &crate::proto::SharePath::root());
+                }
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
 }
 
 /// Keep a watch on the mounted shares, reconnecting with backoff; while it

@@ -36,6 +36,16 @@ pub enum WritebackError {
     Io { path: PathBuf, source: std::io::Error },
 }
 
+/// A change an earlier run left queued that has now landed on its partner
+/// (as itself or as a conflict copy): the partner does not tell a mount of
+/// its own node's changes, and this run's mounts never knew of it.
+#[derive(Debug, Clone)]
+pub struct Landed {
+    pub partner: String,
+    pub share: Name,
+    pub path: SharePath,
+}
+
 /// One queued change.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Entry {
@@ -118,6 +128,10 @@ pub struct Writeback {
     /// Complete local copies of versions this node pushed, newest last, so
     /// that editing one again needs neither a download nor a full re-cut.
     kept: Mutex<std::collections::VecDeque<Kept>>,
+    /// The largest id an earlier run left in the queue.
+    inherited_up_to: i64,
+    /// Where those entries are announced once they land.
+    landed: tokio::sync::broadcast::Sender<Landed>,
 }
 
 struct Kept {
@@ -266,7 +280,11 @@ impl Writeback {
         if !has_lineage {
             conn.execute_batch("ALTER TABLE queue ADD COLUMN lineage INTEGER").map_err(wrap)?;
         }
+        // Ids only grow (AUTOINCREMENT): those up to here are an earlier run's.
+        let inherited_up_to = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM queue", [], |r| r.get(0)).map_err(wrap)?;
         Ok(Arc::new(Writeback {
+            inherited_up_to,
+            landed: tokio::sync::broadcast::channel(256).0,
             node,
             dir,
             db: Mutex::new(conn),
@@ -736,10 +754,32 @@ impl Writeback {
         // it a second time.
         self.finish(&entry, &outcome);
         lock(&self.busy).remove(&id);
+        if entry.id <= self.inherited_up_to {
+            self.announce(&entry, &outcome);
+        }
         if matches!(outcome, Outcome::Pushed(_) | Outcome::Conflict { .. }) {
             let _ = std::fs::remove_file(&entry.data);
         }
         outcome
+    }
+
+    /// Tell this run's mounts that an earlier run's change landed.
+    fn announce(&self, entry: &Entry, outcome: &Outcome) {
+        let (Ok(share), Ok(path)) = (Name::new(&entry.share), SharePath::parse(&entry.path)) else { return };
+        let paths = match outcome {
+            Outcome::Pushed(_) => vec![path],
+            Outcome::Conflict { copy, .. } => vec![path, copy.clone()],
+            Outcome::Queued(_) | Outcome::Failed { .. } => return,
+        };
+        for path in paths {
+            // No mount listening is fine: a later one lists afresh.
+            let _ = self.landed.send(Landed { partner: entry.partner.clone(), share: share.clone(), path });
+        }
+    }
+
+    /// Changes of earlier runs as they land ([`Landed`]).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Landed> {
+        self.landed.subscribe()
     }
 
     async fn push_entry(
@@ -805,6 +845,9 @@ impl Writeback {
     pub fn start(self: &Arc<Self>) -> tokio::task::AbortHandle {
         let me = self.clone();
         tokio::spawn(async move {
+            if let Some(ms) = crate::fault::replay_delay_ms() {
+                tokio::time::sleep(Duration::from_millis(ms.into())).await;
+            }
             let mut wait = Duration::from_millis(200);
             loop {
                 let ready: Vec<Entry> = me.entries(None).into_iter().filter(|e| e.state == "ready").collect();

@@ -3,15 +3,18 @@
 //! partner's share. Real daemons on loopback, a real FUSE mount.
 //!
 //! A writer thread saves whole versions of a few files through alice's
-//! mount (open with `O_TRUNC`, write in pieces, then `fsync` or a plain
-//! close), while the test kills alice's daemon at a random moment, starts
-//! it again and mounts again. Then, on the serving node:
+//! mount, in place (open with `O_TRUNC`, write in pieces, then `fsync` or a
+//! plain close) or the way most applications save (the same into
+//! `NAME.tmp`, then a rename over `NAME`), while the test kills alice's
+//! daemon at a random moment, starts it again and mounts again. Then, on
+//! the serving node:
 //! - every file is one whole version, never a torn one (nothing
 //!   half-written ever appears there);
-//! - it is the last version whose `fsync` or close returned, or one the
-//!   writer started after it (a save cut by the kill may have been made
+//! - it is the last version whose `fsync`, close or rename returned, or one
+//!   the writer started after it (a save cut by the kill may have been made
 //!   durable before the kill), never an older one: nothing durable is lost;
-//! - no other file appears (no conflict copy: nobody else writes);
+//! - no other file appears but a `NAME.tmp` left by a cut save, itself a
+//!   whole version (no conflict copy: nobody else writes);
 //! - the mount shows what the serving node has.
 //!
 //! `DEFTFS_CRASH_SEED` and `DEFTFS_CRASH_ROUNDS` replay or lengthen a run.
@@ -41,8 +44,10 @@ fn version(name: &str, seq: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// Which whole version of `name` `data` is, or why it is none.
+/// Which whole version of `name` (or of the file `name` is the temp file
+/// of) `data` is, or why it is none.
 fn identify(name: &str, data: &[u8]) -> Result<u64, String> {
+    let name = name.strip_suffix(".tmp").unwrap_or(name);
     let end = data.iter().take(100).position(|&b| b == b'\n').ok_or_else(|| format!("no header ({} bytes)", data.len()))?;
     let line = String::from_utf8_lossy(&data[..end]);
     let f: Vec<&str> = line.split(' ').collect();
@@ -81,16 +86,22 @@ fn close(f: std::fs::File) -> std::io::Result<()> {
     }
 }
 
-/// Save one version through the mount; `Ok` once it is durable.
-fn save(dir: &Path, name: &str, data: &[u8], fsync: bool) -> std::io::Result<()> {
-    let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(dir.join(name))?;
+/// Save one version through the mount, in place or into `NAME.tmp` then
+/// renamed over `NAME`; `Ok` once it is durable.
+fn save(dir: &Path, name: &str, data: &[u8], fsync: bool, via_temp: bool) -> std::io::Result<()> {
+    let target = if via_temp { format!("{name}.tmp") } else { name.to_string() };
+    let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).open(dir.join(&target))?;
     for (i, piece) in data.chunks(PIECE).enumerate() {
         f.write_all_at(piece, (i * PIECE) as u64)?;
     }
     if fsync {
         f.sync_all()?;
     }
-    close(f)
+    close(f)?;
+    if via_temp {
+        std::fs::rename(dir.join(&target), dir.join(name))?;
+    }
+    Ok(())
 }
 
 /// Write versions until a call fails (the daemon was killed) or `stop`.
@@ -106,12 +117,13 @@ fn writer(dir: &Path, seed: u64, seq: &mut u64, known: &Mutex<BTreeMap<&'static 
             _ => 4096 + (xorshift(&mut rnd) % (3 << 20)) as usize,
         };
         let fsync = xorshift(&mut rnd) % 2 == 0;
+        let via_temp = xorshift(&mut rnd) % 3 == 0;
         *seq += 1;
         known.lock().unwrap().entry(name).or_default().started = *seq;
         let data = version(name, *seq, len);
-        match save(dir, name, &data, fsync) {
+        match save(dir, name, &data, fsync, via_temp) {
             Ok(()) => known.lock().unwrap().entry(name).or_default().durable = Some(*seq),
-            Err(e) => return format!("{name} #{} ({len} bytes, fsync {fsync}): {e}", *seq),
+            Err(e) => return format!("{name} #{} ({len} bytes, fsync {fsync}, via a temp file {via_temp}): {e}", *seq),
         }
     }
     "stopped".into()
@@ -142,14 +154,15 @@ fn check(files: &Path, known: &BTreeMap<&'static str, Known>) -> Result<bool, St
     let got = served(files);
     let mut done = true;
     for (name, v) in &got {
-        let Some(k) = NAMES.iter().find(|n| *n == name).and_then(|n| known.get(n)) else {
+        let file = name.strip_suffix(".tmp").unwrap_or(name);
+        let Some(k) = NAMES.iter().find(|n| **n == file).and_then(|n| known.get(n)) else {
             return Err(format!("{name}: a name nobody wrote ({v:?})"));
         };
         let seq = v.clone().map_err(|e| format!("{name} on the serving node is no whole version: {e}"))?;
         if seq > k.started {
             return Err(format!("{name}: #{seq} was never written ({k:?})"));
         }
-        if k.durable.is_some_and(|d| seq < d) {
+        if file == name && k.durable.is_some_and(|d| seq < d) {
             done = false;
         }
     }

@@ -1437,6 +1437,18 @@ fn a_closed_file_stays_leased_until_its_push_is_in_and_its_mount_shows_the_new_c
     assert!(wait_until(Duration::from_secs(10), || std::fs::read(carol.at("notes.txt")).is_ok_and(|d| d == b"version 2, longer")));
 }
 
+/// Write `name` through alice's mount, its push behind the close held back,
+/// then `kill -9` her daemon (and detach the dead mount) before it starts.
+fn closed_then_killed_before_its_push(w: &mut World, name: &str, data: &[u8]) {
+    slow_pushes(w, 0, 5000);
+    std::fs::write(w.c(0).at(name), data).unwrap();
+    if let Some(d) = w.clients[0].daemon.as_mut() {
+        d.kill();
+    }
+    w.clients[0].guard = None;
+    assert!(!w.server(name).exists(), "the push was to start later");
+}
+
 /// A closed file whose push had not started: a `kill -9` of mountd then
 /// loses nothing (the change was committed to the write-back queue before
 /// close returned), and it arrives after a restart. An unmount waits for
@@ -1445,13 +1457,7 @@ fn a_closed_file_stays_leased_until_its_push_is_in_and_its_mount_shows_the_new_c
 #[test]
 fn changes_closed_but_not_pushed_yet_survive_sigkill_unmount_rename_and_unlink() {
     let mut w = World::new("behind-kill", &["alice"], "", |_| {});
-    slow_pushes(&mut w, 0, 5000);
-    std::fs::write(w.c(0).at("k.txt"), b"closed, then mountd was killed").unwrap();
-    if let Some(d) = w.clients[0].daemon.as_mut() {
-        d.kill();
-    }
-    w.clients[0].guard = None;
-    assert!(!w.server("k.txt").exists(), "the push was to start later");
+    closed_then_killed_before_its_push(&mut w, "k.txt", b"closed, then mountd was killed");
     w.clients[0].daemon = Some(w.clients[0].node.start());
     assert!(
         wait_until(Duration::from_secs(20), || std::fs::read(w.server("k.txt")).is_ok_and(|d| d == b"closed, then mountd was killed")),
@@ -1481,6 +1487,37 @@ fn changes_closed_but_not_pushed_yet_survive_sigkill_unmount_rename_and_unlink()
     assert!(!w.server("d").exists(), "the directory came back under its old name");
     std::thread::sleep(Duration::from_millis(500));
     assert!(!w.server("gone.txt").exists(), "a file removed right after its close reached the partner");
+}
+
+/// A change an earlier run left queued lands after the restarted daemon's
+/// mount has listed its directory. The partner's watch says nothing of
+/// this node's own changes, so the mount must learn of it from its own
+/// queue: the file shows through the mount, and a new save of its name is
+/// a replacement, not a conflict copy (found by tests/crash.rs with saves
+/// through temp files).
+#[test]
+fn a_change_queued_before_a_kill_shows_in_the_restarted_mount_once_it_lands() {
+    let mut w = World::new("replay-view", &["alice"], "", |_| {});
+    closed_then_killed_before_its_push(&mut w, "q.txt", b"queued, then mountd was killed");
+    restart_with_delay(&mut w, 0, "DEFTFS_FAULT_REPLAY_DELAY_MS", 1500);
+    let a = w.c(0);
+    wait_watching(a);
+    assert_eq!(names_in(&a.mnt).unwrap(), Vec::<String>::new(), "listed before the queued change landed");
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read(w.server("q.txt")).is_ok_and(|d| d == b"queued, then mountd was killed")),
+        "the queued change never landed:\n{}",
+        a.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read(a.at("q.txt")).is_ok_and(|d| d == b"queued, then mountd was killed")),
+        "the restarted mount does not show its own queued change once it landed: {:?}\n{}",
+        names_in(&a.mnt),
+        a.log()
+    );
+    std::fs::write(a.at("q.txt"), b"saved again after the restart").unwrap();
+    a.settle();
+    assert_eq!(std::fs::read(w.server("q.txt")).unwrap(), b"saved again after the restart");
+    assert_eq!(names_in(&w.files).unwrap(), vec!["q.txt".to_string()], "a conflict copy, or a stray name");
 }
 
 /// SIGTERM to the daemon right after closes: it lets the pushes behind

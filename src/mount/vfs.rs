@@ -667,6 +667,15 @@ impl Vfs {
         !self.config.read_only && lock(&self.writable).contains(share)
     }
 
+    /// The shares the mount has seen a name of.
+    pub fn known_shares(&self) -> Vec<Name> {
+        let inodes = lock(&self.inodes);
+        let mut shares: Vec<Name> = inodes.by_ino.values().filter_map(|n| n.share.clone()).collect();
+        shares.sort();
+        shares.dedup();
+        shares
+    }
+
     /// Record which shares the partner lets us write (from DISCOVER rows).
     pub fn set_access(&self, rows: &[crate::proto::ShareRow]) {
         *lock(&self.writable) = rows.iter().filter(|r| r.access.can_write()).map(|r| r.name.clone()).collect();
