@@ -104,9 +104,19 @@ fn save(dir: &Path, name: &str, data: &[u8], fsync: bool, via_temp: bool) -> std
     Ok(())
 }
 
-/// Write versions until a call fails (the daemon was killed) or `stop`.
-fn writer(dir: &Path, seed: u64, seq: &mut u64, known: &Mutex<BTreeMap<&'static str, Known>>, stop: &AtomicBool) -> String {
+/// Write versions until `stop`, or until a call fails (the mount's daemon
+/// was killed) unless `keep_going` (the partner was: saves fail while it
+/// is down, or are kept for it, and go on).
+fn writer(
+    dir: &Path,
+    seed: u64,
+    seq: &mut u64,
+    known: &Mutex<BTreeMap<&'static str, Known>>,
+    stop: &AtomicBool,
+    keep_going: bool,
+) -> String {
     let mut rnd = seed | 1;
+    let mut failed = 0;
     while !stop.load(Ordering::SeqCst) {
         let name = NAMES[xorshift(&mut rnd) as usize % NAMES.len()];
         // Mostly small and mid-sized saves; now and then one large enough
@@ -123,10 +133,15 @@ fn writer(dir: &Path, seed: u64, seq: &mut u64, known: &Mutex<BTreeMap<&'static 
         let data = version(name, *seq, len);
         match save(dir, name, &data, fsync, via_temp) {
             Ok(()) => known.lock().unwrap().entry(name).or_default().durable = Some(*seq),
+            Err(e) if keep_going => {
+                failed += 1;
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = e;
+            }
             Err(e) => return format!("{name} #{} ({len} bytes, fsync {fsync}, via a temp file {via_temp}): {e}", *seq),
         }
     }
-    "stopped".into()
+    format!("stopped ({failed} saves failed)")
 }
 
 /// What the serving node holds: name -> whole version, or why not.
@@ -187,7 +202,7 @@ fn sigkill_of_mountd_in_the_middle_of_writes_loses_nothing_durable_and_tears_not
         let stop = Arc::new(AtomicBool::new(false));
         let (dir, k, s, wseed, mut wseq) = (w.c(0).mnt.clone(), known.clone(), stop.clone(), xorshift(&mut rnd), seq);
         let thread = std::thread::spawn(move || {
-            let why = writer(&dir, wseed, &mut wseq, &k, &s);
+            let why = writer(&dir, wseed, &mut wseq, &k, &s, false);
             (why, wseq)
         });
         std::thread::sleep(Duration::from_millis(200 + xorshift(&mut rnd) % 1800));
@@ -207,35 +222,75 @@ fn sigkill_of_mountd_in_the_middle_of_writes_loses_nothing_durable_and_tears_not
         w.clients[0].guard = None;
         w.clients[0].daemon = Some(w.clients[0].node.start());
         w.clients[0].mount();
-        let start = Instant::now();
-        loop {
-            match check(&w.files, &now) {
-                Ok(true) => break,
-                Ok(false) if start.elapsed() < Duration::from_secs(60) => std::thread::sleep(Duration::from_millis(100)),
-                Ok(false) => panic!(
-                    "round {round}: durable versions never reached the serving node: {now:?}, it has {:?}\n{}",
-                    served(&w.files),
-                    w.c(0).log()
-                ),
-                Err(e) => panic!("round {round}, after the restart: {e}\n{}", w.c(0).log()),
-            }
-        }
-        // The mount shows what the serving node has.
-        w.c(0).settle();
-        for name in NAMES {
-            let server = std::fs::read(w.server(name)).ok();
-            let seen = || std::fs::read(w.c(0).at(name)).ok() == server;
-            if !wait_until(Duration::from_secs(10), seen) {
-                let mount = std::fs::read(w.c(0).at(name)).map(|d| identify(name, &d));
-                panic!(
-                    "round {round}: {name} through the mount is {mount:?}, on the serving node {:?}\n{}",
-                    server.map(|d| identify(name, &d)),
-                    w.c(0).log()
-                );
-            }
-        }
-        assert!(!w.c(0).log().contains("panicked"), "round {round}: the daemon panicked:\n{}", w.c(0).log());
+        converge(&w, &now, &format!("round {round}"));
     }
     let final_state = known.lock().unwrap().clone();
     assert!(final_state.values().any(|k| k.durable.is_some()), "no save was ever durable: the test proved nothing ({final_state:?})");
+}
+
+/// Wait until every durable version is on the serving node and nothing
+/// there is torn or stray, then until the mount reads what it has.
+fn converge(w: &World, now: &BTreeMap<&'static str, Known>, when: &str) {
+    let log = || format!("alice:\n{}\nbob:\n{}", w.c(0).log(), w.bob_daemon.as_ref().map(|d| d.log_text()).unwrap_or_default());
+    let start = Instant::now();
+    loop {
+        match check(&w.files, now) {
+            Ok(true) => break,
+            Ok(false) if start.elapsed() < Duration::from_secs(60) => std::thread::sleep(Duration::from_millis(100)),
+            Ok(false) => {
+                panic!("{when}: durable versions never reached the serving node: {now:?}, it has {:?}\n{}", served(&w.files), log())
+            }
+            Err(e) => panic!("{when}: {e}\n{}", log()),
+        }
+    }
+    w.c(0).settle();
+    for name in NAMES {
+        let server = std::fs::read(w.server(name)).ok();
+        let seen = || std::fs::read(w.c(0).at(name)).ok() == server;
+        if !wait_until(Duration::from_secs(10), seen) {
+            let mount = std::fs::read(w.c(0).at(name)).map(|d| identify(name, &d));
+            panic!(
+                "{when}: {name} through the mount is {mount:?}, on the serving node {:?}\n{}",
+                server.map(|d| identify(name, &d)),
+                log()
+            );
+        }
+    }
+    assert!(!log().contains("panicked"), "{when}: a daemon panicked:\n{}", log());
+}
+
+/// The same saves while the serving node's daemon is killed with
+/// `kill -9` at random moments and started again: saves that fail while
+/// it is down are allowed, those that returned must all arrive, whole.
+#[test]
+fn sigkill_of_the_serving_daemon_during_saves_loses_nothing_durable_and_tears_nothing() {
+    let seed: u64 = env_or("DEFTFS_CRASH_SEED", 0x5eed_c7a5_0001) ^ 0x5e4e;
+    let rounds: usize = env_or("DEFTFS_CRASH_SERVER_ROUNDS", 6);
+    eprintln!("DEFTFS_CRASH_SEED={} DEFTFS_CRASH_SERVER_ROUNDS={rounds}", seed ^ 0x5e4e);
+    let mut w = World::new("crash-server", &["alice"], "", |_| {});
+    let known: Arc<Mutex<BTreeMap<&'static str, Known>>> = Arc::default();
+    let mut rnd = seed | 1;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (dir, k, s, wseed) = (w.c(0).mnt.clone(), known.clone(), stop.clone(), xorshift(&mut rnd));
+    let thread = std::thread::spawn(move || writer(&dir, wseed, &mut 0, &k, &s, true));
+    for round in 0..rounds {
+        std::thread::sleep(Duration::from_millis(300 + xorshift(&mut rnd) % 1200));
+        if let Some(d) = w.bob_daemon.as_mut() {
+            d.kill();
+        }
+        // What a reader on the serving node sees is whole, always.
+        let now = known.lock().unwrap().clone();
+        if let Err(e) = check(&w.files, &now) {
+            panic!("round {round}, right after the kill: {e}\n{}", w.c(0).log());
+        }
+        std::thread::sleep(Duration::from_millis(xorshift(&mut rnd) % 800));
+        w.bob_daemon = Some(w.bob.start());
+        eprintln!("round {round}: the serving daemon was killed and started again");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let why = thread.join().expect("the writer thread panicked");
+    eprintln!("the writer {why}");
+    let now = known.lock().unwrap().clone();
+    converge(&w, &now, "at the end");
+    assert!(now.values().any(|k| k.durable.is_some()), "no save was ever durable: the test proved nothing ({now:?})");
 }
