@@ -248,14 +248,21 @@ impl Mounts {
         } else {
             None
         };
+        // Mounted while the partner is unreachable: what we may write, as
+        // it last said.
+        let known_root = if rows.is_none() { meta.listing(meta::ROOT_SHARE, &crate::proto::SharePath::root()) } else { None };
         let vfs = Arc::new(Vfs::new(remote.clone(), store, meta, config, self.writeback.clone(), leases.clone(), flats));
-        if let Some(rows) = rows {
-            vfs.set_access(&rows);
+        match (rows, known_root) {
+            (Some(rows), _) => vfs.set_access(&rows),
+            (None, Some(entries)) => vfs.set_access_from_listing(&entries),
+            (None, None) => {}
         }
 
         let mut config = ::fuser::Config::default();
         config.mount_options = vec![
-            ::fuser::MountOption::FSName(format!("deftfs:{spec}")),
+            // The daemon's pid: a later daemon tells a mount whose daemon
+            // died (abort_dead_mount) from another live daemon's.
+            ::fuser::MountOption::FSName(format!("deftfs:{spec}@{}", std::process::id())),
             ::fuser::MountOption::Subtype("deftfs".into()),
             ::fuser::MountOption::NoDev,
             ::fuser::MountOption::NoSuid,
@@ -441,6 +448,7 @@ async fn share_kind(
 /// An absolute, existing, empty-or-not directory that nothing stale holds.
 fn prepare_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
     let abs = std::path::absolute(path).map_err(|e| MountError::MountPoint(path.to_path_buf(), e.to_string()))?;
+    abort_dead_mount(&abs);
     match std::fs::metadata(&abs) {
         Ok(md) if md.is_dir() => Ok(abs),
         Ok(_) => Err(MountError::MountPoint(abs, "not a directory".into())),
@@ -457,6 +465,88 @@ fn prepare_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
             Err(MountError::MountPoint(abs.clone(), format!("does not exist: create it with `mkdir -p {}`", abs.display())))
         }
         Err(e) => Err(MountError::MountPoint(abs, e.to_string())),
+    }
+}
+
+/// A deftfs mount at `abs` whose daemon is dead: end its FUSE connection
+/// (`/sys/fs/fuse/connections/N/abort`), then detach it. Killed with
+/// `kill -9` at the wrong moment, a daemon can leave a thread stuck in the
+/// kernel on an invalidation that waits for a directory lock, held by a
+/// process that waits for the dead daemon's answer: the connection then
+/// never closes, everything that touches the mount hangs (a `stat` of the
+/// mount point too), and the daemon stays a zombie, until the connection
+/// is aborted. Mounts of a live daemon, and mounts made before the pid
+/// was in their source (`deftfs:SPEC@PID`), are left alone.
+fn abort_dead_mount(abs: &Path) {
+    let Some((conn, pid)) = deftfs_mount_at(abs) else { return };
+    if process_alive(pid) {
+        return;
+    }
+    tracing::warn!(mountpoint = %abs.display(), pid, "stale mount (its daemon died): aborting its connection and detaching it");
+    let dir = Path::new("/sys/fs/fuse/connections");
+    let abort = dir.join(conn.to_string()).join("abort");
+    if !abort.exists() {
+        // The fusectl file system is not mounted on every machine.
+        // SAFETY: valid NUL-terminated strings for the duration of the call.
+        let mounted =
+            unsafe { libc::mount(c"fusectl".as_ptr(), c"/sys/fs/fuse/connections".as_ptr(), c"fusectl".as_ptr(), 0, std::ptr::null()) };
+        if mounted != 0 {
+            tracing::debug!("fusectl: {}", std::io::Error::last_os_error());
+        }
+    }
+    if let Err(e) = std::fs::write(&abort, b"1") {
+        tracing::warn!(mountpoint = %abs.display(), "could not abort the stale mount's connection ({}): {e}", abort.display());
+    }
+    lazy_unmount(abs);
+}
+
+/// The FUSE connection number and daemon pid of the deftfs mount at `abs`,
+/// from /proc/self/mountinfo (nothing that touches the mount itself).
+fn deftfs_mount_at(abs: &Path) -> Option<(u32, u32)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = abs.to_str()?;
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let at = unescape_mountinfo(fields.get(4)?);
+        let sep = fields.iter().position(|f| *f == "-")?;
+        let (fstype, source) = (fields.get(sep + 1)?, fields.get(sep + 2)?);
+        if at != want || !fstype.starts_with("fuse") || !source.starts_with("deftfs:") {
+            return None;
+        }
+        let pid = source.rsplit_once('@')?.1.parse().ok()?;
+        let conn = fields.get(2)?.split_once(':')?.1.parse().ok()?;
+        Some((conn, pid))
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape_mountinfo(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut rest = field;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(c) => {
+                out.push(char::from(c));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether `pid` is a running process (not gone, not a zombie).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).is_some_and(|s| s != 'Z' && s != 'X'),
+        Err(_) => false,
     }
 }
 
@@ -585,6 +675,21 @@ async fn watch_loop(vfs: Arc<Vfs>, root: Root) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_fields_unescape_and_dead_processes_are_told_from_live_ones() {
+        assert_eq!(unescape_mountinfo(r"/tmp/a\040b\134c"), "/tmp/a b\\c");
+        assert_eq!(unescape_mountinfo(r"/plain\x"), r"/plain\x");
+        assert!(process_alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited, not reaped yet: a zombie.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!process_alive(pid), "a zombie is not alive");
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+        assert_eq!(deftfs_mount_at(Path::new("/no/such/mount")), None);
+    }
 
     #[test]
     fn specs_parse_and_print_back() {

@@ -211,17 +211,22 @@ fn sigkill_of_mountd_in_the_middle_of_writes_loses_nothing_durable_and_tears_not
             d.kill();
         }
         stop.store(true, Ordering::SeqCst);
+        // Nothing torn or stray, even before the daemon is back.
+        if let Err(e) = check(&w.files, &known.lock().unwrap().clone()) {
+            panic!("round {round}, right after the kill: {e}\n{}", w.c(0).log());
+        }
+        // Mounted again over the dead mount, not detached first: the dead
+        // daemon may have left its connection hanging, with the writer
+        // stuck in it, and the new mount must end it (abort_dead_mount).
+        let dead = w.clients[0].guard.take();
+        w.clients[0].daemon = Some(w.clients[0].node.start());
+        w.clients[0].mount();
+        // Its path is the new mount's now: not to be detached.
+        std::mem::forget(dead);
         let (why, last) = thread.join().expect("the writer thread panicked");
         seq = last;
         eprintln!("round {round}: killed; the writer stopped at: {why}");
-        // Nothing torn or stray, even before the daemon is back.
         let now = known.lock().unwrap().clone();
-        if let Err(e) = check(&w.files, &now) {
-            panic!("round {round}, right after the kill: {e}\n{}", w.c(0).log());
-        }
-        w.clients[0].guard = None;
-        w.clients[0].daemon = Some(w.clients[0].node.start());
-        w.clients[0].mount();
         converge(&w, &now, &format!("round {round}"));
     }
     let final_state = known.lock().unwrap().clone();

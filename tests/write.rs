@@ -1520,6 +1520,41 @@ fn a_change_queued_before_a_kill_shows_in_the_restarted_mount_once_it_lands() {
     assert_eq!(names_in(&w.files).unwrap(), vec!["q.txt".to_string()], "a conflict copy, or a stray name");
 }
 
+/// A mount made while the partner is unreachable (mountd restarted during
+/// an outage) knows from the last listing of the partner's shares which it
+/// may write: a new file is taken, made durable by fsync, and goes back
+/// once the partner is up. (It failed with EROFS: the mount knew nothing
+/// of its access until the partner answered.)
+#[test]
+fn a_mount_made_while_the_partner_is_down_takes_writes_that_go_back_later() {
+    let mut w = World::new("offline-mount", &["alice"], "", |dir| std::fs::write(dir.join("old.txt"), b"old").unwrap());
+    assert_eq!(names_in(&w.c(0).mnt).unwrap(), vec!["old.txt".to_string()]);
+    if let Some(d) = w.bob_daemon.as_mut() {
+        d.kill();
+    }
+    w.clients[0].guard = None;
+    if let Some(d) = w.clients[0].daemon.as_mut() {
+        d.kill();
+    }
+    w.clients[0].daemon = Some(w.clients[0].node.start());
+    w.clients[0].guard = Some(mount_at(&w.clients[0].node, "bob:files", &w.clients[0].mnt, &["--offline-wait", "2"]));
+    let a = w.c(0);
+    assert_eq!(names_in(&a.mnt).unwrap(), vec!["old.txt".to_string()], "the last known listing");
+    let f = std::fs::File::create(a.at("new.txt")).unwrap();
+    f.write_all_at(b"written while the partner was down", 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(a.at("new.txt")).unwrap(), b"written while the partner was down");
+    assert!(!w.server("new.txt").exists());
+    w.bob_daemon = Some(w.bob.start());
+    assert!(
+        wait_until(Duration::from_secs(30), || std::fs::read(w.server("new.txt"))
+            .is_ok_and(|d| d == b"written while the partner was down")),
+        "the change made offline never reached the partner:\n{}",
+        w.c(0).log()
+    );
+}
+
 /// SIGTERM to the daemon right after closes: it lets the pushes behind
 /// them end before its connections close and it exits, so the serving
 /// node has every file once the daemon is gone.

@@ -454,15 +454,19 @@ fn share_key(share: &Option<Name>) -> String {
 /// The root listing of an all-shares mount, from DISCOVER rows: one entry
 /// per share, the share's name standing in the path column. This is also
 /// how it is saved for offline browsing.
+/// The write bits say whether we may write the share: kept with the
+/// listing, they let a mount made while the partner is unreachable know it
+/// ([`Vfs::set_access_from_listing`]).
 pub fn root_entries(rows: &[crate::proto::ShareRow]) -> Vec<Entry> {
     rows.iter()
         .filter_map(|r| {
             let dir = r.kind == EntryKind::Dir;
+            let write = if r.access.can_write() { 0o200 } else { 0 };
             Some(Entry {
                 kind: r.kind,
                 size: if dir { 0 } else { r.size },
                 mtime_ns: r.mtime_ns,
-                mode: if dir { 0o755 } else { 0o644 },
+                mode: if dir { 0o555 | write } else { 0o444 | write },
                 path: SharePath::parse(r.name.as_str()).ok()?,
             })
         })
@@ -676,6 +680,16 @@ impl Vfs {
         shares
     }
 
+    /// Offline, from the last known listing of the partner's shares
+    /// ([`root_entries`]): which of them we may write. Nothing is changed
+    /// once the partner has said it.
+    pub fn set_access_from_listing(&self, entries: &[Entry]) {
+        let mut writable = lock(&self.writable);
+        if writable.is_empty() {
+            *writable = entries.iter().filter(|e| e.mode & 0o200 != 0).filter_map(|e| Name::new(e.path.as_str()).ok()).collect();
+        }
+    }
+
     /// Record which shares the partner lets us write (from DISCOVER rows).
     pub fn set_access(&self, rows: &[crate::proto::ShareRow]) {
         *lock(&self.writable) = rows.iter().filter(|r| r.access.can_write()).map(|r| r.name.clone()).collect();
@@ -805,7 +819,11 @@ impl Vfs {
                         self.save_listing(ROOT_SHARE, path, &entries);
                         entries
                     }
-                    Err(e) => self.offline_listing(ROOT_SHARE, path, e)?,
+                    Err(e) => {
+                        let entries = self.offline_listing(ROOT_SHARE, path, e)?;
+                        self.set_access_from_listing(&entries);
+                        entries
+                    }
                 };
                 Ok(rows
                     .into_iter()
