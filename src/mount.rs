@@ -315,7 +315,14 @@ impl Mounts {
             let i = active.iter().position(|m| m.mountpoint == abs || m.mountpoint == mountpoint);
             i.map(|i| active.remove(i))
         };
-        let m = found.ok_or_else(|| MountError::NotMounted(abs.clone()))?;
+        let Some(m) = found else {
+            // Left by a daemon that died: ended here as a new mount would.
+            let path = abs.clone();
+            if tokio::task::spawn_blocking(move || abort_dead_mount(&path)).await.unwrap_or(false) {
+                return Ok(());
+            }
+            return Err(MountError::NotMounted(abs));
+        };
         stop(&m).await;
         Ok(())
     }
@@ -477,10 +484,10 @@ fn prepare_mountpoint(path: &Path) -> Result<PathBuf, MountError> {
 /// mount point too), and the daemon stays a zombie, until the connection
 /// is aborted. Mounts of a live daemon, and mounts made before the pid
 /// was in their source (`deftfs:SPEC@PID`), are left alone.
-fn abort_dead_mount(abs: &Path) {
-    let Some((conn, pid)) = deftfs_mount_at(abs) else { return };
+fn abort_dead_mount(abs: &Path) -> bool {
+    let Some((conn, pid)) = deftfs_mount_at(abs) else { return false };
     if process_alive(pid) {
-        return;
+        return false;
     }
     tracing::warn!(mountpoint = %abs.display(), pid, "stale mount (its daemon died): aborting its connection and detaching it");
     let dir = Path::new("/sys/fs/fuse/connections");
@@ -497,7 +504,7 @@ fn abort_dead_mount(abs: &Path) {
     if let Err(e) = std::fs::write(&abort, b"1") {
         tracing::warn!(mountpoint = %abs.display(), "could not abort the stale mount's connection ({}): {e}", abort.display());
     }
-    lazy_unmount(abs);
+    lazy_unmount(abs)
 }
 
 /// The FUSE connection number and daemon pid of the deftfs mount at `abs`,

@@ -505,6 +505,33 @@ fn sigterm_of_the_daemon_unmounts_and_leaves_nothing_behind() {
     assert!(log.contains("unmounted"), "{log}");
 }
 
+/// A mount whose daemon was killed with `kill -9` is ended by `deftfs
+/// unmount` through the next daemon (its FUSE connection aborted, then
+/// detached), and a mount of a live daemon is not taken for a dead one.
+#[test]
+fn unmount_through_a_new_daemon_ends_a_mount_whose_daemon_died() {
+    let mut s = Setup::new("dead-mount", |dir| std::fs::write(dir.join("a.txt"), "a\n").unwrap());
+    s.mount(&[]);
+    let source = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let pid = s.a_daemon.child.id();
+    assert!(source.contains(&format!("deftfs:bob:files@{pid}")), "the mount's source names its daemon:\n{source}");
+    s.a_daemon.kill();
+    assert!(mounted(&s.mnt), "the dead daemon's mount is gone");
+    s.a_daemon = s.a.start();
+    let out = s.a.cmd(&["unmount", s.mnt.to_str().unwrap()]);
+    assert!(out.status.success(), "unmount of a dead daemon's mount: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!mounted(&s.mnt), "the dead daemon's mount is left in /proc/mounts");
+    // A live mount at a place this daemon did not mount is refused, untouched.
+    s.guard = None;
+    s.mount(&[]);
+    let b = TestNode::init(s._root.path(), "carol");
+    let _carol = b.start();
+    let out = b.cmd(&["unmount", s.mnt.to_str().unwrap()]);
+    assert!(!out.status.success(), "another daemon unmounted a live mount");
+    assert!(mounted(&s.mnt));
+    assert_eq!(std::fs::read_to_string(s.at("a.txt")).unwrap(), "a\n");
+}
+
 #[test]
 fn control_socket_is_private_and_errors_are_clear() {
     let mut s = Setup::new("control", |dir| {
