@@ -218,12 +218,12 @@ impl Mounts {
         let meta = meta::Meta::open(&cache_dir)?;
         let wait = Duration::from_secs(opts.offline_wait_secs.unwrap_or(self.node.config.mount.offline_wait_secs).max(1));
         let remote = Remote::new(self.node.clone(), partner, store.clone(), wait)?;
-        let mut rows = None;
+        let mut access = None;
         let root = match &spec.share {
             None => Root::Shares(None),
             Some(share) => {
-                let (kind, discovered) = share_kind(&remote, &meta, share).await?;
-                rows = discovered;
+                let (kind, known) = share_kind(&remote, &meta, share).await?;
+                access = Some(known);
                 match kind {
                     EntryKind::Dir => Root::Share(share.clone()),
                     EntryKind::File => Root::Shares(Some(share.clone())),
@@ -248,14 +248,13 @@ impl Mounts {
         } else {
             None
         };
-        // Mounted while the partner is unreachable: what we may write, as
-        // it last said.
-        let known_root = if rows.is_none() { meta.listing(meta::ROOT_SHARE, &crate::proto::SharePath::root()) } else { None };
         let vfs = Arc::new(Vfs::new(remote.clone(), store, meta, config, self.writeback.clone(), leases.clone(), flats));
-        match (rows, known_root) {
-            (Some(rows), _) => vfs.set_access(&rows),
-            (None, Some(entries)) => vfs.set_access_from_listing(&entries),
-            (None, None) => {}
+        match access {
+            Some(Access::Said(rows)) => vfs.set_access(&rows),
+            // Mounted while the partner is unreachable: what we may
+            // write, as it last said.
+            Some(Access::LastKnown(entries)) => vfs.set_access_from_listing(&entries),
+            None => {}
         }
 
         let mut config = ::fuser::Config::default();
@@ -427,11 +426,15 @@ impl Mounts {
 
 /// Whether `share` is a directory or a file share: from the partner, or
 /// from the last known state when it is offline.
-async fn share_kind(
-    remote: &Arc<Remote>,
-    meta: &meta::Meta,
-    share: &Name,
-) -> Result<(EntryKind, Option<Vec<crate::proto::ShareRow>>), MountError> {
+/// Which shares we may write: as the partner says now (DISCOVER), or, while
+/// it is unreachable, as its last answer said (the saved root listing,
+/// [`vfs::root_entries`]).
+enum Access {
+    Said(Vec<crate::proto::ShareRow>),
+    LastKnown(Vec<crate::proto::Entry>),
+}
+
+async fn share_kind(remote: &Arc<Remote>, meta: &meta::Meta, share: &Name) -> Result<(EntryKind, Access), MountError> {
     let partner = remote.partner().to_string();
     match remote.discover().await {
         Ok(rows) => {
@@ -442,11 +445,14 @@ async fn share_kind(
                 share: share.to_string(),
                 granted: rows.iter().map(|r| r.name.to_string()).collect(),
             })?;
-            Ok((kind, Some(rows)))
+            Ok((kind, Access::Said(rows)))
         }
         Err(e @ remote::RemoteError::Offline { .. }) => meta
             .listing(meta::ROOT_SHARE, &crate::proto::SharePath::root())
-            .and_then(|rows| rows.into_iter().find(|r| r.path.as_str() == share.as_str()).map(|r| (r.kind, None)))
+            .and_then(|entries| {
+                let kind = entries.iter().find(|e| e.path.as_str() == share.as_str())?.kind;
+                Some((kind, Access::LastKnown(entries)))
+            })
             .ok_or_else(|| MountError::NeverSeen { partner, share: share.to_string(), detail: e.to_string() }),
         Err(e) => Err(e.into()),
     }
@@ -550,11 +556,7 @@ fn unescape_mountinfo(field: &str) -> String {
 
 /// Whether `pid` is a running process (not gone, not a zombie).
 fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).is_some_and(|s| s != 'Z' && s != 'X'),
-        Err(_) => false,
-    }
+    leases::proc_stat_field::<String>(pid, 3).is_some_and(|state| state != "Z" && state != "X")
 }
 
 /// Detach a mount now; the kernel finishes it when its last user goes.

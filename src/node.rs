@@ -208,24 +208,15 @@ pub fn too_many_connections(conn: &quinn::Connection) -> Option<String> {
 }
 
 /// Every partner's open connections, oldest first.
-#[derive(Default)]
-struct Connections {
-    next_id: u64,
-    by_partner: HashMap<String, Vec<Open>>,
-}
-
-struct Open {
-    id: u64,
-    remote: std::net::SocketAddr,
-    conn: quinn::Connection,
-}
+type Connections = HashMap<String, Vec<quinn::Connection>>;
 
 /// One of a partner's [`MAX_CONNECTIONS_PER_PARTNER`] places, given back
 /// when dropped.
 struct ConnectionSlot {
     table: Arc<Mutex<Connections>>,
     partner: String,
-    id: u64,
+    /// Its connection's [`quinn::Connection::stable_id`].
+    id: usize,
 }
 
 impl ConnectionSlot {
@@ -238,27 +229,25 @@ impl ConnectionSlot {
     fn take(table: &Arc<Mutex<Connections>>, partner: &str, conn: &quinn::Connection) -> Option<ConnectionSlot> {
         let remote = conn.remote_address();
         let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-        let id = t.next_id;
-        t.next_id += 1;
-        let open = t.by_partner.entry(partner.to_string()).or_default();
+        let open = t.entry(partner.to_string()).or_default();
         if open.len() >= MAX_CONNECTIONS_PER_PARTNER {
-            let i = open.iter().position(|o| o.remote != remote)?;
+            let i = open.iter().position(|o| o.remote_address() != remote)?;
             let old = open.remove(i);
-            tracing::warn!(target: "audit", %partner, old = %old.remote, new = %remote, "connection replaced: {MAX_CONNECTIONS_PER_PARTNER} already open; the oldest from another address is closed");
-            old.conn.close(TOO_MANY_CONNECTIONS.into(), REPLACED_REASON.as_bytes());
+            tracing::warn!(target: "audit", %partner, old = %old.remote_address(), new = %remote, "connection replaced: {MAX_CONNECTIONS_PER_PARTNER} already open; the oldest from another address is closed");
+            old.close(TOO_MANY_CONNECTIONS.into(), REPLACED_REASON.as_bytes());
         }
-        open.push(Open { id, remote, conn: conn.clone() });
-        Some(ConnectionSlot { table: table.clone(), partner: partner.to_string(), id })
+        open.push(conn.clone());
+        Some(ConnectionSlot { table: table.clone(), partner: partner.to_string(), id: conn.stable_id() })
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(open) = t.by_partner.get_mut(&self.partner) {
-            open.retain(|o| o.id != self.id);
+        if let Some(open) = t.get_mut(&self.partner) {
+            open.retain(|o| o.stable_id() != self.id);
             if open.is_empty() {
-                t.by_partner.remove(&self.partner);
+                t.remove(&self.partner);
             }
         }
     }

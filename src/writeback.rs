@@ -66,6 +66,14 @@ pub struct Entry {
     pub lineage: Option<u64>,
 }
 
+impl Entry {
+    /// The share and path it changes, checked (the queue's columns are
+    /// text).
+    fn target(&self) -> Option<(Name, SharePath)> {
+        Some((Name::new(&self.share).ok()?, SharePath::parse(&self.path).ok()?))
+    }
+}
+
 /// The queue's columns in the order [`Writeback::row`] reads them, for
 /// every SELECT of entries (a literal, so that `concat!` makes each
 /// statement one text to prepare once).
@@ -732,8 +740,8 @@ impl Writeback {
             return Outcome::Queued("not in the queue".into());
         };
         // Earlier changes of the file's staging still queued: this one holds them.
-        let older = match (Name::new(&entry.share), SharePath::parse(&entry.path), entry.lineage) {
-            (Ok(share), Ok(path), Some(lineage)) => self.hold_pending(&entry.partner, &share, &path, lineage, Some(entry.id)).await,
+        let older = match (entry.target(), entry.lineage) {
+            (Some((share, path)), Some(lineage)) => self.hold_pending(&entry.partner, &share, &path, lineage, Some(entry.id)).await,
             _ => Vec::new(),
         };
         let outcome = self.push_entry(&entry, manifest, mode, base_manifest, ahead).await;
@@ -765,7 +773,7 @@ impl Writeback {
 
     /// Tell this run's mounts that an earlier run's change landed.
     fn announce(&self, entry: &Entry, outcome: &Outcome) {
-        let (Ok(share), Ok(path)) = (Name::new(&entry.share), SharePath::parse(&entry.path)) else { return };
+        let Some((share, path)) = entry.target() else { return };
         let paths = match outcome {
             Outcome::Pushed(_) => vec![path],
             Outcome::Conflict { copy, .. } => vec![path, copy.clone()],
@@ -790,7 +798,7 @@ impl Writeback {
         base_manifest: Option<Arc<Manifest>>,
         ahead: Option<Name>,
     ) -> Outcome {
-        let (Ok(share), Ok(path)) = (Name::new(&entry.share), SharePath::parse(&entry.path)) else {
+        let Some((share, path)) = entry.target() else {
             return Outcome::Failed { code: "BAD_PATH", message: format!("{}:{} is not a valid share path", entry.share, entry.path) };
         };
         let options =

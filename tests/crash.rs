@@ -25,7 +25,6 @@ use common::world::World;
 use common::*;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::io::IntoRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -75,17 +74,6 @@ struct Known {
     started: u64,
 }
 
-/// Close `f`, reporting close's own error (a mount pushes at close).
-fn close(f: std::fs::File) -> std::io::Result<()> {
-    let fd = f.into_raw_fd();
-    // SAFETY: `fd` is an open descriptor we own, closed exactly once.
-    if unsafe { libc::close(fd) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// Save one version through the mount, in place or into `NAME.tmp` then
 /// renamed over `NAME`; `Ok` once it is durable.
 fn save(dir: &Path, name: &str, data: &[u8], fsync: bool, via_temp: bool) -> std::io::Result<()> {
@@ -133,10 +121,9 @@ fn writer(
         let data = version(name, *seq, len);
         match save(dir, name, &data, fsync, via_temp) {
             Ok(()) => known.lock().unwrap().entry(name).or_default().durable = Some(*seq),
-            Err(e) if keep_going => {
+            Err(_) if keep_going => {
                 failed += 1;
                 std::thread::sleep(Duration::from_millis(50));
-                let _ = e;
             }
             Err(e) => return format!("{name} #{} ({len} bytes, fsync {fsync}, via a temp file {via_temp}): {e}", *seq),
         }

@@ -29,7 +29,6 @@ use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -236,18 +235,6 @@ impl Shared {
 
 fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(-1)
-}
-
-/// Close `f`, reporting close's own error (dropping a File ignores it, and
-/// on a mount close is where the push happens).
-fn close(f: std::fs::File) -> std::io::Result<()> {
-    let fd = f.into_raw_fd();
-    // SAFETY: `fd` is an open descriptor we own, closed exactly once.
-    if unsafe { libc::close(fd) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 /// Run `op` at `root`. `tmp`: where bob stages a version before renaming it

@@ -131,13 +131,19 @@ pub fn process_of(tid: u32) -> i32 {
     tgid_of(tid).unwrap_or(tid) as i32
 }
 
-/// A process's start time (clock ticks since boot), None once it is gone.
+/// Field `n` (1-based, as proc(5) numbers them; 3 or more) of
+/// `/proc/ID/stat`, None once the process or thread is gone. The command
+/// name, field 2, is in parentheses and may hold spaces: the fields after
+/// it are counted from the last `)`.
+pub fn proc_stat_field<T: std::str::FromStr>(id: u32, n: usize) -> Option<T> {
+    let stat = std::fs::read_to_string(format!("/proc/{id}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// A process's start time (clock ticks since boot, field 22), None once it
+/// is gone.
 pub fn process_start(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name, field 2, is in parentheses and may hold spaces.
-    let after = &stat[stat.rfind(')')? + 1..];
-    // Fields from 3 on; starttime is field 22.
-    after.split_whitespace().nth(19)?.parse().ok()
+    proc_stat_field(u32::try_from(pid).ok()?, 22)
 }
 
 /// A process's name (`/proc/PID/comm`).

@@ -252,6 +252,18 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
+/// Close `f`, reporting close's own error (dropping a File ignores it, and
+/// on a mount close is where the push happens).
+pub fn close(f: std::fs::File) -> std::io::Result<()> {
+    let fd = std::os::unix::io::IntoRawFd::into_raw_fd(f);
+    // SAFETY: `fd` is an open descriptor we own, closed exactly once.
+    if unsafe { libc::close(fd) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Mount `spec` (`PARTNER:SHARE`) at `mnt` through `node`'s daemon, with
 /// `extra` flags; the guard detaches it on drop.
 /// Wait (at most 30 s) until no write-back of `node`'s mounts is pending:

@@ -110,12 +110,7 @@ fn wrote_from_same_process(tid: u32, writers: &[u32]) -> bool {
 /// this): after [`super::PROC_WAIT`] it counts as not exiting.
 async fn exiting(tid: u32) -> bool {
     const PF_EXITING: u64 = 0x4;
-    let look = tokio::task::spawn_blocking(move || {
-        let stat = std::fs::read_to_string(format!("/proc/{tid}/stat")).ok()?;
-        // Fields after the command name (in parentheses, may hold
-        // spaces): state is field 3, flags field 9.
-        stat.rfind(')').and_then(|at| stat[at + 1..].split_whitespace().nth(6)).and_then(|f| f.parse::<u64>().ok())
-    });
+    let look = tokio::task::spawn_blocking(move || crate::mount::leases::proc_stat_field::<u64>(tid, 9));
     matches!(tokio::time::timeout(super::PROC_WAIT, look).await, Ok(Ok(Some(f))) if f & PF_EXITING != 0)
 }
 
