@@ -323,13 +323,13 @@ fn status(home: &Path, path: &Path, json: bool) -> Result<()> {
     }
     let st: crate::mount::vfs::FileStatus = serde_json::from_value(value)?;
     let pct = if st.size == 0 { 100.0 } else { st.local_bytes as f64 * 100.0 / st.size as f64 };
+    let chunks = if st.written_here { "written here".to_string() } else { format!("{} chunks", st.chunks) };
     println!(
-        "{}: {} {}, {} local ({pct:.0}%), {} chunks{}",
+        "{}: {} {}, {} local ({pct:.0}%), {chunks}{}",
         path.display(),
         st.kind,
         human(st.size),
         human(st.local_bytes),
-        st.chunks,
         if st.pinned { ", pinned" } else { "" }
     );
     for p in &st.pending_writebacks {

@@ -33,6 +33,7 @@ pub mod lease;
 pub mod mount;
 pub mod node;
 pub mod proto;
+pub mod reach;
 pub mod receipt;
 pub mod share;
 pub mod store;

@@ -362,7 +362,16 @@ impl Mounts {
 
     pub async fn status(&self, path: &Path) -> Result<vfs::FileStatus, MountError> {
         let (m, ino) = self.resolve(path).await?;
-        let mut st = m.vfs.status(ino).await.map_err(|e| MountError::Path { path: path.to_path_buf(), message: e.describe() })?;
+        let status = m.vfs.status(ino).await;
+        let mut st = match (status, m.vfs.share_path(ino)) {
+            (Ok(st), _) => st,
+            // Not described (the partner unreachable, or without it yet) but
+            // queued from here: the queued content is what this node has.
+            (Err(e), Some((share, p))) => self
+                .queued_status(m.vfs.remote.partner(), &share, &p)
+                .ok_or_else(|| MountError::Path { path: path.to_path_buf(), message: e.describe() })?,
+            (Err(e), None) => return Err(MountError::Path { path: path.to_path_buf(), message: e.describe() }),
+        };
         if let Some((share, p)) = m.vfs.share_path(ino) {
             let under =
                 |s: &str, q: &str| s == share.as_str() && (p.is_root() || q == p.as_str() || q.starts_with(&format!("{}/", p.as_str())));
@@ -383,6 +392,15 @@ impl Mounts {
                 .collect();
         }
         Ok(st)
+    }
+
+    /// The status of a file from its latest change queued for `partner`,
+    /// if one is (its data is the whole file as written here).
+    fn queued_status(&self, partner: &str, share: &Name, path: &crate::proto::SharePath) -> Option<vfs::FileStatus> {
+        let entry =
+            self.writeback.entries(Some(partner)).into_iter().rev().find(|e| e.share == share.as_str() && e.path == path.as_str())?;
+        let size = std::fs::metadata(&entry.data).ok()?.len();
+        Some(vfs::FileStatus { kind: "file".into(), size, local_bytes: size, written_here: true, ..Default::default() })
     }
 
     /// Take a lease on a file by hand (`deftfs lock`). Returns its token.
@@ -622,6 +640,12 @@ async fn follow_replays(vfs: Arc<Vfs>, mut landed: tokio::sync::broadcast::Recei
     }
 }
 
+/// The longest wait between two attempts to bring a watch back. Each is
+/// also what finds out that an unreachable partner is back (requests do
+/// not wait for it meanwhile, [`crate::reach`]), so it is short; an
+/// attempt is a handshake, a few datagrams.
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Keep a watch on the mounted shares, reconnecting with backoff; while it
 /// is up, listings are trusted until the partner says they changed.
 async fn watch_loop(vfs: Arc<Vfs>, root: Root) {
@@ -677,7 +701,7 @@ async fn watch_loop(vfs: Arc<Vfs>, root: Root) {
             }
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(WATCH_RETRY_MAX);
     }
 }
 

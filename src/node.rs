@@ -50,6 +50,9 @@ pub struct Node {
     pub leases: crate::lease::Leases,
     /// Where receipts are written (in the background in the daemon).
     pub receipts: crate::receipt::Receipts,
+    /// Partners found unreachable, so that requests do not each wait for
+    /// them ([`crate::reach`]).
+    pub reach: crate::reach::Reach,
 }
 
 impl Node {
@@ -78,6 +81,7 @@ impl Node {
             watchers: Default::default(),
             leases,
             receipts: Default::default(),
+            reach: Default::default(),
         }))
     }
 

@@ -54,6 +54,8 @@ pub enum TransportError {
     Resolve { partner: String, endpoint: String, detail: String },
     #[error("partner {partner}: could not connect to {tried}: {detail}")]
     Connect { partner: String, tried: String, detail: String },
+    #[error("partner {partner} is unreachable: an attempt {ago_secs} s ago failed ({detail}); deftfs tries again in the background")]
+    Unreachable { partner: String, ago_secs: u64, detail: String },
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("stream: {0}")]

@@ -19,6 +19,7 @@
 use crate::chunk::Manifest;
 use crate::node::Node;
 use crate::proto::{Base, Name, SharePath};
+use crate::reach::Attempt;
 use crate::time::Timestamp;
 use crate::transfer::client::{PushOptions, Session};
 use crate::transfer::{Report, TransferError};
@@ -664,12 +665,14 @@ impl Writeback {
     }
 
     /// A session with `partner`, from the pool or new; hand it back with
-    /// [`Writeback::give_back`].
+    /// [`Writeback::give_back`]. Fails at once while the partner is known
+    /// to be unreachable: the retry loop finds out when it is back
+    /// ([`crate::reach`]).
     pub(crate) async fn session(&self, partner: &str) -> Result<Session, TransferError> {
         if let Some(s) = self.sessions.lock().await.get_mut(partner).and_then(Vec::pop) {
             return Ok(s);
         }
-        Session::open(self.node.clone(), partner).await
+        Session::open_as(self.node.clone(), partner, Attempt::Request).await
     }
 
     pub(crate) async fn give_back(&self, partner: &str, session: Session) {
@@ -841,6 +844,12 @@ impl Writeback {
                 tracing::error!(partner = %entry.partner, %share, %path, code, "write-back refused: {message}; the change is kept in {}", entry.data.display());
                 Outcome::Failed { code, message }
             }
+            // Known unreachable already (said when it was found so): no
+            // warning per change, nor per retry.
+            Err(e @ TransferError::Transport(crate::transport::TransportError::Unreachable { .. })) => {
+                tracing::debug!(partner = %entry.partner, %share, %path, "write-back queued: {e}");
+                Outcome::Queued(e.to_string())
+            }
             Err(e) => {
                 tracing::warn!(partner = %entry.partner, %share, %path, "write-back queued, partner unreachable: {e}");
                 Outcome::Queued(e.to_string())
@@ -859,6 +868,16 @@ impl Writeback {
             let mut wait = Duration::from_millis(200);
             loop {
                 let ready: Vec<Entry> = me.entries(None).into_iter().filter(|e| e.state == "ready").collect();
+                // Partners found unreachable: one attempt each to find out
+                // whether they are back (the pushes below do not try).
+                let partners: std::collections::BTreeSet<&str> = ready.iter().map(|e| e.partner.as_str()).collect();
+                for partner in partners {
+                    if me.node.reach.held_off(partner).is_some() {
+                        if let Ok(session) = Session::open_as(me.node.clone(), partner, Attempt::Probe).await {
+                            me.give_back(partner, session).await;
+                        }
+                    }
+                }
                 let mut queued = false;
                 for e in ready {
                     if !lock(&me.busy).insert(e.id) {

@@ -26,6 +26,7 @@ use crate::chunk::{ChunkRef, Manifest};
 use crate::hash::Hash;
 use crate::node::Node;
 use crate::proto::{self, Capability, DataHeader, Entry, ErrorCode, Name, RangeSet, Request, Response, SharePath, ShareRow};
+use crate::reach::Attempt;
 use crate::store::ChunkStore;
 use crate::transport::{read_line, Control, ControlReader, Endpoint, TransportError};
 use std::collections::HashMap;
@@ -152,6 +153,18 @@ pub struct Remote {
     bytes_arriving: AtomicU64,
 }
 
+/// How a metadata request connects ([`crate::reach`]): a change of the
+/// namespace or of attributes has no answer without the partner (it is
+/// not queued), so it tries even while the partner is known to be
+/// unreachable; what has an answer of its own (a listing or manifest from
+/// `meta.db`, a write without a lease, a lease to forget) does not wait.
+fn attempt_for(req: &Request) -> Attempt {
+    match req {
+        Request::Remove { .. } | Request::Rename { .. } | Request::Mkdir { .. } | Request::SetAttr { .. } => Attempt::Probe,
+        _ => Attempt::Request,
+    }
+}
+
 impl Remote {
     pub fn new(node: Arc<Node>, partner: &str, store: Arc<ChunkStore>, offline_wait: Duration) -> Result<Arc<Remote>, RemoteError> {
         let endpoint = Endpoint::client(node.identity.clone(), node.directory.clone())
@@ -230,12 +243,20 @@ impl Remote {
         }
     }
 
-    async fn connect(&self) -> Result<Link, RemoteError> {
+    /// A new metadata link; `attempt` as in [`crate::reach`]: a request
+    /// fails at once while the partner is known to be unreachable.
+    async fn connect(&self, attempt: Attempt) -> Result<Link, RemoteError> {
         let partner = self.node.config.partner(&self.partner).cloned().ok_or_else(|| RemoteError::Offline {
             partner: self.partner.clone(),
             detail: "not in config.toml: add it with `deftfs partner add`".into(),
         })?;
-        let (conn, _cert) = self.endpoint.connect(&partner).await.map_err(|e| self.offline(e))?;
+        let (conn, _cert) = self.node.reach.connect(&self.endpoint, &partner, attempt).await.map_err(|e| match e {
+            // Said as "partner X is unreachable: ..." already.
+            TransportError::Unreachable { ago_secs, detail, .. } => {
+                self.offline(format!("an attempt {ago_secs} s ago failed ({detail}); deftfs tries again in the background"))
+            }
+            e => self.offline(e),
+        })?;
         // Closed by the partner for having too many of our connections:
         // say so rather than "connection lost".
         let watched = conn.clone();
@@ -268,12 +289,20 @@ impl Remote {
     /// connection we had turned out dead.
     async fn call(&self, req: Request) -> Result<Response, RemoteError> {
         let wait = self.wait();
+        // Set while a connection is being made: a timeout then is a
+        // failure to reach the partner, not a slow answer.
+        let connecting = AtomicBool::new(false);
         let attempt = async {
             let mut guard = self.meta.lock().await;
             for fresh in [false, true] {
                 let link = match guard.as_mut() {
                     Some(l) => l,
-                    None => guard.insert(self.connect().await?),
+                    None => {
+                        connecting.store(true, Ordering::SeqCst);
+                        let link = self.connect(attempt_for(&req)).await?;
+                        connecting.store(false, Ordering::SeqCst);
+                        guard.insert(link)
+                    }
                 };
                 match link.call(&req).await {
                     Ok(resp) => {
@@ -297,7 +326,11 @@ impl Remote {
                 if let Ok(mut g) = self.meta.try_lock() {
                     *g = None;
                 }
-                Err(self.offline(format!("no answer within {} s", wait.as_secs_f32())))
+                let why = format!("no answer within {} s", wait.as_secs_f32());
+                if connecting.load(Ordering::SeqCst) {
+                    self.node.reach.failed(&self.partner, &why);
+                }
+                Err(self.offline(why))
             }
         }
     }
@@ -455,7 +488,9 @@ impl Remote {
             }
         }
         *guard = None;
-        let link = self.connect().await?;
+        // A read has no answer without the partner: it tries (for the
+        // bounded wait) even while the partner is known to be unreachable.
+        let link = self.connect(Attempt::Probe).await?;
         let Link { conn, send, reader, .. } = link;
         let data = Arc::new(DataLink {
             conn: conn.clone(),
@@ -713,7 +748,7 @@ impl Remote {
         on_ready: &(dyn Fn() + Send + Sync),
         on_change: &(dyn Fn(&Name, &SharePath) + Send + Sync),
     ) -> RemoteError {
-        let mut link = match self.connect().await {
+        let mut link = match self.connect(Attempt::Probe).await {
             Ok(l) => l,
             Err(e) => return e,
         };
@@ -734,7 +769,15 @@ impl Remote {
             match link.reader.recv().await {
                 Ok(Response::Changed { share, path }) => on_change(&share, &path),
                 Ok(_) => {}
-                Err(e) => return self.offline(e),
+                Err(e) => {
+                    // The partner's daemon said it is stopping: requests
+                    // need not find that out again, one attempt each.
+                    if matches!(link.conn.close_reason(), Some(quinn::ConnectionError::ApplicationClosed(ref c)) if &c.reason[..] == b"shutdown")
+                    {
+                        self.node.reach.failed(&self.partner, "its daemon said it was stopping");
+                    }
+                    return self.offline(e);
+                }
             }
         }
     }

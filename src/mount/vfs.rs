@@ -309,6 +309,11 @@ pub struct FileStatus {
     /// Conflict copies made for this path (or under it): "path -> copy".
     #[serde(default)]
     pub conflicts: Vec<String>,
+    /// A file written here, described from this node's copy (open for
+    /// writing, or its change queued) rather than from the partner's
+    /// version: `chunks` is not known.
+    #[serde(default)]
+    pub written_here: bool,
 }
 
 /// What the partner says about a share's leases, with when it said it.
@@ -1811,6 +1816,21 @@ impl Vfs {
         let (share, path, kind) = self.node_key(ino)?;
         match (kind, share) {
             (Kind::File, Some(share)) => {
+                // Being written here: what this node holds of it, whether
+                // or not the partner (reachable or not) has a version.
+                let staged = lock(&self.inodes).by_ino.get(&ino).and_then(|n| n.staged.clone());
+                if let Some(staged) = staged {
+                    let st = staged.current();
+                    let missing: u64 = st.present.missing(0, st.size).iter().map(|(a, b)| b - a).sum();
+                    return Ok(FileStatus {
+                        kind: "file".into(),
+                        size: st.size,
+                        local_bytes: st.size - missing.min(st.size),
+                        pinned: self.is_pinned(&share, &path),
+                        written_here: true,
+                        ..Default::default()
+                    });
+                }
                 let (_, _, m) = self.manifest(ino).await?;
                 let chunks: Vec<(Hash, u32)> = m.chunks.iter().map(|c| (c.hash, c.len)).collect();
                 Ok(FileStatus {

@@ -80,9 +80,15 @@ pub const EAGER_MAX_BYTES: u64 = 256 * 1024;
 
 impl Session {
     pub async fn open(node: Arc<Node>, partner_id: &str) -> Result<Session, TransferError> {
+        Session::open_as(node, partner_id, crate::reach::Attempt::Probe).await
+    }
+
+    /// [`Session::open`], failing at once if `attempt` is a request and
+    /// the partner is known to be unreachable ([`crate::reach`]).
+    pub async fn open_as(node: Arc<Node>, partner_id: &str, attempt: crate::reach::Attempt) -> Result<Session, TransferError> {
         let partner = node.config.partner(partner_id).cloned().ok_or_else(|| TransferError::UnknownPartner(partner_id.to_string()))?;
         let endpoint = Endpoint::client(node.identity.clone(), node.directory.clone())?;
-        let (conn, peer_cert) = endpoint.connect(&partner).await?;
+        let (conn, peer_cert) = node.reach.connect(&endpoint, &partner, attempt).await?;
         let (send, recv) = conn.open_bi().await.map_err(TransportError::from)?;
         let (send, mut reader) = Control::<Response>::new(send, recv).split();
         let (tx, responses) = mpsc::channel(4096);
