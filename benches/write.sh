@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side mount (write path) benchmark on loopback, in one run:
 #
+#   local   the floor: the same commands straight into a directory on the
+#           serving side's disk, no network and no mount (what the machine
+#           itself takes to write, fsync and untar the same bytes)
 #   deftfs  node bob mounts alice's share (`deftfs mount alice:files MNT`),
 #           granted to bob `--access $SHARE_ACCESS` (default read-write);
 #           writes stage on bob and are pushed back to alice on close and
@@ -84,7 +87,7 @@
 #                the serving node alice runs `DEFTFS_BIN daemon`
 #   SIZE_MIB     size of the big file in MiB (default 1024, at least 4)
 #   NFILES       files in the tar (default 10000); NDIRS directories (100)
-#   TOOLS        which tools, in order (default "deftfs sshfs rclone rsync")
+#   TOOLS        which tools, in order (default "local deftfs sshfs rclone rsync")
 #   STEPS        which steps, in order (default "write edit insert ins-1fd
 #                tar"); edit, insert and ins-1fd start from the result of the
 #                steps before them, tar from nothing (STEPS=tar: only tar x)
@@ -131,7 +134,7 @@ DEFTFS_BIN=${DEFTFS_BIN:-$REPO/target/release/deftfs}
 SIZE_MIB=${SIZE_MIB:-1024}
 NFILES=${NFILES:-10000}
 NDIRS=${NDIRS:-100}
-TOOLS=${TOOLS:-deftfs sshfs rclone rsync}
+TOOLS=${TOOLS:-local deftfs sshfs rclone rsync}
 STEPS=${STEPS:-write edit insert ins-1fd tar}
 SHARE_ACCESS=${SHARE_ACCESS:-read-write}
 RCLONE_WRITE_BACK=${RCLONE_WRITE_BACK:-5s}
@@ -161,7 +164,7 @@ done
 [[ $(id -u) == 0 ]] || die "needs root (FUSE mounts, a throwaway sshd, iptables counters)"
 [[ -n ${EPOCHREALTIME:-} ]] || die "needs bash >= 5 (EPOCHREALTIME)"
 for t in $TOOLS; do
-    case $t in deftfs | sshfs | rclone | rsync) ;; *) die "TOOLS: unknown tool $t" ;; esac
+    case $t in local | deftfs | sshfs | rclone | rsync) ;; *) die "TOOLS: unknown tool $t" ;; esac
 done
 case $SHARE_ACCESS in write | read-write) ;; *) die "SHARE_ACCESS=$SHARE_ACCESS: write or read-write" ;; esac
 want() { [[ " $TOOLS " == *" $1 "* ]]; }
@@ -484,6 +487,11 @@ start_tool() {
     SRV=$WORK/srv-$1 # the serving side's directory for this tool
     mkdir -p "$SRV"
     case $1 in
+    local)
+        # The commands write into the serving side's directory itself.
+        MOUNT_AT=$MNT MNT=$SRV
+        MOUNT_PID='' SERVER_PID='' PROTO=udp PORT=0
+        ;;
     deftfs) start_deftfs ;;
     sshfs)
         start_ssh
@@ -525,6 +533,11 @@ server_ticks() { if [[ -n $SERVER_PID ]]; then tree_ticks "$SERVER_PID"; else ec
 
 stop_tool() {
     local tool=$1 k c
+    if [[ $tool == local ]]; then
+        MNT=$MOUNT_AT
+        sync
+        return 0
+    fi
     if [[ $tool == deftfs ]]; then
         put deftfs all rss_cli "$(($(vmhwm_kib "$DAEMON_B") / 1024))"
         put deftfs all rss_srv "$(($(vmhwm_kib "$DAEMON_A") / 1024))"
