@@ -794,3 +794,32 @@ impl Remote {
         self.endpoint.quinn.close(0u32.into(), b"unmount");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_that_are_not_queued_try_and_what_has_an_answer_here_does_not_wait() {
+        let share = Name::new("files").unwrap();
+        let path = SharePath::parse("a.txt").unwrap();
+        let probe = [
+            Request::Remove { share: share.clone(), path: path.clone(), kind: proto::EntryKind::File },
+            Request::Rename { share: share.clone(), from: path.clone(), to: SharePath::parse("b.txt").unwrap(), replace: true },
+            Request::Mkdir { share: share.clone(), path: path.clone(), mode: 0o755 },
+            Request::SetAttr { share: share.clone(), path: path.clone(), mode: Some(0o644), mtime_ns: None },
+        ];
+        for req in &probe {
+            assert_eq!(attempt_for(req), Attempt::Probe, "{req:?}");
+        }
+        let request = [
+            Request::List { share: share.clone(), path: path.clone() },
+            Request::Stat { share: share.clone(), path: path.clone() },
+            Request::Locks { share: share.clone() },
+            Request::Discover,
+        ];
+        for req in &request {
+            assert_eq!(attempt_for(req), Attempt::Request, "{req:?}");
+        }
+    }
+}
