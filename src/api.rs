@@ -93,11 +93,34 @@ async fn answer(mounts: &Mounts, call: Call) -> Answer {
 pub fn bind(home: &Path) -> std::io::Result<tokio::net::UnixListener> {
     let path = socket_path(home);
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("another deftfs daemon already runs for {} (its control socket {} answers)", home.display(), path.display()),
-            ));
+        if let Ok(stream) = std::os::unix::net::UnixStream::connect(&path) {
+            // A daemon killed while a thread of it was stuck on one of its
+            // mounts stays half-exited (a zombie holding its sockets) until
+            // that mount's connection is aborted: free it, then go on.
+            let dying = peer_pid(&stream).filter(|&pid| !crate::mount::process_alive(pid));
+            drop(stream);
+            let Some(pid) = dying else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("another deftfs daemon already runs for {} (its control socket {} answers)", home.display(), path.display()),
+                ));
+            };
+            tracing::warn!(pid, "the daemon that had the control socket died without exiting: ending its mounts");
+            crate::mount::end_mounts_of_dead_daemon(pid);
+            let gone = (0..200).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                std::os::unix::net::UnixStream::connect(&path).is_err()
+            });
+            if !gone {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!(
+                        "the daemon that ran for {} (pid {pid}) died but still holds its control socket {}; see `cat /proc/{pid}/task/*/stack`",
+                        home.display(),
+                        path.display()
+                    ),
+                ));
+            }
         }
         std::fs::remove_file(&path)?;
     }
@@ -110,6 +133,19 @@ pub fn bind(home: &Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
+}
+
+/// The pid of the process that made the socket at the other end of `stream`.
+fn peer_pid(stream: &std::os::unix::net::UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes given, for
+    // the duration of the call, on an open descriptor of ours.
+    let r = unsafe {
+        libc::getsockopt(stream.as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }
 
 /// Serve the control API until the listener fails.
@@ -175,4 +211,19 @@ pub fn call(home: &Path, call: &Call) -> anyhow::Result<serde_json::Value> {
         anyhow::bail!("{}", answer.error.unwrap_or_else(|| "the daemon refused without a reason".into()));
     }
     Ok(answer.result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peer_of_a_control_socket_is_the_process_that_bound_it() {
+        let dir = crate::testutil::TestDir::new("api-peer");
+        let path = dir.path().join("s.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert_eq!(peer_pid(&stream), Some(std::process::id()));
+        assert!(crate::mount::process_alive(std::process::id()));
+    }
 }

@@ -514,6 +514,29 @@ fn abort_dead_mount(abs: &Path) -> bool {
         return false;
     }
     tracing::warn!(mountpoint = %abs.display(), pid, "stale mount (its daemon died): aborting its connection and detaching it");
+    abort_and_detach(abs, conn)
+}
+
+/// End every mount of daemon `pid` if it is dead, as [`abort_dead_mount`]
+/// does for one: what frees a daemon killed while one of its threads was
+/// stuck on such a mount, which holds its sockets (its control socket
+/// still answers) until that thread is out. Returns how many it ended.
+pub fn end_mounts_of_dead_daemon(pid: u32) -> usize {
+    if process_alive(pid) {
+        return 0;
+    }
+    let mut ended = 0;
+    for (at, conn, _) in deftfs_mounts().into_iter().filter(|m| m.2 == pid) {
+        tracing::warn!(mountpoint = %at, pid, "mount of a daemon that died: aborting its connection and detaching it");
+        if abort_and_detach(Path::new(&at), conn) {
+            ended += 1;
+        }
+    }
+    ended
+}
+
+/// Abort FUSE connection `conn` (the mount at `abs`), then detach `abs`.
+fn abort_and_detach(abs: &Path, conn: u32) -> bool {
     let dir = Path::new("/sys/fs/fuse/connections");
     let abort = dir.join(conn.to_string()).join("abort");
     if !abort.exists() {
@@ -534,20 +557,28 @@ fn abort_dead_mount(abs: &Path) -> bool {
 /// The FUSE connection number and daemon pid of the deftfs mount at `abs`,
 /// from /proc/self/mountinfo (nothing that touches the mount itself).
 fn deftfs_mount_at(abs: &Path) -> Option<(u32, u32)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = abs.to_str()?;
-    info.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let at = unescape_mountinfo(fields.get(4)?);
-        let sep = fields.iter().position(|f| *f == "-")?;
-        let (fstype, source) = (fields.get(sep + 1)?, fields.get(sep + 2)?);
-        if at != want || !fstype.starts_with("fuse") || !source.starts_with("deftfs:") {
-            return None;
-        }
-        let pid = source.rsplit_once('@')?.1.parse().ok()?;
-        let conn = fields.get(2)?.split_once(':')?.1.parse().ok()?;
-        Some((conn, pid))
-    })
+    deftfs_mounts().into_iter().rev().find(|m| m.0 == want).map(|(_, conn, pid)| (conn, pid))
+}
+
+/// Every deftfs mount whose source names its daemon (`deftfs:SPEC@PID`):
+/// (mount point, FUSE connection number, daemon pid), in mountinfo order.
+fn deftfs_mounts() -> Vec<(String, u32, u32)> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    info.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let at = unescape_mountinfo(fields.get(4)?);
+            let sep = fields.iter().position(|f| *f == "-")?;
+            let (fstype, source) = (fields.get(sep + 1)?, fields.get(sep + 2)?);
+            if !fstype.starts_with("fuse") || !source.starts_with("deftfs:") {
+                return None;
+            }
+            let pid = source.rsplit_once('@')?.1.parse().ok()?;
+            let conn = fields.get(2)?.split_once(':')?.1.parse().ok()?;
+            Some((at, conn, pid))
+        })
+        .collect()
 }
 
 /// mountinfo writes space, tab, newline and backslash as octal escapes.
@@ -573,7 +604,7 @@ fn unescape_mountinfo(field: &str) -> String {
 }
 
 /// Whether `pid` is a running process (not gone, not a zombie).
-fn process_alive(pid: u32) -> bool {
+pub fn process_alive(pid: u32) -> bool {
     leases::proc_stat_field::<String>(pid, 3).is_some_and(|state| state != "Z" && state != "X")
 }
 

@@ -142,6 +142,10 @@ fn served(files: &Path) -> BTreeMap<String, Result<u64, String>> {
         }
         let got = match std::fs::read(e.path()) {
             Ok(d) => identify(&name, &d),
+            // Renamed or removed since the listing (a request the killed
+            // daemon sent just before, landing now): not torn, and the
+            // next look sees where it went.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
             Err(err) => Err(format!("unreadable: {err}")),
         };
         out.insert(name, got);

@@ -591,3 +591,65 @@ fn demo_mounts_the_samples_and_stops_cleanly() {
     assert!(!mounted(&dir.path().join("mnt")), "the demo left its mount behind");
     assert_eq!(std::fs::metadata(dir.path().join("partner-files/media/scene.bin")).unwrap().len(), 100 * MIB as u64);
 }
+
+/// A daemon killed with `kill -9` while one of its threads was stuck in
+/// the kernel (on one of its own mounts, see `abort_dead_mount`) stays
+/// half-exited: its main thread a zombie, its sockets open, its control
+/// socket still answering, until that thread gets out. The next daemon
+/// must not take that socket for a live daemon's (it refused to start:
+/// seen in tests/crash.rs): it ends the dead daemon's mounts, which is
+/// what frees such a thread, waits for the socket to go, and starts.
+/// Here the half-exited daemon is a small C program in that shape (its
+/// main thread exits; another keeps the process 3 s more). A live daemon
+/// on the socket is still refused.
+#[test]
+fn a_daemon_starts_over_the_control_socket_of_a_half_exited_one() {
+    let root = TempDir::new("half-exited");
+    let node = TestNode::init(root.path(), "alice");
+    let cc = on_path("cc").expect("cc not found: install gcc (apt-get install -y gcc)");
+    let src = root.path().join("half.c");
+    std::fs::write(
+        &src,
+        r#"#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+static void *later(void *arg) { (void)arg; sleep(3); exit(0); }
+int main(int argc, char **argv) {
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un a = { .sun_family = AF_UNIX };
+    if (argc < 2 || s < 0) return 2;
+    strncpy(a.sun_path, argv[1], sizeof a.sun_path - 1);
+    if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 8)) return 1;
+    pthread_t t;
+    pthread_create(&t, 0, later, 0);
+    pthread_exit(0);
+}
+"#,
+    )
+    .unwrap();
+    let exe = root.path().join("half");
+    let out = std::process::Command::new(cc).arg("-pthread").arg("-o").arg(&exe).arg(&src).output().unwrap();
+    assert!(out.status.success(), "cc: {}", String::from_utf8_lossy(&out.stderr));
+    let sock = node.home.join("control.sock");
+    let mut half = std::process::Command::new(&exe).arg(&sock).spawn().unwrap();
+    let pid = half.id();
+    let zombie = wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')))
+            && std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
+    assert!(zombie, "the helper did not reach its half-exited state");
+    let daemon = node.start();
+    let log = daemon.log_text();
+    assert!(log.contains("died without exiting"), "{log}");
+    assert!(half.wait().unwrap().success());
+    // A live daemon's socket is refused, and left alone.
+    let out = std::process::Command::new(bin()).arg("--home").arg(&node.home).arg("daemon").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another deftfs daemon already runs"), "{err}");
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok(), "the live daemon's socket was taken");
+}
