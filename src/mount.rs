@@ -363,44 +363,44 @@ impl Mounts {
     pub async fn status(&self, path: &Path) -> Result<vfs::FileStatus, MountError> {
         let (m, ino) = self.resolve(path).await?;
         let status = m.vfs.status(ino).await;
-        let mut st = match (status, m.vfs.share_path(ino)) {
-            (Ok(st), _) => st,
+        let failed = |e: errno::Errno| MountError::Path { path: path.to_path_buf(), message: e.describe() };
+        let Some((share, p)) = m.vfs.share_path(ino) else { return status.map_err(failed) };
+        let partner = m.vfs.remote.partner();
+        let queued = self.writeback.entries(Some(partner));
+        let mut st = match status {
+            Ok(st) => st,
             // Not described (the partner unreachable, or without it yet) but
-            // queued from here: the queued content is what this node has.
-            (Err(e), Some((share, p))) => self
-                .queued_status(m.vfs.remote.partner(), &share, &p)
-                .ok_or_else(|| MountError::Path { path: path.to_path_buf(), message: e.describe() })?,
-            (Err(e), None) => return Err(MountError::Path { path: path.to_path_buf(), message: e.describe() }),
+            // queued from here: the latest queued content is what this node
+            // has of it, whole.
+            Err(e) => queued
+                .iter()
+                .rev()
+                .find(|q| q.share == share.as_str() && q.path == p.as_str())
+                .and_then(|q| std::fs::metadata(&q.data).ok())
+                .map(|md| vfs::FileStatus {
+                    kind: "file".into(),
+                    size: md.len(),
+                    local_bytes: md.len(),
+                    written_here: true,
+                    ..Default::default()
+                })
+                .ok_or_else(|| failed(e))?,
         };
-        if let Some((share, p)) = m.vfs.share_path(ino) {
-            let under =
-                |s: &str, q: &str| s == share.as_str() && (p.is_root() || q == p.as_str() || q.starts_with(&format!("{}/", p.as_str())));
-            let partner = m.vfs.remote.partner();
-            st.pending_writebacks = self
-                .writeback
-                .entries(Some(partner))
-                .into_iter()
-                .filter(|e| under(&e.share, &e.path))
-                .map(|e| format!("{} ({}{})", e.path, e.state, e.error.map(|x| format!(": {x}")).unwrap_or_default()))
-                .collect();
-            st.conflicts = self
-                .writeback
-                .conflicts(partner)
-                .into_iter()
-                .filter(|(s, q, _, _)| under(s, q))
-                .map(|(_, q, copy, _)| format!("{q} -> {copy}"))
-                .collect();
-        }
+        let under =
+            |s: &str, q: &str| s == share.as_str() && (p.is_root() || q == p.as_str() || q.starts_with(&format!("{}/", p.as_str())));
+        st.pending_writebacks = queued
+            .into_iter()
+            .filter(|e| under(&e.share, &e.path))
+            .map(|e| format!("{} ({}{})", e.path, e.state, e.error.map(|x| format!(": {x}")).unwrap_or_default()))
+            .collect();
+        st.conflicts = self
+            .writeback
+            .conflicts(partner)
+            .into_iter()
+            .filter(|(s, q, _, _)| under(s, q))
+            .map(|(_, q, copy, _)| format!("{q} -> {copy}"))
+            .collect();
         Ok(st)
-    }
-
-    /// The status of a file from its latest change queued for `partner`,
-    /// if one is (its data is the whole file as written here).
-    fn queued_status(&self, partner: &str, share: &Name, path: &crate::proto::SharePath) -> Option<vfs::FileStatus> {
-        let entry =
-            self.writeback.entries(Some(partner)).into_iter().rev().find(|e| e.share == share.as_str() && e.path == path.as_str())?;
-        let size = std::fs::metadata(&entry.data).ok()?.len();
-        Some(vfs::FileStatus { kind: "file".into(), size, local_bytes: size, written_here: true, ..Default::default() })
     }
 
     /// Take a lease on a file by hand (`deftfs lock`). Returns its token.
@@ -442,8 +442,6 @@ impl Mounts {
     }
 }
 
-/// Whether `share` is a directory or a file share: from the partner, or
-/// from the last known state when it is offline.
 /// Which shares we may write: as the partner says now (DISCOVER), or, while
 /// it is unreachable, as its last answer said (the saved root listing,
 /// [`vfs::root_entries`]).
@@ -452,6 +450,9 @@ enum Access {
     LastKnown(Vec<crate::proto::Entry>),
 }
 
+/// Whether `share` is a directory or a file share, and which shares we may
+/// write: from the partner, or from the last known state when it is
+/// offline.
 async fn share_kind(remote: &Arc<Remote>, meta: &meta::Meta, share: &Name) -> Result<(EntryKind, Access), MountError> {
     let partner = remote.partner().to_string();
     match remote.discover().await {

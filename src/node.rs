@@ -183,7 +183,7 @@ pub async fn run(
     sweeper.abort();
     partials.abort();
     stop_indexing.store(true, std::sync::atomic::Ordering::Relaxed);
-    endpoint.quinn.close(0u32.into(), b"shutdown");
+    endpoint.quinn.close(0u32.into(), SHUTDOWN_REASON);
     connections.abort_all();
     while connections.join_next().await.is_some() {}
     endpoint.quinn.wait_idle().await;
@@ -199,6 +199,14 @@ pub const MAX_CONNECTIONS_PER_PARTNER: usize = 64;
 pub const TOO_MANY_CONNECTIONS: u32 = 0x4445_0001;
 const TOO_MANY_REASON: &str = "too many connections from this node (64 at once): close some, or wait for them to end";
 const REPLACED_REASON: &str = "too many connections from this node (64 at once): this one, the oldest, gave its place to a newer one";
+
+/// What a stopping daemon closes its connections with.
+const SHUTDOWN_REASON: &[u8] = b"shutdown";
+
+/// Whether the partner closed `conn` because its daemon is stopping.
+pub fn shut_down(conn: &quinn::Connection) -> bool {
+    matches!(conn.close_reason(), Some(quinn::ConnectionError::ApplicationClosed(c)) if &c.reason[..] == SHUTDOWN_REASON)
+}
 
 /// Why the partner closed `conn`, when it was for having too many of this
 /// node's connections open (a refusal, or a replacement by a newer one).

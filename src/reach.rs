@@ -51,6 +51,15 @@ struct Seen {
     trying: u32,
 }
 
+impl Seen {
+    /// See [`Reach::held_off`].
+    fn held_off(&self) -> Option<(Duration, String)> {
+        let (at, why) = self.failed.as_ref()?;
+        let ago = at.elapsed();
+        (ago < HOLD_OFF || self.trying > 0).then(|| (ago, why.clone()))
+    }
+}
+
 /// Per partner: see the module.
 #[derive(Default)]
 pub struct Reach {
@@ -78,18 +87,9 @@ impl Reach {
     }
 
     /// Why a request to `partner` should not try now, if it should not:
-    /// the last failure and how long ago it was.
+    /// how long ago the last attempt failed, and why.
     pub fn held_off(&self, partner: &str) -> Option<(Duration, String)> {
-        let partners = self.lock();
-        let seen = partners.get(partner)?;
-        let (at, why) = seen.failed.as_ref()?;
-        let ago = at.elapsed();
-        (ago < HOLD_OFF || seen.trying > 0).then(|| (ago, why.clone()))
-    }
-
-    /// Whether the last attempt to reach `partner` failed.
-    pub fn unreachable(&self, partner: &str) -> bool {
-        self.lock().get(partner).is_some_and(|s| s.failed.is_some())
+        self.lock().get(partner).and_then(Seen::held_off)
     }
 
     /// An attempt to reach `partner` failed (`why`), whoever made it.
@@ -108,11 +108,9 @@ impl Reach {
         let mut partners = self.lock();
         let seen = partners.entry(partner.to_string()).or_default();
         if attempt == Attempt::Request {
-            if let Some((at, why)) = &seen.failed {
-                let ago = at.elapsed();
-                if ago < HOLD_OFF || seen.trying > 0 {
-                    return Err(TransportError::Unreachable { partner: partner.to_string(), ago_secs: ago.as_secs(), detail: why.clone() });
-                }
+            if let Some((ago, why)) = seen.held_off() {
+                let why = format!("an attempt {} s ago failed ({why}); deftfs tries again in the background", ago.as_secs());
+                return Err(TransportError::Unreachable { partner: partner.to_string(), why });
             }
         }
         seen.trying += 1;
@@ -160,14 +158,14 @@ mod tests {
         assert!(r.start("bob", Attempt::Request).is_ok(), "never tried: requests try");
         drop(Trying { reach: &r, partner: "bob" });
         r.failed("bob", "no answer within 10 s");
-        assert!(r.unreachable("bob"));
+        assert!(r.held_off("bob").is_some());
         let e = r.start("bob", Attempt::Request).unwrap_err().to_string();
         assert!(e.contains("bob") && e.contains("no answer within 10 s") && e.contains("background"), "{e}");
         assert!(r.held_off("carol").is_none(), "one partner's failure holds no other off");
         assert!(r.start("bob", Attempt::Probe).is_ok(), "a probe tries while held off");
         let probing = Trying { reach: &r, partner: "bob" };
         r.reached("bob");
-        assert!(!r.unreachable("bob") && r.held_off("bob").is_none());
+        assert!(r.lock()["bob"].failed.is_none() && r.held_off("bob").is_none());
         drop(probing);
         assert_eq!(r.lock()["bob"].trying, 0, "an attempt dropped is no longer under way");
     }

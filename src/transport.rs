@@ -54,8 +54,9 @@ pub enum TransportError {
     Resolve { partner: String, endpoint: String, detail: String },
     #[error("partner {partner}: could not connect to {tried}: {detail}")]
     Connect { partner: String, tried: String, detail: String },
-    #[error("partner {partner} is unreachable: an attempt {ago_secs} s ago failed ({detail}); deftfs tries again in the background")]
-    Unreachable { partner: String, ago_secs: u64, detail: String },
+    /// Not tried: an attempt failed a moment ago ([`crate::reach`]).
+    #[error("partner {partner} is unreachable: {why}")]
+    Unreachable { partner: String, why: String },
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
     #[error("stream: {0}")]

@@ -251,10 +251,8 @@ impl Remote {
             detail: "not in config.toml: add it with `deftfs partner add`".into(),
         })?;
         let (conn, _cert) = self.node.reach.connect(&self.endpoint, &partner, attempt).await.map_err(|e| match e {
-            // Said as "partner X is unreachable: ..." already.
-            TransportError::Unreachable { ago_secs, detail, .. } => {
-                self.offline(format!("an attempt {ago_secs} s ago failed ({detail}); deftfs tries again in the background"))
-            }
+            // RemoteError::Offline says "partner X is unreachable" itself.
+            TransportError::Unreachable { why, .. } => self.offline(why),
             e => self.offline(e),
         })?;
         // Closed by the partner for having too many of our connections:
@@ -772,8 +770,7 @@ impl Remote {
                 Err(e) => {
                     // The partner's daemon said it is stopping: requests
                     // need not find that out again, one attempt each.
-                    if matches!(link.conn.close_reason(), Some(quinn::ConnectionError::ApplicationClosed(ref c)) if &c.reason[..] == b"shutdown")
-                    {
+                    if crate::node::shut_down(&link.conn) {
                         self.node.reach.failed(&self.partner, "its daemon said it was stopping");
                     }
                     return self.offline(e);

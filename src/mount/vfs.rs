@@ -459,6 +459,7 @@ fn share_key(share: &Option<Name>) -> String {
 /// The root listing of an all-shares mount, from DISCOVER rows: one entry
 /// per share, the share's name standing in the path column. This is also
 /// how it is saved for offline browsing.
+///
 /// The write bits say whether we may write the share: kept with the
 /// listing, they let a mount made while the partner is unreachable know it
 /// ([`Vfs::set_access_from_listing`]).
@@ -1825,7 +1826,7 @@ impl Vfs {
                     return Ok(FileStatus {
                         kind: "file".into(),
                         size: st.size,
-                        local_bytes: st.size - missing.min(st.size),
+                        local_bytes: st.size.saturating_sub(missing),
                         pinned: self.is_pinned(&share, &path),
                         written_here: true,
                         ..Default::default()
